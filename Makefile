@@ -1,0 +1,25 @@
+# Entry points. Every target runs scripts/setup.sh first (idempotent: creates .venv on a fresh machine).
+PY := .venv/bin/python
+MODEL_REPOSITORY ?= model_repository
+GRPC_PORT ?= 8001
+HTTP_PORT ?= 8000
+METRICS_PORT ?= 8002
+
+.PHONY: setup test demo serve loadtest bench
+setup:
+	@scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) scripts/demo.py
+
+serve: setup
+	scripts/serve.sh --model-repository $(MODEL_REPOSITORY) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
+
+loadtest: setup
+	$(PY) benchmarks/loadtest.py --model-repository $(MODEL_REPOSITORY)
+
+bench: setup
+	$(PY) benchmarks/bench.py

@@ -1,0 +1,106 @@
+"""Tokenizer helpers shared by training, the engine CLIs, the Triton models and the client (no torch).
+
+Prompt format (one choice shared by training and generation):
+  training paragraph  = [CLS] text [SEP]      ([SEP] is the EOS the model learns)
+  generation prompt   = [CLS] text            (no [SEP]: the model continues the paragraph and ends it)
+Detokenization removes the spaces BertTokenizer puts around CJK characters, and keeps real spaces
+between Latin words (the demo's "".join(text.split()) deleted those too).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from typing import Sequence
+
+CLS, SEP, PAD, UNK = "[CLS]", "[SEP]", "[PAD]", "[UNK]"
+
+# CJK ideographs, CJK punctuation, full-width forms, kana, hangul: scripts written without spaces.
+_CJK = (
+    "\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\uac00-\ud7af\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef"
+)
+_SPACE_AFTER_CJK = re.compile(f"(?<=[{_CJK}]) +")
+_SPACE_BEFORE_CJK = re.compile(f" +(?=[{_CJK}])")
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """A BertTokenizerFast from a folder, a vocab.txt file, or a hub id (hub needs network)."""
+    from transformers import BertTokenizerFast
+
+    p = os.fspath(name_or_path)
+    if os.path.isfile(p):  # a bare vocab.txt
+        return BertTokenizerFast(vocab_file=p, do_lower_case=False, tokenize_chinese_chars=True)
+    try:
+        return BertTokenizerFast.from_pretrained(p)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"cannot load a BERT tokenizer from {p!r}: give a folder with vocab.txt, a vocab.txt file, "
+            f"or a hub id on a machine with network ({e})"
+        ) from None
+
+
+@lru_cache(maxsize=8)
+def cached_tokenizer(name_or_path: str):
+    return load_tokenizer(name_or_path)
+
+
+def encode_paragraph(tok, text: str) -> list[int]:
+    """Training form: [CLS] text [SEP]."""
+    return [tok.cls_token_id, *tok.encode(text, add_special_tokens=False), tok.sep_token_id]
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    """Generation form: [CLS] text (the model continues and ends the paragraph with [SEP])."""
+    return [tok.cls_token_id, *tok.encode(text, add_special_tokens=False)]
+
+
+def join_cjk(text: str) -> str:
+    """Remove spaces next to CJK characters only; Latin word spacing stays."""
+    return _SPACE_BEFORE_CJK.sub("", _SPACE_AFTER_CJK.sub("", text))
+
+
+def decode(tok, ids: Sequence[int]) -> str:
+    """Token ids -> text, special tokens dropped, CJK spacing removed."""
+    return join_cjk(tok.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=True))
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text increments whose concatenation is decode(all ids).
+
+    Each call decodes the whole sequence and emits the new suffix; text that may still change when
+    the next token arrives (a trailing word that a '##' piece can extend, a space whose neighbour is
+    not known yet) is held back until it is settled, or until flush().
+    """
+
+    def __init__(self, tok, prompt_ids: Sequence[int] = ()):
+        self.tok = tok
+        self.ids: list[int] = list(prompt_ids)
+        self.emitted = decode(tok, self.ids)
+        self._prefix_len = len(self.emitted)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        full = decode(self.tok, self.ids)
+        # Hold back the last word (may grow by a '##' piece) and any trailing space.
+        safe = len(full)
+        m = re.search(r"[A-Za-z0-9\s]+$", full)
+        if m:
+            safe = m.start()
+        if not full.startswith(self.emitted) or safe <= len(self.emitted):
+            return ""
+        out = full[len(self.emitted) : safe]
+        self.emitted += out
+        return out
+
+    def flush(self) -> str:
+        full = decode(self.tok, self.ids)
+        out = full[len(self.emitted) :] if full.startswith(self.emitted) else ""
+        self.emitted = full
+        return out
+
+    @property
+    def text(self) -> str:
+        """The generated text so far (without the prompt)."""
+        return self.emitted[self._prefix_len :]

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up: system packages (when root), the virtual environment .venv at the
+# repository root, and everything the project needs inside it. Re-running is cheap.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+STAMP=.venv/.setup-stamp
+HASH="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+
+# perf_analyzer (from the tritonclient wheel) links libb64.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ldconfig -p | grep -q libb64.so.0d; then
+    echo "[setup] apt-get install libb64-0d"
+    (apt-get install -y -q libb64-0d >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q libb64-0d >/dev/null))
+fi
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
+    exit 0
+fi
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv with $($PY --version)"
+    "$PY" -m venv .venv
+fi
+echo "[setup] installing the project into .venv (first time: a few minutes)"
+# torch 2.13.0's CPU wheel lies on our machines' disk; elsewhere pip fetches a matching build.
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q 'torch==2.13.0' 2>/dev/null || .venv/bin/python -m pip install -q 'torch>=2.4'
+.venv/bin/python -m pip install -q -e '.[dev]'
+# LightSeq's wheel is only read as a reference (its C++ loaders); its deps are not wanted.
+.venv/bin/python -m pip install -q --no-deps 'lightseq==3.0.1'
+echo "$HASH" > "$STAMP"
+echo "[setup] done"
