@@ -1,0 +1,229 @@
+"""Engine: load a LightSeq GPT HDF5 file (fp16 ``Gpt`` or int8 ``QuantGpt``) and generate from it.
+
+Semantics follow LightSeq (spec §2.8): the output is prompt + continuation, a row's total length is at
+most min(max_step, prompt + extra_decode_length) (extra_decode_length <= 0: max_step), and a row ends at
+eos_id. Beyond LightSeq: prompts of different lengths in one batch (each row gets what it gets alone),
+per-request max_new_tokens / top_k / top_p / temperature / seed, and reproducible sampling: each row
+draws from its own generator seeded by its seed, so its output does not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from lsgpt.format import GptConfig, max_output_len, read_hdf5
+from lsgpt.model import GPT
+from lsgpt.quantize import QuantGPT
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; the message names the problem (INVALID_ARGUMENT on the server)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings; None takes the model file's value."""
+
+    max_new_tokens: int | None = None
+    top_k: int | None = None  # 0: no top-k filter; 1: greedy
+    top_p: float | None = None  # 1.0: no nucleus filter
+    temperature: float = 1.0  # 0: greedy
+    seed: int | None = None  # None: a fresh random seed
+
+    def resolved(self, cfg: GptConfig) -> "SamplingParams":
+        """Fill the file's defaults (sampling_method topk -> its topk; topp -> its topp)."""
+        top_k, top_p = self.top_k, self.top_p
+        if top_k is None:
+            top_k = cfg.topk if cfg.sampling_method == "topk" else 0
+        if top_p is None:
+            top_p = cfg.topp if cfg.sampling_method == "topp" else 1.0
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(6), "little")
+        return replace(self, top_k=top_k, top_p=top_p, seed=seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or self.temperature == 0
+
+
+class Engine:
+    def __init__(self, cfg: GptConfig, model, device: torch.device, max_batch_size: int | None = None):
+        self.config, self.model, self.device = cfg, model, device
+        self.max_batch_size = max_batch_size
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, device: str | torch.device | None = None, max_batch_size: int | None = None
+    ) -> "Engine":
+        """Read and validate the file, then build the fp16 or int8 model on `device` (default: CUDA if present)."""
+        cfg, arrays = read_hdf5(path)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+        model = (QuantGPT if cfg.quantized else GPT)(cfg, arrays, dev, dtype)
+        return cls(cfg, model, dev, max_batch_size)
+
+    # ---------------------------------------------------------------------------------------------
+    # Validation
+
+    def validate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> list:
+        """Raise RequestError naming the first problem; return the per-row resolved params."""
+        c = self.config
+        if c.sampling_method == "ppl":
+            raise RequestError("this model was exported with sampling_method=ppl: it scores, it does not generate")
+        if len(prompts) == 0:
+            raise RequestError("empty batch: give at least one prompt")
+        if self.max_batch_size and len(prompts) > self.max_batch_size:
+            raise RequestError(f"batch of {len(prompts)} prompts exceeds max_batch_size={self.max_batch_size}")
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise RequestError(f"{len(plist)} sampling settings for {len(prompts)} prompts")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise RequestError(f"prompt {i} is empty")
+            if len(p) >= c.max_step:
+                raise RequestError(f"prompt {i} has {len(p)} tokens; it must be shorter than max_step={c.max_step}")
+            bad = [t for t in p if not 0 <= int(t) < c.vocab]
+            if bad:
+                raise RequestError(f"prompt {i}: token id {bad[0]} outside the vocabulary 0..{c.vocab - 1}")
+        for i, sp in enumerate(plist):
+            if sp.max_new_tokens is not None and sp.max_new_tokens < 1:
+                raise RequestError(f"max_new_tokens={sp.max_new_tokens} must be >= 1")
+            if sp.top_k is not None and sp.top_k < 0:
+                raise RequestError(f"top_k={sp.top_k} must be >= 0 (0 = no top-k filter)")
+            if sp.top_p is not None and not 0.0 < sp.top_p <= 1.0:
+                raise RequestError(f"top_p={sp.top_p} must be in (0, 1]")
+            if not (sp.temperature >= 0.0 and sp.temperature < float("inf")):
+                raise RequestError(f"temperature={sp.temperature} must be a finite number >= 0")
+            if sp.seed is not None and not 0 <= sp.seed < 2**63:
+                raise RequestError(f"seed={sp.seed} must be in 0..2^63-1")
+        return [sp.resolved(c) for sp in plist]
+
+    # ---------------------------------------------------------------------------------------------
+    # Generation
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
+    ) -> list[list[int]]:
+        """Prompt + continuation per row (EOS kept if generated; rows may differ in length)."""
+        out = [list(map(int, p)) for p in prompts]
+        for step in self._steps(prompts, params):
+            for row, tok in step:
+                out[row].append(tok)
+        return out
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[int]:
+        """New token ids of one prompt, as they are generated."""
+        for step in self._steps([prompt], params):
+            for _, tok in step:
+                yield tok
+
+    @torch.inference_mode()
+    def _steps(self, prompts, params) -> Iterator[list[tuple[int, int]]]:
+        """Yield, per decoding step, the (row, token) pairs of rows still running."""
+        rows = self.validate(prompts, params)
+        c, m, dev = self.config, self.model, self.device
+        lens = [len(p) for p in prompts]
+        limits = []
+        for n, sp in zip(lens, rows):
+            lim = max_output_len(c, n)
+            if sp.max_new_tokens is not None:
+                lim = min(lim, n + sp.max_new_tokens)
+            limits.append(lim)
+        B, P, S = len(prompts), max(lens), max(limits)
+        if S <= P and all(lim <= n for lim, n in zip(limits, lens)):
+            return
+        tokens = torch.zeros(B, P, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            tokens[b, : len(p)] = torch.as_tensor(list(map(int, p)))
+        tokens = tokens.to(dev)
+        cache = m.new_cache(B, max(S, P))
+        positions = torch.arange(P, device=dev).expand(B, P)
+        hidden = m.forward(tokens, positions, cache)
+        cur = torch.as_tensor(lens, device=dev)
+        logits = m.logits(hidden[torch.arange(B, device=dev), cur - 1])
+        gens = [torch.Generator(device=dev).manual_seed(sp.seed) for sp in rows]
+        length = list(lens)
+        done = [n >= lim for n, lim in zip(lens, limits)]
+        while True:
+            nxt = sample(logits, rows, gens)
+            nxt_list = nxt.tolist()
+            step = []
+            for b in range(B):
+                if done[b]:
+                    continue
+                step.append((b, nxt_list[b]))
+                length[b] += 1
+                if nxt_list[b] == c.eos_id or length[b] >= limits[b]:
+                    done[b] = True
+            yield step
+            if all(done):
+                return
+            pos = cur.clamp(max=cache.k[0].shape[1] - 1)  # finished rows keep running harmlessly
+            hidden = m.forward(nxt[:, None], pos[:, None], cache)
+            logits = m.logits(hidden[:, 0])
+            cur = cur + 1
+
+    # ---------------------------------------------------------------------------------------------
+    # Scoring (full-sequence forward)
+
+    @torch.inference_mode()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> float32 logits [B, T, V] on the CPU."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long).to(self.device)
+        B, T = tokens.shape
+        if T > self.config.max_step:
+            raise RequestError(f"sequence of {T} tokens exceeds max_step={self.config.max_step}")
+        cache = self.model.new_cache(B, T)
+        hidden = self.model.forward(tokens, torch.arange(T, device=self.device).expand(B, T), cache)
+        return self.model.logits(hidden).float().cpu()
+
+    def ppl(self, prompts: Sequence[Sequence[int]]) -> list[float]:
+        """LightSeq's ppl: mean negative log-likelihood (natural log) of each row's tokens after the first."""
+        out = []
+        for p in prompts:  # one row at a time: no padding to get wrong
+            t = torch.as_tensor([list(map(int, p))])
+            logp = torch.log_softmax(self.logits(t)[0, :-1], -1)
+            out.append(float(-logp.gather(1, t[0, 1:, None]).mean()))
+        return out
+
+    def benchmark(self, prompt_len: int, new_tokens: int, batch: int, params: SamplingParams) -> float:
+        """Seconds for one generate() of `batch` random prompts (synchronised on CUDA)."""
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(0, self.config.vocab, (batch, prompt_len), generator=g).tolist()
+        sp = replace(params, max_new_tokens=new_tokens)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        self.generate(prompts, sp)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingParams], gens: Sequence[torch.Generator]) -> torch.Tensor:
+    """Next token per row: temperature, then top-k, then top-p, each row with its own generator."""
+    greedy = logits.argmax(-1)
+    if all(sp.greedy for sp in rows):
+        return greedy
+    out = greedy.clone()
+    for b, sp in enumerate(rows):
+        if sp.greedy:
+            continue
+        lg = logits[b].float() / sp.temperature
+        if 0 < sp.top_k < lg.numel():
+            kth = torch.topk(lg, sp.top_k).values[-1]
+            lg = lg.masked_fill(lg < kth, float("-inf"))
+        if sp.top_p < 1.0:
+            sorted_lg, idx = torch.sort(lg, descending=True)
+            probs = torch.softmax(sorted_lg, -1)
+            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+            drop = probs.cumsum(-1) - probs >= sp.top_p
+            lg = lg.scatter(0, idx[drop], float("-inf"))
+        probs = torch.softmax(lg, -1)
+        out[b] = torch.multinomial(probs, 1, generator=gens[b])[0]
+    return out
