@@ -1,0 +1,229 @@
+"""HDF5 format vs LightSeq's own loaders (spec §2; LightSeq 3.0.1 gpt_weight.cc / quant_gpt_weight.cc).
+
+Oracle: the dataset names, element counts and HDF5 read types are extracted at test time from the C++
+loader sources shipped in the lightseq==3.0.1 wheel (tests/oracles/lightseq_src.py), not from lsgpt.format.
+Files checked: our exporter's fp16 and int8 output, and - as a self-test of the checker - files written the
+way LightSeq's own Python exporters write them (tests/oracles/reference_int8.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from oracles import lightseq_src as LS  # noqa: E402
+from oracles import reference_int8 as R  # noqa: E402
+from oracles import tiny  # noqa: E402
+
+H, INNER, V, NL, NH = 64, 256, 1000, 2, 4
+MAX_STEP = 100
+VALID_TOPK = {1, 2, 4, 8, 16, 32}  # ker_topk_sample_launcher (spec §2.1)
+METHODS = {"topk", "topp", "ppl"}  # kSamplingMethods (gpt_encoder.h)
+
+
+def _reads(kind: str):
+    if LS.lightseq_proto_dir() is None:
+        pytest.skip("lightseq==3.0.1 is not installed: its C++ loader sources are the oracle of this test")
+    return LS.loader_reads(kind)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny.make_model(seed=3, wide=True)
+
+
+@pytest.fixture(scope="module")
+def clips(model):
+    ls = R.hf_to_ls(tiny.state_dict_np(model), NL, MAX_STEP)
+    rng = np.random.default_rng(3)
+    return R.calibrate_clips(ls, [rng.integers(1, 990, 48) for _ in range(3)], NH, NL)
+
+
+@pytest.fixture(scope="module")
+def files(model, clips, tmp_path_factory):
+    """kind -> {origin -> path}: our exporter's files and LightSeq-style reference files."""
+    d = tmp_path_factory.mktemp("fmt")
+    ls = R.hf_to_ls(tiny.state_dict_np(model), NL, MAX_STEP)
+    conf = dict(n_layer=NL, n_head=NH, pad_id=tiny.PAD_ID, eos_id=tiny.EOS_ID)
+    out = {
+        "fp16": {"lightseq_style": R.write_ls_fp16(d / "ref16.hdf5", ls, **conf)},
+        "int8": {"lightseq_style": R.write_ls_int8(d / "ref8.hdf5", ls, clips, **conf)},
+    }
+    from lsgpt.export import export_model
+
+    out["fp16"]["exported"] = export_model(model, d / "ours16.hdf5", max_step=MAX_STEP)
+    qmodel = tiny.attach_clips(tiny.make_model(seed=3, wide=True), clips["layers"], clips["emb_clip_max"],
+                               clips["output_ln_clip_max"])
+    out["int8"]["exported"] = export_model(qmodel, d / "ours8.hdf5", max_step=MAX_STEP, quantize=True)
+    return out
+
+
+def check_against_loader(path: Path, kind: str) -> list[str]:
+    """Every problem LightSeq's loader (or its check()) would have with `path`, plus our dtype rules."""
+    import h5py
+
+    reads = _reads(kind)
+    expect = {"_hidden_size": H, "_inner_size": INNER, "_src_vocab_size": V, "_max_step": MAX_STEP}
+    derived_from = {
+        "src_embedding/norm_scale": ("_hidden_size", lambda n: n),
+        "encoder_stack/0/ffn_first_kernel": ("_inner_size", lambda n: n // H),
+        "src_embedding/position_embedding": ("_max_step", lambda n: n // H),
+        "src_embedding/token_embedding": ("_src_vocab_size", lambda n: n // H),
+    }
+    problems = []
+    with h5py.File(path, "r") as f:
+        n_layer = int(np.asarray(f["model_conf/n_encoder_stack"][()]).reshape(-1)[0]) \
+            if "model_conf/n_encoder_stack" in f else NL
+        if n_layer != NL:
+            problems.append(f"model_conf/n_encoder_stack={n_layer}, model has {NL} layers")
+        for name, rd in LS.expand(reads, n_layer):
+            obj = f.get(name)
+            if obj is None or not isinstance(obj, h5py.Dataset):
+                problems.append(f"{name}: missing (LightSeq throws '{name} Not Found in HDF5 File')")
+                continue
+            size = int(obj.size) if obj.shape != () else 1
+            if rd.func == "get_hdf5_dataset_size":
+                key, fn = derived_from[name]
+                if fn(size) != expect[key] or size % H:
+                    problems.append(f"{name}: {size} elements gives {key}={fn(size)}, expected {expect[key]}")
+                continue
+            want = rd.expected_size(expect)
+            if want is not None and size != want:
+                problems.append(f"{name}: {size} elements, loader expects {rd.size_expr} = {want}")
+            if rd.max_size is not None and size > rd.max_size:
+                problems.append(f"{name}: {size} elements > {rd.max_size}")
+            dt = obj.dtype
+            if rd.h5type == "H5T_NATIVE_UCHAR" and dt != np.uint8:
+                problems.append(f"{name}: dtype {dt}, int8 format stores uint8 (zero point 127)")
+            elif rd.h5type == "H5T_NATIVE_FLOAT" and dt.kind != "f":
+                problems.append(f"{name}: dtype {dt}, loader reads float")
+            elif rd.h5type == "H5T_NATIVE_INT" and dt.kind not in "iu":
+                problems.append(f"{name}: dtype {dt}, loader reads int")
+            elif rd.h5type == "H5T_NATIVE_CHAR" and not (dt.kind in "iu" and dt.itemsize == 1):
+                problems.append(f"{name}: dtype {dt}, loader reads an int8 char array")
+        # values the loader / GptEncoder::check / the sampling kernels insist on
+        conf = {k: np.asarray(v[()]) for k, v in f["model_conf"].items()} if "model_conf" in f else {}
+        if "head_num" in conf:
+            nh = int(conf["head_num"].reshape(-1)[0])
+            if nh != NH or H % nh or (H // nh) % 2:
+                problems.append(f"model_conf/head_num={nh}: expected {NH} (hidden {H} % head_num == 0, even head dim)")
+        if "sampling_method" in conf:
+            sm = bytes(conf["sampling_method"].astype(np.uint8).reshape(-1).tolist()).decode("ascii", "replace")
+            if sm not in METHODS:  # LightSeq takes the whole buffer: a trailing NUL breaks the lookup
+                problems.append(f"model_conf/sampling_method={sm!r} not one of {sorted(METHODS)}")
+        if "topk" in conf and int(conf["topk"].reshape(-1)[0]) not in VALID_TOPK:
+            problems.append(f"model_conf/topk={conf['topk']} not in {sorted(VALID_TOPK)}")
+        if "eos_id" in conf and not 0 < int(conf["eos_id"].reshape(-1)[0]) < V:
+            problems.append(f"model_conf/eos_id={conf['eos_id']}: must be a non-zero id inside the vocabulary")
+        if INNER % 2:
+            problems.append("inner size odd")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The oracle itself
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+def test_loader_parser_finds_everything(kind):
+    """Guard against a parser that silently finds nothing: the counts the spec (§2.1-2.3) gives."""
+    reads = _reads(kind)
+    names = {r.name for r in reads}
+    conf = {"n_encoder_stack", "head_num", "src_padding_id", "sampling_method", "topk", "topp", "eos_id",
+            "extra_decode_length"}
+    assert {f"model_conf/{n}" for n in conf} <= names, sorted(names)
+    per_layer = [r for r in reads if r.per_layer]
+    emb = [r for r in reads if r.name.startswith("src_embedding/") and r.func != "get_hdf5_dataset_size"]
+    if kind == "fp16":
+        assert len(per_layer) == 12 and len(emb) == 4
+    else:
+        assert len(per_layer) == 12 + 4 + 8 and len(emb) == 7
+        assert {f"encoder_stack/{{layer}}/{n}" for n in R.LAYER_CLIPS} <= names
+        assert all(r.h5type == "H5T_NATIVE_UCHAR" for r in per_layer if r.name.split("/")[-1] in R.KERNELS)
+    for r in reads:
+        if r.func == "read_hdf5_dataset_data" and r.size_expr:
+            assert r.expected_size({"_hidden_size": 2, "_inner_size": 3, "_src_vocab_size": 5, "_max_step": 7}) > 0
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+def test_lightseq_style_files_pass_the_checker(files, kind):
+    """Self-test: files written exactly as LightSeq's exporters write them satisfy the loader checker."""
+    assert check_against_loader(files[kind]["lightseq_style"], kind) == []
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+def test_checker_catches_a_broken_file(files, kind, tmp_path):
+    import h5py
+    import shutil
+
+    p = tmp_path / "broken.hdf5"
+    shutil.copy(files[kind]["lightseq_style"], p)
+    with h5py.File(p, "a") as f:
+        del f["encoder_stack/1/ffn_second_bias"]
+        del f["model_conf/extra_decode_length"]
+    probs = check_against_loader(p, kind)
+    assert any("encoder_stack/1/ffn_second_bias" in x for x in probs)
+    assert any("model_conf/extra_decode_length" in x for x in probs)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Our files
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+def test_exported_file_satisfies_lightseq_loader(files, kind):
+    problems = check_against_loader(files[kind]["exported"], kind)
+    assert problems == [], "\n".join(problems)
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+def test_exported_dataset_names_are_exactly_lightseqs(files, kind):
+    """The contract: exactly what the 3.0.1 loader reads (which includes model_conf/extra_decode_length)."""
+    import h5py
+
+    want = {n for n, _ in LS.expand(_reads(kind), NL)}
+    got = set()
+    with h5py.File(files[kind]["exported"], "r") as f:
+        f.visititems(lambda n, o: got.add(n) if isinstance(o, h5py.Dataset) else None)
+    assert not (want - got), f"missing: {sorted(want - got)}"
+    assert not (got - want), f"datasets LightSeq never reads: {sorted(got - want)}"
+
+
+def test_int8_stored_layouts(files):
+    """§2.3: token_embedding uint8 [H, V] (transposed), kernels uint8 [in, out], kernel clips 1.0, logits clip 16."""
+    import h5py
+
+    with h5py.File(files["int8"]["exported"], "r") as f:
+        emb = f["src_embedding/token_embedding"]
+        assert emb.dtype == np.uint8 and emb.size == H * V
+        if emb.ndim == 2:
+            assert emb.shape == (H, V)
+        u = np.asarray(emb[()]).reshape(-1)
+        assert u.max() <= 254, "uint8 zero point 127, narrow range: values 0..254"
+        for i in range(NL):
+            for k in R.KERNELS:
+                assert float(f[f"encoder_stack/{i}/{k}_clip_max"][()]) == 1.0
+                assert np.asarray(f[f"encoder_stack/{i}/{k}"][()]).max() <= 254
+        assert float(f["src_embedding/logits_clip_max"][()]) == 16.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# lsgpt.format.read_hdf5 accepts LightSeq-written files
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+def test_read_hdf5_accepts_lightseq_written_files(files, kind, model):
+    from lsgpt.format import read_hdf5
+
+    cfg, arrays = read_hdf5(files[kind]["lightseq_style"])
+    assert (cfg.n_layer, cfg.n_head, cfg.hidden, cfg.inner, cfg.vocab, cfg.max_step) == (NL, NH, H, INNER, V, MAX_STEP)
+    assert (cfg.eos_id, cfg.pad_id, cfg.extra_decode_length) == (tiny.EOS_ID, tiny.PAD_ID, 0)
+    assert cfg.sampling_method == "topk" and cfg.topk == 1 and abs(cfg.topp - 0.75) < 1e-6
+    assert cfg.quantized == (kind == "int8")
+    sd = tiny.state_dict_np(model)
+    ln_bias = np.asarray(arrays["encoder_stack/1/ffn_norm_bias"], dtype=np.float64).reshape(-1)
+    np.testing.assert_allclose(ln_bias, sd["transformer.h.1.ln_2.bias"], rtol=1e-6, atol=1e-7)
