@@ -35,6 +35,7 @@ class SamplingParams:
     top_p: float | None = None  # 1.0: no nucleus filter
     temperature: float = 1.0  # 0: greedy
     seed: int | None = None  # None: a fresh random seed
+    ignore_eos: bool = False  # benchmark mode: always generate to the length limit
 
     def resolved(self, cfg: GptConfig) -> "SamplingParams":
         """Fill the file's defaults (sampling_method topk -> its topk; topp -> its topp)."""
@@ -51,10 +52,47 @@ class SamplingParams:
         return self.top_k == 1 or self.temperature == 0
 
 
+class GraphedDecode:
+    """One decode step (B rows, one token each) captured as a CUDA graph over a fixed cache of max_step slots.
+
+    Replaying it costs one launch instead of hundreds of small kernels: at batch 1 decode is launch-bound.
+    Capture runs the step on zeros, which scribbles on cache slot 0; that is why it happens before prefill.
+    """
+
+    def __init__(self, model, batch: int):
+        dev = model.device
+        self.model = model
+        self.cache = model.new_cache(batch, model.cfg.max_step)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the graph (lazy init, cuBLAS workspaces)
+                self._step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def _step(self) -> torch.Tensor:
+        return self.model.logits(self.model.forward(self.tok, self.pos, self.cache, static=True)[:, 0])
+
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.logits
+
+
 class Engine:
-    def __init__(self, cfg: GptConfig, model, device: torch.device, max_batch_size: int | None = None):
+    def __init__(
+        self, cfg: GptConfig, model, device: torch.device, max_batch_size: int | None = None, cuda_graphs: bool = True
+    ):
         self.config, self.model, self.device = cfg, model, device
         self.max_batch_size = max_batch_size
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self._graphs: dict[int, GraphedDecode] = {}  # batch size -> captured decode step (and its cache)
 
     @classmethod
     def load(
@@ -135,13 +173,20 @@ class Engine:
                 lim = min(lim, n + sp.max_new_tokens)
             limits.append(lim)
         B, P, S = len(prompts), max(lens), max(limits)
-        if S <= P and all(lim <= n for lim, n in zip(limits, lens)):
+        if all(lim <= n for lim, n in zip(limits, lens)):
             return
         tokens = torch.zeros(B, P, dtype=torch.long)
         for b, p in enumerate(prompts):
             tokens[b, : len(p)] = torch.as_tensor(list(map(int, p)))
         tokens = tokens.to(dev)
-        cache = m.new_cache(B, max(S, P))
+        graph = None
+        if self.cuda_graphs:
+            if B not in self._graphs:
+                self._graphs[B] = GraphedDecode(m, B)
+            graph = self._graphs[B]
+            cache = graph.cache
+        else:
+            cache = m.new_cache(B, max(S, P))
         positions = torch.arange(P, device=dev).expand(B, P)
         hidden = m.forward(tokens, positions, cache)
         cur = torch.as_tensor(lens, device=dev)
@@ -158,14 +203,16 @@ class Engine:
                     continue
                 step.append((b, nxt_list[b]))
                 length[b] += 1
-                if nxt_list[b] == c.eos_id or length[b] >= limits[b]:
+                if (nxt_list[b] == c.eos_id and not rows[b].ignore_eos) or length[b] >= limits[b]:
                     done[b] = True
             yield step
             if all(done):
                 return
             pos = cur.clamp(max=cache.k[0].shape[1] - 1)  # finished rows keep running harmlessly
-            hidden = m.forward(nxt[:, None], pos[:, None], cache)
-            logits = m.logits(hidden[:, 0])
+            if graph is not None:
+                logits = graph(nxt[:, None], pos[:, None])
+            else:
+                logits = m.logits(m.forward(nxt[:, None], pos[:, None], cache)[:, 0])
             cur = cur + 1
 
     # ---------------------------------------------------------------------------------------------
@@ -195,7 +242,7 @@ class Engine:
         """Seconds for one generate() of `batch` random prompts (synchronised on CUDA)."""
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(0, self.config.vocab, (batch, prompt_len), generator=g).tolist()
-        sp = replace(params, max_new_tokens=new_tokens)
+        sp = replace(params, max_new_tokens=new_tokens, ignore_eos=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()

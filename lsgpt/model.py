@@ -55,11 +55,16 @@ def causal_mask(positions: torch.Tensor, n_keys: int) -> torch.Tensor:
     return keys[None, None, None, :] <= positions[:, None, :, None]
 
 
+def keys_used(positions: torch.Tensor, cache_len: int, static: bool) -> int:
+    """How many cache slots attention reads: the used prefix (one host sync per forward), or, for CUDA
+    graph capture (`static`), the whole cache, so that shapes stay fixed and the mask alone does the work."""
+    return cache_len if static else int(positions.max()) + 1
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """q [B,T,h,d]; k, v [B,S,h,d] (cache prefix); returns context [B,T,h*d]."""
-    n_keys = int(positions.max()) + 1
-    q, k, v = q.transpose(1, 2), k[:, :n_keys].transpose(1, 2), v[:, :n_keys].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(positions, n_keys))
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(positions, k.shape[2]))
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
@@ -91,7 +96,12 @@ class GPT:
         return x.masked_fill((tokens == self.cfg.pad_id)[..., None], 0.0) if self.cfg.pad_id < self.cfg.vocab else x
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, observe: Observer | None = None
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        observe: Observer | None = None,
+        static: bool = False,
     ) -> torch.Tensor:
         """tokens, positions [B, T] -> final hidden states [B, T, H] (after ln_f).
 
@@ -102,6 +112,7 @@ class GPT:
         obs = observe or (lambda layer, name, t: None)
         x = self.embed(tokens, positions)
         B, T = tokens.shape
+        n = keys_used(positions, cache.k[0].shape[1], static)
         for i, w in enumerate(self.layers):
             a = F.layer_norm(x, (h,), w["multihead_norm_scale"], w["multihead_norm_bias"], eps).view(B * T, h)
             obs(i, "multihead_ln_clip_max", a)
@@ -111,7 +122,7 @@ class GPT:
             obs(i, "self_qkv_bias_out_clip_max", qkv)
             q, k, v = qkv.view(B, T, 3, c.n_head, c.head_dim).unbind(2)
             cache.write(i, positions, k, v)
-            ctx = attend(q, cache.k[i], cache.v[i], positions).reshape(B * T, h)
+            ctx = attend(q, cache.k[i][:, :n], cache.v[i][:, :n], positions).reshape(B * T, h)
             obs(i, "multihead_project_output_clip_max", ctx)
             o = ctx @ w["multihead_project_kernel_output"]
             obs(i, "multihead_output_dense_clip_max", o)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lsgpt.format import LAYER_KERNELS, QMAX, GptConfig, layer_arrays, u8_to_i8
-from lsgpt.model import KVCache, attend, gelu_tanh
+from lsgpt.model import KVCache, attend, gelu_tanh, keys_used
 
 
 def q8(x: torch.Tensor, clip: float) -> torch.Tensor:
@@ -111,12 +111,15 @@ class QuantGPT:
         x = self.wte[tokens].to(self.dtype) * (self.emb_clip / QMAX) + self.wpe[positions]
         return x.masked_fill((tokens == self.cfg.pad_id)[..., None], 0.0) if self.cfg.pad_id < self.cfg.vocab else x
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, observe=None, static: bool = False
+    ) -> torch.Tensor:
         """tokens, positions [B, T] -> ln_f output [B, T, H]."""
         c = self.cfg
         eps, h, dt = c.layer_norm_eps, c.hidden, self.dtype
         B, T = tokens.shape
         x = self.embed(tokens, positions)
+        n = keys_used(positions, cache.k[0].shape[1], static)
         for i, w in enumerate(self.layers):
             # attention
             a = q8(F.layer_norm(x, (h,), w["multihead_norm_scale"], w["multihead_norm_bias"], eps), w["multihead_ln_clip_max"])
@@ -128,9 +131,8 @@ class QuantGPT:
             qkv = q8(qkv, kv_clip).view(B, T, 3, c.n_head, c.head_dim)
             cache.write(i, positions, qkv[:, :, 1].to(torch.int8), qkv[:, :, 2].to(torch.int8))
             s = kv_clip / QMAX  # int8 Q, K, V share one scale; dequantized values are exact multiples of it
-            ctx = attend(
-                (qkv[:, :, 0] * s).to(dt), (cache.k[i].to(dt) * s), (cache.v[i].to(dt) * s), positions
-            ).reshape(B * T, h)
+            k, v = cache.k[i][:, :n].to(dt) * s, cache.v[i][:, :n].to(dt) * s
+            ctx = attend((qkv[:, :, 0] * s).to(dt), k, v, positions).reshape(B * T, h)
             ctx_clip, o_clip = w["multihead_project_output_clip_max"], w["multihead_output_dense_clip_max"]
             acc = w["multihead_project_kernel_output"](q8(ctx, ctx_clip))
             alpha = w["multihead_project_kernel_output_clip_max"] * ctx_clip / (o_clip * QMAX)

@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Generation speed, side by side in one run: HF transformers `generate` vs our engine (fp and int8).
+
+The article's task: a short prompt -> N new tokens (500 in the article), greedy (top_k=1), at several batch
+sizes, on a random-weight GPT-2 of a given shape (default: uer/gpt2-chinese-cluecorpussmall's 12 layers,
+768 hidden, vocab 21128). HF runs fp16 on CUDA and fp32 on CPU; ours runs the same precision, and int8.
+
+    python benchmarks/bench_generate.py --new-tokens 100 --batches 1 --out results/generate-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def random_model(layers: int, hidden: int, heads: int, vocab: int, positions: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=vocab, n_positions=positions,
+        bos_token_id=101, eos_token_id=102, pad_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def export_pair(model, folder: Path, max_step: int) -> tuple[Path, Path]:
+    """fp export, and int8 with clips calibrated on random token rows (no QAT for a random model)."""
+    from lsgpt.export import calibrate, export_model, float_arrays, gpt_config, load_checkpoint, quantize_arrays
+    from lsgpt.format import write_hdf5
+
+    fp = export_model(model, folder / "fp.hdf5", max_step=max_step)
+    config, sd, _ = load_checkpoint(model)
+    cfg = gpt_config(config, max_step, True)
+    fa = float_arrays(cfg, sd)
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randint(0, cfg.vocab, (4, min(64, max_step)), generator=g).tolist()
+    q = write_hdf5(folder / "int8.hdf5", cfg, quantize_arrays(cfg, fa, calibrate(cfg, fa, rows)))
+    return fp, q
+
+
+def timed(fn, repeats: int, sync) -> float:
+    fn()  # warm-up (allocations, kernel selection)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run(args) -> dict:
+    from lsgpt.generate import Engine, SamplingParams
+
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    max_step = args.prompt_len + args.new_tokens
+    model = random_model(args.layers, args.hidden, args.heads, args.vocab, max(max_step, 1024))
+    with tempfile.TemporaryDirectory() as tmp:
+        fp_path, q_path = export_pair(model, Path(tmp), max_step)
+        engines = {"ours_fp": Engine.load(fp_path, dev), "ours_int8": Engine.load(q_path, dev)}
+    hf_dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    prec = "fp16" if dev.type == "cuda" else "fp32"
+    hf = model.to(dev, hf_dtype)
+    results = []
+    for batch in args.batches:
+        g = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(1000, args.vocab, (batch, args.prompt_len), generator=g)
+        n = args.new_tokens
+
+        def hf_gen():
+            with torch.inference_mode():
+                hf.generate(
+                    prompts.to(dev), attention_mask=torch.ones_like(prompts).to(dev), do_sample=True, top_k=1,
+                    max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                )
+
+        row = {"batch": batch, "prompt_len": args.prompt_len, "new_tokens": n}
+        row[f"hf_{prec}_s"] = timed(hf_gen, args.repeats, sync)
+        sp = SamplingParams(max_new_tokens=n, top_k=1, ignore_eos=True)
+        for name, eng in engines.items():
+            key = f"{name.replace('_fp', '_' + prec)}_s"
+            row[key] = timed(lambda: eng.generate(prompts.tolist(), sp), args.repeats, sync)
+        base = row[f"hf_{prec}_s"]
+        for k in list(row):
+            if k.endswith("_s") and not k.startswith("hf_"):
+                row[k.replace("_s", "_speedup_vs_hf")] = round(base / row[k], 2)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    return {
+        "task": "generate",
+        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "shape": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads, "vocab": args.vocab},
+        "int8_backend": engines["ours_int8"].model.layers[0]["ffn_first_kernel"].backend,
+        "results": results,
+    }
+
+
+def plot(report: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    keys = [k for k in rows[0] if k.endswith("_s")]
+    fig, ax = plt.subplots(figsize=(2 + 2 * len(rows), 4))
+    width = 0.8 / len(keys)
+    for j, k in enumerate(keys):
+        xs = [i + j * width for i in range(len(rows))]
+        bars = ax.bar(xs, [r[k] for r in rows], width, label=k[:-2])
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(rows))], [f"batch {r['batch']}" for r in rows])
+    ax.set_ylabel("seconds (lower is better)")
+    ax.set_title(f"{rows[0]['new_tokens']} new tokens, {report['shape']['layers']}L/{report['shape']['hidden']}H — {report['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device")
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=21128)
+    p.add_argument("--prompt-len", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=500)
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results/generate.json"))
+    args = p.parse_args(argv)
+    report = run(args)
+    report["command"] = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    plot(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
