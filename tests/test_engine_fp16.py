@@ -1,0 +1,260 @@
+"""Engine (fp16/fp32 Gpt format) vs HF transformers' GPT-2 on CPU.
+
+Oracles: HF GPT2LMHeadModel (logits, greedy generate, NLL) and the spec's generation semantics (§2.8).
+Files: the exporter's output, and a file written the way LightSeq's own exporter writes it (float64 1-D
+datasets, tests/oracles) so engine and exporter are checked independently. For greedy token comparisons HF
+runs on the very weights stored in the file (loaded back with h5py through our own name map), so fp16
+rounding in the file cannot flip a near-tie; a separate test bounds the file-vs-original weight error.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from oracles import reference_int8 as R  # noqa: E402
+from oracles import tiny  # noqa: E402
+
+torch = pytest.importorskip("torch")
+
+NL, NH, MAX_STEP = 2, 4, 128
+PROMPTS = [[5, 17, 300], [42, 7, 7, 900, 13, 2, 64], [101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 1]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny.make_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def files(model, tmp_path_factory):
+    from lsgpt.export import export_model
+
+    d = tmp_path_factory.mktemp("fp16")
+    ls = R.hf_to_ls(tiny.state_dict_np(model), NL, MAX_STEP)
+    return {
+        "exported": export_model(model, d / "ours.hdf5", max_step=MAX_STEP, eos_id=tiny.EOS_ID),
+        "lightseq_style": R.write_ls_fp16(d / "ref.hdf5", ls, n_layer=NL, n_head=NH, pad_id=tiny.PAD_ID,
+                                          eos_id=tiny.EOS_ID),
+    }
+
+
+@pytest.fixture(scope="module")
+def engines(files):
+    from lsgpt.generate import Engine
+
+    return {k: Engine.load(p, device="cpu") for k, p in files.items()}
+
+
+def hf_from_file(path, base):
+    """An HF model carrying exactly the weights stored in a LightSeq fp16 file (our own inverse name map)."""
+    _, arrays = R.read_ls(path)
+    m = copy.deepcopy(base)
+    sd = m.state_dict()
+    h = arrays["src_embedding/norm_scale"].size
+    new = {
+        "transformer.wte.weight": arrays["src_embedding/token_embedding"].reshape(-1, h),
+        "transformer.ln_f.weight": arrays["src_embedding/norm_scale"],
+        "transformer.ln_f.bias": arrays["src_embedding/norm_bias"],
+    }
+    pos = arrays["src_embedding/position_embedding"].reshape(-1, h)
+    wpe = sd["transformer.wpe.weight"].clone().double().numpy()
+    wpe[: len(pos)] = pos
+    new["transformer.wpe.weight"] = wpe
+    for i in range(NL):
+        for ls_name, hf_name in R.LAYER_MAP.items():
+            key = f"transformer.h.{i}.{hf_name}"
+            new[key] = arrays[f"encoder_stack/{i}/{ls_name}"].reshape(tuple(sd[key].shape))
+    with torch.no_grad():
+        for k, v in new.items():
+            sd[k].copy_(torch.as_tensor(np.asarray(v), dtype=sd[k].dtype))
+    m.load_state_dict(sd)
+    m.tie_weights()
+    return m.eval()
+
+
+def hf_logits(m, tokens):
+    with torch.no_grad():
+        return m(torch.as_tensor(tokens)).logits.double().numpy()
+
+
+def hf_greedy(m, prompt, n):
+    """HF greedy continuation of n tokens with EOS disabled."""
+    gc = copy.deepcopy(m.generation_config)
+    gc.eos_token_id = None
+    gc.pad_token_id = tiny.PAD_ID
+    gc.do_sample = False
+    gc.max_new_tokens = n
+    gc.min_new_tokens = None
+    with torch.no_grad():
+        out = m.generate(torch.tensor([prompt]), generation_config=gc, attention_mask=torch.ones(1, len(prompt),
+                                                                                                 dtype=torch.long))
+    return out[0].tolist()
+
+
+def greedy(engine, prompts, n, **kw):
+    from lsgpt.generate import SamplingParams
+
+    return engine.generate(prompts, SamplingParams(max_new_tokens=n, top_k=1, **kw))
+
+
+def _cut_at_eos(seq, plen, eos):
+    for j in range(plen, len(seq)):
+        if seq[j] == eos:
+            return seq[: j + 1]
+    return seq
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_exported_weights_match_hf_within_fp16_rounding(files, model):
+    """§2.2 layout: kernels [in,out] as HF Conv1D, token embedding [V,H], position rows [:max_step]."""
+    _, arrays = R.read_ls(files["exported"])
+    ref = R.hf_to_ls(tiny.state_dict_np(model), NL, MAX_STEP)
+    worst = 0.0
+    for name, want in ref.items():
+        got = arrays[name]
+        assert got.size == want.size, name
+        err = np.abs(got - want.reshape(-1)) / np.maximum(np.abs(want.reshape(-1)), 6e-5)
+        worst = max(worst, float(err.max()))
+        assert err.max() <= 2.0**-11 * 1.01, f"{name}: relative error {err.max():.3g} beyond fp16 rounding"
+    print(f"max relative weight error file vs HF: {worst:.3g}")
+
+
+@pytest.mark.parametrize("origin", ["exported", "lightseq_style"])
+def test_logits_match_hf(engines, files, model, origin):
+    rng = np.random.default_rng(1)
+    toks = rng.integers(0, 1000, size=(2, 40))
+    ref = hf_logits(model, toks)
+    same_w = hf_logits(hf_from_file(files[origin], model), toks)
+    got = engines[origin].logits(torch.as_tensor(toks, dtype=torch.long))
+    assert tuple(got.shape) == (2, 40, 1000) and got.dtype == torch.float32
+    got = got.double().numpy()
+    err, err_same = np.abs(got - ref).max(), np.abs(got - same_w).max()
+    scale = max(1.0, float(np.abs(ref).max()))
+    print(f"[{origin}] max |engine - HF| logits: {err:.3g} (HF on the file's weights: {err_same:.3g}); "
+          f"max |logit| {np.abs(ref).max():.3g}")
+    assert err_same <= 1e-4 * scale, "fp32 CPU engine must match fp32 HF on identical weights"
+    assert err <= 5e-3 * scale, "engine vs HF beyond fp16 tolerance"
+
+
+@pytest.mark.parametrize("origin", ["exported", "lightseq_style"])
+def test_greedy_matches_hf_generate(engines, files, model, origin):
+    n = 60
+    hf = hf_from_file(files[origin], model)
+    for prompt in PROMPTS[:2]:
+        want = _cut_at_eos(hf_greedy(hf, prompt, n), len(prompt), tiny.EOS_ID)
+        got = greedy(engines[origin], [prompt], n)[0]
+        agree = next((j for j in range(len(prompt), min(len(got), len(want))) if got[j] != want[j]), None)
+        print(f"[{origin}] prompt len {len(prompt)}: {len(want) - len(prompt)} HF tokens, first divergence at "
+              f"{agree if agree is not None else 'none'}")
+        assert got == want
+
+
+def test_ppl_is_mean_nll(engines, files, model):
+    """§2.8: ppl = mean NLL (natural log) over the len-1 predicted tokens, per row, unequal lengths allowed."""
+    hf = hf_from_file(files["exported"], model)
+    got = engines["exported"].ppl(PROMPTS)
+    assert len(got) == len(PROMPTS)
+    for p, g in zip(PROMPTS, got):
+        lg = torch.log_softmax(torch.as_tensor(hf_logits(hf, [p])[0]), -1).numpy()
+        nll = -np.mean([lg[j, p[j + 1]] for j in range(len(p) - 1)])
+        assert abs(g - nll) <= 1e-4 * max(1.0, abs(nll)), (p, g, nll)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# batching and seeds
+
+
+def test_batch_of_unequal_prompts_equals_each_alone_greedy(engines):
+    e = engines["exported"]
+    batch = greedy(e, PROMPTS, 20)
+    alone = [greedy(e, [p], 20)[0] for p in PROMPTS]
+    assert [len(r) for r in batch] == [len(p) + 20 for p in PROMPTS]
+    assert batch == alone
+    assert all(r[: len(p)] == p for r, p in zip(batch, PROMPTS)), "output must start with the prompt"
+
+
+def test_sampling_seed_reproducible_and_per_row(engines):
+    """generate.py documents: each row draws from its own generator seeded by its seed."""
+    from lsgpt.generate import SamplingParams
+
+    e = engines["exported"]
+    sp = SamplingParams(max_new_tokens=25, top_k=0, top_p=1.0, temperature=1.0, seed=1234)
+    a = e.generate(PROMPTS, sp)
+    b = e.generate(PROMPTS, sp)
+    assert a == b, "same seed must reproduce the same output"
+    alone = [e.generate([p], sp)[0] for p in PROMPTS]
+    assert a == alone, "a row's sample must not depend on its batch-mates"
+    others = [e.generate([PROMPTS[0]], SamplingParams(max_new_tokens=25, top_k=0, top_p=1.0, seed=s))[0]
+              for s in (1, 2, 3)]
+    assert len({tuple(x) for x in others + [a[0]]}) > 1, "different seeds never differ: not sampling"
+    # per-row params in one batch
+    rows = [SamplingParams(max_new_tokens=5 + i, top_k=0, seed=100 + i) for i in range(3)]
+    mixed = e.generate(PROMPTS, rows)
+    assert mixed == [e.generate([p], r)[0] for p, r in zip(PROMPTS, rows)]
+
+
+def test_top_k_sampling_stays_in_top_k(engines, files, model):
+    from lsgpt.generate import SamplingParams
+
+    hf = hf_from_file(files["exported"], model)
+    e = engines["exported"]
+    for seed in range(3):
+        out = e.generate([PROMPTS[1]], SamplingParams(max_new_tokens=15, top_k=2, temperature=1.5, seed=seed))[0]
+        lg = hf_logits(hf, [out])[0]
+        for j in range(len(PROMPTS[1]), len(out)):
+            top2 = np.argsort(-lg[j - 1])[:2]
+            assert out[j] in top2, f"seed {seed} step {j}: token {out[j]} not in HF top-2 {top2}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# length / EOS semantics (§2.8), on LightSeq-style files with chosen model_conf
+
+
+def _file_with(tmp_path, model, name, **conf):
+    ls = R.hf_to_ls(tiny.state_dict_np(model), NL, conf.pop("max_step", MAX_STEP))
+    return R.write_ls_fp16(tmp_path / name, ls, n_layer=NL, n_head=NH, pad_id=tiny.PAD_ID,
+                           eos_id=conf.pop("eos_id", tiny.EOS_ID), **conf)
+
+
+def test_length_limits(model, tmp_path):
+    from lsgpt.generate import Engine, SamplingParams
+
+    p = PROMPTS[1]  # 7 tokens
+    free = greedy(Engine.load(_file_with(tmp_path, model, "a.hdf5"), device="cpu"), [p], 60)[0]
+    assert tiny.EOS_ID not in free[len(p):], "test premise: the EOS id never comes out"
+    # max_step bounds the total length (extra_decode_length <= 0 -> max_step)
+    e = Engine.load(_file_with(tmp_path, model, "b.hdf5", max_step=20), device="cpu")
+    out = e.generate([p], SamplingParams(top_k=1))[0]
+    assert len(out) == 20 and out == free[:20]
+    # extra_decode_length: min(max_step, prompt + extra)
+    e = Engine.load(_file_with(tmp_path, model, "c.hdf5", extra_decode_length=6), device="cpu")
+    assert len(e.generate([p], SamplingParams(top_k=1))[0]) == len(p) + 6
+    e = Engine.load(_file_with(tmp_path, model, "d.hdf5", max_step=10, extra_decode_length=6), device="cpu")
+    assert len(e.generate([p], SamplingParams(top_k=1))[0]) == 10
+    # max_new_tokens bounds it too
+    e = Engine.load(_file_with(tmp_path, model, "e.hdf5", extra_decode_length=6), device="cpu")
+    assert e.generate([p], SamplingParams(top_k=1, max_new_tokens=4))[0] == free[: len(p) + 4]
+    assert e.generate([p], SamplingParams(top_k=1, max_new_tokens=40))[0] == free[: len(p) + 6]
+
+
+def test_stops_at_eos_and_keeps_it(model, tmp_path):
+    from lsgpt.generate import Engine
+
+    p = PROMPTS[1]
+    free = greedy(Engine.load(_file_with(tmp_path, model, "a.hdf5"), device="cpu"), [p], 30)[0]
+    new = free[len(p):]
+    eos = next(t for t in new[3:] if t != 0 and t not in p)  # a token that first appears at a later step
+    j = new.index(eos)
+    e = Engine.load(_file_with(tmp_path, model, "eos.hdf5", eos_id=eos), device="cpu")
+    out = greedy(e, [p, PROMPTS[0]], 30)
+    assert out[0] == free[: len(p) + j + 1], "must stop right after the first EOS, EOS kept"
+    alone = greedy(e, [PROMPTS[0]], 30)[0]
+    assert out[1] == alone, "a finished row must not disturb the other rows"
