@@ -153,8 +153,11 @@ def main(argv=None) -> None:
     report["command"] = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    plot(report, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    try:
+        plot(report, args.out.with_suffix(".png"))
+    except ImportError:  # matplotlib absent (e.g. on a bare GPU image): JSON only; plot later with --replot
+        print("matplotlib not installed: no PNG")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
