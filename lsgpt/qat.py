@@ -1,0 +1,267 @@
+"""Quantization-aware training (QAT) for GPT-2, with LightSeq's int8 numerics.
+
+Fake quantization is LightSeq's (``pytorch_quantization/tensor_quant.py``, ``nn/modules/clip.py``):
+
+    s = amax / 127;  q = clamp(floor(x / s + 0.5), -127, 127);  out = q * s
+
+Backward: a straight-through estimator masked to the clip range. Where amax is learned (PACT-style, as
+LightSeq's ``Clip``), the gradient of every clipped element goes to amax instead: +g above amax, -g below
+-amax. Fixed clips (weights at 1.0, logits at 16) get no gradient.
+
+Quantizers sit exactly at the clip points of the int8 ``QuantGpt`` format (``format.LAYER_ACT_CLIPS``,
+``format.EMB_CLIPS_INT8``; spec §2.3/§2.6), so the learned clips export 1:1:
+
+    wte (emb_clip_max) -> lookup + tied LM head
+    per layer:  LN1 -> [multihead_ln] -> c_attn(W@1.0) -> [multihead_qkv_dense] -> +b -> [self_qkv_bias_out, frozen]
+                -> attention -> [multihead_project_output] -> c_proj(W@1.0) -> [multihead_output_dense] -> +b
+                LN2 -> [ffn_ln] -> c_fc(W@1.0) -> [ffn_first_output] -> +b -> GELU -> [ffn_first_act]
+                -> mlp.c_proj(W@1.0) -> +b  (FFN2 output not quantized)
+    ln_f -> [output_ln_clip_max] -> logits -> [fixed 16]
+
+The model is a ``GPT2LMHeadModel`` subclass with the same parameter names plus the clips, kept at
+``transformer.h.{i}.ls_clips.<name>`` and ``transformer.ls_clips.<name>``. ``save_pretrained`` and
+``from_pretrained`` work; a plain ``GPT2LMHeadModel`` loads the same weights (the clips are then
+unexpected keys it ignores). With quantization disabled the forward pass equals HF's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+from lsgpt.format import (
+    ACT_CLIP_INIT,
+    CLIP_PREFIX_EMB,
+    CLIP_PREFIX_LAYER,
+    EMB_CLIP_INIT,
+    FROZEN_ACT_CLIPS,
+    LAYER_ACT_CLIPS,
+    LOGITS_CLIP,
+    QMAX,
+    WEIGHT_CLIP,
+)
+
+try:  # transformers >= 5: init helpers that leave weights loaded from a checkpoint alone
+    from transformers import initialization as _hf_init
+except ImportError:  # pragma: no cover - transformers 4.x
+    _hf_init = None
+
+EMB_CLIPS = {"emb_clip_max": EMB_CLIP_INIT, "output_ln_clip_max": ACT_CLIP_INIT}
+CONFIG_FLAG = "ls_quant"  # config.json key: True for a QAT checkpoint (quantizers on)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake quantization.
+
+
+class _FakeQuant(torch.autograd.Function):
+    """LightSeq's fake quant; `learn` selects PACT gradients to amax (else amax gets none)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, amax: torch.Tensor, learn: bool) -> torch.Tensor:
+        # fp32 arithmetic as LightSeq (_tensor_quant upcasts half inputs), same operation order.
+        a = amax.detach().float()
+        scale = a / QMAX
+        q = torch.clamp(torch.floor(x.float() / scale + 0.5), -QMAX, QMAX)
+        ctx.save_for_backward(x, a)
+        ctx.learn = learn
+        return (q * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, a = ctx.saved_tensors
+        a = a.to(x.dtype)
+        if not ctx.learn:  # STE, masked to |x| <= amax (TensorQuantFunction.backward)
+            return torch.where(x.abs() <= a, g, torch.zeros_like(g)), None, None
+        above, below = x >= a, x <= -a  # ClipFunction: strict inside, everything else goes to amax
+        grad_x = torch.where(above | below, torch.zeros_like(g), g)
+        grad_a = (g.float() * above).sum() - (g.float() * below).sum()
+        return grad_x, grad_a.reshape(()).to(torch.float32), None
+
+
+def fake_quant(x: torch.Tensor, amax: torch.Tensor | float, learn: bool | None = None) -> torch.Tensor:
+    """Fake-quantize `x` to int8 with clip `amax`.
+
+    `learn` defaults to amax.requires_grad: a trainable clip learns PACT-style, a constant one
+    (float, buffer or frozen Parameter) only masks the straight-through gradient.
+    """
+    if not isinstance(amax, torch.Tensor):
+        amax = torch.tensor(float(amax), device=x.device)
+    if learn is None:
+        learn = amax.requires_grad and torch.is_grad_enabled()
+    return _FakeQuant.apply(x, amax, bool(learn))
+
+
+class ClipSet(nn.ParameterDict):
+    """Named scalar clips of one place (a layer, or the embeddings); frozen ones don't train."""
+
+    def __init__(self, inits: dict[str, float], frozen: tuple[str, ...] = ()):
+        super().__init__({n: nn.Parameter(torch.tensor(float(v)), requires_grad=n not in frozen)
+                          for n, v in inits.items()})
+        self.inits = dict(inits)
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            for n, p in self.items():
+                if _hf_init is not None:
+                    _hf_init.constant_(p, self.inits[n])  # skips clips loaded from a checkpoint
+                else:  # pragma: no cover
+                    p.fill_(self.inits[n])
+
+
+def layer_clip_inits() -> dict[str, float]:
+    return {n: ACT_CLIP_INIT for n in LAYER_ACT_CLIPS}
+
+
+# ---------------------------------------------------------------------------------------------
+# The QAT model.
+
+
+class QuantGPT2LMHeadModel(GPT2LMHeadModel):
+    """GPT-2 with LightSeq int8 fake quantizers; `quant=False` (or set_quant(False)) is plain HF GPT-2."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__(config)
+        if config.scale_attn_by_inverse_layer_idx or getattr(config, "add_cross_attention", False):
+            raise ValueError("LightSeq's GPT has plain 1/sqrt(head_dim) self-attention only")
+        for block in self.transformer.h:
+            block.ls_clips = ClipSet(layer_clip_inits(), frozen=FROZEN_ACT_CLIPS)
+        self.transformer.ls_clips = ClipSet(EMB_CLIPS)
+        self.quant = bool(getattr(config, CONFIG_FLAG, True))
+        setattr(config, CONFIG_FLAG, self.quant)
+
+    def _initialize_missing_keys(self, *args, **kwargs) -> None:
+        # from_pretrained of an fp16 checkpoint: the clips are missing and must start at their init values.
+        # (HF initializes the `transformer` submodel with GPT2Model's own _init_weights, which skips them;
+        # reset() leaves clips that were loaded, flagged _is_hf_initialized, alone.)
+        super()._initialize_missing_keys(*args, **kwargs)
+        for m in self.modules():
+            if isinstance(m, ClipSet):
+                m.reset()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model = model[0] if isinstance(model, tuple) else model
+        bad = {k: v for k, v in model.clip_state().items() if not (math.isfinite(v) and v > 0)}
+        if bad:
+            raise ValueError(f"invalid clip values after loading (not finite or <= 0): {dict(list(bad.items())[:4])}")
+        return model
+
+    def set_quant(self, enabled: bool) -> "QuantGPT2LMHeadModel":
+        self.quant = bool(enabled)
+        setattr(self.config, CONFIG_FLAG, self.quant)
+        return self
+
+    def clip_state(self) -> dict[str, float]:
+        """Clip values under their state-dict names (what the exporter reads)."""
+        out = {CLIP_PREFIX_EMB + n: p.item() for n, p in self.transformer.ls_clips.items()}
+        for i, block in enumerate(self.transformer.h):
+            out.update({CLIP_PREFIX_LAYER.format(i=i) + n: p.item() for n, p in block.ls_clips.items()})
+        return out
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def _q(self, x: torch.Tensor, amax: torch.Tensor | float) -> torch.Tensor:
+        return fake_quant(x, amax) if self.quant else x
+
+    def _block(self, block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        c, attn, mlp, q = block.ls_clips, block.attn, block.mlp, self._q
+        b, t, h = x.shape
+        nh = attn.num_heads
+
+        # Attention: every GEMM sees quantized inputs and weights; GEMM outputs are quantized before the bias.
+        y = q(block.ln_1(x), c["multihead_ln_clip_max"])
+        y = q(y @ q(attn.c_attn.weight, WEIGHT_CLIP), c["multihead_qkv_dense_clip_max"]) + attn.c_attn.bias
+        y = q(y, c["self_qkv_bias_out_clip_max"])  # int8 K/V cache scale at inference
+        qh, kh, vh = (z.view(b, t, nh, h // nh).transpose(1, 2) for z in y.split(h, dim=2))
+        y = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=mask, is_causal=mask is None,
+            dropout_p=attn.attn_dropout.p if self.training else 0.0, scale=attn.scaling,
+        )
+        y = q(y.transpose(1, 2).reshape(b, t, h), c["multihead_project_output_clip_max"])
+        y = q(y @ q(attn.c_proj.weight, WEIGHT_CLIP), c["multihead_output_dense_clip_max"]) + attn.c_proj.bias
+        x = x + attn.resid_dropout(y)
+
+        # FFN: FFN2's output is not quantized (LightSeq dequantizes its int32 result straight into the residual).
+        y = q(block.ln_2(x), c["ffn_ln_clip_max"])
+        y = q(y @ q(mlp.c_fc.weight, WEIGHT_CLIP), c["ffn_first_output_clip_max"]) + mlp.c_fc.bias
+        y = q(mlp.act(y), c["ffn_first_act_clip_max"])
+        y = y @ q(mlp.c_proj.weight, WEIGHT_CLIP) + mlp.c_proj.bias
+        return x + mlp.dropout(y)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithCrossAttentions:
+        """Full-sequence forward (training / evaluation; no KV cache). Extra kwargs go to the HF loss
+        (e.g. num_items_in_batch from the Trainer)."""
+        for unsupported in ("past_key_values", "cache", "inputs_embeds", "token_type_ids"):
+            if kwargs.pop(unsupported, None) is not None:
+                raise ValueError(f"QuantGPT2LMHeadModel.forward does not support {unsupported}")
+        for ignored in ("use_cache", "return_dict", "output_attentions", "output_hidden_states", "position_ids"):
+            kwargs.pop(ignored, None)
+        tr = self.transformer
+        b, t = input_ids.shape
+        if t > self.config.n_positions:
+            raise ValueError(f"sequence length {t} exceeds n_positions={self.config.n_positions}")
+
+        # One quantized copy of the tied embedding serves the lookup and the LM head (LightSeq shares emb_quant).
+        emb_clip, ln_clip = tr.ls_clips["emb_clip_max"], tr.ls_clips["output_ln_clip_max"]
+        wte = self._q(tr.wte.weight, emb_clip)
+        pos = torch.arange(t, device=input_ids.device)
+        x = tr.drop(F.embedding(input_ids, wte) + tr.wpe(pos))
+
+        mask = None  # causal via is_causal; padding needs an explicit boolean mask
+        if attention_mask is not None and not bool(attention_mask.all()):
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            mask = causal[None, None] & attention_mask[:, None, None, :].bool()
+            mask = mask | torch.eye(t, dtype=torch.bool, device=x.device)  # no all-masked rows (NaN)
+        for block in tr.h:
+            x = self._block(block, x, mask)
+        x = tr.ln_f(x)
+
+        if self.quant:
+            logits = fake_quant(F.linear(fake_quant(x, ln_clip), wte), LOGITS_CLIP)
+        else:
+            logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits)
+
+
+def to_qat(model: GPT2LMHeadModel, quant: bool = True) -> QuantGPT2LMHeadModel:
+    """A QAT model holding `model`'s weights (shared config copy); clips at their init values."""
+    config = GPT2Config.from_dict(model.config.to_dict())
+    setattr(config, CONFIG_FLAG, quant)
+    qat = QuantGPT2LMHeadModel(config)
+    missing, unexpected = qat.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(".ls_clips." not in k and not k.startswith(CLIP_PREFIX_EMB) for k in missing):
+        raise ValueError(f"cannot convert: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    qat.tie_weights()
+    return qat.to(next(model.parameters()).device)
+
+
+def clip_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the trainable clip parameters."""
+    return [n for n, p in model.named_parameters() if ".ls_clips." in n and p.requires_grad]
+
+
+__all__ = [
+    "ClipSet",
+    "QuantGPT2LMHeadModel",
+    "fake_quant",
+    "to_qat",
+    "EMB_CLIPS",
+    "CONFIG_FLAG",
+    "clip_parameter_names",
+]

@@ -1,0 +1,246 @@
+"""lsgpt.qat: fake quantizers against LightSeq's own pytorch_quantization, and the QAT GPT-2."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lsgpt import format as fmt
+from lsgpt.qat import CONFIG_FLAG, QuantGPT2LMHeadModel, fake_quant, to_qat
+
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# LightSeq's reference numerics (the lightseq==3.0.1 wheel, pure Python parts only).
+
+
+@pytest.fixture(scope="module")
+def ls():
+    """LightSeq's quantization modules, imported without the parent packages' __init__ (which compile CUDA)."""
+    spec = importlib.util.find_spec("lightseq")
+    if spec is None:
+        pytest.skip("lightseq==3.0.1 (reference source) not installed")
+    root = list(spec.submodule_search_locations)[0]
+    saved = {k: v for k, v in sys.modules.items() if k == "lightseq" or k.startswith("lightseq.") or k == "scipy"}
+    for name, sub in [
+        ("lightseq", ""),
+        ("lightseq.training", "/training"),
+        ("lightseq.training.ops", "/training/ops"),
+        ("lightseq.training.ops.pytorch", "/training/ops/pytorch"),
+    ]:
+        stub = types.ModuleType(name)
+        stub.__path__ = [root + sub]
+        sys.modules[name] = stub
+    if importlib.util.find_spec("scipy") is None:
+        # Only the histogram calibrator (unused here) needs scipy.stats.entropy.
+        scipy, stats = types.ModuleType("scipy"), types.ModuleType("scipy.stats")
+        stats.entropy = None
+        scipy.stats = stats
+        sys.modules.update({"scipy": scipy, "scipy.stats": stats})
+    try:
+        q = importlib.import_module("lightseq.training.ops.pytorch.quantization")
+        yield q
+    finally:
+        for k in [k for k in sys.modules if k == "lightseq" or k.startswith("lightseq.") or k.startswith("scipy")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def _ls_quantizer(ls, desc):
+    qz = ls.TensorQuantizer(desc)
+    qz.apply(ls.qat_mode)  # what --enable_quant true does to every quantizer
+    return qz
+
+
+def _inputs(amax: float, shape=(64, 97), seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * amax * 0.6  # ~10% beyond the clip
+    x.view(-1)[:5] = torch.tensor([amax, -amax, 0.0, amax / 127 * 0.5, -amax / 127 * 2.5])  # edges, ties
+    return x
+
+
+@pytest.mark.parametrize("desc_name", ["act_quant_config", "emb_quant_config", "weight_quant_config",
+                                       "out_quant_config"])
+def test_quantizer_matches_lightseq(ls, desc_name):
+    desc = getattr(ls, desc_name)
+    amax0 = float(desc.amax)
+    theirs = _ls_quantizer(ls, desc)
+    learned = desc.learn_amax
+    x = _inputs(amax0)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+    x1 = x.clone().requires_grad_()
+    y1 = theirs(x1)
+    y1.backward(g)
+
+    x2 = x.clone().requires_grad_()
+    amax = torch.nn.Parameter(torch.tensor(amax0)) if learned else torch.tensor(amax0)
+    y2 = fake_quant(x2, amax)
+    y2.backward(g)
+
+    assert torch.equal(y1, y2), (y1 - y2).abs().max()
+    assert torch.equal(x1.grad, x2.grad)
+    if learned:
+        torch.testing.assert_close(amax.grad, theirs.clip.clip_value_max.grad, rtol=1e-5, atol=1e-5)
+        assert amax.grad.abs() > 0
+    # Output on the int8 grid of the clip.
+    q = y2.detach() / (amax0 / fmt.QMAX)
+    assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= fmt.QMAX
+
+
+def test_quantizer_half_inputs_match_lightseq(ls):
+    theirs = _ls_quantizer(ls, ls.act_quant_config)
+    x = _inputs(16.0).half()
+    torch.testing.assert_close(fake_quant(x, torch.tensor(16.0)), theirs(x), rtol=0, atol=0)
+
+
+def test_lm_head_matches_lightseq_quant_linear(ls):
+    """The tied LM head of the demo: QuantLinear with the embedding quantizer as weight quantizer."""
+    torch.manual_seed(0)
+    h, v = 32, 50
+    ref = ls.QuantLinear(h, v, bias=False)
+    ref.weight_quant = _ls_quantizer(ls, ls.emb_quant_config)
+    ref.apply(ls.qat_mode)
+    with torch.no_grad():
+        ref.weight.normal_(0, 0.5)
+    x = torch.randn(4, 7, h) * 6
+
+    out_ref = ref(x)
+    out_ref.pow(2).sum().backward()
+
+    w = ref.weight.detach().clone().requires_grad_()
+    emb_clip = torch.nn.Parameter(torch.tensor(fmt.EMB_CLIP_INIT))
+    ln_clip = torch.nn.Parameter(torch.tensor(fmt.ACT_CLIP_INIT))
+    out = fake_quant(F.linear(fake_quant(x, ln_clip), fake_quant(w, emb_clip)), fmt.LOGITS_CLIP)
+    out.pow(2).sum().backward()
+
+    torch.testing.assert_close(out, out_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(emb_clip.grad, ref.weight_quant.clip.clip_value_max.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ln_clip.grad, ref.input_quant.clip.clip_value_max.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_quantizer_spec_formula_and_gradients():
+    """Independent of LightSeq: s = amax/127, floor(x/s + 0.5), clamp ±127; PACT gradient to amax."""
+    amax = torch.nn.Parameter(torch.tensor(2.0))
+    x = torch.tensor([-3.0, -2.0, -1.0, 0.0, 0.00787, 1.0, 2.0, 2.5], requires_grad=True)
+    y = fake_quant(x, amax)
+    s = 2.0 / 127
+    expect = torch.clamp(torch.floor(x.detach() / s + 0.5), -127, 127) * s
+    assert torch.equal(y.detach(), expect)
+    y.backward(torch.ones_like(x))
+    assert x.grad.tolist() == [0, 0, 1, 1, 1, 1, 0, 0]  # strictly inside passes, the rest goes to amax
+    assert amax.grad.item() == 2 - 2  # two above (+1 each), two at/below -amax (-1 each)
+    # fixed clip: no amax gradient, STE mask |x| <= amax (inclusive)
+    x2 = torch.tensor([-3.0, 2.0, 1.0], requires_grad=True)
+    fake_quant(x2, 2.0).sum().backward()
+    assert x2.grad.tolist() == [0, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The QAT model.
+
+
+def tiny_config(**kw) -> GPT2Config:
+    base = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=300, bos_token_id=1, eos_token_id=2)
+    return GPT2Config(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(tiny_config()).eval()
+
+
+def test_quant_disabled_equals_hf(hf_model):
+    qat = to_qat(hf_model, quant=False).eval()
+    ids = torch.randint(0, 300, (3, 40))
+    labels = ids.clone()
+    labels[:, 30:] = -100
+    with torch.no_grad():
+        a, b = hf_model(ids, labels=labels), qat(ids, labels=labels)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-5)
+    # right padding with an attention mask: the real positions agree
+    am = torch.ones_like(ids)
+    am[1, 25:] = 0
+    with torch.no_grad():
+        a, b = hf_model(ids, attention_mask=am).logits, qat(ids, attention_mask=am).logits
+    torch.testing.assert_close(b[1, :25], a[1, :25], rtol=1e-5, atol=1e-5)
+
+
+def test_clip_state_dict_names(hf_model):
+    qat = to_qat(hf_model)
+    clip_keys = {k for k in qat.state_dict() if ".ls_clips." in k}
+    want = {fmt.CLIP_PREFIX_LAYER.format(i=i) + n for i in range(2) for n in fmt.LAYER_ACT_CLIPS}
+    want |= {fmt.CLIP_PREFIX_EMB + "emb_clip_max", fmt.CLIP_PREFIX_EMB + "output_ln_clip_max"}
+    assert clip_keys == want
+    sd = qat.state_dict()
+    assert sd[fmt.CLIP_PREFIX_EMB + "emb_clip_max"].item() == fmt.EMB_CLIP_INIT
+    assert all(sd[k].item() == fmt.ACT_CLIP_INIT for k in want if not k.endswith("emb_clip_max"))
+    # everything else is exactly HF's state dict
+    assert set(sd) - clip_keys == set(hf_model.state_dict())
+
+
+def test_qat_training_step_learns_clips(hf_model):
+    torch.manual_seed(1)
+    qat = to_qat(hf_model).train()
+    with torch.no_grad():  # small clips so that every quantizer clips something
+        for n, p in qat.named_parameters():
+            if ".ls_clips." in n:
+                p.fill_(0.05 if n.endswith("emb_clip_max") else 0.1)
+    ids = torch.randint(0, 300, (2, 64))
+    out = qat(ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for n, p in qat.named_parameters():
+        if ".ls_clips." not in n:
+            continue
+        if any(n.endswith(f) for f in fmt.FROZEN_ACT_CLIPS):
+            assert not p.requires_grad and p.grad is None, n
+        else:
+            assert p.grad is not None and p.grad.abs() > 0, n
+    # logits are fake-quantized with the fixed logits clip
+    q = out.logits.detach() / (fmt.LOGITS_CLIP / fmt.QMAX)
+    assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= fmt.QMAX
+
+
+def test_quantized_forward_close_to_float(hf_model):
+    qat = to_qat(hf_model).eval()
+    ids = torch.randint(0, 300, (2, 32))
+    with torch.no_grad():
+        lq = qat(ids).logits
+        lf = hf_model(ids).logits
+    assert not torch.equal(lq, lf)
+    assert (lq - lf).abs().max() < 0.2  # int8 grid of the logits is 16/127 = 0.126
+
+
+def test_save_load_roundtrip(tmp_path, hf_model):
+    qat = to_qat(hf_model)
+    with torch.no_grad():
+        qat.transformer.h[1].ls_clips["ffn_ln_clip_max"].fill_(3.25)
+    qat.save_pretrained(tmp_path / "qat")
+    back = QuantGPT2LMHeadModel.from_pretrained(tmp_path / "qat").eval()
+    assert back.quant and getattr(back.config, CONFIG_FLAG) is True
+    assert back.clip_state() == qat.clip_state()
+    ids = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, qat.eval()(ids).logits, rtol=0, atol=0)
+    # a plain GPT2LMHeadModel loads the same weights (clips are ignored)
+    plain = GPT2LMHeadModel.from_pretrained(tmp_path / "qat")
+    assert torch.equal(plain.transformer.wte.weight, hf_model.transformer.wte.weight)
+    # an fp16 (plain) checkpoint loads into the QAT model with the clips at their init values
+    hf_model.save_pretrained(tmp_path / "fp")
+    fresh = QuantGPT2LMHeadModel.from_pretrained(tmp_path / "fp")
+    vals = fresh.clip_state()
+    assert vals[fmt.CLIP_PREFIX_EMB + "emb_clip_max"] == fmt.EMB_CLIP_INIT
+    assert {v for k, v in vals.items() if not k.endswith("emb_clip_max")} == {fmt.ACT_CLIP_INIT}
+    assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()
