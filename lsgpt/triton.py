@@ -1,0 +1,384 @@
+"""Run a real tritonserver for our model repository: from the nvidia-pytriton wheel or an NGC container.
+
+    python -m lsgpt.triton --model-repository model_repository --grpc-port 8001   # foreground, Ctrl-C stops
+
+    with TritonServer("model_repository", grpc_port=free_port(), ...) as server:   # tests, benchmarks
+        server.wait_ready()
+        ... server.grpc_url ...
+
+What the launcher gets right so that nobody has to (see shared/docs/platform.md):
+- the tritonserver binary: $TRITONSERVER, /opt/tritonserver/bin (NGC container) or the pip wheel;
+- a backend directory holding the Python backend plus the stub built for *this* interpreter's version
+  (the wheel ships one stub per Python version beside the backend, not in it);
+- LD_LIBRARY_PATH with this interpreter's LIBDIR first: the wheel's 3.11 stub links Debian's libpython,
+  and a libpython that does not match our standard library breaks threading in the models;
+- LSGPT_SITE_PACKAGES / LSGPT_ROOT for the models' thin model.py (the stub's sys.path is isolated);
+- a repository *view*: a folder of symlinks to the models this server can run. LightSeq's models
+  (backend "lightseq") are skipped unless that backend is installed, so one model_repository serves both
+  LightSeq's image and ours, and the server can run in poll mode (new version folders go live).
+This module needs only the standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTAINER_HOME = Path("/opt/tritonserver")
+MODEL_FILE = "model.hdf5"  # model file of every version folder / LightSeq model root (repository.py)
+
+
+class LaunchError(RuntimeError):
+    """tritonserver could not be found, started, or did not get ready."""
+
+
+@dataclass
+class Install:
+    """Where a tritonserver lives and what it needs."""
+
+    binary: Path
+    backends: Path | None  # a ready backend directory (container), or None: build one from the wheel
+    python_backend: Path | None = None  # wheel: backends/python (libtriton_python.so)
+    stubs: Path | None = None  # wheel: python_backend_stubs/<major.minor>/
+    libs: list[Path] = field(default_factory=list)
+
+
+def find_tritonserver() -> Install:
+    """$TRITONSERVER (a binary), then the NGC container's /opt/tritonserver, then the nvidia-pytriton wheel."""
+    env = os.environ.get("TRITONSERVER")
+    if env:
+        b = Path(env)
+        if not (b.is_file() and os.access(b, os.X_OK)):
+            raise LaunchError(f"TRITONSERVER={env} is not an executable file")
+        home = b.resolve().parent.parent
+        if (home / "backends" / "python" / "triton_python_backend_stub").exists():
+            return Install(b, home / "backends")
+        return _wheel_install(home, b) if (home / "python_backend_stubs").is_dir() else Install(b, home / "backends")
+    container = CONTAINER_HOME / "bin" / "tritonserver"
+    if container.is_file():
+        return Install(container, CONTAINER_HOME / "backends")
+    spec = importlib.util.find_spec("pytriton")  # locate the wheel without importing PyTriton
+    if spec is None or not spec.submodule_search_locations:
+        raise LaunchError(
+            "no tritonserver found: install the serve extra (pip install 'nvidia-pytriton==0.7.0'), "
+            "run inside an NGC tritonserver container, or set TRITONSERVER=/path/to/tritonserver"
+        )
+    home = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    return _wheel_install(home, home / "bin" / "tritonserver")
+
+
+def _wheel_install(home: Path, binary: Path) -> Install:
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stubs = home / "python_backend_stubs" / ver
+    if not (stubs / "triton_python_backend_stub").is_file():
+        have = sorted(p.name for p in (home / "python_backend_stubs").iterdir())
+        raise LaunchError(f"the tritonserver wheel has no Python backend stub for Python {ver} (has {have})")
+    libs = [p for p in (home.parent.parent / "nvidia_pytriton.libs", home / "lib") if p.is_dir()]
+    return Install(binary, None, home / "backends" / "python", stubs, libs)
+
+
+def build_backend_dir(inst: Install, workdir: Path) -> Path:
+    """The --backend-directory: the container's as is, or python backend + our Python's stub (copied:
+    the backend looks for its stub beside libtriton_python.so)."""
+    if inst.backends is not None:
+        return inst.backends
+    assert inst.python_backend is not None and inst.stubs is not None
+    dst = workdir / "backends" / "python"
+    dst.mkdir(parents=True, exist_ok=True)
+    for src in (*inst.python_backend.iterdir(), inst.stubs / "triton_python_backend_stub"):
+        if src.is_file():
+            shutil.copy2(src, dst / src.name)
+    return workdir / "backends"
+
+
+def server_env(inst: Install, device: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    parts = [libdir, *map(str, inst.libs), env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in parts if p)
+    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    env["LSGPT_SITE_PACKAGES"] = os.pathsep.join(p for p in paths if p and os.path.isdir(p))
+    env["LSGPT_ROOT"] = str(ROOT)
+    if device:
+        env["LSGPT_DEVICE"] = device  # overrides the instance kind Triton chose (cpu / cuda / cuda:N)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Which models a server can run.
+
+_BACKEND_RE = re.compile(r'^\s*backend\s*:\s*"([^"]+)"', re.M)
+_PLATFORM_RE = re.compile(r'^\s*platform\s*:\s*"([^"]+)"', re.M)
+
+
+def model_backend(model_dir: Path) -> str | None:
+    cfg = model_dir / "config.pbtxt"
+    if not cfg.is_file():
+        return None
+    text = cfg.read_text()
+    m = _BACKEND_RE.search(text) or _PLATFORM_RE.search(text)
+    return m.group(1) if m else None
+
+
+def latest_version(model_dir: Path) -> Path | None:
+    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0")]
+    return max(versions, key=lambda p: int(p.name), default=None)
+
+
+def servable(model_dir: Path, backend_dir: Path) -> tuple[bool, str]:
+    """Can this server load the model now? (False, why) for a missing backend or model file."""
+    backend = model_backend(model_dir)
+    if backend is None:
+        return False, "no config.pbtxt with a backend"
+    if not (backend_dir / backend).is_dir():
+        return False, f"backend {backend!r} is not installed in {backend_dir}"
+    if backend == "python":
+        v = latest_version(model_dir)
+        if v is None or not (v / "model.py").is_file() or not (v / MODEL_FILE).is_file():
+            return False, f"no version folder with model.py and {MODEL_FILE} (export with --repository first)"
+    return True, ""
+
+
+def repository_view(repo: Path, workdir: Path, backend_dir: Path, models: list[str] | None) -> list[str]:
+    """Fill workdir/repository with symlinks to the models to serve; returns their names.
+
+    Symlinks keep poll mode working: Triton stats through them and sees new version folders."""
+    view = workdir / "repository"
+    view.mkdir(parents=True, exist_ok=True)
+    names = models or sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
+    chosen = []
+    for name in names:
+        ok, why = servable(repo / name, backend_dir) if (repo / name).is_dir() else (False, "no such model")
+        if not ok:
+            if models:  # asked for by name: say why not
+                raise LaunchError(f"cannot serve model {name!r} from {repo}: {why}")
+            print(f"[lsgpt.triton] skipping {name}: {why}", file=sys.stderr)
+            continue
+        (view / name).symlink_to((repo / name).resolve(), target_is_directory=True)
+        chosen.append(name)
+    if not chosen:
+        raise LaunchError(f"no servable model in {repo}")
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# The server.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TritonServer:
+    """A tritonserver process serving a view of `model_repository` in poll mode."""
+
+    def __init__(
+        self,
+        model_repository: str | os.PathLike = ROOT / "model_repository",
+        *,
+        grpc_port: int = 8001,
+        http_port: int = 8000,
+        metrics_port: int = 8002,
+        host: str = "127.0.0.1",
+        models: list[str] | None = None,
+        poll_secs: int = 5,
+        device: str | None = None,
+        log_file: str | os.PathLike | None = "auto",
+        log_verbose: int = 0,
+        extra_args: tuple[str, ...] = (),
+    ):
+        self.repo = Path(model_repository).resolve()
+        self.grpc_port, self.http_port, self.metrics_port, self.host = grpc_port, http_port, metrics_port, host
+        self.requested = models
+        self.poll_secs, self.device, self.log_verbose, self.extra_args = poll_secs, device, log_verbose, extra_args
+        self._log_choice = log_file
+        self.workdir: Path | None = None
+        self.log_path: Path | None = None
+        self.models: list[str] = []
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{_client_host(self.host)}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{_client_host(self.host)}:{self.http_port}"
+
+    def command(self, backend_dir: Path, binary: Path) -> list[str]:
+        return [
+            str(binary),
+            f"--model-repository={self.workdir / 'repository'}",
+            f"--backend-directory={backend_dir}",
+            "--model-control-mode=poll",
+            f"--repository-poll-secs={self.poll_secs}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-port={self.http_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--grpc-address={self.host}",
+            f"--http-address={self.host}",
+            f"--metrics-address={self.host}",
+            "--exit-timeout-secs=10",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    def start(self) -> TritonServer:
+        if not self.repo.is_dir():
+            raise LaunchError(f"model repository {self.repo} not found")
+        inst = find_tritonserver()
+        self.workdir = Path(tempfile.mkdtemp(prefix="lsgpt-triton-"))
+        backend_dir = build_backend_dir(inst, self.workdir)
+        self.models = repository_view(self.repo, self.workdir, backend_dir, self.requested)
+        out = None
+        if self._log_choice is not None:
+            self.log_path = self.workdir / "server.log" if self._log_choice == "auto" else Path(self._log_choice)
+            out = open(self.log_path, "wb")
+        try:
+            # Own session: a terminal's Ctrl-C reaches us only; we stop the server gracefully.
+            self.proc = subprocess.Popen(
+                self.command(backend_dir, inst.binary),
+                env=server_env(inst, self.device),
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                start_new_session=True,
+            )
+        finally:
+            if out:
+                out.close()
+        return self
+
+    def log_tail(self, n: int = 40) -> str:
+        if self.log_path and self.log_path.is_file():
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        return "(log on the console)"
+
+    def _get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except (urllib.error.URLError, OSError):
+            return 0
+
+    def is_model_ready(self, model: str, version: str = "") -> bool:
+        v = f"/versions/{version}" if version else ""
+        return self._get(f"/v2/models/{model}{v}/ready") == 200
+
+    def wait_ready(self, timeout: float = 180.0, models: list[str] | None = None) -> None:
+        """Block until the server and every served model are ready; LaunchError with the log tail if not."""
+        deadline = time.monotonic() + timeout
+        pending = list(models or self.models)
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise LaunchError(f"tritonserver exited with code {code}:\n{self.log_tail()}")
+            if self._get("/v2/health/live") == 200:
+                pending = [m for m in pending if not self.is_model_ready(m)]
+                if not pending:
+                    return
+            time.sleep(0.3)
+        raise LaunchError(f"models {pending} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (Triton drains in-flight requests and stops its model stubs), SIGKILL if it hangs."""
+        code = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the stubs go too
+                    self.proc.wait()
+            code = self.proc.returncode
+            self.proc = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+        return code
+
+    def __enter__(self) -> TritonServer:
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI (scripts/serve.sh, `make serve`, the Docker entrypoint).
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lsgpt.triton", description=__doc__.split("\n")[0])
+    ap.add_argument("--model-repository", default=os.environ.get("MODEL_REPOSITORY", str(ROOT / "model_repository")))
+    ap.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", 8001)))
+    ap.add_argument("--http-port", type=int, default=int(os.environ.get("HTTP_PORT", 8000)))
+    ap.add_argument("--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8002)))
+    ap.add_argument("--host", default=os.environ.get("TRITON_HOST", "127.0.0.1"),
+                    help="address to bind (default loopback; 0.0.0.0 in containers)")
+    ap.add_argument("--models", default="", help="comma-separated models to serve (default: all servable)")
+    ap.add_argument("--poll-secs", type=int, default=5, help="how often new version folders are picked up")
+    ap.add_argument("--device", default=os.environ.get("LSGPT_DEVICE"),
+                    help="force the engine's device (cpu, cuda, cuda:N); default: the instance kind "
+                         "Triton picked (KIND_AUTO: GPU when one is visible)")
+    ap.add_argument("--log-verbose", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for the models")
+    a, extra = ap.parse_known_args(argv)
+
+    server = TritonServer(
+        a.model_repository, grpc_port=a.grpc_port, http_port=a.http_port, metrics_port=a.metrics_port,
+        host=a.host, models=[m for m in a.models.split(",") if m] or None, poll_secs=a.poll_secs,
+        device=a.device, log_file=None, log_verbose=a.log_verbose, extra_args=tuple(extra),
+    )
+
+    def on_term(signum, frame):  # SIGTERM (docker stop) behaves like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        server.start()
+        server.wait_ready(a.timeout)
+        print(
+            f"[lsgpt.triton] ready: models {', '.join(server.models)} | gRPC {a.host}:{a.grpc_port} "
+            f"| HTTP {a.host}:{a.http_port} | metrics {a.host}:{a.metrics_port} | Ctrl-C stops",
+            flush=True,
+        )
+        assert server.proc is not None
+        return server.proc.wait()
+    except KeyboardInterrupt:
+        print("[lsgpt.triton] stopping", file=sys.stderr, flush=True)
+        return 0
+    except LaunchError as e:
+        print(f"[lsgpt.triton] {e}", file=sys.stderr)
+        return 1
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
