@@ -59,9 +59,11 @@ class GraphedDecode:
     Capture runs the step on zeros, which scribbles on cache slot 0; that is why it happens before prefill.
     """
 
-    def __init__(self, model, batch: int):
+    def __init__(self, model, batch: int, compile: bool = False):
         dev = model.device
         self.model = model
+        # torch.compile fuses the int8 path's many small elementwise kernels (quantize, requantize, bias)
+        self._fn = torch.compile(self._step_eager, dynamic=False) if compile else self._step_eager
         self.cache = model.new_cache(batch, model.cfg.max_step)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
@@ -76,7 +78,10 @@ class GraphedDecode:
             self.logits = self._step()
 
     def _step(self) -> torch.Tensor:
-        return self.model.logits(self.model.forward(self.tok, self.pos, self.cache, static=True)[:, 0])
+        return self._fn(self.tok, self.pos)
+
+    def _step_eager(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(self.model.forward(tok, pos, self.cache, static=True)[:, 0])
 
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.tok.copy_(tok)
@@ -87,23 +92,34 @@ class GraphedDecode:
 
 class Engine:
     def __init__(
-        self, cfg: GptConfig, model, device: torch.device, max_batch_size: int | None = None, cuda_graphs: bool = True
+        self,
+        cfg: GptConfig,
+        model,
+        device: torch.device,
+        max_batch_size: int | None = None,
+        cuda_graphs: bool = True,
+        compile: bool = False,
     ):
         self.config, self.model, self.device = cfg, model, device
         self.max_batch_size = max_batch_size
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self.compile = compile and self.cuda_graphs
         self._graphs: dict[int, GraphedDecode] = {}  # batch size -> captured decode step (and its cache)
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, device: str | torch.device | None = None, max_batch_size: int | None = None
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        max_batch_size: int | None = None,
+        compile: bool = False,
     ) -> "Engine":
         """Read and validate the file, then build the fp16 or int8 model on `device` (default: CUDA if present)."""
         cfg, arrays = read_hdf5(path)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
         model = (QuantGPT if cfg.quantized else GPT)(cfg, arrays, dev, dtype)
-        return cls(cfg, model, dev, max_batch_size)
+        return cls(cfg, model, dev, max_batch_size, compile=compile)
 
     # ---------------------------------------------------------------------------------------------
     # Validation
@@ -182,7 +198,7 @@ class Engine:
         graph = None
         if self.cuda_graphs:
             if B not in self._graphs:
-                self._graphs[B] = GraphedDecode(m, B)
+                self._graphs[B] = GraphedDecode(m, B, self.compile)
             graph = self._graphs[B]
             cache = graph.cache
         else:
