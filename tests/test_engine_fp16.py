@@ -26,6 +26,12 @@ NL, NH, MAX_STEP = 2, 4, 128
 PROMPTS = [[5, 17, 300], [42, 7, 7, 900, 13, 2, 64], [101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 1]]
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from tiny.one_torch_thread()
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny.make_model(seed=0)

@@ -25,6 +25,12 @@ STEP = 16.0 / 127.0  # logits resolution (logits_clip 16)
 SEED = 11
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from tiny.one_torch_thread()
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny.make_model(seed=SEED, wide=True)

@@ -31,6 +31,12 @@ def write_vocab(path: Path) -> Path:
     return path
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from tiny.one_torch_thread()
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("calib")

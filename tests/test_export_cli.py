@@ -74,6 +74,12 @@ def temp_leftovers(folder: Path, keep: set[str]) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in keep)
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from tiny.one_torch_thread()
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny.make_model(seed=21)

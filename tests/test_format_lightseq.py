@@ -31,6 +31,12 @@ def _reads(kind: str):
     return LS.loader_reads(kind)
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from tiny.one_torch_thread()
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny.make_model(seed=3, wide=True)
