@@ -136,7 +136,7 @@ def test_exported_weights_match_hf_within_fp16_rounding(files, model):
 @pytest.mark.parametrize("origin", ["exported", "lightseq_style"])
 def test_logits_match_hf(engines, files, model, origin):
     rng = np.random.default_rng(1)
-    toks = rng.integers(0, 1000, size=(2, 40))
+    toks = rng.integers(1, 990, size=(2, 40))  # no pad (998) / eos (999) ids
     ref = hf_logits(model, toks)
     same_w = hf_logits(hf_from_file(files[origin], model), toks)
     got = engines[origin].logits(torch.as_tensor(toks, dtype=torch.long))
@@ -264,3 +264,50 @@ def test_stops_at_eos_and_keeps_it(model, tmp_path):
     assert out[0] == free[: len(p) + j + 1], "must stop right after the first EOS, EOS kept"
     alone = greedy(e, [PROMPTS[0]], 30)[0]
     assert out[1] == alone, "a finished row must not disturb the other rows"
+
+
+def test_top_p_sampling_stays_in_nucleus(engines, files, model):
+    from lsgpt.generate import SamplingParams
+
+    hf = hf_from_file(files["exported"], model)
+    e = engines["exported"]
+    for seed in range(3):
+        out = e.generate([PROMPTS[0]], SamplingParams(max_new_tokens=15, top_k=0, top_p=0.6, temperature=2.0,
+                                                      seed=seed))[0]
+        lg = hf_logits(hf, [out])[0] / 2.0
+        for j in range(len(PROMPTS[0]), len(out)):
+            pr = torch.softmax(torch.as_tensor(lg[j - 1]), -1).numpy()
+            order = np.argsort(-pr)
+            keep = order[: int(np.searchsorted(np.cumsum(pr[order]), 0.6 + 1e-6)) + 1]
+            assert out[j] in keep, f"seed {seed} step {j}: token {out[j]} outside the 0.6 nucleus"
+
+
+def test_stream_yields_generate_continuation(engines):
+    from lsgpt.generate import SamplingParams
+
+    e = engines["exported"]
+    sp = SamplingParams(max_new_tokens=12, top_k=0, seed=9)
+    assert PROMPTS[1] + list(e.stream(PROMPTS[1], sp)) == e.generate([PROMPTS[1]], sp)[0]
+
+
+@pytest.mark.parametrize(
+    "prompts,kw",
+    [([[]], {}), ([], {}), ([[5, 1000]], {}), ([[-1, 5]], {}), ([[5] * MAX_STEP], {}), ([[5]], {"max_new_tokens": 0}),
+     ([[5]], {"top_p": 1.5}), ([[5]], {"temperature": -1.0}), ([[5]], {"top_k": -1})],
+    ids=["empty_prompt", "empty_batch", "token_ge_vocab", "negative_token", "prompt_reaches_max_step",
+         "max_new_tokens_0", "top_p_1.5", "negative_temperature", "negative_top_k"],
+)
+def test_bad_requests_raise_request_error(engines, prompts, kw):
+    from lsgpt.generate import RequestError, SamplingParams
+
+    with pytest.raises(RequestError):
+        engines["exported"].generate(prompts, SamplingParams(**kw))
+
+
+def test_ppl_model_refuses_to_generate_but_scores(model, tmp_path):
+    from lsgpt.generate import Engine, RequestError, SamplingParams
+
+    e = Engine.load(_file_with(tmp_path, model, "ppl.hdf5", sampling_method="ppl"), device="cpu")
+    with pytest.raises(RequestError):
+        e.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))
+    assert len(e.ppl([PROMPTS[0]])) == 1
