@@ -70,7 +70,7 @@ def _find_tokenizer(version_dir: Path, model_dir: Path, config: dict) -> str | N
     """vocab.txt in the version folder (publish(tokenizer=...)), else the config's `tokenizer` parameter
     (relative to the model folder, absolute, or a hub id), else $LSGPT_TOKENIZER."""
     if (version_dir / "vocab.txt").is_file():
-        return str(version_dir / "vocab.txt")
+        return str(version_dir)  # the folder: lsgpt.text.load_tokenizer handles folders on transformers 4 and 5
     param = config.get("parameters", {}).get("tokenizer", {}).get("string_value", "")
     if param:
         return str(model_dir / param) if (model_dir / param).exists() else param

@@ -1,0 +1,12 @@
+"""Client of the served GPT-2 models (gRPC via tritonclient; imports no torch). See client/api.py."""
+
+from client.api import (  # noqa: F401
+    DEFAULT_TOKENIZER,
+    Client,
+    ClientError,
+    InvalidRequest,
+    ModelNotReady,
+    RequestTimeout,
+    ServerUnavailable,
+    check_sampling,
+)

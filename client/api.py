@@ -1,0 +1,333 @@
+"""gRPC client for the served GPT-2 models (no torch: tritonclient + a BERT tokenizer only).
+
+    from client import Client
+    c = Client("localhost:8001", "gpt2", "uer/gpt2-chinese-cluecorpussmall")   # or a folder with vocab.txt
+    c.generate("我今天很开心，", max_new_tokens=50, top_k=1)      -> "我今天很开心，..."   (prompt + continuation)
+    c.generate(["a", "b"], top_p=0.9, seed=1)                       -> [..., ...]  (one request per prompt,
+                                                                       sent together: Triton batches them)
+    for piece in c.stream("我今天", max_new_tokens=50): print(piece, end="")   # via gpt2_stream
+    await c.agenerate([...]); async for piece in c.astream("..."): ...
+
+Prompts are [CLS] text (lsgpt.text.encode_prompt); the output is decoded with lsgpt.text.decode (spaces
+between CJK characters removed, Latin word spacing kept). Errors are ClientError subclasses with a
+message that says what to do: ServerUnavailable, ModelNotReady, InvalidRequest (a ValueError: empty or
+too long prompt, bad parameter), RequestTimeout. UNAVAILABLE is retried with backoff first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from lsgpt.text import IncrementalDecoder, cached_tokenizer, decode, encode_prompt
+
+DEFAULT_TOKENIZER = "uer/gpt2-chinese-cluecorpussmall"
+# name -> (Triton datatype, numpy dtype, Python type): the optional inputs of every served model.
+SAMPLING: dict[str, tuple[str, Any, type]] = {
+    "max_new_tokens": ("INT32", np.int32, int),
+    "top_k": ("INT32", np.int32, int),
+    "top_p": ("FP32", np.float32, float),
+    "temperature": ("FP32", np.float32, float),
+    "seed": ("INT64", np.int64, int),
+}
+
+
+class ClientError(RuntimeError):
+    """Any failure talking to the server."""
+
+
+class ServerUnavailable(ClientError):
+    """The server cannot be reached (down, wrong url, still starting)."""
+
+
+class ModelNotReady(ClientError):
+    """The server is up but the model is not loaded (unknown name, loading, failed to load)."""
+
+
+class InvalidRequest(ClientError, ValueError):
+    """The request was rejected (INVALID_ARGUMENT): empty or too long prompt, bad parameter, ..."""
+
+
+class RequestTimeout(ClientError):
+    """No answer within the client's timeout."""
+
+
+def check_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+    """Validate keyword arguments early, with a clear message; None values mean 'the model's default'."""
+    out = {}
+    for k, v in sampling.items():
+        if k not in SAMPLING:
+            raise TypeError(f"unknown sampling parameter {k!r} (known: {', '.join(SAMPLING)})")
+        if v is None:
+            continue
+        typ = SAMPLING[k][2]
+        if isinstance(v, bool) or not isinstance(v, (int, float) if typ is float else int):
+            raise InvalidRequest(f"{k} must be {'a number' if typ is float else 'an integer'}, got {v!r}")
+        v = typ(v)
+        bad = {
+            "max_new_tokens": v < 1,
+            "top_k": v < 1,
+            "top_p": not 0.0 < v <= 1.0,
+            "temperature": not (v > 0.0 and np.isfinite(v)),
+            "seed": not 0 <= v < 2**63,
+        }[k]
+        if bad:
+            want = {"max_new_tokens": ">= 1", "top_k": ">= 1", "top_p": "in (0, 1]",
+                    "temperature": "> 0", "seed": "in [0, 2**63)"}[k]
+            raise InvalidRequest(f"{k}={v!r} is invalid: must be {want}")
+        out[k] = v
+    return out
+
+
+def _inputs(module, prompt_ids: Sequence[int], sampling: dict[str, Any]) -> list:
+    ids = np.asarray([list(prompt_ids)], dtype=np.int32)
+    inp = module.InferInput("token_ids", list(ids.shape), "INT32")
+    inp.set_data_from_numpy(ids)
+    out = [inp]
+    for k, v in sampling.items():
+        dt, np_dt, _ = SAMPLING[k]
+        i = module.InferInput(k, [1, 1], dt)
+        i.set_data_from_numpy(np.asarray([[v]], dtype=np_dt))
+        out.append(i)
+    return out
+
+
+class Client:
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        model: str = "gpt2",
+        tokenizer: Any = DEFAULT_TOKENIZER,
+        *,
+        stream_model: str = "gpt2_stream",
+        timeout: float = 120.0,
+        retries: int = 3,
+        eos_id: int | None = None,
+        max_concurrency: int = 16,
+    ):
+        """tokenizer: a hub id, a folder with vocab.txt, or a loaded tokenizer. eos_id: default [SEP]."""
+        self.url, self.model, self.stream_model = url, model, stream_model
+        self.tok = cached_tokenizer(str(tokenizer)) if isinstance(tokenizer, (str, bytes)) or hasattr(
+            tokenizer, "__fspath__") else tokenizer
+        self.eos_id = self.tok.sep_token_id if eos_id is None else eos_id
+        self.timeout, self.retries, self.max_concurrency = timeout, retries, max_concurrency
+        self._grpc = grpcclient.InferenceServerClient(url)
+        self._aio = None
+
+    # -----------------------------------------------------------------------------------------
+    # Helpers.
+
+    def encode(self, text: str) -> list[int]:
+        return encode_prompt(self.tok, text)
+
+    def trim(self, row: Sequence[int], prompt_len: int) -> list[int]:
+        """Cut the EOS padding: keep the prompt and the continuation up to its first EOS."""
+        row = [int(x) for x in row]
+        for i in range(prompt_len, len(row)):
+            if row[i] == self.eos_id:
+                return row[: i + 1]
+        return row
+
+    def _error(self, e: InferenceServerException, model: str) -> ClientError:
+        status, msg = str(e.status() or ""), e.message() or str(e)
+        if not status and msg.startswith(f"{model}: ") and "generation failed" not in msg:
+            return InvalidRequest(msg)  # stream errors carry no status; our model prefixes its rejections
+        if status.endswith("INVALID_ARGUMENT"):
+            return InvalidRequest(msg)
+        if status.endswith("DEADLINE_EXCEEDED"):
+            return RequestTimeout(f"no answer from {self.url} within {self.timeout}s ({model})")
+        if status.endswith(("NOT_FOUND", "UNAVAILABLE")) and self._live():
+            return ModelNotReady(f"model {model!r} is not ready on {self.url}: {msg}")
+        if status.endswith("UNAVAILABLE"):
+            return ServerUnavailable(f"cannot reach Triton at {self.url} ({msg}); is the server running?")
+        return ClientError(f"{model}: {status} {msg}")
+
+    def _live(self) -> bool:
+        try:
+            return bool(self._grpc.is_server_live(client_timeout=2))
+        except InferenceServerException:
+            return False
+
+    @staticmethod
+    def _retryable(e: InferenceServerException) -> bool:
+        return str(e.status() or "").endswith("UNAVAILABLE")
+
+    def wait_ready(self, timeout: float = 60.0, model: str | None = None) -> None:
+        model = model or self.model
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self._grpc.is_model_ready(model, client_timeout=2):
+                    return
+            except InferenceServerException:
+                pass
+            if time.monotonic() > deadline:
+                if not self._live():
+                    raise ServerUnavailable(f"cannot reach Triton at {self.url} after {timeout:.0f}s")
+                raise ModelNotReady(f"model {model!r} not ready on {self.url} after {timeout:.0f}s")
+            time.sleep(0.5)
+
+    # -----------------------------------------------------------------------------------------
+    # Sync.
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], **sampling) -> list[list[int]]:
+        """Token-id prompts -> prompt + continuation per prompt (EOS padding removed)."""
+        params = check_sampling(sampling)
+        if not prompts:
+            return []
+        with ThreadPoolExecutor(min(len(prompts), self.max_concurrency)) as pool:
+            return list(pool.map(lambda p: self._infer_one(p, params), prompts))
+
+    def _infer_one(self, prompt: Sequence[int], params: dict[str, Any]) -> list[int]:
+        for attempt in range(self.retries + 1):
+            try:
+                r = self._grpc.infer(self.model, _inputs(grpcclient, prompt, params), client_timeout=self.timeout)
+                return self.trim(r.as_numpy("result")[0], len(prompt))
+            except InferenceServerException as e:
+                if not self._retryable(e) or attempt == self.retries:
+                    raise self._error(e, self.model) from None
+                time.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def generate(self, texts: str | Sequence[str], **sampling) -> str | list[str]:
+        """Text(s) -> generated text(s), prompt included (like LightSeq's output)."""
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        rows = self.generate_ids([self.encode(t) for t in batch], **sampling)
+        out = [decode(self.tok, r) for r in rows]
+        return out[0] if single else out
+
+    def stream_ids(self, prompt: Sequence[int], **sampling) -> Iterator[tuple[int | None, str | None]]:
+        """(token id, server text increment or None) as generated; the last item may have no token."""
+        import queue
+
+        params = check_sampling(sampling)
+        q: queue.Queue = queue.Queue()
+        c = grpcclient.InferenceServerClient(self.url)  # one stream per call: a client holds one stream
+        try:
+            c.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=self.timeout)
+            c.async_stream_infer(self.stream_model, _inputs(grpcclient, prompt, params),
+                                 enable_empty_final_response=True)
+            while True:
+                try:
+                    result, error = q.get(timeout=self.timeout)
+                except Exception:
+                    raise RequestTimeout(f"stream from {self.url} stalled for {self.timeout}s") from None
+                if error is not None:
+                    raise self._error(error, self.stream_model)
+                ids = result.as_numpy("result")
+                text = result.as_numpy("text")
+                piece = None if text is None else text.reshape(-1)[0].decode("utf-8")
+                for t in [] if ids is None else ids.reshape(-1).tolist():
+                    yield int(t), piece
+                    piece = None
+                if piece:
+                    yield None, piece
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    return
+        finally:
+            c.stop_stream(cancel_requests=True)
+            c.close()
+
+    def stream(self, text: str, **sampling) -> Iterator[str]:
+        """Text increments as tokens arrive; decode(prompt) + ''.join(increments) == generate(text)."""
+        prompt = self.encode(text)
+        local = IncrementalDecoder(self.tok, prompt)
+        server_text = None
+        for tok, piece in self.stream_ids(prompt, **sampling):
+            if piece is not None:
+                server_text = True
+            if server_text:
+                if piece:
+                    yield piece
+            elif tok is not None:
+                if tok == self.eos_id:
+                    continue  # EOS is a special token: decodes to nothing
+                out = local.push(tok)
+                if out:
+                    yield out
+        if not server_text:
+            rest = local.flush()
+            if rest:
+                yield rest
+
+    # -----------------------------------------------------------------------------------------
+    # asyncio.
+
+    def _aio_client(self):
+        import tritonclient.grpc.aio as aioclient
+
+        if self._aio is None:
+            self._aio = aioclient.InferenceServerClient(self.url)
+        return self._aio
+
+    async def agenerate_ids(self, prompts: Sequence[Sequence[int]], **sampling) -> list[list[int]]:
+        import tritonclient.grpc.aio as aioclient
+
+        params = check_sampling(sampling)
+        c = self._aio_client()
+        sem = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(p: Sequence[int]) -> list[int]:
+            async with sem:
+                for attempt in range(self.retries + 1):
+                    try:
+                        r = await c.infer(self.model, _inputs(aioclient, p, params), client_timeout=self.timeout)
+                        return self.trim(r.as_numpy("result")[0], len(p))
+                    except InferenceServerException as e:
+                        if not self._retryable(e) or attempt == self.retries:
+                            raise self._error(e, self.model) from None
+                        await asyncio.sleep(0.2 * 2**attempt)
+                raise AssertionError("unreachable")
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    async def agenerate(self, texts: str | Sequence[str], **sampling) -> str | list[str]:
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        rows = await self.agenerate_ids([self.encode(t) for t in batch], **sampling)
+        out = [decode(self.tok, r) for r in rows]
+        return out[0] if single else out
+
+    async def astream(self, text: str, **sampling) -> AsyncIterator[str]:
+        """Async text increments from the streaming model (needs its text output)."""
+        import tritonclient.grpc.aio as aioclient
+
+        params = check_sampling(sampling)
+        inputs = _inputs(aioclient, self.encode(text), params)
+
+        async def requests():
+            yield {"model_name": self.stream_model, "inputs": inputs}
+
+        # The aio stream cannot ask for Triton's empty final response; our model's last response is the
+        # one without a token (result [1, 0]), see model_repository/gpt2_stream/config.pbtxt.
+        responses = self._aio_client().stream_infer(requests(), stream_timeout=self.timeout)
+        async for result, error in responses:
+            if error is not None:
+                raise self._error(error, self.stream_model)
+            t = result.as_numpy("text")
+            if t is not None and t.reshape(-1)[0]:
+                yield t.reshape(-1)[0].decode("utf-8")
+            if result.as_numpy("result").size == 0:
+                responses.cancel()
+                return
+
+    async def aclose(self) -> None:
+        if self._aio is not None:
+            await self._aio.close()
+            self._aio = None
+
+    def close(self) -> None:
+        self._grpc.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,295 @@
+"""A real tritonserver (the nvidia-pytriton wheel's binary, Python backend) serving tiny exported models,
+driven with raw tritonclient: LightSeq tensors, dynamic batching of unequal prompts, every kind of bad
+input, streaming, and a new version going live while the server runs."""
+
+from __future__ import annotations
+
+import queue
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from conftest import make_repository, make_tiny_gpt2  # noqa: E402
+from lsgpt.generate import Engine, SamplingParams  # noqa: E402
+from lsgpt.repository import MODEL_PY, publish, versions  # noqa: E402
+from lsgpt.text import IncrementalDecoder, decode, encode_prompt, load_tokenizer  # noqa: E402
+from lsgpt.triton import LaunchError, TritonServer, free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models, tmp_path_factory):
+    repo = make_repository(tmp_path_factory.mktemp("repo"), tiny_models)
+    server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), poll_secs=1)
+    with server:
+        server.wait_ready(180)
+        yield server, repo
+
+
+@pytest.fixture(scope="module")
+def grpc(served):
+    c = tritonclient_grpc.InferenceServerClient(served[0].grpc_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models):
+    return {"gpt2": Engine.load(tiny_models.fp16, device="cpu"), "gpt2_int8": Engine.load(tiny_models.int8, device="cpu")}
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_models):
+    return load_tokenizer(tiny_models.tokenizer)
+
+
+def tensor(name: str, arr, dtype: str | None = None):
+    arr = np.asarray(arr)
+    dt = dtype or {np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}[arr.dtype]
+    t = tritonclient_grpc.InferInput(name, list(arr.shape), dt)
+    t.set_data_from_numpy(arr)
+    return t
+
+
+def request(prompts, **params):
+    """Inputs of one request: rows of equal length plus per-row parameters ([b, 1])."""
+    ids = np.asarray(prompts, dtype=np.int32)
+    out = [tensor("token_ids", ids)]
+    np_types = {"max_new_tokens": np.int32, "top_k": np.int32, "top_p": np.float32, "temperature": np.float32, "seed": np.int64}
+    for k, v in params.items():
+        out.append(tensor(k, np.full((len(ids), 1), v, dtype=np_types[k])))
+    return out
+
+
+def unpad(row, prompt_len: int, eos: int) -> list[int]:
+    row = [int(x) for x in row]
+    for i in range(prompt_len, len(row)):
+        if row[i] == eos:
+            return row[: i + 1]
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Repository layout.
+
+
+def test_repository_layout_matches_lightseq_and_templates():
+    repo = ROOT / "model_repository"
+    for name, kind in (("gpt2_lightseq", "Gpt"), ("gpt2_lightseq_int8", "QuantGpt")):
+        cfg = (repo / name / "config.pbtxt").read_text()
+        assert f'name: "{name}"' in cfg and 'backend: "lightseq"' in cfg
+        assert re.search(r'key: "model_type"\s*value: \{\s*string_value: "%s"' % kind, cfg)
+        assert 'default_model_filename: "model.hdf5"' in cfg
+        assert (repo / name / "1" / ".gitignore").is_file()  # the empty version folder LightSeq needs
+    for name in ("gpt2", "gpt2_int8", "gpt2_stream"):
+        assert (repo / name / "1" / "model.py").read_text() == MODEL_PY  # thin, identical copies
+        cfg = (repo / name / "config.pbtxt").read_text()
+        assert 'backend: "python"' in cfg and "latest: { num_versions: 1 }" in cfg and "KIND_AUTO" in cfg
+        for t in ("max_new_tokens", "top_k", "top_p", "temperature", "seed"):
+            assert re.search(r'name: "%s".*optional: true' % t, cfg)
+    assert "decoupled: true" in (repo / "gpt2_stream" / "config.pbtxt").read_text()
+
+
+def test_publish_rejects_wrong_format_and_keeps_versions(tiny_models, tmp_path):
+    with pytest.raises(ValueError, match="int8"):
+        publish(tiny_models.fp16, tmp_path, "gpt2_int8")
+    with pytest.raises(ValueError, match="unknown model"):
+        publish(tiny_models.fp16, tmp_path, "nope")
+    for _ in range(4):
+        res = publish(tiny_models.fp16, tmp_path, "gpt2", keep=2)
+    assert res.versions["gpt2"].name == "4" and res.versions["gpt2_stream"].name == "4"
+    assert versions(tmp_path / "gpt2") == [3, 4]  # older model files pruned (1/ keeps its tracked model.py)
+    assert not [p for p in (tmp_path / "gpt2").iterdir() if p.name.startswith(".")]  # no staging left
+    assert (tmp_path / "gpt2_lightseq" / "model.hdf5").read_bytes() == tiny_models.fp16.read_bytes()
+    assert [p.name for p in (tmp_path / "gpt2_lightseq").iterdir()] == ["model.hdf5"]
+
+
+def test_launcher_serves_only_portable_models(served):
+    server, _ = served
+    assert server.models == ["gpt2", "gpt2_int8", "gpt2_stream"]  # LightSeq's backend is absent here
+    with pytest.raises(LaunchError, match="lightseq"):
+        TritonServer(served[1], models=["gpt2_lightseq"], grpc_port=free_port()).start()
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation through the server = the engine in process.
+
+
+@pytest.mark.parametrize("model", ["gpt2", "gpt2_int8"])
+def test_greedy_matches_engine(grpc, engines, tok, model):
+    prompt = encode_prompt(tok, "我今天很开心，")
+    r = grpc.infer(model, request([prompt], top_k=1, max_new_tokens=12))
+    out = r.as_numpy("result")
+    assert out.dtype == np.int32 and out.shape[0] == 1
+    want = engines[model].generate([prompt], SamplingParams(top_k=1, max_new_tokens=12))[0]
+    assert unpad(out[0], len(prompt), 3) == want
+
+
+def test_file_defaults_without_parameters(grpc, engines, tok, tiny_models):
+    prompt = encode_prompt(tok, "hello")  # the file says topk=1: greedy up to max_step
+    out = grpc.infer("gpt2", request([prompt])).as_numpy("result")
+    assert unpad(out[0], len(prompt), 3) == engines["gpt2"].generate([prompt], SamplingParams())[0]
+    assert out.shape[1] <= tiny_models.max_step
+
+
+def test_rows_padded_with_eos(grpc, engines, tok):
+    prompts = [encode_prompt(tok, "我要找"), encode_prompt(tok, "个男朋")]
+    ids = np.asarray(prompts, dtype=np.int32)
+    inputs = [tensor("token_ids", ids), tensor("max_new_tokens", np.array([[2], [7]], dtype=np.int32)),
+              tensor("top_k", np.array([[1], [1]], dtype=np.int32))]
+    out = grpc.infer("gpt2", inputs).as_numpy("result")
+    assert out.shape == (2, len(prompts[0]) + 7)
+    assert (out[0, len(prompts[0]) + 2 :] == 3).all()  # the shorter row is padded with EOS, like LightSeq
+    for row, p, n in zip(out, prompts, (2, 7)):
+        assert unpad(row, len(p), 3)[: len(p) + n] == engines["gpt2"].generate([p], SamplingParams(top_k=1, max_new_tokens=n))[0]
+
+
+def test_dynamic_batch_of_unequal_prompts_with_a_bad_request(grpc, engines, tok):
+    texts = ["我", "今天很开心", "hello world", "我要找个男朋友，这是", "the models"]
+    prompts = [encode_prompt(tok, t) for t in texts]
+    before = grpc.get_inference_statistics("gpt2").model_stats[0]
+    results: queue.Queue = queue.Queue()
+    for i, p in enumerate(prompts):
+        seed = 100 + i  # seeded sampling: each row's draw must not depend on its batch-mates
+        grpc.async_infer("gpt2", request([p], top_k=0, top_p=0.9, seed=seed, max_new_tokens=10),
+                         lambda result, error, i=i: results.put((i, result, error)))
+    grpc.async_infer("gpt2", request([[2, 10_000]]), lambda result, error: results.put(("bad", result, error)))
+    got = dict((k, (r, e)) for k, r, e in (results.get(timeout=60) for _ in range(len(prompts) + 1)))
+    r, e = got.pop("bad")
+    assert r is None and "StatusCode.INVALID_ARGUMENT" in str(e.status()) and "10000" in e.message()
+    for i, p in enumerate(prompts):
+        r, e = got[i]
+        assert e is None, e
+        want = engines["gpt2"].generate([p], SamplingParams(top_k=0, top_p=0.9, seed=100 + i, max_new_tokens=10))[0]
+        assert unpad(r.as_numpy("result")[0], len(p), 3) == want
+    after = grpc.get_inference_statistics("gpt2").model_stats[0]
+    n_req = after.inference_count - before.inference_count
+    n_exec = after.execution_count - before.execution_count
+    # Requests of different lengths (and the bad one) shared model executions.
+    assert n_req == len(prompts) + 1 and n_exec < len(prompts), (n_req, n_exec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: INVALID_ARGUMENT naming the problem; the server keeps serving.
+
+GOOD = [2, 5, 6]
+
+
+def _bad_cases(max_step: int):
+    i32 = np.int32
+    return {
+        "empty prompt": ([tensor("token_ids", np.zeros((1, 0), i32))], "empty"),
+        "prompt at max_step": ([tensor("token_ids", np.full((1, max_step), 5, i32))], "max_step"),
+        "prompt over max_step": ([tensor("token_ids", np.full((1, max_step + 3), 5, i32))], "max_step"),
+        "id over vocab": ([tensor("token_ids", np.array([[2, 5, 99999]], i32))], "vocabulary"),
+        "negative id": ([tensor("token_ids", np.array([[2, -4]], i32))], "vocabulary"),
+        "wrong dtype": ([tensor("token_ids", np.array([GOOD], np.int64))], "INT64"),
+        "wrong rank": ([tensor("token_ids", np.array([[GOOD]], i32))], "shape"),
+        "no batch dim": ([tensor("token_ids", np.array(GOOD, i32))], "shape"),
+        "batch over max": ([tensor("token_ids", np.array([GOOD] * (MAX_BATCH + 1), i32))], "batch"),
+        "param batch mismatch": (request([GOOD, GOOD])[:1] + [tensor("top_k", np.array([[1]], i32))], "batch size"),
+        "top_k negative": (request([GOOD], top_k=-1), "top_k"),
+        "top_p zero": (request([GOOD], top_p=0.0), "top_p"),
+        "top_p over 1": (request([GOOD], top_p=1.5), "top_p"),
+        "top_p nan": (request([GOOD], top_p=float("nan")), "top_p"),
+        "temperature negative": (request([GOOD], temperature=-1.0), "temperature"),
+        "temperature inf": (request([GOOD], temperature=float("inf")), "temperature"),
+        "max_new_tokens zero": (request([GOOD], max_new_tokens=0), "max_new_tokens"),
+        "seed negative": (request([GOOD], seed=-5), "seed"),
+        "unknown input": (request([GOOD]) + [tensor("foo", np.array([[1]], i32))], "foo"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases(64)))
+def test_bad_input_is_invalid_argument(grpc, tiny_models, case):
+    inputs, word = _bad_cases(tiny_models.max_step)[case]
+    with pytest.raises(InferenceServerException) as ei:
+        grpc.infer("gpt2", inputs)
+    assert str(ei.value.status()).endswith("INVALID_ARGUMENT"), ei.value
+    assert word.lower() in ei.value.message().lower(), ei.value.message()
+
+
+def test_server_still_serves_after_bad_input(grpc, served):
+    assert grpc.is_server_live() and served[0].proc.poll() is None
+    out = grpc.infer("gpt2", request([GOOD], max_new_tokens=2)).as_numpy("result")
+    assert out.shape[1] >= 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming.
+
+
+def stream(url: str, inputs) -> tuple[list[int], list[str]]:
+    c = tritonclient_grpc.InferenceServerClient(url)
+    q: queue.Queue = queue.Queue()
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    c.async_stream_infer("gpt2_stream", inputs, enable_empty_final_response=True)
+    ids, texts = [], []
+    try:
+        while True:
+            result, error = q.get(timeout=60)
+            if error is not None:
+                raise error
+            ids += result.as_numpy("result").reshape(-1).tolist()
+            texts.append(result.as_numpy("text").reshape(-1)[0].decode())
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return ids, texts
+    finally:
+        c.stop_stream()
+        c.close()
+
+
+def test_stream_tokens_and_text_match_non_streamed(served, grpc, engines, tok):
+    prompt = encode_prompt(tok, "我今天很开心，hello")
+    params = dict(top_k=0, top_p=0.95, seed=7, max_new_tokens=24)
+    ids, texts = stream(served[0].grpc_url, request([prompt], **params))
+    full = grpc.infer("gpt2", request([prompt], **params)).as_numpy("result")[0]
+    assert prompt + ids == unpad(full, len(prompt), 3) == engines["gpt2"].generate([prompt], SamplingParams(**params))[0]
+    assert len(texts) == len(ids) + 1  # one response per token, then the final one
+    assert decode(tok, prompt) + "".join(texts) == decode(tok, prompt + ids)  # no broken or lost characters/spaces
+    dec = IncrementalDecoder(tok, prompt)
+    assert "".join(texts) == "".join(dec.push(t) for t in ids) + dec.flush()
+
+
+def test_stream_bad_input(served):
+    with pytest.raises(InferenceServerException, match="empty"):
+        stream(served[0].grpc_url, [tensor("token_ids", np.zeros((1, 0), np.int32))])
+    with pytest.raises(InferenceServerException, match="batch"):
+        stream(served[0].grpc_url, request([GOOD, GOOD]))
+
+
+# ---------------------------------------------------------------------------------------------
+# A new export goes live without restarting the server (runs last: it changes the served model).
+
+
+def test_new_version_goes_live(served, grpc, tok, tmp_path):
+    from lsgpt.export import export_model
+
+    server, repo = served
+    new = export_model(make_tiny_gpt2(seed=1), tmp_path / "new.hdf5", max_step=64, eos_id=3)
+    prompt = encode_prompt(tok, "我今天")
+    want = Engine.load(new, device="cpu").generate([prompt], SamplingParams(top_k=1, max_new_tokens=8))[0]
+    old = unpad(grpc.infer("gpt2", request([prompt], top_k=1, max_new_tokens=8)).as_numpy("result")[0], len(prompt), 3)
+    assert old != want  # a different model
+    res = publish(new, repo, "gpt2")
+    assert res.versions["gpt2"].name == "2"
+    deadline = time.monotonic() + 90
+    served_ok = 0
+    while not server.is_model_ready("gpt2", "2"):
+        assert time.monotonic() < deadline, server.log_tail()
+        served_ok += grpc.infer("gpt2", request([prompt], max_new_tokens=1)).as_numpy("result").shape[0]  # v1 still serves
+        time.sleep(0.5)
+    got = unpad(grpc.infer("gpt2", request([prompt], top_k=1, max_new_tokens=8)).as_numpy("result")[0], len(prompt), 3)
+    assert got == want
+    deadline = time.monotonic() + 30
+    while server.is_model_ready("gpt2", "1"):  # latest 1: the old version is retired
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
