@@ -241,3 +241,25 @@ def test_int8_ppl_uses_int8_logits(engines, refs):
         logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
         nll = -np.mean([logp[j, p[j + 1]] for j in range(len(p) - 1)])
         assert abs(g - nll) <= 0.05 * max(1.0, abs(nll)), (p, g, nll)
+
+
+def test_int8_engine_uses_stored_kernel_and_logits_clips(model, ls, clips, tmp_path):
+    """Kernel clips other than 1.0 (LightSeq's torch-layer QAT variant, §2.3) and a logits clip other than 16
+    must be taken from the file: bit-exact agreement with the reference at the engine's LN epsilon."""
+    from lsgpt.generate import Engine
+
+    kc = {"multihead_project_kernel_qkv": 0.7, "multihead_project_kernel_output": 0.8, "ffn_first_kernel": 0.9,
+          "ffn_second_kernel": 0.6}
+    p = R.write_ls_int8(tmp_path / "clips.hdf5", ls, clips, n_layer=NL, n_head=NH, pad_id=tiny.PAD_ID,
+                        eos_id=tiny.EOS_ID, kernel_clip=kc, logits_clip=12.0)
+    e = Engine.load(p, device="cpu")
+    ref = R.Int8Model(*R.read_ls(p), eps=float(e.config.layer_norm_eps))
+    toks = np.random.default_rng(9).integers(1, 990, size=(2, 30))
+    got = e.logits(torch.as_tensor(toks, dtype=torch.long)).double().numpy()
+    want = np.stack([ref.forward(t) for t in toks])
+    step = 12.0 / 127
+    d = np.abs(got - want) / step
+    print(f"kernel clips {kc}, logits clip 12: exact {(d < 1e-3).mean():.4f}, max error {d.max():.1f} steps")
+    assert np.abs(got / step - np.round(got / step)).max() < 1e-3, "logits on the logits_clip/127 grid"
+    assert np.abs(got).max() <= 12.0 + 1e-5
+    assert (d < 1e-3).mean() >= 0.99

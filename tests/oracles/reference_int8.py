@@ -136,10 +136,13 @@ def write_ls_fp16(path, ls: dict, *, n_layer, n_head, pad_id, eos_id, **conf) ->
     return Path(path)
 
 
-def write_ls_int8(path, ls: dict, clips: dict, *, n_layer, n_head, pad_id, eos_id, **conf) -> Path:
+def write_ls_int8(path, ls: dict, clips: dict, *, n_layer, n_head, pad_id, eos_id, kernel_clip=1.0,
+                  logits_clip=16.0, **conf) -> Path:
     """As LightSeq's fill_quant_hdf5_layer / demo export.py -q (§2.3), with extra_decode_length always written.
 
     clips: {"emb_clip_max", "output_ln_clip_max", "layers": [ {LAYER_CLIPS name: value} ]}.
+    kernel_clip / logits_clip: LightSeq's own exporters write 1.0 / 16.0; other values model the torch-layer
+    QAT variant (§2.3, kernel clips from weight_quant._amax) and check that readers use the stored values.
     """
     import h5py
 
@@ -148,7 +151,7 @@ def write_ls_int8(path, ls: dict, clips: dict, *, n_layer, n_head, pad_id, eos_i
         f.create_dataset("src_embedding/token_embedding", data=quant_u8(emb, clips["emb_clip_max"]).T)  # [H,V]
         f.create_dataset("src_embedding/emb_clip_max", data=np.float32(clips["emb_clip_max"]))
         f.create_dataset("src_embedding/output_ln_clip_max", data=np.float64(clips["output_ln_clip_max"]))
-        f.create_dataset("src_embedding/logits_clip_max", data=np.float64(16.0))
+        f.create_dataset("src_embedding/logits_clip_max", data=np.float64(logits_clip))
         for n in ("position_embedding", "norm_scale", "norm_bias"):
             f.create_dataset(f"src_embedding/{n}", data=np.asarray(ls[f"src_embedding/{n}"], np.float32).reshape(-1))
         for i in range(n_layer):
@@ -156,8 +159,9 @@ def write_ls_int8(path, ls: dict, clips: dict, *, n_layer, n_head, pad_id, eos_i
             for n in LAYER_MAP:
                 a = ls[p + n]
                 if n in KERNELS:
-                    f.create_dataset(p + n, data=quant_u8(a, 1.0))
-                    f.create_dataset(p + n + "_clip_max", data=np.float64(1.0))
+                    kc = kernel_clip[n] if isinstance(kernel_clip, dict) else kernel_clip
+                    f.create_dataset(p + n, data=quant_u8(a, kc))
+                    f.create_dataset(p + n + "_clip_max", data=np.float64(kc))
                 else:
                     f.create_dataset(p + n, data=np.asarray(a, np.float32).reshape(-1))
             for n in LAYER_CLIPS:
