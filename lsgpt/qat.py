@@ -60,28 +60,36 @@ CONFIG_FLAG = "ls_quant"  # config.json key: True for a QAT checkpoint (quantize
 
 
 class _FakeQuant(torch.autograd.Function):
-    """LightSeq's fake quant; `learn` selects PACT gradients to amax (else amax gets none)."""
+    """LightSeq's fake quant; `learn` selects PACT gradients to amax (else amax gets none).
+
+    Written for few large allocations (on the CPU a fresh 80 MB logits-sized buffer costs more than
+    several in-place passes): one output buffer, and boolean masks instead of the input for backward.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, amax: torch.Tensor, learn: bool) -> torch.Tensor:
-        # fp32 arithmetic as LightSeq (_tensor_quant upcasts half inputs), same operation order.
+        # fp32 arithmetic and operation order as LightSeq's _tensor_quant (which upcasts half inputs).
         a = amax.detach().float()
         scale = a / QMAX
-        q = torch.clamp(torch.floor(x.float() / scale + 0.5), -QMAX, QMAX)
-        ctx.save_for_backward(x, a)
+        xf = x.float()
+        y = xf / scale
+        y.add_(0.5).floor_().clamp_(-QMAX, QMAX).mul_(scale)
         ctx.learn = learn
-        return (q * scale).to(x.dtype)
+        if learn:  # Clip's masks: strictly inside passes, the rest goes to amax
+            ctx.save_for_backward(xf >= a, xf <= -a)
+        else:  # TensorQuantFunction: STE masked to |x| <= amax
+            ctx.save_for_backward((xf <= a) & (xf >= -a))
+        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, a = ctx.saved_tensors
-        a = a.to(x.dtype)
-        if not ctx.learn:  # STE, masked to |x| <= amax (TensorQuantFunction.backward)
-            return torch.where(x.abs() <= a, g, torch.zeros_like(g)), None, None
-        above, below = x >= a, x <= -a  # ClipFunction: strict inside, everything else goes to amax
-        grad_x = torch.where(above | below, torch.zeros_like(g), g)
-        grad_a = (g.float() * above).sum() - (g.float() * below).sum()
-        return grad_x, grad_a.reshape(()).to(torch.float32), None
+        if not ctx.learn:
+            (inside,) = ctx.saved_tensors
+            return g * inside, None, None
+        above, below = ctx.saved_tensors
+        grad_x = g.masked_fill(above | below, 0)
+        grad_a = g.masked_select(above).float().sum() - g.masked_select(below).float().sum()
+        return grad_x, grad_a.reshape(()), None
 
 
 def fake_quant(x: torch.Tensor, amax: torch.Tensor | float, learn: bool | None = None) -> torch.Tensor:

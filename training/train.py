@@ -1,0 +1,457 @@
+"""Train GPT-2 on one-paragraph-per-line text: fp16 pretraining, then int8 quantization-aware training.
+
+A cut-down HF `run_clm` that accepts the commands of the article (ls-gpt2-demo), e.g.
+
+  python3 -m torch.distributed.launch --nproc_per_node=8 training/train.py \\
+      --model_name_or_path uer/gpt2-chinese-cluecorpussmall --train_file data/train.txt \\
+      --per_device_train_batch_size 16 --per_device_eval_batch_size 8 --num_train_epochs 150 \\
+      --learning_rate 1.5e-4 --output_dir model/fp16 --overwrite_output_dir --fp16 --logging_steps 10 \\
+      --enable_quant false
+  ... --output_dir model/int8 --resume_from_checkpoint model/fp16 --enable_quant true   (int8 QAT)
+
+torchrun works the same way. Offline, from scratch:
+
+  python training/train.py --tokenizer_name data/tokenizer --config_overrides n_layer=2,n_embd=128,n_head=4 \\
+      --train_file data/train.txt --output_dir model/fp16 --num_train_epochs 1
+
+Data: each non-blank line is a paragraph, encoded as [CLS] text [SEP] ([SEP] is the EOS the model learns),
+concatenated and cut into --block_size blocks; the first --validation_split_percentage % of the lines are
+held out. No token_type_ids reach the model (the demo's train/inference mismatch). Tokenized blocks are
+cached (key: file content, tokenizer vocabulary, block size, split) under --data_cache_dir.
+
+--resume_from_checkpoint DIR: a Trainer checkpoint of this kind of run (trainer_state.json + optimizer.pt,
+same --enable_quant) resumes exactly where it stopped; anything else (a finished fp16 run, for QAT) only
+provides the starting weights and the run trains its full number of epochs. Without the flag, a run that
+finds checkpoint-N folders in --output_dir (and no --overwrite_output_dir) resumes from the last one.
+
+Output (--output_dir): config.json (eos/bos/pad = [SEP]/[CLS]/[PAD]), model.safetensors (QAT: clips under
+transformer.h.{i}.ls_clips.* and transformer.ls_clips.*), tokenizer files incl. vocab.txt, metrics.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+
+from lsgpt.qat import CONFIG_FLAG, QuantGPT2LMHeadModel  # noqa: E402
+from lsgpt.text import encode_paragraph, load_tokenizer  # noqa: E402
+
+logger = logging.getLogger("train")
+CACHE_VERSION = 1  # bump when the tokenization or the cache layout changes
+DEFAULT_BLOCK = 500  # the demo's block size
+
+
+class DataError(ValueError):
+    """Unusable training data: the message names the file (and line)."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "hub id or local folder of a GPT-2 checkpoint; omit to train from scratch"}
+    )
+    config_name: str | None = field(default=None, metadata={"help": "config (hub id/folder) for a new model"})
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "new model: e.g. 'n_layer=2,n_embd=128,n_head=4,n_positions=256'"}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "tokenizer folder, vocab.txt or hub id (default: the model's)"}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "hub download cache"})
+    enable_quant: bool = field(default=False, metadata={"help": "int8 quantization-aware training (lsgpt.qat)"})
+
+
+@dataclass
+class DataTrainingArguments:
+    train_file: str = field(default=None, metadata={"help": "UTF-8 text, one paragraph per line (required)"})
+    validation_split_percentage: int = field(default=5, metadata={"help": "% of the lines (the first) held out"})
+    block_size: int | None = field(default=None, metadata={"help": "tokens per block (default min(500, n_positions))"})
+    data_cache_dir: str | None = field(
+        default=None, metadata={"help": "tokenization cache (default: .lsgpt_cache beside the train file)"}
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "re-tokenize even if a cache exists"})
+
+
+@dataclass
+class CompatArguments:
+    """Flags the article uses that transformers 5 dropped from TrainingArguments."""
+
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "start afresh even if --output_dir holds checkpoints of an earlier run"}
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+def read_paragraphs(path: str | os.PathLike) -> list[str]:
+    """Non-blank lines of a UTF-8 file; DataError names the file and line on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"training file not found: {p}")
+    raw = p.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    out = []
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            bad = line[e.start : e.start + 4]
+            raise DataError(
+                f"{p}:{n}: not valid UTF-8 (bytes {bad!r} at column {e.start + 1}); "
+                "the training file must be UTF-8 text, one paragraph per line"
+            ) from None
+        if text:
+            out.append(text)
+    if not out:
+        raise DataError(f"{p}: no text (the file is empty or has only blank lines)")
+    return out
+
+
+def split_lines(lines: list[str], percent: int) -> tuple[list[str], list[str]]:
+    """The demo's split: validation = the first `percent` % of the lines, train = the rest."""
+    if not 0 <= percent < 100:
+        raise DataError(f"--validation_split_percentage must be in 0..99, got {percent}")
+    n_val = math.ceil(len(lines) * percent / 100) if percent else 0
+    if percent and len(lines) < 2:
+        raise DataError(f"need at least 2 lines to hold out {percent}% for validation, got {len(lines)}")
+    return lines[n_val:], lines[:n_val]
+
+
+def to_blocks(seqs: list[list[int]], block: int, pad_id: int, keep_tail: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate and cut into [N, block] blocks, plus the real length of each block.
+
+    The tail shorter than a block is dropped (run_clm) unless keep_tail or there is no full block: then
+    it is right-padded and its padding is excluded from the loss. Causal attention never lets a real
+    token see the padding after it, so no attention mask is needed.
+    """
+    flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32)
+    n_full = len(flat) // block
+    tail = len(flat) - n_full * block
+    use_tail = tail > 0 and (keep_tail or n_full == 0)
+    ids = np.full((n_full + use_tail, block), pad_id, dtype=np.int32)
+    ids[:n_full] = flat[: n_full * block].reshape(n_full, block)
+    lengths = np.full(n_full + use_tail, block, dtype=np.int32)
+    if use_tail:
+        ids[n_full, :tail] = flat[n_full * block :]
+        lengths[n_full] = tail
+    return ids, lengths
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """input_ids, attention_mask and labels (= input_ids, HF shifts; padding -> -100). No token_type_ids."""
+
+    def __init__(self, ids: np.ndarray, lengths: np.ndarray):
+        self.ids, self.lengths = ids, lengths
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x = torch.from_numpy(self.ids[i].astype(np.int64))
+        labels = x.clone()
+        n = int(self.lengths[i])
+        labels[n:] = -100
+        mask = torch.ones_like(x)
+        mask[n:] = 0
+        return {"input_ids": x, "attention_mask": mask, "labels": labels}
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def _cache_key(path: str, tok, block: int, percent: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    meta = [CACHE_VERSION, type(tok).__name__, getattr(tok, "do_lower_case", None), block, percent, vocab]
+    h.update(json.dumps(meta, ensure_ascii=False).encode())
+    return h.hexdigest()[:20]
+
+
+def build_datasets(
+    data_args: DataTrainingArguments, tok, block: int, main_process: bool
+) -> tuple[BlockDataset, BlockDataset | None]:
+    """Read, split, tokenize and block the text, through a cache shared by runs (and ranks)."""
+    from tqdm.auto import tqdm
+
+    path = data_args.train_file
+    if not Path(path).is_file():
+        raise DataError(f"training file not found: {path}")
+    cache_dir = Path(data_args.data_cache_dir or Path(path).resolve().parent / ".lsgpt_cache")
+    cache = cache_dir / f"{Path(path).stem}-{_cache_key(path, tok, block, data_args.validation_split_percentage)}.npz"
+    if cache.is_file() and not data_args.overwrite_cache:
+        logger.info("tokenized data from cache %s", cache)
+        z = np.load(cache)
+    else:
+        lines = read_paragraphs(path)
+        train_lines, val_lines = split_lines(lines, data_args.validation_split_percentage)
+        enc = [
+            encode_paragraph(tok, t)
+            for t in tqdm(lines, desc=f"tokenizing {Path(path).name}", unit="line", disable=not main_process)
+        ]
+        n_val = len(val_lines)
+        tr_ids, tr_len = to_blocks(enc[n_val:], block, tok.pad_token_id, keep_tail=False)
+        va_ids, va_len = to_blocks(enc[:n_val], block, tok.pad_token_id, keep_tail=True) if n_val else (
+            np.zeros((0, block), np.int32), np.zeros(0, np.int32))
+        z = {"train_ids": tr_ids, "train_len": tr_len, "val_ids": va_ids, "val_len": va_len}
+        n_unk = sum(s.count(tok.unk_token_id) for s in enc)
+        logger.info(
+            "%d lines (%d held out) -> %d tokens (%.2f%% [UNK]) -> %d train / %d validation blocks of %d",
+            len(lines), n_val, sum(map(len, enc)), 100 * n_unk / max(1, sum(map(len, enc))),
+            len(tr_ids), len(va_ids), block,
+        )
+        if main_process:  # one writer; other ranks wait in main_process_first()
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(".tmp.npz")
+                np.savez(tmp, **z)
+                os.replace(tmp, cache)
+            except OSError as e:
+                logger.warning("cannot write the tokenization cache %s (%s); continuing without", cache, e)
+    train = BlockDataset(z["train_ids"], z["train_len"])
+    val = BlockDataset(z["val_ids"], z["val_len"]) if len(z["val_ids"]) else None
+    if len(train) == 0:
+        raise DataError(f"{path}: no training text left after holding out the validation lines")
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# Model.
+
+
+def load_tok(name: str):
+    """lsgpt.text.load_tokenizer, plus bare vocab.txt files under transformers 5 (vocab dict)."""
+    if os.path.isfile(name):
+        from transformers import BertTokenizerFast
+
+        with open(name, encoding="utf-8") as f:
+            vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+        return BertTokenizerFast(vocab=vocab, do_lower_case=False, tokenize_chinese_chars=True)
+    return load_tokenizer(name)
+
+
+def is_trainer_checkpoint(path: str) -> bool:
+    return all(os.path.isfile(os.path.join(path, f)) for f in ("trainer_state.json", "optimizer.pt"))
+
+
+def checkpoint_is_qat(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return bool(json.load(f).get(CONFIG_FLAG, False))
+    except (OSError, ValueError):
+        return False
+
+
+def build_model(model_args: ModelArguments, init_from: str | None, tok) -> GPT2LMHeadModel:
+    cls = QuantGPT2LMHeadModel if model_args.enable_quant else GPT2LMHeadModel
+    if init_from:
+        logger.info("weights from %s (%s)", init_from, cls.__name__)
+        model = cls.from_pretrained(init_from, cache_dir=model_args.cache_dir)
+        if isinstance(model, QuantGPT2LMHeadModel):
+            model.set_quant(True)
+    else:
+        if model_args.config_name:
+            config = GPT2Config.from_pretrained(model_args.config_name, cache_dir=model_args.cache_dir)
+        else:
+            config = GPT2Config(activation_function="gelu_new")  # LightSeq's GELU is the tanh form
+        config.vocab_size = len(tok)
+        if model_args.config_overrides:
+            config.update_from_string(model_args.config_overrides)
+        logger.info("new %s: %s", cls.__name__, model_args.config_overrides or "default GPT-2 config")
+        model = cls(config)
+    if model.config.vocab_size != len(tok):
+        logger.warning("resizing the embedding from %d to the tokenizer's %d", model.config.vocab_size, len(tok))
+        model.resize_token_embeddings(len(tok))
+    if model.config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        logger.warning("activation %s is not LightSeq's tanh GELU", model.config.activation_function)
+    # Ids for this vocabulary (the uer config says 50256); exporter and engine read eos/pad from here.
+    ids = {"eos_token_id": tok.sep_token_id, "bos_token_id": tok.cls_token_id, "pad_token_id": tok.pad_token_id}
+    for k, v in ids.items():
+        setattr(model.config, k, v)
+        if model.generation_config is not None:
+            setattr(model.generation_config, k, v)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Main.
+
+
+class _KillAtStep(TrainerCallback):
+    """Fault injection for tests (LSGPT_FAULT_KILL_AT_STEP=N): SIGKILL this process during step N."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def parse_args(argv: list[str] | None):
+    extra = () if any(f.name == "overwrite_output_dir" for f in dataclasses.fields(TrainingArguments)) else (
+        CompatArguments,)
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, *extra))
+    parser.description = __doc__.split("\n\n")[0]
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        parsed = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parsed[:3]
+    overwrite = parsed[3].overwrite_output_dir if extra else training_args.overwrite_output_dir
+    if not data_args.train_file:
+        parser.error("--train_file is required")
+    if not (model_args.tokenizer_name or model_args.model_name_or_path or training_args.resume_from_checkpoint):
+        parser.error("give --tokenizer_name (or --model_name_or_path) for the tokenizer")
+    return model_args, data_args, training_args, overwrite
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, args, overwrite = parse_args(argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        level=logging.INFO if args.process_index == 0 else logging.WARNING,
+    )
+    transformers.utils.logging.set_verbosity_warning()
+    if args.fp16 and not torch.cuda.is_available():
+        logger.warning("--fp16 needs a GPU; training in fp32 on the CPU")
+        args.fp16, args.mixed_precision = False, "no"
+    args.prediction_loss_only = True  # evaluation needs the loss only, not [N, T, V] logits
+    set_seed(args.seed)
+
+    # Where the weights come from, and whether this continues a Trainer run (spec §1.8-5).
+    resume = args.resume_from_checkpoint
+    args.resume_from_checkpoint = None  # we decide; the Trainer must not pick it up on its own
+    trainer_resume, init_from = None, model_args.model_name_or_path
+    if resume:
+        if not os.path.isdir(resume):
+            raise SystemExit(f"error: --resume_from_checkpoint {resume}: no such folder")
+        if is_trainer_checkpoint(resume) and checkpoint_is_qat(resume) == model_args.enable_quant:
+            trainer_resume = init_from = resume
+        else:
+            init_from = resume
+            logger.info("%s is not a checkpoint of this run: its weights start a new run of the full length", resume)
+    elif os.path.isdir(args.output_dir) and not overwrite:
+        last = get_last_checkpoint(args.output_dir)
+        if last and checkpoint_is_qat(last) == model_args.enable_quant:
+            trainer_resume = init_from = last
+            logger.info("resuming from %s (pass --overwrite_output_dir to start afresh)", last)
+        elif last or any(n.startswith("checkpoint-") for n in os.listdir(args.output_dir)):
+            raise SystemExit(
+                f"error: {args.output_dir} holds checkpoints of another kind of run; "
+                "use --overwrite_output_dir or another --output_dir"
+            )
+
+    tok_name = model_args.tokenizer_name or (
+        init_from if init_from and os.path.isdir(init_from) else model_args.model_name_or_path
+    )
+    tok = load_tok(tok_name)
+    model = build_model(model_args, init_from, tok)
+    block = data_args.block_size or min(DEFAULT_BLOCK, model.config.n_positions)
+    if block > model.config.n_positions:
+        raise SystemExit(f"error: --block_size {block} exceeds the model's n_positions={model.config.n_positions}")
+
+    with args.main_process_first(desc="tokenization"):
+        train_ds, eval_ds = build_datasets(data_args, tok, block, args.process_index == 0)
+    logger.info("train %d blocks (%d tokens), validation %d blocks", len(train_ds), train_ds.n_tokens,
+                len(eval_ds) if eval_ds else 0)
+
+    callbacks = []
+    if os.environ.get("LSGPT_FAULT_KILL_AT_STEP"):
+        callbacks.append(_KillAtStep(int(os.environ["LSGPT_FAULT_KILL_AT_STEP"])))
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        processing_class=tok, data_collator=default_data_collator, callbacks=callbacks,
+    )
+
+    metrics: dict[str, float] = {}
+    baseline = Path(args.output_dir) / "fp16_baseline.json"
+    if model_args.enable_quant and eval_ds is not None:
+        if trainer_resume is None:  # the starting checkpoint without, then with, quantizers
+            model.set_quant(False)
+            base = trainer.evaluate(metric_key_prefix="fp16")
+            model.set_quant(True)
+            base.update(trainer.evaluate(metric_key_prefix="int8_before_qat"))
+            base = {k: v for k, v in base.items() if k.endswith("_loss")}
+            if args.process_index == 0:
+                baseline.parent.mkdir(parents=True, exist_ok=True)
+                baseline.write_text(json.dumps(base, indent=2))
+        elif baseline.is_file():
+            base = json.loads(baseline.read_text())
+        else:
+            base = {}
+        metrics.update(base)
+
+    result = trainer.train(resume_from_checkpoint=trainer_resume)
+    trainer.save_model()
+    trainer.save_state()
+    metrics.update({f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()})
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+    for k in [k for k in metrics if k.endswith("_loss") and not k.startswith("train")]:
+        metrics[k[: -len("loss")] + "perplexity"] = math.exp(min(metrics[k], 50.0))
+    metrics["perplexity"] = metrics.get("eval_perplexity", float("nan"))
+
+    if args.process_index == 0:
+        out = Path(args.output_dir)
+        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])  # LightSeq users load vocab.txt
+        (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
+        metrics["global_step"] = trainer.state.global_step
+        metrics["enable_quant"] = model_args.enable_quant
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        trainer.save_metrics("all", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if model_args.enable_quant and "fp16_perplexity" in metrics:
+            print(
+                f"held-out perplexity: fp16 {metrics['fp16_perplexity']:.3f} (start, no quantizers) | "
+                f"int8 {metrics.get('int8_before_qat_perplexity', float('nan')):.3f} before QAT | "
+                f"int8 {metrics['eval_perplexity']:.3f} after QAT",
+                flush=True,
+            )
+        elif eval_ds is not None:
+            print(f"held-out perplexity: {metrics['eval_perplexity']:.3f}", flush=True)
+    return 0
+
+
+def cli() -> int:
+    try:
+        return main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
+
