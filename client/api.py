@@ -72,14 +72,14 @@ def check_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
         v = typ(v)
         bad = {
             "max_new_tokens": v < 1,
-            "top_k": v < 1,
+            "top_k": v < 0,
             "top_p": not 0.0 < v <= 1.0,
-            "temperature": not (v > 0.0 and np.isfinite(v)),
+            "temperature": not (v >= 0.0 and np.isfinite(v)),
             "seed": not 0 <= v < 2**63,
         }[k]
         if bad:
-            want = {"max_new_tokens": ">= 1", "top_k": ">= 1", "top_p": "in (0, 1]",
-                    "temperature": "> 0", "seed": "in [0, 2**63)"}[k]
+            want = {"max_new_tokens": ">= 1", "top_k": ">= 0 (0: no top-k filter, 1: greedy)",
+                    "top_p": "in (0, 1]", "temperature": "finite and >= 0 (0: greedy)", "seed": "in [0, 2**63)"}[k]
             raise InvalidRequest(f"{k}={v!r} is invalid: must be {want}")
         out[k] = v
     return out
