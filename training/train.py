@@ -217,10 +217,14 @@ def build_datasets(
     else:
         lines = read_paragraphs(path)
         train_lines, val_lines = split_lines(lines, data_args.validation_split_percentage)
-        enc = [
-            encode_paragraph(tok, t)
-            for t in tqdm(lines, desc=f"tokenizing {Path(path).name}", unit="line", disable=not main_process)
-        ]
+        max_len, tok.model_max_length = tok.model_max_length, int(1e12)  # paragraphs may exceed it; blocks don't
+        try:
+            enc = [
+                encode_paragraph(tok, t)
+                for t in tqdm(lines, desc=f"tokenizing {Path(path).name}", unit="line", disable=not main_process)
+            ]
+        finally:
+            tok.model_max_length = max_len
         n_val = len(val_lines)
         tr_ids, tr_len = to_blocks(enc[n_val:], block, tok.pad_token_id, keep_tail=False)
         va_ids, va_len = to_blocks(enc[:n_val], block, tok.pad_token_id, keep_tail=True) if n_val else (
@@ -321,6 +325,10 @@ class _KillAtStep(TrainerCallback):
 
 
 def parse_args(argv: list[str] | None):
+    if not torch.cuda.is_available():
+        # Read while TrainingArguments is built: without it, torchrun/launch on a CPU machine would make
+        # every process a lone rank 0 instead of a gloo DDP group.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     extra = () if any(f.name == "overwrite_output_dir" for f in dataclasses.fields(TrainingArguments)) else (
         CompatArguments,)
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, *extra))
@@ -349,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("--fp16 needs a GPU; training in fp32 on the CPU")
         args.fp16, args.mixed_precision = False, "no"
     args.prediction_loss_only = True  # evaluation needs the loss only, not [N, T, V] logits
+    if args.ddp_find_unused_parameters is None:
+        args.ddp_find_unused_parameters = False  # every parameter is used (frozen clips don't train)
+    if not torch.cuda.is_available():
+        args.dataloader_pin_memory = False
     set_seed(args.seed)
 
     # Where the weights come from, and whether this continues a Trainer run (spec §1.8-5).
@@ -444,9 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> int:
+def cli(argv: list[str] | None = None) -> int:
     try:
-        return main()
+        return main(argv)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
