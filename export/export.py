@@ -71,15 +71,23 @@ def main(argv: list[str] | None = None) -> int:
             from lsgpt.repository import publish
 
             name = args.served_model or ("gpt2_int8" if args.quant else "gpt2")
-            with tempfile.TemporaryDirectory(dir=args.repository) as tmp:
+            if not args.repository.is_dir():
+                raise FileNotFoundError(f"model repository not found: {args.repository}")
+            tok = args.tokenizer or (src if src.is_dir() else src.parent)
+            tok = tok if Path(tok, "vocab.txt").is_file() or Path(tok).is_file() else None
+            # a dot-folder: Triton ignores it while it polls the repository
+            with tempfile.TemporaryDirectory(prefix=".export-", dir=args.repository) as tmp:
                 path = export_model(src, Path(tmp) / "model.hdf5", **kwargs)
-                where = publish(path, args.repository, name)
-            print(f"published {'int8 QuantGpt' if args.quant else 'fp16 Gpt'} model to {where}")
+                done = publish(path, args.repository, name, tokenizer=tok)
+            for model, folder in done.versions.items():
+                print(f"published {model} version {folder.name}: {folder}")
+            if done.lightseq:
+                print(f"published LightSeq backend file {done.lightseq}")
         else:
             out = args.output or default_output(src)
             path = export_model(src, out, **kwargs)
             print(f"wrote {'int8 QuantGpt' if args.quant else 'fp16 Gpt'} model {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    except FormatError as e:
+    except (FormatError, ValueError, OSError) as e:  # bad checkpoint / options / paths: say what, exit 2
         print(f"export.py: error: {e}", file=sys.stderr)
         return 2
     return 0
