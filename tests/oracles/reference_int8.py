@@ -290,8 +290,11 @@ def calibrate_clips(ls: dict, token_batches, n_head: int, n_layer: int, frac: fl
 class Int8Model:
     """LightSeq QuantGpt dataflow from a file's raw datasets (read with h5py by read_ls)."""
 
-    def __init__(self, conf: dict, arrays: dict, eps: float = LS_EPS):
+    def __init__(self, conf: dict, arrays: dict, eps: float = LS_EPS, fp16_storage: bool = False):
         self.eps = eps
+        # LightSeq's FP16 build keeps the residual stream, the dequantized V, the attention probabilities and
+        # the attention context in fp16 buffers (kernels compute in fp32): fp16_storage rounds there.
+        self.r = (lambda a: a.astype(np.float16).astype(np.float64)) if fp16_storage else (lambda a: a)
         dims = dims_of(arrays, conf)
         self.h, self.inner, self.vocab = dims["_hidden_size"], dims["_inner_size"], dims["_src_vocab_size"]
         self.n_layer, self.n_head = dims["_n_enc_layer"], dims["_head_num"]
@@ -339,7 +342,8 @@ class Int8Model:
         tokens = np.asarray(tokens)
         t, h, nh = len(tokens), self.h, self.n_head
         d = h // nh
-        x = self.emb_i8[tokens] * (self.emb_clip / QMAX) + self.pos[:t]  # embedding: int8 * scale + fp pos
+        r = self.r
+        x = r(self.emb_i8[tokens] * (self.emb_clip / QMAX) + self.pos[:t])  # embedding: int8 * scale + fp pos
         L0 = self.layers[0]
         a_i8 = q8(layer_norm(x, L0["multihead_norm_scale"], L0["multihead_norm_bias"], self.eps),
                   L0["multihead_ln_clip_max"])
@@ -353,14 +357,14 @@ class Int8Model:
             qkv_c = q8(val, cache_c)  # int8 Q, K and V (K/V cache)
             q, k, v = (_split_heads(qkv_c[:, j * h:(j + 1) * h], nh) for j in range(3))
             scores = (q @ k.transpose(0, 2, 1)) * (1.0 / np.sqrt(d)) * (cache_c / QMAX) ** 2
-            probs = _causal_softmax(scores)
-            ctx = _merge_heads(probs @ (v * (cache_c / QMAX)))
+            probs = r(_causal_softmax(scores))
+            ctx = r(_merge_heads(probs @ r(v * (cache_c / QMAX))))
             ctx_i8 = q8(ctx, L["multihead_project_output_clip_max"])
             acc = ctx_i8 @ L["multihead_project_kernel_output"]
             o_i8 = q8_scaled(acc, L["multihead_project_kernel_output_clip_max"]
                              * L["multihead_project_output_clip_max"]
                              / (L["multihead_output_dense_clip_max"] * QMAX))
-            x = x + L["multihead_project_bias_output"] + o_i8 * (L["multihead_output_dense_clip_max"] / QMAX)
+            x = r(x + L["multihead_project_bias_output"] + o_i8 * (L["multihead_output_dense_clip_max"] / QMAX))
             # --- FFN
             f_in = q8(layer_norm(x, L["ffn_norm_scale"], L["ffn_norm_bias"], self.eps), L["ffn_ln_clip_max"])
             acc = f_in @ L["ffn_first_kernel"]
@@ -369,8 +373,8 @@ class Int8Model:
             g = gelu_tanh(f1_i8 * (L["ffn_first_output_clip_max"] / QMAX) + L["ffn_first_bias"])
             g_i8 = q8(g, L["ffn_first_act_clip_max"])
             acc32 = g_i8 @ L["ffn_second_kernel"]  # int32, not requantized
-            x = x + L["ffn_second_bias"] + acc32 * (L["ffn_second_kernel_clip_max"] * L["ffn_first_act_clip_max"]
-                                                    / (QMAX * QMAX))
+            x = r(x + L["ffn_second_bias"] + acc32 * (L["ffn_second_kernel_clip_max"] * L["ffn_first_act_clip_max"]
+                                                      / (QMAX * QMAX)))
             if i + 1 < self.n_layer:
                 N = self.layers[i + 1]
                 a_i8 = q8(layer_norm(x, N["multihead_norm_scale"], N["multihead_norm_bias"], self.eps),
