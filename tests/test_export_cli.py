@@ -320,3 +320,31 @@ def test_export_model_returns_path_and_accepts_all_sources(model, tmp_path):
     _, C = R.read_ls(c)
     for k in A:
         assert np.array_equal(A[k], B[k]) and np.array_equal(A[k], C[k]), k
+
+
+def test_write_failure_midway_leaves_previous_file_untouched(model, tmp_path, monkeypatch):
+    """An I/O error in the middle of writing (simulated: the 20th dataset write fails) must leave the
+    previous output byte-identical and no temporary file behind."""
+    import h5py
+
+    from lsgpt.export import export_model
+
+    out = tmp_path / "served" / "model.hdf5"
+    export_model(model, out, max_step=64)
+    before = out.read_bytes()
+    real = h5py.Group.create_dataset
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise OSError(28, "No space left on device (simulated)")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", flaky)
+    with pytest.raises(Exception):
+        export_model(model, out, max_step=100)
+    monkeypatch.setattr(h5py.Group, "create_dataset", real)
+    assert calls["n"] >= 20, "the simulated failure never triggered"
+    assert out.read_bytes() == before
+    assert temp_leftovers(out.parent, {"model.hdf5"}) == []
