@@ -26,7 +26,8 @@ PY = sys.executable
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
     repo = make_repository(tmp_path_factory.mktemp("repo"), tiny_models)
-    with TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()) as s:
+    ports = dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    with TritonServer(repo, models=["gpt2", "gpt2_stream"], **ports) as s:
         s.wait_ready(180)
         yield s
 
