@@ -311,3 +311,38 @@ def test_ppl_model_refuses_to_generate_but_scores(model, tmp_path):
     with pytest.raises(RequestError):
         e.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))
     assert len(e.ppl([PROMPTS[0]])) == 1
+
+
+def test_file_sampling_defaults_apply(model, tmp_path):
+    """SamplingParams fields left None take the file's model_conf (topk file -> its topk; topp file -> its topp)."""
+    from lsgpt.generate import Engine, SamplingParams
+
+    p = PROMPTS[0]
+    hf = hf_from_file(_file_with(tmp_path, model, "k.hdf5"), model)
+    ek = Engine.load(_file_with(tmp_path, model, "k2.hdf5", topk=2), device="cpu")
+    ep = Engine.load(_file_with(tmp_path, model, "p.hdf5", sampling_method="topp", topp=0.3), device="cpu")
+    seen_k, seen_p = set(), set()
+    for seed in range(4):
+        out = ek.generate([p], SamplingParams(max_new_tokens=10, seed=seed))[0]
+        lg = hf_logits(hf, [out])[0]
+        for j in range(len(p), len(out)):
+            top2 = set(np.argsort(-lg[j - 1])[:2].tolist())
+            assert out[j] in top2, f"topk=2 file: step {j} token outside the top 2"
+            seen_k.add(out[j] == int(np.argmax(lg[j - 1])))
+        out = ep.generate([p], SamplingParams(max_new_tokens=10, seed=seed))[0]
+        lg = hf_logits(hf, [out])[0]
+        for j in range(len(p), len(out)):
+            pr = torch.softmax(torch.as_tensor(lg[j - 1]), -1).numpy()
+            order = np.argsort(-pr)
+            keep = order[: int(np.searchsorted(np.cumsum(pr[order]), 0.3 + 1e-6)) + 1]
+            assert out[j] in keep, f"topp=0.3 file: step {j} token outside the nucleus"
+            seen_p.add(len(keep))
+    assert seen_k == {True, False}, "topk=2 file: never sampled the second token (is it greedy?)"
+
+
+def test_temperature_zero_is_greedy(engines):
+    from lsgpt.generate import SamplingParams
+
+    e = engines["exported"]
+    g = greedy(e, [PROMPTS[1]], 15)
+    assert e.generate([PROMPTS[1]], SamplingParams(max_new_tokens=15, top_k=0, temperature=0.0, seed=3)) == g
