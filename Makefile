@@ -4,6 +4,7 @@ MODEL_REPOSITORY ?= model_repository
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
+HOST ?= 127.0.0.1
 
 .PHONY: setup test demo serve loadtest bench
 setup:
@@ -16,7 +17,7 @@ demo: setup
 	$(PY) scripts/demo.py
 
 serve: setup
-	scripts/serve.sh --model-repository $(MODEL_REPOSITORY) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
+	scripts/serve.sh --model-repository $(MODEL_REPOSITORY) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --host $(HOST)
 
 loadtest: setup
 	$(PY) benchmarks/loadtest.py --model-repository $(MODEL_REPOSITORY)
