@@ -211,10 +211,11 @@ def test_int8_greedy_matches_reference(engines, refs, files, origin):
             agree += ok
             if j - len(p) < 10 and not ok:
                 first10 = False
-        free = ref.greedy(p, n)
-        div = next((j - len(p) for j in range(len(p), len(out)) if out[j] != free[j]), None)
-        print(f"[{origin}] prompt {len(p)} tokens: free-running identical for "
-              f"{div if div is not None else n}/{n} tokens")
+        for label, r in (("LightSeq eps 1e-12", ref), ("engine eps", ref_eps)):
+            free = r.greedy(p, n)
+            div = next((j - len(p) for j in range(len(p), len(out)) if out[j] != free[j]), None)
+            print(f"[{origin}] prompt {len(p)} tokens: free-running identical to the reference ({label}) for "
+                  f"{div if div is not None else n}/{n} tokens")
     print(f"[{origin}] greedy int8 token agreement (teacher-forced, ties allowed): {agree}/{total} "
           f"(LightSeq eps 1e-12), {agree_eps}/{total} (engine eps)")
     assert first10, "the first 10 greedy tokens must be the reference's argmax"
