@@ -129,7 +129,13 @@ def _get(sd: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> np.nd
     t = sd[key]
     if tuple(t.shape) != shape:
         raise FormatError(f"weight {key} has shape {tuple(t.shape)}, expected {shape}")
-    return t.numpy().astype(np.float32)
+    return _finite(key, t.numpy().astype(np.float32))
+
+
+def _finite(key: str, a: np.ndarray) -> np.ndarray:
+    if not np.isfinite(a).all():
+        raise FormatError(f"weight {key} contains NaN or Inf: the checkpoint is damaged or training diverged")
+    return a
 
 
 def float_arrays(cfg: GptConfig, sd: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -145,7 +151,7 @@ def float_arrays(cfg: GptConfig, sd: dict[str, torch.Tensor]) -> dict[str, np.nd
     wpe = sd.get("transformer.wpe.weight")
     if wpe is None or wpe.ndim != 2 or wpe.shape[1] != h or wpe.shape[0] < cfg.max_step:
         raise FormatError(f"transformer.wpe.weight missing or smaller than [{cfg.max_step}, {h}]")
-    out["src_embedding/position_embedding"] = wpe[: cfg.max_step].numpy().astype(np.float32)
+    out["src_embedding/position_embedding"] = _finite("transformer.wpe.weight", wpe[: cfg.max_step].numpy().astype(np.float32))
     for layer in range(cfg.n_layer):
         for name, hf in HF_LAYER_MAP.items():
             shape = LAYER_KERNELS[name](h, i) if name in LAYER_KERNELS else (LAYER_VECTORS[name](h, i),)

@@ -364,8 +364,9 @@ def _read_open(f, path: Path) -> tuple[GptConfig, dict[str, np.ndarray]]:
     if not 1 <= n_layer <= 1024:
         raise FormatError(f"{path}: model_conf/n_encoder_stack={n_layer} is not a sane layer count")
     ffn1 = need("encoder_stack/0/ffn_first_kernel")
-    if ffn1.size % h or emb.size % h or need("src_embedding/position_embedding").size % h:
-        raise FormatError(f"{path}: embedding or ffn_first_kernel size is not a multiple of hidden={h}")
+    for name in ("src_embedding/token_embedding", "src_embedding/position_embedding", "encoder_stack/0/ffn_first_kernel"):
+        if need(name).size % h:
+            raise FormatError(f"{path}: {name} has {need(name).size} elements, not a multiple of hidden={h}")
     cfg = GptConfig(
         n_layer=n_layer,
         n_head=ints["head_num"],
