@@ -313,6 +313,16 @@ def build_model(model_args: ModelArguments, init_from: str | None, tok) -> GPT2L
 # Main.
 
 
+class _StepCounter(TrainerCallback):
+    """Optimizer steps run by this process (a resumed run reports only its own)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kw):
+        self.steps += 1
+
+
 class _KillAtStep(TrainerCallback):
     """Fault injection for tests (LSGPT_FAULT_KILL_AT_STEP=N): SIGKILL this process during step N."""
 
@@ -348,6 +358,8 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     model_args, data_args, args, overwrite = parse_args(argv)
+    if not Path(data_args.train_file).is_file():
+        raise DataError(f"training file not found: {data_args.train_file}")
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
         level=logging.INFO if args.process_index == 0 else logging.WARNING,
@@ -400,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("train %d blocks (%d tokens), validation %d blocks", len(train_ds), train_ds.n_tokens,
                 len(eval_ds) if eval_ds else 0)
 
-    callbacks = []
+    counter = _StepCounter()
+    callbacks = [counter]
     if os.environ.get("LSGPT_FAULT_KILL_AT_STEP"):
         callbacks.append(_KillAtStep(int(os.environ["LSGPT_FAULT_KILL_AT_STEP"])))
     trainer = Trainer(
@@ -441,9 +454,12 @@ def main(argv: list[str] | None = None) -> int:
         vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])  # LightSeq users load vocab.txt
         (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
         metrics["global_step"] = trainer.state.global_step
+        metrics["steps_run"] = counter.steps
+        metrics["resumed_from"] = trainer_resume
+        metrics["init_from"] = init_from
         metrics["enable_quant"] = model_args.enable_quant
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        trainer.save_metrics("all", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        trainer.save_metrics("all", {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
         if model_args.enable_quant and "fp16_perplexity" in metrics:
             print(
                 f"held-out perplexity: fp16 {metrics['fp16_perplexity']:.3f} (start, no quantizers) | "

@@ -1,0 +1,230 @@
+"""training/: corpus preparation and train.py end to end on the CPU (tiny GPT-2, small offline corpus)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ROOT / "training" / "train.py"
+sys.path.insert(0, str(ROOT / "training"))
+
+import prepare_corpus  # noqa: E402
+
+from lsgpt import format as fmt  # noqa: E402
+
+TINY = "n_layer=2,n_embd=64,n_head=4,n_positions=128"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("corpus")
+    assert prepare_corpus.main(["--out", str(d / "train.txt"), "--tokenizer_out", str(d / "tok"),
+                                "--max_chars", "9000", "--paragraph_chars", "300"]) == 0
+    return {"dir": d, "train": d / "train.txt", "tok": d / "tok"}
+
+
+BASE = [
+    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--block_size", "64",
+    "--report_to", "none", "--seed", "7", "--disable_tqdm", "true",
+]
+
+
+def train_inproc(*args: str) -> str:
+    """train.py's main() in this process (saves the interpreter start); returns what it printed."""
+    import contextlib
+    import io
+
+    import train
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert train.cli([*args, *BASE]) == 0
+    return buf.getvalue()
+
+
+def run_train(*args: str, env: dict | None = None, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """train.py as a command (torchrun for nproc > 1)."""
+    base = BASE
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_free_port()), str(TRAIN), *args, *base]
+    else:
+        cmd = [sys.executable, str(TRAIN), *args, *base]
+    e = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _steps_logged(out: Path) -> list[int]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [e["step"] for e in state["log_history"] if "loss" in e]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prepare_corpus(corpus):
+    lines = corpus["train"].read_text(encoding="utf-8").splitlines()
+    assert len(lines) >= 10 and all(lines)
+    assert not any("/n " in ln or "/v " in ln for ln in lines)  # POS tags stripped
+    assert not any(c in "".join(lines) for c in "０１２３４５６７８９")  # full-width digits normalized
+    from transformers import BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(str(corpus["tok"]))
+    assert len(tok) == 21128 and (tok.pad_token_id, tok.cls_token_id, tok.sep_token_id) == (0, 101, 102)
+    assert (corpus["tok"] / "vocab.txt").is_file()
+    ids = tok.encode(lines[0][:50], add_special_tokens=False)
+    assert ids.count(tok.unk_token_id) <= 2
+
+
+def test_fp16_then_int8_qat(corpus, tmp_path):
+    fp16, int8 = tmp_path / "fp16", tmp_path / "int8"
+    common = ["--train_file", str(corpus["train"]), "--logging_steps", "2"]
+    train_inproc("--tokenizer_name", str(corpus["tok"]), "--config_overrides", TINY, "--output_dir", str(fp16),
+              "--overwrite_output_dir", "--fp16", "--enable_quant", "false", "--max_steps", "4",
+              "--learning_rate", "1e-3", *common)
+    for f in ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "metrics.json"):
+        assert (fp16 / f).is_file(), f
+    cfg = json.loads((fp16 / "config.json").read_text())
+    assert (cfg["eos_token_id"], cfg["bos_token_id"], cfg["pad_token_id"], cfg["vocab_size"]) == (102, 101, 0, 21128)
+    m = json.loads((fp16 / "metrics.json").read_text())
+    assert m["global_step"] == 4 and m["perplexity"] == pytest.approx(2.718281828 ** m["eval_loss"], rel=1e-6)
+
+    # The article's int8 command shape: hub id + --resume_from_checkpoint <finished fp16 run>. The hub is
+    # never contacted (the weights and tokenizer come from model/fp16) and all requested steps run.
+    printed = train_inproc("--model_name_or_path", "uer/gpt2-chinese-cluecorpussmall", "--resume_from_checkpoint",
+                           str(fp16), "--output_dir", str(int8), "--overwrite_output_dir", "--fp16",
+                           "--enable_quant", "true", "--max_steps", "4", "--learning_rate", "5e-5", *common)
+    assert "held-out perplexity: fp16" in printed and "after QAT" in printed
+    m8 = json.loads((int8 / "metrics.json").read_text())
+    assert m8["global_step"] == 4 and m8["steps_run"] == 4  # not skipped by the fp16 run's global_step (demo quirk §1.8-5)
+    assert _steps_logged(int8) == [2, 4]
+    for k in ("fp16_perplexity", "int8_before_qat_perplexity", "eval_perplexity"):
+        assert 1 < m8[k] < 1e6, k
+    assert m8["fp16_loss"] == pytest.approx(m["eval_loss"], rel=1e-5)  # same weights, same held-out text
+
+    from safetensors.torch import load_file
+    from transformers import GPT2LMHeadModel
+
+    from lsgpt.qat import QuantGPT2LMHeadModel
+
+    sd = load_file(int8 / "model.safetensors")
+    for i in range(2):
+        for n in fmt.LAYER_ACT_CLIPS:
+            assert fmt.CLIP_PREFIX_LAYER.format(i=i) + n in sd
+    assert sd[fmt.CLIP_PREFIX_LAYER.format(i=0) + "self_qkv_bias_out_clip_max"].item() == fmt.ACT_CLIP_INIT  # frozen
+    assert m8["init_from"] == str(fp16) and m8["resumed_from"] is None
+    assert json.loads((int8 / "config.json").read_text())["ls_quant"] is True
+    q = QuantGPT2LMHeadModel.from_pretrained(int8)
+    plain = GPT2LMHeadModel.from_pretrained(int8)
+    ids = torch.tensor([[101, 2769, 1962, 102]])
+    with torch.no_grad():
+        q.set_quant(False)
+        torch.testing.assert_close(q(ids).logits, plain(ids).logits)
+
+
+def test_torchrun_two_processes(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    p = run_train("--tokenizer_name", str(corpus["tok"]), "--config_overrides", TINY, "--train_file",
+                  str(corpus["train"]), "--output_dir", str(out), "--overwrite_output_dir", "--max_steps", "3",
+                  "--logging_steps", "1", nproc=2, env={"OMP_NUM_THREADS": "1"})
+    assert p.stdout.count("held-out perplexity") == 1  # rank 0 reports, rank 1 finished quietly
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    # a DistributedSampler over 2 ranks x 4 blocks: 3 steps cover 24 blocks
+    n_blocks = int(re.search(r"train (\d+) blocks", p.stderr).group(1))
+    steps_per_epoch = -(-n_blocks // 8)
+    assert json.loads((out / "metrics.json").read_text())["epoch"] == pytest.approx(3 / steps_per_epoch, rel=1e-3)
+    from transformers import GPT2LMHeadModel
+
+    GPT2LMHeadModel.from_pretrained(out)
+
+
+def test_kill_and_resume(corpus, tmp_path):
+    out = tmp_path / "run"
+    args = ["--tokenizer_name", str(corpus["tok"]), "--config_overrides", TINY, "--train_file", str(corpus["train"]),
+            "--output_dir", str(out), "--max_steps", "9", "--save_steps", "3", "--logging_steps", "1",
+            "--save_total_limit", "10"]
+    # SIGKILL during step 5: checkpoint-3 exists, steps 4-5 are lost.
+    p = run_train(*args, "--overwrite_output_dir", env={"LSGPT_FAULT_KILL_AT_STEP": "5"}, check=False)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert sorted(c.name for c in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert not (out / "model.safetensors").exists()
+    # The same command without --overwrite_output_dir picks up checkpoint-3 by itself and runs steps 4-9.
+    train_inproc(*args)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["resumed_from"].endswith("checkpoint-3") and m["steps_run"] == 6 and m["global_step"] == 9
+    assert _steps_logged(out) == list(range(1, 10))  # each step logged exactly once: none lost, none repeated
+    # An explicit --resume_from_checkpoint of a real checkpoint of this run continues it (steps 7-9).
+    out2 = tmp_path / "run2"
+    train_inproc(*[a if a != str(out) else str(out2) for a in args], "--resume_from_checkpoint",
+                 str(out / "checkpoint-6"))
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    assert m2["steps_run"] == 3 and _steps_logged(out2) == list(range(1, 10))
+    # An uninterrupted run ends with the same weights: the same batches in the same order, no step twice.
+    ref = tmp_path / "ref"
+    train_inproc(*[a if a != str(out) else str(ref) for a in args], "--overwrite_output_dir", "--save_steps", "100")
+    from safetensors.torch import load_file
+
+    w_ref = load_file(ref / "model.safetensors")
+    for run in (out, out2):
+        w = load_file(run / "model.safetensors")
+        assert all(torch.allclose(w[k], w_ref[k], rtol=0, atol=1e-6) for k in w), run
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "non_utf8"])
+def test_bad_inputs(corpus, tmp_path, case, capsys):
+    import train
+
+    path = tmp_path / "t.txt"
+    if case == "empty":
+        path.write_text("\n\n  \n", encoding="utf-8")
+    elif case == "non_utf8":
+        path.write_bytes("第一行\n第二行\n".encode() + "第三行".encode("gbk") + b"\n")
+    # through the CLI entry point: exit status 2 and a message naming the file (and line)
+    rc = train.cli(["--tokenizer_name", str(corpus["tok"]), "--config_overrides", TINY, "--train_file", str(path),
+                    "--output_dir", str(tmp_path / "o"), "--data_cache_dir", str(tmp_path / "cache"), *BASE])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: " in err and str(path) in err
+    if case == "missing":
+        assert "training file not found" in err
+        return
+    with pytest.raises(train.DataError) as e:
+        train.read_paragraphs(path)
+    msg = str(e.value)
+    assert str(path) in msg
+    if case == "empty":
+        assert "empty" in msg
+    else:
+        assert f"{path}:3:" in msg and "UTF-8" in msg
+
+
+def test_blocks_and_split():
+    import train
+
+    tr, va = train.split_lines([f"l{i}" for i in range(40)], 5)
+    assert va == ["l0", "l1"] and len(tr) == 38
+    ids, lens = train.to_blocks([[1, 2, 3], [4, 5, 6, 7]], 3, 0, keep_tail=False)
+    assert ids.tolist() == [[1, 2, 3], [4, 5, 6]] and lens.tolist() == [3, 3]
+    ids, lens = train.to_blocks([[1, 2, 3], [4, 5, 6, 7]], 3, 0, keep_tail=True)
+    assert ids.tolist()[-1] == [7, 0, 0] and lens.tolist()[-1] == 1
+    item = train.BlockDataset(ids, lens)[2]
+    assert item["labels"].tolist() == [7, -100, -100] and "token_type_ids" not in item
