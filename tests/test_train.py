@@ -27,7 +27,7 @@ TINY = "n_layer=2,n_embd=64,n_head=4,n_positions=128"
 def corpus(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("corpus")
     assert prepare_corpus.main(["--out", str(d / "train.txt"), "--tokenizer_out", str(d / "tok"),
-                                "--max_chars", "9000", "--paragraph_chars", "300"]) == 0
+                                "--max_chars", "6000", "--paragraph_chars", "150"]) == 0
     return {"dir": d, "train": d / "train.txt", "tok": d / "tok"}
 
 
@@ -144,15 +144,15 @@ def test_fp16_then_int8_qat(corpus, tmp_path):
 def test_torchrun_two_processes(corpus, tmp_path):
     out = tmp_path / "ddp"
     p = run_train("--tokenizer_name", str(corpus["tok"]), "--config_overrides", TINY, "--train_file",
-                  str(corpus["train"]), "--output_dir", str(out), "--overwrite_output_dir", "--max_steps", "3",
+                  str(corpus["train"]), "--output_dir", str(out), "--overwrite_output_dir", "--max_steps", "2",
                   "--logging_steps", "1", nproc=2, env={"OMP_NUM_THREADS": "1"})
     assert p.stdout.count("held-out perplexity") == 1  # rank 0 reports, rank 1 finished quietly
     state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 3
-    # a DistributedSampler over 2 ranks x 4 blocks: 3 steps cover 24 blocks
+    assert state["global_step"] == 2
+    # a DistributedSampler over 2 ranks x 4 blocks: an epoch is ceil(blocks / 8) steps
     n_blocks = int(re.search(r"train (\d+) blocks", p.stderr).group(1))
     steps_per_epoch = -(-n_blocks // 8)
-    assert json.loads((out / "metrics.json").read_text())["epoch"] == pytest.approx(3 / steps_per_epoch, rel=1e-3)
+    assert json.loads((out / "metrics.json").read_text())["epoch"] == pytest.approx(2 / steps_per_epoch, rel=1e-3)
     from transformers import GPT2LMHeadModel
 
     GPT2LMHeadModel.from_pretrained(out)
@@ -161,24 +161,24 @@ def test_torchrun_two_processes(corpus, tmp_path):
 def test_kill_and_resume(corpus, tmp_path):
     out = tmp_path / "run"
     args = ["--tokenizer_name", str(corpus["tok"]), "--config_overrides", TINY, "--train_file", str(corpus["train"]),
-            "--output_dir", str(out), "--max_steps", "9", "--save_steps", "3", "--logging_steps", "1",
+            "--output_dir", str(out), "--max_steps", "6", "--save_steps", "2", "--logging_steps", "1",
             "--save_total_limit", "10"]
-    # SIGKILL during step 5: checkpoint-3 exists, steps 4-5 are lost.
-    p = run_train(*args, "--overwrite_output_dir", env={"LSGPT_FAULT_KILL_AT_STEP": "5"}, check=False)
+    # SIGKILL during step 3: checkpoint-2 exists, step 3 is lost.
+    p = run_train(*args, "--overwrite_output_dir", env={"LSGPT_FAULT_KILL_AT_STEP": "3"}, check=False)
     assert p.returncode == -9, p.stderr[-2000:]
-    assert sorted(c.name for c in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert sorted(c.name for c in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (out / "model.safetensors").exists()
-    # The same command without --overwrite_output_dir picks up checkpoint-3 by itself and runs steps 4-9.
+    # The same command without --overwrite_output_dir picks up checkpoint-2 by itself and runs steps 3-6.
     train_inproc(*args)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["resumed_from"].endswith("checkpoint-3") and m["steps_run"] == 6 and m["global_step"] == 9
-    assert _steps_logged(out) == list(range(1, 10))  # each step logged exactly once: none lost, none repeated
-    # An explicit --resume_from_checkpoint of a real checkpoint of this run continues it (steps 7-9).
+    assert m["resumed_from"].endswith("checkpoint-2") and m["steps_run"] == 4 and m["global_step"] == 6
+    assert _steps_logged(out) == list(range(1, 7))  # each step logged exactly once: none lost, none repeated
+    # An explicit --resume_from_checkpoint of a real checkpoint of this run continues it (steps 5-6).
     out2 = tmp_path / "run2"
     train_inproc(*[a if a != str(out) else str(out2) for a in args], "--resume_from_checkpoint",
-                 str(out / "checkpoint-6"))
+                 str(out / "checkpoint-4"))
     m2 = json.loads((out2 / "metrics.json").read_text())
-    assert m2["steps_run"] == 3 and _steps_logged(out2) == list(range(1, 10))
+    assert m2["steps_run"] == 2 and _steps_logged(out2) == list(range(1, 7))
     # An uninterrupted run ends with the same weights: the same batches in the same order, no step twice.
     ref = tmp_path / "ref"
     train_inproc(*[a if a != str(out) else str(ref) for a in args], "--overwrite_output_dir", "--save_steps", "100")
