@@ -1,0 +1,73 @@
+"""Smoke run of benchmarks/loadtest.py: real tritonserver, real perf_analyzer over gRPC, tiny models.
+
+No timing assertions (performance is measured by the scripts): only that every request succeeded and that
+perf_analyzer's CSV parses with a positive throughput for both served models.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_VOCAB, make_repository
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _perf_analyzer_or_skip() -> None:
+    from common import BenchError, find_perf_analyzer
+
+    try:
+        find_perf_analyzer()
+    except BenchError as e:
+        pytest.skip(str(e))
+    try:
+        from lsgpt.triton import LaunchError, find_tritonserver
+
+        find_tritonserver()
+    except LaunchError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_loadtest_quick_smoke(tiny_models, tmp_path):
+    _perf_analyzer_or_skip()
+    repo = make_repository(tmp_path / "repo", tiny_models)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "loadtest.py"), "--quick", "--model-repository", str(repo),
+           "--tokenizer", str(tiny_models.tokenizer), "--prompts", "builtin", "--concurrency", "1,2",
+           "--request-rates", "5", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    report = json.loads((out / "loadtest.json").read_text())
+    assert report["models"] == ["gpt2", "gpt2_int8"]
+    assert report["served"].startswith("repository"), report["served"]
+    assert report["failed_requests"] == 0 and report["errors"] == []
+    points = report["points"]
+    assert {(p["model"], p["mode"], p["value"]) for p in points} == {
+        (m, mode, v) for m in ("gpt2", "gpt2_int8") for mode, v in (("concurrency", 1), ("concurrency", 2),
+                                                                     ("request_rate", 5))
+    }
+    for p in points:
+        assert p["failed"] == 0 and p["ok"] > 0 and p["returncode"] == 0, p
+        with open(out / p["csv"], newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert rows, p["csv"]
+        assert float(rows[-1]["Inferences/Second"]) > 0
+        assert float(rows[-1]["p95 latency"]) > 0
+        assert p["throughput"] == pytest.approx(float(rows[-1]["Inferences/Second"]))
+
+    # perf_analyzer sent the real tokenized prompts: [CLS] text, ids inside the tiny vocabulary.
+    data = json.loads((out / "input_data.json").read_text())["data"]
+    assert data[0]["token_ids"]["content"][0] == 2  # the tiny vocabulary's [CLS]
+    assert all(max(d["token_ids"]["content"]) < len(TINY_VOCAB) and d["max_new_tokens"] == [8] for d in data)
+    if (out / "loadtest_concurrency.png").exists():  # matplotlib installed
+        assert (out / "loadtest_concurrency.png").stat().st_size > 0
