@@ -52,13 +52,14 @@ def timed_interleaved(fns: dict, runs: int) -> dict[str, tuple[float, list[float
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(runs):
         for k, f in fns.items():
+            time.sleep(0.5)  # let the other process's OpenMP threads stop spinning (2-core CPU boxes)
             t = time.perf_counter()
             outs[k] = f()
             times[k].append(round(time.perf_counter() - t, 4))
     return {k: (statistics.median(v), v, outs[k]) for k, v in times.items()}
 
 
-def measure(layers: int, hidden: int, vocab: int, new_tokens: int, runs: int, work: Path) -> dict:
+def measure(layers: int, hidden: int, vocab: int, new_tokens: int, runs: int, work: Path, device: str) -> dict:
     import tritonclient.grpc as grpcclient
 
     from client.api import Client
@@ -67,7 +68,7 @@ def measure(layers: int, hidden: int, vocab: int, new_tokens: int, runs: int, wo
     hdf5 = export_random(layers, hidden, vocab, work / f"gpt2_{layers}x{hidden}.hdf5")
     prompt = [t % vocab for t in PROMPT]
     params = SamplingParams(top_k=1, max_new_tokens=new_tokens)
-    engine = Engine.load(hdf5, device="cpu")
+    engine = Engine.load(hdf5, device=device)
 
     repo = work / f"repo_{layers}x{hidden}"
     for name in ("gpt2",):
@@ -96,12 +97,16 @@ def measure(layers: int, hidden: int, vocab: int, new_tokens: int, runs: int, wo
             "server_raw": raw,
             "server_client_library": lambda: lib.generate_ids([prompt], top_k=1, max_new_tokens=new_tokens)[0],
         }, runs)
+        # The model logs where Triton put it (KIND_AUTO: the GPU when there is one).
+        placed = [ln.split("engine on ")[1].split(",")[0] for ln in server.log_tail(400).splitlines() if "engine on " in ln]
     (local_s, local_all, local_out), (raw_s, raw_all, raw_out), (lib_s, lib_all, lib_out) = res.values()
     generated = len(local_out) - len(prompt)
     assert raw_out[: len(local_out)] == local_out and lib_out == local_out, "server output differs from the engine's"
     return {
         "model": {"layers": layers, "hidden": hidden, "vocab": vocab, "file_mb": round(hdf5.stat().st_size / 2**20, 1)},
         "new_tokens": generated,
+        "in_process_device": str(engine.device),
+        "server_engine_device": placed[-1] if placed else "unknown",
         "in_process_s": round(local_s, 4),
         "server_raw_tritonclient_s": round(raw_s, 4),
         "server_client_library_s": round(lib_s, 4),
@@ -119,20 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=21128)
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--device", default=None, help="in-process engine device (default: cuda if present, else cpu)")
     ap.add_argument("--out", default=str(ROOT / "results" / "serving-overhead-cpu.json"))
     a = ap.parse_args(argv)
     import torch
 
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.out.endswith("-cpu.json") and device != "cpu":
+        a.out = a.out.replace("-cpu.json", "-gpu.json")
     results = []
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         for shape in a.shapes.split(","):
             layers, hidden = map(int, shape.lower().split("x"))
-            r = measure(layers, hidden, a.vocab, a.new_tokens, a.runs, Path(tmp))
+            r = measure(layers, hidden, a.vocab, a.new_tokens, a.runs, Path(tmp), device)
             print(json.dumps({k: v for k, v in r.items() if k != "runs"}), flush=True)
             results.append(r)
     report = {
         "what": f"batch 1, greedy, {a.new_tokens} new tokens, prompt {len(PROMPT)} tokens; median of {a.runs} after a warm-up",
-        "device": "cpu",
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch_threads": torch.get_num_threads(),
         "results": results,

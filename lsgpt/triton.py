@@ -111,8 +111,13 @@ def server_env(inst: Install, device: str | None = None) -> dict[str, str]:
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     parts = [libdir, *map(str, inst.libs), env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in parts if p)
-    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
-    env["LSGPT_SITE_PACKAGES"] = os.pathsep.join(p for p in paths if p and os.path.isdir(p))
+    # Every site directory this interpreter sees, in its order (a venv's own first, then the system's
+    # when it was made with --system-site-packages; dist-packages on Debian/Ubuntu system Pythons).
+    # $LSGPT_SITE_PACKAGES already set: extra folders the models should see first.
+    paths = [p for p in os.environ.get("LSGPT_SITE_PACKAGES", "").split(os.pathsep) if p]
+    paths += [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+    paths += [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    env["LSGPT_SITE_PACKAGES"] = os.pathsep.join(p for p in dict.fromkeys(paths) if p and os.path.isdir(p))
     env["LSGPT_ROOT"] = str(ROOT)
     if device:
         env["LSGPT_DEVICE"] = device  # overrides the instance kind Triton chose (cpu / cuda / cuda:N)
