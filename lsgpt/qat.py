@@ -92,6 +92,18 @@ class _FakeQuant(torch.autograd.Function):
         return grad_x, grad_a.reshape(()), None
 
 
+_CONSTANTS: dict[tuple[float, torch.device], torch.Tensor] = {}
+
+
+def _constant(value: float, device: torch.device) -> torch.Tensor:
+    """Fixed clips as cached device scalars: a fresh torch.tensor(..., device="cuda") per call would be a
+    blocking host-to-device copy, dozens per step."""
+    key = (value, device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(value, dtype=torch.float32, device=device)
+    return _CONSTANTS[key]
+
+
 def fake_quant(x: torch.Tensor, amax: torch.Tensor | float, learn: bool | None = None) -> torch.Tensor:
     """Fake-quantize `x` to int8 with clip `amax`.
 
@@ -99,7 +111,7 @@ def fake_quant(x: torch.Tensor, amax: torch.Tensor | float, learn: bool | None =
     (float, buffer or frozen Parameter) only masks the straight-through gradient.
     """
     if not isinstance(amax, torch.Tensor):
-        amax = torch.tensor(float(amax), device=x.device)
+        amax = _constant(float(amax), x.device)
     if learn is None:
         learn = amax.requires_grad and torch.is_grad_enabled()
     return _FakeQuant.apply(x, amax, bool(learn))
