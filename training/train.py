@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.update(trainer.evaluate())
     for k in [k for k in metrics if k.endswith("_loss") and not k.startswith("train")]:
         metrics[k[: -len("loss")] + "perplexity"] = math.exp(min(metrics[k], 50.0))
-    metrics["perplexity"] = metrics.get("eval_perplexity", float("nan"))
+    metrics["perplexity"] = metrics.get("eval_perplexity")  # None without held-out text
 
     if args.process_index == 0:
         out = Path(args.output_dir)
