@@ -309,9 +309,12 @@ def failure_counts(url: str, model: str) -> tuple[int, int]:
 
 
 def process_tree_rss(pid: int) -> tuple[int, dict[str, int]]:
-    """Total RSS (bytes) of a process and all its descendants (Triton's Python-backend stubs), and per name."""
-    import psutil
-
+    """Total RSS (bytes) of a process and all its descendants (Triton's Python-backend stubs), and per name.
+    psutil when installed, else /proc (Linux)."""
+    try:
+        import psutil
+    except ImportError:
+        return _proc_tree_rss(pid)
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
@@ -324,6 +327,39 @@ def process_tree_rss(pid: int) -> tuple[int, dict[str, int]]:
             name = p.name()
             per[name] = per.get(name, 0) + rss
     return sum(per.values()), per
+
+
+def _proc_tree_rss(pid: int) -> tuple[int, dict[str, int]]:
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (d / "stat").read_text()
+                parent[int(d.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        kids = [c for c, pp in parent.items() if pp in frontier and c not in tree]
+        tree.update(kids)
+        frontier = kids
+    per: dict[str, int] = {}
+    for p in tree:
+        with contextlib.suppress(OSError, ValueError):
+            status = dict(ln.split(":", 1) for ln in Path(f"/proc/{p}/status").read_text().splitlines() if ":" in ln)
+            rss = int(status.get("VmRSS", "0 kB").split()[0]) * 1024
+            name = status.get("Name", "?").strip()
+            per[name] = per.get(name, 0) + rss
+    return sum(per.values()), per
+
+
+def own_rss() -> int:
+    """RSS of this process in bytes (no psutil needed)."""
+    with contextlib.suppress(OSError, ValueError):
+        for ln in Path("/proc/self/status").read_text().splitlines():
+            if ln.startswith("VmRSS:"):
+                return int(ln.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def device_slug(device: str | None = None) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import threading
@@ -42,7 +41,9 @@ from common import (  # noqa: E402
     encode_prompts,
     failure_counts,
     find_tokenizer,
+    BenchError,
     load_prompts,
+    own_rss,
     prepare_repository,
     process_tree_rss,
     pyplot,
@@ -104,13 +105,10 @@ def client_loop(url: str, model: str, rows: list[list[int]], lengths: list[int],
 def sample_memory(pid: int | None, stop: threading.Event, every: float, t0: float, samples: list[dict],
                   cuda: bool = False) -> None:
     """Every `every` s: RSS of `pid` and its descendants (pid None: this process), MiB."""
-    own = os.getpid()
     while True:
-        total, per = process_tree_rss(pid if pid is not None else own)
+        total, per = process_tree_rss(pid) if pid is not None else (0, {})
         if pid is None:  # in process: only this process (children would be compile workers)
-            import psutil
-
-            total = psutil.Process(own).memory_info().rss
+            total = own_rss()
             per = {"python": total}
         s = {"t": round(time.monotonic() - t0, 2), "rss_mib": total / 2**20,
              "per_process_mib": {k: v / 2**20 for k, v in per.items()}}
@@ -189,6 +187,8 @@ def soak_in_process(a: argparse.Namespace, rows: list[list[int]], lengths: list[
     from lsgpt.generate import Engine, SamplingParams
 
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cpu" and a.server_threads:
+        torch.set_num_threads(a.server_threads)
     engine = Engine.load(hdf5, dev)
     tally = Tally()
     stop = threading.Event()
@@ -219,6 +219,15 @@ def soak_in_process(a: argparse.Namespace, rows: list[list[int]], lengths: list[
     return {"model": str(hdf5.name), "device": dev, "elapsed_s": round(time.monotonic() - t0, 1),
             "client_ok": tally.ok, "client_failed": tally.failed, "server_ok": None, "server_failed": 0,
             "errors": tally.errors, "latencies": tally.latencies}
+
+
+def random_export(work: Path, layers: int, hidden: int, heads: int, max_step: int, vocab: int) -> tuple[Path, int]:
+    """A random-weight GPT-2 exported to an fp HDF5 file (no tokenizer needed)."""
+    import bench_generate
+    from lsgpt.export import export_model
+
+    model = bench_generate.random_model(layers, hidden, heads, vocab, max(max_step, 64))
+    return export_model(model, work / "fp.hdf5", max_step=max_step, eos_id=102), vocab
 
 
 def _wait(stop: threading.Event, seconds: float, tally: Tally) -> None:
@@ -286,7 +295,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="gpt2", help="served model to soak (gpt2, gpt2_int8)")
     p.add_argument("--url", help="gRPC url of a running server (then --pid says which process to watch)")
     p.add_argument("--pid", type=int, help="tritonserver pid (with --url)")
-    p.add_argument("--server-threads", type=int, default=1, help="OMP_NUM_THREADS of the served models")
+    p.add_argument("--server-threads", type=int, default=1, help="OMP_NUM_THREADS of the served models (in process on CPU: torch threads); 0 = default")
     p.add_argument("--tokenizer")
     p.add_argument("--prompts", default=None, help="text file, one prompt a line (default data/train.txt)")
     p.add_argument("--num-prompts", type=int, default=16)
@@ -295,6 +304,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="in process: cpu / cuda")
     p.add_argument("--max-batch", type=int, default=8, help="in process: batches of 1..max-batch prompts")
     p.add_argument("--tiny-shape", default="2,128,4,128", help="layers,hidden,heads,max_step of a random model")
+    p.add_argument("--vocab", type=int, default=21128, help="in process: vocabulary of the random model")
     p.add_argument("--out", type=Path, default=None, help="output folder (default results/<device>/soak)")
     p.add_argument("--replot", type=Path, help="only re-make the PNG from a soak.json")
     return p.parse_args(argv)
@@ -316,23 +326,36 @@ def main(argv: list[str] | None = None) -> int:
     samples: list[dict] = []
     with temp_workdir("lsgpt-soak-") as tmp:
         work = Path(tmp)
-        if a.url:
-            tok, what, vocab, repo, models = find_tokenizer(a.tokenizer, a.model_repository, a.model), \
-                f"running server at {a.url}", None, a.model_repository, [a.model]
-        else:
-            prep = prepare_repository(a.model_repository, work, hdf5=a.hdf5, tokenizer=a.tokenizer, models=[a.model],
-                                      layers=layers, hidden=hidden, heads=heads, max_step=max_step)
-            tok, what, vocab, repo = prep.tokenizer, prep.source, prep.vocab, prep.repository
-            models = prep.models if a.hdf5 else [a.model]
         src = a.prompts or default_prompt_source()
         texts = load_prompts(src, a.num_prompts) if src != "builtin" else BUILTIN_PROMPTS
-        rows = encode_prompts(tok, texts, vocab)
+        if a.in_process:
+            hdf5, what, vocab = a.hdf5, f"{a.hdf5}", None
+            if hdf5 is None:
+                hdf5, vocab = random_export(work, layers, hidden, heads, max_step, a.vocab)
+                what = f"random GPT-2 {layers}L/{hidden}H/vocab {vocab}, max_step {max_step}"
+            try:
+                tok = find_tokenizer(a.tokenizer, a.model_repository, a.model)
+                rows = encode_prompts(tok, texts, vocab)
+            except BenchError as e:  # a bare GPU machine: no tokenizer files; random ids instead
+                print(f"soak: {e}; random token ids as prompts")
+                import random
+
+                rnd = random.Random(0)
+                rows = [[101] + [rnd.randrange(1000, vocab or 21128) for _ in range(rnd.randrange(4, 24))]
+                        for _ in range(a.num_prompts)]
+        else:
+            if a.url:
+                tok, what, vocab, repo, models = find_tokenizer(a.tokenizer, a.model_repository, a.model), \
+                    f"running server at {a.url}", None, a.model_repository, [a.model]
+            else:
+                prep = prepare_repository(a.model_repository, work, hdf5=a.hdf5, tokenizer=a.tokenizer,
+                                          models=[a.model], layers=layers, hidden=hidden, heads=heads, max_step=max_step)
+                tok, what, vocab, repo = prep.tokenizer, prep.source, prep.vocab, prep.repository
+                models = prep.models if a.hdf5 else [a.model]
+            rows = encode_prompts(tok, texts, vocab)
         print(f"soak: {what}; {'in process' if a.in_process else f'model {models[0]}, concurrency {a.concurrency}'}, "
               f"{a.minutes:g} min, warm-up {warmup:.0f} s, {len(rows)} prompts, max_new_tokens {lengths}", flush=True)
         if a.in_process:
-            from lsgpt.triton import MODEL_FILE, latest_version
-
-            hdf5 = a.hdf5 or latest_version(repo / models[0]) / MODEL_FILE  # type: ignore[operator]
             res = soak_in_process(a, rows, lengths, hdf5, samples)
         else:
             res = soak_server(a, rows, lengths, repo, models, samples)
