@@ -164,6 +164,12 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
             if isinstance(m, ClipSet):
                 m.reset()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, ClipSet):  # transformers 4.x initializes missing keys through here
+            module.reset()
+            return
+        super()._init_weights(module)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         model = super().from_pretrained(*args, **kwargs)
