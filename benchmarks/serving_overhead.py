@@ -98,7 +98,8 @@ def measure(layers: int, hidden: int, vocab: int, new_tokens: int, runs: int, wo
             "server_client_library": lambda: lib.generate_ids([prompt], top_k=1, max_new_tokens=new_tokens)[0],
         }, runs)
         # The model logs where Triton put it (KIND_AUTO: the GPU when there is one).
-        placed = [ln.split("engine on ")[1].split(",")[0] for ln in server.log_tail(400).splitlines() if "engine on " in ln]
+        log = server.log_tail(400).splitlines()
+        placed = [ln.split("engine on ")[1].split(",")[0] for ln in log if "engine on " in ln]
     (local_s, local_all, local_out), (raw_s, raw_all, raw_out), (lib_s, lib_all, lib_out) = res.values()
     generated = len(local_out) - len(prompt)
     assert raw_out[: len(local_out)] == local_out and lib_out == local_out, "server output differs from the engine's"
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: v for k, v in r.items() if k != "runs"}), flush=True)
             results.append(r)
     report = {
-        "what": f"batch 1, greedy, {a.new_tokens} new tokens, prompt {len(PROMPT)} tokens; median of {a.runs} after a warm-up",
+        "what": f"batch 1, greedy, {a.new_tokens} new tokens, prompt {len(PROMPT)} tokens; "
+                f"median of {a.runs} interleaved runs after a warm-up",
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch_threads": torch.get_num_threads(),

@@ -178,7 +178,8 @@ def publish(
     kind = MODELS[model]
     if _is_quantized(src) != kind.quantized:
         want = "an int8 (QuantGpt)" if kind.quantized else "an fp16 (Gpt)"
-        raise ValueError(f"{model} serves {want} file; {src} is not one (export with{'' if kind.quantized else 'out'} -q)")
+        flag = "with" if kind.quantized else "without"
+        raise ValueError(f"{model} serves {want} file; {src} is not one (export {flag} -q)")
     vocab = _vocab_file(tokenizer)
     first = _add_version(repo / model, src, vocab, keep, link=False)
     done = {model: first}

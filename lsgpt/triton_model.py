@@ -125,9 +125,8 @@ class TritonPythonModel:
         bad = (ids < 0) | (ids >= self.cfg.vocab)
         if bad.any():
             r, c = map(int, np.argwhere(bad)[0])
-            raise BadRequest(
-                f"token id {int(ids[r, c])} at row {r}, position {c} is outside the vocabulary (0..{self.cfg.vocab - 1})"
-            )
+            raise BadRequest(f"token id {int(ids[r, c])} at row {r}, position {c} is outside the vocabulary "
+                             f"(0..{self.cfg.vocab - 1})")
         if s >= self.cfg.max_step:
             raise BadRequest(
                 f"prompt too long: {s} tokens, the model's max_step is {self.cfg.max_step} "
@@ -140,7 +139,8 @@ class TritonPythonModel:
                 continue
             v = p.as_numpy().reshape(-1)
             if v.size != b:
-                raise BadRequest(f"input '{name}' must have one value per row ([{b}, 1]), got shape {list(p.as_numpy().shape)}")
+                shape = list(p.as_numpy().shape)
+                raise BadRequest(f"input '{name}' must have one value per row ([{b}, 1]), got shape {shape}")
             if typ is float and not np.isfinite(v).all():
                 raise BadRequest(f"input '{name}' must be finite, got {v.tolist()}")
             for row, x in enumerate(v.tolist()):

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc")
 
-from client import Client, InvalidRequest, ModelNotReady, ServerUnavailable  # noqa: E402
+from client import Client, InvalidRequest, ModelNotReady, RequestTimeout, ServerUnavailable  # noqa: E402
 from conftest import make_repository  # noqa: E402
 from lsgpt.generate import Engine, SamplingParams  # noqa: E402
 from lsgpt.text import decode, encode_prompt, load_tokenizer  # noqa: E402
@@ -111,6 +111,8 @@ def test_errors(server, client, tiny_models):
         client.generate_ids([[]])
     with pytest.raises(InvalidRequest, match="vocabulary"):
         list(client.stream_ids([2, 99999]))
+    with pytest.raises(RequestTimeout):
+        Client(server.grpc_url, "gpt2", tiny_models.tokenizer, timeout=0.001).generate("我", max_new_tokens=40)
     with pytest.raises(ModelNotReady, match="nope"):
         Client(server.grpc_url, "nope", tiny_models.tokenizer, retries=0).generate("我")
     t = time.monotonic()

@@ -119,6 +119,23 @@ def test_launcher_serves_only_portable_models(served):
         TritonServer(served[1], models=["gpt2_lightseq"], grpc_port=free_port()).start()
 
 
+def test_launcher_errors_are_clear(tmp_path, monkeypatch):
+    from lsgpt.triton import find_tritonserver, servable
+
+    monkeypatch.setenv("TRITONSERVER", str(tmp_path / "nope"))
+    with pytest.raises(LaunchError, match="not an executable"):
+        find_tritonserver()
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "config.pbtxt").write_text('backend: "python"\n')
+    ok, why = servable(tmp_path / "m", tmp_path)
+    assert not ok and "backend 'python'" in why
+    (tmp_path / "python").mkdir()
+    ok, why = servable(tmp_path / "m", tmp_path)
+    assert not ok and "export" in why
+    with pytest.raises(LaunchError, match="not found"):
+        TritonServer(tmp_path / "missing").start()
+
+
 # ---------------------------------------------------------------------------------------------
 # Generation through the server = the engine in process.
 
