@@ -228,3 +228,18 @@ def test_blocks_and_split():
     assert ids.tolist()[-1] == [7, 0, 0] and lens.tolist()[-1] == 1
     item = train.BlockDataset(ids, lens)[2]
     assert item["labels"].tolist() == [7, -100, -100] and "token_type_ids" not in item
+
+
+def test_help_lists_the_options(capsys):
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--enable_quant", "--train_file", "--block_size", "--config_overrides", "--tokenizer_name",
+                "--overwrite_output_dir", "--resume_from_checkpoint", "--local_rank", "--local-rank"):
+        assert opt in out, opt
+    with pytest.raises(SystemExit):
+        prepare_corpus.main(["--help"])
+    assert "--max_chars" in capsys.readouterr().out

@@ -90,7 +90,7 @@ class ModelArguments:
 @dataclass
 class DataTrainingArguments:
     train_file: str = field(default=None, metadata={"help": "UTF-8 text, one paragraph per line (required)"})
-    validation_split_percentage: int = field(default=5, metadata={"help": "% of the lines (the first) held out"})
+    validation_split_percentage: int = field(default=5, metadata={"help": "percent of the lines (the first ones) held out"})
     block_size: int | None = field(default=None, metadata={"help": "tokens per block (default min(500, n_positions))"})
     data_cache_dir: str | None = field(
         default=None, metadata={"help": "tokenization cache (default: .lsgpt_cache beside the train file)"}
