@@ -399,9 +399,10 @@ def main(argv: list[str] | None = None) -> int:
                 "use --overwrite_output_dir or another --output_dir"
             )
 
-    tok_name = model_args.tokenizer_name or (
-        init_from if init_from and os.path.isdir(init_from) else model_args.model_name_or_path
-    )
+    has_tok = init_from and any(os.path.isfile(os.path.join(init_from, f)) for f in ("tokenizer.json", "vocab.txt"))
+    tok_name = model_args.tokenizer_name or (init_from if has_tok else model_args.model_name_or_path)
+    if not tok_name:
+        raise SystemExit(f"error: no tokenizer in {init_from}; pass --tokenizer_name")
     tok = load_tok(tok_name)
     model = build_model(model_args, init_from, tok)
     block = data_args.block_size or min(DEFAULT_BLOCK, model.config.n_positions)
