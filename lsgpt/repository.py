@@ -14,6 +14,7 @@ This module needs only the standard library and h5py.
 from __future__ import annotations
 
 import os
+import py_compile
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -100,6 +101,8 @@ def _add_version(model_dir: Path, hdf5: Path, tokenizer: Path | None, keep: int,
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     try:
         (staging / "model.py").write_text(MODEL_PY)
+        # Bytecode now, not by the server's stub at load time (a polling server would see the folder change).
+        py_compile.compile(str(staging / "model.py"), doraise=False)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, staging / "vocab.txt")
         _place(hdf5, staging / MODEL_FILE, link)
@@ -107,7 +110,9 @@ def _add_version(model_dir: Path, hdf5: Path, tokenizer: Path | None, keep: int,
         if target.exists():
             # A tracked, still empty version folder (fresh checkout: 1/ holds only model.py).
             for p in staging.iterdir():
-                os.replace(p, target / p.name)  # model.hdf5 last is not needed: the server skips it until then
+                if p.is_dir() and (target / p.name).is_dir():  # __pycache__
+                    shutil.rmtree(target / p.name)
+                os.replace(p, target / p.name)
             staging.rmdir()
         else:
             os.rename(staging, target)

@@ -159,6 +159,20 @@ def servable(model_dir: Path, backend_dir: Path) -> tuple[bool, str]:
     return True, ""
 
 
+def precompile(model_dir: Path) -> None:
+    """Write model.py's bytecode now. Otherwise the stub writes __pycache__ into the version folder when it
+    loads the model (it ignores PYTHONDONTWRITEBYTECODE), and a polling server takes that for a change
+    and reloads the model right after start-up (seen with 2.51). Same interpreter version: same cache tag."""
+    import py_compile
+
+    for v in model_dir.iterdir():
+        if v.is_dir() and (v / "model.py").is_file():
+            try:
+                py_compile.compile(str(v / "model.py"), doraise=True)
+            except (OSError, py_compile.PyCompileError):
+                pass  # read-only repository: the stub cannot write there either
+
+
 def repository_view(repo: Path, workdir: Path, backend_dir: Path, models: list[str] | None) -> list[str]:
     """Fill workdir/repository with symlinks to the models to serve; returns their names.
 
@@ -174,6 +188,8 @@ def repository_view(repo: Path, workdir: Path, backend_dir: Path, models: list[s
                 raise LaunchError(f"cannot serve model {name!r} from {repo}: {why}")
             print(f"[lsgpt.triton] skipping {name}: {why}", file=sys.stderr)
             continue
+        if model_backend(repo / name) == "python":
+            precompile(repo / name)
         (view / name).symlink_to((repo / name).resolve(), target_is_directory=True)
         chosen.append(name)
     if not chosen:

@@ -236,6 +236,8 @@ def test_bad_input_is_invalid_argument(grpc, tiny_models, case):
 
 def test_server_still_serves_after_bad_input(grpc, served):
     assert grpc.is_server_live() and served[0].proc.poll() is None
+    # Polling saw no change since start-up (the stub writing model.py's bytecode used to trigger a reload).
+    assert served[0].log_tail(100_000).count('"loading: gpt2:1"') == 1
     out = grpc.infer("gpt2", request([GOOD], max_new_tokens=2)).as_numpy("result")
     assert out.shape[1] >= 3
 
