@@ -106,8 +106,10 @@ def build_backend_dir(inst: Install, workdir: Path) -> Path:
     return workdir / "backends"
 
 
-def server_env(inst: Install, device: str | None = None) -> dict[str, str]:
+def server_env(inst: Install, device: str | None = None, threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's CPU thread pool in each model process
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     parts = [libdir, *map(str, inst.libs), env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in parts if p)
@@ -221,6 +223,7 @@ class TritonServer:
         models: list[str] | None = None,
         poll_secs: int = 5,
         device: str | None = None,
+        threads: int | None = None,
         log_file: str | os.PathLike | None = "auto",
         log_verbose: int = 0,
         extra_args: tuple[str, ...] = (),
@@ -229,6 +232,7 @@ class TritonServer:
         self.grpc_port, self.http_port, self.metrics_port, self.host = grpc_port, http_port, metrics_port, host
         self.requested = models
         self.poll_secs, self.device, self.log_verbose, self.extra_args = poll_secs, device, log_verbose, extra_args
+        self.threads = threads
         self._log_choice = log_file
         self.workdir: Path | None = None
         self.log_path: Path | None = None
@@ -276,7 +280,7 @@ class TritonServer:
             # Own session: a terminal's Ctrl-C reaches us only; we stop the server gracefully.
             self.proc = subprocess.Popen(
                 self.command(backend_dir, inst.binary),
-                env=server_env(inst, self.device),
+                env=server_env(inst, self.device, self.threads),
                 stdout=out,
                 stderr=subprocess.STDOUT if out else None,
                 start_new_session=True,
@@ -367,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=os.environ.get("LSGPT_DEVICE"),
                     help="force the engine's device (cpu, cuda, cuda:N); default: the instance kind "
                          "Triton picked (KIND_AUTO: GPU when one is visible)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads per model process (OMP_NUM_THREADS); each served model is its own process")
     ap.add_argument("--log-verbose", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for the models")
     a, extra = ap.parse_known_args(argv)
@@ -374,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     server = TritonServer(
         a.model_repository, grpc_port=a.grpc_port, http_port=a.http_port, metrics_port=a.metrics_port,
         host=a.host, models=[m for m in a.models.split(",") if m] or None, poll_secs=a.poll_secs,
-        device=a.device, log_file=None, log_verbose=a.log_verbose, extra_args=tuple(extra),
+        device=a.device, threads=a.threads, log_file=None, log_verbose=a.log_verbose, extra_args=tuple(extra),
     )
 
     def on_term(signum, frame):  # SIGTERM (docker stop) behaves like Ctrl-C
