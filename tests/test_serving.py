@@ -150,6 +150,21 @@ def test_greedy_matches_engine(grpc, engines, tok, model):
     assert unpad(out[0], len(prompt), 3) == want
 
 
+def test_http_like_lightseqs_example_client(served, grpc, tok):
+    """LightSeq's example client speaks HTTP: same tensors, same answer as gRPC."""
+    import tritonclient.http as httpclient
+
+    prompt = encode_prompt(tok, "hello world")
+    c = httpclient.InferenceServerClient(served[0].http_url)
+    ids = httpclient.InferInput("token_ids", [1, len(prompt)], "INT32")
+    ids.set_data_from_numpy(np.asarray([prompt], dtype=np.int32))
+    n = httpclient.InferInput("max_new_tokens", [1, 1], "INT32")
+    n.set_data_from_numpy(np.array([[6]], dtype=np.int32))
+    got = c.infer("gpt2_int8", [ids, n]).as_numpy("result")
+    assert (got == grpc.infer("gpt2_int8", request([prompt], max_new_tokens=6)).as_numpy("result")).all()
+    c.close()
+
+
 def test_file_defaults_without_parameters(grpc, engines, tok, tiny_models):
     prompt = encode_prompt(tok, "hello")  # the file says topk=1: greedy up to max_step
     out = grpc.infer("gpt2", request([prompt])).as_numpy("result")
