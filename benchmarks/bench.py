@@ -47,13 +47,36 @@ GPU_SHAPE = dict(layers=12, hidden=768, heads=12, vocab=21128)
 # (a) generation
 
 
-def section_generate(a: argparse.Namespace, device: str) -> dict:
+def section_generate(a: argparse.Namespace, device: str, partial=lambda res: None) -> dict:
+    """bench_generate.run() over all batch sizes; with --compile, the compiled engines are timed in a second
+    run() limited to --compile-batches (compiling costs about 2 minutes per batch size on an H100) and
+    their columns are merged into the first run's rows (speed-ups against the first run's HF time)."""
     import bench_generate
 
-    args = SimpleNamespace(device=device, layers=a.layers, hidden=a.hidden, heads=a.heads, vocab=a.vocab,
-                           prompt_len=a.prompt_len, new_tokens=a.new_tokens, batches=a.batches, repeats=a.repeats,
-                           threads=a.threads, compile=a.compile)
-    return bench_generate.run(args)
+    def args(batches: list[int], compile: bool) -> SimpleNamespace:
+        return SimpleNamespace(device=device, layers=a.layers, hidden=a.hidden, heads=a.heads, vocab=a.vocab,
+                               prompt_len=a.prompt_len, new_tokens=a.new_tokens, batches=batches,
+                               repeats=a.repeats, threads=a.threads, compile=compile)
+
+    compile_batches = [b for b in (a.compile_batches or a.batches)] if a.compile else []
+    if not compile_batches or compile_batches == a.batches:
+        return bench_generate.run(args(a.batches, a.compile))
+    res = bench_generate.run(args(a.batches, False))
+    partial(res)
+    comp = bench_generate.run(args(compile_batches, True))
+    by_batch = {r["batch"]: r for r in comp["results"]}
+    for row in res["results"]:
+        c = by_batch.get(row["batch"])
+        if c is None:
+            continue
+        base = [k for k in row if k.startswith("hf_") and k.endswith("_s")][0]
+        for k, v in c.items():
+            if k.endswith("_compiled_s"):
+                row[k] = v
+                row[k.replace("_s", "_speedup_vs_hf")] = round(row[base] / v, 2)
+        row["hf_second_run_s"] = c[base]  # the compiled run's own HF time (machine drift check)
+    res["compiled_batches"] = compile_batches
+    return res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,14 +212,15 @@ def markdown(report: dict) -> str:
     gen = report["sections"].get("generate")
     if gen and "results" in gen:
         rows = gen["results"]
-        keys = [k for k in rows[0] if k.endswith("_s")]
+        keys = _gen_keys(rows)
         s = gen["shape"]
         out += [f"**Generation** — {s['layers']} layers, {s['hidden']} hidden, vocab {s['vocab']}, prompt "
                 f"{rows[0]['prompt_len']} tokens, {rows[0]['new_tokens']} new tokens, greedy; seconds (× = speed-up "
                 f"vs {keys[0][:-2]}; int8 GEMM backend: {gen.get('int8_backend')})", "",
                 "| batch | " + " | ".join(k[:-2] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for r in rows:
-            cells = [f"{r[keys[0]]:.3f}"] + [f"{r[k]:.3f} ({r[keys[0]] / r[k]:.2f}×)" for k in keys[1:]]
+            cells = [f"{r[keys[0]]:.3f}"] + [f"{r[k]:.3f} ({r[keys[0]] / r[k]:.2f}×)" if k in r else "—"
+                                             for k in keys[1:]]
             out.append(f"| {r['batch']} | " + " | ".join(cells) + " |")
         out.append("")
     elif gen:
@@ -231,6 +255,12 @@ def markdown(report: dict) -> str:
     return "\n".join(out)
 
 
+def _gen_keys(rows: list[dict]) -> list[str]:
+    """Timed columns (HF first), over all rows: compiled engines may be timed at some batch sizes only."""
+    keys = dict.fromkeys(k for r in rows for k in r if k.endswith("_s") and k != "hf_second_run_s")
+    return sorted(keys, key=lambda k: not k.startswith("hf_"))
+
+
 def _bars(ax, groups: list[str], series: dict[str, list[float]], fmt: str, labels: dict[str, list[str]] | None = None):
     width = 0.8 / max(1, len(series))
     for j, (name, vals) in enumerate(series.items()):
@@ -252,12 +282,12 @@ def plot(report: dict, out: Path) -> list[Path]:
     gen = report["sections"].get("generate")
     if gen and "results" in gen:
         rows = gen["results"]
-        keys = [k for k in rows[0] if k.endswith("_s")]
+        keys = _gen_keys(rows)
         base = keys[0]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
-        _bars(a1, [f"batch {r['batch']}" for r in rows], {k[:-2]: [r[k] for r in rows] for k in keys}, "%.2f")
+        _bars(a1, [f"batch {r['batch']}" for r in rows], {k[:-2]: [r.get(k, 0.0) for r in rows] for k in keys}, "%.2f")
         a1.set(ylabel="seconds (lower is better)", title="generation time")
-        _bars(a2, [f"batch {r['batch']}" for r in rows], {k[:-2]: [r[base] / r[k] for r in rows] for k in keys}, "%.1f×")
+        _bars(a2, [f"batch {r['batch']}" for r in rows], {k[:-2]: [r[base] / r[k] if k in r else 0.0 for r in rows] for k in keys}, "%.1f×")
         a2.set(ylabel=f"speed-up vs {base[:-2]} (higher is better)", title="speed-up")
         s = gen["shape"]
         fig.suptitle(f"{rows[0]['new_tokens']} new tokens, {s['layers']}L/{s['hidden']}H/vocab {s['vocab']} — {dev}",
@@ -329,6 +359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads here and OMP_NUM_THREADS of the server (default: 1 on CPU; 0 = torch default)")
     p.add_argument("--compile", action="store_true", help="CUDA: also torch.compile'd decode steps")
+    p.add_argument("--compile-batches", type=lambda s: [int(x) for x in s.split(",")],
+                   help="with --compile: only these batch sizes get compiled engines (default: all)")
     p.add_argument("--e2e-new-tokens", type=int, default=32)
     p.add_argument("--e2e-runs", type=int, default=5)
     p.add_argument("--train-arg", action="append", default=[],
@@ -381,7 +413,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {s}", flush=True)
             t0 = time.time()
             if s == "generate":
-                res = section_generate(a, device)
+                def partial(res: dict) -> None:
+                    report["sections"]["generate"] = res
+                    out.mkdir(parents=True, exist_ok=True)
+                    (out / "bench.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+
+                res = section_generate(a, device, partial)
             elif s == "e2e":
                 res = section_e2e(a, device)
             else:
