@@ -194,7 +194,11 @@ def test_dynamic_batch_of_unequal_prompts_with_a_bad_request(grpc, engines, tok)
         grpc.async_infer("gpt2", request([p], top_k=0, top_p=0.9, seed=seed, max_new_tokens=10),
                          lambda result, error, i=i: results.put((i, result, error)))
     grpc.async_infer("gpt2", request([[2, 10_000]]), lambda result, error: results.put(("bad", result, error)))
-    got = dict((k, (r, e)) for k, r, e in (results.get(timeout=60) for _ in range(len(prompts) + 1)))
+    plain = encode_prompt(tok, "这是")  # no optional inputs at all: the file's defaults (greedy to max_step)
+    grpc.async_infer("gpt2", request([plain]), lambda result, error: results.put(("plain", result, error)))
+    got = {k: (r, e) for k, r, e in (results.get(timeout=60) for _ in range(len(prompts) + 2))}
+    r, e = got.pop("plain")
+    assert e is None and unpad(r.as_numpy("result")[0], len(plain), 3) == engines["gpt2"].generate([plain])[0]
     r, e = got.pop("bad")
     assert r is None and "StatusCode.INVALID_ARGUMENT" in str(e.status()) and "10000" in e.message()
     for i, p in enumerate(prompts):
@@ -206,7 +210,7 @@ def test_dynamic_batch_of_unequal_prompts_with_a_bad_request(grpc, engines, tok)
     n_req = after.inference_count - before.inference_count
     n_exec = after.execution_count - before.execution_count
     # Requests of different lengths (and the bad one) shared model executions.
-    assert n_req == len(prompts) + 1 and n_exec < len(prompts), (n_req, n_exec)
+    assert n_req == len(prompts) + 2 and n_exec < len(prompts), (n_req, n_exec)
 
 
 # ---------------------------------------------------------------------------------------------
