@@ -19,8 +19,10 @@ demo: setup
 serve: setup
 	scripts/serve.sh --model-repository $(MODEL_REPOSITORY) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --host $(HOST)
 
+# perf_analyzer sweep over gRPC (LOADTEST_ARGS=--quick: seconds; --url HOST:PORT: a running server)
 loadtest: setup
-	$(PY) benchmarks/loadtest.py --model-repository $(MODEL_REPOSITORY)
+	$(PY) benchmarks/loadtest.py --model-repository $(MODEL_REPOSITORY) $(LOADTEST_ARGS)
 
+# one run, side by side: generation HF vs ours fp/int8, Triton vs in process, training (BENCH_ARGS=--sections ...)
 bench: setup
-	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
