@@ -300,7 +300,9 @@ def build_model(model_args: ModelArguments, init_from: str | None, tok) -> GPT2L
         model.resize_token_embeddings(len(tok))
     if model.config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
         logger.warning("activation %s is not LightSeq's tanh GELU", model.config.activation_function)
-    model.loss_type = "ForCausalLM"  # HF's default causal-LM loss, said explicitly (silences a warning)
+    # Said explicitly, the Trainer knows the loss shifts labels and normalizes by the T-1 predicted tokens of a
+    # block; with loss_type unset (HF's GPT-2 config) it divides by T and reports a loss (T-1)/T too low.
+    model.loss_type = "ForCausalLM"
     # Ids for this vocabulary (the uer config says 50256); exporter and engine read eos/pad from here.
     ids = {"eos_token_id": tok.sep_token_id, "bos_token_id": tok.cls_token_id, "pad_token_id": tok.pad_token_id}
     for k, v in ids.items():
