@@ -270,6 +270,7 @@ def _bars(ax, groups: list[str], series: dict[str, list[float]], fmt: str, label
     ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(groups))], groups)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    ax.margins(y=0.12)  # room for the bar labels
 
 
 def plot(report: dict, out: Path) -> list[Path]:
@@ -321,6 +322,7 @@ def plot(report: dict, out: Path) -> list[Path]:
                                        for v in modes.values()], fontsize=8)
             ax.set(ylabel="training tokens / s (higher is better)", title=f"training throughput — {tr.get('device', dev)}")
             ax.grid(axis="y", alpha=0.3)
+            ax.margins(y=0.15)
             fig.tight_layout()
             made.append(out / "bench_train.png")
             fig.savefig(made[-1], dpi=110)
