@@ -108,6 +108,26 @@ def test_fp16_then_int8_qat(corpus, tmp_path):
     m = json.loads((fp16 / "metrics.json").read_text())
     assert m["global_step"] == 4 and m["perplexity"] == pytest.approx(2.718281828 ** m["eval_loss"], rel=1e-6)
 
+    # eval_loss is the mean NLL of the predicted (shifted, unpadded) tokens per batch, batches weighted by size
+    import numpy as np
+    from transformers import GPT2LMHeadModel, default_data_collator
+
+    import train
+
+    cache = next((corpus["dir"] / ".lsgpt_cache").glob("*.npz"))
+    z = np.load(cache)
+    val = train.BlockDataset(z["val_ids"], z["val_len"])
+    model = GPT2LMHeadModel.from_pretrained(fp16).eval()
+    total = 0.0
+    for i in range(0, len(val), 4):
+        b = default_data_collator([val[j] for j in range(i, min(i + 4, len(val)))])
+        with torch.no_grad():
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
+                                                ignore_index=-100)
+        total += nll.item() * len(b["input_ids"])
+    assert m["eval_loss"] == pytest.approx(total / len(val), rel=1e-4)
+
     # The article's int8 command shape: hub id + --resume_from_checkpoint <finished fp16 run>. The hub is
     # never contacted (the weights and tokenizer come from model/fp16) and all requested steps run.
     printed = train_inproc("--model_name_or_path", "uer/gpt2-chinese-cluecorpussmall", "--resume_from_checkpoint",
@@ -122,7 +142,6 @@ def test_fp16_then_int8_qat(corpus, tmp_path):
     assert m8["fp16_loss"] == pytest.approx(m["eval_loss"], rel=1e-5)  # same weights, same held-out text
 
     from safetensors.torch import load_file
-    from transformers import GPT2LMHeadModel
 
     from lsgpt.qat import QuantGPT2LMHeadModel
 
