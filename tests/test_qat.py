@@ -249,3 +249,33 @@ def test_save_load_roundtrip(tmp_path, hf_model):
     assert vals[fmt.CLIP_PREFIX_EMB + "emb_clip_max"] == fmt.EMB_CLIP_INIT
     assert {v for k, v in vals.items() if not k.endswith("emb_clip_max")} == {fmt.ACT_CLIP_INIT}
     assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()
+
+
+def test_int8_engine_matches_fake_quant(tmp_path, hf_model):
+    """The exported int8 model, run by the engine's integer dataflow, gives the QAT model's NLL: the fake
+    quantizers sit where the QuantGpt format quantizes, with the same clips."""
+    export = pytest.importorskip("lsgpt.export")
+    generate = pytest.importorskip("lsgpt.generate")
+    qat = to_qat(hf_model).eval()
+    with torch.no_grad():  # clips as after training: tight enough that quantization and clipping matter
+        qat.transformer.ls_clips["emb_clip_max"].fill_(0.08)
+        qat.transformer.ls_clips["output_ln_clip_max"].fill_(3.0)
+        for block in qat.transformer.h:
+            for n in fmt.LAYER_ACT_CLIPS:
+                if n not in fmt.FROZEN_ACT_CLIPS:
+                    block.ls_clips[n].fill_(0.3 if "dense" in n or "first_output" in n else 2.0)
+    qat.save_pretrained(tmp_path / "int8")
+    path = export.export_model(tmp_path / "int8", tmp_path / "int8.hdf5", max_step=64, quantize=True)
+    engine = generate.Engine.load(path, device="cpu")
+    torch.manual_seed(3)
+    ids = torch.randint(3, 300, (4, 48))
+    with torch.no_grad():
+        logits = qat(ids).logits
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+    got = torch.tensor(engine.ppl(ids.tolist()), dtype=torch.float32)
+    torch.testing.assert_close(got, nll, rtol=0, atol=1e-4)
+    qat.set_quant(False)  # and the float model is measurably different, so the match above means something
+    with torch.no_grad():
+        lf = qat(ids).logits
+    nll_float = F.cross_entropy(lf[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+    assert (nll_float - got).abs().max() > 1e-3
