@@ -201,7 +201,7 @@ def _cache_key(path: str, tok, block: int, percent: int) -> str:
 
 
 def build_datasets(
-    data_args: DataTrainingArguments, tok, block: int, main_process: bool
+    data_args: DataTrainingArguments, tok, block: int, main_process: bool, lines: list[str] | None = None
 ) -> tuple[BlockDataset, BlockDataset | None]:
     """Read, split, tokenize and block the text, through a cache shared by runs (and ranks)."""
     from tqdm.auto import tqdm
@@ -215,7 +215,7 @@ def build_datasets(
         logger.info("tokenized data from cache %s", cache)
         z = np.load(cache)
     else:
-        lines = read_paragraphs(path)
+        lines = lines if lines is not None else read_paragraphs(path)
         train_lines, val_lines = split_lines(lines, data_args.validation_split_percentage)
         max_len, tok.model_max_length = tok.model_max_length, int(1e12)  # paragraphs may exceed it; blocks don't
         try:
@@ -361,8 +361,10 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     model_args, data_args, args, overwrite = parse_args(argv)
-    if not Path(data_args.train_file).is_file():
-        raise DataError(f"training file not found: {data_args.train_file}")
+    # Every rank checks the text before anything waits on a barrier: a bad file must stop all ranks, not
+    # leave the others waiting in main_process_first() for a rank 0 that exited.
+    lines = read_paragraphs(data_args.train_file)
+    split_lines(lines, data_args.validation_split_percentage)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
         level=logging.INFO if args.process_index == 0 else logging.WARNING,
@@ -412,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --block_size {block} exceeds the model's n_positions={model.config.n_positions}")
 
     with args.main_process_first(desc="tokenization"):
-        train_ds, eval_ds = build_datasets(data_args, tok, block, args.process_index == 0)
+        train_ds, eval_ds = build_datasets(data_args, tok, block, args.process_index == 0, lines)
     logger.info("train %d blocks (%d tokens), validation %d blocks", len(train_ds), train_ds.n_tokens,
                 len(eval_ds) if eval_ds else 0)
 
