@@ -300,7 +300,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="OMP_NUM_THREADS of the served models (torch CPU threads; 0 = torch's default). One "
                         "thread per model instance leaves a core to perf_analyzer on these 2-core machines")
     p.add_argument("--tiny-shape", default="2,128,4,128", help="layers,hidden,heads,max_step of the random model")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default results/<device>/loadtest)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default results/<device>/loadtest, or loadtest-quick with --quick)")
     p.add_argument("--perf-arg", action="append", default=[], help="extra perf_analyzer argument (repeatable)")
     a = p.parse_args(argv)
     if a.quick:
@@ -315,7 +315,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     models = [m for m in a.models.split(",") if m]
-    out: Path = a.out or ROOT / "results" / device_slug("cpu") / "loadtest"
+    out: Path = a.out or ROOT / "results" / device_slug() / ("loadtest-quick" if a.quick else "loadtest")
     out.mkdir(parents=True, exist_ok=True)
     try:
         pa = find_perf_analyzer()
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copyfile(server.log_path, out / "server.log")
     report = {
         "task": "loadtest",
-        "device": device_slug("cpu"),
+        "device": device_slug(),
         "served": served_desc,
         "models": models,
         "prompts": len(rows),

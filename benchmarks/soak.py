@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         if plot(report, png):
             print(f"wrote {png}")
         return 0
-    out: Path = a.out or ROOT / "results" / device_slug(a.device if a.in_process else "cpu") / "soak"
+    out: Path = a.out or ROOT / "results" / device_slug(a.device if a.in_process else None) / "soak"
     out.mkdir(parents=True, exist_ok=True)
     layers, hidden, heads, max_step = (int(x) for x in a.tiny_shape.split(","))
     lengths = [int(x) for x in a.max_new_tokens.split(",")]
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "task": "soak",
         "what": what + (" (in process)" if a.in_process else ""),
-        "device": device_slug(a.device if a.in_process else "cpu"),
+        "device": device_slug(a.device if a.in_process else None),
         "mode": "in_process" if a.in_process else "server",
         "concurrency": 1 if a.in_process else a.concurrency,
         "minutes": a.minutes,
