@@ -8,7 +8,7 @@
 #   1. bench.py --sections train,generate --compile --compile-batches 1  (the article's sizes: 12L/768H/vocab
 #      21128, 500 new tokens, batch 1/8/32; HF fp16 vs ours fp16 vs int8, + compiled decode steps at batch 1;
 #      Trainer tokens/s)
-#   2. soak.py --in-process: the engine alone on the GPU for 60 s, batches 1..8, varied lengths; host RSS
+#   2. soak.py --in-process: the engine alone on the GPU for 45 s, batches 1..8, varied lengths; host RSS
 #      and CUDA reserved memory over time (a leak in the KV caches / CUDA graphs would show here)
 # and writes at most 8 files, none deeper than $OUT/a/b/file:
 #   $OUT/gpu_all.log  $OUT/<dev>/bench.json  $OUT/<dev>/bench.md  $OUT/<dev>/soak/soak.json
@@ -39,8 +39,8 @@ timeout 370 "$PY" benchmarks/bench.py --sections train,generate --compile --comp
     --out "$OUT/$DEV" --train-arg=--steps=10 --train-timeout 150 \
     || { echo "[gpu_all] bench.py failed or timed out (exit $?): $OUT/$DEV/bench.json holds what finished"; status=1; }
 
-# 2. In-process engine soak on the GPU (article shape, max_step 128): 60 s, batches 1..8.
-timeout 100 "$PY" benchmarks/soak.py --in-process --device cuda --minutes 1 --warmup 15 --sample-every 1 \
+# 2. In-process engine soak on the GPU (article shape, max_step 128): 45 s, batches 1..8.
+timeout 80 "$PY" benchmarks/soak.py --in-process --device cuda --minutes 0.75 --warmup 12 --sample-every 1 \
     --tiny-shape 12,768,12,128 --max-batch 8 --max-new-tokens 8,32,64 --prompts builtin \
     --out "$OUT/$DEV/soak" || { echo "[gpu_all] soak failed or timed out (exit $?)"; status=1; }
 
