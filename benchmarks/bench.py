@@ -95,7 +95,7 @@ def section_e2e(a: argparse.Namespace, device: str) -> dict:
     import tritonclient.grpc as grpcclient
 
     import bench_generate
-    from common import copy_repository_skeleton, precompile_models
+    from common import copy_repository_skeleton
     from lsgpt.generate import Engine, SamplingParams
     from lsgpt.repository import publish
 
@@ -111,7 +111,6 @@ def section_e2e(a: argparse.Namespace, device: str) -> dict:
         copy_repository_skeleton(ROOT / "model_repository", repo)
         publish(fp, repo, "gpt2", lightseq=False)
         publish(q, repo, "gpt2_int8", lightseq=False)
-        precompile_models(repo, ["gpt2", "gpt2_int8"])
         engines = {"gpt2": Engine.load(fp, device), "gpt2_int8": Engine.load(q, device)}
         params = SamplingParams(max_new_tokens=n, top_k=1, ignore_eos=True)
         with served(repo, ["gpt2", "gpt2_int8"], threads=a.threads or None,

@@ -256,42 +256,17 @@ def served(repository: Path, models: list[str], url: str | None = None, timeout:
     """Yield (gRPC url, server): a tritonserver of ours on free ports, or the running one at `url`.
 
     threads: OMP_NUM_THREADS of the server's model processes (torch's CPU thread pool); None leaves it.
-    Seen with tritonserver 2.51 in poll mode: the Python backend stub writes model.py's __pycache__ into the
-    version folder at load, the first poll (right after start-up, whatever --repository-poll-secs) takes it
-    for a change and reloads every model: 'failed to find the requested model version' and statistics that
-    restart mid-run. PYTHONDONTWRITEBYTECODE=1 for the server avoids it; the hourly poll is a second guard.
+    The launcher byte-compiles model.py before the start (a polling 2.51 server otherwise reloads every
+    model right after start-up, when the stub writes __pycache__); benchmarks also poll only hourly.
     """
     if url:
         yield url, None
         return
     server = TritonServer(repository, models=models, grpc_port=free_port(), http_port=free_port(),
-                          metrics_port=free_port(), device=device, poll_secs=3600)
-    precompile_models(repository, models)
-    env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # server_env() copies os.environ at start
-    try:
-        server.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+                          metrics_port=free_port(), device=device, poll_secs=3600, threads=threads)
     with server:
         server.wait_ready(timeout)
         yield server.grpc_url, server
-
-
-def precompile_models(repository: Path, models: list[str]) -> None:
-    """Write __pycache__ of every served version's model.py now, so the server's stub finds it valid and
-    does not touch the version folder (which a polling server would take for a new version)."""
-    import compileall
-
-    for m in models:
-        for v in (repository / m).iterdir() if (repository / m).is_dir() else ():
-            if v.is_dir() and v.name.isdigit() and (v / "model.py").is_file():
-                compileall.compile_file(str(v / "model.py"), quiet=2)
 
 
 def failure_counts(url: str, model: str) -> tuple[int, int]:
