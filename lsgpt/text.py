@@ -30,8 +30,10 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     from transformers import BertTokenizerFast
 
     p = os.fspath(name_or_path)
-    if os.path.isfile(p):  # a bare vocab.txt
-        return BertTokenizerFast(vocab_file=p, do_lower_case=False, tokenize_chinese_chars=True)
+    if os.path.isfile(p):  # a bare vocab.txt (transformers 5 ignores vocab_file=: pass the mapping itself)
+        with open(p, encoding="utf-8") as f:
+            vocab = {line.rstrip("\n"): i for i, line in enumerate(f) if line.rstrip("\n")}
+        return BertTokenizerFast(vocab=vocab, do_lower_case=False, tokenize_chinese_chars=True)
     try:
         return BertTokenizerFast.from_pretrained(p)
     except OSError as e:
