@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -265,9 +265,8 @@ def write_hdf5(path: str | os.PathLike, cfg: GptConfig, arrays: Mapping[str, np.
             for name, spec in want.items():
                 a = np.asarray(arrays[name])
                 if spec.kind == "float":
-                    # fp16 format stores flat float arrays (LightSeq writes 1-D); position embedding f4.
-                    a = a.astype(np.float32).reshape(-1) if not cfg.quantized or a.ndim == 1 else a
-                    f.create_dataset(name, data=a.astype(np.float32))
+                    # the fp16 format stores flat float arrays (LightSeq's writers flatten); int8 keeps shapes
+                    f.create_dataset(name, data=(a if cfg.quantized else a.reshape(-1)).astype(np.float32))
                 elif spec.kind == "uint8":
                     f.create_dataset(name, data=a if cfg.quantized else a.reshape(-1), dtype=np.uint8)
                 else:
@@ -426,6 +425,3 @@ def layer_arrays(cfg: GptConfig, arrays: Mapping[str, np.ndarray], layer: int) -
         out.update({n: arrays[p + n] for n in LAYER_ACT_CLIPS})
     return out
 
-
-def iter_dataset_names(cfg: GptConfig) -> Iterable[str]:
-    return (s.name for s in dataset_specs(cfg))

@@ -10,7 +10,6 @@ draws from its own generator seeded by its seed, so its output does not depend o
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -253,19 +252,6 @@ class Engine:
             logp = torch.log_softmax(self.logits(t)[0, :-1], -1)
             out.append(float(-logp.gather(1, t[0, 1:, None]).mean()))
         return out
-
-    def benchmark(self, prompt_len: int, new_tokens: int, batch: int, params: SamplingParams) -> float:
-        """Seconds for one generate() of `batch` random prompts (synchronised on CUDA)."""
-        g = torch.Generator().manual_seed(0)
-        prompts = torch.randint(0, self.config.vocab, (batch, prompt_len), generator=g).tolist()
-        sp = replace(params, max_new_tokens=new_tokens, ignore_eos=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        self.generate(prompts, sp)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
 
 
 def sample(logits: torch.Tensor, rows: Sequence[SamplingParams], gens: Sequence[torch.Generator]) -> torch.Tensor:
