@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from lsgpt.format import GptConfig, max_output_len, read_hdf5
+from lsgpt.fused import FusedForward
+from lsgpt.fused import available as fused_available
 from lsgpt.model import GPT
 from lsgpt.quantize import QuantGPT
 
@@ -54,33 +56,28 @@ class SamplingParams:
 class GraphedDecode:
     """One decode step (B rows, one token each) captured as a CUDA graph over a fixed cache of max_step slots.
 
-    Replaying it costs one launch instead of hundreds of small kernels: at batch 1 decode is launch-bound.
+    Replaying it costs one launch instead of dozens of kernels: at batch 1 decode is launch-bound.
     Capture runs the step on zeros, which scribbles on cache slot 0; that is why it happens before prefill.
     """
 
-    def __init__(self, model, batch: int, compile: bool = False):
-        dev = model.device
-        self.model = model
-        # torch.compile fuses the int8 path's many small elementwise kernels (quantize, requantize, bias)
-        self._fn = torch.compile(self._step_eager, dynamic=False) if compile else self._step_eager
-        self.cache = model.new_cache(batch, model.cfg.max_step)
-        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
+    def __init__(self, step: Callable, cache, batch: int, device: torch.device, compile: bool = False):
+        self.cache = cache
+        # torch.compile fuses the reference int8 path's many small elementwise kernels (quantize, requantize, bias)
+        self._fn = torch.compile(step, dynamic=False) if compile else step
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up outside the graph (lazy init, cuBLAS workspaces)
+            for _ in range(2):  # warm-up outside the graph (lazy init, kernel compilation, cuBLAS workspaces)
                 self._step()
-        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._step()
 
     def _step(self) -> torch.Tensor:
-        return self._fn(self.tok, self.pos)
-
-    def _step_eager(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(self.model.forward(tok, pos, self.cache, static=True)[:, 0])
+        return self._fn(self.tok, self.pos, self.cache)
 
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.tok.copy_(tok)
@@ -98,11 +95,15 @@ class Engine:
         max_batch_size: int | None = None,
         cuda_graphs: bool = True,
         compile: bool = False,
+        fused: bool | None = None,
     ):
         self.config, self.model, self.device = cfg, model, device
         self.max_batch_size = max_batch_size
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
-        self.compile = compile and self.cuda_graphs
+        # the fused Triton kernels (lsgpt.fused) on CUDA unless fused=False or LSGPT_FUSED=0
+        use_fused = fused_available(device) if fused is None else fused
+        self.fused = FusedForward(model) if use_fused else None
+        self.compile = compile and self.cuda_graphs and self.fused is None
         self._graphs: dict[int, GraphedDecode] = {}  # batch size -> captured decode step (and its cache)
 
     @classmethod
@@ -112,13 +113,35 @@ class Engine:
         device: str | torch.device | None = None,
         max_batch_size: int | None = None,
         compile: bool = False,
+        fused: bool | None = None,
     ) -> "Engine":
         """Read and validate the file, then build the fp16 or int8 model on `device` (default: CUDA if present)."""
         cfg, arrays = read_hdf5(path)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
         model = (QuantGPT if cfg.quantized else GPT)(cfg, arrays, dev, dtype)
-        return cls(cfg, model, dev, max_batch_size, compile=compile)
+        return cls(cfg, model, dev, max_batch_size, compile=compile, fused=fused)
+
+    @property
+    def backend(self) -> str:
+        """What runs the forward: the fused Triton kernels, or the reference path (and its int8 GEMM backend)."""
+        if self.fused is not None:
+            return "triton-fused"
+        if self.config.quantized:
+            return "reference/" + self.model.layers[0]["ffn_first_kernel"].backend
+        return "reference"
+
+    def _forward_logits(self, tokens, positions, cache, last: torch.Tensor | None = None, static: bool = False):
+        """fp32 logits [R, V] of the flat rows `last` (None: all B·T rows) after a forward over tokens [B, T]."""
+        if self.fused is not None:
+            return self.fused(tokens, positions, cache, last)
+        m = self.model
+        hidden = m.forward(tokens, positions, cache, static=static)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        return m.logits(hidden if last is None else hidden[last])
+
+    def _decode_fn(self, tok: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        return self._forward_logits(tok, pos, cache, static=True)
 
     # ---------------------------------------------------------------------------------------------
     # Validation
@@ -164,7 +187,7 @@ class Engine:
     ) -> list[list[int]]:
         """Prompt + continuation per row (EOS kept if generated; rows may differ in length)."""
         out = [list(map(int, p)) for p in prompts]
-        for step in self._steps(prompts, params):
+        for step in self._steps(prompts, params, sync_every=32):
             for row, tok in step:
                 out[row].append(tok)
         return out
@@ -176,8 +199,12 @@ class Engine:
                 yield tok
 
     @torch.inference_mode()
-    def _steps(self, prompts, params) -> Iterator[list[tuple[int, int]]]:
-        """Yield, per decoding step, the (row, token) pairs of rows still running."""
+    def _steps(self, prompts, params, sync_every: int = 1) -> Iterator[list[tuple[int, int]]]:
+        """Yield, per decoding step, the (row, token) pairs of rows still running.
+
+        The host reads sampled tokens back only every few steps (1, 2, 4, .. up to `sync_every`), so the GPU runs
+        ahead without a synchronisation per token; rows that finished in between run on harmlessly.
+        """
         rows = self.validate(prompts, params)
         c, m, dev = self.config, self.model, self.device
         lens = [len(p) for p in prompts]
@@ -197,37 +224,43 @@ class Engine:
         graph = None
         if self.cuda_graphs:
             if B not in self._graphs:
-                self._graphs[B] = GraphedDecode(m, B, self.compile)
+                self._graphs[B] = GraphedDecode(self._decode_fn, m.new_cache(B, c.max_step), B, dev, self.compile)
             graph = self._graphs[B]
             cache = graph.cache
         else:
             cache = m.new_cache(B, max(S, P))
         positions = torch.arange(P, device=dev).expand(B, P)
-        hidden = m.forward(tokens, positions, cache)
         cur = torch.as_tensor(lens, device=dev)
-        logits = m.logits(hidden[torch.arange(B, device=dev), cur - 1])
+        logits = self._forward_logits(tokens, positions, cache, last=torch.arange(B, device=dev) * P + cur - 1)
         gens = [torch.Generator(device=dev).manual_seed(sp.seed) for sp in rows]
         length = list(lens)
         done = [n >= lim for n, lim in zip(lens, limits)]
+        left = max(lim - n for lim, n in zip(limits, lens))  # steps until every row reaches its length limit
+        pending: list[torch.Tensor] = []
+        chunk = 1
         while True:
             nxt = sample(logits, rows, gens)
-            nxt_list = nxt.tolist()
-            step = []
-            for b in range(B):
-                if done[b]:
-                    continue
-                step.append((b, nxt_list[b]))
-                length[b] += 1
-                if (nxt_list[b] == c.eos_id and not rows[b].ignore_eos) or length[b] >= limits[b]:
-                    done[b] = True
-            yield step
-            if all(done):
-                return
+            pending.append(nxt)
+            left -= 1
+            if len(pending) >= chunk or left <= 0:
+                for toks in torch.stack(pending).tolist():  # the one host synchronisation of the chunk
+                    step = []
+                    for b in range(B):
+                        if done[b]:
+                            continue
+                        step.append((b, toks[b]))
+                        length[b] += 1
+                        if (toks[b] == c.eos_id and not rows[b].ignore_eos) or length[b] >= limits[b]:
+                            done[b] = True
+                    yield step
+                    if all(done):
+                        return
+                pending, chunk = [], min(2 * chunk, sync_every)
             pos = cur.clamp(max=cache.k[0].shape[1] - 1)  # finished rows keep running harmlessly
             if graph is not None:
                 logits = graph(nxt[:, None], pos[:, None])
             else:
-                logits = m.logits(m.forward(nxt[:, None], pos[:, None], cache)[:, 0])
+                logits = self._forward_logits(nxt[:, None], pos[:, None], cache)
             cur = cur + 1
 
     # ---------------------------------------------------------------------------------------------
@@ -241,8 +274,8 @@ class Engine:
         if T > self.config.max_step:
             raise RequestError(f"sequence of {T} tokens exceeds max_step={self.config.max_step}")
         cache = self.model.new_cache(B, T)
-        hidden = self.model.forward(tokens, torch.arange(T, device=self.device).expand(B, T), cache)
-        return self.model.logits(hidden).float().cpu()
+        logits = self._forward_logits(tokens, torch.arange(T, device=self.device).expand(B, T), cache)
+        return logits.view(B, T, -1).float().cpu()
 
     def ppl(self, prompts: Sequence[Sequence[int]]) -> list[float]:
         """LightSeq's ppl: mean negative log-likelihood (natural log) of each row's tokens after the first."""

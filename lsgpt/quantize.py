@@ -14,6 +14,7 @@ output kept as int32 and dequantized into the residual, and int8 logits within Â
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -49,9 +50,10 @@ class IntGemm:
         k, n = w_i8.shape
         self.k, self.n, self.device = k, n, device
         self.backend = "float"  # last resort: float arithmetic on integer values (exact while sums < 2^24)
+        self.w: torch.Tensor | None = None  # int8 [K, N], K contiguous, on `device`: what the fused kernels read
         if device.type == "cuda" and k % 8 == 0 and n % 8 == 0:
             self.backend = "cuda_int_mm"
-            self.wt = w_i8.t().contiguous().to(device).t()  # column-major [K, N], as cuBLASLt wants
+            self.wt = self.w = w_i8.t().contiguous().to(device).t()  # column-major [K, N], as cuBLASLt wants
         elif device.type == "cpu" and _fbgemm_available():
             self.backend = "fbgemm"
             with warnings.catch_warnings():
@@ -62,6 +64,8 @@ class IntGemm:
             self.marker[0, 0] = QMAX
         if self.backend == "float":
             self.wf = w_i8.to(device=device, dtype=torch.float32)
+        if self.w is None and os.environ.get("TRITON_INTERPRET") == "1":  # kernels tested on the CPU
+            self.w = w_i8.t().contiguous().to(device).t()
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
         m = a.shape[0]

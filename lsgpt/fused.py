@@ -1,0 +1,115 @@
+"""The engine's GPU fast path: a whole forward (prefill, or one decode step) in fused Triton kernels.
+
+Per layer four GEMM launches and one attention launch (``lsgpt.kernels``), for the fp16 ``GPT`` and the
+int8 ``QuantGPT`` alike, over the same weight tensors those models hold (no copies):
+
+    x ─ LN1(+q8) ⋅ W_qkv (+requant, bias, q8) ─► q, and k, v straight into the KV cache at each row's position
+      ─ attention over the cache (int8: exact integer scores, context q8'd in the kernel) ─► ctx
+      ─ ctx ⋅ W_out (+requant, bias) + x ─► x           (in place)
+      ─ LN2(+q8) ⋅ W_ffn1 (+requant, bias, GELU, q8) ─► h
+      ─ h ⋅ W_ffn2 (+dequant, bias) + x ─► x             (in place)
+    then ln_f(+q8) ⋅ embeddingᵀ (int8: requantized to int8 logits, dequantized) ─► fp32 logits
+
+Numerics are the spec's (§2.6): the same quantization points, alphas and round-half-up as the reference
+path in ``lsgpt.quantize``; what moves is where rounding to fp16 happens (fp32 inside every kernel).
+Off with ``LSGPT_FUSED=0`` (then the reference path runs on CUDA too).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from lsgpt.format import QMAX
+
+
+def available(device: torch.device) -> bool:
+    """The engine's default: fused kernels on CUDA when triton is importable. (On the CPU they run only in the
+    Triton interpreter, TRITON_INTERPRET=1, which tests ask for explicitly with ``Engine(..., fused=True)``.)"""
+    if os.environ.get("LSGPT_FUSED", "1") == "0" or device.type != "cuda":
+        return False
+    try:
+        import lsgpt.kernels  # noqa: F401
+    except ImportError:  # no triton (CPU-only torch builds)
+        return False
+    return True
+
+
+class FusedForward:
+    """Callable ``(tokens [B,T], positions [B,T], cache, last) -> fp32 logits`` for a GPT or QuantGPT."""
+
+    def __init__(self, model):
+        from lsgpt import kernels
+
+        self.k = kernels
+        self.model, self.cfg = model, model.cfg
+        self.int8 = hasattr(model, "lm_head")  # QuantGPT
+        self.layers = [self._int8_layer(w) if self.int8 else self._fp_layer(w) for w in model.layers]
+        c = self.cfg
+        if self.int8:
+            emb = model.emb_clip
+            self.embed_scale = emb / QMAX
+            self.head = dict(w=model.lm_head.w, ln=(*model.ln_f, c.layer_norm_eps), in_scale=QMAX / model.out_ln_clip,
+                             alpha=model.out_ln_clip * emb / (model.logits_clip * QMAX),
+                             deq_scale=model.logits_clip / QMAX)
+        else:
+            self.embed_scale = 1.0
+            self.head = dict(w=model.wte.t(), ln=(*model.ln_f, c.layer_norm_eps))
+
+    def _fp_layer(self, w: dict) -> dict:
+        eps, hd = self.cfg.layer_norm_eps, self.cfg.head_dim
+        return dict(
+            qkv=dict(w=w["multihead_project_kernel_qkv"], bias=w["multihead_project_bias_qkv"],
+                     ln=(w["multihead_norm_scale"], w["multihead_norm_bias"], eps)),
+            attn=dict(score_scale=1 / math.sqrt(hd)),
+            out=dict(w=w["multihead_project_kernel_output"], bias=w["multihead_project_bias_output"]),
+            ffn1=dict(w=w["ffn_first_kernel"], bias=w["ffn_first_bias"], gelu=True,
+                      ln=(w["ffn_norm_scale"], w["ffn_norm_bias"], eps)),
+            ffn2=dict(w=w["ffn_second_kernel"], bias=w["ffn_second_bias"]),
+        )
+
+    def _int8_layer(self, w: dict) -> dict:
+        eps, hd = self.cfg.layer_norm_eps, self.cfg.head_dim
+        ln1, qkv_out, kv = w["multihead_ln_clip_max"], w["multihead_qkv_dense_clip_max"], w["self_qkv_bias_out_clip_max"]
+        ctx, o_out = w["multihead_project_output_clip_max"], w["multihead_output_dense_clip_max"]
+        ln2, f1_out, act = w["ffn_ln_clip_max"], w["ffn_first_output_clip_max"], w["ffn_first_act_clip_max"]
+        s = kv / QMAX  # q, k, v share one scale
+        return dict(
+            qkv=dict(w=w["multihead_project_kernel_qkv"].w, bias=w["multihead_project_bias_qkv"],
+                     ln=(w["multihead_norm_scale"], w["multihead_norm_bias"], eps), in_scale=QMAX / ln1,
+                     alpha=w["multihead_project_kernel_qkv_clip_max"] * ln1 / (qkv_out * QMAX),
+                     deq_scale=qkv_out / QMAX, out_scale=QMAX / kv),
+            attn=dict(score_scale=s * s / math.sqrt(hd), v_scale=s, out_scale=QMAX / ctx),
+            out=dict(w=w["multihead_project_kernel_output"].w, bias=w["multihead_project_bias_output"],
+                     alpha=w["multihead_project_kernel_output_clip_max"] * ctx / (o_out * QMAX), deq_scale=o_out / QMAX),
+            ffn1=dict(w=w["ffn_first_kernel"].w, bias=w["ffn_first_bias"], gelu=True,
+                      ln=(w["ffn_norm_scale"], w["ffn_norm_bias"], eps), in_scale=QMAX / ln2,
+                      alpha=w["ffn_first_kernel_clip_max"] * ln2 / (f1_out * QMAX), deq_scale=f1_out / QMAX,
+                      out_scale=QMAX / act),
+            # FFN2 keeps int32 sums (no requantization), dequantized into the residual (LightSeq)
+            ffn2=dict(w=w["ffn_second_kernel"].w, bias=w["ffn_second_bias"],
+                      deq_scale=w["ffn_second_kernel_clip_max"] * act / QMAX**2),
+        )
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, last: torch.Tensor | None = None):
+        """Logits [R, V] (fp32) of the flat rows `last` of the B·T rows (None: all rows)."""
+        k, c, m = self.k, self.cfg, self.model
+        B, T = tokens.shape
+        M, H, dev = B * T, c.hidden, tokens.device
+        act = torch.int8 if self.int8 else m.dtype
+        tok, pos = tokens.reshape(M), positions.reshape(M)
+        x = k.embed(tok, pos, m.wte, m.wpe, torch.empty(M, H, dtype=m.dtype, device=dev), c.pad_id, self.embed_scale)
+        q = torch.empty(M, H, dtype=act, device=dev)
+        ctx = torch.empty(M, H, dtype=act, device=dev)
+        h = torch.empty(M, c.inner, dtype=act, device=dev)
+        for i, L in enumerate(self.layers):
+            k.linear(x, out=q, kv=(cache.k[i], cache.v[i], pos, T), **L["qkv"])
+            k.attention(q, cache.k[i], cache.v[i], pos, T, c.n_head, ctx, **L["attn"])
+            k.linear(ctx, out=x, residual=x, **L["out"])
+            k.linear(x, out=h, **L["ffn1"])
+            k.linear(h, out=x, residual=x, **L["ffn2"])
+        if last is not None:
+            x = x[last]
+        return k.linear(x, out=torch.empty(x.shape[0], c.vocab, dtype=torch.float32, device=dev), **self.head)

@@ -1,0 +1,291 @@
+"""Fused Triton kernels of the CUDA fast path: one launch per GEMM, one per attention, one for the embedding.
+
+LightSeq's int8 speed comes from keeping activations int8 between kernels and folding every (re)quantize into
+the kernel that produces the value (spec §2.6). These kernels do the same, for the int8 and the fp16 model:
+
+* ``linear``: y = prologue(x) @ W with an epilogue.
+    prologue: LayerNorm of the fp16 residual stream (+ int8 quantization with 127/clip), or x as given;
+    epilogue: int8 requantize (``floor(acc·alpha + 0.5)``, ±127) and dequantize, or int32 dequantize;
+              + bias; GELU (tanh form); int8 quantize; + residual; or a scatter of q / k / v where k and v go
+              straight into the KV cache at each row's position.
+* ``attention``: one query row against keys 0..pos of its sequence in the (int8 or fp16) KV cache, online
+  softmax; int8 scores are exact integer dot products, the context is quantized in the kernel.
+* ``embed``: token (int8 rows dequantized, or fp16) + position embedding; padding tokens give 0.
+
+Arithmetic is LightSeq's (round-half-up at every quantization point, alphas as in the spec); float work is
+fp32 inside a kernel, the residual stream is stored in fp16. Any shape works: blocks are masked at the edges.
+With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (how CI tests them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+QMAX = 127.0  # = lsgpt.format.QMAX; kernels take it as a literal
+
+
+@triton.jit
+def _q8(x):
+    """LightSeq float2int8 of an already scaled value: clamp(floor(x + 0.5), ±127), still float."""
+    return tl.minimum(tl.maximum(tl.floor(x + 0.5), -127.0), 127.0)
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # 0.5·x·(1 + tanh(u)) == x·sigmoid(2u), u = sqrt(2/pi)·(x + 0.044715·x³); no tanh needed
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x / (1.0 + tl.exp(-2.0 * u))
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, w_ptr, out_ptr, ln_w_ptr, ln_b_ptr, bias_ptr, res_ptr,
+    pos_ptr, k_cache_ptr, v_cache_ptr,
+    M, N, K,
+    stride_xm, stride_wk, stride_wn, stride_om, stride_rm,
+    rows_per_seq, cache_stride_b, cache_stride_s,
+    eps, in_scale, alpha, deq_scale, out_scale,
+    INT8: tl.constexpr, LN: tl.constexpr, REQUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr, QUANT_OUT: tl.constexpr, RESIDUAL: tl.constexpr, KV_SCATTER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+
+    if LN:  # row statistics of the fp16 residual stream (single pass: sum and sum of squares in fp32)
+        s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            xs = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K),
+                         other=0.0).to(tl.float32)
+            s1 += tl.sum(xs, 1)
+            s2 += tl.sum(xs * xs, 1)
+        mean = s1 / K
+        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
+
+    if INT8:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        if LN:
+            g = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            b = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
+            if INT8:
+                a = _q8(a * in_scale).to(tl.int8)
+        if not INT8:
+            a = a.to(w_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=k_ok[:, None] & n_ok[None, :],
+                    other=0)
+        if INT8:
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, w, acc)
+
+    y = acc.to(tl.float32)
+    if REQUANT:  # int32 sums -> int8 (LightSeq's alpha) -> dequantized value
+        y = _q8(y * alpha) * deq_scale
+    else:  # int32 sums dequantized directly (FFN2); 1.0 for fp16
+        y = y * deq_scale
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        y = _gelu_tanh(y)
+    if QUANT_OUT:
+        y = _q8(y * out_scale)
+    if RESIDUAL:
+        r_ptrs = res_ptr + rm[:, None] * stride_rm + rn[None, :]
+        y += tl.load(r_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    y = y.to(out_ptr.dtype.element_ty)
+    if KV_SCATTER:  # columns [0,H): q -> out; [H,2H): k and [2H,3H): v -> cache row at the token's position
+        H = N // 3
+        pos = tl.load(pos_ptr + rm, mask=m_ok, other=0)
+        row = (rm // rows_per_seq).to(tl.int64) * cache_stride_b + pos.to(tl.int64) * cache_stride_s
+        ok = m_ok[:, None] & n_ok[None, :]
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y, mask=ok & (rn[None, :] < H))
+        tl.store(k_cache_ptr + row[:, None] + (rn[None, :] - H), y, mask=ok & (rn[None, :] >= H) & (rn[None, :] < 2 * H))
+        tl.store(v_cache_ptr + row[:, None] + (rn[None, :] - 2 * H), y, mask=ok & (rn[None, :] >= 2 * H))
+    else:
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr,
+    rows_per_seq, stride_qm, cache_stride_b, cache_stride_s, stride_om,
+    head_dim, score_scale, v_scale, out_scale,
+    INT8: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    m = tl.program_id(0)  # query row (sequence m // rows_per_seq)
+    h = tl.program_id(1)  # head
+    last = tl.load(pos_ptr + m)  # the query sees keys 0..last
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    q = tl.load(q_ptr + m * stride_qm + h * head_dim + d, mask=d_ok, other=0).to(tl.float32)
+    base = (m // rows_per_seq).to(tl.int64) * cache_stride_b + h * head_dim
+    m_i = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
+    l_i = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, last + 1, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s <= last
+        offs = base + s[:, None].to(tl.int64) * cache_stride_s + d[None, :]
+        kv_ok = s_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=kv_ok, other=0).to(tl.float32)
+        # int8: q·k are exact integer sums (|sum| <= 127² · head_dim < 2^24), scaled once
+        scores = tl.where(s_ok, tl.sum(k * q[None, :], 1) * score_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 0))
+        p = tl.exp(scores - m_new)
+        corr = tl.exp(m_i - m_new)
+        v = tl.load(v_cache_ptr + offs, mask=kv_ok, other=0).to(tl.float32)
+        acc = acc * corr + tl.sum(p[:, None] * v, 0)
+        l_i = l_i * corr + tl.sum(p, 0)
+        m_i = m_new
+    o = acc * (v_scale / l_i)
+    if INT8:
+        o = _q8(o * out_scale)
+    tl.store(out_ptr + m * stride_om + h * head_dim + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, H, pad_id, emb_scale, BLOCK_H: tl.constexpr):
+    m = tl.program_id(0)
+    t = tl.load(tok_ptr + m)
+    p = tl.load(pos_ptr + m)
+    h = tl.arange(0, BLOCK_H)
+    ok = h < H
+    e = tl.load(wte_ptr + t.to(tl.int64) * H + h, mask=ok, other=0).to(tl.float32) * emb_scale
+    e += tl.load(wpe_ptr + p.to(tl.int64) * H + h, mask=ok, other=0.0).to(tl.float32)
+    e = tl.where(t == pad_id, 0.0, e)
+    tl.store(out_ptr + m * H + h, e.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _blocks(M: int, N: int, int8: bool) -> tuple[int, int, int]:
+    """Tile sizes: decode (few rows) is weight-bandwidth bound, so shrink BLOCK_N until the grid has enough
+    programs to keep every SM's loads in flight; prefill (many rows) takes square-ish tiles."""
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    bk = 128 if int8 else 64
+    bn = 128 if M > 64 else 64
+    while bn > 16 and triton.cdiv(M, bm) * triton.cdiv(N, bn) < 2 * _sm_count():
+        bn //= 2
+    override = os.environ.get("LSGPT_LINEAR_BLOCKS")  # "BM,BN,BK" for tuning runs
+    if override:
+        bm, bn, bk = (int(v) for v in override.split(","))
+    return bm, bn, bk
+
+
+_SMS: list[int] = []
+
+
+def _sm_count() -> int:
+    if not _SMS:
+        ok = torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET")
+        _SMS.append(torch.cuda.get_device_properties(0).multi_processor_count if ok else 132)
+    return _SMS[0]
+
+
+def linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    ln: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    in_scale: float = 1.0,
+    alpha: float | None = None,
+    deq_scale: float = 1.0,
+    bias: torch.Tensor | None = None,
+    gelu: bool = False,
+    out_scale: float | None = None,
+    residual: torch.Tensor | None = None,
+    kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    """out[M, N] = epilogue(prologue(x[M, K]) @ w[K, N]); see the module docstring.
+
+    int8 when ``w`` is int8 (x then is int8, or the fp16 residual with ``ln``). ``ln=(gamma, beta, eps)``;
+    ``in_scale`` = 127/clip of the LN output; ``alpha`` given: requantize then multiply by ``deq_scale``,
+    else multiply the sums by ``deq_scale``; ``out_scale`` given: quantize the result by it;
+    ``kv=(k_cache, v_cache, positions[M], rows_per_seq)``: N = 3H, q -> out[M, H], k, v -> cache [B, S, H].
+    ``residual`` may be ``out`` itself (in-place update of the residual stream).
+    """
+    M, K = x.shape
+    N = w.shape[1]
+    int8 = w.dtype == torch.int8
+    bm, bn, bk = _blocks(M, N, int8)
+    dummy = w
+    if kv is not None:
+        k_cache, v_cache, pos, rows_per_seq = kv
+        cache_b, cache_s = k_cache.stride(0), k_cache.stride(1)
+    else:
+        k_cache = v_cache = pos = dummy
+        rows_per_seq, cache_b, cache_s = 1, 0, 0
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _linear_kernel[grid](
+        x, w, out, ln[0] if ln else dummy, ln[1] if ln else dummy, dummy if bias is None else bias,
+        dummy if residual is None else residual, pos, k_cache, v_cache,
+        M, N, K,
+        x.stride(0), w.stride(0), w.stride(1), out.stride(0), 0 if residual is None else residual.stride(0),
+        rows_per_seq, cache_b, cache_s,
+        float(ln[2]) if ln else 0.0, float(in_scale), float(alpha or 0.0), float(deq_scale), float(out_scale or 0.0),
+        INT8=int8, LN=ln is not None, REQUANT=alpha is not None, HAS_BIAS=bias is not None, GELU=gelu,
+        QUANT_OUT=out_scale is not None, RESIDUAL=residual is not None, KV_SCATTER=kv is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3,
+    )
+    return out
+
+
+def attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    rows_per_seq: int,
+    n_head: int,
+    out: torch.Tensor,
+    *,
+    score_scale: float,
+    v_scale: float = 1.0,
+    out_scale: float | None = None,
+) -> torch.Tensor:
+    """out[M, H] = softmax(q·kᵀ·score_scale) v·v_scale over keys 0..positions[m] of sequence m // rows_per_seq.
+
+    q [M, H] and the caches [B, S, H] (contiguous per position) are int8 (then ``out_scale`` quantizes the
+    context) or fp16. For int8, score_scale = s²/sqrt(head_dim) and v_scale = s with s = kv_clip/127.
+    """
+    M, H = q.shape
+    hd = H // n_head
+    int8 = q.dtype == torch.int8
+    _attention_kernel[(M, n_head)](
+        q, k_cache, v_cache, positions, out,
+        rows_per_seq, q.stride(0), k_cache.stride(0), k_cache.stride(1), out.stride(0),
+        hd, float(score_scale), float(v_scale), float(out_scale or 0.0),
+        INT8=int8, BLOCK_D=triton.next_power_of_2(hd), BLOCK_S=128 if int8 else 64, num_warps=4,
+    )
+    return out
+
+
+def embed(
+    tokens: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, out: torch.Tensor,
+    pad_id: int, scale: float = 1.0,
+) -> torch.Tensor:
+    """out[M, H] = wte[tokens]·scale + wpe[positions]; rows of pad tokens are 0 (pad_id >= vocab: none)."""
+    M, H = out.shape
+    _embed_kernel[(M,)](tokens, positions, wte, wpe, out, H, pad_id, float(scale), BLOCK_H=triton.next_power_of_2(H))
+    return out
