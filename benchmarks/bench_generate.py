@@ -6,6 +6,8 @@ sizes, on a random-weight GPT-2 of a given shape (default: uer/gpt2-chinese-clue
 768 hidden, vocab 21128). HF runs fp16 on CUDA and fp32 on CPU; ours runs the same precision, and int8.
 
     python benchmarks/bench_generate.py --new-tokens 100 --batches 1 --out results/generate-cpu.json
+    python benchmarks/bench_generate.py --batches 1,8,32,64,128,256 --ttft-prompt 400 --reference --profile \
+        --out results/h100/generate.json                     # the GPU fast-path table (issue 9)
 """
 
 from __future__ import annotations
@@ -62,6 +64,29 @@ def timed(fn, repeats: int, sync) -> float:
     return statistics.median(times)
 
 
+def profile_decode(eng, batch: int, steps: int = 20) -> dict:
+    """Kernels and GPU time per decode step, from torch.profiler over `steps` eager (un-graphed) decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lsgpt.generate import SamplingParams
+
+    eager = type(eng)(eng.config, eng.model, eng.device, cuda_graphs=False, fused=eng.fused is not None)
+    prompts = [[1000 + i] * 4 for i in range(batch)]
+    sp = SamplingParams(max_new_tokens=steps, top_k=1, ignore_eos=True)
+    eager.generate(prompts, sp)  # warm-up (kernel compilation)
+    one = SamplingParams(max_new_tokens=1, top_k=1, ignore_eos=True)
+    counts = []
+    for params in (one, sp):  # prefill + 1 token, then prefill + `steps` tokens: the difference is decode
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eager.generate(prompts, params)
+            torch.cuda.synchronize()
+        ev = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        counts.append((len(ev), sum(e.device_time for e in ev)))
+    n = steps - 1
+    return {"batch": batch, "kernels_per_step": round((counts[1][0] - counts[0][0]) / n, 1),
+            "gpu_us_per_step": round((counts[1][1] - counts[0][1]) / n, 1)}
+
+
 def run(args) -> dict:
     from lsgpt.generate import Engine, SamplingParams
 
@@ -69,51 +94,83 @@ def run(args) -> dict:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    max_step = args.prompt_len + args.new_tokens
+    ttft_prompt = getattr(args, "ttft_prompt", 0)
+    max_step = max(args.prompt_len + args.new_tokens, ttft_prompt + 1)
     model = random_model(args.layers, args.hidden, args.heads, args.vocab, max(max_step, 1024))
     with tempfile.TemporaryDirectory() as tmp:
         fp_path, q_path = export_pair(model, Path(tmp), max_step)
         engines = {"ours_fp": Engine.load(fp_path, dev), "ours_int8": Engine.load(q_path, dev)}
-        if args.compile and dev.type == "cuda":
-            engines["ours_fp_compiled"] = Engine.load(fp_path, dev, compile=True)
-            engines["ours_int8_compiled"] = Engine.load(q_path, dev, compile=True)
+        if getattr(args, "reference", False) and dev.type == "cuda":  # the pre-fusion path, same run
+            engines["ours_fp_ref"] = Engine.load(fp_path, dev, fused=False)
+            engines["ours_int8_ref"] = Engine.load(q_path, dev, fused=False)
+        if args.compile and dev.type == "cuda":  # torch.compile applies to the reference path only
+            engines["ours_fp_compiled"] = Engine.load(fp_path, dev, compile=True, fused=False)
+            engines["ours_int8_compiled"] = Engine.load(q_path, dev, compile=True, fused=False)
     hf_dtype = torch.float16 if dev.type == "cuda" else torch.float32
     prec = "fp16" if dev.type == "cuda" else "fp32"
     hf = model.to(dev, hf_dtype)
+    hf_max = getattr(args, "hf_max_batch", 0) or max(args.batches)
+
+    def hf_generate(prompts: torch.Tensor, n: int) -> None:
+        with torch.inference_mode():
+            hf.generate(
+                prompts.to(dev), attention_mask=torch.ones_like(prompts).to(dev), do_sample=True, top_k=1,
+                max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+            )
+
+    def key(name: str) -> str:
+        return name.replace("_fp", "_" + prec, 1)
+
     results = []
     for batch in args.batches:
         g = torch.Generator().manual_seed(batch)
         prompts = torch.randint(1000, args.vocab, (batch, args.prompt_len), generator=g)
         n = args.new_tokens
-
-        def hf_gen():
-            with torch.inference_mode():
-                hf.generate(
-                    prompts.to(dev), attention_mask=torch.ones_like(prompts).to(dev), do_sample=True, top_k=1,
-                    max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
-                )
-
         row = {"batch": batch, "prompt_len": args.prompt_len, "new_tokens": n}
-        row[f"hf_{prec}_s"] = timed(hf_gen, args.repeats, sync)
+        if batch <= hf_max:
+            row[f"hf_{prec}_s"] = timed(lambda: hf_generate(prompts, n), args.repeats, sync)
         sp = SamplingParams(max_new_tokens=n, top_k=1, ignore_eos=True)
         for name, eng in engines.items():
-            key = f"{name.replace('_fp', '_' + prec, 1)}_s"
-            row[key] = timed(lambda: eng.generate(prompts.tolist(), sp), args.repeats, sync)
-        base = row[f"hf_{prec}_s"]
+            row[f"{key(name)}_s"] = timed(lambda: eng.generate(prompts.tolist(), sp), args.repeats, sync)
+        base = row.get(f"hf_{prec}_s")
         for k in list(row):
             if k.endswith("_s") and not k.startswith("hf_"):
-                row[k.replace("_s", "_speedup_vs_hf")] = round(base / row[k], 2)
+                row[k.replace("_s", "_tok_per_s")] = round(batch * n / row[k])
+                if base:
+                    row[k.replace("_s", "_speedup_vs_hf")] = round(base / row[k], 2)
+        if f"ours_{prec}_s" in row:
+            row["int8_speedup_vs_ours_fp"] = round(row[f"ours_{prec}_s"] / row["ours_int8_s"], 2)
         results.append(row)
         print(json.dumps(row), flush=True)
-    return {
+    report = {
         "task": "generate",
         "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "shape": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads, "vocab": args.vocab},
-        "int8_backend": engines["ours_int8"].model.layers[0]["ffn_first_kernel"].backend,
+        "int8_backend": engines["ours_int8"].backend,
         "results": results,
     }
+    if ttft_prompt:  # time to first token: prefill of a long prompt + one sampled token
+        ttft = []
+        for batch in getattr(args, "ttft_batches", [1]):
+            g = torch.Generator().manual_seed(7 + batch)
+            prompts = torch.randint(1000, args.vocab, (batch, ttft_prompt), generator=g)
+            row = {"batch": batch, "prompt_len": ttft_prompt}
+            if batch <= hf_max:
+                row[f"hf_{prec}_ms"] = round(1e3 * timed(lambda: hf_generate(prompts, 1), args.repeats, sync), 2)
+            one = SamplingParams(max_new_tokens=1, top_k=1, ignore_eos=True)
+            for name, eng in engines.items():
+                row[f"{key(name)}_ms"] = round(1e3 * timed(lambda: eng.generate(prompts.tolist(), one), args.repeats, sync), 2)
+            ttft.append(row)
+            print(json.dumps(row), flush=True)
+        report["ttft"] = ttft
+    if getattr(args, "profile", False) and dev.type == "cuda":
+        report["profile"] = {
+            key(name): [profile_decode(eng, b) for b in (1, 64)] for name, eng in engines.items() if "compiled" not in name
+        }
+        print(json.dumps(report["profile"]), flush=True)
+    return report
 
 
 def plot(report: dict, png: Path) -> None:
@@ -124,6 +181,7 @@ def plot(report: dict, png: Path) -> None:
 
     rows = report["results"]
     keys = [k for k in rows[0] if k.endswith("_s")]
+    rows = [r for r in rows if all(k in r for k in keys)]
     fig, ax = plt.subplots(figsize=(2 + 2 * len(rows), 4))
     width = 0.8 / len(keys)
     for j, k in enumerate(keys):
@@ -147,7 +205,12 @@ def main(argv=None) -> None:
     p.add_argument("--vocab", type=int, default=21128)
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=500)
-    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
+    p.add_argument("--hf-max-batch", type=int, default=64, help="time HF only up to this batch size (0: all)")
+    p.add_argument("--ttft-prompt", type=int, default=0, help="also time the first token after a prompt this long")
+    p.add_argument("--ttft-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    p.add_argument("--reference", action="store_true", help="CUDA: also time the unfused reference path (before/after)")
+    p.add_argument("--profile", action="store_true", help="CUDA: kernels and GPU time per decode step (torch.profiler)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="CUDA: also time engines whose decode step is torch.compile'd")
