@@ -51,7 +51,7 @@ def _linear_kernel(
     eps, in_scale, alpha, deq_scale, out_scale,
     INT8: tl.constexpr, LN: tl.constexpr, REQUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr, QUANT_OUT: tl.constexpr, RESIDUAL: tl.constexpr, KV_SCATTER: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -61,17 +61,22 @@ def _linear_kernel(
     m_ok = rm < M
     n_ok = rn < N
 
-    if LN:  # row statistics of the fp16 residual stream (single pass: sum and sum of squares in fp32)
+    if LN:  # row statistics in fp32, two passes (mean, then variance about it); usually one block of K each
+        rs = tl.arange(0, BLOCK_KS)
         s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            xs = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K),
-                         other=0.0).to(tl.float32)
-            s1 += tl.sum(xs, 1)
-            s2 += tl.sum(xs * xs, 1)
+        for k0 in range(0, K, BLOCK_KS):
+            kk = k0 + rs
+            s1 += tl.sum(tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K),
+                                 other=0.0).to(tl.float32), 1)
         mean = s1 / K
-        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
+        s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_KS):
+            kk = k0 + rs
+            ok = m_ok[:, None] & (kk[None, :] < K)
+            xs = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=ok, other=0.0).to(tl.float32)
+            xc = tl.where(ok, xs - mean[:, None], 0.0)
+            s2 += tl.sum(xc * xc, 1)
+        rstd = 1.0 / tl.sqrt(s2 / K + eps)
 
     if INT8:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
@@ -178,18 +183,20 @@ def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, H, pad_id, emb_sc
 # Launchers
 
 
-def _blocks(M: int, N: int, int8: bool) -> tuple[int, int, int]:
-    """Tile sizes: decode (few rows) is weight-bandwidth bound, so shrink BLOCK_N until the grid has enough
-    programs to keep every SM's loads in flight; prefill (many rows) takes square-ish tiles."""
-    bm = 16 if M <= 16 else 32 if M <= 32 else 64
-    bk = 128 if int8 else 64
-    bn = 128 if M > 64 else 64
-    while bn > 16 and triton.cdiv(M, bm) * triton.cdiv(N, bn) < 2 * _sm_count():
+def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Decode (few rows) is bound by the latency of
+    streaming the weights: wide K tiles (few dependent iterations) and narrow N tiles (enough programs to have
+    all of the matrix in flight at once). Prefill (many rows) takes square-ish tiles.
+    Chosen from benchmarks/tune_linear.py on an H100 (results/h100/tune_linear.json)."""
+    if M <= 16:
+        bm, bn, bk = 16, 32, (256 if int8 else 128)
+    elif M <= 64:
+        bm, bn, bk = (32 if M <= 32 else 64), 64, (128 if int8 else 64)
+    else:
+        bm, bn, bk = 64, 128, (128 if int8 else 64)
+    while bn > 16 and triton.cdiv(M, bm) * triton.cdiv(N, bn) < _sm_count():
         bn //= 2
-    override = os.environ.get("LSGPT_LINEAR_BLOCKS")  # "BM,BN,BK" for tuning runs
-    if override:
-        bm, bn, bk = (int(v) for v in override.split(","))
-    return bm, bn, bk
+    return bm, bn, min(bk, max(32, triton.next_power_of_2(K))), 4, 3
 
 
 _SMS: list[int] = []
@@ -216,6 +223,7 @@ def linear(
     out_scale: float | None = None,
     residual: torch.Tensor | None = None,
     kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+    config: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """out[M, N] = epilogue(prologue(x[M, K]) @ w[K, N]); see the module docstring.
 
@@ -223,12 +231,14 @@ def linear(
     ``in_scale`` = 127/clip of the LN output; ``alpha`` given: requantize then multiply by ``deq_scale``,
     else multiply the sums by ``deq_scale``; ``out_scale`` given: quantize the result by it;
     ``kv=(k_cache, v_cache, positions[M], rows_per_seq)``: N = 3H, q -> out[M, H], k, v -> cache [B, S, H].
-    ``residual`` may be ``out`` itself (in-place update of the residual stream).
+    ``residual`` may be ``out`` itself (in-place update of the residual stream). ``config``: tile override
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for tuning.
     """
     M, K = x.shape
     N = w.shape[1]
     int8 = w.dtype == torch.int8
-    bm, bn, bk = _blocks(M, N, int8)
+    bm, bn, bk, warps, stages = config or _config(M, N, K, int8)
+    bks = triton.next_power_of_2(K) if bm * triton.next_power_of_2(K) <= 16384 else bk  # LN statistics block
     dummy = w
     if kv is not None:
         k_cache, v_cache, pos, rows_per_seq = kv
@@ -246,7 +256,7 @@ def linear(
         float(ln[2]) if ln else 0.0, float(in_scale), float(alpha or 0.0), float(deq_scale), float(out_scale or 0.0),
         INT8=int8, LN=ln is not None, REQUANT=alpha is not None, HAS_BIAS=bias is not None, GELU=gelu,
         QUANT_OUT=out_scale is not None, RESIDUAL=residual is not None, KV_SCATTER=kv is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KS=bks, num_warps=warps, num_stages=stages,
     )
     return out
 
