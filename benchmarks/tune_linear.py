@@ -42,12 +42,9 @@ def bench_shape(name: str, s: dict, M: int, int8: bool, configs) -> dict:
     wdt = torch.int8 if int8 else torch.float16
     w = (torch.randint(-127, 128, (N, Kd), device=dev, dtype=torch.int8) if int8
          else torch.randn(N, Kd, device=dev, dtype=torch.float16) * 0.02).t()  # K contiguous
-    if s["ln"]:
-        x = torch.randn(M, Kd, device=dev)
-        ln = (torch.ones(Kd, device=dev, dtype=torch.float16), torch.zeros(Kd, device=dev, dtype=torch.float16), 1e-5)
-    else:
-        x = torch.randint(-127, 128, (M, Kd), device=dev, dtype=torch.int8) if int8 else torch.randn(M, Kd, device=dev, dtype=torch.float16)
-        ln = None
+    # LayerNorm is its own kernel: the sweep times the GEMM alone
+    x = torch.randint(-127, 128, (M, Kd), device=dev, dtype=torch.int8) if int8 else torch.randn(M, Kd, device=dev, dtype=torch.float16)
+    ln = None
     out_dt = s.get("out") or (torch.int8 if int8 and "out_scale" in s["opts"] else torch.float32 if s.get("residual") else wdt)
     out = torch.zeros(M, N, device=dev, dtype=out_dt)
     opts = dict(s["opts"]) if int8 else {k: v for k, v in s["opts"].items() if k == "gelu"}
@@ -76,6 +73,35 @@ def bench_shape(name: str, s: dict, M: int, int8: bool, configs) -> dict:
     return res
 
 
+def bench_attention(M: int, int8: bool, n_head: int = 12, hd: int = 64, S: int = 508, keys: int = 250) -> dict:
+    """Decode attention at `keys` cached positions (of S), each (splits, BLOCK_S, warps) candidate."""
+    dev = torch.device("cuda")
+    H = n_head * hd
+    dt = torch.int8 if int8 else torch.float16
+    mk = (lambda *s: torch.randint(-127, 128, s, device=dev, dtype=torch.int8)) if int8 else (
+        lambda *s: torch.randn(*s, device=dev, dtype=torch.float16))
+    q, kc, vc = mk(M, H), mk(M, S, H), mk(M, S, H)
+    pos = torch.full((M,), keys - 1, device=dev)
+    out = torch.empty(M, H, device=dev, dtype=dt)
+    opts = dict(score_scale=1e-4, v_scale=0.01, out_scale=10.0) if int8 else dict(score_scale=0.125)
+
+    def call(cfg):
+        return lambda: K.attention(q, kc, vc, pos, 1, n_head, out, config=cfg, **opts)
+
+    res = {"shape": "attention", "M": M, "int8": int8, "keys": keys, "heuristic": K._attention_config(M, n_head, S, int8)}
+    res["heuristic_us"] = round(1e3 * do_bench_cudagraph(call(None), rep=30), 2)
+    best = None
+    for cfg in itertools.product((1, 4, 8), (32, 64), (2, 4)):
+        t = 1e3 * do_bench_cudagraph(call(cfg), rep=30)
+        if best is None or t < best[1]:
+            best = (cfg, t)
+    res["best"], res["best_us"] = best[0], round(best[1], 2)
+    kv_bytes = 2 * M * keys * H * (1 if int8 else 2)
+    res["kv_GBps_at_best"] = round(kv_bytes / 1e9 / (best[1] * 1e-6))
+    print(json.dumps(res), flush=True)
+    return res
+
+
 def step_breakdown(batch: int) -> dict:
     """One decode step of the article's shape, fused int8 and fp16: GPU time per kernel name."""
     import tempfile
@@ -90,7 +116,8 @@ def step_breakdown(batch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         fp, q = bench_generate.export_pair(model, Path(tmp), 508)
         for label, path in (("fp16", fp), ("int8", q)):
-            eng = Engine.load(path, "cuda", cuda_graphs=False)
+            e = Engine.load(path, "cuda")
+            eng = Engine(e.config, e.model, e.device, cuda_graphs=False)
             prompts = [[1000 + i] * 4 for i in range(batch)]
             sp = SamplingParams(max_new_tokens=11, top_k=1, ignore_eos=True)
             eng.generate(prompts, sp)
@@ -130,8 +157,12 @@ def main() -> None:
                 configs = [(64, bn, bk, 4, 3) for bn, bk in itertools.product((32, 64, 128), bks)]
             for name, s in shapes(a.hidden, 4 * a.hidden, a.vocab).items():
                 report["results"].append(bench_shape(name, s, M, int8, configs))
+    for int8 in (True, False):
+        for M in rows:
+            report["results"].append(bench_attention(M, int8))
     if a.breakdown:
         report["breakdown_batch1"] = step_breakdown(1)
+        report["breakdown_batch64"] = step_breakdown(64)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {a.out}")

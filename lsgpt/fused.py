@@ -1,14 +1,14 @@
 """The engine's GPU fast path: a whole forward (prefill, or one decode step) in fused Triton kernels.
 
-Per layer four GEMM launches and one attention launch (``lsgpt.kernels``), for the fp16 ``GPT`` and the
-int8 ``QuantGPT`` alike, over the same weight tensors those models hold (no copies):
+Per layer seven launches (``lsgpt.kernels``; eight when attention is split over the sequence), for the
+fp16 ``GPT`` and the int8 ``QuantGPT`` alike, over the same weight tensors those models hold (no copies):
 
-    x ─ LN1(+q8) ⋅ W_qkv (+requant, bias, q8) ─► q, and k, v straight into the KV cache at each row's position
+    x ─ LN1(+q8) ─ ⋅ W_qkv (+requant, bias, q8) ─► q, and k, v straight into the KV cache at each row's position
       ─ attention over the cache (int8: exact integer scores, context q8'd in the kernel) ─► ctx
       ─ ctx ⋅ W_out (+requant, bias) + x ─► x           (in place)
-      ─ LN2(+q8) ⋅ W_ffn1 (+requant, bias, GELU, q8) ─► h
+      ─ LN2(+q8) ─ ⋅ W_ffn1 (+requant, bias, GELU, q8) ─► h
       ─ h ⋅ W_ffn2 (+dequant, bias) + x ─► x             (in place)
-    then ln_f(+q8) ⋅ embeddingᵀ (int8: requantized to int8 logits, dequantized) ─► fp32 logits
+    then ln_f(+q8) ─ ⋅ embeddingᵀ (int8: requantized to int8 logits, dequantized) ─► fp32 logits
 
 Numerics are the spec's (§2.6): the same quantization points, alphas and round-half-up as the reference
 path in ``lsgpt.quantize``; float work is fp32 inside every kernel and the residual stream is kept in fp32

@@ -1,15 +1,16 @@
-"""Fused Triton kernels of the CUDA fast path: one launch per GEMM, one per attention, one for the embedding.
+"""Fused Triton kernels of the CUDA fast path: one launch per GEMM, LayerNorm and attention.
 
 LightSeq's int8 speed comes from keeping activations int8 between kernels and folding every (re)quantize into
 the kernel that produces the value (spec §2.6). These kernels do the same, for the int8 and the fp16 model:
 
-* ``linear``: y = prologue(x) @ W with an epilogue.
-    prologue: LayerNorm of the fp16 residual stream (+ int8 quantization with 127/clip), or x as given;
-    epilogue: int8 requantize (``floor(acc·alpha + 0.5)``, ±127) and dequantize, or int32 dequantize;
-              + bias; GELU (tanh form); int8 quantize; + residual; or a scatter of q / k / v where k and v go
-              straight into the KV cache at each row's position.
+* ``layer_norm``: LayerNorm of the fp32 residual stream fused with the int8 quantization that follows it.
+* ``linear``: y = x @ W with the epilogue fused: int8 requantize (``floor(acc·alpha + 0.5)``, ±127) and
+  dequantize, or int32 dequantize; + bias; GELU (tanh form); int8 quantize; + residual; or a scatter of
+  q / k / v where k and v go straight into the KV cache at each row's position. Decode tiles are narrow in N
+  and wide in K: at a few rows the GEMM is a race to have the whole weight matrix in flight.
 * ``attention``: one query row against keys 0..pos of its sequence in the (int8 or fp16) KV cache, online
-  softmax; int8 scores are exact integer dot products, the context is quantized in the kernel.
+  softmax, split over the sequence when rows × heads are too few to fill the GPU (flash-decoding, with a
+  small combine kernel); int8 scores are exact integer dot products, the context is quantized in the kernel.
 * ``embed``: token (int8 rows dequantized, or fp16) + position embedding; padding tokens give 0.
 
 Arithmetic is LightSeq's (round-half-up at every quantization point, alphas as in the spec); float work is
@@ -43,15 +44,15 @@ def _gelu_tanh(x):
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, out_ptr, ln_w_ptr, ln_b_ptr, bias_ptr, res_ptr,
+    x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr,
     pos_ptr, k_cache_ptr, v_cache_ptr,
     M, N, K,
     stride_xm, stride_wk, stride_wn, stride_om, stride_rm,
     rows_per_seq, cache_stride_b, cache_stride_s,
-    eps, in_scale, alpha, deq_scale, out_scale,
-    INT8: tl.constexpr, LN: tl.constexpr, REQUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    alpha, deq_scale, out_scale,
+    INT8: tl.constexpr, REQUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr, QUANT_OUT: tl.constexpr, RESIDUAL: tl.constexpr, KV_SCATTER: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -61,23 +62,6 @@ def _linear_kernel(
     m_ok = rm < M
     n_ok = rn < N
 
-    if LN:  # row statistics in fp32, two passes (mean, then variance about it); usually one block of K each
-        rs = tl.arange(0, BLOCK_KS)
-        s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_KS):
-            kk = k0 + rs
-            s1 += tl.sum(tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K),
-                                 other=0.0).to(tl.float32), 1)
-        mean = s1 / K
-        s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_KS):
-            kk = k0 + rs
-            ok = m_ok[:, None] & (kk[None, :] < K)
-            xs = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=ok, other=0.0).to(tl.float32)
-            xc = tl.where(ok, xs - mean[:, None], 0.0)
-            s2 += tl.sum(xc * xc, 1)
-        rstd = 1.0 / tl.sqrt(s2 / K + eps)
-
     if INT8:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
@@ -86,12 +70,6 @@ def _linear_kernel(
         kk = k0 + rk
         k_ok = kk < K
         a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-        if LN:
-            g = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            b = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
-            if INT8:
-                a = _q8(a * in_scale).to(tl.int8)
         if not INT8:
             a = a.to(w_ptr.dtype.element_ty)
         w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=k_ok[:, None] & n_ok[None, :],
@@ -129,14 +107,35 @@ def _linear_kernel(
 
 
 @triton.jit
+def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, K, stride_xm, stride_om, eps, scale,
+                       INT8: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row: LayerNorm in fp32 (mean, then variance about it), then int8 quantization by `scale` or a cast."""
+    m = tl.program_id(0)
+    k = tl.arange(0, BLOCK_K)
+    ok = k < K
+    x = tl.load(x_ptr + m * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 0) / K
+    xc = tl.where(ok, x - mean, 0.0)
+    y = xc / tl.sqrt(tl.sum(xc * xc, 0) / K + eps)
+    y = y * tl.load(w_ptr + k, mask=ok, other=0.0).to(tl.float32) + tl.load(b_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    if INT8:
+        y = _q8(y * scale)
+    tl.store(out_ptr + m * stride_om + k, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr,
-    rows_per_seq, stride_qm, cache_stride_b, cache_stride_s, stride_om,
+    q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, part_ptr,
+    rows_per_seq, stride_qm, cache_stride_b, cache_stride_s, stride_om, split_len,
     head_dim, score_scale, v_scale, out_scale,
-    INT8: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    INT8: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    m = tl.program_id(0)  # query row (sequence m // rows_per_seq)
-    h = tl.program_id(1)  # head
+    """Program (row m, head h, split j): keys [j·split_len, (j+1)·split_len) ∩ [0, pos[m]], online softmax.
+    SPLITS == 1 writes the context; otherwise the partial (max, sum, unnormalised context) goes to part_ptr
+    for _attention_combine_kernel (flash-decoding: a short decode keeps every SM busy)."""
+    m = tl.program_id(0)
+    h = tl.program_id(1)
+    j = tl.program_id(2)
     last = tl.load(pos_ptr + m)  # the query sees keys 0..last
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
@@ -145,25 +144,52 @@ def _attention_kernel(
     m_i = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
     l_i = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, last + 1, BLOCK_S):
+    start = j * split_len
+    end = tl.minimum(start + split_len, last + 1)
+    for s0 in range(start, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = s <= last
+        s_ok = s < end
         offs = base + s[:, None].to(tl.int64) * cache_stride_s + d[None, :]
         kv_ok = s_ok[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + offs, mask=kv_ok, other=0).to(tl.float32)
+        v = tl.load(v_cache_ptr + offs, mask=kv_ok, other=0).to(tl.float32)
         # int8: q·k are exact integer sums (|sum| <= 127² · head_dim < 2^24), scaled once
         scores = tl.where(s_ok, tl.sum(k * q[None, :], 1) * score_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 0))
         p = tl.exp(scores - m_new)
         corr = tl.exp(m_i - m_new)
-        v = tl.load(v_cache_ptr + offs, mask=kv_ok, other=0).to(tl.float32)
         acc = acc * corr + tl.sum(p[:, None] * v, 0)
         l_i = l_i * corr + tl.sum(p, 0)
         m_i = m_new
-    o = acc * (v_scale / l_i)
+    if SPLITS == 1:
+        o = acc * (v_scale / l_i)
+        if INT8:
+            o = _q8(o * out_scale)
+        tl.store(out_ptr + m * stride_om + h * head_dim + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+    else:  # partial record: [max, sum, acc[0..BLOCK_D)]
+        rec = part_ptr + ((m * tl.num_programs(1) + h) * SPLITS + j).to(tl.int64) * (BLOCK_D + 2)
+        tl.store(rec, m_i)
+        tl.store(rec + 1, l_i)
+        tl.store(rec + 2 + d, acc)
+
+
+@triton.jit
+def _attention_combine_kernel(part_ptr, out_ptr, stride_om, head_dim, v_scale, out_scale,
+                              INT8: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    m = tl.program_id(0)
+    h = tl.program_id(1)
+    j = tl.arange(0, SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    rec = part_ptr + ((m * tl.num_programs(1) + h) * SPLITS + j).to(tl.int64) * (BLOCK_D + 2)
+    mx = tl.load(rec)  # -inf for splits past the last key
+    top = tl.max(mx, 0)
+    w = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - top))
+    l_tot = tl.sum(tl.load(rec + 1) * w, 0)
+    acc = tl.sum(tl.load(rec[:, None] + 2 + d[None, :]) * w[:, None], 0)
+    o = acc * (v_scale / l_tot)
     if INT8:
         o = _q8(o * out_scale)
-    tl.store(out_ptr + m * stride_om + h * head_dim + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(out_ptr + m * stride_om + h * head_dim + d, o.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
 @triton.jit
@@ -209,6 +235,15 @@ def _sm_count() -> int:
     return _SMS[0]
 
 
+def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, out: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
+    """out[M, K] = LayerNorm(x) (fp32 math), quantized to int8 by `scale` (= 127/clip) when out is int8."""
+    M, K = x.shape
+    _layer_norm_kernel[(M,)](x, w, b, out, K, x.stride(0), out.stride(0), float(eps), float(scale or 0.0),
+                             INT8=out.dtype == torch.int8, BLOCK_K=triton.next_power_of_2(K), num_warps=4)
+    return out
+
+
 def linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -225,20 +260,22 @@ def linear(
     kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
     config: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """out[M, N] = epilogue(prologue(x[M, K]) @ w[K, N]); see the module docstring.
+    """out[M, N] = epilogue(x[M, K] @ w[K, N]); see the module docstring.
 
-    int8 when ``w`` is int8 (x then is int8, or the fp16 residual with ``ln``). ``ln=(gamma, beta, eps)``;
-    ``in_scale`` = 127/clip of the LN output; ``alpha`` given: requantize then multiply by ``deq_scale``,
-    else multiply the sums by ``deq_scale``; ``out_scale`` given: quantize the result by it;
-    ``kv=(k_cache, v_cache, positions[M], rows_per_seq)``: N = 3H, q -> out[M, H], k, v -> cache [B, S, H].
-    ``residual`` may be ``out`` itself (in-place update of the residual stream). ``config``: tile override
-    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for tuning.
+    int8 when ``w`` is int8 (then x is int8). ``ln=(gamma, beta, eps)`` first normalizes x (the fp32 residual
+    stream) with ``layer_norm`` (quantized by ``in_scale`` = 127/clip for int8). ``alpha`` given: requantize
+    then multiply by ``deq_scale``, else multiply the sums by ``deq_scale``; ``out_scale`` given: quantize the
+    result by it; ``kv=(k_cache, v_cache, positions[M], rows_per_seq)``: N = 3H, q -> out[M, H], k, v ->
+    cache [B, S, H]. ``residual`` may be ``out`` itself (in-place update of the residual stream).
+    ``config``: tile override (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for tuning.
     """
+    int8 = w.dtype == torch.int8
+    if ln is not None:
+        a = torch.empty(x.shape, dtype=w.dtype, device=x.device)
+        x = layer_norm(x, ln[0], ln[1], ln[2], a, in_scale if int8 else None)
     M, K = x.shape
     N = w.shape[1]
-    int8 = w.dtype == torch.int8
     bm, bn, bk, warps, stages = config or _config(M, N, K, int8)
-    bks = triton.next_power_of_2(K) if bm * triton.next_power_of_2(K) <= 16384 else bk  # LN statistics block
     dummy = w
     if kv is not None:
         k_cache, v_cache, pos, rows_per_seq = kv
@@ -248,17 +285,25 @@ def linear(
         rows_per_seq, cache_b, cache_s = 1, 0, 0
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _linear_kernel[grid](
-        x, w, out, ln[0] if ln else dummy, ln[1] if ln else dummy, dummy if bias is None else bias,
-        dummy if residual is None else residual, pos, k_cache, v_cache,
+        x, w, out, dummy if bias is None else bias, dummy if residual is None else residual, pos, k_cache, v_cache,
         M, N, K,
         x.stride(0), w.stride(0), w.stride(1), out.stride(0), 0 if residual is None else residual.stride(0),
         rows_per_seq, cache_b, cache_s,
-        float(ln[2]) if ln else 0.0, float(in_scale), float(alpha or 0.0), float(deq_scale), float(out_scale or 0.0),
-        INT8=int8, LN=ln is not None, REQUANT=alpha is not None, HAS_BIAS=bias is not None, GELU=gelu,
+        float(alpha or 0.0), float(deq_scale), float(out_scale or 0.0),
+        INT8=int8, REQUANT=alpha is not None, HAS_BIAS=bias is not None, GELU=gelu,
         QUANT_OUT=out_scale is not None, RESIDUAL=residual is not None, KV_SCATTER=kv is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KS=bks, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return out
+
+
+def _attention_config(rows: int, n_head: int, cache_len: int, int8: bool) -> tuple[int, int, int]:
+    """(SPLITS, BLOCK_S, num_warps): split the keys when rows × heads alone would leave SMs idle."""
+    block_s = 64
+    splits = 1
+    while rows * n_head * splits < 2 * _sm_count() and splits * block_s < cache_len and splits < 16:
+        splits *= 2
+    return splits, block_s, 4
 
 
 def attention(
@@ -273,21 +318,31 @@ def attention(
     score_scale: float,
     v_scale: float = 1.0,
     out_scale: float | None = None,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """out[M, H] = softmax(q·kᵀ·score_scale) v·v_scale over keys 0..positions[m] of sequence m // rows_per_seq.
 
     q [M, H] and the caches [B, S, H] (contiguous per position) are int8 (then ``out_scale`` quantizes the
     context) or fp16. For int8, score_scale = s²/sqrt(head_dim) and v_scale = s with s = kv_clip/127.
+    ``config``: (SPLITS, BLOCK_S, num_warps) override, for tuning.
     """
     M, H = q.shape
     hd = H // n_head
     int8 = q.dtype == torch.int8
-    _attention_kernel[(M, n_head)](
-        q, k_cache, v_cache, positions, out,
-        rows_per_seq, q.stride(0), k_cache.stride(0), k_cache.stride(1), out.stride(0),
+    bd = triton.next_power_of_2(hd)
+    cache_len = k_cache.shape[1]
+    splits, block_s, warps = config or _attention_config(M, n_head, cache_len, int8)
+    split_len = triton.cdiv(triton.cdiv(cache_len, splits), block_s) * block_s
+    part = torch.empty(M * n_head * splits * (bd + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
+    _attention_kernel[(M, n_head, splits)](
+        q, k_cache, v_cache, positions, out, part,
+        rows_per_seq, q.stride(0), k_cache.stride(0), k_cache.stride(1), out.stride(0), split_len,
         hd, float(score_scale), float(v_scale), float(out_scale or 0.0),
-        INT8=int8, BLOCK_D=triton.next_power_of_2(hd), BLOCK_S=128 if int8 else 64, num_warps=4,
+        INT8=int8, SPLITS=splits, BLOCK_D=bd, BLOCK_S=block_s, num_warps=warps,
     )
+    if splits > 1:
+        _attention_combine_kernel[(M, n_head)](part, out, out.stride(0), hd, float(v_scale), float(out_scale or 0.0),
+                                               INT8=int8, SPLITS=splits, BLOCK_D=bd, num_warps=1)
     return out
 
 

@@ -151,8 +151,9 @@ def attention_reference(q, kc, vc, pos, T, n_head, score_scale, v_scale):
     return out
 
 
+@pytest.mark.parametrize("config", [None, (1, 32, 4), (4, 64, 2)])  # (splits over the sequence, BLOCK_S, warps)
 @pytest.mark.parametrize("M", ROWS)
-def test_int8_attention(M):
+def test_int8_attention(M, config):
     g = torch.Generator().manual_seed(400 + M)
     n_head, hd, S = 3, 24, 300 if CUDA else 70  # head_dim not a power of two; S spans several key blocks
     H, T = n_head * hd, 1
@@ -162,7 +163,8 @@ def test_int8_attention(M):
     s = 3.0 / 127
     score, vs, out_s = s * s / math.sqrt(hd), s, 127 / 1.5
     got = K.attention(q.to(DEV), kc.to(DEV), vc.to(DEV), pos.to(DEV), T, n_head,
-                      torch.empty(M, H, dtype=torch.int8, device=DEV), score_scale=score, v_scale=vs, out_scale=out_s)
+                      torch.empty(M, H, dtype=torch.int8, device=DEV), score_scale=score, v_scale=vs, out_scale=out_s,
+                      config=config)
     want = q8(attention_reference(q, kc, vc, pos, T, n_head, score, vs) * out_s)
     exact, worst = agree(got, want)
     print(f"M={M}: int8 attention exact {exact:.5f}, max diff {worst}")
