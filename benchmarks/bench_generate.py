@@ -100,6 +100,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         fp_path, q_path = export_pair(model, Path(tmp), max_step)
         engines = {"ours_fp": Engine.load(fp_path, dev), "ours_int8": Engine.load(q_path, dev)}
+        ref_max = getattr(args, "reference_max_batch", 0) or max(args.batches)
         if getattr(args, "reference", False) and dev.type == "cuda":  # the pre-fusion path, same run
             engines["ours_fp_ref"] = Engine.load(fp_path, dev, fused=False)
             engines["ours_int8_ref"] = Engine.load(q_path, dev, fused=False)
@@ -131,6 +132,8 @@ def run(args) -> dict:
             row[f"hf_{prec}_s"] = timed(lambda: hf_generate(prompts, n), args.repeats, sync)
         sp = SamplingParams(max_new_tokens=n, top_k=1, ignore_eos=True)
         for name, eng in engines.items():
+            if name.endswith("_ref") and batch > ref_max:
+                continue
             row[f"{key(name)}_s"] = timed(lambda: eng.generate(prompts.tolist(), sp), args.repeats, sync)
         base = row.get(f"hf_{prec}_s")
         for k in list(row):
@@ -210,6 +213,7 @@ def main(argv=None) -> None:
     p.add_argument("--ttft-prompt", type=int, default=0, help="also time the first token after a prompt this long")
     p.add_argument("--ttft-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     p.add_argument("--reference", action="store_true", help="CUDA: also time the unfused reference path (before/after)")
+    p.add_argument("--reference-max-batch", type=int, default=64, help="time the reference path up to this batch")
     p.add_argument("--profile", action="store_true", help="CUDA: kernels and GPU time per decode step (torch.profiler)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
