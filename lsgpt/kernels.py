@@ -46,14 +46,12 @@ def _gelu_tanh(x):
 def _linear_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr,
     pos_ptr, k_cache_ptr, v_cache_ptr,
-    ln_w_ptr, ln_b_ptr, ln_out_ptr, counter_ptr, ln_eps, ln_scale, stride_lm,
     M, N, K,
     stride_xm, stride_wk, stride_wn, stride_om, stride_rm,
     rows_per_seq, cache_stride_b, cache_stride_s,
     alpha, deq_scale, out_scale,
     INT8: tl.constexpr, REQUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr, QUANT_OUT: tl.constexpr, RESIDUAL: tl.constexpr, KV_SCATTER: tl.constexpr,
-    LN_OUT: tl.constexpr, LN_INT8: tl.constexpr, BLOCK_LN: tl.constexpr, LN_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -106,58 +104,35 @@ def _linear_kernel(
         tl.store(v_cache_ptr + row[:, None] + (rn[None, :] - 2 * H), y, mask=ok & (rn[None, :] >= 2 * H))
     else:
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
-    if LN_OUT:  # the last N tile of this row block to finish normalizes the now complete rows: no LN launch
-        tl.debug_barrier()  # every thread's stores are issued before the release below
-        done = tl.atomic_add(counter_ptr + pid_m, 1, sem="acq_rel")
-        if done == tl.num_programs(1) - 1:
-            for r0 in tl.static_range(0, BLOCK_M, LN_ROWS):
-                rows = pid_m * BLOCK_M + r0 + tl.arange(0, LN_ROWS)
-                _ln_rows(out_ptr, stride_om, rows, rows < M, N, ln_w_ptr, ln_b_ptr, ln_eps, ln_scale, ln_out_ptr,
-                         stride_lm, LN_INT8, BLOCK_LN, True)
-            tl.atomic_xchg(counter_ptr + pid_m, 0)  # ready for the next launch
 
 
 @triton.jit
-def _ln_rows(x_ptr, stride_xm, rows, rows_ok, K, w_ptr, b_ptr, eps, scale, out_ptr, stride_om,
-             INT8: tl.constexpr, BLOCK_K: tl.constexpr, OTHERS_WROTE: tl.constexpr):
-    """LayerNorm of complete rows in fp32 (mean, then variance about it), then int8 quantization by `scale`
-    or a cast to out's type. OTHERS_WROTE: the rows were written by other programs of this launch, so read
-    them from L2 (the coherence point), not a possibly stale L1."""
+def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, K, stride_xm, stride_om, eps, scale,
+                       INT8: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row: LayerNorm in fp32 (mean, then variance about it), then int8 quantization by `scale` or a cast."""
+    m = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
-    ok = rows_ok[:, None] & (k[None, :] < K)
-    ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + k[None, :]
-    if OTHERS_WROTE:
-        x = tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-    else:
-        x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 1) / K
-    xc = tl.where(ok, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / K + eps)
-    g = tl.load(w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * g[None, :] + b[None, :]
+    ok = k < K
+    x = tl.load(x_ptr + m * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 0) / K
+    xc = tl.where(ok, x - mean, 0.0)
+    y = xc / tl.sqrt(tl.sum(xc * xc, 0) / K + eps)
+    y = y * tl.load(w_ptr + k, mask=ok, other=0.0).to(tl.float32) + tl.load(b_ptr + k, mask=ok, other=0.0).to(tl.float32)
     if INT8:
         y = _q8(y * scale)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + k[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, K, stride_xm, stride_om, eps, scale,
-                       INT8: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    _ln_rows(x_ptr, stride_xm, rows, rows < M, K, w_ptr, b_ptr, eps, scale, out_ptr, stride_om, INT8, BLOCK_K, False)
+    tl.store(out_ptr + m * stride_om + k, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, part_ptr, counter_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, part_ptr,
     rows_per_seq, stride_qm, cache_stride_b, cache_stride_s, stride_om, split_len,
     head_dim, score_scale, v_scale, out_scale,
     INT8: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Program (row m, head h, split j): keys [j·split_len, (j+1)·split_len) ∩ [0, pos[m]], online softmax.
-    SPLITS == 1 writes the context; otherwise each program writes its partial (max, sum, unnormalised context)
-    and the last of the row's splits to finish combines them (flash-decoding without a second launch)."""
+    SPLITS == 1 writes the context; otherwise the partial (max, sum, unnormalised context) goes to part_ptr
+    for _attention_combine_kernel (flash-decoding: a short decode keeps every SM busy)."""
     m = tl.program_id(0)
     h = tl.program_id(1)
     j = tl.program_id(2)
@@ -192,39 +167,33 @@ def _attention_kernel(
             o = _q8(o * out_scale)
         tl.store(out_ptr + m * stride_om + h * head_dim + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
     else:  # partial record: [max, sum, acc[0..BLOCK_D)]
-        slot = m * tl.num_programs(1) + h
-        rec = part_ptr + (slot * SPLITS + j).to(tl.int64) * (BLOCK_D + 2)
+        rec = part_ptr + ((m * tl.num_programs(1) + h) * SPLITS + j).to(tl.int64) * (BLOCK_D + 2)
         tl.store(rec, m_i)
         tl.store(rec + 1, l_i)
         tl.store(rec + 2 + d, acc)
-        tl.debug_barrier()
-        done = tl.atomic_add(counter_ptr + slot, 1, sem="acq_rel")
-        if done == SPLITS - 1:
-            _attention_combine(part_ptr + (slot * SPLITS).to(tl.int64) * (BLOCK_D + 2),
-                               out_ptr + m * stride_om + h * head_dim, head_dim, v_scale, out_scale, INT8, SPLITS, BLOCK_D)
-            tl.atomic_xchg(counter_ptr + slot, 0)
 
 
 @triton.jit
-def _attention_combine(rec_ptr, out_ptr, head_dim, v_scale, out_scale,
-                       INT8: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attention_combine_kernel(part_ptr, out_ptr, stride_om, head_dim, v_scale, out_scale,
+                              INT8: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    m = tl.program_id(0)
+    h = tl.program_id(1)
     j = tl.arange(0, SPLITS)
     d = tl.arange(0, BLOCK_D)
-    rec = rec_ptr + j.to(tl.int64) * (BLOCK_D + 2)
-    mx = tl.load(rec, cache_modifier=".cg")  # -inf for splits past the last key
+    rec = part_ptr + ((m * tl.num_programs(1) + h) * SPLITS + j).to(tl.int64) * (BLOCK_D + 2)
+    mx = tl.load(rec)  # -inf for splits past the last key
     top = tl.max(mx, 0)
     w = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - top))
-    l_tot = tl.sum(tl.load(rec + 1, cache_modifier=".cg") * w, 0)
-    acc = tl.sum(tl.load(rec[:, None] + 2 + d[None, :], cache_modifier=".cg") * w[:, None], 0)
+    l_tot = tl.sum(tl.load(rec + 1) * w, 0)
+    acc = tl.sum(tl.load(rec[:, None] + 2 + d[None, :]) * w[:, None], 0)
     o = acc * (v_scale / l_tot)
     if INT8:
         o = _q8(o * out_scale)
-    tl.store(out_ptr + d, o.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+    tl.store(out_ptr + m * stride_om + h * head_dim + d, o.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
 @triton.jit
-def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, ln_w_ptr, ln_b_ptr, ln_out_ptr, H, pad_id, emb_scale,
-                  ln_eps, ln_scale, LN_OUT: tl.constexpr, LN_INT8: tl.constexpr, BLOCK_H: tl.constexpr):
+def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, H, pad_id, emb_scale, BLOCK_H: tl.constexpr):
     m = tl.program_id(0)
     t = tl.load(tok_ptr + m)
     p = tl.load(pos_ptr + m)
@@ -233,17 +202,7 @@ def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, ln_w_ptr, ln_b_pt
     e = tl.load(wte_ptr + t.to(tl.int64) * H + h, mask=ok, other=0).to(tl.float32) * emb_scale
     e += tl.load(wpe_ptr + p.to(tl.int64) * H + h, mask=ok, other=0.0).to(tl.float32)
     e = tl.where(t == pad_id, 0.0, e)
-    e = e.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + m * H + h, e, mask=ok)
-    if LN_OUT:  # the first layer's LayerNorm of the row just made (the row is whole in this program)
-        x = e.to(tl.float32)
-        mean = tl.sum(x, 0) / H
-        xc = tl.where(ok, x - mean, 0.0)
-        y = xc / tl.sqrt(tl.sum(xc * xc, 0) / H + ln_eps)
-        y = y * tl.load(ln_w_ptr + h, mask=ok, other=0.0).to(tl.float32) + tl.load(ln_b_ptr + h, mask=ok, other=0.0).to(tl.float32)
-        if LN_INT8:
-            y = _q8(y * ln_scale)
-        tl.store(ln_out_ptr + m * H + h, y.to(ln_out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + m * H + h, e.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,29 +236,12 @@ def _sm_count() -> int:
     return _SMS[0]
 
 
-# Arrival counters for "the last program finishes the job" (LN after a residual GEMM, the attention split
-# combine). Every user resets what it used to 0, so one zeroed buffer per device serves every launch in stream
-# order, CUDA graphs included. Allocated before any capture (FusedForward does it at load time).
-MAX_COUNTERS = 1 << 16
-_COUNTERS: dict[str, torch.Tensor] = {}
-
-
-def counters(device: torch.device) -> torch.Tensor:
-    key = str(device)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
-
-
 def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, out: torch.Tensor,
                scale: float | None = None) -> torch.Tensor:
     """out[M, K] = LayerNorm(x) (fp32 math), quantized to int8 by `scale` (= 127/clip) when out is int8."""
     M, K = x.shape
-    bk = triton.next_power_of_2(K)
-    rows = max(1, min(16, 8192 // bk))
-    _layer_norm_kernel[(triton.cdiv(M, rows),)](x, w, b, out, M, K, x.stride(0), out.stride(0), float(eps),
-                                                float(scale or 0.0), INT8=out.dtype == torch.int8, BLOCK_K=bk,
-                                                ROWS=rows, num_warps=4)
+    _layer_norm_kernel[(M,)](x, w, b, out, K, x.stride(0), out.stride(0), float(eps), float(scale or 0.0),
+                             INT8=out.dtype == torch.int8, BLOCK_K=triton.next_power_of_2(K), num_warps=4)
     return out
 
 
@@ -317,7 +259,6 @@ def linear(
     out_scale: float | None = None,
     residual: torch.Tensor | None = None,
     kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
-    ln_out: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, float | None] | None = None,
     config: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """out[M, N] = epilogue(x[M, K] @ w[K, N]); see the module docstring.
@@ -327,9 +268,7 @@ def linear(
     then multiply by ``deq_scale``, else multiply the sums by ``deq_scale``; ``out_scale`` given: quantize the
     result by it; ``kv=(k_cache, v_cache, positions[M], rows_per_seq)``: N = 3H, q -> out[M, H], k, v ->
     cache [B, S, H]. ``residual`` may be ``out`` itself (in-place update of the residual stream).
-    ``ln_out=(gamma, beta, eps, dest, scale)``: also write LayerNorm(out) into dest (int8: quantized by scale),
-    done in this launch by the last program of each row block. ``config``: tile override (BLOCK_M, BLOCK_N,
-    BLOCK_K, num_warps, num_stages), for tuning.
+    ``config``: tile override (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for tuning.
     """
     int8 = w.dtype == torch.int8
     if ln is not None:
@@ -346,25 +285,14 @@ def linear(
         k_cache = v_cache = pos = dummy
         rows_per_seq, cache_b, cache_s = 1, 0, 0
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    if ln_out is not None:
-        assert residual is not None and grid[0] <= MAX_COUNTERS, "ln_out needs whole rows of the residual stream"
-        ln_w, ln_b, ln_eps, ln_dest, ln_scale = ln_out
-        cnt, block_ln = counters(x.device), triton.next_power_of_2(N)
-        ln_rows = max(1, min(bm, 4096 // block_ln))
-    else:
-        ln_w = ln_b = ln_dest = cnt = dummy
-        ln_eps, ln_scale, block_ln, ln_rows = 0.0, None, 1, 1
     _linear_kernel[grid](
         x, w, out, dummy if bias is None else bias, dummy if residual is None else residual, pos, k_cache, v_cache,
-        ln_w, ln_b, ln_dest, cnt, float(ln_eps), float(ln_scale or 0.0), ln_dest.stride(0) if ln_out else 0,
         M, N, K,
         x.stride(0), w.stride(0), w.stride(1), out.stride(0), 0 if residual is None else residual.stride(0),
         rows_per_seq, cache_b, cache_s,
         float(alpha or 0.0), float(deq_scale), float(out_scale or 0.0),
         INT8=int8, REQUANT=alpha is not None, HAS_BIAS=bias is not None, GELU=gelu,
         QUANT_OUT=out_scale is not None, RESIDUAL=residual is not None, KV_SCATTER=kv is not None,
-        LN_OUT=ln_out is not None, LN_INT8=ln_out is not None and ln_dest.dtype == torch.int8,
-        BLOCK_LN=block_ln, LN_ROWS=ln_rows,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return out
@@ -376,8 +304,6 @@ def _attention_config(rows: int, n_head: int, cache_len: int, int8: bool) -> tup
     splits = 1
     while rows * n_head * splits < 2 * _sm_count() and splits * block_s < cache_len and splits < 16:
         splits *= 2
-    if rows * n_head > MAX_COUNTERS:
-        splits = 1
     return splits, block_s, 4
 
 
@@ -410,24 +336,22 @@ def attention(
     split_len = triton.cdiv(triton.cdiv(cache_len, splits), block_s) * block_s
     part = torch.empty(M * n_head * splits * (bd + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
     _attention_kernel[(M, n_head, splits)](
-        q, k_cache, v_cache, positions, out, part, counters(q.device),
+        q, k_cache, v_cache, positions, out, part,
         rows_per_seq, q.stride(0), k_cache.stride(0), k_cache.stride(1), out.stride(0), split_len,
         hd, float(score_scale), float(v_scale), float(out_scale or 0.0),
         INT8=int8, SPLITS=splits, BLOCK_D=bd, BLOCK_S=block_s, num_warps=warps,
     )
+    if splits > 1:
+        _attention_combine_kernel[(M, n_head)](part, out, out.stride(0), hd, float(v_scale), float(out_scale or 0.0),
+                                               INT8=int8, SPLITS=splits, BLOCK_D=bd, num_warps=1)
     return out
 
 
 def embed(
     tokens: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, out: torch.Tensor,
     pad_id: int, scale: float = 1.0,
-    ln_out: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, float | None] | None = None,
 ) -> torch.Tensor:
-    """out[M, H] = wte[tokens]·scale + wpe[positions]; rows of pad tokens are 0 (pad_id >= vocab: none).
-    ``ln_out=(gamma, beta, eps, dest, scale)``: also dest = LayerNorm(out) (int8: quantized by scale)."""
+    """out[M, H] = wte[tokens]·scale + wpe[positions]; rows of pad tokens are 0 (pad_id >= vocab: none)."""
     M, H = out.shape
-    ln_w, ln_b, ln_eps, ln_dest, ln_scale = ln_out or (wpe, wpe, 0.0, out, None)
-    _embed_kernel[(M,)](tokens, positions, wte, wpe, out, ln_w, ln_b, ln_dest, H, pad_id, float(scale), float(ln_eps),
-                        float(ln_scale or 0.0), LN_OUT=ln_out is not None, LN_INT8=ln_dest.dtype == torch.int8,
-                        BLOCK_H=triton.next_power_of_2(H))
+    _embed_kernel[(M,)](tokens, positions, wte, wpe, out, H, pad_id, float(scale), BLOCK_H=triton.next_power_of_2(H))
     return out
