@@ -32,9 +32,15 @@ def test_demo_quick_end_to_end(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
-    for model in ("gpt2", "gpt2_int8"):
+    for model, folder in (("gpt2", "fp16"), ("gpt2_int8", "int8")):
         s = summary[model]
-        assert s["served_equals_in_process"], s  # text through gRPC == the engine's own output, same request
+        assert s["served_equals_in_process"], s  # the demo's own check: text through gRPC == the engine in process
+        # and an independent one: the article's generate CLI, in a fresh process, on the exported file
+        cli = subprocess.run([sys.executable, "client/generate.py", "-m", str(tmp_path / "model" / folder / "pytorch_model.hdf5"),
+                              "-i", "我好难受", "-p", str(tmp_path / "data" / "tokenizer"), "--top-k", "1",
+                              "--max-new-tokens", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 0, cli.stderr[-2000:]
+        assert [ln for ln in cli.stdout.splitlines() if ln.startswith("我好难受")] == [s["samples"]["我好难受"]], cli.stdout
         assert s["perplexity"] > 1
         assert s["samples"]["我好难受"].startswith("我好难受")
         assert s["loadtest"]["failed"] == 0 and s["loadtest"]["throughput"] > 0

@@ -92,10 +92,8 @@ def test_entrypoint_runs_natively_and_stops_on_sigterm(tiny_models, tmp_path):
         assert any("ready: models gpt2 |" in ln for ln in lines), "".join(lines[-30:])
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/gpt2/ready", timeout=5) as r:
             assert r.status == 200
-        t = time.monotonic()
         proc.send_signal(signal.SIGTERM)  # docker stop
-        assert proc.wait(60) == 0
-        assert time.monotonic() - t < 30
+        assert proc.wait(60) == 0  # a clean exit; the 60 s wait is a hang guard (Triton's own exit timeout is 30 s)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -34,7 +34,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny.make_model(seed=0)
+    return tiny.make_model(seed=0, wide=True)  # wide: GELU form, LN eps, attention scale all move logits visibly
 
 
 @pytest.fixture(scope="module")
@@ -336,8 +336,9 @@ def test_file_sampling_defaults_apply(model, tmp_path):
             order = np.argsort(-pr)
             keep = order[: int(np.searchsorted(np.cumsum(pr[order]), 0.3 + 1e-6)) + 1]
             assert out[j] in keep, f"topp=0.3 file: step {j} token outside the nucleus"
-            seen_p.add(len(keep))
+            seen_p.add(out[j] == int(np.argmax(lg[j - 1])))
     assert seen_k == {True, False}, "topk=2 file: never sampled the second token (is it greedy?)"
+    assert False in seen_p, "topp=0.3 file: only ever the argmax (the file's sampling_method was ignored?)"
 
 
 def test_temperature_zero_is_greedy(engines):

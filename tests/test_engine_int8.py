@@ -232,16 +232,20 @@ def test_int8_batch_equals_alone(engines):
     assert e.generate(prompts, sp) == [e.generate([p], sp)[0] for p in prompts]
 
 
-def test_int8_ppl_uses_int8_logits(engines, refs):
+def test_int8_ppl_uses_int8_logits(engines, files):
     """ppl (mean NLL) from the dequantized int8 logits, as ker_ppl_i8I computes it."""
     prompts = [[3, 14, 159, 265, 358], [979, 323, 846, 264, 338, 327, 950, 288]]
-    got = engines["exported"].ppl(prompts)
+    e = engines["exported"]
+    ref = R.Int8Model(*R.read_ls(files["exported"]), eps=float(e.config.layer_norm_eps))
+    got = e.ppl(prompts)
     for p, g in zip(prompts, got):
-        lg = refs["exported"].forward(p)
+        lg = ref.forward(p)
         lg = lg - lg.max(-1, keepdims=True)
         logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
         nll = -np.mean([logp[j, p[j + 1]] for j in range(len(p) - 1)])
-        assert abs(g - nll) <= 0.05 * max(1.0, abs(nll)), (p, g, nll)
+        # the reference's int8 logits are bit-exact with the engine's (test above), so only float summation
+        # order separates the two NLLs; the float model's NLL differs by ~2e-3 relative and must fail this.
+        assert abs(g - nll) <= 1e-5 * max(1.0, abs(nll)), (p, g, nll)
 
 
 def test_int8_engine_uses_stored_kernel_and_logits_clips(model, ls, clips, tmp_path):

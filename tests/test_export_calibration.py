@@ -69,11 +69,13 @@ def test_calibrated_clips_match_activation_ranges(setup):
             report.append(f"{i}/{n}: clip {c:.3f} observed max {obs:.3f}")
             if n == "self_qkv_bias_out_clip_max" and c == 16.0:
                 continue  # LightSeq's training leaves this clip at its init 16 (spec §1.3); accepted
-            assert 0.25 * obs <= c <= 2.0 * obs, report[-1]
+            # calibrate() is documented as max|x| over the calibration rows: the fp64 reference forward over the
+            # same rows gives it to float32 accuracy. A percentile (0.999 of max) or a margin would fail this.
+            assert abs(c / obs - 1) <= 1e-4, report[-1]
     c, obs = float(arr["src_embedding/output_ln_clip_max"][0]), stats["output_ln_clip_max"]
-    assert 0.25 * obs <= c <= 2.0 * obs, f"output_ln_clip {c} vs observed {obs}"
+    assert abs(c / obs - 1) <= 1e-4, f"output_ln_clip {c} vs observed {obs}"
     emb_c, emb_max = float(arr["src_embedding/emb_clip_max"][0]), float(np.abs(ls["src_embedding/token_embedding"]).max())
-    assert 0.25 * emb_max <= emb_c <= 2.0 * emb_max, f"emb_clip {emb_c} vs max |wte| {emb_max}"
+    assert abs(emb_c / emb_max - 1) <= 1e-6, f"emb_clip {emb_c} vs max |wte| {emb_max}"
     print("\n".join(report))
 
 

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from lsgpt import format as fmt
 from lsgpt.qat import CONFIG_FLAG, QuantGPT2LMHeadModel, fake_quant, to_qat
 
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from oracles import tiny  # noqa: E402
+
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
@@ -128,6 +131,26 @@ def test_lm_head_matches_lightseq_quant_linear(ls):
     torch.testing.assert_close(ln_clip.grad, ref.input_quant.clip.clip_value_max.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_qat_model_logits_are_lightseq_quant_linear_of_its_ln_f_output(ls, hf_model):
+    """The model itself (not a re-composition): its logits equal LightSeq's QuantLinear (embedding quantizer as
+    weight quantizer, clips at LightSeq's inits) applied to the model's own ln_f output."""
+    qat = to_qat(hf_model).eval()
+    seen = {}
+    hook = qat.transformer.ln_f.register_forward_hook(lambda mod, inp, out: seen.__setitem__("x", out.detach()))
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = qat(ids).logits
+    hook.remove()
+    v, h = qat.transformer.wte.weight.shape
+    ref = ls.QuantLinear(h, v, bias=False)
+    ref.weight_quant = _ls_quantizer(ls, ls.emb_quant_config)
+    ref.apply(ls.qat_mode)
+    with torch.no_grad():
+        ref.weight.copy_(qat.transformer.wte.weight)
+        want = ref(seen["x"])
+    torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)
+
+
 def test_quantizer_spec_formula_and_gradients():
     """Independent of LightSeq: s = amax/127, floor(x/s + 0.5), clamp ±127; PACT gradient to amax."""
     amax = torch.nn.Parameter(torch.tensor(2.0))
@@ -180,12 +203,14 @@ def test_quant_disabled_equals_hf(hf_model):
 def test_clip_state_dict_names(hf_model):
     qat = to_qat(hf_model)
     clip_keys = {k for k in qat.state_dict() if ".ls_clips." in k}
-    want = {fmt.CLIP_PREFIX_LAYER.format(i=i) + n for i in range(2) for n in fmt.LAYER_ACT_CLIPS}
-    want |= {fmt.CLIP_PREFIX_EMB + "emb_clip_max", fmt.CLIP_PREFIX_EMB + "output_ln_clip_max"}
+    # the checkpoint contract (ARCHITECTURE.md) and the spec's 8 per-layer clip names, written out here
+    # rather than read from lsgpt.format, so a renamed constant fails this test
+    want = {f"transformer.h.{i}.ls_clips.{n}" for i in range(2) for n in tiny.LAYER_CLIP_NAMES}
+    want |= {"transformer.ls_clips.emb_clip_max", "transformer.ls_clips.output_ln_clip_max"}
     assert clip_keys == want
     sd = qat.state_dict()
-    assert sd[fmt.CLIP_PREFIX_EMB + "emb_clip_max"].item() == fmt.EMB_CLIP_INIT
-    assert all(sd[k].item() == fmt.ACT_CLIP_INIT for k in want if not k.endswith("emb_clip_max"))
+    assert sd["transformer.ls_clips.emb_clip_max"].item() == 1.0  # LightSeq's initial clips (spec §2.4)
+    assert all(sd[k].item() == 16.0 for k in want if not k.endswith("emb_clip_max"))
     # everything else is exactly HF's state dict
     assert set(sd) - clip_keys == set(hf_model.state_dict())
 
@@ -224,8 +249,17 @@ def test_quantized_forward_close_to_float(hf_model):
         lq = qat(ids).logits
         lf = hf_model(ids).logits
     assert not torch.equal(lq, lf)
-    # int8 grid of the logits is 16/127 = 0.126; a random-init wte (std 0.02) is coarse at clip 1.0
-    assert (lq - lf).abs().mean() < 0.1
+    step = fmt.LOGITS_CLIP / fmt.QMAX
+    q = lq / step
+    assert torch.allclose(q, q.round(), atol=1e-4), "logits must be on the int8 grid of the logits clip"
+    # against the float logits rounded to that grid. Measured here: 98.3% within one step, 99.995% within two.
+    # Mutations (clips forced in every block): ffn_ln clip 0.5 -> 96.4% / 99.93%, emb clip 0.02 -> 94.7% /
+    # 99.66%: both fail. (This HF-init model's logits are too small to expose every clip; the exported-int8
+    # test below checks the QAT forward against the integer dataflow to 1e-4.)
+    d = (lq - fake_quant(lf, fmt.LOGITS_CLIP)).abs()
+    one, two = (d <= step + 1e-5).float().mean().item(), (d <= 2 * step + 1e-5).float().mean().item()
+    print(f"QAT vs float logits: {one:.4f} within one int8 step, {two:.5f} within two")
+    assert one >= 0.975 and two >= 0.9995
 
 
 def test_save_load_roundtrip(tmp_path, hf_model):

@@ -320,11 +320,13 @@ def test_new_version_goes_live(served, grpc, tok, tmp_path):
     res = publish(new, repo, "gpt2")
     assert res.versions["gpt2"].name == "2"
     deadline = time.monotonic() + 90
-    served_ok = 0
+    asked = served_ok = 0
     while not server.is_model_ready("gpt2", "2"):
-        assert time.monotonic() < deadline, server.log_tail()
-        served_ok += grpc.infer("gpt2", request([prompt], max_new_tokens=1)).as_numpy("result").shape[0]  # v1 still serves
+        assert time.monotonic() < deadline, server.log_tail()  # hang guard
+        asked += 1  # v1 keeps serving while v2 loads: every request in this window gets one row back
+        served_ok += grpc.infer("gpt2", request([prompt], max_new_tokens=1)).as_numpy("result").shape[0]
         time.sleep(0.5)
+    assert served_ok == asked
     got = unpad(grpc.infer("gpt2", request([prompt], top_k=1, max_new_tokens=8)).as_numpy("result")[0], len(prompt), 3)
     assert got == want
     deadline = time.monotonic() + 30
