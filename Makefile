@@ -4,7 +4,8 @@ MODEL_REPOSITORY ?= model_repository
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
-HOST ?= 127.0.0.1
+# the listen address: loopback unless TRITON_HOST says otherwise (one name; README, docker and make agree)
+TRITON_HOST ?= 127.0.0.1
 
 .PHONY: setup test demo serve loadtest bench
 setup:
@@ -17,7 +18,7 @@ demo: setup
 	$(PY) scripts/demo.py
 
 serve: setup
-	scripts/serve.sh --model-repository $(MODEL_REPOSITORY) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --host $(HOST)
+	scripts/serve.sh --model-repository $(MODEL_REPOSITORY) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --host $(TRITON_HOST)
 
 # perf_analyzer sweep over gRPC (LOADTEST_ARGS=--quick: seconds; --url HOST:PORT: a running server)
 loadtest: setup

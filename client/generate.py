@@ -69,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    local = a.model is not None and (a.model.endswith(".hdf5") or os.path.isfile(a.model)) and a.url is None
+    # a file path (an .hdf5/.h5 name, a path with '/', or an existing file) runs in process; a bare name is served
+    local = a.model is not None and a.url is None and (
+        a.model.endswith((".hdf5", ".h5")) or "/" in a.model or os.path.isfile(a.model))
+    if local and not os.path.isfile(a.model):
+        print(f"error: model file not found: {a.model} (a served model is named without a path or extension, "
+              "e.g. -m gpt2_int8 --url localhost:8001)", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         if local:
@@ -89,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as e:  # a missing tokenizer, an unreadable model file: say what, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for t in texts:
         print(t)
         print("=" * 40)

@@ -18,15 +18,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from lsgpt.format import SAMPLING_METHODS, VALID_TOPK, FormatError  # noqa: E402
 
 
-def default_output(src: Path) -> Path:
-    """The article's rule: the input path with its extension replaced by .hdf5 (a folder: pytorch_model.hdf5)."""
-    return src / "pytorch_model.hdf5" if src.is_dir() else src.with_suffix(".hdf5")
+def default_output(src: Path, quant: bool) -> Path:
+    """The article's rule: the input path with its extension replaced by .hdf5 (a folder: pytorch_model.hdf5).
+    An export of the other precision already there is kept: the new file gets a _int8 / _fp16 suffix instead
+    (e.g. post-training int8 from the fp16 folder beside its fp16 export). -o overwrites whatever it names."""
+    from lsgpt.format import stored_precision
+
+    out = src / "pytorch_model.hdf5" if src.is_dir() else src.with_suffix(".hdf5")
+    want = "int8" if quant else "fp16"
+    have = stored_precision(out) if out.is_file() else None
+    return out if have in (None, want) else out.with_name(f"{out.stem}_{want}.hdf5")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", dest="model", required=True, help="checkpoint folder, pytorch_model.bin or model.safetensors")
-    p.add_argument("-l", "--max-step", type=int, default=500, help="max total length; position embedding rows kept (default 500)")
+    p.add_argument("-l", "--max-step", type=int, default=None,
+                   help="max total length; position embedding rows kept (default: all the model has, at most 1024; "
+                        "a larger value is lowered to that with a note)")
     p.add_argument("-q", "--quant", action="store_true", help="write an int8 QuantGpt file (needs QAT clips or --calibrate)")
     p.add_argument("-o", "--output", type=Path, help="output .hdf5 path (default: beside the weights)")
     p.add_argument("--repository", type=Path, help="publish into this Triton model repository instead of --output")
@@ -54,9 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lsgpt.export import export_model
 
+    from lsgpt.export import checkpoint_positions
+    from lsgpt.format import MAX_STEP_LIMIT
+
     src = Path(args.model)
+    n_pos = checkpoint_positions(src)
+    max_step = args.max_step
+    if n_pos is not None:
+        fits = min(n_pos, MAX_STEP_LIMIT)
+        if max_step is None:
+            max_step = fits
+        elif max_step > fits:
+            print(f"export.py: note: -l {max_step} is more than the model's {fits} positions; using -l {fits}",
+                  file=sys.stderr)
+            max_step = fits
     kwargs = dict(
-        max_step=args.max_step,
+        max_step=max_step if max_step is not None else 500,
         quantize=args.quant,
         sampling_method=args.sampling_method,
         topk=args.topk,
@@ -84,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             if done.lightseq:
                 print(f"published LightSeq backend file {done.lightseq}")
         else:
-            out = args.output or default_output(src)
+            out = args.output or default_output(src, args.quant)
             path = export_model(src, out, **kwargs)
             print(f"wrote {'int8 QuantGpt' if args.quant else 'fp16 Gpt'} model {path} ({path.stat().st_size / 1e6:.1f} MB)")
     except (FormatError, ValueError, OSError) as e:  # bad checkpoint / options / paths: say what, exit 2

@@ -51,6 +51,12 @@ def load_checkpoint(src) -> tuple[dict, dict[str, torch.Tensor], Path | None]:
             raise FormatError(f"{path}: no {' or '.join(WEIGHT_FILES)} in the checkpoint folder")
     elif path.is_file():
         folder, weights = path.parent, path
+    elif path.name in WEIGHT_FILES and path.parent.is_dir():
+        # the article names pytorch_model.bin; HF's Trainer writes model.safetensors: take what the folder has
+        folder = path.parent
+        weights = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
+        if weights is None:
+            raise FormatError(f"checkpoint not found: {path} (and no {' or '.join(WEIGHT_FILES)} in {folder})")
     else:
         raise FormatError(f"checkpoint not found: {path}")
     cfg_file = folder / "config.json"
@@ -225,6 +231,17 @@ def quantize_arrays(cfg: GptConfig, fa: dict[str, np.ndarray], clips: Mapping[st
 # Entry point
 
 
+def checkpoint_positions(src) -> int | None:
+    """n_positions of a checkpoint's config.json (None if it cannot be read: export_model then says why)."""
+    path = Path(src)
+    folder = path if path.is_dir() else path.parent
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        return int(config.get("n_positions", config.get("n_ctx")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def export_model(
     src,
     out_path: str | os.PathLike,
@@ -285,7 +302,15 @@ def _calibration_rows(text_file, tokenizer, n_lines: int, cfg: GptConfig) -> lis
         tok = load_tokenizer(tokenizer)
     except (OSError, ValueError) as e:
         raise FormatError(str(e)) from None
-    rows = [encode_paragraph(tok, ln)[: cfg.max_step] for ln in lines]
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "sequence longer than the model max length": we chunk it below
+    try:
+        encoded = [encode_paragraph(tok, ln) for ln in lines]
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    rows = [r[i : i + cfg.max_step] for r in encoded for i in range(0, len(r), cfg.max_step)]
     if any(max(r) >= cfg.vocab for r in rows):
         raise FormatError(f"tokenizer {tokenizer} produces ids beyond the model's vocabulary ({cfg.vocab})")
     return rows

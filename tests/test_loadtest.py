@@ -71,3 +71,20 @@ def test_loadtest_quick_smoke(tiny_models, tmp_path):
     assert all(max(d["token_ids"]["content"]) < len(TINY_VOCAB) and d["max_new_tokens"] == [8] for d in data)
     if (out / "loadtest_concurrency.png").exists():  # matplotlib installed
         assert (out / "loadtest_concurrency.png").stat().st_size > 0
+
+
+def test_venv_perf_analyzer_runs_as_is():
+    """What a tritonclient user reaches for: `.venv/bin/perf_analyzer` with no environment set up by us."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pa = Path(sys.executable).parent / "perf_analyzer"
+    if not pa.exists():
+        pytest.skip("perf_analyzer not installed beside this interpreter (not the project's .venv)")
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    proc = subprocess.run([str(pa), "--help"], capture_output=True, text=True, timeout=60, env=env)
+    out = proc.stdout + proc.stderr
+    assert "error while loading shared libraries" not in out and "cannot open shared object" not in out, out[-500:]
+    assert "SYNOPSIS" in out or "Usage" in out, out[-500:]
