@@ -138,9 +138,9 @@ def run(args) -> dict:
         base = row.get(f"hf_{prec}_s")
         for k in list(row):
             if k.endswith("_s") and not k.startswith("hf_"):
-                row[k.replace("_s", "_tok_per_s")] = round(batch * n / row[k])
+                row[k[:-2] + "_tok_per_sec"] = round(batch * n / row[k])
                 if base:
-                    row[k.replace("_s", "_speedup_vs_hf")] = round(base / row[k], 2)
+                    row[k[:-2] + "_speedup_vs_hf"] = round(base / row[k], 2)
         if f"ours_{prec}_s" in row:
             row["int8_speedup_vs_ours_fp"] = round(row[f"ours_{prec}_s"] / row["ours_int8_s"], 2)
         results.append(row)
