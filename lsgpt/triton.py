@@ -270,8 +270,13 @@ class TritonServer:
             raise LaunchError(f"model repository {self.repo} not found")
         inst = find_tritonserver()
         self.workdir = Path(tempfile.mkdtemp(prefix="lsgpt-triton-"))
-        backend_dir = build_backend_dir(inst, self.workdir)
-        self.models = repository_view(self.repo, self.workdir, backend_dir, self.requested)
+        try:
+            backend_dir = build_backend_dir(inst, self.workdir)
+            self.models = repository_view(self.repo, self.workdir, backend_dir, self.requested)
+        except BaseException:  # e.g. no servable model: leave no temporary folder behind
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+            raise
         out = None
         if self._log_choice is not None:
             self.log_path = self.workdir / "server.log" if self._log_choice == "auto" else Path(self._log_choice)
@@ -350,6 +355,11 @@ class TritonServer:
         self.stop()
 
 
+def _gpu_visible() -> bool:
+    """An NVIDIA device node or driver: what tritonserver's probes look for (no torch import needed)."""
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/version")
+
+
 def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
@@ -387,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    if not _gpu_visible() or (a.device or "").startswith("cpu"):
+        print("[lsgpt.triton] CPU only: tritonserver's start-up lines about CUDA, NVML and DCGM are its GPU "
+              "probes failing; they are harmless here", flush=True)
     try:
         server.start()
         server.wait_ready(a.timeout)

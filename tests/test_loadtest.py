@@ -88,3 +88,17 @@ def test_venv_perf_analyzer_runs_as_is():
     out = proc.stdout + proc.stderr
     assert "error while loading shared libraries" not in out and "cannot open shared object" not in out, out[-500:]
     assert "SYNOPSIS" in out or "Usage" in out, out[-500:]
+
+
+def test_loadtest_user_mistakes_get_one_line_errors_and_write_nothing(tmp_path):
+    """A missing prompts file or a --url where no server answers: exit 2 with one line, before any work."""
+    _perf_analyzer_or_skip()
+    from lsgpt.triton import free_port
+
+    for args in (["--prompts", str(tmp_path / "missing.txt")], ["--url", f"127.0.0.1:{free_port()}"]):
+        out = tmp_path / "out"
+        proc = subprocess.run([sys.executable, "benchmarks/loadtest.py", "--quick", *args, "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and proc.stderr.startswith("loadtest: error:"), proc.stderr
+        assert not out.exists(), "nothing is written for a refused run"

@@ -113,10 +113,14 @@ def test_publish_rejects_wrong_format_and_keeps_versions(tiny_models, tmp_path):
 
 
 def test_launcher_serves_only_portable_models(served):
+    import tempfile
+
     server, _ = served
     assert server.models == ["gpt2", "gpt2_int8", "gpt2_stream"]  # LightSeq's backend is absent here
+    before = set(Path(tempfile.gettempdir()).glob("lsgpt-triton-*"))
     with pytest.raises(LaunchError, match="lightseq"):
         TritonServer(served[1], models=["gpt2_lightseq"], grpc_port=free_port()).start()
+    assert set(Path(tempfile.gettempdir()).glob("lsgpt-triton-*")) == before, "a failed start left its folder"
 
 
 def test_launcher_errors_are_clear(tmp_path, monkeypatch):
