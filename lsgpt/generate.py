@@ -10,6 +10,7 @@ draws from its own generator seeded by its seed, so its output does not depend o
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -102,7 +103,17 @@ class Engine:
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         # the fused Triton kernels (lsgpt.fused) on CUDA unless fused=False or LSGPT_FUSED=0
         use_fused = fused_available(device) if fused is None else fused
-        self.fused = FusedForward(model) if use_fused else None
+        self.fused = None
+        if use_fused:
+            try:
+                self.fused = FusedForward(model)
+                self.fused.check_against(self._reference_logits)
+            except Exception as e:  # noqa: BLE001 - e.g. no writable Triton cache, a GPU Triton cannot target
+                if fused:  # asked for explicitly: fail loudly
+                    raise
+                warnings.warn(f"lsgpt: fused GPU kernels unavailable ({type(e).__name__}: {e}); "
+                              "serving with the reference path")
+                self.fused = None
         self.compile = compile and self.cuda_graphs and self.fused is None
         self._graphs: dict[int, GraphedDecode] = {}  # batch size -> captured decode step (and its cache)
 
@@ -130,6 +141,11 @@ class Engine:
         if self.config.quantized:
             return "reference/" + self.model.layers[0]["ffn_first_kernel"].backend
         return "reference"
+
+    @torch.inference_mode()
+    def _reference_logits(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        hidden = self.model.forward(tokens, positions, cache)
+        return self.model.logits(hidden.reshape(-1, hidden.shape[-1]))
 
     def _forward_logits(self, tokens, positions, cache, last: torch.Tensor | None = None, static: bool = False):
         """fp32 logits [R, V] of the flat rows `last` (None: all B·T rows) after a forward over tokens [B, T]."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +201,35 @@ def test_embed_int8_and_pad(M):
     want = wte[tok].double() * (0.5 / 127) + wpe[pos].double()
     want[tok == pad] = 0
     assert float((got.double().cpu() - want).abs().max()) < 5e-3
+
+
+def test_engine_checks_the_kernels_at_load_and_falls_back(tmp_path, monkeypatch):
+    """Engine.load runs a 4-token self-check of the fused path against the reference path; if the kernels
+    cannot run (no writable Triton cache, an unsupported GPU) the engine warns and serves with the reference
+    path, unless fused=True was asked for explicitly."""
+    import warnings
+
+    from lsgpt.export import export_model
+    from lsgpt.generate import Engine, SamplingParams
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from oracles import tiny
+
+    model = tiny.make_model(seed=2)
+    path = export_model(model, tmp_path / "m.hdf5", max_step=32, eos_id=tiny.EOS_ID)
+    e = Engine.load(path, DEV, fused=True)
+    assert e.backend == "triton-fused"
+
+    def broken(*a, **k):
+        raise RuntimeError("no Triton cache")
+
+    monkeypatch.setattr(K, "linear", broken)
+    monkeypatch.setattr("lsgpt.fused.available", lambda device: True)
+    monkeypatch.setattr("lsgpt.generate.fused_available", lambda device: True)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        e = Engine.load(path, DEV)
+    assert e.fused is None and any("reference path" in str(x.message) for x in w)
+    assert len(e.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3, top_k=1))[0]) == 6
+    with pytest.raises(RuntimeError, match="Triton cache"):
+        Engine.load(path, DEV, fused=True)
