@@ -35,6 +35,9 @@ SAMPLING: dict[str, tuple[str, Any, type]] = {
     "top_p": ("FP32", np.float32, float),
     "temperature": ("FP32", np.float32, float),
     "seed": ("INT64", np.int64, int),
+    "repetition_penalty": ("FP32", np.float32, float),
+    "presence_penalty": ("FP32", np.float32, float),
+    "frequency_penalty": ("FP32", np.float32, float),
 }
 
 
@@ -76,10 +79,15 @@ def check_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
             "top_p": not 0.0 < v <= 1.0,
             "temperature": not (v >= 0.0 and np.isfinite(v)),
             "seed": not 0 <= v < 2**63,
+            "repetition_penalty": not (v > 0.0 and np.isfinite(v)),
+            "presence_penalty": not -2.0 <= v <= 2.0,
+            "frequency_penalty": not -2.0 <= v <= 2.0,
         }[k]
         if bad:
             want = {"max_new_tokens": ">= 1", "top_k": ">= 0 (0: no top-k filter, 1: greedy)",
-                    "top_p": "in (0, 1]", "temperature": "finite and >= 0 (0: greedy)", "seed": "in [0, 2**63)"}[k]
+                    "top_p": "in (0, 1]", "temperature": "finite and >= 0 (0: greedy)", "seed": "in [0, 2**63)",
+                    "repetition_penalty": "finite and > 0 (1: off)", "presence_penalty": "in [-2, 2] (0: off)",
+                    "frequency_penalty": "in [-2, 2] (0: off)"}[k]
             raise InvalidRequest(f"{k}={v!r} is invalid: must be {want}")
         out[k] = v
     return out

@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--temperature", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--repetition-penalty", type=float, default=None, help="HF semantics; 1: off (e.g. 1.2)")
+    ap.add_argument("--presence-penalty", type=float, default=None, help="OpenAI semantics, -2..2; 0: off")
+    ap.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI semantics, -2..2; 0: off")
     ap.add_argument("--stream", action="store_true", help="served: print tokens as they come (gpt2_stream)")
     ap.add_argument("--timeout", type=float, default=300.0)
     return ap.parse_args(argv)
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     prompts = a.input or DEFAULT_PROMPTS
     raw = {"max_new_tokens": a.max_new_tokens, "top_k": a.top_k, "top_p": a.top_p,
-           "temperature": a.temperature, "seed": a.seed}
+           "temperature": a.temperature, "seed": a.seed, "repetition_penalty": a.repetition_penalty,
+           "presence_penalty": a.presence_penalty, "frequency_penalty": a.frequency_penalty}
     try:
         sampling = check_sampling(raw)
     except ValueError as e:

@@ -38,6 +38,14 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy
     seed: int | None = None  # None: a fresh random seed
     ignore_eos: bool = False  # benchmark mode: always generate to the length limit
+    # Penalties, applied to the logits before temperature / top-k / top-p (as HF's and vLLM's samplers do):
+    repetition_penalty: float = 1.0  # HF: a token of the prompt or output so far: logit / p if > 0, else logit * p
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this times how often the token was generated
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def resolved(self, cfg: GptConfig) -> "SamplingParams":
         """Fill the file's defaults (sampling_method topk -> its topk; topp -> its topp)."""
@@ -193,6 +201,11 @@ class Engine:
                 raise RequestError(f"temperature={sp.temperature} must be a finite number >= 0")
             if sp.seed is not None and not 0 <= sp.seed < 2**63:
                 raise RequestError(f"seed={sp.seed} must be in 0..2^63-1")
+            if not (0.0 < sp.repetition_penalty < float("inf")):
+                raise RequestError(f"repetition_penalty={sp.repetition_penalty} must be a finite number > 0 (1: off)")
+            for name in ("presence_penalty", "frequency_penalty"):
+                if not -2.0 <= getattr(sp, name) <= 2.0:
+                    raise RequestError(f"{name}={getattr(sp, name)} must be in [-2, 2] (0: off)")
         return [sp.resolved(c) for sp in plist]
 
     # ---------------------------------------------------------------------------------------------
@@ -252,10 +265,13 @@ class Engine:
         length = list(lens)
         done = [n >= lim for n, lim in zip(lens, limits)]
         left = max(lim - n for lim, n in zip(limits, lens))  # steps until every row reaches its length limit
+        penalties = Penalties.start(rows, tokens, lens, c.vocab) if any(sp.penalized for sp in rows) else None
         pending: list[torch.Tensor] = []
         chunk = 1
         while True:
-            nxt = sample(logits, rows, gens)
+            nxt = sample(logits if penalties is None else penalties.apply(logits), rows, gens)
+            if penalties is not None:
+                penalties.update(nxt)
             pending.append(nxt)
             left -= 1
             if len(pending) >= chunk or left <= 0:
@@ -301,6 +317,37 @@ class Engine:
             logp = torch.log_softmax(self.logits(t)[0, :-1], -1)
             out.append(float(-logp.gather(1, t[0, 1:, None]).mean()))
         return out
+
+
+@dataclass
+class Penalties:
+    """Per-row token statistics on the device: seen (prompt + output) for the repetition penalty, output counts
+    for presence / frequency. Kept only when some row asks for a penalty."""
+
+    rep: torch.Tensor  # [B, 1]
+    presence: torch.Tensor  # [B, 1]
+    frequency: torch.Tensor  # [B, 1]
+    seen: torch.Tensor  # [B, V] bool
+    counts: torch.Tensor  # [B, V] float32
+
+    @classmethod
+    def start(cls, rows: Sequence[SamplingParams], tokens: torch.Tensor, lens: Sequence[int], vocab: int) -> "Penalties":
+        dev, B = tokens.device, len(rows)
+        col = lambda name: torch.tensor([[getattr(sp, name)] for sp in rows], dtype=torch.float32, device=dev)  # noqa: E731
+        seen = torch.zeros(B, vocab, dtype=torch.bool, device=dev)
+        real = torch.arange(tokens.shape[1], device=dev)[None] < torch.as_tensor(lens, device=dev)[:, None]
+        seen.scatter_(1, torch.where(real, tokens, tokens[:, :1]), True)  # prompt tokens (padding -> first token)
+        counts = torch.zeros(B, vocab, dtype=torch.float32, device=dev)
+        return cls(col("repetition_penalty"), col("presence_penalty"), col("frequency_penalty"), seen, counts)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        lg = logits.float()
+        lg = torch.where(self.seen, torch.where(lg > 0, lg / self.rep, lg * self.rep), lg)
+        return lg - self.presence * (self.counts > 0) - self.frequency * self.counts
+
+    def update(self, nxt: torch.Tensor) -> None:
+        self.counts.scatter_add_(1, nxt[:, None], torch.ones_like(nxt[:, None], dtype=torch.float32))
+        self.seen.scatter_(1, nxt[:, None], True)
 
 
 def sample(logits: torch.Tensor, rows: Sequence[SamplingParams], gens: Sequence[torch.Generator]) -> torch.Tensor:

@@ -4,7 +4,8 @@ Each version folder holds a thin model.py (lsgpt.repository.MODEL_PY) that fixes
 TritonPythonModel from here, plus the model file model.hdf5.
 
 Tensors are LightSeq's: token_ids INT32 [b, s] in, result INT32 [b, len] out (prompt + continuation,
-rows padded with EOS), plus optional per-row inputs max_new_tokens, top_k, top_p, temperature, seed
+rows padded with EOS), plus optional per-row inputs max_new_tokens, top_k, top_p, temperature, seed, repetition_penalty,
+presence_penalty, frequency_penalty
 ([b, 1] each). Non-decoupled models take every row of every request the dynamic batcher hands over
 (prompts of unequal length: token_ids allows ragged batches) and run them in ONE engine.generate call.
 A bad request gets INVALID_ARGUMENT naming the problem; the other requests of the batch are answered.
@@ -36,6 +37,9 @@ PARAM_INPUTS: dict[str, tuple[str, type]] = {
     "top_p": ("top_p", float),
     "temperature": ("temperature", float),
     "seed": ("seed", int),
+    "repetition_penalty": ("repetition_penalty", float),
+    "presence_penalty": ("presence_penalty", float),
+    "frequency_penalty": ("frequency_penalty", float),
 }
 
 

@@ -144,3 +144,19 @@ def test_generate_cli_user_mistakes_get_one_line_errors(tmp_path):
                               timeout=120)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr and proc.stderr.startswith("error:"), proc.stderr
+
+
+def test_penalties_through_the_client_and_the_cli(server, client, tiny_models):
+    with pytest.raises(InvalidRequest, match="repetition_penalty"):
+        client.generate("我", repetition_penalty=0.0)  # refused by the client, before the server
+    with pytest.raises(InvalidRequest, match="frequency_penalty"):
+        client.generate("我", frequency_penalty=2.5)
+    plain = client.generate("我今天很开心，", top_k=1, max_new_tokens=10)
+    penalized = client.generate("我今天很开心，", top_k=1, max_new_tokens=10, repetition_penalty=1.8,
+                                presence_penalty=1.0)
+    cli = subprocess.run([PY, "client/generate.py", "-m", str(tiny_models.fp16), "-p", str(tiny_models.tokenizer),
+                          "-i", "我今天很开心，", "--top-k", "1", "--max-new-tokens", "10", "--repetition-penalty", "1.8",
+                          "--presence-penalty", "1.0"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert cli.returncode == 0, cli.stderr
+    assert [ln for ln in cli.stdout.splitlines() if ln.startswith("我今天")] == [penalized]  # same tokens in process
+    assert penalized != plain

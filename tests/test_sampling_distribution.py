@@ -42,8 +42,9 @@ def setup(tmp_path_factory):
     # HF on the file's own (fp16-rounded) weights: the logits the engine should be sampling from
     from test_engine_fp16 import hf_from_file, hf_logits
 
-    logits = hf_logits(hf_from_file(path, model), [PROMPT])[0][-1].astype(np.float64)
-    return engine, logits
+    hf = hf_from_file(path, model)
+    logits = hf_logits(hf, [PROMPT])[0][-1].astype(np.float64)
+    return engine, logits, hf
 
 
 def target(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -111,7 +112,7 @@ CASES = {  # (temperature, top_k, top_p)
 
 @pytest.mark.parametrize("case", CASES)
 def test_first_token_follows_the_target_distribution(setup, case):
-    engine, logits = setup
+    engine, logits, _ = setup
     t, k, p = CASES[case]
     counts = draw(engine, t, k, p)
     want = target(logits, t, k, p)
@@ -142,8 +143,76 @@ def test_rows_of_one_batch_are_independent_draws(setup):
     """Per-row generators: two rows with different seeds in one batch are not the same draw sequence."""
     from lsgpt.generate import SamplingParams
 
-    engine, _ = setup
+    engine, _, _ = setup
     params = [SamplingParams(max_new_tokens=20, temperature=1.0, top_k=0, seed=s) for s in (11, 12)]
     a, b = engine.generate([PROMPT, PROMPT], params)
     assert a != b
     assert engine.generate([PROMPT], params[1])[0] == b, "row 1 alone must give what it gave beside row 0"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Penalties (HF repetition_penalty; OpenAI presence / frequency), against logits penalized here from HF's
+
+
+def penalize(logits: np.ndarray, prompt: list[int], generated: list[int], rep: float, pres: float, freq: float):
+    lg = logits.astype(np.float64).copy()
+    for t in set(prompt) | set(generated):
+        lg[t] = lg[t] / rep if lg[t] > 0 else lg[t] * rep
+    for t in set(generated):
+        lg[t] -= pres + freq * generated.count(t)
+    return lg
+
+
+@pytest.mark.parametrize("rep,pres,freq", [(1.8, 0.0, 0.0), (1.0, 1.5, 0.0), (1.0, 0.0, 0.7), (1.0, 0.0, -0.6), (1.3, 0.5, 0.4)])
+def test_greedy_with_penalties_follows_the_penalized_argmax(setup, rep, pres, freq):
+    """Every greedy step is the argmax of HF's logits penalized (in float64, here) by the prompt and the tokens
+    generated so far: a penalty applied to the wrong tokens, with the wrong sign or the wrong count fails."""
+    from lsgpt.generate import SamplingParams
+
+    from test_engine_fp16 import hf_logits
+
+    engine, _, hf = setup
+    sp = SamplingParams(max_new_tokens=20, top_k=1, repetition_penalty=rep, presence_penalty=pres,
+                        frequency_penalty=freq, ignore_eos=True)
+    out = engine.generate([PROMPT], sp)[0]
+    plain = engine.generate([PROMPT], SamplingParams(max_new_tokens=20, top_k=1, ignore_eos=True))[0]
+    assert out != plain, "test premise: the penalty changes the greedy continuation"
+    lg = hf_logits(hf, [out])[0]
+    for j in range(len(PROMPT), len(out)):
+        if tiny.PAD_ID in out[:j]:  # LightSeq's engine embeds the padding id as zeros, HF does not: stop comparing
+            break
+        want = penalize(lg[j - 1], PROMPT, out[len(PROMPT):j], rep, pres, freq)
+        top = np.sort(want)[-2:]
+        if top[1] - top[0] < 1e-3:  # a near-tie in fp32 vs fp64: either token is right
+            continue
+        assert out[j] == int(np.argmax(want)), f"step {j}: {out[j]} is not the penalized argmax {int(np.argmax(want))}"
+
+
+def test_repetition_penalty_first_token_distribution(setup):
+    """Sampling with a repetition penalty: the prompt's tokens are penalized before temperature (chi-square)."""
+    from lsgpt.generate import SamplingParams
+
+    engine, logits, _ = setup
+    want_lg = penalize(logits, PROMPT, [], 3.0, 0.0, 0.0)
+    counts = np.zeros(engine.config.vocab, dtype=np.int64)
+    for start in range(0, N, 500):
+        params = [SamplingParams(max_new_tokens=1, temperature=0.6, top_k=0, repetition_penalty=3.0, seed=s)
+                  for s in range(start, start + 500)]
+        for out in engine.generate([PROMPT] * 500, params):
+            counts[out[-1]] += 1
+    want = target(want_lg, 0.6, 0, 1.0)
+    stat, df = chi2(counts, want)
+    assert stat < chi2_critical(df), stat
+    unpenalized = target(logits, 0.6, 0, 1.0)
+    if np.abs(unpenalized - want).sum() > 0.05:
+        s_alt, df_alt = chi2(counts, unpenalized, bins_from=want)
+        assert s_alt >= chi2_critical(df_alt), "the draws do not reject the unpenalized distribution"
+
+
+@pytest.mark.parametrize("kw", [dict(repetition_penalty=0.0), dict(repetition_penalty=float("nan")),
+                                dict(presence_penalty=2.5), dict(frequency_penalty=-3.0)])
+def test_bad_penalties_are_request_errors(setup, kw):
+    from lsgpt.generate import RequestError, SamplingParams
+
+    with pytest.raises(RequestError, match=next(iter(kw))):
+        setup[0].generate([PROMPT], SamplingParams(**kw))

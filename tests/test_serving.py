@@ -63,7 +63,9 @@ def request(prompts, **params):
     """Inputs of one request: rows of equal length plus per-row parameters ([b, 1])."""
     ids = np.asarray(prompts, dtype=np.int32)
     out = [tensor("token_ids", ids)]
-    np_types = {"max_new_tokens": np.int32, "top_k": np.int32, "top_p": np.float32, "temperature": np.float32, "seed": np.int64}
+    np_types = {"max_new_tokens": np.int32, "top_k": np.int32, "top_p": np.float32, "temperature": np.float32,
+                "seed": np.int64, "repetition_penalty": np.float32, "presence_penalty": np.float32,
+                "frequency_penalty": np.float32}
     for k, v in params.items():
         out.append(tensor(k, np.full((len(ids), 1), v, dtype=np_types[k])))
     return out
@@ -174,6 +176,21 @@ def test_file_defaults_without_parameters(grpc, engines, tok, tiny_models):
     out = grpc.infer("gpt2", request([prompt])).as_numpy("result")
     assert unpad(out[0], len(prompt), 3) == engines["gpt2"].generate([prompt], SamplingParams())[0]
     assert out.shape[1] <= tiny_models.max_step
+
+
+@pytest.mark.parametrize("model", ["gpt2", "gpt2_int8"])
+def test_penalties_served_equal_in_process(grpc, engines, tok, model):
+    """repetition / presence / frequency penalties are optional inputs of every served model: the same request
+    in process gives the same tokens; out-of-range values are INVALID_ARGUMENT."""
+    prompt = encode_prompt(tok, "我今天很开心")
+    params = dict(top_k=1, max_new_tokens=12, repetition_penalty=1.6, presence_penalty=0.5, frequency_penalty=0.3)
+    got = unpad(grpc.infer(model, request([prompt], **params)).as_numpy("result")[0], len(prompt), 3)
+    want = engines[model].generate([prompt], SamplingParams(**params))[0]
+    plain = engines[model].generate([prompt], SamplingParams(top_k=1, max_new_tokens=12))[0]
+    assert got == want
+    assert want != plain, "test premise: the penalties change this greedy continuation"
+    with pytest.raises(InferenceServerException, match="presence_penalty"):
+        grpc.infer(model, request([prompt], presence_penalty=3.0))
 
 
 def test_rows_padded_with_eos(grpc, engines, tok):
