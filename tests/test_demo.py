@@ -48,12 +48,14 @@ def test_demo_quick_end_to_end(demo):
         s = summary[model]
         assert s["served_equals_in_process"], s  # the demo's own check: text through gRPC == the engine in process
         # and an independent one: the article's generate CLI, in a fresh process, on the exported file
+        sampling = [f"--{k.replace('_', '-')}={v}" for k, v in s["sampling"].items()]  # the demo's seeded sampling
         cli = subprocess.run([sys.executable, "client/generate.py", "-m", str(tmp_path / "model" / folder / "pytorch_model.hdf5"),
-                              "-i", "我好难受", "-p", str(tmp_path / "data" / "tokenizer"), "--top-k", "1",
+                              "-i", "我好难受", "-p", str(tmp_path / "data" / "tokenizer"), *sampling,
                               "--max-new-tokens", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert cli.returncode == 0, cli.stderr[-2000:]
         assert [ln for ln in cli.stdout.splitlines() if ln.startswith("我好难受")] == [s["samples"]["我好难受"]], cli.stdout
         assert s["perplexity"] > 1
+        assert 0 < s["distinct2"] <= 1 and 0 < s["distinct2_greedy"] <= 1
         assert s["samples"]["我好难受"].startswith("我好难受")
         assert s["loadtest"]["failed"] == 0 and s["loadtest"]["throughput"] > 0
     # the exported files are where the README says
