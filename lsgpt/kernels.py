@@ -14,7 +14,8 @@ the kernel that produces the value (spec §2.6). These kernels do the same, for 
 * ``embed``: token (int8 rows dequantized, or fp16) + position embedding; padding tokens give 0.
 
 Arithmetic is LightSeq's (round-half-up at every quantization point, alphas as in the spec); float work is
-fp32 inside a kernel, the residual stream is stored in fp16. Any shape works: blocks are masked at the edges.
+fp32 inside a kernel; the residual stream is whatever the caller keeps (fp32 in ``lsgpt.fused``). Any shape
+works: blocks are masked at the edges.
 With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (how CI tests them).
 """
 

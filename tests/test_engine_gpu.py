@@ -1,4 +1,4 @@
-"""The engine on CUDA (fp16 residual stream; int8 GEMMs for QuantGpt) vs the same oracles as the CPU tests:
+"""The engine on CUDA (the fused fast path: fp32 residual stream, int8 GEMMs for QuantGpt) vs the same oracles as the CPU tests:
 HF GPT-2 (fp32, CPU) for fp16 files and the fp64 int8 reference (tests/oracles) for int8 files.
 Skipped without CUDA. Decoding at batch 1..17 covers small-M int8 GEMMs (torch._int_mm needs M > 16).
 """
