@@ -65,7 +65,8 @@ def timed(fn, repeats: int, sync) -> float:
 
 
 def profile_decode(eng, batch: int, steps: int = 20) -> dict:
-    """Kernels and GPU time per decode step, from torch.profiler over `steps` eager (un-graphed) decode steps."""
+    """Kernels and GPU time per decode step, in all and per kernel name, from torch.profiler over `steps` eager
+    (un-graphed) decode steps: prefill + 1 token, then prefill + `steps` tokens; the difference is decode."""
     from torch.profiler import ProfilerActivity, profile
 
     from lsgpt.generate import SamplingParams
@@ -75,16 +76,25 @@ def profile_decode(eng, batch: int, steps: int = 20) -> dict:
     sp = SamplingParams(max_new_tokens=steps, top_k=1, ignore_eos=True)
     eager.generate(prompts, sp)  # warm-up (kernel compilation)
     one = SamplingParams(max_new_tokens=1, top_k=1, ignore_eos=True)
-    counts = []
-    for params in (one, sp):  # prefill + 1 token, then prefill + `steps` tokens: the difference is decode
+    per = []  # kernel name -> [launches, GPU µs], for each of the two runs
+    for params in (one, sp):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             eager.generate(prompts, params)
             torch.cuda.synchronize()
-        ev = [e for e in prof.events() if e.device_type.name == "CUDA"]
-        counts.append((len(ev), sum(e.device_time for e in ev)))
+        kernels: dict[str, list] = {}
+        for e in prof.events():
+            if e.device_type.name == "CUDA":
+                k = kernels.setdefault(e.name.split("(")[0][:60], [0, 0.0])
+                k[0] += 1
+                k[1] += e.device_time
+        per.append(kernels)
     n = steps - 1
-    return {"batch": batch, "kernels_per_step": round((counts[1][0] - counts[0][0]) / n, 1),
-            "gpu_us_per_step": round((counts[1][1] - counts[0][1]) / n, 1)}
+    step = {name: ((c - per[0].get(name, [0, 0.0])[0]) / n, (t - per[0].get(name, [0, 0.0])[1]) / n)
+            for name, (c, t) in per[1].items()}
+    return {"batch": batch, "kernels_per_step": round(sum(c for c, _ in step.values()), 1),
+            "gpu_us_per_step": round(sum(t for _, t in step.values()), 1),
+            "per_kernel": sorted(([name, round(c, 1), round(t, 1)] for name, (c, t) in step.items()),
+                                 key=lambda r: -r[2])}
 
 
 def run(args) -> dict:

@@ -88,7 +88,7 @@ def bench_attention(M: int, int8: bool, n_head: int = 12, hd: int = 64, S: int =
     def call(cfg):
         return lambda: K.attention(q, kc, vc, pos, 1, n_head, out, config=cfg, **opts)
 
-    res = {"shape": "attention", "M": M, "int8": int8, "keys": keys, "heuristic": K._attention_config(M, n_head, S, int8)}
+    res = {"shape": "attention", "M": M, "int8": int8, "keys": keys, "heuristic": K._attention_config(M, n_head, S)}
     res["heuristic_us"] = round(1e3 * do_bench_cudagraph(call(None), rep=30), 2)
     best = None
     for cfg in itertools.product((1, 4, 8), (32, 64), (2, 4)):
@@ -103,35 +103,18 @@ def bench_attention(M: int, int8: bool, n_head: int = 12, hd: int = 64, S: int =
 
 
 def step_breakdown(batch: int) -> dict:
-    """One decode step of the article's shape, fused int8 and fp16: GPU time per kernel name."""
+    """One decode step of the article's shape, fused int8 and fp16: launches and GPU µs per kernel name."""
     import tempfile
 
-    from torch.profiler import ProfilerActivity, profile
-
     import bench_generate
-    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.generate import Engine
 
     model = bench_generate.random_model(12, 768, 12, 21128, 1024)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         fp, q = bench_generate.export_pair(model, Path(tmp), 508)
         for label, path in (("fp16", fp), ("int8", q)):
-            e = Engine.load(path, "cuda")
-            eng = Engine(e.config, e.model, e.device, cuda_graphs=False)
-            prompts = [[1000 + i] * 4 for i in range(batch)]
-            sp = SamplingParams(max_new_tokens=11, top_k=1, ignore_eos=True)
-            eng.generate(prompts, sp)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                eng.generate(prompts, sp)
-                torch.cuda.synchronize()
-            per: dict[str, list] = {}
-            for e in prof.events():
-                if e.device_type.name == "CUDA":
-                    n = e.name.split("(")[0][:60]
-                    per.setdefault(n, [0, 0.0])
-                    per[n][0] += 1
-                    per[n][1] += e.device_time
-            out[label] = sorted(((n, c / 10, round(t / 10, 1)) for n, (c, t) in per.items()), key=lambda r: -r[2])
+            out[label] = bench_generate.profile_decode(Engine.load(path, "cuda"), batch, steps=11)["per_kernel"]
             print(label, json.dumps(out[label][:12]), flush=True)
     return out
 

@@ -61,16 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lsgpt.export import export_model
-
-    from lsgpt.export import checkpoint_positions
-    from lsgpt.format import MAX_STEP_LIMIT
+    from lsgpt.export import export_model, max_step_that_fits
 
     src = Path(args.model)
-    n_pos = checkpoint_positions(src)
     max_step = args.max_step
-    if n_pos is not None:
-        fits = min(n_pos, MAX_STEP_LIMIT)
+    fits = max_step_that_fits(src)
+    if fits is not None:
         if max_step is None:
             max_step = fits
         elif max_step > fits:

@@ -87,13 +87,17 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"transformer." + k: v for k, v in sd.items()}
 
 
+def _n_positions(config: dict):
+    return config.get("n_positions", config.get("n_ctx"))
+
+
 def gpt_config(config: dict, max_step: int, quantize: bool, **conf) -> GptConfig:
     """Check an HF config is GPT-2 and build the LightSeq model config."""
     mt = config.get("model_type")
     if mt != "gpt2":
         raise FormatError(f"not a GPT-2 checkpoint: config.json model_type={mt!r} (expected 'gpt2')")
     h, n_head, n_layer = config.get("n_embd"), config.get("n_head"), config.get("n_layer")
-    vocab, n_pos = config.get("vocab_size"), config.get("n_positions", config.get("n_ctx"))
+    vocab, n_pos = config.get("vocab_size"), _n_positions(config)
     if not all(isinstance(x, int) and x > 0 for x in (h, n_head, n_layer, vocab, n_pos)):
         raise FormatError("config.json lacks positive n_embd / n_head / n_layer / vocab_size / n_positions")
     if h % n_head:
@@ -231,13 +235,13 @@ def quantize_arrays(cfg: GptConfig, fa: dict[str, np.ndarray], clips: Mapping[st
 # Entry point
 
 
-def checkpoint_positions(src) -> int | None:
-    """n_positions of a checkpoint's config.json (None if it cannot be read: export_model then says why)."""
+def max_step_that_fits(src) -> int | None:
+    """The largest -l a checkpoint can take: its n_positions, at most LightSeq's limit (None if its config.json
+    cannot be read: export_model then says why)."""
     path = Path(src)
     folder = path if path.is_dir() else path.parent
     try:
-        config = json.loads((folder / "config.json").read_text())
-        return int(config.get("n_positions", config.get("n_ctx")))
+        return min(int(_n_positions(json.loads((folder / "config.json").read_text()))), MAX_STEP_LIMIT)
     except (OSError, ValueError, TypeError):
         return None
 

@@ -150,15 +150,14 @@ class Engine:
             return "reference/" + self.model.layers[0]["ffn_first_kernel"].backend
         return "reference"
 
-    @torch.inference_mode()
-    def _reference_logits(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        hidden = self.model.forward(tokens, positions, cache)
-        return self.model.logits(hidden.reshape(-1, hidden.shape[-1]))
-
     def _forward_logits(self, tokens, positions, cache, last: torch.Tensor | None = None, static: bool = False):
         """fp32 logits [R, V] of the flat rows `last` (None: all B·T rows) after a forward over tokens [B, T]."""
         if self.fused is not None:
             return self.fused(tokens, positions, cache, last)
+        return self._reference_logits(tokens, positions, cache, last, static)
+
+    def _reference_logits(self, tokens, positions, cache, last: torch.Tensor | None = None, static: bool = False):
+        """The same through the reference path (lsgpt.model / lsgpt.quantize)."""
         m = self.model
         hidden = m.forward(tokens, positions, cache, static=static)
         hidden = hidden.reshape(-1, hidden.shape[-1])

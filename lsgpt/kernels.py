@@ -21,13 +21,12 @@ With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (how CI tests th
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
-
-QMAX = 127.0  # = lsgpt.format.QMAX; kernels take it as a literal
 
 
 @triton.jit
@@ -214,7 +213,7 @@ def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Decode (few rows) is bound by the latency of
     streaming the weights: wide K tiles (few dependent iterations) and N tiles narrow enough that the grid
     has all of the matrix in flight at once. From benchmarks/tune_linear.py on an H100
-    (results/h100/tune_linear.json): at 1 and 64 rows this rule is within 10% of the best tile per shape."""
+    (results/h100/fastpath/tune_linear.json): at 1 and 64 rows this rule is within 10% of the best tile per shape."""
     bn = 16 if N <= 1024 else 32 if N <= 4096 else 64
     if M <= 16:
         bm, bk = 16, (512 if K >= 2048 else 256) if int8 else 256
@@ -227,14 +226,12 @@ def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int
     return bm, bn, min(bk, max(32, triton.next_power_of_2(K))), 4, 3
 
 
-_SMS: list[int] = []
-
-
+@functools.cache
 def _sm_count() -> int:
-    if not _SMS:
-        ok = torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET")
-        _SMS.append(torch.cuda.get_device_properties(0).multi_processor_count if ok else 132)
-    return _SMS[0]
+    """Multiprocessors of the GPU (an H100's 132 under the interpreter, so CPU tests choose GPU-like tiles)."""
+    if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+        return torch.cuda.get_device_properties(0).multi_processor_count
+    return 132
 
 
 def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, out: torch.Tensor,
@@ -299,7 +296,7 @@ def linear(
     return out
 
 
-def _attention_config(rows: int, n_head: int, cache_len: int, int8: bool) -> tuple[int, int, int]:
+def _attention_config(rows: int, n_head: int, cache_len: int) -> tuple[int, int, int]:
     """(SPLITS, BLOCK_S, num_warps): split the keys when rows × heads alone would leave SMs idle."""
     block_s = 64
     splits = 1
@@ -333,7 +330,7 @@ def attention(
     int8 = q.dtype == torch.int8
     bd = triton.next_power_of_2(hd)
     cache_len = k_cache.shape[1]
-    splits, block_s, warps = config or _attention_config(M, n_head, cache_len, int8)
+    splits, block_s, warps = config or _attention_config(M, n_head, cache_len)
     split_len = triton.cdiv(triton.cdiv(cache_len, splits), block_s) * block_s
     part = torch.empty(M * n_head * splits * (bd + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
     _attention_kernel[(M, n_head, splits)](
