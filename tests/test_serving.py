@@ -193,6 +193,13 @@ def test_penalties_served_equal_in_process(grpc, engines, tok, model):
         grpc.infer(model, request([prompt], presence_penalty=3.0))
 
 
+def test_penalties_streamed_equal_in_process(served, engines, tok):
+    prompt = encode_prompt(tok, "我今天很开心")
+    params = dict(top_k=1, max_new_tokens=12, repetition_penalty=1.6, presence_penalty=0.5, frequency_penalty=0.3)
+    ids, _ = stream(served[0].grpc_url, request([prompt], **params))
+    assert prompt + ids == engines["gpt2"].generate([prompt], SamplingParams(**params))[0]
+
+
 def test_rows_padded_with_eos(grpc, engines, tok):
     prompts = [encode_prompt(tok, "我要找"), encode_prompt(tok, "个男朋")]
     ids = np.asarray(prompts, dtype=np.int32)
