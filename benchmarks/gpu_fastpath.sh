@@ -6,7 +6,7 @@
 #   3. served end to end: client -> tritonserver -> client vs in process, batch 1, 500 tokens      -> e2e/
 # Step 3 needs wheels the GPU image lacks, carried in .whl/ (see results/h100/fastpath/NOTES.md):
 # nvidia-pytriton==0.7.0 (stripped of libpython3.13 and the other stubs), tritonclient==2.51.0 (without
-# perf_analyzer) and protobuf<5 (the image's protobuf is too new for tritonclient 2.51's gRPC stubs).
+# perf_analyzer), protobuf<5 (the image's is too new for tritonclient 2.51's gRPC stubs), grpcio and python-rapidjson.
 #
 #   OUT=/out benchmarks/gpu_fastpath.sh            # about 9 minutes on an H100
 set -uo pipefail
