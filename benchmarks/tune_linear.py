@@ -42,23 +42,16 @@ def bench_shape(name: str, s: dict, M: int, int8: bool, configs) -> dict:
     wdt = torch.int8 if int8 else torch.float16
     w = (torch.randint(-127, 128, (N, Kd), device=dev, dtype=torch.int8) if int8
          else torch.randn(N, Kd, device=dev, dtype=torch.float16) * 0.02).t()  # K contiguous
-    # LayerNorm shapes read the fp32 residual stream and normalize it as they load it (statistics precomputed,
-    # as the producer GEMM leaves them); the others read int8 / fp16 activations
-    if s["ln"]:
-        x = torch.randn(M, Kd, device=dev)
-        ln, stats = (torch.ones(Kd, device=dev, dtype=torch.float16), torch.zeros(Kd, device=dev, dtype=torch.float16),
-                     1e-5), K.RowStats.of(x)
-    else:
-        x = (torch.randint(-127, 128, (M, Kd), device=dev, dtype=torch.int8) if int8
-             else torch.randn(M, Kd, device=dev, dtype=torch.float16))
-        ln = stats = None
+    # LayerNorm is its own kernel: the sweep times the GEMM alone
+    x = torch.randint(-127, 128, (M, Kd), device=dev, dtype=torch.int8) if int8 else torch.randn(M, Kd, device=dev, dtype=torch.float16)
+    ln = None
     out_dt = s.get("out") or (torch.int8 if int8 and "out_scale" in s["opts"] else torch.float32 if s.get("residual") else wdt)
     out = torch.zeros(M, N, device=dev, dtype=out_dt)
-    opts = dict(s["opts"], in_scale=10.0) if int8 else {k: v for k, v in s["opts"].items() if k == "gelu"}
+    opts = dict(s["opts"]) if int8 else {k: v for k, v in s["opts"].items() if k == "gelu"}
     bias = None if name == "head" else torch.zeros(N, device=dev, dtype=torch.float16)
 
     def call(cfg):
-        return lambda: K.linear(x, w, out, ln=ln, stats=stats, bias=bias, residual=out if s.get("residual") else None,
+        return lambda: K.linear(x, w, out, ln=ln, bias=bias, residual=out if s.get("residual") else None,
                                 config=cfg, **opts)
 
     res = {"shape": name, "M": M, "int8": int8, "K": Kd, "N": N}

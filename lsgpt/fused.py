@@ -1,14 +1,14 @@
 """The engine's GPU fast path: a whole forward (prefill, or one decode step) in fused Triton kernels.
 
-Per layer five launches (``lsgpt.kernels``; six when attention is split over the sequence), for the
+Per layer seven launches (``lsgpt.kernels``; eight when attention is split over the sequence), for the
 fp16 ``GPT`` and the int8 ``QuantGPT`` alike, over the same weight tensors those models hold (no copies):
 
-    x ─ LN1(+q8) ⋅ W_qkv (+requant, bias, q8) ─► q, and k, v straight into the KV cache at each row's position
+    x ─ LN1(+q8) ─ ⋅ W_qkv (+requant, bias, q8) ─► q, and k, v straight into the KV cache at each row's position
       ─ attention over the cache (int8: exact integer scores, context q8'd in the kernel) ─► ctx
-      ─ ctx ⋅ W_out (+requant, bias) + x ─► x           (in place; + x's LayerNorm statistics)
-      ─ LN2(+q8) ⋅ W_ffn1 (+requant, bias, GELU, q8) ─► h
-      ─ h ⋅ W_ffn2 (+dequant, bias) + x ─► x             (in place; + x's LayerNorm statistics)
-    then ln_f(+q8) ⋅ embeddingᵀ (int8: requantized to int8 logits, dequantized) ─► fp32 logits
+      ─ ctx ⋅ W_out (+requant, bias) + x ─► x           (in place)
+      ─ LN2(+q8) ─ ⋅ W_ffn1 (+requant, bias, GELU, q8) ─► h
+      ─ h ⋅ W_ffn2 (+dequant, bias) + x ─► x             (in place)
+    then ln_f(+q8) ─ ⋅ embeddingᵀ (int8: requantized to int8 logits, dequantized) ─► fp32 logits
 
 Numerics are the spec's (§2.6): the same quantization points, alphas and round-half-up as the reference
 path in ``lsgpt.quantize``; float work is fp32 inside every kernel and the residual stream is kept in fp32
@@ -123,19 +123,17 @@ class FusedForward:
         tok, pos = tokens.reshape(M), positions.reshape(M)
         # the residual stream stays fp32 (LightSeq: fp16): the same bytes-per-step to within 0.1%, and int8
         # logits then agree with the CPU integer path (fp32 throughout) instead of drifting across rounding steps
-        st = k.RowStats.empty(M, H, dev)  # LayerNorm statistics, from each residual producer to its consumer
         x = k.embed(tok, pos, m.wte, m.wpe, torch.empty(M, H, dtype=torch.float32, device=dev), c.pad_id,
-                    self.embed_scale, stats_out=st)
+                    self.embed_scale)
         q = torch.empty(M, H, dtype=act, device=dev)
         ctx = torch.empty(M, H, dtype=act, device=dev)
         h = torch.empty(M, c.inner, dtype=act, device=dev)
         for i, L in enumerate(self.layers):
-            k.linear(x, out=q, stats=st, kv=(cache.k[i], cache.v[i], pos, T), **L["qkv"])
+            k.linear(x, out=q, kv=(cache.k[i], cache.v[i], pos, T), **L["qkv"])
             k.attention(q, cache.k[i], cache.v[i], pos, T, c.n_head, ctx, **L["attn"])
-            k.linear(ctx, out=x, residual=x, stats_out=st, **L["out"])
-            k.linear(x, out=h, stats=st, **L["ffn1"])
-            k.linear(h, out=x, residual=x, stats_out=st, **L["ffn2"])
+            k.linear(ctx, out=x, residual=x, **L["out"])
+            k.linear(x, out=h, **L["ffn1"])
+            k.linear(h, out=x, residual=x, **L["ffn2"])
         if last is not None:
-            x, st = x[last], st.rows(last)
-        return k.linear(x, out=torch.empty(x.shape[0], c.vocab, dtype=torch.float32, device=dev), stats=st,
-                        **self.head)
+            x = x[last]
+        return k.linear(x, out=torch.empty(x.shape[0], c.vocab, dtype=torch.float32, device=dev), **self.head)

@@ -1,17 +1,17 @@
-"""Fused Triton kernels of the CUDA fast path: one launch per GEMM (LayerNorm included) and per attention.
+"""Fused Triton kernels of the CUDA fast path: one launch per GEMM, LayerNorm and attention.
 
 LightSeq's int8 speed comes from keeping activations int8 between kernels and folding every (re)quantize into
 the kernel that produces the value (spec §2.6). These kernels do the same, for the int8 and the fp16 model:
 
-* ``linear``: y = x @ W with a LayerNorm (+ int8 quantization) prologue on the rows as they are loaded, its
-  statistics left by the kernel that wrote the residual stream (``RowStats``), and the epilogue fused: int8 requantize (``floor(acc·alpha + 0.5)``, ±127) and
+* ``layer_norm``: LayerNorm of the fp32 residual stream fused with the int8 quantization that follows it.
+* ``linear``: y = x @ W with the epilogue fused: int8 requantize (``floor(acc·alpha + 0.5)``, ±127) and
   dequantize, or int32 dequantize; + bias; GELU (tanh form); int8 quantize; + residual; or a scatter of
-  q / k / v where k and v go straight into the KV cache at each row's position; + the LayerNorm statistics of
-  the result for the next GEMM. Decode tiles are narrow in N and wide in K: at a few rows the GEMM is a race to have the whole weight matrix in flight.
+  q / k / v where k and v go straight into the KV cache at each row's position. Decode tiles are narrow in N
+  and wide in K: at a few rows the GEMM is a race to have the whole weight matrix in flight.
 * ``attention``: one query row against keys 0..pos of its sequence in the (int8 or fp16) KV cache, online
   softmax, split over the sequence when rows × heads are too few to fill the GPU (flash-decoding, with a
   small combine kernel); int8 scores are exact integer dot products, the context is quantized in the kernel.
-* ``embed``: token (int8 rows dequantized, or fp16) + position embedding; padding tokens give 0; + statistics.
+* ``embed``: token (int8 rows dequantized, or fp16) + position embedding; padding tokens give 0.
 
 Arithmetic is LightSeq's (round-half-up at every quantization point, alphas as in the spec); float work is
 fp32 inside a kernel; the residual stream is whatever the caller keeps (fp32 in ``lsgpt.fused``). Any shape
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -47,15 +46,13 @@ def _gelu_tanh(x):
 def _linear_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr,
     pos_ptr, k_cache_ptr, v_cache_ptr,
-    ln_w_ptr, ln_b_ptr, st_in_ptr, st_out_ptr,
     M, N, K,
-    stride_xm, stride_wk, stride_wn, stride_om, stride_rm, stride_st_in, stride_st_out,
+    stride_xm, stride_wk, stride_wn, stride_om, stride_rm,
     rows_per_seq, cache_stride_b, cache_stride_s,
-    st_parts, st_width, eps, in_scale, alpha, deq_scale, out_scale,
-    INT8: tl.constexpr, LN: tl.constexpr, REQUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    alpha, deq_scale, out_scale,
+    INT8: tl.constexpr, REQUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr, QUANT_OUT: tl.constexpr, RESIDUAL: tl.constexpr, KV_SCATTER: tl.constexpr,
-    STATS_OUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -65,18 +62,6 @@ def _linear_kernel(
     m_ok = rm < M
     n_ok = rn < N
 
-    if LN:  # row statistics from the producer's per-block partials, combined exactly (Chan et al.)
-        p = tl.arange(0, BLOCK_P)
-        p_ok = p < st_parts
-        cnt = tl.where(p_ok, tl.minimum(st_width, K - p * st_width), 0).to(tl.float32)
-        st = st_in_ptr + rm[:, None] * stride_st_in + p[None, :] * 2
-        st_ok = m_ok[:, None] & p_ok[None, :]
-        s1 = tl.load(st, mask=st_ok, other=0.0)
-        mean = tl.sum(s1, 1) / K
-        dev = tl.where(st_ok, s1 / tl.maximum(cnt, 1.0)[None, :] - mean[:, None], 0.0)
-        var = tl.sum(tl.load(st + 1, mask=st_ok, other=0.0) + cnt[None, :] * dev * dev, 1) / K
-        rstd = 1.0 / tl.sqrt(var + eps)
-
     if INT8:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
@@ -85,12 +70,6 @@ def _linear_kernel(
         kk = k0 + rk
         k_ok = kk < K
         a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-        if LN:  # LayerNorm (fp32) of the residual stream as it is loaded, then int8 quantization or a cast
-            g = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            b = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
-            if INT8:
-                a = _q8(a * in_scale).to(tl.int8)
         if not INT8:
             a = a.to(w_ptr.dtype.element_ty)
         w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=k_ok[:, None] & n_ok[None, :],
@@ -115,13 +94,6 @@ def _linear_kernel(
         r_ptrs = res_ptr + rm[:, None] * stride_rm + rn[None, :]
         y += tl.load(r_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     y = y.to(out_ptr.dtype.element_ty)
-    if STATS_OUT:  # this block's (sum, sum of squares about its mean) per row, for the next LayerNorm
-        yf = tl.where(n_ok[None, :], y.to(tl.float32), 0.0)
-        s1 = tl.sum(yf, 1)
-        dev = tl.where(n_ok[None, :], yf - (s1 / tl.minimum(BLOCK_N, N - pid_n * BLOCK_N))[:, None], 0.0)
-        st = st_out_ptr + rm * stride_st_out + pid_n * 2
-        tl.store(st, s1, mask=m_ok)
-        tl.store(st + 1, tl.sum(dev * dev, 1), mask=m_ok)
     if KV_SCATTER:  # columns [0,H): q -> out; [H,2H): k and [2H,3H): v -> cache row at the token's position
         H = N // 3
         pos = tl.load(pos_ptr + rm, mask=m_ok, other=0)
@@ -135,16 +107,20 @@ def _linear_kernel(
 
 
 @triton.jit
-def _row_stats_kernel(x_ptr, st_ptr, K, stride_xm, stride_st, BLOCK_K: tl.constexpr):
-    """One row's (sum, sum of squares about the mean) in fp32: LayerNorm statistics for a stream no kernel made."""
+def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, K, stride_xm, stride_om, eps, scale,
+                       INT8: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row: LayerNorm in fp32 (mean, then variance about it), then int8 quantization by `scale` or a cast."""
     m = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
     ok = k < K
     x = tl.load(x_ptr + m * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
-    s1 = tl.sum(x, 0)
-    xc = tl.where(ok, x - s1 / K, 0.0)
-    tl.store(st_ptr + m * stride_st, s1)
-    tl.store(st_ptr + m * stride_st + 1, tl.sum(xc * xc, 0))
+    mean = tl.sum(x, 0) / K
+    xc = tl.where(ok, x - mean, 0.0)
+    y = xc / tl.sqrt(tl.sum(xc * xc, 0) / K + eps)
+    y = y * tl.load(w_ptr + k, mask=ok, other=0.0).to(tl.float32) + tl.load(b_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    if INT8:
+        y = _q8(y * scale)
+    tl.store(out_ptr + m * stride_om + k, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -217,8 +193,7 @@ def _attention_combine_kernel(part_ptr, out_ptr, stride_om, head_dim, v_scale, o
 
 
 @triton.jit
-def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, st_ptr, H, stride_st, pad_id, emb_scale,
-                  BLOCK_H: tl.constexpr):
+def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, H, pad_id, emb_scale, BLOCK_H: tl.constexpr):
     m = tl.program_id(0)
     t = tl.load(tok_ptr + m)
     p = tl.load(pos_ptr + m)
@@ -226,20 +201,12 @@ def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, st_ptr, H, stride
     ok = h < H
     e = tl.load(wte_ptr + t.to(tl.int64) * H + h, mask=ok, other=0).to(tl.float32) * emb_scale
     e += tl.load(wpe_ptr + p.to(tl.int64) * H + h, mask=ok, other=0.0).to(tl.float32)
-    e = tl.where(t == pad_id, 0.0, e).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + m * H + h, e, mask=ok)
-    ef = tl.where(ok, e.to(tl.float32), 0.0)  # LayerNorm statistics of the row, for the first layer
-    s1 = tl.sum(ef, 0)
-    ec = tl.where(ok, ef - s1 / H, 0.0)
-    tl.store(st_ptr + m * stride_st, s1)
-    tl.store(st_ptr + m * stride_st + 1, tl.sum(ec * ec, 0))
+    e = tl.where(t == pad_id, 0.0, e)
+    tl.store(out_ptr + m * H + h, e.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Launchers
-
-
-MIN_BLOCK_N = 16  # the narrowest N tile _config picks; sizes RowStats
 
 
 def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int]:
@@ -247,14 +214,14 @@ def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int
     streaming the weights: wide K tiles (few dependent iterations) and N tiles narrow enough that the grid
     has all of the matrix in flight at once. From benchmarks/tune_linear.py on an H100
     (results/h100/fastpath/tune_linear.json): at 1 and 64 rows this rule is within 10% of the best tile per shape."""
-    bn = MIN_BLOCK_N if N <= 1024 else 32 if N <= 4096 else 64
+    bn = 16 if N <= 1024 else 32 if N <= 4096 else 64
     if M <= 16:
         bm, bk = 16, (512 if K >= 2048 else 256) if int8 else 256
     else:
         bm, bk = (32 if M <= 32 else 64), (128 if int8 else 64)
         if M > 64:
             bn *= 2
-    while bn > MIN_BLOCK_N and triton.cdiv(M, bm) * triton.cdiv(N, bn) < _sm_count():
+    while bn > 16 and triton.cdiv(M, bm) * triton.cdiv(N, bn) < _sm_count():
         bn //= 2
     return bm, bn, min(bk, max(32, triton.next_power_of_2(K))), 4, 3
 
@@ -267,31 +234,13 @@ def _sm_count() -> int:
     return 132
 
 
-@dataclass
-class RowStats:
-    """LayerNorm statistics of a residual stream [M, H], as the kernel that wrote the stream leaves them: per row,
-    ``parts`` blocks of ``width`` columns (the last one shorter), each (sum, sum of squares about its own mean).
-    The consumer GEMM combines them exactly (no E[x²] − E[x]² cancellation) and normalizes its rows as it loads
-    them, so a LayerNorm costs no launch of its own."""
-
-    buf: torch.Tensor  # [M, max parts, 2] fp32
-    parts: int = 0
-    width: int = 0
-
-    @classmethod
-    def empty(cls, rows: int, hidden: int, device: torch.device) -> "RowStats":
-        return cls(torch.empty(rows, triton.cdiv(hidden, MIN_BLOCK_N), 2, dtype=torch.float32, device=device))
-
-    @classmethod
-    def of(cls, x: torch.Tensor) -> "RowStats":
-        """Statistics of a stream no kernel of ours produced (one launch)."""
-        M, K = x.shape
-        st = cls(torch.empty(M, 1, 2, dtype=torch.float32, device=x.device), 1, K)
-        _row_stats_kernel[(M,)](x, st.buf, K, x.stride(0), st.buf.stride(0), BLOCK_K=triton.next_power_of_2(K))
-        return st
-
-    def rows(self, index: torch.Tensor) -> "RowStats":
-        return RowStats(self.buf[index], self.parts, self.width)
+def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, out: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
+    """out[M, K] = LayerNorm(x) (fp32 math), quantized to int8 by `scale` (= 127/clip) when out is int8."""
+    M, K = x.shape
+    _layer_norm_kernel[(M,)](x, w, b, out, K, x.stride(0), out.stride(0), float(eps), float(scale or 0.0),
+                             INT8=out.dtype == torch.int8, BLOCK_K=triton.next_power_of_2(K), num_warps=4)
+    return out
 
 
 def linear(
@@ -300,7 +249,6 @@ def linear(
     out: torch.Tensor,
     *,
     ln: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-    stats: RowStats | None = None,
     in_scale: float = 1.0,
     alpha: float | None = None,
     deq_scale: float = 1.0,
@@ -309,34 +257,25 @@ def linear(
     out_scale: float | None = None,
     residual: torch.Tensor | None = None,
     kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
-    stats_out: RowStats | None = None,
     config: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """out[M, N] = epilogue(x[M, K] @ w[K, N]); see the module docstring.
 
-    int8 when ``w`` is int8 (then x is int8, unless ``ln`` is given). ``ln=(gamma, beta, eps)``: x is the
-    (fp32) residual stream, LayerNorm-ed as the kernel loads it, with the row statistics ``stats`` its producer
-    left (``stats_out`` of the GEMM or ``embed`` that wrote it; None: computed here, one launch), then
-    quantized by ``in_scale`` = 127/clip for int8. ``alpha`` given: requantize
+    int8 when ``w`` is int8 (then x is int8). ``ln=(gamma, beta, eps)`` first normalizes x (the fp32 residual
+    stream) with ``layer_norm`` (quantized by ``in_scale`` = 127/clip for int8). ``alpha`` given: requantize
     then multiply by ``deq_scale``, else multiply the sums by ``deq_scale``; ``out_scale`` given: quantize the
     result by it; ``kv=(k_cache, v_cache, positions[M], rows_per_seq)``: N = 3H, q -> out[M, H], k, v ->
-    cache [B, S, H]. ``residual`` may be ``out`` itself (in-place update of the residual stream);
-    ``stats_out`` receives the LayerNorm statistics of ``out`` for the next ``ln`` GEMM.
+    cache [B, S, H]. ``residual`` may be ``out`` itself (in-place update of the residual stream).
     ``config``: tile override (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for tuning.
     """
     int8 = w.dtype == torch.int8
+    if ln is not None:
+        a = torch.empty(x.shape, dtype=w.dtype, device=x.device)
+        x = layer_norm(x, ln[0], ln[1], ln[2], a, in_scale if int8 else None)
     M, K = x.shape
     N = w.shape[1]
     bm, bn, bk, warps, stages = config or _config(M, N, K, int8)
     dummy = w
-    if ln is not None and stats is None:
-        stats = RowStats.of(x)
-    ln_w, ln_b, eps = ln if ln is not None else (dummy, dummy, 0.0)
-    if stats_out is not None:
-        assert stats_out.buf.shape[0] >= M and stats_out.buf.shape[1] >= triton.cdiv(N, bn), "RowStats too small"
-        stats_out.parts, stats_out.width = triton.cdiv(N, bn), bn
-    st_in = stats.buf if ln is not None else dummy
-    st_out = stats_out.buf if stats_out is not None else dummy
     if kv is not None:
         k_cache, v_cache, pos, rows_per_seq = kv
         cache_b, cache_s = k_cache.stride(0), k_cache.stride(1)
@@ -346,18 +285,13 @@ def linear(
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _linear_kernel[grid](
         x, w, out, dummy if bias is None else bias, dummy if residual is None else residual, pos, k_cache, v_cache,
-        ln_w, ln_b, st_in, st_out,
         M, N, K,
         x.stride(0), w.stride(0), w.stride(1), out.stride(0), 0 if residual is None else residual.stride(0),
-        st_in.stride(0) if ln is not None else 0, st_out.stride(0) if stats_out is not None else 0,
         rows_per_seq, cache_b, cache_s,
-        stats.parts if ln is not None else 0, stats.width if ln is not None else 0, float(eps), float(in_scale),
         float(alpha or 0.0), float(deq_scale), float(out_scale or 0.0),
-        INT8=int8, LN=ln is not None, REQUANT=alpha is not None, HAS_BIAS=bias is not None, GELU=gelu,
+        INT8=int8, REQUANT=alpha is not None, HAS_BIAS=bias is not None, GELU=gelu,
         QUANT_OUT=out_scale is not None, RESIDUAL=residual is not None, KV_SCATTER=kv is not None,
-        STATS_OUT=stats_out is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_P=triton.next_power_of_2(stats.parts) if ln is not None else 1,
-        num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -413,13 +347,9 @@ def attention(
 
 def embed(
     tokens: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, out: torch.Tensor,
-    pad_id: int, scale: float = 1.0, stats_out: RowStats | None = None,
+    pad_id: int, scale: float = 1.0,
 ) -> torch.Tensor:
-    """out[M, H] = wte[tokens]·scale + wpe[positions]; rows of pad tokens are 0 (pad_id >= vocab: none).
-    ``stats_out`` receives the rows' LayerNorm statistics (for the first layer's ``linear(ln=...)``)."""
+    """out[M, H] = wte[tokens]·scale + wpe[positions]; rows of pad tokens are 0 (pad_id >= vocab: none)."""
     M, H = out.shape
-    st = stats_out or RowStats(torch.empty(M, 1, 2, dtype=torch.float32, device=out.device))
-    st.parts, st.width = 1, H
-    _embed_kernel[(M,)](tokens, positions, wte, wpe, out, st.buf, H, st.buf.stride(0), pad_id, float(scale),
-                        BLOCK_H=triton.next_power_of_2(H))
+    _embed_kernel[(M,)](tokens, positions, wte, wpe, out, H, pad_id, float(scale), BLOCK_H=triton.next_power_of_2(H))
     return out
