@@ -7,7 +7,8 @@
 A new version folder is assembled under a dot-name (Triton ignores non-numeric folders) and renamed
 into place in one step, so a server polling the repository never sees half a version; it loads N+1
 and then retires N (version_policy latest 1). The LightSeq root file is replaced by temp file + rename.
-Exporting to "gpt2" also publishes the streaming model gpt2_stream (same fp16 file, hard-linked).
+Exporting to "gpt2" (or "gpt2_int8") also publishes its streaming twin gpt2_stream (gpt2_int8_stream), same
+file, hard-linked.
 This module needs only the standard library and h5py.
 """
 
@@ -55,7 +56,7 @@ class ModelKind:
 
 MODELS: dict[str, ModelKind] = {
     "gpt2": ModelKind(False, "gpt2_lightseq", ("gpt2_stream",)),
-    "gpt2_int8": ModelKind(True, "gpt2_lightseq_int8"),
+    "gpt2_int8": ModelKind(True, "gpt2_lightseq_int8", ("gpt2_int8_stream",)),
 }
 
 
@@ -170,7 +171,7 @@ def publish(
 ) -> Published:
     """Install `hdf5_path` as the next version of `model` (gpt2 or gpt2_int8) and of the models sharing it.
 
-    tokenizer: a vocab.txt (or its folder) copied beside the file, so gpt2_stream can send text.
+    tokenizer: a vocab.txt (or its folder) copied beside the file, so the streaming twins can send text.
     lightseq:  also replace the matching LightSeq model's root file.
     keep:      versions whose model file is kept per model (older ones are removed; 0 keeps all).
     """
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("hdf5")
     ap.add_argument("--repository", default="model_repository")
     ap.add_argument("--model", required=True, choices=sorted(MODELS))
-    ap.add_argument("--tokenizer", default=None, help="vocab.txt or its folder (gpt2_stream's text output)")
+    ap.add_argument("--tokenizer", default=None, help="vocab.txt or its folder (the streaming models' text output)")
     ap.add_argument("--keep", type=int, default=3)
     a = ap.parse_args(argv)
     res = publish(a.hdf5, a.repository, a.model, tokenizer=a.tokenizer, keep=a.keep)

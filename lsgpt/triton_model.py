@@ -1,23 +1,32 @@
-"""The one implementation behind every Python-backend model in model_repository/ (gpt2, gpt2_int8, gpt2_stream).
+"""The one implementation behind every Python-backend model in model_repository/ (gpt2, gpt2_int8, and their
+decoupled twins gpt2_stream, gpt2_int8_stream).
 
 Each version folder holds a thin model.py (lsgpt.repository.MODEL_PY) that fixes sys.path and imports
 TritonPythonModel from here, plus the model file model.hdf5.
 
+In-flight batching: every model runs one ``lsgpt.scheduler.Scheduler`` (its own decode loop over a running
+batch). ``execute`` only parses and validates the requests Triton hands over, queues them and returns at
+once; the scheduler answers each request through its response sender the step it finishes, so a short request
+never waits for a long one. Triton mechanism chosen: a model that answers through the response sender (as
+the vLLM backend does). The non-decoupled models keep working with unary gRPC/HTTP infer and perf_analyzer
+(tritonserver 2.51 refuses unary calls to decoupled models; ``sequence_batching { iterative_sequence }``
+rescheduling fails there with "must specify the START flag"); the decoupled twins stream.
+
 Tensors are LightSeq's: token_ids INT32 [b, s] in, result INT32 [b, len] out (prompt + continuation,
-rows padded with EOS), plus optional per-row inputs max_new_tokens, top_k, top_p, temperature, seed, repetition_penalty,
-presence_penalty, frequency_penalty
-([b, 1] each). Non-decoupled models take every row of every request the dynamic batcher hands over
-(prompts of unequal length: token_ids allows ragged batches) and run them in ONE engine.generate call.
-A bad request gets INVALID_ARGUMENT naming the problem; the other requests of the batch are answered.
-The decoupled model (gpt2_stream) sends one response per generated token, with the token id and a text
-increment (lsgpt.text.IncrementalDecoder) when a tokenizer is available, then an empty final response.
+rows padded with EOS), plus optional per-row inputs max_new_tokens, top_k, top_p, temperature, seed,
+repetition_penalty, presence_penalty, frequency_penalty ([b, 1] each) and ``stream`` (BOOL [1]).
+A bad request gets INVALID_ARGUMENT naming the problem; a full queue UNAVAILABLE (retry); the other requests
+are served. The decoupled models (one prompt a request) send one response per generated token, with the
+token id and a text increment (lsgpt.text.IncrementalDecoder) when a tokenizer is available, then an empty
+final response; with stream=false they send the whole result in one response.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import traceback
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +35,11 @@ import numpy as np
 
 try:  # present inside the Python backend stub only
     import triton_python_backend_utils as pb_utils
+
+    FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 except ImportError:  # pragma: no cover - imported outside Triton (docs, linters)
     pb_utils = None
+    FINAL = 1
 
 MODEL_FILE = "model.hdf5"
 # Optional per-row inputs: name -> (SamplingParams field, Python type).
@@ -43,6 +55,11 @@ PARAM_INPUTS: dict[str, tuple[str, type]] = {
 }
 
 
+# Scheduler bounds, from config.pbtxt parameters (defaults here).
+DEFAULT_MAX_ROWS = 32  # running rows: the decode batch
+DEFAULT_MAX_QUEUE = 256  # requests waiting for a row
+
+
 class BadRequest(ValueError):
     """A request the model rejects with INVALID_ARGUMENT."""
 
@@ -51,14 +68,16 @@ class BadRequest(ValueError):
 class Parsed:
     prompts: list[list[int]]
     params: list[Any]  # SamplingParams per row
+    stream: bool
 
 
-def _invalid(msg: str):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg, pb_utils.TritonError.INVALID_ARG))
+def _error(msg: str, code: str = "INVALID_ARG"):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg, getattr(pb_utils.TritonError, code)))
 
 
-def _internal(msg: str):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg, pb_utils.TritonError.INTERNAL))
+def _param(config: dict, key: str, default: int) -> int:
+    value = config.get("parameters", {}).get(key, {}).get("string_value", "")
+    return int(value) if value.strip() else default
 
 
 def _pick_device(args: dict[str, str]) -> str:
@@ -89,22 +108,36 @@ class TritonPythonModel:
         self.name = args["model_name"]
         model_dir = Path(args["model_repository"])
         version_dir = model_dir / args["model_version"]
+        from lsgpt.scheduler import Scheduler
+
+        if int(np.__version__.split(".")[0]) >= 2:  # seen on GPU images: outputs then arrive empty
+            raise RuntimeError(f"numpy {np.__version__} in the model environment: tritonserver 2.51's Python backend "
+                               "needs numpy<2 (its output tensors come back empty otherwise); install 'numpy<2'")
+        self.config = json.loads(args["model_config"])
+        self.name = args["model_name"]
+        model_dir = Path(args["model_repository"])
+        version_dir = model_dir / args["model_version"]
         self.device = _pick_device(args)
         self.engine = Engine.load(version_dir / MODEL_FILE, device=self.device)
         self.cfg = self.engine.config
         self.max_batch = int(self.config.get("max_batch_size", 0))
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
         self.tokenizer = None
+        tok = None
         if self.decoupled:
             tok = _find_tokenizer(version_dir, model_dir, self.config)
             if tok:
                 from lsgpt.text import load_tokenizer
 
                 self.tokenizer = load_tokenizer(tok)
+        rows = _param(self.config, "max_running_rows", DEFAULT_MAX_ROWS)
+        queue = _param(self.config, "max_queued_requests", DEFAULT_MAX_QUEUE)
+        self.scheduler = Scheduler(self.engine, max_rows=rows, max_queue=queue)
         pb_utils.Logger.log_info(
             f"{self.name} v{args['model_version']}: {'int8' if self.cfg.quantized else 'fp16'} engine on "
-            f"{self.device}, vocab {self.cfg.vocab}, max_step {self.cfg.max_step}, eos {self.cfg.eos_id}"
-            + (f", tokenizer {tok}" if self.decoupled and self.tokenizer else "")
+            f"{self.device} ({self.engine.backend}), vocab {self.cfg.vocab}, max_step {self.cfg.max_step}, "
+            f"eos {self.cfg.eos_id}, in-flight batching up to {rows} rows + {queue} queued"
+            + (f", tokenizer {tok}" if tok and self.tokenizer else "")
         )
 
     # -----------------------------------------------------------------------------------------
@@ -149,82 +182,134 @@ class TritonPythonModel:
                 raise BadRequest(f"input '{name}' must be finite, got {v.tolist()}")
             for row, x in enumerate(v.tolist()):
                 fields[row][field] = typ(x)
+        st = pb_utils.get_input_tensor_by_name(request, "stream")
+        stream = self.decoupled  # the decoupled models stream unless told not to
+        if st is not None:
+            v = st.as_numpy().reshape(-1)
+            if v.size != 1:
+                raise BadRequest(f"input 'stream' must be one BOOL, got shape {list(st.as_numpy().shape)}")
+            stream = bool(v[0])
+        if stream and not self.decoupled:
+            raise BadRequest(f"stream=true needs a decoupled model: {self.name} answers once; stream from "
+                             f"{self.name}_stream")
+        if self.decoupled and b != 1:
+            raise BadRequest(f"the decoupled model takes one prompt per request, got {b}")
         prompts = ids.astype(np.int64).tolist()
         try:
             params = [SamplingParams(**f) for f in fields]
             self.engine.validate(prompts, params)
         except (RequestError, TypeError, ValueError) as e:
             raise BadRequest(str(e)) from None
-        return Parsed(prompts, params)
+        return Parsed(prompts, params, stream)
 
-    def _result(self, rows: list[list[int]]):
+    def _result(self, rows: list[list[int]], text: str | None = None):
         width = max(len(r) for r in rows)
         out = np.full((len(rows), width), self.cfg.eos_id, dtype=np.int32)  # pad with EOS like LightSeq
         for i, r in enumerate(rows):
             out[i, : len(r)] = r
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("result", out)])
+        tensors = [pb_utils.Tensor("result", out)]
+        if text is not None:
+            tensors.append(pb_utils.Tensor("text", np.array([[text.encode()]], dtype=np.object_)))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
     # -----------------------------------------------------------------------------------------
 
     def execute(self, requests):
-        if self.decoupled:
-            for request in requests:
-                self._stream(request)
-            return None
-        responses: list[Any] = [None] * len(requests)
-        parsed: dict[int, Parsed] = {}
-        for i, request in enumerate(requests):
+        """Queue every request on the scheduler and return at once: answers go through response senders."""
+        for request in requests:
+            sender = request.get_response_sender()
             try:
-                parsed[i] = self._parse(request)
+                q = self._parse(request)
+                self._submit(request, sender, q)
             except BadRequest as e:
-                responses[i] = _invalid(f"{self.name}: {e}")
-        if parsed:
-            # One engine call for every row of every valid request: the engine batches unequal prompts.
-            prompts = [p for q in parsed.values() for p in q.prompts]
-            params = [p for q in parsed.values() for p in q.params]
-            try:
-                rows = self.engine.generate(prompts, params)
-            except Exception:  # noqa: BLE001 - report it on every request of the batch, keep serving
-                err = traceback.format_exc(limit=3)
-                pb_utils.Logger.log_error(f"{self.name}: generate failed: {err}")
-                for i in parsed:
-                    responses[i] = _internal(f"{self.name}: generation failed: {err.splitlines()[-1]}")
-                return responses
-            k = 0
-            for i, q in parsed.items():
-                responses[i] = self._result(rows[k : k + len(q.prompts)])
-                k += len(q.prompts)
-        return responses
+                sender.send(_error(f"{self.name}: {e}"), flags=FINAL)
+            except Exception as e:  # noqa: BLE001 - QueueFull, ShuttingDown: retryable; anything else: internal
+                from lsgpt.scheduler import QueueFull, ShuttingDown
 
-    def _stream(self, request) -> None:
-        sender = request.get_response_sender()
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        try:
-            q = self._parse(request)
-            if len(q.prompts) != 1:
-                raise BadRequest(f"the streaming model takes one prompt per request, got {len(q.prompts)}")
-        except BadRequest as e:
-            sender.send(_invalid(f"{self.name}: {e}"), flags=final)
+                code = "UNAVAILABLE" if isinstance(e, (QueueFull, ShuttingDown)) else "INTERNAL"
+                sender.send(_error(f"{self.name}: {e}", code), flags=FINAL)
+        return None
+
+    def _submit(self, request, sender, q: Parsed) -> None:
+        cancelled = getattr(request, "is_cancelled", None) or getattr(sender, "is_cancelled", None)
+        if self.decoupled:
+            self._submit_decoupled(sender, q, cancelled)
             return
+        n = len(q.prompts)
+        results: list[list[int] | None] = [None] * n
+        state = {"left": n, "failed": False}
+        lock = threading.Lock()
+
+        def done(i: int, ids, err) -> None:
+            with lock:
+                if state["failed"]:
+                    return
+                if err is not None:  # the first failing row answers for the request
+                    state["failed"] = True
+                    sender.send(_error(f"{self.name}: {err}", _code(err)), flags=FINAL)
+                    return
+                results[i] = ids
+                state["left"] -= 1
+                if state["left"] == 0:
+                    sender.send(self._result(results), flags=FINAL)
+
+        def gone() -> bool:  # a failed sibling row or a cancelled request frees the row
+            return state["failed"] or (cancelled is not None and cancelled())
+
+        try:
+            for i, (p, sp) in enumerate(zip(q.prompts, q.params)):
+                self.scheduler.submit(p, sp, functools.partial(done, i), cancelled=gone)
+        except Exception:
+            with lock:
+                state["failed"] = True  # rows already queued leave at their next step; execute answers
+            raise
+
+    def _submit_decoupled(self, sender, q: Parsed, cancelled) -> None:
         dec = None
         if self.tokenizer is not None:
             from lsgpt.text import IncrementalDecoder
 
             dec = IncrementalDecoder(self.tokenizer, q.prompts[0])
-        try:
-            for tok in self.engine.stream(q.prompts[0], q.params[0]):
+
+        def on_token(tok: int) -> None:
+            piece = dec.push(tok) if dec is not None else None
+            if q.stream:
                 outs = [pb_utils.Tensor("result", np.array([[tok]], dtype=np.int32))]
-                if dec is not None:
-                    outs.append(pb_utils.Tensor("text", np.array([[dec.push(tok).encode()]], dtype=np.object_)))
+                if piece is not None:
+                    outs.append(pb_utils.Tensor("text", np.array([[piece.encode()]], dtype=np.object_)))
                 sender.send(pb_utils.InferenceResponse(output_tensors=outs))
-            outs = [pb_utils.Tensor("result", np.zeros((1, 0), dtype=np.int32))]
-            if dec is not None:
-                outs.append(pb_utils.Tensor("text", np.array([[dec.flush().encode()]], dtype=np.object_)))
-            sender.send(pb_utils.InferenceResponse(output_tensors=outs), flags=final)
-        except Exception:  # noqa: BLE001
-            err = traceback.format_exc(limit=3)
-            pb_utils.Logger.log_error(f"{self.name}: stream failed: {err}")
-            sender.send(_internal(f"{self.name}: generation failed: {err.splitlines()[-1]}"), flags=final)
+
+        def done(ids, err) -> None:
+            if err is not None:
+                sender.send(_error(f"{self.name}: {err}", _code(err)), flags=FINAL)
+                return
+            if q.stream:  # the rest of the text and the final flag
+                outs = [pb_utils.Tensor("result", np.zeros((1, 0), dtype=np.int32))]
+                if dec is not None:
+                    outs.append(pb_utils.Tensor("text", np.array([[dec.flush().encode()]], dtype=np.object_)))
+                sender.send(pb_utils.InferenceResponse(output_tensors=outs), flags=FINAL)
+            else:
+                text = None
+                if self.tokenizer is not None:
+                    from lsgpt.text import decode
+
+                    text = decode(self.tokenizer, ids[len(q.prompts[0]):])
+                sender.send(self._result([ids], text), flags=FINAL)
+
+        self.scheduler.submit(q.prompts[0], q.params[0], done, on_token=on_token, cancelled=cancelled)
 
     def finalize(self) -> None:
+        """Unload (SIGTERM, a new version): requests still running get UNAVAILABLE at once, not a hang."""
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.close()
         self.engine = None
+        pb_utils.Logger.log_info(f"{getattr(self, 'name', 'model')}: unloaded")
+
+
+def _code(err: Exception) -> str:
+    from lsgpt.scheduler import Cancelled, QueueFull, ShuttingDown
+
+    if isinstance(err, (QueueFull, ShuttingDown)):
+        return "UNAVAILABLE"
+    return "CANCELLED" if isinstance(err, Cancelled) else "INTERNAL"

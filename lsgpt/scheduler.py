@@ -1,0 +1,291 @@
+"""In-flight (continuous) batching over one Engine: what a served model runs.
+
+Requests join the running batch at the next decode step (their prompt prefilled into a free slot of a
+fixed KV cache) and leave it the step they finish, so a short request never waits for a long one. Each row
+keeps its own sampling parameters, seed and penalties: its output is what ``Engine.generate`` gives it alone.
+
+    sched = Scheduler(engine, max_rows=32, max_queue=256)
+    sched.submit(prompt_ids, SamplingParams(...), on_done=lambda ids, err: ..., on_token=..., cancelled=...)
+    sched.close()
+
+One thread owns the engine. Per loop: admit queued requests into free slots (prefill, first token), then one
+decode step over slots [0, n) — n the smallest graph bucket (1, 2, 4, ... max_rows) that covers the busiest
+slot; free slots in it compute harmlessly, since a new occupant writes its keys before it reads them. On
+CUDA every bucket's step is captured as a CUDA graph at start-up, while the cache is still empty.
+Bounded: ``submit`` raises ``QueueFull`` beyond ``max_queue`` waiting requests; a cancelled request
+(``cancelled()`` true) leaves its slot within one step; ``close`` fails what is left with ``ShuttingDown``.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from lsgpt.format import max_output_len
+from lsgpt.generate import Engine, GraphedDecode, Penalties, SamplingParams, sample
+from lsgpt.model import KVCache
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the scheduler accepts (retry later)."""
+
+
+class ShuttingDown(RuntimeError):
+    """The scheduler stopped before the request finished (retry on another replica or later)."""
+
+
+class Cancelled(RuntimeError):
+    """The caller cancelled the request."""
+
+
+Done = Callable[[list[int] | None, Exception | None], None]
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams  # resolved (seed fixed)
+    on_done: Done  # (prompt + continuation, None) or (None, error); called exactly once
+    on_token: Callable[[int], None] | None = None  # each new token, as it is generated
+    cancelled: Callable[[], bool] | None = None
+    limit: int = 0  # total length at which the row stops
+    tokens: list[int] = field(default_factory=list)
+    slot: int = -1
+    submitted: float = 0.0
+    first_token: float | None = None
+    last: float = 0.0  # when its latest token came
+
+
+@dataclass
+class Stats:
+    """Counters and gauges for metrics (read without the lock: approximate by design)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    running: int = 0
+    queued: int = 0
+    rejected: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    ttft: list[float] = field(default_factory=list)  # seconds, drained by the metrics exporter
+    itl: list[float] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_rows: int = 32, max_queue: int = 256):
+        self.engine, self.max_rows, self.max_queue = engine, max_rows, max_queue
+        c, m, dev = engine.config, engine.model, engine.device
+        self.cache: KVCache = m.new_cache(max_rows, c.max_step)
+        self.tok = torch.zeros(max_rows, dtype=torch.long, device=dev)  # each slot's last token
+        self.pos = torch.zeros(max_rows, dtype=torch.long, device=dev)  # and its position
+        self.rows: list[Request | None] = [None] * max_rows
+        self.free = list(range(max_rows))  # heap: the lowest free slot first keeps the batch compact
+        self.params = [SamplingParams(top_k=1, top_p=1.0, seed=0)] * max_rows  # idle slots: greedy
+        self.gens = [torch.Generator(device=dev) for _ in range(max_rows)]
+        V = c.vocab
+        self.pen = Penalties(torch.ones(max_rows, 1, device=dev), torch.zeros(max_rows, 1, device=dev),
+                             torch.zeros(max_rows, 1, device=dev),
+                             torch.zeros(max_rows, V, dtype=torch.bool, device=dev),
+                             torch.zeros(max_rows, V, device=dev))
+        self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_rows] + [max_rows]
+        self.graphs: dict[int, GraphedDecode] = {}
+        if engine.cuda_graphs:  # capture now: capture writes slot 0..n-1 at position 0, harmless only while empty
+            for n in self.buckets:
+                self.graphs[n] = GraphedDecode(engine._decode_fn, self._prefix(n), n, dev, engine.compile)
+        self.stats = Stats()
+        self._queue: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="lsgpt-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------------------------------------
+    # API (any thread)
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, on_done: Done,
+               on_token: Callable[[int], None] | None = None, cancelled: Callable[[], bool] | None = None) -> Request:
+        """Queue one request; RequestError (bad request), QueueFull or ShuttingDown raised here, nothing queued."""
+        sp = self.engine.validate([prompt], [params])[0]
+        prompt = [int(t) for t in prompt]
+        limit = max_output_len(self.engine.config, len(prompt))
+        if sp.max_new_tokens is not None:
+            limit = min(limit, len(prompt) + sp.max_new_tokens)
+        req = Request(prompt, sp, on_done, on_token, cancelled, limit, list(prompt), submitted=time.monotonic())
+        with self._cv:
+            if self._stop:
+                raise ShuttingDown("the model is shutting down")
+            if len(self._queue) >= self.max_queue:
+                self.stats.rejected += 1
+                raise QueueFull(f"{len(self._queue)} requests are already waiting (max_queued_requests="
+                                f"{self.max_queue}); retry later")
+            self._queue.append(req)
+            self.stats.requests += 1
+            self.stats.queued = len(self._queue)
+            self._cv.notify()
+        return req
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(),
+                 timeout: float | None = None) -> list[int]:
+        """Blocking convenience (tests, scripts): prompt + continuation, or the request's error raised."""
+        box: dict = {}
+        ev = threading.Event()
+
+        def done(ids, err):
+            box["ids"], box["err"] = ids, err
+            ev.set()
+
+        self.submit(prompt, params, done)
+        if not ev.wait(timeout):
+            raise TimeoutError("no answer from the scheduler")
+        if box["err"] is not None:
+            raise box["err"]
+        return box["ids"]
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the loop; requests still queued or running get ShuttingDown."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout)
+        err = ShuttingDown("the model was unloaded before the request finished; retry")
+        with self._cv:
+            left = [r for r in self.rows if r is not None] + list(self._queue)
+            self._queue.clear()
+            self.rows = [None] * self.max_rows
+        for r in left:
+            self._finish(r, None, err)
+
+    @property
+    def running(self) -> int:
+        return self.max_rows - len(self.free)
+
+    # ---------------------------------------------------------------------------------------------
+    # The loop (scheduler thread only)
+
+    def _prefix(self, n: int) -> KVCache:
+        return KVCache([k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v])
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._queue and self.running == 0:
+                    self._cv.wait()
+                if self._stop:
+                    return
+            try:
+                with torch.inference_mode():
+                    self._admit()
+                    if self.running:
+                        self._step()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its rows; the loop keeps serving
+                err = RuntimeError(f"generation failed: {type(e).__name__}: {e}")
+                traceback.print_exc()
+                for r in [r for r in self.rows if r is not None]:
+                    self._release(r)
+                    self.stats.failed += 1
+                    self._finish(r, None, err)
+
+    def _admit(self) -> None:
+        while self.free:
+            with self._cv:
+                if not self._queue:
+                    return
+                req = self._queue.popleft()
+                self.stats.queued = len(self._queue)
+            if req.cancelled is not None and req.cancelled():
+                self.stats.cancelled += 1
+                self._finish(req, None, Cancelled("cancelled before it started"))
+                continue
+            b = heapq.heappop(self.free)
+            req.slot, self.rows[b] = b, req
+            self._prefill(req)
+
+    def _prefill(self, req: Request) -> None:
+        e, b, sp, dev = self.engine, req.slot, req.params, self.engine.device
+        P = len(req.prompt)
+        self.params[b] = sp
+        self.gens[b].manual_seed(sp.seed)
+        pen = self.pen
+        pen.rep[b], pen.presence[b], pen.frequency[b] = sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty
+        pen.seen[b] = False
+        pen.seen[b, torch.as_tensor(req.prompt, device=dev)] = True
+        pen.counts[b] = 0
+        tokens = torch.as_tensor([req.prompt], device=dev)
+        positions = torch.arange(P, device=dev)[None]
+        slot = KVCache([k[b : b + 1] for k in self.cache.k], [v[b : b + 1] for v in self.cache.v])
+        logits = e._forward_logits(tokens, positions, slot, last=torch.tensor([P - 1], device=dev))
+        row = Penalties(pen.rep[b : b + 1], pen.presence[b : b + 1], pen.frequency[b : b + 1], pen.seen[b : b + 1],
+                        pen.counts[b : b + 1])
+        nxt = sample(row.apply(logits) if sp.penalized else logits, [sp], [self.gens[b]])
+        row.update(nxt)
+        self.tok[b], self.pos[b] = nxt[0], P
+        self.stats.prompt_tokens += P
+        self.stats.running = self.running
+        self._emit(req, int(nxt[0]))
+
+    def _step(self) -> None:
+        busiest = max(r.slot for r in self.rows if r is not None)
+        n = next(k for k in self.buckets if k > busiest)
+        tok, pos = self.tok[:n, None], self.pos[:n, None].clamp(max=self.engine.config.max_step - 1)
+        if n in self.graphs:
+            logits = self.graphs[n](tok, pos)
+        else:
+            logits = self.engine._forward_logits(tok, pos, self._prefix(n))
+        params = self.params[:n]
+        pen = Penalties(self.pen.rep[:n], self.pen.presence[:n], self.pen.frequency[:n], self.pen.seen[:n],
+                        self.pen.counts[:n])
+        penalized = any(r is not None and r.params.penalized for r in self.rows[:n])
+        nxt = sample(pen.apply(logits) if penalized else logits, params, self.gens[:n])
+        if penalized:
+            pen.update(nxt)
+        self.tok[:n] = nxt
+        self.pos[:n] += 1
+        for b, t in enumerate(nxt.tolist()):  # the step's one host synchronisation
+            r = self.rows[b]
+            if r is not None:
+                self._emit(r, t)
+
+    def _emit(self, r: Request, tok: int) -> None:
+        now = time.monotonic()
+        if r.cancelled is not None and r.cancelled():
+            self._release(r)
+            self.stats.cancelled += 1
+            self._finish(r, None, Cancelled("cancelled"))
+            return
+        if r.first_token is None:
+            r.first_token = now
+            self.stats.ttft.append(now - r.submitted)
+        else:
+            self.stats.itl.append(now - r.last)
+        r.last = now
+        r.tokens.append(tok)
+        self.stats.generated_tokens += 1
+        if r.on_token is not None:
+            r.on_token(tok)
+        eos = tok == self.engine.config.eos_id and not r.params.ignore_eos
+        if eos or len(r.tokens) >= r.limit:
+            self._release(r)
+            self._finish(r, r.tokens, None)
+
+    def _release(self, r: Request) -> None:
+        if r.slot >= 0 and self.rows[r.slot] is r:
+            self.rows[r.slot] = None
+            self.params[r.slot] = SamplingParams(top_k=1, top_p=1.0, seed=0)
+            self.pen.rep[r.slot], self.pen.presence[r.slot], self.pen.frequency[r.slot] = 1.0, 0.0, 0.0
+            heapq.heappush(self.free, r.slot)
+            self.stats.running = self.running
+
+    @staticmethod
+    def _finish(r: Request, ids: list[int] | None, err: Exception | None) -> None:
+        try:
+            r.on_done(ids, err)
+        except Exception:  # noqa: BLE001 - a failing callback (client gone) must not stop the loop
+            traceback.print_exc()

@@ -1,0 +1,166 @@
+"""In-flight batching (lsgpt/scheduler.py) in process, on the CPU.
+
+Oracles: HF transformers' greedy generate (each request of a crowd that joins and leaves at different steps
+gets exactly HF's continuation of its own prompt); the order in which requests finish (a short request that
+joins a running long one finishes first: counted in decode steps, not seconds); the scheduler's bounds.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from oracles import tiny  # noqa: E402
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from tiny.one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny.make_model(seed=0, wide=True)
+
+
+@pytest.fixture(scope="module")
+def engine(model, tmp_path_factory):
+    from lsgpt.export import export_model
+    from lsgpt.generate import Engine
+
+    p = export_model(model, tmp_path_factory.mktemp("sched") / "m.hdf5", max_step=128, eos_id=tiny.EOS_ID)
+    return Engine.load(p, device="cpu")
+
+
+def hf_greedy(m, prompt, n):
+    gc = copy.deepcopy(m.generation_config)
+    gc.eos_token_id, gc.pad_token_id, gc.do_sample, gc.max_new_tokens, gc.min_new_tokens = None, tiny.PAD_ID, False, n, None
+    with torch.no_grad():
+        out = m.generate(torch.tensor([prompt]), generation_config=gc,
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0].tolist()
+
+
+class Collector:
+    def __init__(self):
+        self.done: dict[str, tuple] = {}
+        self.order: list[str] = []
+        self.ev = threading.Event()
+        self.lock = threading.Lock()
+
+    def cb(self, name):
+        def done(ids, err):
+            with self.lock:
+                self.done[name] = (ids, err)
+                self.order.append(name)
+                self.ev.set()
+        return done
+
+    def wait(self, n, timeout=120):
+        t0 = time.time()
+        while len(self.done) < n:
+            assert time.time() - t0 < timeout, f"only {len(self.done)}/{n} requests answered"
+            time.sleep(0.01)
+
+
+def test_crowd_joining_and_leaving_gets_hf_greedy(engine, model):
+    """Requests of different prompt lengths and lengths join while others run; every one equals HF greedy."""
+    from lsgpt.generate import SamplingParams
+    from lsgpt.scheduler import Scheduler
+
+    prompts = [[5, 17, 300], [42, 7, 7, 900, 13, 2, 64], [101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 1], [9],
+               [700, 701]]
+    lengths = [30, 5, 12, 20, 3]
+    s = Scheduler(engine, max_rows=3, max_queue=16)  # fewer rows than requests: some wait for a free row
+    try:
+        c = Collector()
+        for i, (p, n) in enumerate(zip(prompts, lengths)):
+            s.submit(p, SamplingParams(max_new_tokens=n, top_k=1, ignore_eos=True), c.cb(i))
+            time.sleep(0.01 * i)  # arrive while others are mid-generation
+        c.wait(len(prompts))
+        for i, (p, n) in enumerate(zip(prompts, lengths)):
+            ids, err = c.done[i]
+            assert err is None
+            assert ids == hf_greedy(model, p, n), f"request {i} differs from HF greedy"
+        assert s.running == 0 and s.stats.generated_tokens == sum(lengths)
+    finally:
+        s.close()
+
+
+def test_short_request_overtakes_a_long_one(engine):
+    from lsgpt.generate import SamplingParams
+    from lsgpt.scheduler import Scheduler
+
+    s = Scheduler(engine, max_rows=4)
+    try:
+        c = Collector()
+        tokens = []
+        s.submit([5, 6, 7], SamplingParams(max_new_tokens=100, top_k=1, ignore_eos=True), c.cb("long"),
+                 on_token=tokens.append)
+        while len(tokens) < 5:  # the long one is running
+            time.sleep(0.001)
+        s.submit([8, 9], SamplingParams(max_new_tokens=5, top_k=1, ignore_eos=True), c.cb("short"))
+        c.wait(2)
+        assert c.order == ["short", "long"]
+        assert len(c.done["long"][0]) == 103 and len(c.done["short"][0]) == 7
+    finally:
+        s.close()
+
+
+def test_sampled_rows_do_not_depend_on_batch_mates(engine):
+    """Per-row generator and penalties: a seeded request gives the same tokens alone and in a crowd of
+    different requests (metamorphic check; the sampler's distribution is tested in test_sampling_distribution)."""
+    from lsgpt.generate import SamplingParams
+    from lsgpt.scheduler import Scheduler
+
+    sp = SamplingParams(max_new_tokens=20, top_k=50, temperature=1.3, seed=7, repetition_penalty=1.2,
+                        ignore_eos=True)
+    s = Scheduler(engine, max_rows=4)
+    try:
+        alone = s.generate([5, 17, 300], sp, timeout=60)
+        c = Collector()
+        for i in range(3):
+            s.submit([11 + i, 12], SamplingParams(max_new_tokens=25, top_p=0.9, seed=i, frequency_penalty=0.5),
+                     c.cb(i))
+        crowd = s.generate([5, 17, 300], sp, timeout=60)
+        c.wait(3)
+        assert crowd == alone
+        assert len(set(tuple(c.done[i][0]) for i in range(3))) == 3
+    finally:
+        s.close()
+
+
+def test_bounds_cancellation_and_shutdown(engine):
+    from lsgpt.generate import RequestError, SamplingParams
+    from lsgpt.scheduler import Cancelled, QueueFull, Scheduler, ShuttingDown
+
+    long = SamplingParams(max_new_tokens=120, top_k=1, ignore_eos=True)
+    s = Scheduler(engine, max_rows=1, max_queue=1)
+    c = Collector()
+    tokens = []
+    stop = threading.Event()
+    s.submit([5, 6], long, c.cb("a"), on_token=tokens.append, cancelled=stop.is_set)
+    while not tokens:
+        time.sleep(0.001)
+    s.submit([7, 8], long, c.cb("b"))  # waits for the only row
+    with pytest.raises(QueueFull, match="max_queued_requests=1"):
+        s.submit([9], long, c.cb("c"))
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        s.submit([10**6], long, c.cb("d"))
+    stop.set()  # cancel a: its row goes to b within a step
+    c.wait(1)
+    assert isinstance(c.done["a"][1], Cancelled) and len(tokens) < 120
+    s.close()  # b is running or queued: it gets ShuttingDown, nothing hangs
+    c.wait(2)
+    assert isinstance(c.done["b"][1], ShuttingDown)
+    with pytest.raises(ShuttingDown):
+        s.submit([5], long, c.cb("e"))
+    assert s.stats.rejected == 1 and s.stats.cancelled == 1
