@@ -5,7 +5,7 @@
     c.generate("我今天很开心，", max_new_tokens=50, top_k=1)      -> "我今天很开心，..."   (prompt + continuation)
     c.generate(["a", "b"], top_p=0.9, seed=1)                       -> [..., ...]  (one request per prompt,
                                                                        sent together: Triton batches them)
-    for piece in c.stream("我今天", max_new_tokens=50): print(piece, end="")   # via gpt2_stream
+    for piece in c.stream("我今天", max_new_tokens=50): print(piece, end="")   # via gpt2_stream (gpt2's twin)
     await c.agenerate([...]); async for piece in c.astream("..."): ...
 
 Prompts are [CLS] text (lsgpt.text.encode_prompt); the output is decoded with lsgpt.text.decode (spaces
@@ -113,13 +113,17 @@ class Client:
         model: str = "gpt2",
         tokenizer: Any = DEFAULT_TOKENIZER,
         *,
-        stream_model: str = "gpt2_stream",
+        stream_model: str | None = None,
         timeout: float = 120.0,
         retries: int = 3,
         eos_id: int | None = None,
         max_concurrency: int = 16,
     ):
-        """tokenizer: a hub id, a folder with vocab.txt, or a loaded tokenizer. eos_id: default [SEP]."""
+        """tokenizer: a hub id, a folder with vocab.txt, or a loaded tokenizer. eos_id: default [SEP].
+        stream_model: where stream() goes; default the model's decoupled twin (gpt2 -> gpt2_stream,
+        gpt2_int8 -> gpt2_int8_stream), or the model itself when it is one."""
+        if stream_model is None:
+            stream_model = model if model.endswith("_stream") else f"{model}_stream"
         self.url, self.model, self.stream_model = url, model, stream_model
         self.tok = cached_tokenizer(str(tokenizer)) if isinstance(tokenizer, (str, bytes)) or hasattr(
             tokenizer, "__fspath__") else tokenizer

@@ -3,7 +3,7 @@
     python client/generate.py -m model/fp16/model.hdf5 -p <tokenizer>            # in process (like the article)
     python client/generate.py -m model/int8/model.hdf5 -q -i "我今天很开心，"
     python client/generate.py -m gpt2 --url localhost:8001 -p <tokenizer>        # through Triton (gRPC)
-    python client/generate.py -q --url localhost:8001 --stream -i "我今天"        # gpt2_int8 / gpt2_stream
+    python client/generate.py -q --url localhost:8001 --stream -i "我今天"        # gpt2_int8_stream
 
 -m: an HDF5 file -> our engine in this process (needs torch); anything else -> a served model name.
 -q: int8. In process it checks the file is an int8 (QuantGpt) file; served, the default model becomes gpt2_int8.
@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repetition-penalty", type=float, default=None, help="HF semantics; 1: off (e.g. 1.2)")
     ap.add_argument("--presence-penalty", type=float, default=None, help="OpenAI semantics, -2..2; 0: off")
     ap.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI semantics, -2..2; 0: off")
-    ap.add_argument("--stream", action="store_true", help="served: print tokens as they come (gpt2_stream)")
+    ap.add_argument("--stream", action="store_true", help="served: print tokens as they come, from the model's streaming twin "
+                    "(gpt2 -> gpt2_stream, gpt2_int8 -> gpt2_int8_stream)")
     ap.add_argument("--timeout", type=float, default=300.0)
     return ap.parse_args(argv)
 

@@ -186,8 +186,9 @@ class TritonPythonModel:
         stream = self.decoupled  # the decoupled models stream unless told not to
         if st is not None:
             v = st.as_numpy().reshape(-1)
-            if v.size != 1:
-                raise BadRequest(f"input 'stream' must be one BOOL, got shape {list(st.as_numpy().shape)}")
+            if v.size not in (1, b) or v.min() != v.max():
+                raise BadRequest(f"input 'stream' must be one BOOL per request ([{b}, 1], all equal), got "
+                                 f"{v.tolist()}")
             stream = bool(v[0])
         if stream and not self.decoupled:
             raise BadRequest(f"stream=true needs a decoupled model: {self.name} answers once; stream from "

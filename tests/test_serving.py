@@ -5,6 +5,7 @@ input, streaming, and a new version going live while the server runs."""
 from __future__ import annotations
 
 import queue
+import threading
 import re
 import time
 from pathlib import Path
@@ -91,13 +92,15 @@ def test_repository_layout_matches_lightseq_and_templates():
         assert re.search(r'key: "model_type"\s*value: \{\s*string_value: "%s"' % kind, cfg)
         assert 'default_model_filename: "model.hdf5"' in cfg
         assert (repo / name / "1" / ".gitignore").is_file()  # the empty version folder LightSeq needs
-    for name in ("gpt2", "gpt2_int8", "gpt2_stream"):
+    for name in ("gpt2", "gpt2_int8", "gpt2_stream", "gpt2_int8_stream"):
         assert (repo / name / "1" / "model.py").read_text() == MODEL_PY  # thin, identical copies
         cfg = (repo / name / "config.pbtxt").read_text()
         assert 'backend: "python"' in cfg and "latest: { num_versions: 1 }" in cfg and "KIND_AUTO" in cfg
         for t in ("max_new_tokens", "top_k", "top_p", "temperature", "seed"):
             assert re.search(r'name: "%s".*optional: true' % t, cfg)
-    assert "decoupled: true" in (repo / "gpt2_stream" / "config.pbtxt").read_text()
+        assert re.search(r'name: "stream", data_type: TYPE_BOOL.*optional: true', cfg)
+        assert re.search(r'key: "max_running_rows", value: \{ string_value: "\d+" \}', cfg)
+        assert ("decoupled: true" in cfg) == name.endswith("_stream")
 
 
 def test_publish_rejects_wrong_format_and_keeps_versions(tiny_models, tmp_path):
@@ -118,7 +121,7 @@ def test_launcher_serves_only_portable_models(served):
     import tempfile
 
     server, _ = served
-    assert server.models == ["gpt2", "gpt2_int8", "gpt2_stream"]  # LightSeq's backend is absent here
+    assert server.models == ["gpt2", "gpt2_int8", "gpt2_int8_stream", "gpt2_stream"]  # no LightSeq backend here
     before = set(Path(tempfile.gettempdir()).glob("lsgpt-triton-*"))
     with pytest.raises(LaunchError, match="lightseq"):
         TritonServer(served[1], models=["gpt2_lightseq"], grpc_port=free_port()).start()
@@ -296,11 +299,11 @@ def test_server_still_serves_after_bad_input(grpc, served):
 # Streaming.
 
 
-def stream(url: str, inputs) -> tuple[list[int], list[str]]:
+def stream(url: str, inputs, model: str = "gpt2_stream", on_response=None) -> tuple[list[int], list[str]]:
     c = tritonclient_grpc.InferenceServerClient(url)
     q: queue.Queue = queue.Queue()
     c.start_stream(callback=lambda result, error: q.put((result, error)))
-    c.async_stream_infer("gpt2_stream", inputs, enable_empty_final_response=True)
+    c.async_stream_infer(model, inputs, enable_empty_final_response=True)
     ids, texts = [], []
     try:
         while True:
@@ -309,11 +312,17 @@ def stream(url: str, inputs) -> tuple[list[int], list[str]]:
                 raise error
             ids += result.as_numpy("result").reshape(-1).tolist()
             texts.append(result.as_numpy("text").reshape(-1)[0].decode())
+            if on_response is not None:
+                on_response(ids)
             if result.get_response().parameters["triton_final_response"].bool_param:
                 return ids, texts
     finally:
         c.stop_stream()
         c.close()
+
+
+def flag(name: str, value: bool):
+    return tensor(name, np.array([[value]]), "BOOL")
 
 
 def test_stream_tokens_and_text_match_non_streamed(served, grpc, engines, tok):
@@ -333,6 +342,62 @@ def test_stream_bad_input(served):
         stream(served[0].grpc_url, [tensor("token_ids", np.zeros((1, 0), np.int32))])
     with pytest.raises(InferenceServerException, match="batch"):
         stream(served[0].grpc_url, request([GOOD, GOOD]))
+
+
+def test_int8_streams_from_its_own_twin(served, grpc, engines, tok):
+    """gpt2_int8_stream streams the int8 model (not the fp16 one): its tokens are gpt2_int8's and the int8
+    engine's; stream=false sends the whole result (+ text) in one response; stream=true on a model that
+    answers once is refused with the twin's name; the client picks the twin."""
+    from client.api import Client
+
+    params = dict(top_k=0, seed=3, max_new_tokens=20)
+    prompt = encode_prompt(tok, "我要找个男朋友")
+    # the tiny model's fp16 and int8 files sample the same tokens; the model's start-up line names its file
+    assert "gpt2_int8_stream v1: int8 engine" in served[0].log_tail(100_000)
+    ids, texts = stream(served[0].grpc_url, request([prompt], **params), model="gpt2_int8_stream")
+    want = engines["gpt2_int8"].generate([prompt], SamplingParams(**params))[0]
+    assert prompt + ids == want == unpad(grpc.infer("gpt2_int8", request([prompt], **params)).as_numpy("result")[0],
+                                         len(prompt), 3)
+    n = []
+    whole, text = stream(served[0].grpc_url, request([prompt], **params) + [flag("stream", False)],
+                         model="gpt2_int8_stream", on_response=lambda got: n.append(1))
+    assert len(n) == 1 and whole == want and text == [decode(tok, want[len(prompt):])]
+    with pytest.raises(InferenceServerException, match="gpt2_int8_stream") as ei:
+        grpc.infer("gpt2_int8", request([prompt], **params) + [flag("stream", True)])
+    assert str(ei.value.status()).endswith("INVALID_ARGUMENT")
+    c = Client(served[0].grpc_url, "gpt2_int8", tok)
+    assert c.stream_model == "gpt2_int8_stream"
+    assert "".join(c.stream(decode(tok, prompt), **params)) == "".join(texts)
+    c.close()
+
+
+def test_short_request_overtakes_a_running_long_one(served, engines, tok):
+    """In-flight batching through the real server: a 3-token request sent while a 60-token one streams from
+    the same model is answered before the long one ends (counted in the long one's tokens, not seconds)."""
+    e = engines["gpt2"]
+    long_params = dict(top_k=1, max_new_tokens=60)
+    # a prompt whose greedy continuation runs the full 60 tokens (no EOS): the engine in process decides
+    prompt = next(p for p in ([2, a, b] for a in range(5, 40) for b in range(5, 40))
+                  if len(e.generate([p], SamplingParams(**long_params))[0]) == 63)
+    seen: list[int] = []
+    short_done_at: list[int] = []
+    started = threading.Event()
+
+    def on_long(ids):
+        seen[:] = ids
+        started.set()
+
+    def short():
+        started.wait(60)
+        stream(served[0].grpc_url, request([[2, 7]], top_k=1, max_new_tokens=3) + [flag("stream", False)])
+        short_done_at.append(len(seen))
+
+    t = threading.Thread(target=short)
+    t.start()
+    ids, _ = stream(served[0].grpc_url, request([prompt], **long_params), on_response=on_long)
+    t.join(60)
+    print(f"the short request was answered when the long one had {short_done_at} of {len(ids)} tokens")
+    assert len(ids) == 60 and short_done_at and short_done_at[0] < 60
 
 
 # ---------------------------------------------------------------------------------------------
