@@ -11,7 +11,8 @@ keeps its own sampling parameters, seed and penalties: its output is what ``Engi
 One thread owns the engine. Per loop: admit queued requests into free slots (prefill, first token), then one
 decode step over slots [0, n) — n the smallest graph bucket (1, 2, 4, ... max_rows) that covers the busiest
 slot; free slots in it compute harmlessly, since a new occupant writes its keys before it reads them. On
-CUDA every bucket's step is captured as a CUDA graph at start-up, while the cache is still empty.
+CUDA every bucket's step is captured as a CUDA graph at start-up, while the cache is still empty, and a
+step's tokens are read back while the next step runs (the host never leaves the GPU idle between steps).
 Bounded: ``submit`` raises ``QueueFull`` beyond ``max_queue`` waiting requests; a cancelled request
 (``cancelled()`` true) leaves its slot within one step; ``close`` fails what is left with ``ShuttingDown``.
 """
@@ -100,6 +101,11 @@ class Scheduler:
         if engine.cuda_graphs:  # capture now: capture writes slot 0..n-1 at position 0, harmless only while empty
             for n in self.buckets:
                 self.graphs[n] = GraphedDecode(engine._decode_fn, self._prefix(n), n, dev, engine.compile)
+        # tokens of the latest step, read back while the next step runs (CUDA: pinned buffers + an event)
+        cuda = dev.type == "cuda"
+        self._host = [torch.zeros(max_rows, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._flip = 0
+        self._pending: tuple | None = None  # (host tokens, n, event, rows at launch)
         self.stats = Stats()
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -175,6 +181,8 @@ class Scheduler:
 
     def _loop(self) -> None:
         while True:
+            if self.running == 0:
+                self._pending = None  # the last step's tokens belong to rows that have all finished
             with self._cv:
                 while not self._stop and not self._queue and self.running == 0:
                     self._cv.wait()
@@ -188,6 +196,7 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - a failed step fails its rows; the loop keeps serving
                 err = RuntimeError(f"generation failed: {type(e).__name__}: {e}")
                 traceback.print_exc()
+                self._pending = None
                 for r in [r for r in self.rows if r is not None]:
                     self._release(r)
                     self.stats.failed += 1
@@ -248,9 +257,26 @@ class Scheduler:
             pen.update(nxt)
         self.tok[:n] = nxt
         self.pos[:n] += 1
-        for b, t in enumerate(nxt.tolist()):  # the step's one host synchronisation
-            r = self.rows[b]
-            if r is not None:
+        # Read this step's tokens back while the next step runs: a row that finished is noticed one step
+        # late (its extra token is dropped: the row's slot no longer holds that request).
+        host = self._host[self._flip]
+        self._flip ^= 1
+        host[:n].copy_(nxt, non_blocking=True)
+        event = None
+        if nxt.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        prev, self._pending = self._pending, (host, n, event, list(self.rows[:n]))
+        if prev is not None:
+            self._collect(prev)
+
+    def _collect(self, pending: tuple) -> None:
+        host, n, event, rows = pending
+        if event is not None:
+            event.synchronize()  # the step's one host synchronisation, with the next step already queued
+        for b, t in enumerate(host[:n].tolist()):
+            r = rows[b]
+            if r is not None and self.rows[b] is r:
                 self._emit(r, t)
 
     def _emit(self, r: Request, tok: int) -> None:

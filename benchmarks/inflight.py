@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""In-flight batching vs the code of another checkout (e.g. the dynamic-batching version), through the real
+server: the same mixed load of unary gRPC requests, side by side.
+
+    python benchmarks/inflight.py --hdf5 model/fp16/pytorch_model.hdf5 --out results/cpu/inflight.json
+    git worktree add /tmp/before <commit>      # the version to compare against
+    python benchmarks/inflight.py --hdf5 ... --root /tmp/before --out results/cpu/inflight-before.json
+
+Load: prompts of 4..64 random token ids, max_new_tokens spread over 16..256 (capped by the model's max_step),
+greedy; `--concurrency` client threads send them back to back. Reported per concurrency: requests/s,
+generated tokens/s (from the answers), request latency p50/p95, failures. Probe first, on an idle server: a
+5-token request sent while a long request runs (its latency over the long one's: in-flight batching answers
+it at once; a batch-to-completion server makes it wait).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hdf5", required=True, help="exported model file to serve")
+    ap.add_argument("--model", default=None, help="served model name (default gpt2 or gpt2_int8 by the file)")
+    ap.add_argument("--root", default=None, help="checkout whose lsgpt/ and model_repository/ serve (default: this)")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="force the engine's device (cpu, cuda)")
+    ap.add_argument("--out", default=None, help="JSON results")
+    return ap.parse_args(argv)
+
+
+def infer(client, model: str, prompt: list[int], new: int) -> int:
+    import tritonclient.grpc as g
+
+    ins = []
+    for name, arr, dt in (("token_ids", np.asarray([prompt], np.int32), "INT32"),
+                          ("max_new_tokens", np.asarray([[new]], np.int32), "INT32"),
+                          ("top_k", np.asarray([[1]], np.int32), "INT32")):
+        t = g.InferInput(name, list(arr.shape), dt)
+        t.set_data_from_numpy(arr)
+        ins.append(t)
+    out = client.infer(model, ins).as_numpy("result")[0]
+    return len(out) - len(prompt)  # rows are padded with EOS only in multi-row requests
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    root = Path(a.root or Path(__file__).resolve().parents[1]).resolve()
+    sys.path.insert(0, str(root))  # lsgpt of the checkout under test
+    import shutil
+
+    import tritonclient.grpc as g
+
+    from lsgpt.format import read_hdf5
+    from lsgpt.repository import publish
+    from lsgpt.triton import TritonServer, free_port
+
+    cfg, _ = read_hdf5(a.hdf5)
+    model = a.model or ("gpt2_int8" if cfg.quantized else "gpt2")
+    rng = random.Random(a.seed)
+    cap = cfg.max_step - 1
+    work = Path(tempfile.mkdtemp(prefix="lsgpt-inflight-"))
+    repo = work / "repo"
+    src = root / "model_repository"
+    (repo / model / "1").mkdir(parents=True)
+    shutil.copy(src / model / "config.pbtxt", repo / model / "config.pbtxt")
+    shutil.copy(src / model / "1" / "model.py", repo / model / "1" / "model.py")
+    publish(a.hdf5, repo, model, lightseq=False)
+    ports = dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    results: dict = {"root": str(root), "model": model, "hdf5": str(a.hdf5), "max_step": cfg.max_step, "levels": []}
+    with TritonServer(repo, models=[model], device=a.device, **ports) as server:
+        server.wait_ready(600)
+        c = g.InferenceServerClient(server.grpc_url)
+        infer(c, model, [101, 102, 103], 4)  # warm-up (CUDA graphs, kernels)
+        # probe: a short request while a long one runs
+        long_new = min(256, cap - 8)
+        times: dict[str, float] = {}
+
+        def timed(name, prompt, new):
+            cc = g.InferenceServerClient(server.grpc_url)
+            t0 = time.perf_counter()
+            infer(cc, model, prompt, new)
+            times[name] = time.perf_counter() - t0
+
+        t_long = threading.Thread(target=timed, args=("long", [101 + i for i in range(8)], long_new))
+        t_long.start()
+        time.sleep(0.05)
+        timed("short", [201, 202, 203, 204], 5)
+        t_long.join()
+        results["probe"] = {"long_new_tokens": long_new, "long_s": round(times["long"], 4),
+                            "short_s": round(times["short"], 4), "short_over_long": round(times["short"] / times["long"], 3)}
+        print(json.dumps(results["probe"]), flush=True)
+        for conc in [int(x) for x in a.concurrency.split(",")]:
+            reqs = []
+            for _ in range(a.requests):
+                n = rng.randint(4, min(64, cap // 2))
+                reqs.append(([rng.randint(100, cfg.vocab - 1) for _ in range(n)], min(rng.randint(16, 256), cap - n)))
+            lat: list[float] = []
+            gen = [0]
+            fails = [0]
+            lock = threading.Lock()
+            it = iter(reqs)
+
+            def worker():
+                cc = g.InferenceServerClient(server.grpc_url)
+                while True:
+                    with lock:
+                        r = next(it, None)
+                    if r is None:
+                        return
+                    t0 = time.perf_counter()
+                    try:
+                        n = infer(cc, model, *r)
+                    except Exception:  # noqa: BLE001 - counted, reported
+                        with lock:
+                            fails[0] += 1
+                        continue
+                    with lock:
+                        lat.append(time.perf_counter() - t0)
+                        gen[0] += n
+
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=worker) for _ in range(conc)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            row = {"concurrency": conc, "requests": a.requests, "failed": fails[0], "wall_s": round(wall, 3),
+                   "requests_per_s": round(len(lat) / wall, 2), "output_tokens_per_s": round(gen[0] / wall, 1),
+                   "latency_p50_s": round(pct(lat, 50), 4), "latency_p95_s": round(pct(lat, 95), 4),
+                   "mean_new_tokens": round(gen[0] / max(1, len(lat)), 1)}
+            results["levels"].append(row)
+            print(json.dumps(row), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(results, indent=1))
+        print(f"wrote {a.out}")
+    return 0 if all(r["failed"] == 0 for r in results["levels"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
