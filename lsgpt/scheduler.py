@@ -76,8 +76,8 @@ class Stats:
     rejected: int = 0
     cancelled: int = 0
     failed: int = 0
-    ttft: list[float] = field(default_factory=list)  # seconds, drained by the metrics exporter
-    itl: list[float] = field(default_factory=list)
+    ttft: collections.deque = field(default_factory=collections.deque)  # seconds; the metrics exporter drains
+    itl: collections.deque = field(default_factory=collections.deque)  # them (deque: thread-safe popleft)
 
 
 class Scheduler:

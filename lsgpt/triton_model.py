@@ -133,6 +133,7 @@ class TritonPythonModel:
         rows = _param(self.config, "max_running_rows", DEFAULT_MAX_ROWS)
         queue = _param(self.config, "max_queued_requests", DEFAULT_MAX_QUEUE)
         self.scheduler = Scheduler(self.engine, max_rows=rows, max_queue=queue)
+        self.metrics = Metrics(self.name, args["model_version"], self.scheduler)
         pb_utils.Logger.log_info(
             f"{self.name} v{args['model_version']}: {'int8' if self.cfg.quantized else 'fp16'} engine on "
             f"{self.device} ({self.engine.backend}), vocab {self.cfg.vocab}, max_step {self.cfg.max_step}, "
@@ -301,11 +302,74 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         """Unload (SIGTERM, a new version): requests still running get UNAVAILABLE at once, not a hang."""
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         scheduler = getattr(self, "scheduler", None)
         if scheduler is not None:
             scheduler.close()
         self.engine = None
         pb_utils.Logger.log_info(f"{getattr(self, 'name', 'model')}: unloaded")
+
+
+class Metrics:
+    """Token-level metrics on Triton's metrics port (/metrics, Prometheus text), labelled model and version:
+    lsgpt_prompt_tokens_total, lsgpt_generated_tokens_total, lsgpt_requests_total (counters),
+    lsgpt_running_rows, lsgpt_queued_requests (gauges), lsgpt_time_to_first_token_seconds and
+    lsgpt_inter_token_latency_seconds (histograms). A thread copies the scheduler's counters every 0.5 s."""
+
+    PERIOD = 0.5
+    TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+    ITL_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]
+
+    def __init__(self, model: str, version: str, scheduler):
+        F = pb_utils.MetricFamily
+        labels = {"model": model, "version": str(version)}
+        self.scheduler = scheduler
+
+        def family(name: str, what: str, kind, **kw):
+            fam = F(name=name, description=what, kind=kind)
+            self._families.append(fam)  # a family must outlive its metrics
+            return fam.Metric(labels=labels, **kw)
+
+        self._families: list = []
+        self.prompt = family("lsgpt_prompt_tokens_total", "Prompt tokens prefilled", F.COUNTER)
+        self.generated = family("lsgpt_generated_tokens_total", "Tokens generated", F.COUNTER)
+        self.requests = family("lsgpt_requests_total", "Requests accepted by the scheduler", F.COUNTER)
+        self.running = family("lsgpt_running_rows", "Rows in the running decode batch", F.GAUGE)
+        self.queued = family("lsgpt_queued_requests", "Requests waiting for a row", F.GAUGE)
+        self.ttft = family("lsgpt_time_to_first_token_seconds", "Queue + prefill time to the first token",
+                           F.HISTOGRAM, buckets=self.TTFT_BUCKETS)
+        self.itl = family("lsgpt_inter_token_latency_seconds", "Time between a request's tokens", F.HISTOGRAM,
+                          buckets=self.ITL_BUCKETS)
+        self._seen = {"prompt_tokens": 0, "generated_tokens": 0, "requests": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lsgpt-metrics", daemon=True)
+        self._thread.start()
+
+    def publish(self) -> None:
+        st = self.scheduler.stats
+        for key, metric in (("prompt_tokens", self.prompt), ("generated_tokens", self.generated),
+                            ("requests", self.requests)):
+            now = getattr(st, key)
+            if now > self._seen[key]:
+                metric.increment(now - self._seen[key])
+                self._seen[key] = now
+        self.running.set(self.scheduler.running)
+        self.queued.set(len(self.scheduler._queue))
+        for src, hist in ((st.ttft, self.ttft), (st.itl, self.itl)):
+            while src:
+                hist.observe(src.popleft())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.PERIOD):
+            try:
+                self.publish()
+            except Exception as e:  # noqa: BLE001 - metrics must never take the model down
+                pb_utils.Logger.log_warn(f"lsgpt metrics: {e}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
 
 
 def _code(err: Exception) -> str:

@@ -371,6 +371,45 @@ def test_int8_streams_from_its_own_twin(served, grpc, engines, tok):
     c.close()
 
 
+def scrape(server) -> dict[str, float]:
+    """Triton's /metrics (Prometheus text) as {'name{labels}': value}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def test_token_metrics_on_the_metrics_port(served, grpc, tok):
+    """Prometheus metrics from the model: the token counters move by exactly what a request consumed and
+    produced (counted from its answer), the TTFT histogram by one observation, the ITL one by tokens - 1."""
+    server = served[0]
+    lab = '{model="gpt2",version="1"}'
+    names = [f"lsgpt_prompt_tokens_total{lab}", f"lsgpt_generated_tokens_total{lab}", f"lsgpt_requests_total{lab}",
+             f"lsgpt_time_to_first_token_seconds_count{lab}", f"lsgpt_inter_token_latency_seconds_count{lab}"]
+    time.sleep(1.2)  # let earlier tests' numbers be published
+    before = scrape(server)
+    assert all(n in before for n in names), sorted(k for k in before if k.startswith("lsgpt"))
+    assert f"lsgpt_running_rows{lab}" in before and f"lsgpt_queued_requests{lab}" in before
+    prompt = encode_prompt(tok, "我今天很开心")
+    out = unpad(grpc.infer("gpt2", request([prompt], max_new_tokens=12, top_k=1)).as_numpy("result")[0], len(prompt), 3)
+    new = len(out) - len(prompt)
+    want = [len(prompt), new, 1, 1, new - 1]
+    deadline = time.time() + 10
+    while True:
+        after = scrape(server)
+        got = [after[n] - before[n] for n in names]
+        if got == want or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert got == want
+    assert after[f"lsgpt_running_rows{lab}"] == 0
+
+
 def test_short_request_overtakes_a_running_long_one(served, engines, tok):
     """In-flight batching through the real server: a 3-token request sent while a 60-token one streams from
     the same model is answered before the long one ends (counted in the long one's tokens, not seconds)."""
