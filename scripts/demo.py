@@ -4,7 +4,7 @@
   1. corpus      training/prepare_corpus.py        -> data/train.txt, data/tokenizer/
   2. fp16        training/train.py (small GPT-2)   -> model/fp16/
   3. int8 QAT    training/train.py --enable_quant true --resume_from_checkpoint model/fp16 -> model/int8/
-  4. export      export/export.py -m … [-q] --repository model_repository  (gpt2, gpt2_int8, gpt2_stream, LightSeq roots)
+  4. export      export/export.py -m … [-q] --repository model_repository  (gpt2, gpt2_int8, their *_stream twins, LightSeq roots)
   5. serve       the real tritonserver on free loopback ports (lsgpt.triton)
   6. generate    prompts (the article's 我好难受 among them) through the gRPC client library, both models
   7. load test   a short perf_analyzer run (benchmarks/loadtest.py)
