@@ -69,6 +69,7 @@ class Stats:
     """Counters and gauges for metrics (read without the lock: approximate by design)."""
 
     requests: int = 0
+    prefills: int = 0  # prefill forwards (requests joining in adjacent slots share one)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     running: int = 0
@@ -203,42 +204,66 @@ class Scheduler:
                     self._finish(r, None, err)
 
     def _admit(self) -> None:
-        while self.free:
+        """Move queued requests into free slots; requests landing in adjacent slots are prefilled together."""
+        joining: list[Request] = []
+        while len(joining) < len(self.free):
             with self._cv:
                 if not self._queue:
-                    return
+                    break
                 req = self._queue.popleft()
                 self.stats.queued = len(self._queue)
             if req.cancelled is not None and req.cancelled():
                 self.stats.cancelled += 1
                 self._finish(req, None, Cancelled("cancelled before it started"))
                 continue
+            joining.append(req)
+        for req in joining:
             b = heapq.heappop(self.free)
             req.slot, self.rows[b] = b, req
-            self._prefill(req)
+        run: list[Request] = []
+        for req in joining:  # slots come off the heap in increasing order
+            if run and req.slot != run[-1].slot + 1:
+                self._prefill(run)
+                run = []
+            run.append(req)
+        if run:
+            self._prefill(run)
 
-    def _prefill(self, req: Request) -> None:
-        e, b, sp, dev = self.engine, req.slot, req.params, self.engine.device
-        P = len(req.prompt)
-        self.params[b] = sp
-        self.gens[b].manual_seed(sp.seed)
-        pen = self.pen
-        pen.rep[b], pen.presence[b], pen.frequency[b] = sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty
-        pen.seen[b] = False
-        pen.seen[b, torch.as_tensor(req.prompt, device=dev)] = True
-        pen.counts[b] = 0
-        tokens = torch.as_tensor([req.prompt], device=dev)
-        positions = torch.arange(P, device=dev)[None]
-        slot = KVCache([k[b : b + 1] for k in self.cache.k], [v[b : b + 1] for v in self.cache.v])
-        logits = e._forward_logits(tokens, positions, slot, last=torch.tensor([P - 1], device=dev))
-        row = Penalties(pen.rep[b : b + 1], pen.presence[b : b + 1], pen.frequency[b : b + 1], pen.seen[b : b + 1],
-                        pen.counts[b : b + 1])
-        nxt = sample(row.apply(logits) if sp.penalized else logits, [sp], [self.gens[b]])
-        row.update(nxt)
-        self.tok[b], self.pos[b] = nxt[0], P
-        self.stats.prompt_tokens += P
+    def _prefill(self, group: list[Request]) -> None:
+        """One forward over the prompts of requests in adjacent slots (padded to the longest; a row's padding
+        lands in its own cache beyond its prompt, where its decode writes before it reads), first tokens sampled."""
+        e, dev, pen = self.engine, self.engine.device, self.pen
+        s0, k = group[0].slot, len(group)
+        lens = [len(r.prompt) for r in group]
+        P = max(lens)
+        tokens = torch.zeros(k, P, dtype=torch.long)
+        for i, r in enumerate(group):
+            b, sp = r.slot, r.params
+            tokens[i, : lens[i]] = torch.as_tensor(r.prompt)
+            self.params[b] = sp
+            self.gens[b].manual_seed(sp.seed)
+            pen.rep[b], pen.presence[b], pen.frequency[b] = sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty
+            pen.seen[b] = False
+            pen.seen[b, torch.as_tensor(r.prompt, device=dev)] = True
+            pen.counts[b] = 0
+        tokens = tokens.to(dev)
+        positions = torch.arange(P, device=dev).expand(k, P)
+        view = KVCache([c[s0 : s0 + k] for c in self.cache.k], [c[s0 : s0 + k] for c in self.cache.v])
+        last = torch.arange(k, device=dev) * P + torch.as_tensor(lens, device=dev) - 1
+        logits = e._forward_logits(tokens, positions, view, last=last)
+        rows = Penalties(pen.rep[s0 : s0 + k], pen.presence[s0 : s0 + k], pen.frequency[s0 : s0 + k],
+                         pen.seen[s0 : s0 + k], pen.counts[s0 : s0 + k])
+        params = [r.params for r in group]
+        nxt = sample(rows.apply(logits) if any(sp.penalized for sp in params) else logits, params,
+                     self.gens[s0 : s0 + k])
+        rows.update(nxt)
+        self.tok[s0 : s0 + k] = nxt
+        self.pos[s0 : s0 + k] = torch.as_tensor(lens, device=dev)
+        self.stats.prompt_tokens += sum(lens)
+        self.stats.prefills += 1
         self.stats.running = self.running
-        self._emit(req, int(nxt[0]))
+        for r, t in zip(group, nxt.tolist()):
+            self._emit(r, t)
 
     def _step(self) -> None:
         busiest = max(r.slot for r in self.rows if r is not None)

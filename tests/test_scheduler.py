@@ -82,10 +82,14 @@ def test_crowd_joining_and_leaving_gets_hf_greedy(engine, model):
     s = Scheduler(engine, max_rows=3, max_queue=16)  # fewer rows than requests: some wait for a free row
     try:
         c = Collector()
-        for i, (p, n) in enumerate(zip(prompts, lengths)):
-            s.submit(p, SamplingParams(max_new_tokens=n, top_k=1, ignore_eos=True), c.cb(i))
+        with s._cv:  # the loop is held off: the first three join together (one padded prefill, 3 slots)
+            for i in range(3):
+                s.submit(prompts[i], SamplingParams(max_new_tokens=lengths[i], top_k=1, ignore_eos=True), c.cb(i))
+        for i in range(3, len(prompts)):
             time.sleep(0.01 * i)  # arrive while others are mid-generation
+            s.submit(prompts[i], SamplingParams(max_new_tokens=lengths[i], top_k=1, ignore_eos=True), c.cb(i))
         c.wait(len(prompts))
+        assert s.stats.prefills < len(prompts)
         for i, (p, n) in enumerate(zip(prompts, lengths)):
             ids, err = c.done[i]
             assert err is None
