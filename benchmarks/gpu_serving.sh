@@ -32,6 +32,6 @@ PY
 for side in after before; do
     root=(); [ "$side" = before ] && root=(--root "${BEFORE:-.gpu_before}")
     timeout 170 python3 benchmarks/inflight.py --hdf5 /tmp/m/int8.hdf5 "${root[@]}" --concurrency 1,8,32 \
-        --requests 64 --out "$OUT/inflight_$side.json" 2>&1 | grep "^{" || status=1
+        --requests "${REQUESTS:-64}" --out "$OUT/inflight_$side.json" 2>&1 | grep "^{" || status=1
 done
 exit $status

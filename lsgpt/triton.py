@@ -32,6 +32,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -328,6 +329,51 @@ class TritonServer:
             time.sleep(0.3)
         raise LaunchError(f"models {pending} not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
+    def stub_instances(self) -> set[str]:
+        """Instance names (gpt2_0_0, ...) of the live Python-backend stub processes under this server (Linux
+        /proc; empty elsewhere). A killed stub disappears from here while Triton still calls the model ready."""
+        live: set[str] = set()
+        if self.proc is None or not os.path.isdir("/proc"):
+            return live
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    args = f.read().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if int(ppid) == self.proc.pid and state != "Z" and args and args[0].endswith("triton_python_backend_stub"):
+                live.update(a for a in args if any(a.startswith(f"{m}_") for m in self.models))
+        return live
+
+    def supervise(self, stop: threading.Event | None = None, interval: float = 2.0, grace: int = 2,
+                  timeout: float = 600.0) -> None:
+        """Keep every model serving. When a model's Python stub dies (an OOM kill, a CUDA fault), tritonserver
+        2.51 keeps calling the model ready but fails every request ("Stub process ... is not healthy") and never
+        brings it back; so when a stub that was running stays gone for `grace` checks, the launcher restarts the
+        server on the same ports and says so. Returns when `stop` is set or the server exits by itself."""
+        stop = stop or threading.Event()
+        expected = self.stub_instances()
+        strikes = 0
+        while not stop.wait(interval):
+            if self.proc is None or self.proc.poll() is not None:
+                return
+            live = self.stub_instances()
+            missing = expected - live
+            expected |= live  # models loaded later (poll mode) are watched too
+            strikes = strikes + 1 if missing else 0
+            if strikes >= grace:
+                print(f"[lsgpt.triton] model process(es) {', '.join(sorted(missing))} died: restarting tritonserver",
+                      file=sys.stderr, flush=True)
+                self.stop(timeout=15)
+                self.start()
+                self.wait_ready(timeout)
+                expected, strikes = self.stub_instances(), 0
+                print(f"[lsgpt.triton] restarted: models {', '.join(self.models)} ready", file=sys.stderr, flush=True)
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests and stops its model stubs), SIGKILL if it hangs."""
         code = None
@@ -408,8 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| HTTP {a.host}:{a.http_port} | metrics {a.host}:{a.metrics_port} | Ctrl-C stops",
             flush=True,
         )
-        assert server.proc is not None
-        return server.proc.wait()
+        server.supervise(timeout=a.timeout)  # until the server exits; restarts it if a model process dies
+        return server.proc.returncode if server.proc is not None else 0
     except KeyboardInterrupt:
         print("[lsgpt.triton] stopping", file=sys.stderr, flush=True)
         return 0

@@ -1,0 +1,164 @@
+"""Faults on the real server (issue 10): a killed model process, and SIGTERM while requests stream.
+
+Oracles: what a client sees (answers, errors, nothing hanging) and the server's own log (every model
+unloaded, no forced exit). Durations are printed, not asserted (the machines here are shared).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+from conftest import make_repository  # noqa: E402
+
+from lsgpt.triton import TritonServer, free_port  # noqa: E402
+
+
+def ports():
+    return dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+
+
+def ask(url: str, prompt: list[int], n: int = 4, model: str = "gpt2", timeout: float = 30):
+    c = tritonclient_grpc.InferenceServerClient(url)
+    ins = []
+    for name, arr in (("token_ids", np.asarray([prompt], np.int32)), ("max_new_tokens", np.asarray([[n]], np.int32))):
+        t = tritonclient_grpc.InferInput(name, list(arr.shape), "INT32")
+        t.set_data_from_numpy(arr)
+        ins.append(t)
+    try:
+        return c.infer(model, ins, client_timeout=timeout).as_numpy("result")
+    finally:
+        c.close()
+
+
+def stub_pids(server: TritonServer, instance: str) -> list[int]:
+    """The live Python-backend stub processes of one model instance (children of tritonserver)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            state, ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            args = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if int(ppid) == server.proc.pid and state != "Z" and "triton_python_backend_stub" in args[0] and instance in args:
+            out.append(int(d.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the model process")
+def test_killed_model_process_is_restarted(tiny_models, tmp_path):
+    """kill -9 of gpt2's stub (what an OOM kill does): requests fail with an error instead of hanging, the
+    launcher's supervisor restarts the server, and gpt2 answers again."""
+    repo = make_repository(tmp_path / "repo", tiny_models)
+    server = TritonServer(repo, models=["gpt2", "gpt2_int8"], **ports())
+    stop = threading.Event()
+    with server:
+        server.wait_ready(180)
+        assert ask(server.grpc_url, [2, 5, 6]).shape[1] >= 4
+        pids = stub_pids(server, "gpt2_0_0")
+        assert pids, "gpt2's stub process not found"
+        sup = threading.Thread(target=server.supervise, kwargs=dict(stop=stop, interval=1.0, grace=2), daemon=True)
+        sup.start()
+        time.sleep(1.5)  # the supervisor has seen the stubs running
+        t0 = time.monotonic()
+        os.kill(pids[0], signal.SIGKILL)
+        errors, answered_at = [], None
+        while time.monotonic() - t0 < 120:
+            try:
+                ask(server.grpc_url, [2, 5, 6], timeout=10)
+                answered_at = time.monotonic() - t0
+                if errors:  # it failed, then came back
+                    break
+            except Exception as e:  # noqa: BLE001 - what the client sees while the model is down
+                errors.append(str(e).splitlines()[0][:120])
+            time.sleep(0.5)
+        stop.set()
+        sup.join(30)
+        print(f"model back {answered_at}s after the kill; errors meanwhile: {sorted(set(errors))[:3]}")
+        assert errors, "a request right after the kill should fail (the stub is gone)"
+        assert answered_at is not None, "gpt2 never answered again"
+        assert stub_pids(server, "gpt2_0_0"), "gpt2 runs in a new stub process"
+
+
+def test_sigterm_under_load_unloads_every_model(tiny_models, tmp_path):
+    """SIGTERM while several streams and unary requests run: every request ends (its answer or a clear
+    error), the server exits by itself, and its log shows each model unloaded without Triton's forced exit."""
+    repo = make_repository(tmp_path / "repo", tiny_models)
+    log = tmp_path / "server.log"
+    models = ["gpt2", "gpt2_int8", "gpt2_stream", "gpt2_int8_stream"]
+    server = TritonServer(repo, models=models, log_file=log, **ports())
+    server.start()
+    try:
+        server.wait_ready(180)
+        outcomes: queue.Queue = queue.Queue()
+        started = threading.Barrier(5)
+
+        def unary(i):
+            started.wait(30)
+            try:
+                ask(server.grpc_url, [2, 5 + i], n=60, model="gpt2_int8", timeout=60)
+                outcomes.put("answered")
+            except Exception as e:  # noqa: BLE001
+                outcomes.put(f"error: {str(e).splitlines()[0][:100]}")
+
+        def streamed(i):
+            c = tritonclient_grpc.InferenceServerClient(server.grpc_url)
+            q: queue.Queue = queue.Queue()
+            c.start_stream(callback=lambda result, error: q.put((result, error)))
+            t = tritonclient_grpc.InferInput("token_ids", [1, 2], "INT32")
+            t.set_data_from_numpy(np.asarray([[2, 9 + i]], np.int32))
+            c.async_stream_infer("gpt2_stream", [t], enable_empty_final_response=True)
+            started.wait(30)
+            outcome = "no end"
+            try:
+                while True:
+                    r, e = q.get(timeout=60)
+                    if e is not None:
+                        outcome = f"error: {str(e).splitlines()[0][:100]}"
+                        break
+                    if r.get_response().parameters["triton_final_response"].bool_param:
+                        outcome = "answered"
+                        break
+            except queue.Empty:
+                outcome = "hung"
+            finally:
+                outcomes.put(outcome)
+                try:
+                    c.stop_stream()
+                    c.close()
+                except Exception:  # noqa: BLE001 - the server is gone
+                    pass
+
+        threads = [threading.Thread(target=unary, args=(i,)) for i in range(2)]
+        threads += [threading.Thread(target=streamed, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        started.wait(30)
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(60)
+        took = time.monotonic() - t0
+        for t in threads:
+            t.join(90)
+        got = [outcomes.get_nowait() for _ in range(outcomes.qsize())]
+        text = log.read_text(errors="replace")
+        print(f"SIGTERM -> exit {code} in {took:.1f}s; requests: {got}")
+        assert len(got) == 4 and "hung" not in got and "no end" not in got
+        assert "Exit timeout expired" not in text
+        for m in models:
+            assert f"successfully unloaded '{m}'" in text, f"{m} not unloaded cleanly"
+    finally:
+        server.stop()
