@@ -31,7 +31,9 @@ b.export_pair(b.random_model(12, 768, 12, 21128, 1024), Path("/tmp/m"), 1024)
 PY
 for side in after before; do
     root=(); [ "$side" = before ] && root=(--root "${BEFORE:-.gpu_before}")
-    timeout 170 python3 benchmarks/inflight.py --hdf5 /tmp/m/int8.hdf5 "${root[@]}" --concurrency "${CONC:-1,8,32}" \
+    # each side compiles its own Triton kernels (a shared on-disk cache would hand the second side the
+    # first side's compiles)
+    TRITON_CACHE_DIR=/tmp/triton-cache-$side timeout 170 python3 benchmarks/inflight.py --hdf5 /tmp/m/int8.hdf5 "${root[@]}" --concurrency "${CONC:-1,8,32}" \
         --requests "${REQUESTS:-64}" --out "$OUT/inflight_$side.json" 2>&1 | grep "^{" || status=1
 done
 exit $status

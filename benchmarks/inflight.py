@@ -37,6 +37,8 @@ def parse_args(argv=None):
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="force the engine's device (cpu, cuda)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="the same load on lsgpt.scheduler.Scheduler directly (no Triton): where the time goes")
     ap.add_argument("--out", default=None, help="JSON results")
     return ap.parse_args(argv)
 
@@ -75,6 +77,8 @@ def main(argv=None) -> int:
     model = a.model or ("gpt2_int8" if cfg.quantized else "gpt2")
     rng = random.Random(a.seed)
     cap = cfg.max_step - 1
+    if a.in_process:
+        return in_process(a, cfg, rng, cap)
     work = Path(tempfile.mkdtemp(prefix="lsgpt-inflight-"))
     repo = work / "repo"
     src = root / "model_repository"
@@ -155,6 +159,56 @@ def main(argv=None) -> int:
         Path(a.out).write_text(json.dumps(results, indent=1))
         print(f"wrote {a.out}")
     return 0 if all(r["failed"] == 0 for r in results["levels"]) else 1
+
+
+def make_load(rng, cfg, cap: int, count: int) -> list[tuple[list[int], int]]:
+    reqs = []
+    for _ in range(count):
+        n = rng.randint(4, min(64, cap // 2))
+        reqs.append(([rng.randint(100, cfg.vocab - 1) for _ in range(n)], min(rng.randint(16, 256), cap - n)))
+    return reqs
+
+
+def in_process(a, cfg, rng, cap: int) -> int:
+    """Closed-loop load on the scheduler itself; prints tokens/s and the host time split per level."""
+    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.scheduler import Scheduler
+
+    engine = Engine.load(a.hdf5, a.device)
+    for conc in [int(x) for x in a.concurrency.split(",")]:
+        sched = Scheduler(engine, max_rows=max(conc, 1))
+        reqs = make_load(rng, cfg, cap, a.requests)
+        it, lock, done, gen = iter(reqs), threading.Lock(), threading.Event(), [0, 0]
+
+        def submit_next():
+            with lock:
+                r = next(it, None)
+            if r is None:
+                return
+            sched.submit(r[0], SamplingParams(max_new_tokens=r[1], top_k=1), finished)
+
+        def finished(ids, err):
+            with lock:
+                gen[0] += 1
+                gen[1] += 0 if ids is None else len(ids)
+                if gen[0] == a.requests:
+                    done.set()
+            submit_next()
+
+        t0 = time.perf_counter()
+        for _ in range(conc):
+            submit_next()
+        done.wait(600)
+        wall = time.perf_counter() - t0
+        st = sched.stats
+        sched.close()
+        new = st.generated_tokens
+        print(json.dumps({"in_process": True, "concurrency": conc, "output_tokens_per_s": round(new / wall, 1),
+                          "wall_s": round(wall, 3), "steps": st.steps, "prefills": st.prefills,
+                          "ms_per_step": round(1e3 * st.step_s / max(1, st.steps), 3),
+                          "ms_per_prefill": round(1e3 * st.prefill_s / max(1, st.prefills), 3),
+                          "rows_per_step": round((new - st.requests) / max(1, st.steps), 1)}), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -70,6 +70,9 @@ class Stats:
 
     requests: int = 0
     prefills: int = 0  # prefill forwards (requests joining in adjacent slots share one)
+    steps: int = 0  # decode steps
+    prefill_s: float = 0.0  # host time in prefills (incl. their first-token sync) and in decode steps
+    step_s: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     running: int = 0
@@ -99,6 +102,8 @@ class Scheduler:
                              torch.zeros(max_rows, V, device=dev))
         self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_rows] + [max_rows]
         self.graphs: dict[int, GraphedDecode] = {}
+        if engine.fused is not None and dev.type == "cuda":
+            self._warm_up()
         if engine.cuda_graphs:  # capture now: capture writes slot 0..n-1 at position 0, harmless only while empty
             for n in self.buckets:
                 self.graphs[n] = GraphedDecode(engine._decode_fn, self._prefix(n), n, dev, engine.compile)
@@ -107,6 +112,7 @@ class Scheduler:
         self._host = [torch.zeros(max_rows, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self._flip = 0
         self._pending: tuple | None = None  # (host tokens, n, event, rows at launch)
+        self._since_admit = 0
         self.stats = Stats()
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -177,6 +183,20 @@ class Scheduler:
     # ---------------------------------------------------------------------------------------------
     # The loop (scheduler thread only)
 
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Compile every kernel variant a prefill can need now (the tile choice depends on the row count), not
+        when the first request of that size arrives: a Triton compile mid-serving stalls every running row."""
+        e, dev, S = self.engine, self.engine.device, self.engine.config.max_step
+        shapes = [(1, t) for t in (1, 2, 8, 16, 17, 32, 33, 64, 65, 128, 256, 512, 1024) if t < S]
+        shapes += [(k, t) for k in (2, 4, 8, 16, 32) for t in (8, 33, 64) if k <= self.max_rows and t < S]
+        for k, t in shapes:
+            view = KVCache([c[:k] for c in self.cache.k], [c[:k] for c in self.cache.v])
+            tokens = torch.zeros(k, t, dtype=torch.long, device=dev)
+            e._forward_logits(tokens, torch.arange(t, device=dev).expand(k, t), view,
+                              last=torch.arange(k, device=dev) * t + t - 1)
+        torch.cuda.synchronize(dev)
+
     def _prefix(self, n: int) -> KVCache:
         return KVCache([k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v])
 
@@ -191,9 +211,14 @@ class Scheduler:
                     return
             try:
                 with torch.inference_mode():
+                    t0 = time.perf_counter()
                     self._admit()
+                    t1 = time.perf_counter()
                     if self.running:
                         self._step()
+                        self.stats.steps += 1
+                    self.stats.prefill_s += t1 - t0
+                    self.stats.step_s += time.perf_counter() - t1
             except Exception as e:  # noqa: BLE001 - a failed step fails its rows; the loop keeps serving
                 err = RuntimeError(f"generation failed: {type(e).__name__}: {e}")
                 traceback.print_exc()
@@ -203,8 +228,16 @@ class Scheduler:
                     self.stats.failed += 1
                     self._finish(r, None, err)
 
+    ADMIT_EVERY = 8  # decode steps between admissions while rows run: joining requests share one prefill
+
     def _admit(self) -> None:
-        """Move queued requests into free slots; requests landing in adjacent slots are prefilled together."""
+        """Move queued requests into free slots, all of them in one prefill forward. While rows are running,
+        admission waits up to ADMIT_EVERY steps (unless half the rows are free): one prefill of
+        several prompts costs about what one prompt costs, so batching them saves the running rows' time."""
+        if self.running and self._since_admit < self.ADMIT_EVERY and 2 * len(self.free) < self.max_rows:
+            self._since_admit += 1
+            return
+        self._since_admit = 0
         joining: list[Request] = []
         while len(joining) < len(self.free):
             with self._cv:
@@ -217,48 +250,50 @@ class Scheduler:
                 self._finish(req, None, Cancelled("cancelled before it started"))
                 continue
             joining.append(req)
+        if not joining:
+            return
         for req in joining:
             b = heapq.heappop(self.free)
             req.slot, self.rows[b] = b, req
-        run: list[Request] = []
-        for req in joining:  # slots come off the heap in increasing order
-            if run and req.slot != run[-1].slot + 1:
-                self._prefill(run)
-                run = []
-            run.append(req)
-        if run:
-            self._prefill(run)
+        self._prefill(joining)
 
     def _prefill(self, group: list[Request]) -> None:
-        """One forward over the prompts of requests in adjacent slots (padded to the longest; a row's padding
-        lands in its own cache beyond its prompt, where its decode writes before it reads), first tokens sampled."""
+        """One forward over the group's prompts (padded to the longest) into a scratch cache, whose rows then
+        go to each request's slot; first tokens sampled. A row's padding lands beyond its prompt, where its
+        decode writes before it reads."""
         e, dev, pen = self.engine, self.engine.device, self.pen
-        s0, k = group[0].slot, len(group)
+        k = len(group)
         lens = [len(r.prompt) for r in group]
         P = max(lens)
+        slots = [r.slot for r in group]
+        idx = torch.as_tensor(slots, device=dev)
         tokens = torch.zeros(k, P, dtype=torch.long)
         for i, r in enumerate(group):
-            b, sp = r.slot, r.params
             tokens[i, : lens[i]] = torch.as_tensor(r.prompt)
-            self.params[b] = sp
-            self.gens[b].manual_seed(sp.seed)
-            pen.rep[b], pen.presence[b], pen.frequency[b] = sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty
-            pen.seen[b] = False
-            pen.seen[b, torch.as_tensor(r.prompt, device=dev)] = True
-            pen.counts[b] = 0
-        tokens = tokens.to(dev)
-        positions = torch.arange(P, device=dev).expand(k, P)
-        view = KVCache([c[s0 : s0 + k] for c in self.cache.k], [c[s0 : s0 + k] for c in self.cache.v])
-        last = torch.arange(k, device=dev) * P + torch.as_tensor(lens, device=dev) - 1
-        logits = e._forward_logits(tokens, positions, view, last=last)
-        rows = Penalties(pen.rep[s0 : s0 + k], pen.presence[s0 : s0 + k], pen.frequency[s0 : s0 + k],
-                         pen.seen[s0 : s0 + k], pen.counts[s0 : s0 + k])
+            self.params[r.slot] = r.params
+            self.gens[r.slot].manual_seed(r.params.seed)
         params = [r.params for r in group]
+        col = lambda name: torch.tensor([[getattr(sp, name)] for sp in params], device=dev)  # noqa: E731
+        pen.rep[idx], pen.presence[idx], pen.frequency[idx] = col("repetition_penalty"), col("presence_penalty"), \
+            col("frequency_penalty")
+        pen.counts[idx] = 0
+        seen = torch.zeros(k, pen.seen.shape[1], dtype=torch.bool)
+        for i, r in enumerate(group):
+            seen[i, r.prompt] = True
+        pen.seen[idx] = seen.to(dev)
+        tokens = tokens.to(dev)
+        scratch = e.model.new_cache(k, P)
+        last = torch.arange(k, device=dev) * P + torch.as_tensor(lens, device=dev) - 1
+        logits = e._forward_logits(tokens, torch.arange(P, device=dev).expand(k, P), scratch, last=last)
+        for mine, new in zip(self.cache.k + self.cache.v, scratch.k + scratch.v):
+            mine[idx, :P] = new
+        rows = Penalties(pen.rep[idx], pen.presence[idx], pen.frequency[idx], pen.seen[idx], pen.counts[idx])
         nxt = sample(rows.apply(logits) if any(sp.penalized for sp in params) else logits, params,
-                     self.gens[s0 : s0 + k])
-        rows.update(nxt)
-        self.tok[s0 : s0 + k] = nxt
-        self.pos[s0 : s0 + k] = torch.as_tensor(lens, device=dev)
+                     [self.gens[b] for b in slots])
+        pen.counts[idx, nxt] += 1
+        pen.seen[idx, nxt] = True
+        self.tok[idx] = nxt
+        self.pos[idx] = torch.as_tensor(lens, device=dev)
         self.stats.prompt_tokens += sum(lens)
         self.stats.prefills += 1
         self.stats.running = self.running
