@@ -148,6 +148,11 @@ class Client:
 
     def _error(self, e: InferenceServerException, model: str) -> ClientError:
         status, msg = str(e.status() or ""), e.message() or str(e)
+        if "unknown model" in msg:  # stream errors carry no status
+            twin = model == self.stream_model and model != self.model
+            hint = (f" (streaming goes to the decoupled twin of {self.model!r}; an export with --repository "
+                    "publishes it)") if twin else ""
+            return ModelNotReady(f"model {model!r} is not served at {self.url}{hint}: {msg.strip()}")
         if not status and msg.startswith(f"{model}: ") and "generation failed" not in msg:
             return InvalidRequest(msg)  # stream errors carry no status; our model prefixes its rejections
         if status.endswith("INVALID_ARGUMENT"):

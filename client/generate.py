@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             texts = client.generate(prompts, **sampling)
     except ClientError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(("\n" if a.stream else "") + f"error: {e}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as e:  # a missing tokenizer, an unreadable model file: say what, no traceback
         print(f"error: {e}", file=sys.stderr)

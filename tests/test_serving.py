@@ -369,6 +369,10 @@ def test_int8_streams_from_its_own_twin(served, grpc, engines, tok):
     assert c.stream_model == "gpt2_int8_stream"
     assert "".join(c.stream(decode(tok, prompt), **params)) == "".join(texts)
     c.close()
+    from client.api import ModelNotReady
+
+    with pytest.raises(ModelNotReady, match="twin of 'gpt2_nope'"):
+        list(Client(served[0].grpc_url, "gpt2_nope", tok).stream("我"))
 
 
 def scrape(server) -> dict[str, float]:
