@@ -69,6 +69,7 @@ class Parsed:
     prompts: list[list[int]]
     params: list[Any]  # SamplingParams per row
     stream: bool
+    text: bool = False  # came as text_input: answer with text_output (the continuation's text)
 
 
 def _error(msg: str, code: str = "INVALID_ARG"):
@@ -123,13 +124,11 @@ class TritonPythonModel:
         self.max_batch = int(self.config.get("max_batch_size", 0))
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
         self.tokenizer = None
-        tok = None
-        if self.decoupled:
-            tok = _find_tokenizer(version_dir, model_dir, self.config)
-            if tok:
-                from lsgpt.text import load_tokenizer
+        tok = _find_tokenizer(version_dir, model_dir, self.config)  # text_input / text_output, streamed text
+        if tok:
+            from lsgpt.text import load_tokenizer
 
-                self.tokenizer = load_tokenizer(tok)
+            self.tokenizer = load_tokenizer(tok)
         rows = _param(self.config, "max_running_rows", DEFAULT_MAX_ROWS)
         queue = _param(self.config, "max_queued_requests", DEFAULT_MAX_QUEUE)
         self.scheduler = Scheduler(self.engine, max_rows=rows, max_queue=queue)
@@ -148,28 +147,44 @@ class TritonPythonModel:
         from lsgpt.generate import RequestError, SamplingParams
 
         t = pb_utils.get_input_tensor_by_name(request, "token_ids")
-        if t is None:
-            raise BadRequest("input 'token_ids' is missing")
-        ids = t.as_numpy()
-        if ids.ndim != 2:
-            raise BadRequest(f"input 'token_ids' must have shape [batch, seq_len], got {list(ids.shape)}")
-        b, s = ids.shape
+        text_in = pb_utils.get_input_tensor_by_name(request, "text_input")
+        if t is None and text_in is None:
+            raise BadRequest("give input 'token_ids' (INT32 ids) or 'text_input' (a string)")
+        if t is not None and text_in is not None:
+            raise BadRequest("give either 'token_ids' or 'text_input', not both")
+        if t is not None:
+            ids = t.as_numpy()
+            if ids.ndim != 2:
+                raise BadRequest(f"input 'token_ids' must have shape [batch, seq_len], got {list(ids.shape)}")
+            rows = ids.astype(np.int64).tolist()
+        else:
+            if self.tokenizer is None:
+                raise BadRequest("this model has no tokenizer for 'text_input' (publish it with --tokenizer, or "
+                                 "send token_ids)")
+            from lsgpt.text import encode_prompt
+
+            texts = text_in.as_numpy().reshape(-1)
+            try:
+                rows = [encode_prompt(self.tokenizer, x.decode() if isinstance(x, bytes) else str(x)) for x in texts]
+            except UnicodeDecodeError:
+                raise BadRequest("input 'text_input' is not UTF-8") from None
+        b = len(rows)
         if b == 0:
-            raise BadRequest("input 'token_ids' has batch size 0")
-        if s == 0:
-            raise BadRequest("empty prompt: input 'token_ids' has 0 tokens")
+            raise BadRequest("the request has no prompt (batch size 0)")
         if self.max_batch and b > self.max_batch:  # Triton checks this too; keep the message ours
             raise BadRequest(f"batch size {b} exceeds max_batch_size {self.max_batch}")
-        bad = (ids < 0) | (ids >= self.cfg.vocab)
-        if bad.any():
-            r, c = map(int, np.argwhere(bad)[0])
-            raise BadRequest(f"token id {int(ids[r, c])} at row {r}, position {c} is outside the vocabulary "
-                             f"(0..{self.cfg.vocab - 1})")
-        if s >= self.cfg.max_step:
-            raise BadRequest(
-                f"prompt too long: {s} tokens, the model's max_step is {self.cfg.max_step} "
-                f"(prompt + new tokens must fit in it)"
-            )
+        for r, row in enumerate(rows):
+            if not row:
+                raise BadRequest("empty prompt: input 'token_ids' has 0 tokens")
+            bad = [x for x in row if not 0 <= x < self.cfg.vocab]
+            if bad:
+                raise BadRequest(f"token id {bad[0]} at row {r}, position {row.index(bad[0])} is outside the "
+                                 f"vocabulary (0..{self.cfg.vocab - 1})")
+            if len(row) >= self.cfg.max_step:
+                raise BadRequest(
+                    f"prompt too long: {len(row)} tokens, the model's max_step is {self.cfg.max_step} "
+                    f"(prompt + new tokens must fit in it)"
+                )
         fields: list[dict[str, Any]] = [{} for _ in range(b)]
         for name, (field, typ) in PARAM_INPUTS.items():
             p = pb_utils.get_input_tensor_by_name(request, name)
@@ -196,22 +211,25 @@ class TritonPythonModel:
                              f"{self.name}_stream")
         if self.decoupled and b != 1:
             raise BadRequest(f"the decoupled model takes one prompt per request, got {b}")
-        prompts = ids.astype(np.int64).tolist()
         try:
             params = [SamplingParams(**f) for f in fields]
-            self.engine.validate(prompts, params)
+            self.engine.validate(rows, params)
         except (RequestError, TypeError, ValueError) as e:
             raise BadRequest(str(e)) from None
-        return Parsed(prompts, params, stream)
+        return Parsed(rows, params, stream, text=text_in is not None)
 
-    def _result(self, rows: list[list[int]], text: str | None = None):
+    def _result(self, rows: list[list[int]], q: Parsed):
         width = max(len(r) for r in rows)
         out = np.full((len(rows), width), self.cfg.eos_id, dtype=np.int32)  # pad with EOS like LightSeq
         for i, r in enumerate(rows):
             out[i, : len(r)] = r
         tensors = [pb_utils.Tensor("result", out)]
-        if text is not None:
-            tensors.append(pb_utils.Tensor("text", np.array([[text.encode()]], dtype=np.object_)))
+        if self.tokenizer is not None and (q.text or self.decoupled):
+            from lsgpt.text import decode
+
+            texts = np.array([[decode(self.tokenizer, r[len(p):]).encode()] for r, p in zip(rows, q.prompts)],
+                             dtype=np.object_)  # the continuation, as an OpenAI completion gives it
+            tensors.append(pb_utils.Tensor("text_output" if q.text else "text", texts))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     # -----------------------------------------------------------------------------------------
@@ -253,7 +271,7 @@ class TritonPythonModel:
                 results[i] = ids
                 state["left"] -= 1
                 if state["left"] == 0:
-                    sender.send(self._result(results), flags=FINAL)
+                    sender.send(self._result(results, q), flags=FINAL)
 
         def gone() -> bool:  # a failed sibling row or a cancelled request frees the row
             return state["failed"] or (cancelled is not None and cancelled())
@@ -273,12 +291,14 @@ class TritonPythonModel:
 
             dec = IncrementalDecoder(self.tokenizer, q.prompts[0])
 
+        text_name = "text_output" if q.text else "text"
+
         def on_token(tok: int) -> None:
             piece = dec.push(tok) if dec is not None else None
             if q.stream:
                 outs = [pb_utils.Tensor("result", np.array([[tok]], dtype=np.int32))]
                 if piece is not None:
-                    outs.append(pb_utils.Tensor("text", np.array([[piece.encode()]], dtype=np.object_)))
+                    outs.append(pb_utils.Tensor(text_name, np.array([[piece.encode()]], dtype=np.object_)))
                 sender.send(pb_utils.InferenceResponse(output_tensors=outs))
 
         def done(ids, err) -> None:
@@ -288,15 +308,10 @@ class TritonPythonModel:
             if q.stream:  # the rest of the text and the final flag
                 outs = [pb_utils.Tensor("result", np.zeros((1, 0), dtype=np.int32))]
                 if dec is not None:
-                    outs.append(pb_utils.Tensor("text", np.array([[dec.flush().encode()]], dtype=np.object_)))
+                    outs.append(pb_utils.Tensor(text_name, np.array([[dec.flush().encode()]], dtype=np.object_)))
                 sender.send(pb_utils.InferenceResponse(output_tensors=outs), flags=FINAL)
             else:
-                text = None
-                if self.tokenizer is not None:
-                    from lsgpt.text import decode
-
-                    text = decode(self.tokenizer, ids[len(q.prompts[0]):])
-                sender.send(self._result([ids], text), flags=FINAL)
+                sender.send(self._result([ids], q), flags=FINAL)
 
         self.scheduler.submit(q.prompts[0], q.params[0], done, on_token=on_token, cancelled=cancelled)
 

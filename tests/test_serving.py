@@ -375,6 +375,45 @@ def test_int8_streams_from_its_own_twin(served, grpc, engines, tok):
         list(Client(served[0].grpc_url, "gpt2_nope", tok).stream("我"))
 
 
+def post(server, path: str, body: dict) -> tuple[int, str]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{server.http_url}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_text_in_text_out_through_triton_generate_endpoints(served, engines, tok):
+    """Triton's generate extension over HTTP: POST /v2/models/gpt2/generate {"text_input": ...} answers
+    text_output = the engine's continuation of [CLS] text; /generate_stream on the int8 twin sends SSE events
+    whose text_output pieces join to the int8 engine's continuation; bad input is a clear 400."""
+    import json
+
+    server = served[0]
+    params = dict(max_new_tokens=12, top_k=1)
+    prompt = encode_prompt(tok, "我今天很开心")
+    code, body = post(server, "/v2/models/gpt2/generate", {"text_input": "我今天很开心", **params})
+    assert code == 200, body
+    want = engines["gpt2"].generate([prompt], SamplingParams(**params))[0]
+    assert json.loads(body)["text_output"] == decode(tok, want[len(prompt):])
+    code, body = post(server, "/v2/models/gpt2_int8_stream/generate_stream", {"text_input": "我今天很开心", **params})
+    assert code == 200, body
+    events = [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
+    want8 = engines["gpt2_int8"].generate([prompt], SamplingParams(**params))[0]
+    assert "".join(e["text_output"] for e in events) == decode(tok, want8[len(prompt):])
+    assert len(events) == len(want8) - len(prompt) + 1  # a piece per token, then the final one
+    code, body = post(server, "/v2/models/gpt2/generate", {"text_input": "我", "top_p": 7.0})
+    assert code == 400 and "top_p" in body
+    code, body = post(server, "/v2/models/gpt2/generate", {"max_new_tokens": 3})
+    assert code == 400 and "text_input" in body
+
+
 def scrape(server) -> dict[str, float]:
     """Triton's /metrics (Prometheus text) as {'name{labels}': value}."""
     import urllib.request
