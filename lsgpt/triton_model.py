@@ -14,7 +14,9 @@ rescheduling fails there with "must specify the START flag"); the decoupled twin
 
 Tensors are LightSeq's: token_ids INT32 [b, s] in, result INT32 [b, len] out (prompt + continuation,
 rows padded with EOS), plus optional per-row inputs max_new_tokens, top_k, top_p, temperature, seed,
-repetition_penalty, presence_penalty, frequency_penalty ([b, 1] each) and ``stream`` (BOOL [1]).
+repetition_penalty, presence_penalty, frequency_penalty ([b, 1] each) and ``stream`` (BOOL [1]). Text in,
+text out (Triton's /generate endpoints): ``text_input`` instead of token_ids, answered with ``text_output``
+(the continuation's text) when the tokenizer was published beside the model.
 A bad request gets INVALID_ARGUMENT naming the problem; a full queue UNAVAILABLE (retry); the other requests
 are served. The decoupled models (one prompt a request) send one response per generated token, with the
 token id and a text increment (lsgpt.text.IncrementalDecoder) when a tokenizer is available, then an empty
