@@ -7,7 +7,10 @@ METRICS_PORT ?= 8002
 # the listen address: loopback unless TRITON_HOST says otherwise (one name; README, docker and make agree)
 TRITON_HOST ?= 127.0.0.1
 
-.PHONY: setup test demo serve loadtest bench
+OPENAI_PORT ?= 9000
+TOKENIZER ?= data/tokenizer
+
+.PHONY: setup test demo serve openai loadtest bench
 setup:
 	@scripts/setup.sh
 
@@ -19,6 +22,10 @@ demo: setup
 
 serve: setup
 	scripts/serve.sh --model-repository $(MODEL_REPOSITORY) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --host $(TRITON_HOST)
+
+# OpenAI-compatible /v1/completions and /v1/models in front of a running `make serve` (loopback by default)
+openai: setup
+	$(PY) client/openai_server.py --url 127.0.0.1:$(GRPC_PORT) -p $(TOKENIZER) --port $(OPENAI_PORT) --host $(TRITON_HOST)
 
 # perf_analyzer sweep over gRPC (LOADTEST_ARGS=--quick: seconds; --url HOST:PORT: a running server)
 loadtest: setup

@@ -1,0 +1,78 @@
+"""The OpenAI-compatible API (client/openai_server.py) in front of the real tritonserver, driven by the
+official `openai` Python package. Oracle: the engine in process on the same prompt ([CLS] text, greedy)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+from conftest import make_repository  # noqa: E402
+
+from lsgpt.generate import Engine, SamplingParams  # noqa: E402
+from lsgpt.text import decode, encode_prompt, load_tokenizer  # noqa: E402
+from lsgpt.triton import TritonServer, free_port  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def api(tiny_models, tmp_path_factory):
+    from client.openai_server import create_app
+
+    repo = make_repository(tmp_path_factory.mktemp("repo"), tiny_models)
+    server = TritonServer(repo, models=["gpt2", "gpt2_int8", "gpt2_stream", "gpt2_int8_stream"],
+                          grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    with server:
+        server.wait_ready(180)
+        port = free_port()
+        web = uvicorn.Server(uvicorn.Config(create_app(server.grpc_url, str(tiny_models.tokenizer)), host="127.0.0.1",
+                                            port=port, log_level="warning"))
+        t = threading.Thread(target=web.run, daemon=True)
+        t.start()
+        while not web.started:
+            time.sleep(0.05)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0), tiny_models
+        web.should_exit = True
+        t.join(10)
+
+
+def test_models_and_completions_equal_the_engine(api):
+    c, tiny = api
+    assert {m.id for m in c.models.list().data} == {"gpt2", "gpt2_int8"}
+    tok = load_tokenizer(tiny.tokenizer)
+    for model, path in (("gpt2", tiny.fp16), ("gpt2_int8", tiny.int8)):
+        r = c.completions.create(model=model, prompt=["我今天很开心", "hello world"], max_tokens=10, temperature=0)
+        e = Engine.load(path, device="cpu")
+        for choice, text in zip(r.choices, ["我今天很开心", "hello world"]):
+            p = encode_prompt(tok, text)
+            want = e.generate([p], SamplingParams(max_new_tokens=10, top_k=1))[0]
+            assert choice.text == decode(tok, want[len(p):])
+            assert choice.finish_reason == ("stop" if want[-1] == tiny.eos_id else "length")
+        assert r.usage.completion_tokens == sum(
+            len(e.generate([encode_prompt(tok, t)], SamplingParams(max_new_tokens=10, top_k=1))[0])
+            - len(encode_prompt(tok, t)) for t in ["我今天很开心", "hello world"])
+    # streamed through the int8 twin: the pieces join to the non-streamed text
+    whole = c.completions.create(model="gpt2_int8", prompt="我要找个", max_tokens=12, temperature=0).choices[0].text
+    pieces = [ch.choices[0].text for ch in c.completions.create(model="gpt2_int8", prompt="我要找个", max_tokens=12,
+                                                                 temperature=0, stream=True)]
+    assert "".join(pieces) == whole
+
+
+def test_bad_requests_are_clear_400s(api):
+    c, _ = api
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        c.completions.create(model="gpt3", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        c.completions.create(model="gpt2", prompt="x", top_p=3.0)
+    with pytest.raises(openai.BadRequestError, match="'stop' is not supported"):
+        c.completions.create(model="gpt2", prompt="x", stop=["。"])
+    with pytest.raises(openai.BadRequestError, match="n > 1"):
+        c.completions.create(model="gpt2", prompt="x", n=2)
+    assert c.completions.create(model="gpt2", prompt="x", max_tokens=2, temperature=0).choices[0].text is not None
