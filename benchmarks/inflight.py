@@ -46,14 +46,9 @@ def parse_args(argv=None):
 def infer(client, model: str, prompt: list[int], new: int) -> int:
     import tritonclient.grpc as g
 
-    ins = []
-    for name, arr, dt in (("token_ids", np.asarray([prompt], np.int32), "INT32"),
-                          ("max_new_tokens", np.asarray([[new]], np.int32), "INT32"),
-                          ("top_k", np.asarray([[1]], np.int32), "INT32")):
-        t = g.InferInput(name, list(arr.shape), dt)
-        t.set_data_from_numpy(arr)
-        ins.append(t)
-    out = client.infer(model, ins).as_numpy("result")[0]
+    from client.api import _inputs  # the client library's request tensors
+
+    out = client.infer(model, _inputs(g, prompt, {"max_new_tokens": new, "top_k": 1})).as_numpy("result")[0]
     return len(out) - len(prompt)  # rows are padded with EOS only in multi-row requests
 
 
@@ -65,6 +60,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     root = Path(a.root or Path(__file__).resolve().parents[1]).resolve()
     sys.path.insert(0, str(root))  # lsgpt of the checkout under test
+    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's client library
     import shutil
 
     import tritonclient.grpc as g
@@ -112,10 +108,7 @@ def main(argv=None) -> int:
                             "short_s": round(times["short"], 4), "short_over_long": round(times["short"] / times["long"], 3)}
         print(json.dumps(results["probe"]), flush=True)
         for conc in [int(x) for x in a.concurrency.split(",")]:
-            reqs = []
-            for _ in range(a.requests):
-                n = rng.randint(4, min(64, cap // 2))
-                reqs.append(([rng.randint(100, cfg.vocab - 1) for _ in range(n)], min(rng.randint(16, 256), cap - n)))
+            reqs = make_load(rng, cfg, cap, a.requests)
             lat: list[float] = []
             gen = [0]
             fails = [0]

@@ -57,6 +57,11 @@ class SamplingParams:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(6), "little")
         return replace(self, top_k=top_k, top_p=top_p, seed=seed)
 
+    def length_limit(self, cfg: GptConfig, prompt_len: int) -> int:
+        """Total length (prompt + continuation) at which the row stops: LightSeq's limit, capped by max_new_tokens."""
+        limit = max_output_len(cfg, prompt_len)
+        return limit if self.max_new_tokens is None else min(limit, prompt_len + self.max_new_tokens)
+
     @property
     def greedy(self) -> bool:
         return self.top_k == 1 or self.temperature == 0
@@ -236,12 +241,7 @@ class Engine:
         rows = self.validate(prompts, params)
         c, m, dev = self.config, self.model, self.device
         lens = [len(p) for p in prompts]
-        limits = []
-        for n, sp in zip(lens, rows):
-            lim = max_output_len(c, n)
-            if sp.max_new_tokens is not None:
-                lim = min(lim, n + sp.max_new_tokens)
-            limits.append(lim)
+        limits = [sp.length_limit(c, n) for n, sp in zip(lens, rows)]
         B, P, S = len(prompts), max(lens), max(limits)
         if all(lim <= n for lim, n in zip(limits, lens)):
             return
@@ -338,6 +338,11 @@ class Penalties:
         seen.scatter_(1, torch.where(real, tokens, tokens[:, :1]), True)  # prompt tokens (padding -> first token)
         counts = torch.zeros(B, vocab, dtype=torch.float32, device=dev)
         return cls(col("repetition_penalty"), col("presence_penalty"), col("frequency_penalty"), seen, counts)
+
+    def select(self, index) -> "Penalties":
+        """The rows `index` (a slice: views that update in place; an index tensor: a copy)."""
+        return Penalties(self.rep[index], self.presence[index], self.frequency[index], self.seen[index],
+                         self.counts[index])
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         lg = logits.float()

@@ -29,7 +29,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from lsgpt.format import max_output_len
 from lsgpt.generate import Engine, GraphedDecode, Penalties, SamplingParams, sample
 from lsgpt.model import KVCache
 
@@ -47,6 +46,7 @@ class Cancelled(RuntimeError):
 
 
 Done = Callable[[list[int] | None, Exception | None], None]
+IDLE = SamplingParams(top_k=1, top_p=1.0, seed=0)  # what a free slot "samples" with: greedy, no penalty
 
 
 @dataclass
@@ -69,14 +69,12 @@ class Stats:
     """Counters and gauges for metrics (read without the lock: approximate by design)."""
 
     requests: int = 0
-    prefills: int = 0  # prefill forwards (requests joining in adjacent slots share one)
+    prefills: int = 0  # prefill forwards (the requests admitted together share one)
     steps: int = 0  # decode steps
     prefill_s: float = 0.0  # host time in prefills (incl. their first-token sync) and in decode steps
     step_s: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    running: int = 0
-    queued: int = 0
     rejected: int = 0
     cancelled: int = 0
     failed: int = 0
@@ -93,7 +91,7 @@ class Scheduler:
         self.pos = torch.zeros(max_rows, dtype=torch.long, device=dev)  # and its position
         self.rows: list[Request | None] = [None] * max_rows
         self.free = list(range(max_rows))  # heap: the lowest free slot first keeps the batch compact
-        self.params = [SamplingParams(top_k=1, top_p=1.0, seed=0)] * max_rows  # idle slots: greedy
+        self.params = [IDLE] * max_rows
         self.gens = [torch.Generator(device=dev) for _ in range(max_rows)]
         V = c.vocab
         self.pen = Penalties(torch.ones(max_rows, 1, device=dev), torch.zeros(max_rows, 1, device=dev),
@@ -128,9 +126,7 @@ class Scheduler:
         """Queue one request; RequestError (bad request), QueueFull or ShuttingDown raised here, nothing queued."""
         sp = self.engine.validate([prompt], [params])[0]
         prompt = [int(t) for t in prompt]
-        limit = max_output_len(self.engine.config, len(prompt))
-        if sp.max_new_tokens is not None:
-            limit = min(limit, len(prompt) + sp.max_new_tokens)
+        limit = sp.length_limit(self.engine.config, len(prompt))
         req = Request(prompt, sp, on_done, on_token, cancelled, limit, list(prompt), submitted=time.monotonic())
         with self._cv:
             if self._stop:
@@ -141,7 +137,6 @@ class Scheduler:
                                 f"{self.max_queue}); retry later")
             self._queue.append(req)
             self.stats.requests += 1
-            self.stats.queued = len(self._queue)
             self._cv.notify()
         return req
 
@@ -180,6 +175,10 @@ class Scheduler:
     def running(self) -> int:
         return self.max_rows - len(self.free)
 
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
     # ---------------------------------------------------------------------------------------------
     # The loop (scheduler thread only)
 
@@ -191,9 +190,8 @@ class Scheduler:
         shapes = [(1, t) for t in (1, 2, 8, 16, 17, 32, 33, 64, 65, 128, 256, 512, 1024) if t < S]
         shapes += [(k, t) for k in (2, 4, 8, 16, 32) for t in (8, 33, 64) if k <= self.max_rows and t < S]
         for k, t in shapes:
-            view = KVCache([c[:k] for c in self.cache.k], [c[:k] for c in self.cache.v])
             tokens = torch.zeros(k, t, dtype=torch.long, device=dev)
-            e._forward_logits(tokens, torch.arange(t, device=dev).expand(k, t), view,
+            e._forward_logits(tokens, torch.arange(t, device=dev).expand(k, t), self._prefix(k),
                               last=torch.arange(k, device=dev) * t + t - 1)
         torch.cuda.synchronize(dev)
 
@@ -244,7 +242,6 @@ class Scheduler:
                 if not self._queue:
                     break
                 req = self._queue.popleft()
-                self.stats.queued = len(self._queue)
             if req.cancelled is not None and req.cancelled():
                 self.stats.cancelled += 1
                 self._finish(req, None, Cancelled("cancelled before it started"))
@@ -287,7 +284,7 @@ class Scheduler:
         logits = e._forward_logits(tokens, torch.arange(P, device=dev).expand(k, P), scratch, last=last)
         for mine, new in zip(self.cache.k + self.cache.v, scratch.k + scratch.v):
             mine[idx, :P] = new
-        rows = Penalties(pen.rep[idx], pen.presence[idx], pen.frequency[idx], pen.seen[idx], pen.counts[idx])
+        rows = pen.select(idx)
         nxt = sample(rows.apply(logits) if any(sp.penalized for sp in params) else logits, params,
                      [self.gens[b] for b in slots])
         pen.counts[idx, nxt] += 1
@@ -296,7 +293,6 @@ class Scheduler:
         self.pos[idx] = torch.as_tensor(lens, device=dev)
         self.stats.prompt_tokens += sum(lens)
         self.stats.prefills += 1
-        self.stats.running = self.running
         for r, t in zip(group, nxt.tolist()):
             self._emit(r, t)
 
@@ -309,8 +305,7 @@ class Scheduler:
         else:
             logits = self.engine._forward_logits(tok, pos, self._prefix(n))
         params = self.params[:n]
-        pen = Penalties(self.pen.rep[:n], self.pen.presence[:n], self.pen.frequency[:n], self.pen.seen[:n],
-                        self.pen.counts[:n])
+        pen = self.pen.select(slice(0, n))
         penalized = any(r is not None and r.params.penalized for r in self.rows[:n])
         nxt = sample(pen.apply(logits) if penalized else logits, params, self.gens[:n])
         if penalized:
@@ -364,10 +359,9 @@ class Scheduler:
     def _release(self, r: Request) -> None:
         if r.slot >= 0 and self.rows[r.slot] is r:
             self.rows[r.slot] = None
-            self.params[r.slot] = SamplingParams(top_k=1, top_p=1.0, seed=0)
+            self.params[r.slot] = IDLE
             self.pen.rep[r.slot], self.pen.presence[r.slot], self.pen.frequency[r.slot] = 1.0, 0.0, 0.0
             heapq.heappush(self.free, r.slot)
-            self.stats.running = self.running
 
     @staticmethod
     def _finish(r: Request, ids: list[int] | None, err: Exception | None) -> None:

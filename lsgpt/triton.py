@@ -329,10 +329,10 @@ class TritonServer:
             time.sleep(0.3)
         raise LaunchError(f"models {pending} not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
-    def stub_instances(self) -> set[str]:
-        """Instance names (gpt2_0_0, ...) of the live Python-backend stub processes under this server (Linux
-        /proc; empty elsewhere). A killed stub disappears from here while Triton still calls the model ready."""
-        live: set[str] = set()
+    def stub_processes(self) -> dict[str, int]:
+        """Instance name (gpt2_0_0, ...) -> pid of each live Python-backend stub under this server (Linux /proc;
+        empty elsewhere). A killed stub disappears from here while Triton still calls its model ready."""
+        live: dict[str, int] = {}
         if self.proc is None or not os.path.isdir("/proc"):
             return live
         for d in os.listdir("/proc"):
@@ -346,7 +346,7 @@ class TritonServer:
             except OSError:
                 continue
             if int(ppid) == self.proc.pid and state != "Z" and args and args[0].endswith("triton_python_backend_stub"):
-                live.update(a for a in args if any(a.startswith(f"{m}_") for m in self.models))
+                live.update((a, int(d)) for a in args if any(a.startswith(f"{m}_") for m in self.models))
         return live
 
     def supervise(self, stop: threading.Event | None = None, interval: float = 2.0, grace: int = 2,
@@ -356,12 +356,12 @@ class TritonServer:
         brings it back; so when a stub that was running stays gone for `grace` checks, the launcher restarts the
         server on the same ports and says so. Returns when `stop` is set or the server exits by itself."""
         stop = stop or threading.Event()
-        expected = self.stub_instances()
+        expected = set(self.stub_processes())
         strikes = 0
         while not stop.wait(interval):
             if self.proc is None or self.proc.poll() is not None:
                 return
-            live = self.stub_instances()
+            live = set(self.stub_processes())
             missing = expected - live
             expected |= live  # models loaded later (poll mode) are watched too
             strikes = strikes + 1 if missing else 0
@@ -371,7 +371,7 @@ class TritonServer:
                 self.stop(timeout=15)
                 self.start()
                 self.wait_ready(timeout)
-                expected, strikes = self.stub_instances(), 0
+                expected, strikes = set(self.stub_processes()), 0
                 print(f"[lsgpt.triton] restarted: models {', '.join(self.models)} ready", file=sys.stderr, flush=True)
 
     def stop(self, timeout: float = 30.0) -> int | None:

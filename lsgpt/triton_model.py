@@ -107,10 +107,6 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         from lsgpt.generate import Engine
 
-        self.config = json.loads(args["model_config"])
-        self.name = args["model_name"]
-        model_dir = Path(args["model_repository"])
-        version_dir = model_dir / args["model_version"]
         from lsgpt.scheduler import Scheduler
 
         if int(np.__version__.split(".")[0]) >= 2:  # seen on GPU images: outputs then arrive empty
@@ -246,10 +242,7 @@ class TritonPythonModel:
             except BadRequest as e:
                 sender.send(_error(f"{self.name}: {e}"), flags=FINAL)
             except Exception as e:  # noqa: BLE001 - QueueFull, ShuttingDown: retryable; anything else: internal
-                from lsgpt.scheduler import QueueFull, ShuttingDown
-
-                code = "UNAVAILABLE" if isinstance(e, (QueueFull, ShuttingDown)) else "INTERNAL"
-                sender.send(_error(f"{self.name}: {e}", code), flags=FINAL)
+                sender.send(_error(f"{self.name}: {e}", _code(e)), flags=FINAL)
         return None
 
     def _submit(self, request, sender, q: Parsed) -> None:
@@ -372,7 +365,7 @@ class Metrics:
                 metric.increment(now - self._seen[key])
                 self._seen[key] = now
         self.running.set(self.scheduler.running)
-        self.queued.set(len(self.scheduler._queue))
+        self.queued.set(self.scheduler.queued)
         for src, hist in ((st.ttft, self.ttft), (st.itl, self.itl)):
             while src:
                 hist.observe(src.popleft())

@@ -89,20 +89,6 @@ def hf_logits(m, tokens):
         return m(torch.as_tensor(tokens)).logits.double().numpy()
 
 
-def hf_greedy(m, prompt, n):
-    """HF greedy continuation of n tokens with EOS disabled."""
-    gc = copy.deepcopy(m.generation_config)
-    gc.eos_token_id = None
-    gc.pad_token_id = tiny.PAD_ID
-    gc.do_sample = False
-    gc.max_new_tokens = n
-    gc.min_new_tokens = None
-    with torch.no_grad():
-        out = m.generate(torch.tensor([prompt]), generation_config=gc, attention_mask=torch.ones(1, len(prompt),
-                                                                                                 dtype=torch.long))
-    return out[0].tolist()
-
-
 def greedy(engine, prompts, n, **kw):
     from lsgpt.generate import SamplingParams
 
@@ -155,7 +141,7 @@ def test_greedy_matches_hf_generate(engines, files, model, origin):
     n = 60
     hf = hf_from_file(files[origin], model)
     for prompt in PROMPTS[:2]:
-        want = _cut_at_eos(hf_greedy(hf, prompt, n), len(prompt), tiny.EOS_ID)
+        want = _cut_at_eos(tiny.hf_greedy(hf, prompt, n), len(prompt), tiny.EOS_ID)
         got = greedy(engines[origin], [prompt], n)[0]
         agree = next((j for j in range(len(prompt), min(len(got), len(want))) if got[j] != want[j]), None)
         print(f"[{origin}] prompt len {len(prompt)}: {len(want) - len(prompt)} HF tokens, first divergence at "

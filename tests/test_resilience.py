@@ -41,22 +41,6 @@ def ask(url: str, prompt: list[int], n: int = 4, model: str = "gpt2", timeout: f
         c.close()
 
 
-def stub_pids(server: TritonServer, instance: str) -> list[int]:
-    """The live Python-backend stub processes of one model instance (children of tritonserver)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            state, ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-            args = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if int(ppid) == server.proc.pid and state != "Z" and "triton_python_backend_stub" in args[0] and instance in args:
-            out.append(int(d.name))
-    return out
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the model process")
 def test_killed_model_process_is_restarted(tiny_models, tmp_path):
     """kill -9 of gpt2's stub (what an OOM kill does): requests fail with an error instead of hanging, the
@@ -67,13 +51,13 @@ def test_killed_model_process_is_restarted(tiny_models, tmp_path):
     with server:
         server.wait_ready(180)
         assert ask(server.grpc_url, [2, 5, 6]).shape[1] >= 4
-        pids = stub_pids(server, "gpt2_0_0")
-        assert pids, "gpt2's stub process not found"
+        pid = server.stub_processes().get("gpt2_0_0")
+        assert pid, "gpt2's stub process not found"
         sup = threading.Thread(target=server.supervise, kwargs=dict(stop=stop, interval=1.0, grace=2), daemon=True)
         sup.start()
         time.sleep(1.5)  # the supervisor has seen the stubs running
         t0 = time.monotonic()
-        os.kill(pids[0], signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         errors, answered_at = [], None
         while time.monotonic() - t0 < 120:
             try:
@@ -89,7 +73,7 @@ def test_killed_model_process_is_restarted(tiny_models, tmp_path):
         print(f"model back {answered_at}s after the kill; errors meanwhile: {sorted(set(errors))[:3]}")
         assert errors, "a request right after the kill should fail (the stub is gone)"
         assert answered_at is not None, "gpt2 never answered again"
-        assert stub_pids(server, "gpt2_0_0"), "gpt2 runs in a new stub process"
+        assert server.stub_processes().get("gpt2_0_0") not in (None, pid), "gpt2 runs in a new stub process"
 
 
 def test_sigterm_under_load_unloads_every_model(tiny_models, tmp_path):

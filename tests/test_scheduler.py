@@ -7,7 +7,6 @@ joins a running long one finishes first: counted in decode steps, not seconds); 
 
 from __future__ import annotations
 
-import copy
 import sys
 import threading
 import time
@@ -38,15 +37,6 @@ def engine(model, tmp_path_factory):
 
     p = export_model(model, tmp_path_factory.mktemp("sched") / "m.hdf5", max_step=128, eos_id=tiny.EOS_ID)
     return Engine.load(p, device="cpu")
-
-
-def hf_greedy(m, prompt, n):
-    gc = copy.deepcopy(m.generation_config)
-    gc.eos_token_id, gc.pad_token_id, gc.do_sample, gc.max_new_tokens, gc.min_new_tokens = None, tiny.PAD_ID, False, n, None
-    with torch.no_grad():
-        out = m.generate(torch.tensor([prompt]), generation_config=gc,
-                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0].tolist()
 
 
 class Collector:
@@ -93,7 +83,7 @@ def test_crowd_joining_and_leaving_gets_hf_greedy(engine, model):
         for i, (p, n) in enumerate(zip(prompts, lengths)):
             ids, err = c.done[i]
             assert err is None
-            assert ids == hf_greedy(model, p, n), f"request {i} differs from HF greedy"
+            assert ids == tiny.hf_greedy(model, p, n), f"request {i} differs from HF greedy"
         assert s.running == 0 and s.stats.generated_tokens == sum(lengths)
     finally:
         s.close()

@@ -133,3 +133,17 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def hf_greedy(m, prompt, n: int) -> list[int]:
+    """HF transformers' greedy continuation of n tokens (EOS disabled): prompt + n tokens."""
+    import copy
+
+    import torch
+
+    gc = copy.deepcopy(m.generation_config)
+    gc.eos_token_id, gc.pad_token_id, gc.do_sample, gc.max_new_tokens, gc.min_new_tokens = None, PAD_ID, False, n, None
+    with torch.no_grad():
+        out = m.generate(torch.tensor([prompt]), generation_config=gc,
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0].tolist()
