@@ -146,3 +146,36 @@ def test_sigterm_under_load_unloads_every_model(tiny_models, tmp_path):
             assert f"successfully unloaded '{m}'" in text, f"{m} not unloaded cleanly"
     finally:
         server.stop()
+
+
+def test_full_queue_is_unavailable_not_a_hang(tiny_models, tmp_path):
+    """max_running_rows 1 and max_queued_requests 1 in config.pbtxt: of four long requests sent at once, the
+    ones beyond a running row and a waiting one get UNAVAILABLE at once (retryable); the others are answered."""
+    import re
+
+    repo = make_repository(tmp_path / "repo", tiny_models)
+    cfg = repo / "gpt2" / "config.pbtxt"
+    text = re.sub(r'(key: "max_running_rows", value: \{ string_value: )"\d+"', r'\1"1"', cfg.read_text())
+    cfg.write_text(re.sub(r'(key: "max_queued_requests", value: \{ string_value: )"\d+"', r'\1"1"', text))
+    with TritonServer(repo, models=["gpt2"], **ports()) as server:
+        server.wait_ready(180)
+        results: queue.Queue = queue.Queue()
+
+        def one(i):
+            try:
+                ask(server.grpc_url, [2, 5 + i], n=60)
+                results.put("answered")
+            except Exception as e:  # noqa: BLE001
+                results.put(str(e))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        got = [results.get_nowait() for _ in range(results.qsize())]
+        print(got)
+        assert len(got) == 4 and "answered" in got
+        full = [g for g in got if g != "answered"]
+        assert full and all("UNAVAILABLE" in g and "max_queued_requests=1" in g for g in full), got
+

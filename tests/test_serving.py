@@ -275,6 +275,10 @@ def _bad_cases(max_step: int):
         "max_new_tokens zero": (request([GOOD], max_new_tokens=0), "max_new_tokens"),
         "seed negative": (request([GOOD], seed=-5), "seed"),
         "unknown input": (request([GOOD]) + [tensor("foo", np.array([[1]], i32))], "foo"),
+        "stream flags differ": (request([GOOD, GOOD]) + [tensor("stream", np.array([[True], [False]]), "BOOL")],
+                                "stream"),
+        "text and ids": (request([GOOD]) + [tensor("text_input", np.array([[b"x"]], dtype=np.object_), "BYTES")],
+                         "not both"),
     }
 
 
