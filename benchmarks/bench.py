@@ -84,7 +84,7 @@ def section_generate(a: argparse.Namespace, device: str, partial=lambda res: Non
 
 
 def section_e2e(a: argparse.Namespace, device: str) -> dict:
-    from lsgpt.triton import LaunchError, find_tritonserver
+    from lsgpt.launcher import LaunchError, find_tritonserver
 
     try:
         find_tritonserver()
@@ -96,7 +96,7 @@ def section_e2e(a: argparse.Namespace, device: str) -> dict:
 
     import bench_generate
     from common import copy_repository_skeleton
-    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.engine import Engine, SamplingParams
     from lsgpt.repository import publish
 
     n = a.e2e_new_tokens

@@ -39,7 +39,7 @@ def random_model(layers: int, hidden: int, heads: int, vocab: int, positions: in
 
 def export_pair(model, folder: Path, max_step: int) -> tuple[Path, Path]:
     """fp export, and int8 with clips calibrated on random token rows (no QAT for a random model)."""
-    from lsgpt.export import calibrate, export_model, float_arrays, gpt_config, load_checkpoint, quantize_arrays
+    from lsgpt.convert import calibrate, export_model, float_arrays, gpt_config, load_checkpoint, quantize_arrays
     from lsgpt.format import write_hdf5
 
     fp = export_model(model, folder / "fp.hdf5", max_step=max_step)
@@ -69,7 +69,7 @@ def profile_decode(eng, batch: int, steps: int = 20) -> dict:
     (un-graphed) decode steps: prefill + 1 token, then prefill + `steps` tokens; the difference is decode."""
     from torch.profiler import ProfilerActivity, profile
 
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     eager = type(eng)(eng.config, eng.model, eng.device, cuda_graphs=False, fused=eng.fused is not None)
     prompts = [[1000 + i] * 4 for i in range(batch)]
@@ -98,7 +98,7 @@ def profile_decode(eng, batch: int, steps: int = 20) -> dict:
 
 
 def run(args) -> dict:
-    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.engine import Engine, SamplingParams
 
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lsgpt.triton import MODEL_FILE, TritonServer, free_port, latest_version  # noqa: E402
+from lsgpt.launcher import MODEL_FILE, TritonServer, free_port, latest_version  # noqa: E402
 
 # Built-in prompts (the article's examples and everyday sentences); 我好难受 is the article's demo prompt.
 BUILTIN_PROMPTS = [
@@ -203,12 +203,10 @@ def repository_ready(repo: Path, models: list[str]) -> bool:
 
 
 def copy_repository_skeleton(src: Path, dst: Path) -> None:
-    """The tracked files of model_repository/ (configs, version 1's model.py), no model files."""
+    """The tracked files of model_repository/ (configs), no model files."""
     for cfg in src.glob("*/config.pbtxt"):
         (dst / cfg.parent.name / "1").mkdir(parents=True, exist_ok=True)
         shutil.copy(cfg, dst / cfg.parent.name / "config.pbtxt")
-        for f in (cfg.parent / "1").glob("*.py"):
-            shutil.copy(f, dst / cfg.parent.name / "1" / f.name)
 
 
 def tiny_random_pair(folder: Path, tokenizer: str, *, layers: int, hidden: int, heads: int, max_step: int,
@@ -218,7 +216,7 @@ def tiny_random_pair(folder: Path, tokenizer: str, *, layers: int, hidden: int, 
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lsgpt.export import export_model
+    from lsgpt.convert import export_model
     from lsgpt.text import cached_tokenizer
 
     tok = cached_tokenizer(tokenizer)

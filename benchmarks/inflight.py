@@ -67,7 +67,7 @@ def main(argv=None) -> int:
 
     from lsgpt.format import read_hdf5
     from lsgpt.repository import publish
-    from lsgpt.triton import TritonServer, free_port
+    from lsgpt.launcher import TritonServer, free_port
 
     cfg, _ = read_hdf5(a.hdf5)
     model = a.model or ("gpt2_int8" if cfg.quantized else "gpt2")
@@ -80,7 +80,6 @@ def main(argv=None) -> int:
     src = root / "model_repository"
     (repo / model / "1").mkdir(parents=True)
     shutil.copy(src / model / "config.pbtxt", repo / model / "config.pbtxt")
-    shutil.copy(src / model / "1" / "model.py", repo / model / "1" / "model.py")
     publish(a.hdf5, repo, model, lightseq=False)
     ports = dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     results: dict = {"root": str(root), "model": model, "hdf5": str(a.hdf5), "max_step": cfg.max_step, "levels": []}
@@ -164,7 +163,7 @@ def make_load(rng, cfg, cap: int, count: int) -> list[tuple[list[int], int]]:
 
 def in_process(a, cfg, rng, cap: int) -> int:
     """Closed-loop load on the scheduler itself; prints tokens/s and the host time split per level."""
-    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.engine import Engine, SamplingParams
     from lsgpt.scheduler import Scheduler
 
     engine = Engine.load(a.hdf5, a.device)

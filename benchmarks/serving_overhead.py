@@ -5,7 +5,7 @@ backend, our engine) vs the same engine in process, on this machine's device (CP
     python benchmarks/serving_overhead.py                                  # GPT-2 base shape + a tiny model
     python benchmarks/serving_overhead.py --shapes 2x64 --runs 3 --out /tmp/o.json
 
-Models are random GPT-2s exported with lsgpt.export (the cost of serving does not depend on the weights);
+Models are random GPT-2s exported with lsgpt.convert (the cost of serving does not depend on the weights);
 vocabulary 21128 (the article's tokenizer) unless --vocab. Each path gets a warm-up, then --runs timed runs;
 we report medians and server - in-process. The server path is timed at the client: raw tritonclient
 infer() (what perf_analyzer does) and client.Client.generate_ids() (our library).
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from lsgpt.repository import publish  # noqa: E402
-from lsgpt.triton import TritonServer, free_port  # noqa: E402
+from lsgpt.launcher import TritonServer, free_port  # noqa: E402
 
 PROMPT = [101, 2769, 791, 1921, 2523, 2458, 2552, 8024]  # [CLS] 我今天很开心，
 
@@ -37,7 +37,7 @@ def export_random(layers: int, hidden: int, vocab: int, path: Path) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lsgpt.export import export_model
+    from lsgpt.convert import export_model
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=layers, n_embd=hidden, n_head=max(1, hidden // 64), vocab_size=vocab, n_positions=512,
@@ -63,7 +63,7 @@ def measure(layers: int, hidden: int, vocab: int, new_tokens: int, runs: int, wo
     import tritonclient.grpc as grpcclient
 
     from client.api import Client
-    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.engine import Engine, SamplingParams
 
     hdf5 = export_random(layers, hidden, vocab, work / f"gpt2_{layers}x{hidden}.hdf5")
     prompt = [t % vocab for t in PROMPT]

@@ -184,7 +184,7 @@ def soak_in_process(a: argparse.Namespace, rows: list[list[int]], lengths: list[
                     samples: list[dict]) -> dict:
     import torch
 
-    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.engine import Engine, SamplingParams
 
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev == "cpu" and a.server_threads:
@@ -224,7 +224,7 @@ def soak_in_process(a: argparse.Namespace, rows: list[list[int]], lengths: list[
 def random_export(work: Path, layers: int, hidden: int, heads: int, max_step: int, vocab: int) -> tuple[Path, int]:
     """A random-weight GPT-2 exported to an fp HDF5 file (no tokenizer needed)."""
     import bench_generate
-    from lsgpt.export import export_model
+    from lsgpt.convert import export_model
 
     model = bench_generate.random_model(layers, hidden, heads, vocab, max(max_step, 64))
     return export_model(model, work / "fp.hdf5", max_step=max_step, eos_id=102), vocab

@@ -107,7 +107,7 @@ def step_breakdown(batch: int) -> dict:
     import tempfile
 
     import bench_generate
-    from lsgpt.generate import Engine
+    from lsgpt.engine import Engine
 
     model = bench_generate.random_model(12, 768, 12, 21128, 1024)
     out = {}

@@ -18,29 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
+from lsgpt.contract import PARAMS, RESULT, STREAM_SUFFIX, TEXT, TOKEN_IDS, param_error
 from lsgpt.text import IncrementalDecoder, cached_tokenizer, decode, encode_prompt
 
 DEFAULT_TOKENIZER = "uer/gpt2-chinese-cluecorpussmall"
-# name -> (Triton datatype, numpy dtype, Python type): the optional inputs of every served model.
-SAMPLING: dict[str, tuple[str, Any, type]] = {
-    "max_new_tokens": ("INT32", np.int32, int),
-    "top_k": ("INT32", np.int32, int),
-    "top_p": ("FP32", np.float32, float),
-    "temperature": ("FP32", np.float32, float),
-    "seed": ("INT64", np.int64, int),
-    "repetition_penalty": ("FP32", np.float32, float),
-    "presence_penalty": ("FP32", np.float32, float),
-    "frequency_penalty": ("FP32", np.float32, float),
-}
-
-
 class ClientError(RuntimeError):
     """Any failure talking to the server."""
 
@@ -65,43 +54,25 @@ def check_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
     """Validate keyword arguments early, with a clear message; None values mean 'the model's default'."""
     out = {}
     for k, v in sampling.items():
-        if k not in SAMPLING:
-            raise TypeError(f"unknown sampling parameter {k!r} (known: {', '.join(SAMPLING)})")
-        if v is None:
-            continue
-        typ = SAMPLING[k][2]
-        if isinstance(v, bool) or not isinstance(v, (int, float) if typ is float else int):
-            raise InvalidRequest(f"{k} must be {'a number' if typ is float else 'an integer'}, got {v!r}")
-        v = typ(v)
-        bad = {
-            "max_new_tokens": v < 1,
-            "top_k": v < 0,
-            "top_p": not 0.0 < v <= 1.0,
-            "temperature": not (v >= 0.0 and np.isfinite(v)),
-            "seed": not 0 <= v < 2**63,
-            "repetition_penalty": not (v > 0.0 and np.isfinite(v)),
-            "presence_penalty": not -2.0 <= v <= 2.0,
-            "frequency_penalty": not -2.0 <= v <= 2.0,
-        }[k]
-        if bad:
-            want = {"max_new_tokens": ">= 1", "top_k": ">= 0 (0: no top-k filter, 1: greedy)",
-                    "top_p": "in (0, 1]", "temperature": "finite and >= 0 (0: greedy)", "seed": "in [0, 2**63)",
-                    "repetition_penalty": "finite and > 0 (1: off)", "presence_penalty": "in [-2, 2] (0: off)",
-                    "frequency_penalty": "in [-2, 2] (0: off)"}[k]
-            raise InvalidRequest(f"{k}={v!r} is invalid: must be {want}")
-        out[k] = v
+        if k not in PARAMS:
+            raise TypeError(f"unknown sampling parameter {k!r} (known: {', '.join(PARAMS)})")
+        why = param_error(k, v)
+        if why:
+            raise InvalidRequest(why)
+        if v is not None:
+            out[k] = PARAMS[k].type(v)
     return out
 
 
 def _inputs(module, prompt_ids: Sequence[int], sampling: dict[str, Any]) -> list:
     ids = np.asarray([list(prompt_ids)], dtype=np.int32)
-    inp = module.InferInput("token_ids", list(ids.shape), "INT32")
+    inp = module.InferInput(TOKEN_IDS, list(ids.shape), "INT32")
     inp.set_data_from_numpy(ids)
     out = [inp]
     for k, v in sampling.items():
-        dt, np_dt, _ = SAMPLING[k]
+        dt = PARAMS[k].triton_dtype
         i = module.InferInput(k, [1, 1], dt)
-        i.set_data_from_numpy(np.asarray([[v]], dtype=np_dt))
+        i.set_data_from_numpy(np.asarray([[v]], dtype=triton_to_np_dtype(dt)))
         out.append(i)
     return out
 
@@ -123,7 +94,7 @@ class Client:
         stream_model: where stream() goes; default the model's decoupled twin (gpt2 -> gpt2_stream,
         gpt2_int8 -> gpt2_int8_stream), or the model itself when it is one."""
         if stream_model is None:
-            stream_model = model if model.endswith("_stream") else f"{model}_stream"
+            stream_model = model if model.endswith(STREAM_SUFFIX) else model + STREAM_SUFFIX
         self.url, self.model, self.stream_model = url, model, stream_model
         self.tok = cached_tokenizer(str(tokenizer)) if isinstance(tokenizer, (str, bytes)) or hasattr(
             tokenizer, "__fspath__") else tokenizer
@@ -205,7 +176,7 @@ class Client:
         for attempt in range(self.retries + 1):
             try:
                 r = self._grpc.infer(self.model, _inputs(grpcclient, prompt, params), client_timeout=self.timeout)
-                return self.trim(r.as_numpy("result")[0], len(prompt))
+                return self.trim(r.as_numpy(RESULT)[0], len(prompt))
             except InferenceServerException as e:
                 if not self._retryable(e) or attempt == self.retries:
                     raise self._error(e, self.model) from None
@@ -238,8 +209,8 @@ class Client:
                     raise RequestTimeout(f"stream from {self.url} stalled for {self.timeout}s") from None
                 if error is not None:
                     raise self._error(error, self.stream_model)
-                ids = result.as_numpy("result")
-                text = result.as_numpy("text")
+                ids = result.as_numpy(RESULT)
+                text = result.as_numpy(TEXT)
                 piece = None if text is None else text.reshape(-1)[0].decode("utf-8")
                 for t in [] if ids is None else ids.reshape(-1).tolist():
                     yield int(t), piece
@@ -296,7 +267,7 @@ class Client:
                 for attempt in range(self.retries + 1):
                     try:
                         r = await c.infer(self.model, _inputs(aioclient, p, params), client_timeout=self.timeout)
-                        return self.trim(r.as_numpy("result")[0], len(p))
+                        return self.trim(r.as_numpy(RESULT)[0], len(p))
                     except InferenceServerException as e:
                         if not self._retryable(e) or attempt == self.retries:
                             raise self._error(e, self.model) from None
@@ -328,10 +299,10 @@ class Client:
         async for result, error in responses:
             if error is not None:
                 raise self._error(error, self.stream_model)
-            t = result.as_numpy("text")
+            t = result.as_numpy(TEXT)
             if t is not None and t.reshape(-1)[0]:
                 yield t.reshape(-1)[0].decode("utf-8")
-            if result.as_numpy("result").size == 0:
+            if result.as_numpy(RESULT).size == 0:
                 responses.cancel()
                 return
 

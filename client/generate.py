@@ -16,13 +16,9 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from client.api import DEFAULT_TOKENIZER, Client, ClientError, check_sampling  # noqa: E402
-from lsgpt.text import cached_tokenizer, decode, encode_prompt  # noqa: E402
+from client.api import DEFAULT_TOKENIZER, Client, ClientError, check_sampling
+from lsgpt.text import cached_tokenizer, decode, encode_prompt
 
 DEFAULT_PROMPTS = ["我要找个男朋友，", "我今天很开心，"]  # the article's default batch
 
@@ -49,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_local(a: argparse.Namespace, prompts: list[str], sampling: dict) -> list[str]:
-    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.engine import Engine, SamplingParams
 
     engine = Engine.load(a.model)
     if a.quant and not engine.config.quantized:

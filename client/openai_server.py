@@ -23,16 +23,14 @@ import json
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastapi import FastAPI  # noqa: E402
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool  # noqa: E402
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from client.api import DEFAULT_TOKENIZER, Client, ClientError, InvalidRequest, ModelNotReady  # noqa: E402
-from lsgpt.text import decode  # noqa: E402
+from client.api import DEFAULT_TOKENIZER, Client, ClientError, InvalidRequest, ModelNotReady
+from lsgpt.text import decode
 
 MODELS = ("gpt2", "gpt2_int8")
 # OpenAI name -> our sampling name

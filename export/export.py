@@ -13,9 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from lsgpt.format import SAMPLING_METHODS, VALID_TOPK, FormatError  # noqa: E402
+from lsgpt.format import SAMPLING_METHODS, VALID_TOPK, FormatError
 
 
 def default_output(src: Path, quant: bool) -> Path:
@@ -61,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lsgpt.export import export_model, max_step_that_fits
+    from lsgpt.convert import export_model, max_step_that_fits
 
     src = Path(args.model)
     max_step = args.max_step

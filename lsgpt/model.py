@@ -10,15 +10,14 @@ written in order, every key it can see is real, so one mask rule serves prefill 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lsgpt.format import GptConfig, layer_arrays
-
 
 Observer = Callable[[int, str, torch.Tensor], None]
 

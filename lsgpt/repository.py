@@ -1,7 +1,7 @@
 """Install exported HDF5 files into the Triton model repository without disturbing a running server.
 
     publish("model/int8/model.hdf5", "model_repository", "gpt2_int8")
-      -> model_repository/gpt2_int8/<N+1>/{model.py, model.hdf5}   (portable model: a new version folder)
+      -> model_repository/gpt2_int8/<N+1>/{model.hdf5, vocab.txt}   (portable model: a new version folder)
          model_repository/gpt2_lightseq_int8/model.hdf5            (LightSeq's backend reads the model root)
 
 A new version folder is assembled under a dot-name (Triton ignores non-numeric folders) and renamed
@@ -15,36 +15,12 @@ This module needs only the standard library and h5py.
 from __future__ import annotations
 
 import os
-import py_compile
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MODEL_FILE = "model.hdf5"
-
-# The thin model.py of every version folder: fixes the stub's isolated sys.path, then imports the one
-# implementation. tests/test_serving.py checks the tracked copies equal this text.
-MODEL_PY = '''\
-"""Triton Python-backend entry point; the implementation is lsgpt/triton_model.py.
-
-The backend stub starts an isolated interpreter: the launcher (lsgpt/triton.py) hands over the virtual
-environment's site-packages in LSGPT_SITE_PACKAGES and the repository root in LSGPT_ROOT.
-"""
-
-import os
-import site
-import sys
-
-_before = list(sys.path)
-for _p in filter(None, os.environ.get("LSGPT_SITE_PACKAGES", "").split(os.pathsep)):
-    site.addsitedir(_p)  # also runs the .pth files (editable installs)
-# Our environment's packages win over anything the linked interpreter's own prefix provides.
-sys.path[:] = [os.environ.get("LSGPT_ROOT", "")] + [p for p in sys.path if p not in _before] + _before
-sys.path[:] = [p for p in sys.path if p]
-
-from lsgpt.triton_model import TritonPythonModel  # noqa: E402,F401
-'''
+from lsgpt.contract import MODEL_FILE, STREAM_SUFFIX, TOKENIZER_FILE
 
 
 @dataclass(frozen=True)
@@ -55,8 +31,8 @@ class ModelKind:
 
 
 MODELS: dict[str, ModelKind] = {
-    "gpt2": ModelKind(False, "gpt2_lightseq", ("gpt2_stream",)),
-    "gpt2_int8": ModelKind(True, "gpt2_lightseq_int8", ("gpt2_int8_stream",)),
+    "gpt2": ModelKind(False, "gpt2_lightseq", ("gpt2" + STREAM_SUFFIX,)),
+    "gpt2_int8": ModelKind(True, "gpt2_lightseq_int8", ("gpt2_int8" + STREAM_SUFFIX,)),
 }
 
 
@@ -101,22 +77,13 @@ def _add_version(model_dir: Path, hdf5: Path, tokenizer: Path | None, keep: int,
     target = model_dir / str(new)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     try:
-        (staging / "model.py").write_text(MODEL_PY)
-        # Bytecode now, not by the server's stub at load time (a polling server would see the folder change).
-        py_compile.compile(str(staging / "model.py"), doraise=False)
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, staging / "vocab.txt")
+            shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
         _place(hdf5, staging / MODEL_FILE, link)
         os.chmod(staging, 0o755)
         if target.exists():
-            # A tracked, still empty version folder (fresh checkout: 1/ holds only model.py).
-            for p in staging.iterdir():
-                if p.is_dir() and (target / p.name).is_dir():  # __pycache__
-                    shutil.rmtree(target / p.name)
-                os.replace(p, target / p.name)
-            staging.rmdir()
-        else:
-            os.rename(staging, target)
+            shutil.rmtree(target)  # a version folder without a model file (an export that never finished)
+        os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -129,11 +96,7 @@ def _prune(model_dir: Path, keep: int) -> None:
     if keep <= 0:
         return
     for v in versions(model_dir)[:-keep]:
-        d = model_dir / str(v)
-        if (d / "model.py").is_file() and v == 1:
-            (d / MODEL_FILE).unlink()  # version 1 is tracked in git: keep its model.py
-        else:
-            shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(model_dir / str(v), ignore_errors=True)
 
 
 def _replace_file(src: Path, dst: Path) -> None:
@@ -154,7 +117,7 @@ def _vocab_file(tokenizer: str | os.PathLike | None) -> Path | None:
     if tokenizer is None:
         return None
     p = Path(tokenizer)
-    p = p / "vocab.txt" if p.is_dir() else p
+    p = p / TOKENIZER_FILE if p.is_dir() else p
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer vocab not found: {p} (give a vocab.txt or a folder holding one)")
     return p

@@ -24,12 +24,12 @@ import heapq
 import threading
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
-from lsgpt.generate import Engine, GraphedDecode, Penalties, SamplingParams, sample
+from lsgpt.engine import Engine, GraphedDecode, Penalties, SamplingParams, sample
 from lsgpt.model import KVCache
 
 
@@ -140,7 +140,7 @@ class Scheduler:
             self._cv.notify()
         return req
 
-    def generate(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(),
+    def generate(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(),  # noqa: B008 (frozen)
                  timeout: float | None = None) -> list[int]:
         """Blocking convenience (tests, scripts): prompt + continuation, or the request's error raised."""
         box: dict = {}

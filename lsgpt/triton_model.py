@@ -35,6 +35,21 @@ from typing import Any
 
 import numpy as np
 
+from lsgpt.contract import (
+    MAX_QUEUED_REQUESTS,
+    MAX_RUNNING_ROWS,
+    MODEL_FILE,
+    PARAMS,
+    RESULT,
+    STREAM,
+    STREAM_SUFFIX,
+    TEXT,
+    TEXT_INPUT,
+    TEXT_OUTPUT,
+    TOKEN_IDS,
+    TOKENIZER_FILE,
+)
+
 try:  # present inside the Python backend stub only
     import triton_python_backend_utils as pb_utils
 
@@ -42,25 +57,6 @@ try:  # present inside the Python backend stub only
 except ImportError:  # pragma: no cover - imported outside Triton (docs, linters)
     pb_utils = None
     FINAL = 1
-
-MODEL_FILE = "model.hdf5"
-# Optional per-row inputs: name -> (SamplingParams field, Python type).
-PARAM_INPUTS: dict[str, tuple[str, type]] = {
-    "max_new_tokens": ("max_new_tokens", int),
-    "top_k": ("top_k", int),
-    "top_p": ("top_p", float),
-    "temperature": ("temperature", float),
-    "seed": ("seed", int),
-    "repetition_penalty": ("repetition_penalty", float),
-    "presence_penalty": ("presence_penalty", float),
-    "frequency_penalty": ("frequency_penalty", float),
-}
-
-
-# Scheduler bounds, from config.pbtxt parameters (defaults here).
-DEFAULT_MAX_ROWS = 32  # running rows: the decode batch
-DEFAULT_MAX_QUEUE = 256  # requests waiting for a row
-
 
 class BadRequest(ValueError):
     """A request the model rejects with INVALID_ARGUMENT."""
@@ -95,7 +91,7 @@ def _pick_device(args: dict[str, str]) -> str:
 def _find_tokenizer(version_dir: Path, model_dir: Path, config: dict) -> str | None:
     """vocab.txt in the version folder (publish(tokenizer=...)), else the config's `tokenizer` parameter
     (relative to the model folder, absolute, or a hub id), else $LSGPT_TOKENIZER."""
-    if (version_dir / "vocab.txt").is_file():
+    if (version_dir / TOKENIZER_FILE).is_file():
         return str(version_dir)  # the folder: lsgpt.text.load_tokenizer handles folders on transformers 4 and 5
     param = config.get("parameters", {}).get("tokenizer", {}).get("string_value", "")
     if param:
@@ -105,8 +101,7 @@ def _find_tokenizer(version_dir: Path, model_dir: Path, config: dict) -> str | N
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        from lsgpt.generate import Engine
-
+        from lsgpt.engine import Engine
         from lsgpt.scheduler import Scheduler
 
         if int(np.__version__.split(".")[0]) >= 2:  # seen on GPU images: outputs then arrive empty
@@ -127,8 +122,8 @@ class TritonPythonModel:
             from lsgpt.text import load_tokenizer
 
             self.tokenizer = load_tokenizer(tok)
-        rows = _param(self.config, "max_running_rows", DEFAULT_MAX_ROWS)
-        queue = _param(self.config, "max_queued_requests", DEFAULT_MAX_QUEUE)
+        rows = _param(self.config, "max_running_rows", MAX_RUNNING_ROWS)
+        queue = _param(self.config, "max_queued_requests", MAX_QUEUED_REQUESTS)
         self.scheduler = Scheduler(self.engine, max_rows=rows, max_queue=queue)
         self.metrics = Metrics(self.name, args["model_version"], self.scheduler)
         pb_utils.Logger.log_info(
@@ -142,10 +137,10 @@ class TritonPythonModel:
     # Request parsing and validation.
 
     def _parse(self, request) -> Parsed:
-        from lsgpt.generate import RequestError, SamplingParams
+        from lsgpt.engine import RequestError, SamplingParams
 
-        t = pb_utils.get_input_tensor_by_name(request, "token_ids")
-        text_in = pb_utils.get_input_tensor_by_name(request, "text_input")
+        t = pb_utils.get_input_tensor_by_name(request, TOKEN_IDS)
+        text_in = pb_utils.get_input_tensor_by_name(request, TEXT_INPUT)
         if t is None and text_in is None:
             raise BadRequest("give input 'token_ids' (INT32 ids) or 'text_input' (a string)")
         if t is not None and text_in is not None:
@@ -184,7 +179,7 @@ class TritonPythonModel:
                     f"(prompt + new tokens must fit in it)"
                 )
         fields: list[dict[str, Any]] = [{} for _ in range(b)]
-        for name, (field, typ) in PARAM_INPUTS.items():
+        for name, param in PARAMS.items():
             p = pb_utils.get_input_tensor_by_name(request, name)
             if p is None:
                 continue
@@ -192,11 +187,11 @@ class TritonPythonModel:
             if v.size != b:
                 shape = list(p.as_numpy().shape)
                 raise BadRequest(f"input '{name}' must have one value per row ([{b}, 1]), got shape {shape}")
-            if typ is float and not np.isfinite(v).all():
+            if param.type is float and not np.isfinite(v).all():
                 raise BadRequest(f"input '{name}' must be finite, got {v.tolist()}")
             for row, x in enumerate(v.tolist()):
-                fields[row][field] = typ(x)
-        st = pb_utils.get_input_tensor_by_name(request, "stream")
+                fields[row][name] = param.type(x)
+        st = pb_utils.get_input_tensor_by_name(request, STREAM)
         stream = self.decoupled  # the decoupled models stream unless told not to
         if st is not None:
             v = st.as_numpy().reshape(-1)
@@ -206,7 +201,7 @@ class TritonPythonModel:
             stream = bool(v[0])
         if stream and not self.decoupled:
             raise BadRequest(f"stream=true needs a decoupled model: {self.name} answers once; stream from "
-                             f"{self.name}_stream")
+                             f"{self.name}{STREAM_SUFFIX}")
         if self.decoupled and b != 1:
             raise BadRequest(f"the decoupled model takes one prompt per request, got {b}")
         try:
@@ -221,13 +216,13 @@ class TritonPythonModel:
         out = np.full((len(rows), width), self.cfg.eos_id, dtype=np.int32)  # pad with EOS like LightSeq
         for i, r in enumerate(rows):
             out[i, : len(r)] = r
-        tensors = [pb_utils.Tensor("result", out)]
+        tensors = [pb_utils.Tensor(RESULT, out)]
         if self.tokenizer is not None and (q.text or self.decoupled):
             from lsgpt.text import decode
 
             texts = np.array([[decode(self.tokenizer, r[len(p):]).encode()] for r, p in zip(rows, q.prompts)],
                              dtype=np.object_)  # the continuation, as an OpenAI completion gives it
-            tensors.append(pb_utils.Tensor("text_output" if q.text else "text", texts))
+            tensors.append(pb_utils.Tensor(TEXT_OUTPUT if q.text else TEXT, texts))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     # -----------------------------------------------------------------------------------------
@@ -286,12 +281,12 @@ class TritonPythonModel:
 
             dec = IncrementalDecoder(self.tokenizer, q.prompts[0])
 
-        text_name = "text_output" if q.text else "text"
+        text_name = TEXT_OUTPUT if q.text else TEXT
 
         def on_token(tok: int) -> None:
             piece = dec.push(tok) if dec is not None else None
             if q.stream:
-                outs = [pb_utils.Tensor("result", np.array([[tok]], dtype=np.int32))]
+                outs = [pb_utils.Tensor(RESULT, np.array([[tok]], dtype=np.int32))]
                 if piece is not None:
                     outs.append(pb_utils.Tensor(text_name, np.array([[piece.encode()]], dtype=np.object_)))
                 sender.send(pb_utils.InferenceResponse(output_tensors=outs))
@@ -301,7 +296,7 @@ class TritonPythonModel:
                 sender.send(_error(f"{self.name}: {err}", _code(err)), flags=FINAL)
                 return
             if q.stream:  # the rest of the text and the final flag
-                outs = [pb_utils.Tensor("result", np.zeros((1, 0), dtype=np.int32))]
+                outs = [pb_utils.Tensor(RESULT, np.zeros((1, 0), dtype=np.int32))]
                 if dec is not None:
                     outs.append(pb_utils.Tensor(text_name, np.array([[dec.flush().encode()]], dtype=np.object_)))
                 sender.send(pb_utils.InferenceResponse(output_tensors=outs), flags=FINAL)

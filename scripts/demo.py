@@ -5,7 +5,7 @@
   2. fp16        training/train.py (small GPT-2)   -> model/fp16/
   3. int8 QAT    training/train.py --enable_quant true --resume_from_checkpoint model/fp16 -> model/int8/
   4. export      export/export.py -m … [-q] --repository model_repository  (gpt2, gpt2_int8, their *_stream twins, LightSeq roots)
-  5. serve       the real tritonserver on free loopback ports (lsgpt.triton)
+  5. serve       the real tritonserver on free loopback ports (lsgpt.launcher)
   6. generate    prompts (the article's 我好难受 among them) through the gRPC client library, both models
   7. load test   a short perf_analyzer run (benchmarks/loadtest.py)
   8. report      a final table -> results/demo/summary.json; the server is stopped
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PROMPTS = ["我好难受", "今天天气很好，", "中国经济"]
 # The demo's sampling: seeded (served and in process give the same text), a mild repetition penalty so that a
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  reusing {int8}")
 
     say("4/8 export fp16 + int8 to LightSeq HDF5, into the Triton model repository")
-    for ckpt, quant, model in ((fp16, False, "gpt2"), (int8, True, "gpt2_int8")):
+    for ckpt, quant in ((fp16, False), (int8, True)):
         hdf5 = ckpt / "pytorch_model.hdf5"
         if args.force or not fresh([hdf5], [ckpt / "metrics.json"]):
             run(["python", "export/export.py", "-m", str(ckpt), "-l", str(size["block"])] + (["-q"] if quant else []))
@@ -129,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     # several processes each spinning a 2-thread pool starve one another.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from client import Client
-    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.engine import Engine, SamplingParams
+    from lsgpt.launcher import TritonServer, free_port
     from lsgpt.text import decode, encode_prompt, load_tokenizer
-    from lsgpt.triton import TritonServer, free_port
 
     say("5/8 start the real tritonserver (Python backend, our engine) on loopback")
     summary: dict = {"quick": args.quick}

@@ -36,7 +36,7 @@ def make_tiny_gpt2(seed: int):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> TinyModels:
-    from lsgpt.export import export_model
+    from lsgpt.convert import export_model
 
     d = tmp_path_factory.mktemp("tiny_gpt2")
     (d / "tok").mkdir()

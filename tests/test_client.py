@@ -13,11 +13,12 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc")
 
-from client import Client, InvalidRequest, ModelNotReady, RequestTimeout, ServerUnavailable  # noqa: E402
 from conftest import make_repository  # noqa: E402
-from lsgpt.generate import Engine, SamplingParams  # noqa: E402
+
+from client import Client, InvalidRequest, ModelNotReady, RequestTimeout, ServerUnavailable  # noqa: E402
+from lsgpt.engine import Engine, SamplingParams  # noqa: E402
+from lsgpt.launcher import TritonServer, free_port  # noqa: E402
 from lsgpt.text import decode, encode_prompt, load_tokenizer  # noqa: E402
-from lsgpt.triton import TritonServer, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

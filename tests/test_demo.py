@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tracked_repository(dst: Path) -> Path:
-    """model_repository/ as committed (configs + version 1 model.py), without anything a user published."""
+    """model_repository/ as committed (configs, LightSeq's empty version folders), without anything a user published."""
     def ignore(folder: str, names: list[str]) -> list[str]:
         return [n for n in names if n.endswith(".hdf5") or n == "__pycache__" or (n.isdigit() and n != "1")]
 
@@ -101,7 +101,7 @@ def test_readme_next_step_commands_work_as_written(demo):
     import os
     import shlex
 
-    from lsgpt.triton import TritonServer, free_port
+    from lsgpt.launcher import TritonServer, free_port
 
     work, _ = demo
     commands = readme_commands()

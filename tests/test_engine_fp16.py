@@ -10,15 +10,12 @@ rounding in the file cannot flip a near-tie; a separate test bounds the file-vs-
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from oracles import reference_int8 as R  # noqa: E402
-from oracles import tiny  # noqa: E402
+from oracles import reference_int8 as R
+from oracles import tiny
 
 torch = pytest.importorskip("torch")
 
@@ -39,7 +36,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def files(model, tmp_path_factory):
-    from lsgpt.export import export_model
+    from lsgpt.convert import export_model
 
     d = tmp_path_factory.mktemp("fp16")
     ls = R.hf_to_ls(tiny.state_dict_np(model), NL, MAX_STEP)
@@ -52,7 +49,7 @@ def files(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(files):
-    from lsgpt.generate import Engine
+    from lsgpt.engine import Engine
 
     return {k: Engine.load(p, device="cpu") for k, p in files.items()}
 
@@ -90,7 +87,7 @@ def hf_logits(m, tokens):
 
 
 def greedy(engine, prompts, n, **kw):
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     return engine.generate(prompts, SamplingParams(max_new_tokens=n, top_k=1, **kw))
 
@@ -175,7 +172,7 @@ def test_batch_of_unequal_prompts_equals_each_alone_greedy(engines):
 
 def test_sampling_seed_reproducible_and_per_row(engines):
     """generate.py documents: each row draws from its own generator seeded by its seed."""
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     e = engines["exported"]
     sp = SamplingParams(max_new_tokens=25, top_k=0, top_p=1.0, temperature=1.0, seed=1234)
@@ -194,7 +191,7 @@ def test_sampling_seed_reproducible_and_per_row(engines):
 
 
 def test_top_k_sampling_stays_in_top_k(engines, files, model):
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     hf = hf_from_file(files["exported"], model)
     e = engines["exported"]
@@ -217,7 +214,7 @@ def _file_with(tmp_path, model, name, **conf):
 
 
 def test_length_limits(model, tmp_path):
-    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.engine import Engine, SamplingParams
 
     p = PROMPTS[1]  # 7 tokens
     free = greedy(Engine.load(_file_with(tmp_path, model, "a.hdf5"), device="cpu"), [p], 60)[0]
@@ -238,7 +235,7 @@ def test_length_limits(model, tmp_path):
 
 
 def test_stops_at_eos_and_keeps_it(model, tmp_path):
-    from lsgpt.generate import Engine
+    from lsgpt.engine import Engine
 
     p = PROMPTS[1]
     free = greedy(Engine.load(_file_with(tmp_path, model, "a.hdf5"), device="cpu"), [p], 30)[0]
@@ -253,7 +250,7 @@ def test_stops_at_eos_and_keeps_it(model, tmp_path):
 
 
 def test_top_p_sampling_stays_in_nucleus(engines, files, model):
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     hf = hf_from_file(files["exported"], model)
     e = engines["exported"]
@@ -269,7 +266,7 @@ def test_top_p_sampling_stays_in_nucleus(engines, files, model):
 
 
 def test_stream_yields_generate_continuation(engines):
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     e = engines["exported"]
     sp = SamplingParams(max_new_tokens=12, top_k=0, seed=9)
@@ -284,14 +281,14 @@ def test_stream_yields_generate_continuation(engines):
          "max_new_tokens_0", "top_p_1.5", "negative_temperature", "negative_top_k"],
 )
 def test_bad_requests_raise_request_error(engines, prompts, kw):
-    from lsgpt.generate import RequestError, SamplingParams
+    from lsgpt.engine import RequestError, SamplingParams
 
     with pytest.raises(RequestError):
         engines["exported"].generate(prompts, SamplingParams(**kw))
 
 
 def test_ppl_model_refuses_to_generate_but_scores(model, tmp_path):
-    from lsgpt.generate import Engine, RequestError, SamplingParams
+    from lsgpt.engine import Engine, RequestError, SamplingParams
 
     e = Engine.load(_file_with(tmp_path, model, "ppl.hdf5", sampling_method="ppl"), device="cpu")
     with pytest.raises(RequestError):
@@ -301,7 +298,7 @@ def test_ppl_model_refuses_to_generate_but_scores(model, tmp_path):
 
 def test_file_sampling_defaults_apply(model, tmp_path):
     """SamplingParams fields left None take the file's model_conf (topk file -> its topk; topp file -> its topp)."""
-    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.engine import Engine, SamplingParams
 
     p = PROMPTS[0]
     hf = hf_from_file(_file_with(tmp_path, model, "k.hdf5"), model)
@@ -328,7 +325,7 @@ def test_file_sampling_defaults_apply(model, tmp_path):
 
 
 def test_temperature_zero_is_greedy(engines):
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     e = engines["exported"]
     g = greedy(e, [PROMPTS[1]], 15)

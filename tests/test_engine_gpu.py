@@ -7,15 +7,12 @@ covers the whole fused forward too. Decoding at batch 1..17 covers the small-M G
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from oracles import reference_int8 as R  # noqa: E402
-from oracles import tiny  # noqa: E402
+from oracles import reference_int8 as R
+from oracles import tiny
 
 torch = pytest.importorskip("torch")
 CUDA = torch.cuda.is_available()
@@ -31,7 +28,7 @@ STEP = 16.0 / 127.0
 
 @pytest.fixture(scope="module")
 def fp16(tmp_path_factory):
-    from lsgpt.generate import Engine
+    from lsgpt.engine import Engine
 
     m = tiny.make_model(seed=0, wide=True)
     p = R.write_ls_fp16(tmp_path_factory.mktemp("g16") / "m.hdf5", R.hf_to_ls(tiny.state_dict_np(m), NL, MAX_STEP),
@@ -41,7 +38,7 @@ def fp16(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int8(tmp_path_factory):
-    from lsgpt.generate import Engine
+    from lsgpt.engine import Engine
 
     m = tiny.make_model(seed=11, wide=True)
     ls = R.hf_to_ls(tiny.state_dict_np(m), NL, MAX_STEP)
@@ -67,7 +64,7 @@ def test_cuda_fp16_logits_match_hf(fp16):
 
 @gpu_only
 def test_cuda_fp16_greedy_tracks_hf(fp16):
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     m, e = fp16
     prompts = [[5, 17, 300], [42, 7, 7, 900, 13, 2, 64]]
@@ -107,7 +104,7 @@ def test_cuda_int8_logits_match_reference(int8):
 
 @pytest.mark.parametrize("batch", [pytest.param(1, marks=gpu_only), 3, pytest.param(17, marks=gpu_only)])
 def test_cuda_int8_decode_small_batches(int8, batch):
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     e, ref, _ = int8
     rng = np.random.default_rng(batch)

@@ -8,15 +8,11 @@ fp64 activation statistics (0.9 x max |x|: informative, a few values saturate).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from oracles import reference_int8 as R  # noqa: E402
-from oracles import tiny  # noqa: E402
+from oracles import reference_int8 as R
+from oracles import tiny
 
 torch = pytest.importorskip("torch")
 
@@ -49,7 +45,7 @@ def clips(ls):
 
 @pytest.fixture(scope="module")
 def files(model, ls, clips, tmp_path_factory):
-    from lsgpt.export import export_model
+    from lsgpt.convert import export_model
 
     d = tmp_path_factory.mktemp("int8")
     qmodel = tiny.attach_clips(tiny.make_model(seed=SEED, wide=True), clips["layers"], clips["emb_clip_max"],
@@ -68,7 +64,7 @@ def refs(files):
 
 @pytest.fixture(scope="module")
 def engines(files):
-    from lsgpt.generate import Engine
+    from lsgpt.engine import Engine
 
     return {k: Engine.load(p, device="cpu") for k, p in files.items()}
 
@@ -134,7 +130,7 @@ def test_int8_clips_and_floats_exported(files, ls, clips):
 
 
 def test_int8_export_without_clips_raises(model, tmp_path):
-    from lsgpt.export import export_model
+    from lsgpt.convert import export_model
     from lsgpt.format import FormatError
 
     out = tmp_path / "x.hdf5"
@@ -195,7 +191,7 @@ def test_int8_greedy_matches_reference(engines, refs, files, origin):
     reference's maximal logits on the engine's own prefix (teacher forcing), and the free-running sequences
     are compared up to the first divergence for the report.
     """
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     e, ref = engines[origin], refs[origin]
     ref_eps = R.Int8Model(*R.read_ls(files[origin]), eps=float(e.config.layer_norm_eps))
@@ -227,7 +223,7 @@ def test_int8_greedy_matches_reference(engines, refs, files, origin):
 
 
 def test_int8_batch_equals_alone(engines):
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     e = engines["exported"]
     prompts = [[3, 14, 159], [358, 979, 323, 846, 264, 338, 327], [1, 2]]
@@ -254,7 +250,7 @@ def test_int8_ppl_uses_int8_logits(engines, files):
 def test_int8_engine_uses_stored_kernel_and_logits_clips(model, ls, clips, tmp_path):
     """Kernel clips other than 1.0 (LightSeq's torch-layer QAT variant, §2.3) and a logits clip other than 16
     must be taken from the file: bit-exact agreement with the reference at the engine's LN epsilon."""
-    from lsgpt.generate import Engine
+    from lsgpt.engine import Engine
 
     kc = {"multihead_project_kernel_qkv": 0.7, "multihead_project_kernel_output": 0.8, "ffn_first_kernel": 0.9,
           "ffn_second_kernel": 0.6}
@@ -278,7 +274,7 @@ def test_int8_engine_uses_stored_kernel_and_logits_clips(model, ls, clips, tmp_p
 def test_cuda_int_mm_backend_pads_small_batches_exactly(rows):
     """The reference CUDA path's GEMM (torch._int_mm needs more than 16 rows, so IntGemm pads): its padding
     and slicing are device-independent, so they run here on the CPU's _int_mm against an int64 matmul."""
-    from lsgpt.quantize import IntGemm
+    from lsgpt.int8 import IntGemm
 
     g = torch.Generator().manual_seed(rows)
     w = torch.randint(-127, 128, (64, 40), generator=g, dtype=torch.int8)

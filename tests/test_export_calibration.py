@@ -7,15 +7,13 @@ the resulting int8 model must track the float model.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from oracles import reference_int8 as R  # noqa: E402
-from oracles import tiny  # noqa: E402
+from oracles import reference_int8 as R
+from oracles import tiny
 
 torch = pytest.importorskip("torch")
 NL, NH, V, MAX_STEP = 2, 4, 1000, 100
@@ -48,7 +46,7 @@ def setup(tmp_path_factory):
     text = d / "calib.txt"
     text.write_text("\n".join(" ".join(f"w{i}" for i in r) for r in rows) + "\n")
     out = d / "calib8.hdf5"
-    from lsgpt.export import export_model
+    from lsgpt.convert import export_model
 
     export_model(ckpt, out, max_step=MAX_STEP, quantize=True, calibrate_text=text, tokenizer=vocab)
     token_rows = [[CLS, *r, SEP] for r in rows]
@@ -80,7 +78,7 @@ def test_calibrated_clips_match_activation_ranges(setup):
 
 
 def test_calibrated_int8_model_tracks_float_model(setup):
-    from lsgpt.generate import Engine
+    from lsgpt.engine import Engine
 
     model, out, rows = setup
     e = Engine.load(out, device="cpu")

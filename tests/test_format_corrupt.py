@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from oracles import reference_int8 as R  # noqa: E402
-from oracles import tiny  # noqa: E402
+from oracles import reference_int8 as R
+from oracles import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 NL, NH, MAX_STEP = 2, 4, 64
@@ -197,8 +196,8 @@ def test_format_error_is_a_value_error():
 
 
 def test_engine_load_rejects_incomplete_file(good, tmp_path):
+    from lsgpt.engine import Engine
     from lsgpt.format import FormatError
-    from lsgpt.generate import Engine
 
     p = _edit(good["int8"], tmp_path / "noclip.hdf5", _delete("encoder_stack/0/multihead_ln_clip_max"))
     with pytest.raises(FormatError, match="encoder_stack/0/multihead_ln_clip_max"):

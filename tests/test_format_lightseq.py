@@ -8,16 +8,14 @@ way LightSeq's own Python exporters write them (tests/oracles/reference_int8.py)
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from oracles import lightseq_src as LS  # noqa: E402
-from oracles import reference_int8 as R  # noqa: E402
-from oracles import tiny  # noqa: E402
+from oracles import lightseq_src as LS
+from oracles import reference_int8 as R
+from oracles import tiny
 
 H, INNER, V, NL, NH = 64, 256, 1000, 2, 4
 MAX_STEP = 100
@@ -59,7 +57,7 @@ def files(model, clips, tmp_path_factory):
         "fp16": {"lightseq_style": R.write_ls_fp16(d / "ref16.hdf5", ls, **conf)},
         "int8": {"lightseq_style": R.write_ls_int8(d / "ref8.hdf5", ls, clips, **conf)},
     }
-    from lsgpt.export import export_model
+    from lsgpt.convert import export_model
 
     out["fp16"]["exported"] = export_model(model, d / "ours16.hdf5", max_step=MAX_STEP)
     qmodel = tiny.attach_clips(tiny.make_model(seed=3, wide=True), clips["layers"], clips["emb_clip_max"],
@@ -163,8 +161,9 @@ def test_lightseq_style_files_pass_the_checker(files, kind):
 
 @pytest.mark.parametrize("kind", ["fp16", "int8"])
 def test_checker_catches_a_broken_file(files, kind, tmp_path):
-    import h5py
     import shutil
+
+    import h5py
 
     p = tmp_path / "broken.hdf5"
     shutil.copy(files[kind]["lightseq_style"], p)

@@ -24,7 +24,14 @@ def peaky_model():
 
 @pytest.fixture(scope="module")
 def files(peaky_model, tmp_path_factory):
-    from lsgpt.export import calibrate, export_model, float_arrays, gpt_config, load_checkpoint, quantize_arrays
+    from lsgpt.convert import (
+        calibrate,
+        export_model,
+        float_arrays,
+        gpt_config,
+        load_checkpoint,
+        quantize_arrays,
+    )
     from lsgpt.format import write_hdf5
 
     d = tmp_path_factory.mktemp("gpu")
@@ -38,7 +45,7 @@ def files(peaky_model, tmp_path_factory):
 
 
 def test_fp16_matches_hf(peaky_model, files):
-    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.engine import Engine, SamplingParams
 
     eng = Engine.load(files[0], "cuda")
     x = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(2))
@@ -59,7 +66,7 @@ def test_fp16_matches_hf(peaky_model, files):
 
 
 def test_int8_cuda_matches_cpu_integer_path(files):
-    from lsgpt.generate import Engine
+    from lsgpt.engine import Engine
 
     cpu = Engine.load(files[1], "cpu")
     x = torch.randint(0, 4096, (3, 50), generator=torch.Generator().manual_seed(3))
@@ -76,7 +83,7 @@ def test_int8_cuda_matches_cpu_integer_path(files):
 
 @pytest.mark.parametrize("which", [0, 1])
 def test_cuda_graph_decode_equals_eager(files, which):
-    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.engine import Engine, SamplingParams
 
     graphed = Engine.load(files[which], "cuda")
     eager = Engine(graphed.config, graphed.model, graphed.device, cuda_graphs=False)
@@ -89,7 +96,7 @@ def test_cuda_graph_decode_equals_eager(files, which):
 
 
 def test_compiled_decode_equals_eager(files):
-    from lsgpt.generate import Engine, SamplingParams
+    from lsgpt.engine import Engine, SamplingParams
 
     for path in files:
         compiled = Engine.load(path, "cuda", compile=True, fused=False)  # compile applies to the reference path
@@ -108,9 +115,9 @@ def article_int8(tmp_path_factory):
     logits have real margins, int8 by calibration; engines on the CPU (exact integer path) and on CUDA (fused)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lsgpt.export import calibrate, float_arrays, gpt_config, load_checkpoint, quantize_arrays
+    from lsgpt.convert import calibrate, float_arrays, gpt_config, load_checkpoint, quantize_arrays
+    from lsgpt.engine import Engine
     from lsgpt.format import write_hdf5
-    from lsgpt.generate import Engine
 
     torch.manual_seed(0)
     m = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=512, vocab_size=21128)).eval()
@@ -143,7 +150,7 @@ def test_article_shape_int8_cuda_within_one_step_of_cpu(article_int8):
 
 def test_article_shape_int8_greedy_tracks_cpu(article_int8):
     """Greedy tokens generated on CUDA, checked step by step against the CPU integer path (teacher forced)."""
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     cpu, gpu = article_int8
     prompts = [[101, 2769, 1962], [101, 791, 1921, 2523, 2458, 2552]]

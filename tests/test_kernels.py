@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -211,10 +209,8 @@ def test_engine_checks_the_kernels_at_load_and_falls_back(tmp_path, monkeypatch)
     path, unless fused=True was asked for explicitly."""
     import warnings
 
-    from lsgpt.export import export_model
-    from lsgpt.generate import Engine, SamplingParams
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from lsgpt.convert import export_model
+    from lsgpt.engine import Engine, SamplingParams
     from oracles import tiny
 
     model = tiny.make_model(seed=2)
@@ -227,7 +223,7 @@ def test_engine_checks_the_kernels_at_load_and_falls_back(tmp_path, monkeypatch)
 
     monkeypatch.setattr(K, "linear", broken)
     monkeypatch.setattr("lsgpt.fused.available", lambda device: True)
-    monkeypatch.setattr("lsgpt.generate.fused_available", lambda device: True)
+    monkeypatch.setattr("lsgpt.engine.fused_available", lambda device: True)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         e = Engine.load(path, DEV)

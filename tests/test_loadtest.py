@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_VOCAB, make_repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +27,7 @@ def _perf_analyzer_or_skip() -> None:
     except BenchError as e:
         pytest.skip(str(e))
     try:
-        from lsgpt.triton import LaunchError, find_tritonserver
+        from lsgpt.launcher import LaunchError, find_tritonserver
 
         find_tritonserver()
     except LaunchError as e:
@@ -93,7 +92,7 @@ def test_venv_perf_analyzer_runs_as_is():
 def test_loadtest_user_mistakes_get_one_line_errors_and_write_nothing(tmp_path):
     """A missing prompts file or a --url where no server answers: exit 2 with one line, before any work."""
     _perf_analyzer_or_skip()
-    from lsgpt.triton import free_port
+    from lsgpt.launcher import free_port
 
     for args in (["--prompts", str(tmp_path / "missing.txt")], ["--url", f"127.0.0.1:{free_port()}"]):
         out = tmp_path / "out"

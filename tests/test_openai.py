@@ -3,23 +3,19 @@ official `openai` Python package. Oracle: the engine in process on the same prom
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 from conftest import make_repository  # noqa: E402
 
-from lsgpt.generate import Engine, SamplingParams  # noqa: E402
-from lsgpt.text import decode, encode_prompt, load_tokenizer  # noqa: E402
-from lsgpt.triton import TritonServer, free_port  # noqa: E402
+from lsgpt.engine import Engine, SamplingParams
+from lsgpt.launcher import TritonServer, free_port
+from lsgpt.text import decode, encode_prompt, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 from conftest import make_repository  # noqa: E402
 
-from lsgpt.triton import TritonServer, free_port  # noqa: E402
+from lsgpt.launcher import TritonServer, free_port
 
 
 def ports():

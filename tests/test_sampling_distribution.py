@@ -11,14 +11,11 @@ the kept set, greedy, top-p or top-k ignored), so a sampler with any of those bu
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from oracles import tiny  # noqa: E402
+from oracles import tiny
 
 torch = pytest.importorskip("torch")
 
@@ -33,8 +30,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from lsgpt.export import export_model
-    from lsgpt.generate import Engine
+    from lsgpt.convert import export_model
+    from lsgpt.engine import Engine
 
     model = tiny.make_model(seed=4, wide=True)  # wide: logits span several units, so T, k and p matter
     path = export_model(model, tmp_path_factory.mktemp("samp") / "m.hdf5", max_step=64, eos_id=tiny.EOS_ID)
@@ -90,7 +87,7 @@ def chi2(counts: np.ndarray, p: np.ndarray, bins_from: np.ndarray | None = None)
 
 
 def draw(engine, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     counts = np.zeros(engine.config.vocab, dtype=np.int64)
     rows = 500
@@ -141,7 +138,7 @@ def test_first_token_follows_the_target_distribution(setup, case):
 
 def test_rows_of_one_batch_are_independent_draws(setup):
     """Per-row generators: two rows with different seeds in one batch are not the same draw sequence."""
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     engine, _, _ = setup
     params = [SamplingParams(max_new_tokens=20, temperature=1.0, top_k=0, seed=s) for s in (11, 12)]
@@ -167,9 +164,9 @@ def penalize(logits: np.ndarray, prompt: list[int], generated: list[int], rep: f
 def test_greedy_with_penalties_follows_the_penalized_argmax(setup, rep, pres, freq):
     """Every greedy step is the argmax of HF's logits penalized (in float64, here) by the prompt and the tokens
     generated so far: a penalty applied to the wrong tokens, with the wrong sign or the wrong count fails."""
-    from lsgpt.generate import SamplingParams
-
     from test_engine_fp16 import hf_logits
+
+    from lsgpt.engine import SamplingParams
 
     engine, _, hf = setup
     sp = SamplingParams(max_new_tokens=20, top_k=1, repetition_penalty=rep, presence_penalty=pres,
@@ -190,7 +187,7 @@ def test_greedy_with_penalties_follows_the_penalized_argmax(setup, rep, pres, fr
 
 def test_repetition_penalty_first_token_distribution(setup):
     """Sampling with a repetition penalty: the prompt's tokens are penalized before temperature (chi-square)."""
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
 
     engine, logits, _ = setup
     want_lg = penalize(logits, PROMPT, [], 3.0, 0.0, 0.0)
@@ -212,7 +209,7 @@ def test_repetition_penalty_first_token_distribution(setup):
 @pytest.mark.parametrize("kw", [dict(repetition_penalty=0.0), dict(repetition_penalty=float("nan")),
                                 dict(presence_penalty=2.5), dict(frequency_penalty=-3.0)])
 def test_bad_penalties_are_request_errors(setup, kw):
-    from lsgpt.generate import RequestError, SamplingParams
+    from lsgpt.engine import RequestError, SamplingParams
 
     with pytest.raises(RequestError, match=next(iter(kw))):
         setup[0].generate([PROMPT], SamplingParams(**kw))

@@ -7,15 +7,12 @@ joins a running long one finishes first: counted in decode steps, not seconds); 
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from oracles import tiny  # noqa: E402
+from oracles import tiny
 
 torch = pytest.importorskip("torch")
 
@@ -32,8 +29,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine(model, tmp_path_factory):
-    from lsgpt.export import export_model
-    from lsgpt.generate import Engine
+    from lsgpt.convert import export_model
+    from lsgpt.engine import Engine
 
     p = export_model(model, tmp_path_factory.mktemp("sched") / "m.hdf5", max_step=128, eos_id=tiny.EOS_ID)
     return Engine.load(p, device="cpu")
@@ -63,7 +60,7 @@ class Collector:
 
 def test_crowd_joining_and_leaving_gets_hf_greedy(engine, model):
     """Requests of different prompt lengths and lengths join while others run; every one equals HF greedy."""
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
     from lsgpt.scheduler import Scheduler
 
     prompts = [[5, 17, 300], [42, 7, 7, 900, 13, 2, 64], [101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 1], [9],
@@ -90,7 +87,7 @@ def test_crowd_joining_and_leaving_gets_hf_greedy(engine, model):
 
 
 def test_short_request_overtakes_a_long_one(engine):
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
     from lsgpt.scheduler import Scheduler
 
     s = Scheduler(engine, max_rows=4)
@@ -112,7 +109,7 @@ def test_short_request_overtakes_a_long_one(engine):
 def test_sampled_rows_do_not_depend_on_batch_mates(engine):
     """Per-row generator and penalties: a seeded request gives the same tokens alone and in a crowd of
     different requests (metamorphic check; the sampler's distribution is tested in test_sampling_distribution)."""
-    from lsgpt.generate import SamplingParams
+    from lsgpt.engine import SamplingParams
     from lsgpt.scheduler import Scheduler
 
     sp = SamplingParams(max_new_tokens=20, top_k=50, temperature=1.3, seed=7, repetition_penalty=1.2,
@@ -133,7 +130,7 @@ def test_sampled_rows_do_not_depend_on_batch_mates(engine):
 
 
 def test_bounds_cancellation_and_shutdown(engine):
-    from lsgpt.generate import RequestError, SamplingParams
+    from lsgpt.engine import RequestError, SamplingParams
     from lsgpt.scheduler import Cancelled, QueueFull, Scheduler, ShuttingDown
 
     long = SamplingParams(max_new_tokens=120, top_k=1, ignore_eos=True)

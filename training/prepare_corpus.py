@@ -23,8 +23,8 @@ import itertools
 import json
 import re
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 SOURCES = ("news", "reviews")
 # Full-width digits and Latin letters -> ASCII; full-width punctuation stays (it is in the vocabulary).

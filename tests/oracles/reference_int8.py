@@ -243,7 +243,7 @@ def float_forward(ls: dict, tokens, n_head: int, eps: float = HF_EPS, stats: dic
     x = emb[tokens] + pos[:t]
     for i in range(n_layer):
         p = f"encoder_stack/{i}/"
-        w = lambda n: ls[p + n]  # noqa: E731
+        w = lambda n: ls[p + n]  # noqa: E731, B023 (used within the iteration)
         a = layer_norm(x, w("multihead_norm_scale"), w("multihead_norm_bias"), eps)
         rec(f"{i}/multihead_ln_clip_max", a)
         qkv = a @ w("multihead_project_kernel_qkv").reshape(h, 3 * h)

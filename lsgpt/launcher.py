@@ -1,6 +1,6 @@
 """Run a real tritonserver for our model repository: from the nvidia-pytriton wheel or an NGC container.
 
-    python -m lsgpt.triton --model-repository model_repository --grpc-port 8001   # foreground, Ctrl-C stops
+    python -m lsgpt.launcher --model-repository model_repository --grpc-port 8001   # foreground, Ctrl-C stops
 
     with TritonServer("model_repository", grpc_port=free_port(), ...) as server:   # tests, benchmarks
         server.wait_ready()
@@ -12,11 +12,11 @@ What the launcher gets right so that nobody has to (see shared/docs/platform.md)
   (the wheel ships one stub per Python version beside the backend, not in it);
 - LD_LIBRARY_PATH with this interpreter's LIBDIR first: the wheel's 3.11 stub links Debian's libpython,
   and a libpython that does not match our standard library breaks threading in the models;
-- LSGPT_SITE_PACKAGES / LSGPT_ROOT for the models' thin model.py (the stub's sys.path is isolated);
+- LSGPT_SITE_PACKAGES / LSGPT_ROOT for the backend's model.py (lsgpt/backend/model.py) (the stub's sys.path is isolated);
 - a repository *view*: a folder of symlinks to the models this server can run. LightSeq's models
   (backend "lightseq") are skipped unless that backend is installed, so one model_repository serves both
   LightSeq's image and ours, and the server can run in poll mode (new version folders go live).
-This module needs only the standard library.
+This module needs only the standard library (and lsgpt.contract, which does too).
 """
 
 from __future__ import annotations
@@ -39,9 +39,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lsgpt.contract import BACKEND, MODEL_FILE
+
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINER_HOME = Path("/opt/tritonserver")
-MODEL_FILE = "model.hdf5"  # model file of every version folder / LightSeq model root (repository.py)
+BACKEND_MODEL_PY = Path(__file__).resolve().parent / "backend" / "model.py"  # what Triton runs for our models
 
 
 class LaunchError(RuntimeError):
@@ -94,17 +96,24 @@ def _wheel_install(home: Path, binary: Path) -> Install:
 
 
 def build_backend_dir(inst: Install, workdir: Path) -> Path:
-    """The --backend-directory: the container's as is, or python backend + our Python's stub (copied:
-    the backend looks for its stub beside libtriton_python.so)."""
-    if inst.backends is not None:
-        return inst.backends
-    assert inst.python_backend is not None and inst.stubs is not None
-    dst = workdir / "backends" / "python"
+    """The --backend-directory: the Python backend (the wheel's, with our Python's stub copied beside
+    libtriton_python.so where the backend looks for it; or the container's, linked) and our Python-based
+    backend lsgpt/model.py (Triton runs it through the Python backend for `backend: "lsgpt"` models)."""
+    dst = workdir / "backends"
     dst.mkdir(parents=True, exist_ok=True)
-    for src in (*inst.python_backend.iterdir(), inst.stubs / "triton_python_backend_stub"):
-        if src.is_file():
-            shutil.copy2(src, dst / src.name)
-    return workdir / "backends"
+    if inst.backends is not None:  # a container: link its backends (python, and any others it has)
+        for b in inst.backends.iterdir():
+            if b.name != BACKEND:
+                (dst / b.name).symlink_to(b.resolve(), target_is_directory=b.is_dir())
+    else:
+        assert inst.python_backend is not None and inst.stubs is not None
+        (dst / "python").mkdir()
+        for src in (*inst.python_backend.iterdir(), inst.stubs / "triton_python_backend_stub"):
+            if src.is_file():
+                shutil.copy2(src, dst / "python" / src.name)
+    (dst / BACKEND).mkdir()
+    shutil.copy2(BACKEND_MODEL_PY, dst / BACKEND / "model.py")
+    return dst
 
 
 def server_env(inst: Install, device: str | None = None, threads: int | None = None) -> dict[str, str]:
@@ -155,25 +164,11 @@ def servable(model_dir: Path, backend_dir: Path) -> tuple[bool, str]:
         return False, "no config.pbtxt with a backend"
     if not (backend_dir / backend).is_dir():
         return False, f"backend {backend!r} is not installed in {backend_dir}"
-    if backend == "python":
+    if backend == BACKEND:
         v = latest_version(model_dir)
-        if v is None or not (v / "model.py").is_file() or not (v / MODEL_FILE).is_file():
-            return False, f"no version folder with model.py and {MODEL_FILE} (export with --repository first)"
+        if v is None or not (v / MODEL_FILE).is_file():
+            return False, f"no version folder with {MODEL_FILE} (export with --repository first)"
     return True, ""
-
-
-def precompile(model_dir: Path) -> None:
-    """Write model.py's bytecode now. Otherwise the stub writes __pycache__ into the version folder when it
-    loads the model (it ignores PYTHONDONTWRITEBYTECODE), and a polling server takes that for a change
-    and reloads the model right after start-up (seen with 2.51). Same interpreter version: same cache tag."""
-    import py_compile
-
-    for v in model_dir.iterdir():
-        if v.is_dir() and (v / "model.py").is_file():
-            try:
-                py_compile.compile(str(v / "model.py"), doraise=True)
-            except (OSError, py_compile.PyCompileError):
-                pass  # read-only repository: the stub cannot write there either
 
 
 def repository_view(repo: Path, workdir: Path, backend_dir: Path, models: list[str] | None) -> list[str]:
@@ -189,10 +184,8 @@ def repository_view(repo: Path, workdir: Path, backend_dir: Path, models: list[s
         if not ok:
             if models:  # asked for by name: say why not
                 raise LaunchError(f"cannot serve model {name!r} from {repo}: {why}")
-            print(f"[lsgpt.triton] skipping {name}: {why}", file=sys.stderr)
+            print(f"[lsgpt.launcher] skipping {name}: {why}", file=sys.stderr)
             continue
-        if model_backend(repo / name) == "python":
-            precompile(repo / name)
         (view / name).symlink_to((repo / name).resolve(), target_is_directory=True)
         chosen.append(name)
     if not chosen:
@@ -366,13 +359,13 @@ class TritonServer:
             expected |= live  # models loaded later (poll mode) are watched too
             strikes = strikes + 1 if missing else 0
             if strikes >= grace:
-                print(f"[lsgpt.triton] model process(es) {', '.join(sorted(missing))} died: restarting tritonserver",
+                print(f"[lsgpt.launcher] model process(es) {', '.join(sorted(missing))} died: restarting tritonserver",
                       file=sys.stderr, flush=True)
                 self.stop(timeout=15)
                 self.start()
                 self.wait_ready(timeout)
                 expected, strikes = set(self.stub_processes()), 0
-                print(f"[lsgpt.triton] restarted: models {', '.join(self.models)} ready", file=sys.stderr, flush=True)
+                print(f"[lsgpt.launcher] restarted: models {', '.join(self.models)} ready", file=sys.stderr, flush=True)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests and stops its model stubs), SIGKILL if it hangs."""
@@ -415,7 +408,7 @@ def _client_host(host: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lsgpt.triton", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lsgpt.launcher", description=__doc__.split("\n")[0])
     ap.add_argument("--model-repository", default=os.environ.get("MODEL_REPOSITORY", str(ROOT / "model_repository")))
     ap.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", 8001)))
     ap.add_argument("--http-port", type=int, default=int(os.environ.get("HTTP_PORT", 8000)))
@@ -444,23 +437,23 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     if not _gpu_visible() or (a.device or "").startswith("cpu"):
-        print("[lsgpt.triton] CPU only: tritonserver's start-up lines about CUDA, NVML and DCGM are its GPU "
+        print("[lsgpt.launcher] CPU only: tritonserver's start-up lines about CUDA, NVML and DCGM are its GPU "
               "probes failing; they are harmless here", flush=True)
     try:
         server.start()
         server.wait_ready(a.timeout)
         print(
-            f"[lsgpt.triton] ready: models {', '.join(server.models)} | gRPC {a.host}:{a.grpc_port} "
+            f"[lsgpt.launcher] ready: models {', '.join(server.models)} | gRPC {a.host}:{a.grpc_port} "
             f"| HTTP {a.host}:{a.http_port} | metrics {a.host}:{a.metrics_port} | Ctrl-C stops",
             flush=True,
         )
         server.supervise(timeout=a.timeout)  # until the server exits; restarts it if a model process dies
         return server.proc.returncode if server.proc is not None else 0
     except KeyboardInterrupt:
-        print("[lsgpt.triton] stopping", file=sys.stderr, flush=True)
+        print("[lsgpt.launcher] stopping", file=sys.stderr, flush=True)
         return 0
     except LaunchError as e:
-        print(f"[lsgpt.triton] {e}", file=sys.stderr)
+        print(f"[lsgpt.launcher] {e}", file=sys.stderr)
         return 1
     finally:
         server.stop()
