@@ -1,6 +1,6 @@
 """Engine: load a LightSeq GPT HDF5 file (fp16 ``Gpt`` or int8 ``QuantGpt``) and generate from it.
 
-Semantics follow LightSeq (spec §2.8): the output is prompt + continuation, a row's total length is at
+Semantics follow LightSeq (docs/format.md §8): the output is prompt + continuation, a row's total length is at
 most min(max_step, prompt + extra_decode_length) (extra_decode_length <= 0: max_step), and a row ends at
 eos_id. Beyond LightSeq: prompts of different lengths in one batch (each row gets what it gets alone),
 per-request max_new_tokens / top_k / top_p / temperature / seed, and reproducible sampling: each row

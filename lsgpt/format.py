@@ -2,7 +2,7 @@
 
 Every dataset name, element count, dtype and quantization formula used by the exporter, the engine,
 the training code and the tests lives here. Layout and formulas follow LightSeq 3.0.1's loaders
-(``gpt_weight.cc``, ``quant_gpt_weight.cc``) as described in ``shared/docs/lightseq-gpt.md`` §2.
+(``gpt_weight.cc``, ``quant_gpt_weight.cc``) as described in ``docs/format.md`` §1–§4.
 
 This module needs only numpy and h5py (no torch).
 """
@@ -99,7 +99,7 @@ class FormatError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Quantization formulas (spec §2.5).
+# Quantization formulas (docs/format.md §5.2).
 
 
 def quantize_u8(x: np.ndarray, clip: float) -> np.ndarray:

@@ -10,7 +10,7 @@ fp16 ``GPT`` and the int8 ``QuantGPT`` alike, over the same weight tensors those
       ─ h ⋅ W_ffn2 (+dequant, bias) + x ─► x             (in place)
     then ln_f(+q8) ─ ⋅ embeddingᵀ (int8: requantized to int8 logits, dequantized) ─► fp32 logits
 
-Numerics are the spec's (§2.6): the same quantization points, alphas and round-half-up as the reference
+Numerics as in docs/format.md §6: the same quantization points, alphas and round-half-up as the reference
 path in ``lsgpt.int8``; float work is fp32 inside every kernel and the residual stream is kept in fp32
 (LightSeq keeps it in fp16), so the CUDA path tracks the CPU integer path, the reference, step for step.
 Off with ``LSGPT_FUSED=0`` (then the reference path runs on CUDA too).

@@ -1,4 +1,4 @@
-"""LightSeq's int8 ``QuantGpt`` dataflow (spec §2.6) with real integer matrix products.
+"""LightSeq's int8 ``QuantGpt`` dataflow (docs/format.md §6) with real integer matrix products.
 
 Every GEMM multiplies int8 activations by int8 weights into exact int32 sums:
   * CUDA: ``torch._int_mm`` (cuBLASLt int8, rows padded to > 16 as it requires);

@@ -1,7 +1,7 @@
 """Fused Triton kernels of the CUDA fast path: one launch per GEMM, LayerNorm and attention.
 
 LightSeq's int8 speed comes from keeping activations int8 between kernels and folding every (re)quantize into
-the kernel that produces the value (spec §2.6). These kernels do the same, for the int8 and the fp16 model:
+the kernel that produces the value (docs/format.md §6). These kernels do the same for the int8 and fp16 models:
 
 * ``layer_norm``: LayerNorm of the fp32 residual stream fused with the int8 quantization that follows it.
 * ``linear``: y = x @ W with the epilogue fused: int8 requantize (``floor(acc·alpha + 0.5)``, ±127) and
@@ -13,7 +13,7 @@ the kernel that produces the value (spec §2.6). These kernels do the same, for 
   small combine kernel); int8 scores are exact integer dot products, the context is quantized in the kernel.
 * ``embed``: token (int8 rows dequantized, or fp16) + position embedding; padding tokens give 0.
 
-Arithmetic is LightSeq's (round-half-up at every quantization point, alphas as in the spec); float work is
+Arithmetic is LightSeq's (round-half-up at every quantization point, alphas of docs/format.md §5.2); float work is
 fp32 inside a kernel; the residual stream is whatever the caller keeps (fp32 in ``lsgpt.fused``). Any shape
 works: blocks are masked at the edges.
 With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (how CI tests them).

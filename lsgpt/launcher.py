@@ -6,7 +6,7 @@
         server.wait_ready()
         ... server.grpc_url ...
 
-What the launcher gets right so that nobody has to (see shared/docs/platform.md):
+What the launcher gets right so that nobody has to (see docs/platform.md §1):
 - the tritonserver binary: $TRITONSERVER, /opt/tritonserver/bin (NGC container) or the pip wheel;
 - a backend directory holding the Python backend plus the stub built for *this* interpreter's version
   (the wheel ships one stub per Python version beside the backend, not in it);

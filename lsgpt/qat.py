@@ -9,7 +9,7 @@ LightSeq's ``Clip``), the gradient of every clipped element goes to amax instead
 -amax. Fixed clips (weights at 1.0, logits at 16) get no gradient.
 
 Quantizers sit exactly at the clip points of the int8 ``QuantGpt`` format (``format.LAYER_ACT_CLIPS``,
-``format.EMB_CLIPS_INT8``; spec §2.3/§2.6), so the learned clips export 1:1:
+``format.EMB_CLIPS_INT8``; docs/format.md §4/§6), so the learned clips export 1:1:
 
     wte (emb_clip_max) -> lookup + tied LM head
     per layer:  LN1 -> [multihead_ln] -> c_attn(W@1.0) -> [multihead_qkv_dense] -> +b -> [self_qkv_bias_out, frozen]

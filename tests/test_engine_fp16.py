@@ -1,6 +1,6 @@
 """Engine (fp16/fp32 Gpt format) vs HF transformers' GPT-2 on CPU.
 
-Oracles: HF GPT2LMHeadModel (logits, greedy generate, NLL) and the spec's generation semantics (§2.8).
+Oracles: HF GPT2LMHeadModel (logits, greedy generate, NLL) and LightSeq's generation semantics (docs/format.md §8).
 Files: the exporter's output, and a file written the way LightSeq's own exporter writes it (float64 1-D
 datasets, tests/oracles) so engine and exporter are checked independently. For greedy token comparisons HF
 runs on the very weights stored in the file (loaded back with h5py through our own name map), so fp16
@@ -103,7 +103,7 @@ def _cut_at_eos(seq, plen, eos):
 
 
 def test_exported_weights_match_hf_within_fp16_rounding(files, model):
-    """§2.2 layout: kernels [in,out] as HF Conv1D, token embedding [V,H], position rows [:max_step]."""
+    """docs/format.md §3 layout: kernels [in,out] as HF Conv1D, token embedding [V,H], position rows [:max_step]."""
     _, arrays = R.read_ls(files["exported"])
     ref = R.hf_to_ls(tiny.state_dict_np(model), NL, MAX_STEP)
     worst = 0.0
@@ -147,7 +147,7 @@ def test_greedy_matches_hf_generate(engines, files, model, origin):
 
 
 def test_ppl_is_mean_nll(engines, files, model):
-    """§2.8: ppl = mean NLL (natural log) over the len-1 predicted tokens, per row, unequal lengths allowed."""
+    """docs/format.md §8: ppl = mean NLL (natural log) over the len-1 predicted tokens, per row, unequal lengths allowed."""
     hf = hf_from_file(files["exported"], model)
     got = engines["exported"].ppl(PROMPTS)
     assert len(got) == len(PROMPTS)
@@ -204,7 +204,7 @@ def test_top_k_sampling_stays_in_top_k(engines, files, model):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# length / EOS semantics (§2.8), on LightSeq-style files with chosen model_conf
+# length / EOS semantics (docs/format.md §8), on LightSeq-style files with chosen model_conf
 
 
 def _file_with(tmp_path, model, name, **conf):

@@ -1,7 +1,7 @@
 """int8 QuantGpt: exporter quantization and the engine's int8 dataflow vs an independent reference.
 
 Oracle: tests/oracles/reference_int8.py - a float64 fake-quant model of LightSeq's QuantGptEncoder written
-from spec §2.5/2.6 and LightSeq's kernels, reading the HDF5 with h5py (not lsgpt). The model is a random
+from docs/format.md §5.2/§6 and LightSeq's kernels, reading the HDF5 with h5py (not lsgpt). The model is a random
 GPT-2 with weights of plausible size (inside the fixed kernel clip 1.0) and activation clips set from
 fp64 activation statistics (0.9 x max |x|: informative, a few values saturate).
 """
@@ -91,7 +91,7 @@ def test_reference_is_a_sane_quantization_of_the_float_model(refs, ls):
 
 
 def test_int8_weights_within_half_a_step(files, ls, clips):
-    """§2.5: dequantized (u8-127)*c/127 lies within c/127/2 of the original inside the clip; saturates outside."""
+    """docs/format.md §5.2: dequantized (u8-127)*c/127 lies within c/127/2 of the original inside the clip; saturates outside."""
     _, arr = R.read_ls(files["exported"])
     emb_c = float(arr["src_embedding/emb_clip_max"][0])
     assert emb_c == pytest.approx(clips["emb_clip_max"], rel=1e-6), "emb_clip_max must come from the checkpoint"
@@ -248,7 +248,7 @@ def test_int8_ppl_uses_int8_logits(engines, files):
 
 
 def test_int8_engine_uses_stored_kernel_and_logits_clips(model, ls, clips, tmp_path):
-    """Kernel clips other than 1.0 (LightSeq's torch-layer QAT variant, §2.3) and a logits clip other than 16
+    """Kernel clips other than 1.0 (LightSeq's torch-layer QAT variant, docs/format.md §4) and a logits clip other than 16
     must be taken from the file: bit-exact agreement with the reference at the engine's LN epsilon."""
     from lsgpt.engine import Engine
 

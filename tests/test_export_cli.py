@@ -1,7 +1,7 @@
 """export/export.py (the article's CLI) and lsgpt.convert.export_model: output naming, inputs, bad inputs,
 option validation and atomic writes.
 
-Oracles: the article / spec §1.6 (`-m DIR/pytorch_model.bin -l N` writes DIR/pytorch_model.hdf5), LightSeq's
+Oracles: the article / docs/format.md §9.1 (`-m DIR/pytorch_model.bin -l N` writes DIR/pytorch_model.hdf5), LightSeq's
 loader-source dataset names (tests/oracles/lightseq_src.py) and HF's own checkpoint writers
 (torch.save'd state dict, save_pretrained -> model.safetensors).
 Most CLI runs are in-process (runpy, same argv, exit code from SystemExit/return) to keep the suite fast;
@@ -179,7 +179,7 @@ def test_weights_file_path_replaces_extension(model, tmp_path):
 
 
 def test_int8_cli_from_qat_checkpoint_writes_extra_decode_length(qat_model, tmp_path):
-    """The demo's int8 export omitted model_conf/extra_decode_length (spec §1.8-1): ours must write it."""
+    """The demo's int8 export omitted model_conf/extra_decode_length (docs/format.md §9.2): ours must write it."""
     ckpt = tiny.save_bin_checkpoint(qat_model, tmp_path / "int8")
     code, _, err = run_cli("-m", ckpt, "-l", 100, "-q", "--extra-decode-length", 7)
     assert code == 0, err
@@ -199,7 +199,7 @@ def test_options_are_written_to_model_conf(bin_ckpt, tmp_path):
     assert int(h5_get(out, "model_conf/topk")) == 4
     assert float(h5_get(out, "model_conf/topp")) == pytest.approx(0.9)
     sm = h5_get(out, "model_conf/sampling_method")
-    assert sm.dtype == np.int8 and sm.tobytes() == b"topp", "int8 ASCII array, no NUL (spec §2.1)"
+    assert sm.dtype == np.int8 and sm.tobytes() == b"topp", "int8 ASCII array, no NUL (docs/format.md §2)"
     assert int(h5_get(out, "model_conf/eos_id")) == 7
     assert int(h5_get(out, "model_conf/extra_decode_length")) == 12
     assert h5_get(out, "src_embedding/position_embedding").size == 90 * H

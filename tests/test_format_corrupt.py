@@ -1,4 +1,4 @@
-"""lsgpt.format.read_hdf5 / Engine.load on corrupt, truncated and incomplete files (spec §2: every dataset
+"""lsgpt.format.read_hdf5 / Engine.load on corrupt, truncated and incomplete files (docs/format.md §1: every dataset
 is required, sizes are checked by element count): always a FormatError naming the dataset or the problem,
 never a crash. Reads run in a child process so that a crash in the HDF5 library is a failure, not the end
 of the test session.

@@ -1,4 +1,4 @@
-"""HDF5 format vs LightSeq's own loaders (spec §2; LightSeq 3.0.1 gpt_weight.cc / quant_gpt_weight.cc).
+"""HDF5 format vs LightSeq's own loaders (docs/format.md §1–§4; LightSeq 3.0.1 gpt_weight.cc / quant_gpt_weight.cc).
 
 Oracle: the dataset names, element counts and HDF5 read types are extracted at test time from the C++
 loader sources shipped in the lightseq==3.0.1 wheel (tests/oracles/lightseq_src.py), not from lsgpt.format.
@@ -19,7 +19,7 @@ from oracles import tiny
 
 H, INNER, V, NL, NH = 64, 256, 1000, 2, 4
 MAX_STEP = 100
-VALID_TOPK = {1, 2, 4, 8, 16, 32}  # ker_topk_sample_launcher (spec §2.1)
+VALID_TOPK = {1, 2, 4, 8, 16, 32}  # ker_topk_sample_launcher (docs/format.md §2)
 METHODS = {"topk", "topp", "ppl"}  # kSamplingMethods (gpt_encoder.h)
 
 
@@ -134,7 +134,7 @@ def check_against_loader(path: Path, kind: str) -> list[str]:
 
 @pytest.mark.parametrize("kind", ["fp16", "int8"])
 def test_loader_parser_finds_everything(kind):
-    """Guard against a parser that silently finds nothing: the counts the spec (§2.1-2.3) gives."""
+    """Guard against a parser that silently finds nothing: the counts docs/format.md §2–§4 gives."""
     reads = _reads(kind)
     names = {r.name for r in reads}
     conf = {"n_encoder_stack", "head_num", "src_padding_id", "sampling_method", "topk", "topp", "eos_id",
@@ -199,7 +199,7 @@ def test_exported_dataset_names_are_exactly_lightseqs(files, kind):
 
 
 def test_int8_stored_layouts(files):
-    """§2.3: token_embedding uint8 [H, V] (transposed), kernels uint8 [in, out], kernel clips 1.0, logits clip 16."""
+    """docs/format.md §4: token_embedding uint8 [H, V] (transposed), kernels uint8 [in, out], kernel clips 1.0, logits clip 16."""
     import h5py
 
     with h5py.File(files["int8"]["exported"], "r") as f:

@@ -1,6 +1,7 @@
-"""Every fused Triton kernel (lsgpt/kernels.py) against a plain float64 reference written from the spec's
-formulas, over shapes that are not multiples of the tiles. On the GPU: real kernels, batch 1..256. Without a
-GPU: the same kernels in the Triton interpreter (TRITON_INTERPRET=1, numpy on the CPU), smaller shapes.
+"""Every fused Triton kernel (lsgpt/kernels.py) against a plain float64 reference written from the
+formulas of docs/format.md §5.2, over shapes that are not multiples of the tiles. On the GPU: real kernels,
+batch 1..256. Without a GPU: the same kernels in the Triton interpreter (TRITON_INTERPRET=1, numpy on the
+CPU), smaller shapes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ KDIM, NDIM = (200, 216) if CUDA else (72, 48)  # K and N off the 64/128 tiles; N
 
 
 def q8(x: torch.Tensor) -> torch.Tensor:
-    """Spec §2.5 float2int8 of an already scaled value, in float64."""
+    """docs/format.md §5.2: float2int8 of an already scaled value, in float64."""
     return torch.floor(x.double() + 0.5).clamp(-127, 127)
 
 

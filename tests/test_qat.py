@@ -203,13 +203,13 @@ def test_quant_disabled_equals_hf(hf_model):
 def test_clip_state_dict_names(hf_model):
     qat = to_qat(hf_model)
     clip_keys = {k for k in qat.state_dict() if ".ls_clips." in k}
-    # the checkpoint contract (ARCHITECTURE.md) and the spec's 8 per-layer clip names, written out here
+    # the checkpoint contract (ARCHITECTURE.md) and the 8 per-layer clip names of docs/format.md §4, written out here
     # rather than read from lsgpt.format, so a renamed constant fails this test
     want = {f"transformer.h.{i}.ls_clips.{n}" for i in range(2) for n in tiny.LAYER_CLIP_NAMES}
     want |= {"transformer.ls_clips.emb_clip_max", "transformer.ls_clips.output_ln_clip_max"}
     assert clip_keys == want
     sd = qat.state_dict()
-    assert sd["transformer.ls_clips.emb_clip_max"].item() == 1.0  # LightSeq's initial clips (spec §2.4)
+    assert sd["transformer.ls_clips.emb_clip_max"].item() == 1.0  # LightSeq's initial clips (docs/format.md §5.1)
     assert all(sd[k].item() == 16.0 for k in want if not k.endswith("emb_clip_max"))
     # everything else is exactly HF's state dict
     assert set(sd) - clip_keys == set(hf_model.state_dict())

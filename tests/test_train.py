@@ -135,7 +135,7 @@ def test_fp16_then_int8_qat(corpus, tmp_path):
                            "--enable_quant", "true", "--max_steps", "4", "--learning_rate", "5e-5", *common)
     assert "held-out perplexity: fp16" in printed and "after QAT" in printed
     m8 = json.loads((int8 / "metrics.json").read_text())
-    assert m8["global_step"] == 4 and m8["steps_run"] == 4  # not skipped by the fp16 run's global_step (demo quirk §1.8-5)
+    assert m8["global_step"] == 4 and m8["steps_run"] == 4  # not skipped by the fp16 run's global_step (demo quirk, docs/format.md §9.2)
     assert _steps_logged(int8) == [2, 4]
     for k in ("fp16_perplexity", "int8_before_qat_perplexity", "eval_perplexity"):
         assert 1 < m8[k] < 1e6, k

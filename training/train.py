@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dataloader_pin_memory = False
     set_seed(args.seed)
 
-    # Where the weights come from, and whether this continues a Trainer run (spec §1.8-5).
+    # Where the weights come from, and whether this continues a Trainer run (docs/format.md §9.2).
     resume = args.resume_from_checkpoint
     args.resume_from_checkpoint = None  # we decide; the Trainer must not pick it up on its own
     trainer_resume, init_from = None, model_args.model_name_or_path

@@ -1,15 +1,15 @@
 """Independent reference implementation of LightSeq's GPT formats and forward passes (numpy, float64).
 
-Written from shared/docs/lightseq-gpt.md §2.2-2.7 and LightSeq 3.0.1's kernels
+Written from docs/format.md §3–§7 and LightSeq 3.0.1's kernels
 (``quant_gpt_encoder.cc.cu``, ``transformerKernels_int8.cc.cu``, ``gptKernels_int8.cc.cu``), never from lsgpt:
 
-* ``hf_to_ls``: HF GPT-2 state dict -> LightSeq dataset names (§2.2 table).
+* ``hf_to_ls``: HF GPT-2 state dict -> LightSeq dataset names (docs/format.md §3 table).
 * ``write_ls_fp16`` / ``write_ls_int8``: write files the way LightSeq's own exporters do
   (``fill_hdf5_layer``: 1-D float64 lists; ``fill_quant_hdf5_layer``: 2-D uint8, float64 clip scalars).
 * ``read_ls``: read any such file with h5py (no validation: that is lsgpt's job, tested elsewhere).
 * ``float_forward``: fp64 GPT-2 forward from LightSeq arrays, optionally recording per-clip-point activation
   statistics (used to choose plausible clips).
-* ``int8_forward``: fake-quant model of QuantGptEncoder's dataflow (§2.6): every int8 tensor is represented
+* ``int8_forward``: fake-quant model of QuantGptEncoder's dataflow (docs/format.md §6): every int8 tensor is represented
   exactly as an integer-valued float64 array, every GEMM is an exact integer matmul.
 """
 
@@ -23,7 +23,7 @@ QMAX = 127.0
 LS_EPS = 1e-12  # LightSeq inference LayerNorm epsilon (transformerKernels.h)
 HF_EPS = 1e-5
 
-# §2.2: LightSeq per-layer name -> HF GPT-2 per-layer name (Conv1D weights are already [in, out]).
+# docs/format.md §3: LightSeq per-layer name -> HF GPT-2 per-layer name (Conv1D weights are already [in, out]).
 LAYER_MAP = {
     "multihead_norm_scale": "ln_1.weight",
     "multihead_norm_bias": "ln_1.bias",
@@ -57,7 +57,7 @@ LAYER_CLIPS = (
 
 
 # ---------------------------------------------------------------------------------------------------------
-# formulas (§2.5)
+# formulas (docs/format.md §5.2)
 
 
 def quant_u8(x, c) -> np.ndarray:
@@ -138,11 +138,11 @@ def write_ls_fp16(path, ls: dict, *, n_layer, n_head, pad_id, eos_id, **conf) ->
 
 def write_ls_int8(path, ls: dict, clips: dict, *, n_layer, n_head, pad_id, eos_id, kernel_clip=1.0,
                   logits_clip=16.0, **conf) -> Path:
-    """As LightSeq's fill_quant_hdf5_layer / demo export.py -q (§2.3), with extra_decode_length always written.
+    """As LightSeq's fill_quant_hdf5_layer / demo export.py -q (docs/format.md §4), with extra_decode_length always written.
 
     clips: {"emb_clip_max", "output_ln_clip_max", "layers": [ {LAYER_CLIPS name: value} ]}.
     kernel_clip / logits_clip: LightSeq's own exporters write 1.0 / 16.0; other values model the torch-layer
-    QAT variant (§2.3, kernel clips from weight_quant._amax) and check that readers use the stored values.
+    QAT variant (docs/format.md §4, kernel clips from weight_quant._amax) and check that readers use the stored values.
     """
     import h5py
 
@@ -190,7 +190,7 @@ def read_ls(path) -> tuple[dict, dict]:
 
 
 def dims_of(arrays: dict, conf: dict) -> dict:
-    """The sizes LightSeq derives at load time (§2.1)."""
+    """The sizes LightSeq derives at load time (docs/format.md §2)."""
     h = arrays["src_embedding/norm_scale"].size
     return {
         "_hidden_size": h,
@@ -227,7 +227,7 @@ def _causal_softmax(scores):
 
 def float_forward(ls: dict, tokens, n_head: int, eps: float = HF_EPS, stats: dict | None = None) -> np.ndarray:
     """fp64 GPT-2 (pre-LN, tanh GELU, 1/sqrt(d) scaling, tied LM head) from LightSeq-named float arrays.
-    Returns logits [T, V]. If stats is a dict, records max |x| at every clip point (spec §2.3 names)."""
+    Returns logits [T, V]. If stats is a dict, records max |x| at every clip point (docs/format.md §4 names)."""
     tokens = np.asarray(tokens)
     h = ls["src_embedding/norm_scale"].size
     emb = ls["src_embedding/token_embedding"].reshape(-1, h)
@@ -284,7 +284,7 @@ def calibrate_clips(ls: dict, token_batches, n_head: int, n_layer: int, frac: fl
 
 
 # ---------------------------------------------------------------------------------------------------------
-# int8 reference (§2.6)
+# int8 reference (docs/format.md §6)
 
 
 class Int8Model:
@@ -303,7 +303,7 @@ class Int8Model:
         self.emb_clip = sc("src_embedding/emb_clip_max")
         self.out_ln_clip = sc("src_embedding/output_ln_clip_max")
         self.logits_clip = sc("src_embedding/logits_clip_max")
-        # token embedding: stored uint8 [H, V]; loaded by dequantize, requantized on device (§2.5)
+        # token embedding: stored uint8 [H, V]; loaded by dequantize, requantized on device (docs/format.md §5.2)
         e = self._requant(a["src_embedding/token_embedding"], self.emb_clip)
         self.emb_i8 = e.reshape(self.h, self.vocab).T.copy()  # [V, H] integer-valued
         self.pos = a["src_embedding/position_embedding"].reshape(-1, self.h).astype(np.float64)

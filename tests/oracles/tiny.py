@@ -21,7 +21,7 @@ LAYER_CLIP_NAMES = (
     "ffn_first_output_clip_max",
     "ffn_first_act_clip_max",
     "self_qkv_bias_out_clip_max",
-)  # spec §2.3 (the 8 per-layer activation clips), written out here independently of lsgpt.format
+)  # docs/format.md §4 (the 8 per-layer activation clips), written out here independently of lsgpt.format
 
 
 def hf_config(**over):
