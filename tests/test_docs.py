@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def text_files():
                     continue
 
 
-@lru_cache(maxsize=None)
+@cache
 def sections(doc: str) -> frozenset[str]:
     path = DOCS / doc
     return frozenset(HEADING.findall(path.read_text(encoding="utf-8"))) if path.is_file() else frozenset()
