@@ -26,7 +26,17 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from lsgpt.contract import PARAMS, RESULT, STREAM_SUFFIX, TEXT, TOKEN_IDS, param_error
+from lsgpt.contract import (
+    PARAMS,
+    RESULT,
+    STOP_WORDS,
+    STREAM_SUFFIX,
+    TEXT,
+    TOKEN_IDS,
+    encode_stop,
+    param_error,
+    stop_error,
+)
 from lsgpt.text import IncrementalDecoder, cached_tokenizer, decode, encode_prompt
 
 DEFAULT_TOKENIZER = "uer/gpt2-chinese-cluecorpussmall"
@@ -50,12 +60,19 @@ class RequestTimeout(ClientError):
     """No answer within the client's timeout."""
 
 
-def check_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
-    """Validate keyword arguments early, with a clear message; None values mean 'the model's default'."""
-    out = {}
+def check_sampling(sampling: dict[str, Any], tok: Any = None) -> dict[str, Any]:
+    """Validate keyword arguments early, with a clear message; None values mean 'the model's default'.
+
+    stop: a string, a list of strings (encoded with `tok`) or a list of token-id lists; the generation ends right
+    after one of them, which stays in the output (as EOS does)."""
+    out: dict[str, Any] = {}
     for k, v in sampling.items():
+        if k == "stop":
+            if v:
+                out[k] = _stop_ids(v, tok)
+            continue
         if k not in PARAMS:
-            raise TypeError(f"unknown sampling parameter {k!r} (known: {', '.join(PARAMS)})")
+            raise TypeError(f"unknown sampling parameter {k!r} (known: {', '.join(PARAMS)}, stop)")
         why = param_error(k, v)
         if why:
             raise InvalidRequest(why)
@@ -64,12 +81,39 @@ def check_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _stop_ids(stop: Any, tok: Any) -> tuple[tuple[int, ...], ...]:
+    items = [stop] if isinstance(stop, str) else list(stop)
+    seqs = []
+    for s in items:
+        if isinstance(s, str):
+            if tok is None:
+                raise InvalidRequest("stop strings need a tokenizer: give token-id lists instead")
+            ids = tok.encode(s, add_special_tokens=False)
+            if not ids:
+                raise InvalidRequest(f"stop string {s!r} encodes to no tokens (the tokenizer drops whitespace)")
+            seqs.append(tuple(ids))
+        elif isinstance(s, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in s):
+            seqs.append(tuple(s))
+        else:
+            raise InvalidRequest(f"stop must be a string, a list of strings or a list of token-id lists, got {s!r}")
+    why = stop_error(seqs)
+    if why:
+        raise InvalidRequest(why)
+    return tuple(seqs)
+
+
 def _inputs(module, prompt_ids: Sequence[int], sampling: dict[str, Any]) -> list:
     ids = np.asarray([list(prompt_ids)], dtype=np.int32)
     inp = module.InferInput(TOKEN_IDS, list(ids.shape), "INT32")
     inp.set_data_from_numpy(ids)
     out = [inp]
     for k, v in sampling.items():
+        if k == "stop":
+            row = np.asarray([encode_stop(v)], dtype=np.int32)
+            i = module.InferInput(STOP_WORDS, list(row.shape), "INT32")
+            i.set_data_from_numpy(row)
+            out.append(i)
+            continue
         dt = PARAMS[k].triton_dtype
         i = module.InferInput(k, [1, 1], dt)
         i.set_data_from_numpy(np.asarray([[v]], dtype=triton_to_np_dtype(dt)))
@@ -166,7 +210,7 @@ class Client:
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], **sampling) -> list[list[int]]:
         """Token-id prompts -> prompt + continuation per prompt (EOS padding removed)."""
-        params = check_sampling(sampling)
+        params = check_sampling(sampling, self.tok)
         if not prompts:
             return []
         with ThreadPoolExecutor(min(len(prompts), self.max_concurrency)) as pool:
@@ -195,7 +239,7 @@ class Client:
         """(token id, server text increment or None) as generated; the last item may have no token."""
         import queue
 
-        params = check_sampling(sampling)
+        params = check_sampling(sampling, self.tok)
         q: queue.Queue = queue.Queue()
         c = grpcclient.InferenceServerClient(self.url)  # one stream per call: a client holds one stream
         try:
@@ -258,7 +302,7 @@ class Client:
     async def agenerate_ids(self, prompts: Sequence[Sequence[int]], **sampling) -> list[list[int]]:
         import tritonclient.grpc.aio as aioclient
 
-        params = check_sampling(sampling)
+        params = check_sampling(sampling, self.tok)
         c = self._aio_client()
         sem = asyncio.Semaphore(self.max_concurrency)
 
@@ -287,7 +331,7 @@ class Client:
         """Async text increments from the streaming model (needs its text output)."""
         import tritonclient.grpc.aio as aioclient
 
-        params = check_sampling(sampling)
+        params = check_sampling(sampling, self.tok)
         inputs = _inputs(aioclient, self.encode(text), params)
 
         async def requests():

@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repetition-penalty", type=float, default=None, help="HF semantics; 1: off (e.g. 1.2)")
     ap.add_argument("--presence-penalty", type=float, default=None, help="OpenAI semantics, -2..2; 0: off")
     ap.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI semantics, -2..2; 0: off")
+    ap.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                    help="stop sequence (repeatable): generation ends right after it, and it is kept in the text")
     ap.add_argument("--stream", action="store_true", help="served: print tokens as they come, from the model's streaming twin "
                     "(gpt2 -> gpt2_stream, gpt2_int8 -> gpt2_int8_stream)")
     ap.add_argument("--timeout", type=float, default=300.0)
@@ -52,6 +54,7 @@ def run_local(a: argparse.Namespace, prompts: list[str], sampling: dict) -> list
         raise SystemExit(f"-q given but {a.model} is an fp16 (Gpt) file")
     tok = cached_tokenizer(a.tokenizer)
     ids = [encode_prompt(tok, t) for t in prompts]
+    sampling = check_sampling({**sampling, "stop": a.stop}, tok)
     t0 = time.perf_counter()
     rows = engine.generate(ids, SamplingParams(**sampling))
     dt = time.perf_counter() - t0
@@ -87,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             if a.stream:
                 for p in prompts:
                     print(decode(client.tok, client.encode(p)), end="", flush=True)
-                    for piece in client.stream(p, **sampling):
+                    for piece in client.stream(p, stop=a.stop, **sampling):
                         print(piece, end="", flush=True)
                     print("\n" + "=" * 40)
                 print(f"time: {time.perf_counter() - t0:.3f}s")
                 return 0
-            texts = client.generate(prompts, **sampling)
+            texts = client.generate(prompts, stop=a.stop, **sampling)
     except ClientError as e:
         print(("\n" if a.stream else "") + f"error: {e}", file=sys.stderr)
         return 1

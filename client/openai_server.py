@@ -11,7 +11,7 @@ Endpoints: GET /v1/models (the served portable models), POST /v1/completions (pr
 strings; max_tokens, temperature, top_p, seed, presence_penalty, frequency_penalty; stream: true sends
 server-sent events through the model's decoupled twin, then `data: [DONE]`). The text returned is the
 continuation (OpenAI's `echo: false`); usage counts tokens with the model's tokenizer. What the engine does not
-do (n > 1, best_of, logprobs, echo, stop, suffix) is refused with a 400 naming it, never ignored.
+do (n > 1, best_of, logprobs, echo, suffix) is refused with a 400 naming it, never ignored.
 Why not Triton's own OpenAI frontend: it runs tritonserver in process through its Python bindings, which the
 pip wheel we serve with does not carry. Loopback by default.
 """
@@ -29,7 +29,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from client.api import DEFAULT_TOKENIZER, Client, ClientError, InvalidRequest, ModelNotReady
+from client.api import DEFAULT_TOKENIZER, Client, ClientError, InvalidRequest, ModelNotReady, check_sampling
 from lsgpt.text import decode
 
 MODELS = ("gpt2", "gpt2_int8")
@@ -37,7 +37,7 @@ MODELS = ("gpt2", "gpt2_int8")
 PARAMS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed",
           "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 # what the engine cannot do: refused with a 400 unless the value is a neutral one
-UNSUPPORTED = {"best_of": (None, 1), "logprobs": (None, 0), "echo": (None, False), "stop": (None, [], ""),
+UNSUPPORTED = {"best_of": (None, 1), "logprobs": (None, 0), "echo": (None, False),
                "suffix": (None, ""), "logit_bias": (None, {})}
 
 
@@ -76,11 +76,18 @@ def create_app(url: str, tokenizer: str = DEFAULT_TOKENIZER, models: tuple[str, 
         sampling = {ours: body[theirs] for theirs, ours in PARAMS.items() if body.get(theirs) is not None}
         sampling.setdefault("max_new_tokens", 16)  # OpenAI's default max_tokens
         c = client(model)
+        try:  # stop: a string or up to 4 strings (OpenAI); the text returned ends before it
+            stop = check_sampling({"stop": body.get("stop")}, c.tok).get("stop", ())
+        except InvalidRequest as e:
+            return error(400, str(e))
+        if stop:
+            sampling["stop"] = stop
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.get("stream"):
             if len(prompts) != 1:
                 return error(400, "stream: true takes one prompt")
-            return StreamingResponse(stream_events(c, prompts[0], sampling, rid, created, model),
+            tails = [decode(c.tok, list(s)) for s in stop]  # what a stop sequence looks like as text
+            return StreamingResponse(stream_events(c, prompts[0], sampling, rid, created, model, tails),
                                      media_type="text/event-stream")
         try:
             ids = [c.encode(p) for p in prompts]
@@ -96,6 +103,9 @@ def create_app(url: str, tokenizer: str = DEFAULT_TOKENIZER, models: tuple[str, 
             new = row[len(p):]
             completion += len(new)
             stopped = bool(new) and new[-1] == c.eos_id
+            hit = [s for s in stop if len(new) >= len(s) and tuple(new[len(new) - len(s):]) == s]
+            if hit:  # OpenAI: the stop sequence is not part of the text
+                new, stopped = new[: len(new) - len(hit[0])], True
             choices.append({"text": decode(c.tok, new), "index": i, "logprobs": None,
                             "finish_reason": "stop" if stopped else "length"})
         prompt_tokens = sum(len(p) for p in ids)
@@ -106,17 +116,24 @@ def create_app(url: str, tokenizer: str = DEFAULT_TOKENIZER, models: tuple[str, 
     return app
 
 
-async def stream_events(c: Client, prompt: str, sampling: dict, rid: str, created: int, model: str):
+async def stream_events(c: Client, prompt: str, sampling: dict, rid: str, created: int, model: str,
+                        tails: Sequence[str] = ()):
     def event(text: str, finish: str | None) -> str:
         chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
                  "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
+    # With stop sequences, hold back as many characters as the longest one: the stream ends right after a stop
+    # sequence, which is then cut off (OpenAI sends no stop text).
+    hold, held = max(map(len, tails), default=0), ""
     try:
         async for piece in iterate_in_threadpool(c.stream(prompt, **sampling)):
-            if piece:
-                yield event(piece, None)
-        yield event("", "length")
+            held += piece or ""
+            if len(held) > hold:
+                yield event(held[: len(held) - hold], None)
+                held = held[len(held) - hold:]
+        hit = [t for t in tails if t and held.endswith(t)]
+        yield event(held[: len(held) - len(hit[0])] if hit else held, "stop" if hit else "length")
     except ClientError as e:
         yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
     yield "data: [DONE]\n\n"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ TEXT_INPUT = "text_input"  # STRING [1]: the prompt as text, instead of token_id
 RESULT = "result"  # INT32 [-1]: prompt + continuation (rows padded with EOS); streamed: one new token
 TEXT_OUTPUT = "text_output"  # STRING [1]: the continuation's text (streamed: the text increment)
 TEXT = "text"  # STRING [1], streaming twins only: the text increment of a token_ids request
+STOP_WORDS = "stop_words"  # INT32 [-1]: stop sequences as token ids, -1 between two sequences
 STREAM = "stream"  # BOOL [1]: the *_stream twins stream unless false; the others refuse true
 STREAM_SUFFIX = "_stream"  # gpt2 -> gpt2_stream: the decoupled twin of a model, same file
 
@@ -65,8 +66,11 @@ INPUTS: dict[str, tuple[str, list[int]]] = {
     TOKEN_IDS: ("INT32", [-1]),
     TEXT_INPUT: ("STRING", [1]),
     **{name: (p.triton_dtype, [1]) for name, p in PARAMS.items()},
+    STOP_WORDS: ("INT32", [-1]),
     STREAM: ("BOOL", [1]),
 }
+MAX_STOP_SEQUENCES = 16  # per request (OpenAI allows 4; TensorRT-LLM's stop_words take any number)
+MAX_STOP_TOKENS = 64  # per sequence
 OUTPUTS: dict[str, tuple[str, list[int]]] = {RESULT: ("INT32", [-1]), TEXT_OUTPUT: ("STRING", [1])}
 STREAM_OUTPUTS: dict[str, tuple[str, list[int]]] = {**OUTPUTS, TEXT: ("STRING", [1])}
 
@@ -80,3 +84,39 @@ def param_error(name: str, value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, number):
         return f"{name} must be {'a number' if p.type is float else 'an integer'}, got {value!r}"
     return None if p.ok(p.type(value)) else f"{name}={value!r} is invalid: must be {p.want}"
+
+
+def stop_error(stop: Any, vocab: int | None = None) -> str | None:
+    """Why `stop` (a sequence of token-id sequences) is not a valid set of stop sequences, or None."""
+    if len(stop) > MAX_STOP_SEQUENCES:
+        return f"{len(stop)} stop sequences: at most {MAX_STOP_SEQUENCES}"
+    for s in stop:
+        if not 1 <= len(s) <= MAX_STOP_TOKENS:
+            return f"a stop sequence has {len(s)} tokens: it must have 1..{MAX_STOP_TOKENS}"
+        bad = [t for t in s if not 0 <= t < (vocab if vocab is not None else 2**31)]
+        if bad:
+            return f"stop sequence token id {bad[0]} is outside the vocabulary" + (f" 0..{vocab - 1}" if vocab else "")
+    return None
+
+
+def encode_stop(stop: Sequence[Sequence[int]]) -> list[int]:
+    """Stop sequences -> the flat stop_words row: [1, 2, -1, 3] = the sequences (1, 2) and (3,)."""
+    out: list[int] = []
+    for s in stop:
+        out += [*map(int, s), -1]
+    return out[:-1]
+
+
+def decode_stop(row: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """The flat stop_words row -> stop sequences (empty runs, e.g. -1 padding, are ignored)."""
+    out, cur = [], []
+    for t in map(int, row):
+        if t == -1:
+            if cur:
+                out.append(tuple(cur))
+            cur = []
+        else:
+            cur.append(t)
+    if cur:
+        out.append(tuple(cur))
+    return tuple(out)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lsgpt.contract import PARAMS, param_error
+from lsgpt.contract import PARAMS, param_error, stop_error
 from lsgpt.format import GptConfig, max_output_len, read_hdf5
 from lsgpt.fused import FusedForward
 from lsgpt.fused import available as fused_available
@@ -42,6 +42,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF: a token of the prompt or output so far: logit / p if > 0, else logit * p
     presence_penalty: float = 0.0  # OpenAI: minus this once for every token already generated
     frequency_penalty: float = 0.0  # OpenAI: minus this times how often the token was generated
+    # Stop sequences (token ids): the row ends right after generating one of them, which is kept in the output
+    # (like EOS; HF's stop_strings do the same). Matched against the generated tokens only, not the prompt.
+    stop: tuple[tuple[int, ...], ...] = ()
+
+    def stops(self, generated: Sequence[int]) -> bool:
+        """Does `generated` (the continuation so far) end with one of the stop sequences?"""
+        n = len(generated)
+        return any(len(s) <= n and tuple(generated[n - len(s):]) == s for s in self.stop)
 
     @property
     def penalized(self) -> bool:
@@ -199,6 +207,9 @@ class Engine:
                 why = param_error(name, getattr(sp, name))
                 if why:
                     raise RequestError(why)
+            why = stop_error(sp.stop, c.vocab)
+            if why:
+                raise RequestError(why)
         return [sp.resolved(c) for sp in plist]
 
     # ---------------------------------------------------------------------------------------------
@@ -251,6 +262,7 @@ class Engine:
         logits = self._forward_logits(tokens, positions, cache, last=torch.arange(B, device=dev) * P + cur - 1)
         gens = [torch.Generator(device=dev).manual_seed(sp.seed) for sp in rows]
         length = list(lens)
+        generated: list[list[int]] = [[] for _ in range(B)]  # kept only for rows with stop sequences
         done = [n >= lim for n, lim in zip(lens, limits)]
         left = max(lim - n for lim, n in zip(limits, lens))  # steps until every row reaches its length limit
         penalties = Penalties.start(rows, tokens, lens, c.vocab) if any(sp.penalized for sp in rows) else None
@@ -270,7 +282,11 @@ class Engine:
                             continue
                         step.append((b, toks[b]))
                         length[b] += 1
-                        if (toks[b] == c.eos_id and not rows[b].ignore_eos) or length[b] >= limits[b]:
+                        if rows[b].stop:
+                            generated[b].append(toks[b])
+                        if (toks[b] == c.eos_id and not rows[b].ignore_eos) or length[b] >= limits[b] or (
+                            rows[b].stop and rows[b].stops(generated[b])
+                        ):
                             done[b] = True
                     yield step
                     if all(done):

@@ -352,7 +352,8 @@ class Scheduler:
         if r.on_token is not None:
             r.on_token(tok)
         eos = tok == self.engine.config.eos_id and not r.params.ignore_eos
-        if eos or len(r.tokens) >= r.limit:
+        stop = bool(r.params.stop) and r.params.stops(r.tokens[len(r.prompt):])
+        if eos or stop or len(r.tokens) >= r.limit:
             self._release(r)
             self._finish(r, r.tokens, None)
 

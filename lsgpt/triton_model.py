@@ -1,8 +1,9 @@
 """The one implementation behind every Python-backend model in model_repository/ (gpt2, gpt2_int8, and their
 decoupled twins gpt2_stream, gpt2_int8_stream).
 
-Each version folder holds a thin model.py (lsgpt.repository.MODEL_PY) that fixes sys.path and imports
-TritonPythonModel from here, plus the model file model.hdf5.
+Triton runs it as the Python-based backend "lsgpt": configs say `backend: "lsgpt"`, the launcher installs
+lsgpt/backend/model.py (which imports TritonPythonModel from here) in the server's backend directory, and
+version folders hold data only (model.hdf5, vocab.txt). Names, types and limits: lsgpt/contract.py.
 
 In-flight batching: every model runs one ``lsgpt.scheduler.Scheduler`` (its own decode loop over a running
 batch). ``execute`` only parses and validates the requests Triton hands over, queues them and returns at
@@ -41,6 +42,7 @@ from lsgpt.contract import (
     MODEL_FILE,
     PARAMS,
     RESULT,
+    STOP_WORDS,
     STREAM,
     STREAM_SUFFIX,
     TEXT,
@@ -48,6 +50,7 @@ from lsgpt.contract import (
     TEXT_OUTPUT,
     TOKEN_IDS,
     TOKENIZER_FILE,
+    decode_stop,
 )
 
 try:  # present inside the Python backend stub only
@@ -191,6 +194,15 @@ class TritonPythonModel:
                 raise BadRequest(f"input '{name}' must be finite, got {v.tolist()}")
             for row, x in enumerate(v.tolist()):
                 fields[row][name] = param.type(x)
+        sw = pb_utils.get_input_tensor_by_name(request, STOP_WORDS)
+        if sw is not None:
+            v = sw.as_numpy()
+            v = v.reshape(1, -1) if v.ndim == 1 else v
+            if v.shape[0] != b:
+                raise BadRequest(f"input '{STOP_WORDS}' must have one row per prompt ([{b}, n]), "
+                                 f"got {list(v.shape)}")
+            for row in range(b):
+                fields[row]["stop"] = decode_stop(v[row].tolist())
         st = pb_utils.get_input_tensor_by_name(request, STREAM)
         stream = self.decoupled  # the decoupled models stream unless told not to
         if st is not None:

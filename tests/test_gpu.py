@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lsgpt.contract import VOCAB_SIZE
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -120,13 +122,13 @@ def article_int8(tmp_path_factory):
     from lsgpt.format import write_hdf5
 
     torch.manual_seed(0)
-    m = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=512, vocab_size=21128)).eval()
+    m = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=512, vocab_size=VOCAB_SIZE)).eval()
     with torch.no_grad():
         m.transformer.wte.weight.mul_(4)
     config, sd, _ = load_checkpoint(m)
     cfg = gpt_config(config, 256, True)
     fa = float_arrays(cfg, sd)
-    rows = torch.randint(0, 21128, (4, 128), generator=torch.Generator().manual_seed(1)).tolist()
+    rows = torch.randint(0, VOCAB_SIZE, (4, 128), generator=torch.Generator().manual_seed(1)).tolist()
     q = write_hdf5(tmp_path_factory.mktemp("a12") / "q.hdf5", cfg, quantize_arrays(cfg, fa, calibrate(cfg, fa, rows)))
     return Engine.load(q, "cpu"), Engine.load(q, "cuda")
 
@@ -134,7 +136,7 @@ def article_int8(tmp_path_factory):
 def test_article_shape_int8_cuda_within_one_step_of_cpu(article_int8):
     cpu, gpu = article_int8
     assert gpu.backend == "triton-fused"
-    x = torch.randint(1, 21128, (2, 120), generator=torch.Generator().manual_seed(5))
+    x = torch.randint(1, VOCAB_SIZE, (2, 120), generator=torch.Generator().manual_seed(5))
     lc, lg = cpu.logits(x), gpu.logits(x)
     d = (lg - lc).abs()
     within = (d <= 16 / 127 + 1e-4).float().mean().item()

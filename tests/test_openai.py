@@ -67,8 +67,30 @@ def test_bad_requests_are_clear_400s(api):
         c.completions.create(model="gpt3", prompt="x")
     with pytest.raises(openai.BadRequestError, match="top_p"):
         c.completions.create(model="gpt2", prompt="x", top_p=3.0)
-    with pytest.raises(openai.BadRequestError, match="'stop' is not supported"):
-        c.completions.create(model="gpt2", prompt="x", stop=["。"])
+    with pytest.raises(openai.BadRequestError, match="'suffix' is not supported"):
+        c.completions.create(model="gpt2", prompt="x", suffix="y")
+    with pytest.raises(openai.BadRequestError, match="at most"):
+        c.completions.create(model="gpt2", prompt="x", stop=[str(i) for i in range(17)])
     with pytest.raises(openai.BadRequestError, match="n > 1"):
         c.completions.create(model="gpt2", prompt="x", n=2)
     assert c.completions.create(model="gpt2", prompt="x", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+def test_stop_ends_the_text_before_the_stop_sequence(api):
+    """OpenAI semantics: the completion ends where a stop sequence was generated and does not contain it,
+    finish_reason "stop"; streamed pieces join to the same text. Oracle: the engine's greedy continuation."""
+    c, tiny = api
+    tok = load_tokenizer(tiny.tokenizer)
+    p = encode_prompt(tok, "我今天很开心")
+    sp = SamplingParams(max_new_tokens=10, top_k=1, presence_penalty=2.0)  # a penalty: no repeated token
+    new = Engine.load(tiny.fp16, device="cpu").generate([p], sp)[0][len(p):]
+    k = next((i for i in range(1, len(new)) if new[i] not in new[:i] and new[i] != tiny.eos_id
+              and tok.encode(tok.convert_ids_to_tokens(new[i]), add_special_tokens=False) == [new[i]]), None)
+    assert k is not None, f"no usable stop token in {new}"
+    stop = tok.convert_ids_to_tokens(new[k])
+    r = c.completions.create(model="gpt2", prompt="我今天很开心", max_tokens=10, temperature=0, presence_penalty=2.0, stop=stop)
+    assert r.choices[0].text == decode(tok, new[:k]) and r.choices[0].finish_reason == "stop"
+    chunks = list(c.completions.create(model="gpt2", prompt="我今天很开心", max_tokens=10, temperature=0, presence_penalty=2.0, stop=[stop],
+                                       stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == decode(tok, new[:k])
+    assert chunks[-1].choices[0].finish_reason == "stop"

@@ -155,3 +155,48 @@ def test_bounds_cancellation_and_shutdown(engine):
     with pytest.raises(ShuttingDown):
         s.submit([5], long, c.cb("e"))
     assert s.stats.rejected == 1 and s.stats.cancelled == 1
+
+
+def _cut_after_stop(full: list[int], n_prompt: int, stops: list[tuple[int, ...]]) -> list[int]:
+    """The oracle's rule for stop sequences: the continuation ends right after the first place where one of
+    them has just been generated (matched within the continuation only)."""
+    new = full[n_prompt:]
+    for end in range(1, len(new) + 1):
+        if any(end >= len(s) and tuple(new[end - len(s):end]) == s for s in stops):
+            return full[: n_prompt + end]
+    return full
+
+
+def test_stop_sequences_end_a_row_like_hf_greedy_cut_there(engine, model):
+    """Stop sequences taken from HF's own greedy continuation (a 2-token and a 1-token one, and one that never
+    occurs): the engine and the scheduler end each row right after its first stop; a batch-mate without stop
+    sequences is unaffected."""
+    from lsgpt.engine import SamplingParams
+    from lsgpt.scheduler import Scheduler
+
+    p1, p2, n = [5, 17, 300], [42, 7, 7, 900], 24
+    full1, full2 = tiny.hf_greedy(model, p1, n), tiny.hf_greedy(model, p2, n)
+    new1 = full1[len(p1):]
+    stops = [tuple(new1[9:11]), (new1[15],), (998, 997, 996)]
+    want1 = _cut_after_stop(full1, len(p1), stops)
+    assert len(p1) < len(want1) < len(full1)  # the stop really cuts this continuation short
+    sp_stop = SamplingParams(max_new_tokens=n, top_k=1, ignore_eos=True, stop=tuple(stops))
+    sp_plain = SamplingParams(max_new_tokens=n, top_k=1, ignore_eos=True)
+    assert engine.generate([p1, p2], [sp_stop, sp_plain]) == [want1, full2]
+    assert list(engine.stream(p1, sp_stop)) == want1[len(p1):]
+    s = Scheduler(engine, max_rows=2, max_queue=4)
+    try:
+        assert s.generate(p1, sp_stop) == want1
+        assert s.generate(p2, SamplingParams(max_new_tokens=n, top_k=1, ignore_eos=True, stop=((p2[-1],),))) == \
+            _cut_after_stop(full2, len(p2), [(p2[-1],)])  # the prompt's own last token does not count
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("stop, word", [(((),), "1.."), (((5, 10**6),), "vocabulary"), (((5,),) * 17, "at most"),
+                                        (((-3,),), "vocabulary")])
+def test_bad_stop_sequences_are_refused(engine, stop, word):
+    from lsgpt.engine import RequestError, SamplingParams
+
+    with pytest.raises(RequestError, match=word):
+        engine.validate([[5, 6]], SamplingParams(stop=stop))

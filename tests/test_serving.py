@@ -277,6 +277,9 @@ def _bad_cases(max_step: int):
                                 "stream"),
         "text and ids": (request([GOOD]) + [tensor("text_input", np.array([[b"x"]], dtype=np.object_), "BYTES")],
                          "not both"),
+        "stop id over vocab": (request([GOOD]) + [tensor("stop_words", np.array([[5, -1, 99999]], i32))],
+                               "vocabulary"),
+        "stop rows mismatch": (request([GOOD, GOOD]) + [tensor("stop_words", np.array([[5]], i32))], "batch size"),
     }
 
 
@@ -513,3 +516,24 @@ def test_new_version_goes_live(served, grpc, tok, tmp_path):
     while server.is_model_ready("gpt2", "1"):  # latest 1: the old version is retired
         assert time.monotonic() < deadline
         time.sleep(0.5)
+
+
+def test_stop_words_end_the_continuation_through_the_server(grpc, served, engines, tok, tiny_models):
+    """stop_words (ids, -1 between sequences) through Triton = the engine's rule: a greedy continuation without
+    stops, cut right after the first stop sequence generated; the client's stop strings are encoded the same way."""
+    from client.api import Client
+
+    eng, eos = engines["gpt2"], tiny_models.eos_id
+    plain = eng.generate([GOOD], SamplingParams(max_new_tokens=12, top_k=1))[0]
+    new = plain[len(GOOD):]
+    # a token's first appearance, before any EOS, whose text encodes back to it (a stop *string* for the client)
+    k = next((i for i in range(1, len(new)) if new[i] not in new[:i] and new[i] != eos
+              and tok.encode(tok.convert_ids_to_tokens(new[i]), add_special_tokens=False) == [new[i]]), None)
+    assert k is not None, f"no usable stop token in {new}"
+    want = plain[: len(GOOD) + k + 1]
+    stops = np.array([[new[k], -1, 1, 2, 3]], np.int32)  # the second sequence never occurs
+    inputs = request([GOOD], max_new_tokens=12, top_k=1) + [tensor("stop_words", stops)]
+    assert unpad(grpc.infer("gpt2", inputs).as_numpy("result")[0], len(GOOD), eos) == want
+    with Client(served[0].grpc_url, "gpt2", tiny_models.tokenizer) as c:
+        assert c.generate_ids([GOOD], max_new_tokens=12, top_k=1, stop=[[new[k]]]) == [want]
+        assert c.generate_ids([GOOD], max_new_tokens=12, top_k=1, stop=tok.convert_ids_to_tokens(new[k])) == [want]

@@ -26,6 +26,8 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from lsgpt.contract import VOCAB_SIZE
+
 SOURCES = ("news", "reviews")
 # Full-width digits and Latin letters -> ASCII; full-width punctuation stays (it is in the vocabulary).
 _FULLWIDTH_ALNUM = {
@@ -141,7 +143,7 @@ def write_tokenizer(out_dir: Path, model_max_length: int = 1024) -> int:
     back = BertTokenizerFast.from_pretrained(str(out_dir))
     ids = {t: back.convert_tokens_to_ids(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")}
     want = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
-    if ids != want or len(back) != 21128:
+    if ids != want or len(back) != VOCAB_SIZE:
         sys.exit(f"error: unexpected vocabulary: size {len(back)}, special ids {ids}")
     return len(back)
 
