@@ -15,6 +15,7 @@ setup:
 	@scripts/setup.sh
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 demo: setup
