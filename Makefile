@@ -32,6 +32,6 @@ openai: setup
 loadtest: setup
 	$(PY) benchmarks/loadtest.py --model-repository $(MODEL_REPOSITORY) $(LOADTEST_ARGS)
 
-# one run, side by side: generation HF vs ours fp/int8, Triton vs in process, training (BENCH_ARGS=--sections ...)
+# one run: generation HF vs ours fp/int8, Triton vs in process, training, into results/<device>/<benchmark>/
 bench: setup
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

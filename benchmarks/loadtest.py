@@ -7,7 +7,7 @@ request-rate mode, on real tokenized prompts; perf_analyzer's CSVs, a summary (J
     python benchmarks/loadtest.py --url localhost:8001 --models gpt2 --concurrency 1,4,16
     python benchmarks/loadtest.py --hdf5 model/int8/model.hdf5 --tokenizer model/int8
 
-What is served (see common.prepare_repository): --url uses a running server as is; otherwise a real
+What is served (see common.prepare): --url uses a running server as is; otherwise a real
 tritonserver (lsgpt.launcher.TritonServer, free ports) serves --hdf5 if given, else the repository when its
 models are exported, else a fresh tiny random GPT-2 over the real 21128-entry vocabulary (the load test
 then measures the serving path — gRPC, dynamic batching, the Python backend, the engine loop — not a
@@ -24,40 +24,19 @@ The machines here are shared 2-core boxes: numbers are noisy; the stability rule
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import shutil
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common
 
-from lsgpt.text import cached_tokenizer  # noqa: E402
-
-from common import (  # noqa: E402
-    PORTABLE_MODELS,
-    ROOT,
-    BenchError,
-    PerfAnalyzer,
-    check_server,
-    default_prompt_source,
-    device_slug,
-    encode_prompts,
-    failure_counts,
-    find_perf_analyzer,
-    find_tokenizer,
-    load_prompts,
-    prepare_repository,
-    pyplot,
-    served,
-    temp_workdir,
-)
+from lsgpt.text import cached_tokenizer
 
 
 @dataclass
@@ -94,79 +73,43 @@ class Settings:
     extra: list[str] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------------------------
-# perf_analyzer
-
-
-def input_data(rows: list[list[int]], max_new_tokens: int) -> dict:
-    """perf_analyzer --input-data JSON: one entry per prompt (shapes without the batch dimension)."""
-    return {
-        "data": [
-            {
-                "token_ids": {"content": r, "shape": [len(r)]},
-                "max_new_tokens": [max_new_tokens],
-                "top_k": [1],
-            }
-            for r in rows
-        ]
-    }
-
-
-def perf_command(pa: PerfAnalyzer, url: str, model: str, data: Path, csv_path: Path, mode: str, value: float,
-                 s: Settings) -> list[str]:
-    cmd = [str(pa.binary), "-m", model, "-i", "grpc", "-u", url, "--input-data", str(data), "-f", str(csv_path),
-           "--stability-percentage", str(s.stability), "--max-trials", str(s.max_trials)]
-    if s.count_windows:
-        cmd += ["--measurement-mode", "count_windows", "--measurement-request-count", str(s.count_windows)]
-    else:
-        cmd += ["--measurement-interval", str(s.interval_ms)]
-    if mode == "concurrency":
-        cmd += ["--concurrency-range", str(int(value))]
-    else:
-        cmd += ["--request-rate-range", f"{value:g}", "--max-threads", "16"]
-    return cmd + s.extra
-
-
-def read_csv(path: Path) -> dict[str, str]:
-    """The measurement row of perf_analyzer's -f CSV (latencies in microseconds)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise BenchError(f"{path}: perf_analyzer wrote no measurement row")
-    return rows[-1]
-
-
-def measure(pa: PerfAnalyzer, url: str, model: str, data: Path, out: Path, mode: str, value: float, s: Settings,
-            new_tokens: float) -> Point:
+def measure(pa: tuple[Path, dict], url: str, model: str, data: Path, out: Path, mode: str, value: float,
+            s: Settings, new_tokens: float) -> Point:
+    """One perf_analyzer run; its CSV's measurement row (latencies in µs) and the server's request counts."""
     tag = f"{model}_{mode}_{value:g}"
     csv_path = out / "csv" / f"{tag}.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     pt = Point(model, mode, value, csv=str(csv_path.relative_to(out)))
-    ok0, fail0 = failure_counts(url, model)
-    cmd = perf_command(pa, url, model, data, csv_path, mode, value, s)
+    cmd = [str(pa[0]), "-m", model, "-i", "grpc", "-u", url, "--input-data", str(data), "-f", str(csv_path),
+           "--stability-percentage", str(s.stability), "--max-trials", str(s.max_trials)]
+    cmd += (["--measurement-mode", "count_windows", "--measurement-request-count", str(s.count_windows)]
+            if s.count_windows else ["--measurement-interval", str(s.interval_ms)])
+    cmd += (["--concurrency-range", str(int(value))] if mode == "concurrency"
+            else ["--request-rate-range", f"{value:g}", "--max-threads", "16"]) + s.extra
+    ok0, fail0 = common.failure_counts(url, model)
     try:
-        proc = subprocess.run(cmd, env=pa.env, capture_output=True, text=True, timeout=s.timeout_s)
+        proc = subprocess.run(cmd, env=pa[1], capture_output=True, text=True, timeout=s.timeout_s)
         pt.returncode = proc.returncode
         (out / "csv" / f"{tag}.log").write_text(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)
         if proc.returncode != 0:
-            lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
-            pt.error = " | ".join(lines[-3:])
+            pt.error = " | ".join([ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()][-3:])
     except subprocess.TimeoutExpired:
         pt.returncode, pt.error = -1, f"perf_analyzer ran past {s.timeout_s:.0f}s"
-    ok1, fail1 = failure_counts(url, model)
+    ok1, fail1 = common.failure_counts(url, model)
     if ok1 < ok0 or fail1 < fail0:  # the statistics restarted: the model was reloaded during the run
         pt.error = (pt.error + " | " if pt.error else "") + "server statistics went backwards: model reloaded?"
         ok0 = fail0 = 0
     pt.ok, pt.failed = ok1 - ok0, fail1 - fail0
-    if csv_path.is_file():
-        row = read_csv(csv_path)
+    rows = list(csv.DictReader(open(csv_path, newline=""))) if csv_path.is_file() else []
+    if rows:
+        row = rows[-1]
         pt.throughput = float(row["Inferences/Second"])
-        for p in (50, 90, 95, 99):
-            setattr(pt, f"p{p}_ms", float(row[f"p{p} latency"]) / 1000)
+        for q in (50, 90, 95, 99):
+            setattr(pt, f"p{q}_ms", float(row[f"p{q} latency"]) / 1000)
         pt.avg_ms = float(row.get("Avg latency", 0) or 0) / 1000
         pt.tokens_per_s = pt.throughput * new_tokens
     elif not pt.error:
-        pt.error = "perf_analyzer wrote no CSV"
+        pt.error = "perf_analyzer wrote no measurement"
     print(f"  {model:10s} {mode:12s} {value:6g}: {pt.throughput:8.2f} req/s  {pt.tokens_per_s:8.1f} tok/s  "
           f"p50 {pt.p50_ms:7.1f} ms  p95 {pt.p95_ms:7.1f} ms  p99 {pt.p99_ms:7.1f} ms  failed {pt.failed}"
           + (f"  ERROR {pt.error}" if pt.error else ""), flush=True)
@@ -174,112 +117,64 @@ def measure(pa: PerfAnalyzer, url: str, model: str, data: Path, out: Path, mode:
 
 
 def warm_up(url: str, model: str, rows: list[list[int]], max_new_tokens: int, eos_id: int) -> float:
-    """One request per prompt (loads lazy state, checks the model answers); the mean number of new tokens."""
-    import numpy as np
+    """One request per prompt (loads lazy state, checks the model answers); the mean number of new tokens
+    (a row is prompt + continuation, ended by EOS)."""
     import tritonclient.grpc as grpcclient
 
     new = []
-    with contextlib.closing(grpcclient.InferenceServerClient(url)) as c:
+    with grpcclient.InferenceServerClient(url) as c:
         for r in rows:
-            inputs = []
-            for name, arr, dt in (("token_ids", np.array([r], np.int32), "INT32"),
-                                  ("max_new_tokens", np.array([[max_new_tokens]], np.int32), "INT32"),
-                                  ("top_k", np.array([[1]], np.int32), "INT32")):
-                t = grpcclient.InferInput(name, list(arr.shape), dt)
-                t.set_data_from_numpy(arr)
-                inputs.append(t)
-            res = c.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput("result")])
-            out = res.as_numpy("result")[0]
-            new.append(_new_tokens(out.tolist(), len(r), eos_id))
-    return statistics.mean(new)
-
-
-def _new_tokens(result: list[int], prompt_len: int, eos_id: int) -> int:
-    """Generated tokens in a result row (prompt + continuation; rows of a batch are padded with EOS)."""
-    cont = result[prompt_len:]
-    return cont.index(eos_id) + 1 if eos_id in cont else len(cont)
-
-
-# ---------------------------------------------------------------------------------------------
-# Report
+            cont = common.infer(c, model, r, max_new_tokens)[len(r):]
+            new.append(cont.index(eos_id) + 1 if eos_id in cont else len(cont))
+    return sum(new) / len(new)
 
 
 def summarize(points: list[Point]) -> str:
-    head = "| model | mode | value | req/s | tokens/s | p50 ms | p95 ms | p99 ms | failed |\n|---|---|---|---|---|---|---|---|---|"
-    lines = [head]
-    for p in points:
-        lines.append(f"| {p.model} | {p.mode} | {p.value:g} | {p.throughput:.2f} | {p.tokens_per_s:.1f} | "
-                     f"{p.p50_ms:.1f} | {p.p95_ms:.1f} | {p.p99_ms:.1f} | {p.failed}{' (error)' if p.error else ''} |")
-    return "\n".join(lines)
+    return "\n".join(["| model | mode | value | req/s | tokens/s | p50 ms | p95 ms | p99 ms | failed |",
+                      "|---|---|---|---|---|---|---|---|---|"] + [
+        f"| {p.model} | {p.mode} | {p.value:g} | {p.throughput:.2f} | {p.tokens_per_s:.1f} | {p.p50_ms:.1f} | "
+        f"{p.p95_ms:.1f} | {p.p99_ms:.1f} | {p.failed}{' (error)' if p.error else ''} |" for p in points])
 
 
-def plot(report: dict, out: Path) -> list[Path]:
-    plt = pyplot()
-    if plt is None:
-        print("matplotlib not installed: no PNG (pip install matplotlib)")
-        return []
-    pts = [Point(**p) for p in report["points"]]
-    models = list(dict.fromkeys(p.model for p in pts))
-    made = []
-    conc = [p for p in pts if p.mode == "concurrency" and not p.error]
-    if conc:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-        for m in models:
-            ps = sorted((p for p in conc if p.model == m), key=lambda p: p.value)
-            xs = [p.value for p in ps]
-            a1.plot(xs, [p.throughput for p in ps], "o-", label=m)
-            for pct, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
-                a2.plot(xs, [getattr(p, f"{pct}_ms") for p in ps], style, label=f"{m} {pct}")
-        a1.set(xlabel="concurrency", ylabel="requests / s", title="throughput vs concurrency")
-        a2.set(xlabel="concurrency", ylabel="latency (ms)", title="latency percentiles")
-        for a in (a1, a2):
-            a.set_xscale("log", base=2)
-            a.grid(alpha=0.3)
-            a.legend(fontsize=8)
-        fig.suptitle(_subtitle(report), fontsize=9)
-        fig.tight_layout()
-        made.append(out / "loadtest_concurrency.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
-    rate = [p for p in pts if p.mode == "request_rate" and not p.error]
-    if rate:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-        for m in models:
-            ps = sorted((p for p in rate if p.model == m), key=lambda p: p.value)
-            xs = [p.value for p in ps]
-            a1.plot(xs, [p.throughput for p in ps], "o-", label=m)
-            a2.plot(xs, [p.p50_ms for p in ps], "o-", label=f"{m} p50")
-            a2.plot(xs, [p.p95_ms for p in ps], "s--", label=f"{m} p95")
-        lim = max(p.value for p in rate)
-        a1.plot([0, lim], [0, lim], color="gray", lw=0.8, label="offered = served")
-        a1.set(xlabel="offered requests / s", ylabel="served requests / s", title="request-rate mode")
-        a2.set(xlabel="offered requests / s", ylabel="latency (ms)", title="latency under offered load")
-        for a in (a1, a2):
-            a.grid(alpha=0.3)
-            a.legend(fontsize=8)
-        fig.suptitle(_subtitle(report), fontsize=9)
-        fig.tight_layout()
-        made.append(out / "loadtest_request_rate.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
-    return made
-
-
-def _subtitle(report: dict) -> str:
-    return (f"{report['device']} | {report['served']} | max_new_tokens {report['max_new_tokens']}, "
-            f"{report['prompts']} prompts")
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
+def plot(report: dict, out: Path) -> None:
+    pts = [Point(**p) for p in report["points"] if not p["error"]]
+    sub = (f"{report['device']} | {report['served']} | max_new_tokens {report['max_new_tokens']}, "
+           f"{report['prompts']} prompts")
+    for mode, lat, x in (("concurrency", ("p50", "p95", "p99"), "concurrency"),
+                         ("request_rate", ("p50", "p95"), "offered requests / s")):
+        ps = sorted((p for p in pts if p.mode == mode), key=lambda p: p.value)
+        if not ps:
+            continue
+        with common.figure(out / f"loadtest_{mode}.png", 1, 2, figsize=(11, 4)) as (fig, (a1, a2)):
+            if fig is None:
+                return
+            for m in dict.fromkeys(p.model for p in ps):
+                mine = [p for p in ps if p.model == m]
+                a1.plot([p.value for p in mine], [p.throughput for p in mine], "o-", label=m)
+                for q, style in zip(lat, ("o-", "s--", "^:")):
+                    a2.plot([p.value for p in mine], [getattr(p, f"{q}_ms") for p in mine], style, label=f"{m} {q}")
+            if mode == "concurrency":
+                a1.set(ylabel="requests / s", title="throughput vs concurrency")
+                a2.set(title="latency percentiles")
+                a1.set_xscale("log", base=2), a2.set_xscale("log", base=2)
+            else:
+                a1.plot([0, ps[-1].value], [0, ps[-1].value], color="gray", lw=0.8, label="offered = served")
+                a1.set(ylabel="served requests / s", title="request-rate mode")
+                a2.set(title="latency under offered load")
+            for ax in (a1, a2):
+                ax.set(xlabel=x)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+            a2.set(ylabel="latency (ms)")
+            fig.suptitle(sub, fontsize=9)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
+    p.add_argument("--model-repository", type=Path, default=common.ROOT / "model_repository")
     p.add_argument("--hdf5", type=Path, help="serve this exported file instead (fp -> gpt2, int8 -> gpt2_int8)")
     p.add_argument("--url", help="gRPC url of a running server (default: start one on free ports)")
-    p.add_argument("--models", default=",".join(PORTABLE_MODELS), help="comma-separated (default gpt2,gpt2_int8)")
+    p.add_argument("--models", default=",".join(common.PORTABLE_MODELS), help="comma-separated (default gpt2,gpt2_int8)")
     p.add_argument("--tokenizer", help="folder with vocab.txt / a vocab.txt (default: data/tokenizer, the model's "
                                        "version folder, or the bundled Chinese BERT vocab)")
     p.add_argument("--prompts", default=None, help="text file, one prompt a line (default data/train.txt, else builtin)")
@@ -316,14 +211,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     models = [m for m in a.models.split(",") if m]
-    out: Path = a.out or ROOT / "results" / device_slug() / ("loadtest-quick" if a.quick else "loadtest")
+    out: Path = a.out or common.ROOT / "results" / common.device_slug() / ("loadtest-quick" if a.quick else "loadtest")
     try:  # user mistakes first, before any work: one line each, exit 2
-        pa = find_perf_analyzer()
+        pa = common.find_perf_analyzer()
         if a.prompts and a.prompts != "builtin":
-            load_prompts(a.prompts, a.num_prompts, a.prompt_chars)
+            common.load_prompts(a.prompts, a.num_prompts, a.prompt_chars)
         if a.url:
-            check_server(a.url)
-    except BenchError as e:
+            common.check_server(a.url)
+    except common.BenchError as e:
         print(f"loadtest: error: {e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
@@ -333,32 +228,27 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=a.max_new_tokens, interval_ms=a.measurement_interval, count_windows=a.count_windows,
         stability=a.stability, max_trials=a.max_trials, timeout_s=120 if a.quick else 900, extra=a.perf_arg,
     )
-    layers, hidden, heads, max_step = (int(x) for x in a.tiny_shape.split(","))
     t0 = time.time()
-    with temp_workdir("lsgpt-loadtest-") as tmp:
-        work = Path(tmp)
+    points: list[Point] = []
+    new_tokens: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="lsgpt-loadtest-") as tmp:
         if a.url:
-            tok = find_tokenizer(a.tokenizer, a.model_repository, models[0])
-            served_desc, vocab = f"running server at {a.url}", None
-            repo = a.model_repository
+            repo, tok, served_desc, vocab = a.model_repository, common.find_tokenizer(a.tokenizer, a.model_repository, models[0]), \
+                f"running server at {a.url}", None
         else:
-            prep = prepare_repository(a.model_repository, work, hdf5=a.hdf5, tokenizer=a.tokenizer, models=models,
-                                      layers=layers, hidden=hidden, heads=heads, max_step=max_step)
-            tok, served_desc, vocab, repo, models = prep.tokenizer, prep.source, prep.vocab, prep.repository, prep.models
-        src = a.prompts or default_prompt_source()
-        texts = load_prompts(src, a.num_prompts, a.prompt_chars)
-        rows = encode_prompts(tok, texts, vocab)
-        eos_id = cached_tokenizer(tok).sep_token_id  # [SEP] ends a paragraph (lsgpt.text)
-        data = out / "input_data.json"
-        data.write_text(json.dumps(input_data(rows, s.max_new_tokens), ensure_ascii=False))
+            repo, tok, served_desc, vocab, models = common.prepare(a.model_repository, Path(tmp), hdf5=a.hdf5,
+                                                            tokenizer=a.tokenizer, models=models, tiny_shape=a.tiny_shape)
+        src = a.prompts or common.default_prompt_source()
+        texts = common.load_prompts(src, a.num_prompts, a.prompt_chars)
+        rows = common.encode_prompts(tok, texts, vocab)
+        data = out / "input_data.json"  # perf_analyzer --input-data: one entry per prompt, shapes without the batch
+        data.write_text(json.dumps({"data": [{"token_ids": {"content": r, "shape": [len(r)]}, "top_k": [1],
+                                              "max_new_tokens": [s.max_new_tokens]} for r in rows]}, ensure_ascii=False))
         print(f"loadtest: {served_desc}\n  models {models}, {len(rows)} prompts from {src} "
               f"(e.g. {texts[0]!r} -> {rows[0]}), max_new_tokens {s.max_new_tokens}, tokenizer {tok}", flush=True)
-        points: list[Point] = []
-        new_tokens: dict[str, float] = {}
-        with served(repo, models, a.url, threads=a.server_threads or None) as (url, server):
-            print(f"  tritonserver gRPC {url}" + (f" (pid {server.proc.pid})" if server and server.proc else ""))
+        with common.served(repo, models, a.url, threads=a.server_threads or None) as (url, server):
             for m in models:
-                new_tokens[m] = warm_up(url, m, rows, s.max_new_tokens, eos_id)
+                new_tokens[m] = warm_up(url, m, rows, s.max_new_tokens, cached_tokenizer(tok).sep_token_id)
                 for c in s.concurrency:
                     points.append(measure(pa, url, m, data, out, "concurrency", c, s, new_tokens[m]))
                 rates = s.request_rates
@@ -370,31 +260,20 @@ def main(argv: list[str] | None = None) -> int:
             if server is not None and server.log_path and server.log_path.is_file():
                 shutil.copyfile(server.log_path, out / "server.log")
     report = {
-        "task": "loadtest",
-        "device": device_slug(),
-        "served": served_desc,
-        "models": models,
-        "prompts": len(rows),
-        "prompt_source": src,
-        "tokenizer": tok,
-        "max_new_tokens": s.max_new_tokens,
-        "mean_new_tokens": new_tokens,
-        "settings": asdict(s),
-        "server_threads": a.server_threads or "torch default",
-        "perf_analyzer": str(pa.binary),
-        "seconds": round(time.time() - t0, 1),
-        "failed_requests": sum(p.failed for p in points),
+        "task": "loadtest", "device": common.device_slug(), "served": served_desc, "models": models, "prompts": len(rows),
+        "prompt_source": src, "tokenizer": tok, "max_new_tokens": s.max_new_tokens, "mean_new_tokens": new_tokens,
+        "settings": asdict(s), "server_threads": a.server_threads or "torch default", "perf_analyzer": str(pa[0]),
+        "seconds": round(time.time() - t0, 1), "failed_requests": sum(p.failed for p in points),
         "errors": [f"{p.model} {p.mode} {p.value:g}: {p.error}" for p in points if p.error],
-        "points": [asdict(p) for p in points],
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)]),
+        "points": [asdict(p) for p in points], "command": common.command_line(argv),
     }
-    (out / "loadtest.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    common.write_json(out / "loadtest.json", report)
     table = summarize(points)
-    (out / "loadtest.md").write_text(f"{_subtitle(report)}\n\n{table}\n")
-    pngs = plot(report, out)
+    (out / "loadtest.md").write_text(f"{report['device']} | {served_desc} | max_new_tokens {s.max_new_tokens}, "
+                                     f"{len(rows)} prompts\n\n{table}\n")
     print(table)
-    print(f"wrote {out / 'loadtest.json'}, {out / 'loadtest.md'}, perf_analyzer CSVs in {out / 'csv'}"
-          + "".join(f", {p}" for p in pngs))
+    plot(report, out)
+    print(f"wrote {out / 'loadtest.json'}, {out / 'loadtest.md'}, perf_analyzer CSVs in {out / 'csv'}")
     if report["failed_requests"] or report["errors"]:
         print(f"loadtest: {report['failed_requests']} failed requests, {len(report['errors'])} perf_analyzer errors",
               file=sys.stderr)

@@ -16,11 +16,10 @@ import pytest
 from conftest import TINY_VOCAB, make_repository
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _perf_analyzer_or_skip() -> None:
-    from common import BenchError, find_perf_analyzer
+    from benchmarks.common import BenchError, find_perf_analyzer
 
     try:
         find_perf_analyzer()

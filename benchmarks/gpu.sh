@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The lent GPU machine in one call, into $OUT (the image has Python, torch+CUDA, transformers, h5py; no network,
+# no tritonserver, perf_analyzer or matplotlib: re-make figures elsewhere with the scripts' --replot).
+#   OUT=/out benchmarks/gpu.sh all       # < 8 min: training, generation (+ compiled batch 1), in-process soak
+#   OUT=/out benchmarks/gpu.sh fastpath  # GPU tests, generation to batch 256 with TTFT + kernels per step, overhead
+#   BEFORE=.gpu_before OUT=/out benchmarks/gpu.sh serving   # overhead, 500 tokens; in-flight here vs $BEFORE
+# fastpath and serving need wheels carried in .whl/ (results/h100/fastpath/NOTES.md): nvidia-pytriton==0.7.0,
+# tritonclient==2.51.0, protobuf<5, grpcio, python-rapidjson, numpy<2 (tritonserver 2.51's Python backend
+# returns empty outputs under numpy 2: it goes to the model stubs only, via LSGPT_SITE_PACKAGES).
+# Files: $OUT/<device>/<benchmark>/... as on the CPU machine, $OUT/tests.log, $OUT/gpu.log.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:?set OUT to the output folder}"
+MODE="${1:-all}"
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu.log") 2>&1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+if [ "$MODE" != all ] && ls .whl/*.whl >/dev/null 2>&1; then
+    pip_target() { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
+    pip_target /tmp/site $(ls .whl/*.whl | grep -v /numpy-) && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    if ls .whl/numpy-*.whl >/dev/null 2>&1; then pip_target /tmp/stub-site .whl/numpy-*.whl && export LSGPT_SITE_PACKAGES=/tmp/stub-site; fi
+fi
+DEV="$(cd benchmarks && "$PY" -c 'from common import device_slug; print(device_slug())' 2>/dev/null || echo gpu)"
+echo "[gpu.sh $MODE] $(date -u +%FT%TZ) $DEV $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
+status=0
+run() { local t=$1; shift; timeout "$t" "$PY" "$@" 2>&1 | grep -v Warning | cut -c1-400; [ "${PIPESTATUS[0]}" = 0 ] || status=1; }
+case "$MODE" in
+all)  # training (about 1 min), generation at batch 1/8/32 (+ compiled engines at batch 1: ~2 min per batch size)
+    run 150 benchmarks/train_throughput.py --steps 10 --out "$OUT/$DEV/train/train_throughput.json"
+    run 300 benchmarks/generation.py --compile --compile-batches 1 --out "$OUT/$DEV/generation"
+    # the engine alone on the GPU for 45 s (article shape, max_step 128): a leak in the KV caches or CUDA graphs shows
+    run 80 benchmarks/soak.py --in-process --device cuda --minutes 0.75 --warmup 12 --sample-every 1 \
+        --tiny-shape 12,768,12,128 --max-batch 8 --max-new-tokens 8,32,64 --prompts builtin --out "$OUT/$DEV/soak" ;;
+fastpath)
+    timeout 200 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -s tests/test_kernels.py tests/test_gpu.py \
+        tests/test_engine_gpu.py > "$OUT/tests.log" 2>&1 || status=1
+    grep -E "passed|failed" "$OUT/tests.log" | tail -1
+    run 300 benchmarks/generation.py --batches 1,8,32,64,128,256 --ttft-prompt 400 --profile --out "$OUT/$DEV/generation"
+    run 120 benchmarks/serving.py --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving" ;;
+serving)
+    run 200 benchmarks/serving.py --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving"
+    (cd benchmarks && "$PY" -c 'from pathlib import Path; from common import export_pair as e, random_model as r
+e(r(12, 768, 12), Path("/tmp"), 1024)')
+    for side in after before; do  # each side compiles its own Triton kernels
+        pp="$PYTHONPATH"; [ "$side" = before ] && pp="${BEFORE:-.gpu_before}:$PYTHONPATH"
+        PYTHONPATH="$pp" TRITON_CACHE_DIR=/tmp/triton-cache-$side run 170 benchmarks/serving.py --sections inflight \
+            --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-1,8,32}" --requests "${REQUESTS:-64}" --out "$OUT/$DEV/serving/$side"
+    done ;;
+*) echo "usage: OUT=/out $0 [all|fastpath|serving]"; exit 2 ;;
+esac
+echo "[gpu.sh $MODE] $(date -u +%FT%TZ) done (status $status)"; find "$OUT" -type f | sort
+exit $status
