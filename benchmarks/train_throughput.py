@@ -1,16 +1,23 @@
 """Training throughput (tokens/s) through the HF Trainer: plain HF GPT-2 vs ours, fp32/fp16 and int8 QAT.
 
 Modes:
-  hf-fp32     transformers' GPT2LMHeadModel, fp32
-  hf-fp16     the same with --fp16 (mixed precision; CUDA only)
-  ours-fp16   lsgpt.qat.QuantGPT2LMHeadModel with quantizers off (our forward; fp32 on the CPU)
-  ours-int8   the same with LightSeq's fake quantizers on (int8 QAT; fp16 mixed precision on CUDA)
+  hf-fp32          transformers' GPT2LMHeadModel, fp32, the plain Trainer
+  hf-fp16          the same with --fp16 (mixed precision; CUDA only): the baseline of issue 16
+  ours-fp16        what training/train.py runs for fp16 by default on CUDA: lsgpt.qat.QuantGPT2LMHeadModel with
+                   quantizers off, through the training fast path (lsgpt.fasttrain: compiled regions, fused
+                   AdamW, no per-step host syncs)
+  ours-int8        the same with LightSeq's fake quantizers on (int8 QAT, fp16 mixed precision on CUDA)
+  ours-*-model     the same, the whole training forward compiled as one graph (compile_regions(scope="model"))
+  ours-fp16-plain  our model without the fast path (eager; what train.py runs with --fast_path false is HF's)
+  ours-int8-plain  int8 QAT without the fast path (eager; train.py --enable_quant true --fast_path false)
 
 Shapes: on CUDA the article's model (12 layers, 768 hidden, 12 heads, vocab 21128, block 500, batch 16);
 on the CPU a small one (2 layers, 128 hidden, vocab 21128, block 128, batch 8). Random token ids: the speed
-does not depend on the text. Timing starts after --warmup steps and covers whole optimizer steps.
+does not depend on the text. The clock starts after --warmup optimizer steps (compilation included there) and
+stops after --steps more; the GPU is synchronized only at those two points, as in real training (a sync per
+step would serialize the host and the GPU). peak_memory_gib: torch.cuda.max_memory_allocated over the run.
 
-  python benchmarks/train_throughput.py --out results/train_throughput.json [--repeats 3]
+  python benchmarks/train_throughput.py --out results/train_throughput.json [--repeats 3] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -30,9 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+from lsgpt import fasttrain  # noqa: E402
 from lsgpt.qat import QuantGPT2LMHeadModel  # noqa: E402
 
-MODES = ("hf-fp32", "hf-fp16", "ours-fp16", "ours-int8")
+MODES = ("hf-fp32", "hf-fp16", "ours-fp16", "ours-int8", "ours-fp16-model", "ours-int8-model", "ours-fp16-plain",
+         "ours-int8-plain")
+DEFAULT_MODES = {"gpu": ("hf-fp16", "ours-fp16", "ours-int8", "ours-fp16-plain", "ours-int8-plain"),
+                 "cpu": ("hf-fp32", "ours-fp16-plain", "ours-int8-plain")}
 SHAPES = {
     "gpu": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, block=500, batch=16),
     "cpu": dict(n_layer=2, n_embd=128, n_head=4, n_positions=256, block=128, batch=8),
@@ -52,22 +63,56 @@ class RandomBlocks(torch.utils.data.Dataset):
 
 
 class StepTimer(TrainerCallback):
-    def __init__(self, warmup: int):
-        self.warmup, self.t0, self.t1, self.timed = warmup, None, None, 0
+    """Wall time from the end of step `warmup` to the end of step `warmup + steps`; the GPU is synchronized at
+    those two points only."""
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.last, self.t_start, self.t0, self.t1, self.timed = warmup, warmup + steps, None, None, None, 0
 
     def _sync(self):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
+    def on_train_begin(self, args, state, control, **kw):
+        self.t_start = time.perf_counter()
+
     def on_step_end(self, args, state, control, **kw):
-        self._sync()
         if state.global_step == self.warmup:
+            self._sync()
             self.t0 = time.perf_counter()
-        elif state.global_step > self.warmup:
+        elif state.global_step == self.last:
+            self._sync()
             self.t1, self.timed = time.perf_counter(), state.global_step - self.warmup
 
 
-def run_mode(mode: str, shape: dict, vocab: int, steps: int, warmup: int) -> dict:
+class Profile(TrainerCallback):
+    """torch.profiler over optimizer steps (first, first + n]; the table of kernels by device time goes to `path`."""
+
+    def __init__(self, first: int, n: int, path: Path):
+        self.first, self.n, self.path, self.prof = first, n, path, None
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.first:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+        elif self.prof is not None and state.global_step == self.first + self.n:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            avg = self.prof.key_averages()
+            table = avg.table(sort_by=key, row_limit=40, max_name_column_width=90)
+            cpu = avg.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=90)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(f"{self.n} optimizer steps, by device time\n{table}\n\nby host time\n{cpu}\n")
+            self.prof = None
+
+
+def run_mode(mode: str, shape: dict, vocab: int, steps: int, warmup: int, profile: Path | None = None) -> dict:
     cuda = torch.cuda.is_available()
     if mode == "hf-fp16" and not cuda:
         return {"skipped": "fp16 mixed precision needs CUDA"}
@@ -76,41 +121,71 @@ def run_mode(mode: str, shape: dict, vocab: int, steps: int, warmup: int) -> dic
         n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"],
         n_positions=shape["n_positions"], vocab_size=vocab, activation_function="gelu_new",
     )
+    fast = mode.startswith("ours") and not mode.endswith("-plain")
     if mode.startswith("hf"):
         model = GPT2LMHeadModel(config)
     else:
-        model = QuantGPT2LMHeadModel(config).set_quant(mode == "ours-int8")
+        model = QuantGPT2LMHeadModel(config).set_quant(mode.startswith("ours-int8"))
+    model.loss_type = "ForCausalLM"  # as train.py sets it
     fp16 = cuda and mode != "hf-fp32"
-    timer = StepTimer(warmup)
+    timer = StepTimer(warmup, steps)
+    callbacks = [timer]
+    n_prof = 2 if profile else 0
+    if profile:
+        callbacks.append(Profile(warmup + steps, n_prof, profile / f"profile-{mode}.txt"))
+    if cuda:
+        torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=shape["batch"], max_steps=warmup + steps,
+            output_dir=out, per_device_train_batch_size=shape["batch"], max_steps=warmup + steps + n_prof,
             learning_rate=1e-4, fp16=fp16, report_to="none", save_strategy="no", logging_strategy="no",
             disable_tqdm=True, dataloader_pin_memory=cuda, use_cpu=not cuda,
         )
-        ds = RandomBlocks(shape["batch"] * (warmup + steps), shape["block"], vocab)
+        if fast:
+            torch._dynamo.reset()  # each mode compiles afresh (and never hits the recompile limit over rounds)
+            from torch._dynamo.utils import counters
+
+            counters.clear()
+            if not mode.startswith("ours-int8"):
+                for p in model.transformer.ls_clips.parameters():  # as train.py: fp16 clips don't train
+                    p.requires_grad_(False)
+                for block in model.transformer.h:
+                    block.ls_clips.requires_grad_(False)
+            fasttrain.configure(model, args, scope="model" if mode.endswith("-model") else None)
+        ds = RandomBlocks(shape["batch"] * (warmup + steps + n_prof), shape["block"], vocab)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer]).train()
+        Trainer(model=model, args=args, train_dataset=ds, callbacks=callbacks,
+                data_collator=fasttrain.collate if fast else None).train()
     elapsed = timer.t1 - timer.t0
     tokens = timer.timed * shape["batch"] * shape["block"]
     res = {
         "precision": "fp16 mixed" if fp16 else "fp32",
-        "quantizers": mode == "ours-int8",
+        "quantizers": mode.startswith("ours-int8"),
+        "fast_path": fast,
+        "optimizer": str(getattr(args.optim, "value", args.optim)),
         "timed_steps": timer.timed,
         "seconds": round(elapsed, 4),
+        "step_ms": round(1000 * elapsed / timer.timed, 2),
         "steps_per_s": round(timer.timed / elapsed, 4),
         "tokens_per_s": round(tokens / elapsed, 1),
+        "warmup_seconds": round(timer.t0 - timer.t_start, 2),
     }
     if cuda:
         res["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    if fast:
+        from torch._dynamo.utils import counters
+
+        res["graph_breaks"] = sum(counters["graph_break"].values())
+    del model
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="JSON result path")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of %(default)s")
+    ap.add_argument("--modes", default=None, help=f"comma-separated subset of {MODES}; default: on CUDA "
+                    f"{','.join(DEFAULT_MODES['gpu'])}, on the CPU {','.join(DEFAULT_MODES['cpu'])}")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: gpu on CUDA, else cpu")
     ap.add_argument("--n_layer", type=int)
     ap.add_argument("--n_embd", type=int)
@@ -119,15 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int)
     ap.add_argument("--vocab", type=int, default=21128)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 10 on the CPU)")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (compilation happens here)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="folder: profile 2 more steps of each mode (torch.profiler) into profile-<mode>.txt")
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds over all modes (interleaved, so load from other processes hits each mode alike); "
                     "tokens_per_s is the best round, tokens_per_s_median the median")
     a = ap.parse_args(argv)
-    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    cuda = torch.cuda.is_available()
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()] if a.modes else list(DEFAULT_MODES[
+        "gpu" if cuda else "cpu"])
     if bad := [m for m in modes if m not in MODES]:
         ap.error(f"unknown modes {bad}; choose from {MODES}")
-    cuda = torch.cuda.is_available()
     shape = dict(SHAPES[a.shape or ("gpu" if cuda else "cpu")])
     for k in ("n_layer", "n_embd", "n_head", "block", "batch"):
         if getattr(a, k) is not None:
@@ -145,9 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(a.repeats):
         for m in modes:
             print(f"[train_throughput] round {r + 1}/{a.repeats} {m} ...", file=sys.stderr, flush=True)
-            rounds[m].append(run_mode(m, shape, a.vocab, steps, a.warmup))
+            try:
+                rounds[m].append(run_mode(m, shape, a.vocab, steps, a.warmup, a.profile if r == 0 else None))
+            except Exception as e:  # noqa: BLE001 - one failing mode must not cost the others' results
+                rounds[m].append({"skipped": f"failed: {type(e).__name__}: {str(e)[:500]}"})
             print(f"[train_throughput] {m}: {rounds[m][-1]}", file=sys.stderr, flush=True)
     for m, rs in rounds.items():
+        rs = [x for x in rs if "skipped" not in x] or rs
         if "skipped" in rs[0]:
             result["modes"][m] = rs[0]
             continue
@@ -155,9 +237,27 @@ def main(argv: list[str] | None = None) -> int:
         tps = sorted(x["tokens_per_s"] for x in rs)
         result["modes"][m] = {**best, "rounds": len(rs), "tokens_per_s_median": tps[len(tps) // 2],
                               "tokens_per_s_all": [x["tokens_per_s"] for x in rs]}
+    ok = {m: v for m, v in result["modes"].items() if "tokens_per_s" in v}
+    base = "hf-fp16" if "hf-fp16" in ok else "hf-fp32" if "hf-fp32" in ok else None
+    ratios = {}
+    for m, v in ok.items():
+        if base and m != base:
+            ratios[f"{m}_vs_{base}"] = round(v["tokens_per_s"] / ok[base]["tokens_per_s"], 3)
+    for q, f in (("ours-int8", "ours-fp16"), ("ours-int8-model", "ours-fp16-model"),
+                 ("ours-int8-plain", "ours-fp16-plain")):
+        if q in ok and f in ok:
+            ratios[f"{q}_step_time_over_{f}"] = round(ok[q]["step_ms"] / ok[f]["step_ms"], 3)
+    result["ratios"] = ratios
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    print(f"\n{result['device']}, shape {result['shape']}")
+    print(f"{'mode':<18}{'tokens/s':>12}{'step ms':>10}{'peak GiB':>10}{'warmup s':>10}")
+    for m, v in ok.items():
+        print(f"{m:<18}{v['tokens_per_s']:>12.0f}{v['step_ms']:>10.2f}{v.get('peak_memory_gib', float('nan')):>10.2f}"
+              f"{v['warmup_seconds']:>10.1f}")
+    for k, v in ratios.items():
+        print(f"  {k}: {v}")
     return 0
 
 

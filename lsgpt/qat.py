@@ -59,37 +59,71 @@ CONFIG_FLAG = "ls_quant"  # config.json key: True for a QAT checkpoint (quantize
 # Fake quantization.
 
 
-class _FakeQuant(torch.autograd.Function):
-    """LightSeq's fake quant; `learn` selects PACT gradients to amax (else amax gets none).
+def _quantize(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fake-quantized x in x's dtype, fp32 x, fp32 amax). fp32 arithmetic and operation order as LightSeq's
+    _tensor_quant (which upcasts half inputs); pure tensor ops, so torch.compile fuses it into one kernel."""
+    a = amax.detach().float()
+    scale = a / QMAX
+    xf = x.float()
+    y = xf / scale
+    y.add_(0.5).floor_().clamp_(-QMAX, QMAX).mul_(scale)
+    return y.to(x.dtype), xf, a
 
-    Written for few large allocations (on the CPU a fresh 80 MB logits-sized buffer costs more than
-    several in-place passes): one output buffer, and boolean masks instead of the input for backward.
+
+class _FakeQuantFixed(torch.autograd.Function):
+    """LightSeq's TensorQuantFunction: fixed amax, straight-through gradient masked to |x| <= amax.
+
+    Written for few large allocations (on the CPU a fresh 80 MB logits-sized buffer costs more than several
+    in-place passes): one output buffer, and a boolean mask instead of the input for backward. No Python-side
+    branches on data: torch.compile traces forward and backward as they are (tests/test_qat.py checks it).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, amax: torch.Tensor, learn: bool) -> torch.Tensor:
-        # fp32 arithmetic and operation order as LightSeq's _tensor_quant (which upcasts half inputs).
-        a = amax.detach().float()
-        scale = a / QMAX
-        xf = x.float()
-        y = xf / scale
-        y.add_(0.5).floor_().clamp_(-QMAX, QMAX).mul_(scale)
-        ctx.learn = learn
-        if learn:  # Clip's masks: strictly inside passes, the rest goes to amax
-            ctx.save_for_backward(xf >= a, xf <= -a)
-        else:  # TensorQuantFunction: STE masked to |x| <= amax
-            ctx.save_for_backward((xf <= a) & (xf >= -a))
-        return y.to(x.dtype)
+    def forward(ctx, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        y, xf, a = _quantize(x, amax)
+        ctx.save_for_backward((xf <= a) & (xf >= -a))
+        return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        if not ctx.learn:
-            (inside,) = ctx.saved_tensors
-            return g * inside, None, None
+        (inside,) = ctx.saved_tensors
+        return g * inside, None
+
+
+class _FakeQuantLearned(torch.autograd.Function):
+    """LightSeq's Clip (PACT): strictly inside passes the gradient; above amax it goes to amax (+g), below -amax
+    to amax (-g)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        y, xf, a = _quantize(x, amax)
+        ctx.save_for_backward(xf >= a, xf <= -a)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
         above, below = ctx.saved_tensors
         grad_x = g.masked_fill(above | below, 0)
-        grad_a = g.masked_select(above).float().sum() - g.masked_select(below).float().sum()
-        return grad_x, grad_a.reshape(()), None
+        # where() + sum instead of masked_select: same sum, no data-dependent shape (compiles without a break)
+        zero = g.new_zeros(())
+        grad_a = torch.where(above, g, zero).float().sum() - torch.where(below, g, zero).float().sum()
+        return grad_x, grad_a.reshape(())
+
+
+def _fake_quant_traced(x: torch.Tensor, amax: torch.Tensor, learn: bool) -> torch.Tensor:
+    """The two autograd.Functions above as plain differentiable ops, for torch.compile: the same values (the
+    quantized tensor plus terms that are exactly zero) and the same gradients (the zero terms carry them: x's
+    masked straight-through gradient and, for a learned clip, PACT's sums to amax). Traced graphs need no
+    custom autograd.Function, whose compiled backward some torch versions drop (2.11 gave zero gradients)."""
+    with torch.no_grad():
+        y, xf, a = _quantize(x, amax)
+    if learn:
+        above, below = xf >= a, xf <= -a
+        z = torch.where(above | below, 0.0, x)
+        za = torch.where(above, amax, torch.where(below, -amax, 0.0))
+        return y + (z - z.detach()) + (za - za.detach()).to(x.dtype)
+    z = torch.where((xf <= a) & (xf >= -a), x, 0.0)
+    return y + (z - z.detach())
 
 
 _CONSTANTS: dict[tuple[float, torch.device], torch.Tensor] = {}
@@ -114,7 +148,9 @@ def fake_quant(x: torch.Tensor, amax: torch.Tensor | float, learn: bool | None =
         amax = _constant(float(amax), x.device)
     if learn is None:
         learn = amax.requires_grad and torch.is_grad_enabled()
-    return _FakeQuant.apply(x, amax, bool(learn))
+    if torch.compiler.is_compiling():
+        return _fake_quant_traced(x, amax, bool(learn))
+    return (_FakeQuantLearned if learn else _FakeQuantFixed).apply(x, amax)
 
 
 class ClipSet(nn.ParameterDict):
@@ -179,7 +215,7 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
             raise ValueError(f"invalid clip values after loading (not finite or <= 0): {dict(list(bad.items())[:4])}")
         return model
 
-    def set_quant(self, enabled: bool) -> "QuantGPT2LMHeadModel":
+    def set_quant(self, enabled: bool) -> QuantGPT2LMHeadModel:
         self.quant = bool(enabled)
         setattr(self.config, CONFIG_FLAG, self.quant)
         return self
@@ -191,12 +227,52 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
             out.update({CLIP_PREFIX_LAYER.format(i=i) + n: p.item() for n, p in block.ls_clips.items()})
         return out
 
+    # -- compiled regions (the training fast path) --------------------------------------------
+
+    def compile_regions(self, enabled: bool = True, scope: str = "blocks", **compile_kwargs) -> QuantGPT2LMHeadModel:
+        """Train through torch.compile: scope "blocks" (the default, measured on the H100) compiles the embedding,
+        one block (one graph serves all layers: their weights are graph inputs) and the head + loss separately:
+        ~15 s of compilation, 14 compiled calls per step; "model" compiles the whole training forward as one
+        graph (one compiled forward and backward per step, fewer host-side calls, a longer compilation). Inductor fuses each fake
+        quantizer into the elementwise work around it (LayerNorm, bias, GELU, the loss), which is where eager
+        QAT loses its time. Used in training mode without a padding mask; evaluation and padded batches run
+        eagerly. Values are the eager ones (the same ops; divisions rounded as eager where this torch's
+        inductor can be told to) and so are the gradients (see _fake_quant_traced)."""
+        self._regions = None
+        if enabled:
+            if scope not in ("model", "blocks"):
+                raise ValueError(f"scope must be 'model' or 'blocks', got {scope!r}")
+            numerics = getattr(getattr(torch, "_inductor", None), "config", None)
+            numerics = getattr(numerics, "eager_numerics", None)
+            if numerics is not None and hasattr(numerics, "division_rounding"):
+                numerics.division_rounding = True  # x / scale as div.rn (Triton's "/" is approximate)
+            if scope == "model":
+                self._regions = {"model": torch.compile(self._train_forward, **compile_kwargs)}
+            else:
+                self._regions = {
+                    "embed": torch.compile(self._embed, **compile_kwargs),
+                    "block": torch.compile(self._block, **compile_kwargs),
+                    "head": torch.compile(self._head, **compile_kwargs),
+                }
+        return self
+
     # -- forward ---------------------------------------------------------------------------
 
     def _q(self, x: torch.Tensor, amax: torch.Tensor | float) -> torch.Tensor:
         return fake_quant(x, amax) if self.quant else x
 
-    def _block(self, block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token + position embedding, and (quantizers on) the quantized tied embedding: one copy serves the
+        lookup and the LM head (LightSeq shares emb_quant)."""
+        tr = self.transformer
+        if not self.quant:
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+            return tr.drop(tr.wte(input_ids) + tr.wpe(pos)), None
+        wte = fake_quant(tr.wte.weight, tr.ls_clips["emb_clip_max"])
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return tr.drop(F.embedding(input_ids, wte) + tr.wpe(pos)), wte
+
+    def _block(self, block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         c, attn, mlp, q = block.ls_clips, block.attn, block.mlp, self._q
         b, t, h = x.shape
         nh = attn.num_heads
@@ -221,6 +297,25 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
         y = y @ q(mlp.c_proj.weight, WEIGHT_CLIP) + mlp.c_proj.bias
         return x + mlp.dropout(y)
 
+    def _head(self, x: torch.Tensor, wte: torch.Tensor | None, labels: torch.Tensor | None, loss_fn, **loss_kwargs):
+        """ln_f, the tied LM head (quantized: LightSeq's QuantLinear with the embedding quantizer), the loss."""
+        x = self.transformer.ln_f(x)
+        if self.quant:
+            logits = fake_quant(F.linear(fake_quant(x, self.transformer.ls_clips["output_ln_clip_max"]), wte),
+                                LOGITS_CLIP)
+        else:
+            logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = loss_fn(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        return logits, loss
+
+    def _train_forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None, loss_fn, **loss_kwargs):
+        x, wte = self._embed(input_ids)
+        for block in self.transformer.h:
+            x = self._block(block, x)
+        return self._head(x, wte, labels, loss_fn, **loss_kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -235,33 +330,30 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
                 raise ValueError(f"QuantGPT2LMHeadModel.forward does not support {unsupported}")
         for ignored in ("use_cache", "return_dict", "output_attentions", "output_hidden_states", "position_ids"):
             kwargs.pop(ignored, None)
-        tr = self.transformer
         b, t = input_ids.shape
         if t > self.config.n_positions:
             raise ValueError(f"sequence length {t} exceeds n_positions={self.config.n_positions}")
 
-        # One quantized copy of the tied embedding serves the lookup and the LM head (LightSeq shares emb_quant).
-        emb_clip, ln_clip = tr.ls_clips["emb_clip_max"], tr.ls_clips["output_ln_clip_max"]
-        wte = self._q(tr.wte.weight, emb_clip)
-        pos = torch.arange(t, device=input_ids.device)
-        x = tr.drop(F.embedding(input_ids, wte) + tr.wpe(pos))
-
         mask = None  # causal via is_causal; padding needs an explicit boolean mask
         if attention_mask is not None and not bool(attention_mask.all()):
-            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
             mask = causal[None, None] & attention_mask[:, None, None, :].bool()
-            mask = mask | torch.eye(t, dtype=torch.bool, device=x.device)  # no all-masked rows (NaN)
-        for block in tr.h:
-            x = self._block(block, x, mask)
-        x = tr.ln_f(x)
-
-        if self.quant:
-            logits = fake_quant(F.linear(fake_quant(x, ln_clip), wte), LOGITS_CLIP)
+            mask = mask | torch.eye(t, dtype=torch.bool, device=input_ids.device)  # no all-masked rows (NaN)
+        # the HF loss (resolved here: its property may log, which a compiled region would break on)
+        loss_fn = self.loss_function if labels is not None else None
+        regions = getattr(self, "_regions", None)
+        if regions and self.training and mask is None and torch.is_grad_enabled():
+            for v in (WEIGHT_CLIP, LOGITS_CLIP):  # made here, eagerly: the compiled graphs read them as inputs
+                _constant(float(v), input_ids.device)
+            if "model" in regions:
+                logits, loss = regions["model"](input_ids, labels, loss_fn, **kwargs)
+                return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits)
         else:
-            logits = self.lm_head(x)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+            regions = {"embed": self._embed, "block": self._block, "head": self._head}
+        x, wte = regions["embed"](input_ids)
+        for block in self.transformer.h:
+            x = regions["block"](block, x, mask)
+        logits, loss = regions["head"](x, wte, labels, loss_fn, **kwargs)
         return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits)
 
 

@@ -13,13 +13,10 @@ import torch.nn.functional as F
 
 from lsgpt import format as fmt
 from lsgpt.qat import CONFIG_FLAG, QuantGPT2LMHeadModel, fake_quant, to_qat
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from oracles import tiny  # noqa: E402
+from oracles import tiny
 
 transformers = pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
-
+from transformers import GPT2Config, GPT2LMHeadModel
 
 # ---------------------------------------------------------------------------------------------
 # LightSeq's reference numerics (the lightseq==3.0.1 wheel, pure Python parts only).
@@ -288,8 +285,8 @@ def test_save_load_roundtrip(tmp_path, hf_model):
 def test_int8_engine_matches_fake_quant(tmp_path, hf_model):
     """The exported int8 model, run by the engine's integer dataflow, gives the QAT model's NLL: the fake
     quantizers sit where the QuantGpt format quantizes, with the same clips."""
-    export = pytest.importorskip("lsgpt.export")
-    generate = pytest.importorskip("lsgpt.generate")
+    export = pytest.importorskip("lsgpt.convert")
+    generate = pytest.importorskip("lsgpt.engine")
     qat = to_qat(hf_model).eval()
     with torch.no_grad():  # clips as after training: tight enough that quantization and clipping matter
         qat.transformer.ls_clips["emb_clip_max"].fill_(0.08)
@@ -313,3 +310,90 @@ def test_int8_engine_matches_fake_quant(tmp_path, hf_model):
         lf = qat(ids).logits
     nll_float = F.cross_entropy(lf[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
     assert (nll_float - got).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# The training fast path: compiled regions (lsgpt.fasttrain).
+
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _backend(device: str) -> str:
+    # CPU (CI): aot_eager traces exactly what inductor would compile (dynamo + AOTAutograd, fullgraph) without
+    # needing a C++ compiler; CUDA: the real inductor kernels.
+    return "inductor" if device == "cuda" else "aot_eager"
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_compiled_fake_quant_is_bit_exact(device):
+    """The fake quantizer compiled (fused into one kernel on CUDA) gives the eager values and gradients."""
+    torch._dynamo.reset()
+    fq = torch.compile(fake_quant, backend=_backend(device), fullgraph=True)
+    for dtype in (torch.float32, torch.float16):
+        for learned in (False, True):
+            amax0 = 2.5
+            x = (_inputs(amax0, shape=(257, 1031), seed=5) * 1.1).to(device, dtype)
+            g = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(device, dtype)
+            outs = []
+            for f in (fake_quant, fq):
+                xi = x.clone().requires_grad_()
+                amax = torch.tensor(amax0, device=device, requires_grad=learned)
+                y = f(xi, amax)
+                y.backward(g)
+                outs.append((y.detach(), xi.grad, amax.grad))
+            (y0, gx0, ga0), (y1, gx1, ga1) = outs
+            assert torch.equal(y0, y1), (dtype, learned, (y0 != y1).sum().item())
+            assert torch.equal(gx0, gx1), (dtype, learned)
+            if learned:
+                torch.testing.assert_close(ga1, ga0, rtol=1e-4, atol=1e-3)
+            else:
+                assert ga0 is None and ga1 is None
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("quant", [True, False])
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compiled_regions_match_eager(device, quant, scope):
+    """compile_regions(): one graph for the whole training forward (scope "model") or one for every block
+    (weights are inputs) beside embedding and head ("blocks"); no graph break; a training step's loss and
+    gradients as in eager mode (CPU: exactly; CUDA: to fp32 rounding of the fused kernels)."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    cfg = tiny_config(n_layer=3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new")
+    eager = QuantGPT2LMHeadModel(cfg).set_quant(quant).to(device).train()
+    with torch.no_grad():  # clips that clip
+        for n, p in eager.named_parameters():
+            if ".ls_clips." in n:
+                p.fill_(0.1 if n.endswith("emb_clip_max") else 2.0)
+    fast = copy.deepcopy(eager).compile_regions(scope=scope, backend=_backend(device), fullgraph=True)
+    ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1)).to(device)
+    res = []
+    for m in (eager, fast):
+        for _ in range(2):  # the second call runs the cached graphs
+            m.zero_grad()
+            out = m(ids, labels=ids)
+            out.loss.backward()
+        res.append((out.loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = res
+    assert set(g0) == set(g1) and (any(".ls_clips." in n for n in g0) == quant)
+    if device == "cpu":
+        torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
+    else:  # fused kernels sum in another order; a value at a rounding edge may land one int8 step over
+        torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-4)
+        for n in g0:
+            assert (g1[n] - g0[n]).norm() <= 1e-3 * g0[n].norm() + 1e-6, n
+    graphs = 1 if scope == "model" else 3  # blocks: embedding, one block for all 3 layers, head + loss
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not counters["graph_break"]
+    # evaluation and padded batches take the eager path (no recompilation)
+    fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits, eager.eval()(ids).logits, rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] == graphs

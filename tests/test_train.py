@@ -14,11 +14,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "training" / "train.py"
-sys.path.insert(0, str(ROOT / "training"))
 
-import prepare_corpus  # noqa: E402
-
-from lsgpt import format as fmt  # noqa: E402
+from lsgpt import format as fmt
+from training import prepare_corpus
 
 TINY = "n_layer=2,n_embd=64,n_head=4,n_positions=128"
 
@@ -42,7 +40,7 @@ def train_inproc(*args: str) -> str:
     import contextlib
     import io
 
-    import train
+    from training import train
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -112,7 +110,7 @@ def test_fp16_then_int8_qat(corpus, tmp_path):
     import numpy as np
     from transformers import GPT2LMHeadModel, default_data_collator
 
-    import train
+    from training import train
 
     cache = next((corpus["dir"] / ".lsgpt_cache").glob("*.npz"))
     z = np.load(cache)
@@ -158,6 +156,48 @@ def test_fp16_then_int8_qat(corpus, tmp_path):
     with torch.no_grad():
         q.set_quant(False)
         torch.testing.assert_close(q(ids).logits, plain(ids).logits)
+
+
+def test_fast_path(corpus, tmp_path, monkeypatch):
+    """--fast_path true (here on the CPU, its compiled regions traced by aot_eager: the graphs inductor compiles on
+    CUDA): the plain path's losses and weights, fp16 and int8 QAT, and an fp16 checkpoint with exactly
+    GPT2LMHeadModel's weights (no clips)."""
+    monkeypatch.setenv("LSGPT_COMPILE_BACKEND", "aot_eager")
+    common = ["--train_file", str(corpus["train"]), "--logging_steps", "1", "--max_steps", "3",
+              "--learning_rate", "1e-3", "--overwrite_output_dir", "--fp16"]
+    runs = {}
+    for fast in ("false", "true"):
+        runs[fast] = tmp_path / f"fp16-{fast}"
+        train_inproc("--tokenizer_name", str(corpus["tok"]), "--config_overrides", TINY, "--enable_quant", "false",
+                     "--fast_path", fast, "--output_dir", str(runs[fast]), *common)
+    m = json.loads((runs["true"] / "metrics.json").read_text())
+    assert m["fast_path"] is True and json.loads((runs["false"] / "metrics.json").read_text())["fast_path"] is False
+    losses = {k: [e["loss"] for e in json.loads((d / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+              for k, d in runs.items()}
+    assert len(losses["true"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+
+    from safetensors.torch import load_file
+
+    sd = load_file(runs["true"] / "model.safetensors")
+    assert set(sd) == set(load_file(runs["false"] / "model.safetensors"))  # no clips: the exporter calibrates
+    assert json.loads((runs["true"] / "config.json").read_text())["ls_quant"] is False
+
+    int8 = {}
+    for fast in ("false", "true"):  # QAT from the fast fp16 checkpoint, with and without the fast path
+        int8[fast] = tmp_path / f"int8-{fast}"
+        train_inproc("--model_name_or_path", "uer/gpt2-chinese-cluecorpussmall", "--resume_from_checkpoint",
+                     str(runs["true"]), "--enable_quant", "true", "--fast_path", fast, "--output_dir", str(int8[fast]),
+                     *common)
+    m8 = json.loads((int8["true"] / "metrics.json").read_text())
+    assert m8["fast_path"] is True and m8["init_from"] == str(runs["true"]) and m8["steps_run"] == 3
+    losses8 = {k: [e["loss"] for e in json.loads((d / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+               for k, d in int8.items()}
+    assert losses8["true"] == pytest.approx(losses8["false"], rel=1e-5)
+    sd8, ref8 = (load_file(int8[k] / "model.safetensors") for k in ("true", "false"))
+    assert fmt.CLIP_PREFIX_LAYER.format(i=0) + "ffn_ln_clip_max" in sd8 and set(sd8) == set(ref8)
+    assert all(torch.allclose(sd8[k], ref8[k], rtol=1e-4, atol=1e-6) for k in sd8)  # clips included
+    assert json.loads((int8["true"] / "config.json").read_text())["ls_quant"] is True
 
 
 def test_torchrun_two_processes(corpus, tmp_path):
@@ -211,7 +251,7 @@ def test_kill_and_resume(corpus, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "empty", "non_utf8"])
 def test_bad_inputs(corpus, tmp_path, case, capsys):
-    import train
+    from training import train
 
     path = tmp_path / "t.txt"
     if case == "empty":
@@ -222,7 +262,7 @@ def test_bad_inputs(corpus, tmp_path, case, capsys):
     rc = train.cli(["--tokenizer_name", str(corpus["tok"]), "--config_overrides", TINY, "--train_file", str(path),
                     "--output_dir", str(tmp_path / "o"), "--data_cache_dir", str(tmp_path / "cache"), *BASE])
     err = capsys.readouterr().err
-    assert rc == 2 and f"error: " in err and str(path) in err
+    assert rc == 2 and "error: " in err and str(path) in err
     if case == "missing":
         assert "training file not found" in err
         return
@@ -237,7 +277,7 @@ def test_bad_inputs(corpus, tmp_path, case, capsys):
 
 
 def test_blocks_and_split():
-    import train
+    from training import train
 
     tr, va = train.split_lines([f"l{i}" for i in range(40)], 5)
     assert va == ["l0", "l1"] and len(tr) == 38
@@ -250,7 +290,7 @@ def test_blocks_and_split():
 
 
 def test_help_lists_the_options(capsys):
-    import train
+    from training import train
 
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--help"])

@@ -42,12 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+import transformers
+from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     HfArgumentParser,
@@ -57,10 +54,11 @@ from transformers import (  # noqa: E402
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint
 
-from lsgpt.qat import CONFIG_FLAG, QuantGPT2LMHeadModel  # noqa: E402
-from lsgpt.text import encode_paragraph, load_tokenizer  # noqa: E402
+from lsgpt import fasttrain
+from lsgpt.qat import CONFIG_FLAG, QuantGPT2LMHeadModel
+from lsgpt.text import encode_paragraph, load_tokenizer
 
 logger = logging.getLogger("train")
 CACHE_VERSION = 1  # bump when the tokenization or the cache layout changes
@@ -85,6 +83,11 @@ class ModelArguments:
     )
     cache_dir: str | None = field(default=None, metadata={"help": "hub download cache"})
     enable_quant: bool = field(default=False, metadata={"help": "int8 quantization-aware training (lsgpt.qat)"})
+    fast_path: bool | None = field(
+        default=None,
+        metadata={"help": "training fast path (lsgpt.fasttrain: compiled fp16/QAT regions, fused AdamW, no per-step "
+                  "host syncs); default: on where CUDA is. --fast_path false: the plain HF Trainer path"},
+    )
 
 
 @dataclass
@@ -278,13 +281,12 @@ def checkpoint_is_qat(path: str) -> bool:
         return False
 
 
-def build_model(model_args: ModelArguments, init_from: str | None, tok) -> GPT2LMHeadModel:
-    cls = QuantGPT2LMHeadModel if model_args.enable_quant else GPT2LMHeadModel
+def build_model(model_args: ModelArguments, init_from: str | None, tok, fast: bool = False) -> GPT2LMHeadModel:
+    # The fast path trains fp16 through our model too, quantizers off (see plain_fp16_checkpoint below).
+    cls = QuantGPT2LMHeadModel if model_args.enable_quant or fast else GPT2LMHeadModel
     if init_from:
         logger.info("weights from %s (%s)", init_from, cls.__name__)
         model = cls.from_pretrained(init_from, cache_dir=model_args.cache_dir)
-        if isinstance(model, QuantGPT2LMHeadModel):
-            model.set_quant(True)
     else:
         if model_args.config_name:
             config = GPT2Config.from_pretrained(model_args.config_name, cache_dir=model_args.cache_dir)
@@ -295,6 +297,10 @@ def build_model(model_args: ModelArguments, init_from: str | None, tok) -> GPT2L
             config.update_from_string(model_args.config_overrides)
         logger.info("new %s: %s", cls.__name__, model_args.config_overrides or "default GPT-2 config")
         model = cls(config)
+    if isinstance(model, QuantGPT2LMHeadModel):
+        model.set_quant(model_args.enable_quant)
+        if not model_args.enable_quant:
+            plain_fp16_checkpoint(model)
     if model.config.vocab_size != len(tok):
         logger.warning("resizing the embedding from %d to the tokenizer's %d", model.config.vocab_size, len(tok))
         model.resize_token_embeddings(len(tok))
@@ -310,6 +316,18 @@ def build_model(model_args: ModelArguments, init_from: str | None, tok) -> GPT2L
         if model.generation_config is not None:
             setattr(model.generation_config, k, v)
     return model
+
+
+def plain_fp16_checkpoint(model: QuantGPT2LMHeadModel) -> None:
+    """fp16 training through the QAT model, quantizers off: its clips never train (frozen, so DDP and the
+    optimizer skip them) and never reach a checkpoint (the exporter would take them for trained QAT clips
+    and skip calibration). The checkpoint holds exactly GPT2LMHeadModel's weights, with "ls_quant": false."""
+    names = set()
+    for n, p in model.named_parameters():
+        if ".ls_clips." in n:
+            p.requires_grad_(False)
+            names.add(n)
+    model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     if not tok_name:
         raise SystemExit(f"error: no tokenizer in {init_from}; pass --tokenizer_name")
     tok = load_tok(tok_name)
-    model = build_model(model_args, init_from, tok)
+    fast = model_args.fast_path if model_args.fast_path is not None else fasttrain.available()
+    model = build_model(model_args, init_from, tok, fast)
     block = data_args.block_size or min(DEFAULT_BLOCK, model.config.n_positions)
     if block > model.config.n_positions:
         raise SystemExit(f"error: --block_size {block} exceeds the model's n_positions={model.config.n_positions}")
@@ -422,10 +441,15 @@ def main(argv: list[str] | None = None) -> int:
     callbacks = [counter]
     if os.environ.get("LSGPT_FAULT_KILL_AT_STEP"):
         callbacks.append(_KillAtStep(int(os.environ["LSGPT_FAULT_KILL_AT_STEP"])))
+    if fast:
+        fasttrain.configure(model, args)
     trainer = Trainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        processing_class=tok, data_collator=default_data_collator, callbacks=callbacks,
+        processing_class=tok, data_collator=fasttrain.collate if fast else default_data_collator,
+        callbacks=callbacks,
     )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
     metrics: dict[str, float] = {}
     baseline = Path(args.output_dir) / "fp16_baseline.json"
@@ -464,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics["resumed_from"] = trainer_resume
         metrics["init_from"] = init_from
         metrics["enable_quant"] = model_args.enable_quant
+        metrics["fast_path"] = fast
+        if torch.cuda.is_available():
+            metrics["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         trainer.save_metrics("all", {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
         if model_args.enable_quant and "fp16_perplexity" in metrics:
