@@ -153,10 +153,14 @@ def run_mode(mode: str, shape: dict, vocab: int, steps: int, warmup: int, profil
                     block.ls_clips.requires_grad_(False)
             fasttrain.configure(model, args, scope="model" if mode.endswith("-model") else None)
         ds = RandomBlocks(shape["batch"] * (warmup + steps + n_prof), shape["block"], vocab)
+        w = model.transformer.h[0].mlp.c_fc.weight
+        w0 = w.detach().clone()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         Trainer(model=model, args=args, train_dataset=ds, callbacks=callbacks,
                 data_collator=fasttrain.collate if fast else None).train()
+    # the run trained (a compiled path that lost its gradients would leave the weights as they were)
+    update = ((w.detach().cpu() - w0.cpu()).norm() / w0.norm().cpu()).item()
     elapsed = timer.t1 - timer.t0
     tokens = timer.timed * shape["batch"] * shape["block"]
     res = {
@@ -170,6 +174,7 @@ def run_mode(mode: str, shape: dict, vocab: int, steps: int, warmup: int, profil
         "steps_per_s": round(timer.timed / elapsed, 4),
         "tokens_per_s": round(tokens / elapsed, 1),
         "warmup_seconds": round(timer.t0 - timer.t_start, 2),
+        "weight_update_rel": float(f"{update:.3g}"),
     }
     if cuda:
         res["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
