@@ -16,6 +16,9 @@ the kernel that produces the value (docs/format.md §6). These kernels do the sa
 Arithmetic is LightSeq's (round-half-up at every quantization point, alphas of docs/format.md §5.2); float work is
 fp32 inside a kernel; the residual stream is whatever the caller keeps (fp32 in ``lsgpt.fused``). Any shape
 works: blocks are masked at the edges.
+On Hopper every kernel is launched with programmatic dependent launch (PDL): it starts while the kernel
+before it finishes and waits for it in its first instruction, which hides most of the launch gap between the ~90
+small kernels of a decode step (``LSGPT_PDL=0`` turns it off).
 With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (how CI tests them).
 """
 
@@ -27,6 +30,24 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """Programmatic dependent launch (Hopper): this kernel may start before the previous one has finished; wait
+    for it (its writes become visible). Every kernel waits before touching any buffer, so no read or write can
+    race the kernel before it."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def _pdl_release(PDL: tl.constexpr):
+    """Let the next kernel launch now (it waits for this one to finish in its _pdl_wait). Called after the main
+    loop: launched earlier, its programs would take SM slots from this kernel's later waves."""
+    if PDL:
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -52,8 +73,9 @@ def _linear_kernel(
     alpha, deq_scale, out_scale,
     INT8: tl.constexpr, REQUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr, QUANT_OUT: tl.constexpr, RESIDUAL: tl.constexpr, KV_SCATTER: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    _pdl_wait(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -78,6 +100,7 @@ def _linear_kernel(
             acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         else:
             acc = tl.dot(a, w, acc)
+    _pdl_release(PDL)
 
     y = acc.to(tl.float32)
     if REQUANT:  # int32 sums -> int8 (LightSeq's alpha) -> dequantized value
@@ -108,8 +131,9 @@ def _linear_kernel(
 
 @triton.jit
 def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, K, stride_xm, stride_om, eps, scale,
-                       INT8: tl.constexpr, BLOCK_K: tl.constexpr):
+                       INT8: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """One row: LayerNorm in fp32 (mean, then variance about it), then int8 quantization by `scale` or a cast."""
+    _pdl_wait(PDL)
     m = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
     ok = k < K
@@ -118,6 +142,7 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, K, stride_xm, stride_om, ep
     xc = tl.where(ok, x - mean, 0.0)
     y = xc / tl.sqrt(tl.sum(xc * xc, 0) / K + eps)
     y = y * tl.load(w_ptr + k, mask=ok, other=0.0).to(tl.float32) + tl.load(b_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    _pdl_release(PDL)
     if INT8:
         y = _q8(y * scale)
     tl.store(out_ptr + m * stride_om + k, y.to(out_ptr.dtype.element_ty), mask=ok)
@@ -129,10 +154,12 @@ def _attention_kernel(
     rows_per_seq, stride_qm, cache_stride_b, cache_stride_s, stride_om, split_len,
     head_dim, score_scale, v_scale, out_scale,
     INT8: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Program (row m, head h, split j): keys [j·split_len, (j+1)·split_len) ∩ [0, pos[m]], online softmax.
     SPLITS == 1 writes the context; otherwise the partial (max, sum, unnormalised context) goes to part_ptr
     for _attention_combine_kernel (flash-decoding: a short decode keeps every SM busy)."""
+    _pdl_wait(PDL)
     m = tl.program_id(0)
     h = tl.program_id(1)
     j = tl.program_id(2)
@@ -161,6 +188,7 @@ def _attention_kernel(
         acc = acc * corr + tl.sum(p[:, None] * v, 0)
         l_i = l_i * corr + tl.sum(p, 0)
         m_i = m_new
+    _pdl_release(PDL)
     if SPLITS == 1:
         o = acc * (v_scale / l_i)
         if INT8:
@@ -175,7 +203,9 @@ def _attention_kernel(
 
 @triton.jit
 def _attention_combine_kernel(part_ptr, out_ptr, stride_om, head_dim, v_scale, out_scale,
-                              INT8: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+                              INT8: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+                              PDL: tl.constexpr = False):
+    _pdl_wait(PDL)
     m = tl.program_id(0)
     h = tl.program_id(1)
     j = tl.arange(0, SPLITS)
@@ -187,13 +217,16 @@ def _attention_combine_kernel(part_ptr, out_ptr, stride_om, head_dim, v_scale, o
     l_tot = tl.sum(tl.load(rec + 1) * w, 0)
     acc = tl.sum(tl.load(rec[:, None] + 2 + d[None, :]) * w[:, None], 0)
     o = acc * (v_scale / l_tot)
+    _pdl_release(PDL)
     if INT8:
         o = _q8(o * out_scale)
     tl.store(out_ptr + m * stride_om + h * head_dim + d, o.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
 @triton.jit
-def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, H, pad_id, emb_scale, BLOCK_H: tl.constexpr):
+def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, H, pad_id, emb_scale, BLOCK_H: tl.constexpr,
+                  PDL: tl.constexpr = False):
+    _pdl_wait(PDL)
     m = tl.program_id(0)
     t = tl.load(tok_ptr + m)
     p = tl.load(pos_ptr + m)
@@ -202,6 +235,7 @@ def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, H, pad_id, emb_sc
     e = tl.load(wte_ptr + t.to(tl.int64) * H + h, mask=ok, other=0).to(tl.float32) * emb_scale
     e += tl.load(wpe_ptr + p.to(tl.int64) * H + h, mask=ok, other=0.0).to(tl.float32)
     e = tl.where(t == pad_id, 0.0, e)
+    _pdl_release(PDL)
     tl.store(out_ptr + m * H + h, e.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -212,8 +246,8 @@ def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, H, pad_id, emb_sc
 def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Decode (few rows) is bound by the latency of
     streaming the weights: wide K tiles (few dependent iterations) and N tiles narrow enough that the grid
-    has all of the matrix in flight at once. From benchmarks/tune_linear.py on an H100
-    (results/h100/fastpath/tune_linear.json): at 1 and 64 rows this rule is within 10% of the best tile per shape."""
+    has all of the matrix in flight at once. From a tile sweep on an H100 (benchmarks/tune_linear.py, in git history;
+    results/h100/fastpath/tune_linear.json): at 1 and 64 rows this rule is within 10% of the best tile per shape."""
     bn = 16 if N <= 1024 else 32 if N <= 4096 else 64
     if M <= 16:
         bm, bk = 16, (512 if K >= 2048 else 256) if int8 else 256
@@ -224,6 +258,21 @@ def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int
     while bn > 16 and triton.cdiv(M, bm) * triton.cdiv(N, bn) < _sm_count():
         bn //= 2
     return bm, bn, min(bk, max(32, triton.next_power_of_2(K))), 4, 3
+
+
+PDL_MAX_ROWS = 128  # measured on an H100: PDL saves 4-15% of a decode step up to 128 rows, costs ~2% at 256
+
+
+@functools.cache
+def _pdl_available() -> bool:
+    """Programmatic dependent launch: Hopper and later GPUs, not under the interpreter; LSGPT_PDL=0 turns it off."""
+    return (torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET")
+            and os.environ.get("LSGPT_PDL", "1") != "0" and torch.cuda.get_device_capability(0)[0] >= 9)
+
+
+def _pdl(rows: int) -> dict:
+    """Launch options: PDL for the small grids of decode, where launch gaps are a large part of each kernel."""
+    return {"PDL": True, "launch_pdl": True} if rows <= PDL_MAX_ROWS and _pdl_available() else {}
 
 
 @functools.cache
@@ -239,7 +288,7 @@ def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, ou
     """out[M, K] = LayerNorm(x) (fp32 math), quantized to int8 by `scale` (= 127/clip) when out is int8."""
     M, K = x.shape
     _layer_norm_kernel[(M,)](x, w, b, out, K, x.stride(0), out.stride(0), float(eps), float(scale or 0.0),
-                             INT8=out.dtype == torch.int8, BLOCK_K=triton.next_power_of_2(K), num_warps=4)
+                             INT8=out.dtype == torch.int8, BLOCK_K=triton.next_power_of_2(K), num_warps=4, **_pdl(M))
     return out
 
 
@@ -291,7 +340,7 @@ def linear(
         float(alpha or 0.0), float(deq_scale), float(out_scale or 0.0),
         INT8=int8, REQUANT=alpha is not None, HAS_BIAS=bias is not None, GELU=gelu,
         QUANT_OUT=out_scale is not None, RESIDUAL=residual is not None, KV_SCATTER=kv is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **_pdl(M),
     )
     return out
 
@@ -337,11 +386,11 @@ def attention(
         q, k_cache, v_cache, positions, out, part,
         rows_per_seq, q.stride(0), k_cache.stride(0), k_cache.stride(1), out.stride(0), split_len,
         hd, float(score_scale), float(v_scale), float(out_scale or 0.0),
-        INT8=int8, SPLITS=splits, BLOCK_D=bd, BLOCK_S=block_s, num_warps=warps,
+        INT8=int8, SPLITS=splits, BLOCK_D=bd, BLOCK_S=block_s, num_warps=warps, **_pdl(M),
     )
     if splits > 1:
         _attention_combine_kernel[(M, n_head)](part, out, out.stride(0), hd, float(v_scale), float(out_scale or 0.0),
-                                               INT8=int8, SPLITS=splits, BLOCK_D=bd, num_warps=1)
+                                               INT8=int8, SPLITS=splits, BLOCK_D=bd, num_warps=1, **_pdl(M))
     return out
 
 
@@ -351,5 +400,6 @@ def embed(
 ) -> torch.Tensor:
     """out[M, H] = wte[tokens]·scale + wpe[positions]; rows of pad tokens are 0 (pad_id >= vocab: none)."""
     M, H = out.shape
-    _embed_kernel[(M,)](tokens, positions, wte, wpe, out, H, pad_id, float(scale), BLOCK_H=triton.next_power_of_2(H))
+    _embed_kernel[(M,)](tokens, positions, wte, wpe, out, H, pad_id, float(scale), BLOCK_H=triton.next_power_of_2(H),
+                        **_pdl(M))
     return out
