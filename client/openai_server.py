@@ -23,6 +23,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI
