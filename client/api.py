@@ -27,6 +27,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from lsgpt.contract import (
+    MAX_STEP_LIMIT,
     PARAMS,
     RESULT,
     STOP_WORDS,
@@ -103,6 +104,9 @@ def _stop_ids(stop: Any, tok: Any) -> tuple[tuple[int, ...], ...]:
 
 
 def _inputs(module, prompt_ids: Sequence[int], sampling: dict[str, Any]) -> list:
+    if len(prompt_ids) >= MAX_STEP_LIMIT:  # refused here, before megabytes go over the wire
+        raise InvalidRequest(f"prompt of {len(prompt_ids)} tokens: no model takes more than {MAX_STEP_LIMIT - 1} "
+                             f"(LightSeq's max_step limit is {MAX_STEP_LIMIT}; the model's own may be lower)")
     ids = np.asarray([list(prompt_ids)], dtype=np.int32)
     inp = module.InferInput(TOKEN_IDS, list(ids.shape), "INT32")
     inp.set_data_from_numpy(ids)

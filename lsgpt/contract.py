@@ -31,6 +31,9 @@ STREAM_SUFFIX = "_stream"  # gpt2 -> gpt2_stream: the decoupled twin of a model,
 VOCAB_SIZE = 21128  # the Chinese BERT vocabulary of uer/gpt2-chinese-cluecorpussmall
 PAD_ID, CLS_ID, SEP_ID = 0, 101, 102  # [SEP] is EOS: training paragraphs are [CLS] text [SEP]
 
+# ---- limits ------------------------------------------------------------------------------------------------
+MAX_STEP_LIMIT = 1024  # LightSeq's largest max_step (softmax block bound): no prompt of ours is longer than this
+
 # ---- server defaults (config.pbtxt parameters override them) -----------------------------------------------
 MAX_RUNNING_ROWS = 32  # rows decoded together by one model's scheduler
 MAX_QUEUED_REQUESTS = 256  # requests waiting for a row; beyond it UNAVAILABLE at once

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lsgpt.contract import MAX_STEP_LIMIT  # LightSeq softmax block bound
+
 # ---------------------------------------------------------------------------------------------
 # Constants shared by training, export and inference.
 
@@ -29,7 +31,6 @@ LOGITS_CLIP = 16.0  # lm_head output clip, fixed (not learned)
 SAMPLING_METHODS = ("topk", "topp", "ppl")
 VALID_TOPK = (1, 2, 4, 8, 16, 32)  # LightSeq's ker_topk_sample_launcher accepts only these
 MAX_HIDDEN = 1024  # LightSeq embedding kernel: hidden threads in fp32 (2048 in fp16); we take the safe bound
-MAX_STEP_LIMIT = 1024  # LightSeq softmax block bound
 
 FORMAT_FP16 = "Gpt"
 FORMAT_INT8 = "QuantGpt"

@@ -197,6 +197,48 @@ def repository_view(repo: Path, workdir: Path, backend_dir: Path, models: list[s
 # The server.
 
 
+# Exposed mode (docs/security.md): the admin APIs behind a key header; inference, health, metadata and model
+# config stay open.
+ADMIN_APIS = ("model-repository", "shared-memory", "statistics", "trace", "logging")
+ADMIN_HEADER = "lsgpt-admin-key"  # HTTP header
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER  # gRPC metadata key (tritonserver adds the prefix)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def admin_key(env: dict[str, str] | None = None) -> str | None:
+    """The admin key: $LSGPT_ADMIN_KEY, else the first line of the file $LSGPT_ADMIN_KEY_FILE (a mounted secret)."""
+    env = os.environ if env is None else env
+    if env.get("LSGPT_ADMIN_KEY"):
+        return env["LSGPT_ADMIN_KEY"].strip()
+    path = env.get("LSGPT_ADMIN_KEY_FILE")
+    if path:
+        try:
+            key = Path(path).read_text().strip()
+        except OSError as e:
+            raise LaunchError(f"LSGPT_ADMIN_KEY_FILE={path}: {e.strerror}") from None
+        if not key:
+            raise LaunchError(f"LSGPT_ADMIN_KEY_FILE={path} is empty")
+        return key
+    return None
+
+
+def restricted_api_args(key: str | None) -> tuple[list[str], str]:
+    """tritonserver flags that put ADMIN_APIS behind ADMIN_HEADER, on HTTP and gRPC. No key: a random one that is
+    never shown, i.e. the admin APIs are closed. Returns (flags, what to tell the user)."""
+    import secrets
+
+    value = key or secrets.token_urlsafe(32)
+    if not all(c.isalnum() or c in "-_.~" for c in value):
+        raise LaunchError("the admin key may contain letters, digits and -_.~ only")
+    spec = f"{','.join(ADMIN_APIS)}:{ADMIN_HEADER}={value}"
+    note = (f"admin APIs ({', '.join(ADMIN_APIS)}) need the header '{ADMIN_HEADER}'" if key else
+            f"admin APIs ({', '.join(ADMIN_APIS)}) are closed: set LSGPT_ADMIN_KEY or LSGPT_ADMIN_KEY_FILE to use them")
+    return [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"], note
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -221,12 +263,18 @@ class TritonServer:
         log_file: str | os.PathLike | None = "auto",
         log_verbose: int = 0,
         extra_args: tuple[str, ...] = (),
+        exposed: bool | None = None,
+        admin_key: str | None = None,
     ):
         self.repo = Path(model_repository).resolve()
         self.grpc_port, self.http_port, self.metrics_port, self.host = grpc_port, http_port, metrics_port, host
         self.requested = models
         self.poll_secs, self.device, self.log_verbose, self.extra_args = poll_secs, device, log_verbose, extra_args
         self.threads = threads
+        # exposed (default: any address but loopback): admin APIs behind the key (None: closed)
+        self.exposed = (not is_loopback(host)) if exposed is None else exposed
+        self.admin_key = admin_key
+        self.security_note = ""
         self._log_choice = log_file
         self.workdir: Path | None = None
         self.log_path: Path | None = None
@@ -242,12 +290,19 @@ class TritonServer:
         return f"{_client_host(self.host)}:{self.http_port}"
 
     def command(self, backend_dir: Path, binary: Path) -> list[str]:
+        restricted: list[str] = []
+        if self.exposed:
+            restricted, self.security_note = restricted_api_args(self.admin_key)
+        # poll_secs 0: the repository is read once (no new versions without a restart): for a repository that
+        # others than the publisher can write (a polled version folder is code Triton runs)
+        control = ["--model-control-mode=poll", f"--repository-poll-secs={self.poll_secs}"] if self.poll_secs > 0 \
+            else ["--model-control-mode=none"]
         return [
             str(binary),
             f"--model-repository={self.workdir / 'repository'}",
             f"--backend-directory={backend_dir}",
-            "--model-control-mode=poll",
-            f"--repository-poll-secs={self.poll_secs}",
+            *control,
+            *restricted,
             f"--grpc-port={self.grpc_port}",
             f"--http-port={self.http_port}",
             f"--metrics-port={self.metrics_port}",
@@ -416,7 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default=os.environ.get("TRITON_HOST", "127.0.0.1"),
                     help="address to bind (default loopback; 0.0.0.0 in containers)")
     ap.add_argument("--models", default="", help="comma-separated models to serve (default: all servable)")
-    ap.add_argument("--poll-secs", type=int, default=5, help="how often new version folders are picked up")
+    ap.add_argument("--poll-secs", type=int, default=int(os.environ.get("LSGPT_POLL_SECS", 5)),
+                    help="how often new version folders are picked up; 0: never (read once at start: for a "
+                         "repository that others than the publisher can write)")
+    ap.add_argument("--exposed", choices=("auto", "yes", "no"), default=os.environ.get("LSGPT_EXPOSED", "auto"),
+                    help="admin APIs (repository, shared memory, statistics, trace, logging) behind the key of "
+                         "$LSGPT_ADMIN_KEY / $LSGPT_ADMIN_KEY_FILE, closed without one; auto: when --host is "
+                         "not loopback")
     ap.add_argument("--device", default=os.environ.get("LSGPT_DEVICE"),
                     help="force the engine's device (cpu, cuda, cuda:N); default: the instance kind "
                          "Triton picked (KIND_AUTO: GPU when one is visible)")
@@ -430,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         a.model_repository, grpc_port=a.grpc_port, http_port=a.http_port, metrics_port=a.metrics_port,
         host=a.host, models=[m for m in a.models.split(",") if m] or None, poll_secs=a.poll_secs,
         device=a.device, threads=a.threads, log_file=None, log_verbose=a.log_verbose, extra_args=tuple(extra),
+        exposed=None if a.exposed == "auto" else a.exposed == "yes",
     )
 
     def on_term(signum, frame):  # SIGTERM (docker stop) behaves like Ctrl-C
@@ -440,7 +502,10 @@ def main(argv: list[str] | None = None) -> int:
         print("[lsgpt.launcher] CPU only: tritonserver's start-up lines about CUDA, NVML and DCGM are its GPU "
               "probes failing; they are harmless here", flush=True)
     try:
+        server.admin_key = admin_key()
         server.start()
+        if server.security_note:
+            print(f"[lsgpt.launcher] exposed mode: {server.security_note}", flush=True)
         server.wait_ready(a.timeout)
         print(
             f"[lsgpt.launcher] ready: models {', '.join(server.models)} | gRPC {a.host}:{a.grpc_port} "

@@ -64,7 +64,11 @@ def test_compose_config_is_valid(tmp_path):
     server, perf = cfg["services"]["server"], cfg["services"]["perf"]
     assert server["build"]["dockerfile"].endswith("docker/Dockerfile")
     assert Path(server["build"]["context"]).resolve() == ROOT
-    assert any(v["target"] == "/models" and Path(v["source"]).resolve() == ROOT / "model_repository" for v in server["volumes"])
+    models = [v for v in server["volumes"] if v["target"] == "/models"]
+    assert len(models) == 1 and Path(models[0]["source"]).resolve() == ROOT / "model_repository"
+    assert models[0].get("read_only") is True  # the serving container cannot change the code it polls
+    assert "0.0.0.0" in server["command"]  # exposed mode: the launcher restricts the admin APIs there
+    assert set(server["environment"]) == {"LSGPT_ADMIN_KEY"}  # the key comes from the caller's environment
     assert perf["depends_on"]["server"]["condition"] == "service_healthy"
     assert "perf_analyzer" in perf["command"] and "server:8001" in perf["command"]
     bad = tmp_path / "bad.yaml"

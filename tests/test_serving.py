@@ -518,13 +518,15 @@ def test_new_version_goes_live(served, grpc, tok, tmp_path):
         time.sleep(0.5)
 
 
-def test_stop_words_end_the_continuation_through_the_server(grpc, served, engines, tok, tiny_models):
-    """stop_words (ids, -1 between sequences) through Triton = the engine's rule: a greedy continuation without
-    stops, cut right after the first stop sequence generated; the client's stop strings are encoded the same way."""
+def test_stop_words_end_the_continuation_through_the_server(grpc, served, tok, tiny_models):
+    """stop_words (ids, -1 between sequences) through Triton: the served greedy continuation without stops, cut
+    right after the first stop sequence generated (the rule tests/test_scheduler.py checks against HF); the
+    client's stop strings are encoded the same way. The continuation comes from the server itself: other tests
+    of this module publish new versions of gpt2."""
     from client.api import Client
 
-    eng, eos = engines["gpt2"], tiny_models.eos_id
-    plain = eng.generate([GOOD], SamplingParams(max_new_tokens=12, top_k=1))[0]
+    eos = tiny_models.eos_id
+    plain = unpad(grpc.infer("gpt2", request([GOOD], max_new_tokens=12, top_k=1)).as_numpy("result")[0], len(GOOD), eos)
     new = plain[len(GOOD):]
     # a token's first appearance, before any EOS, whose text encodes back to it (a stop *string* for the client)
     k = next((i for i in range(1, len(new)) if new[i] not in new[:i] and new[i] != eos
