@@ -149,3 +149,22 @@ def test_no_key_means_closed_and_keys_are_checked():
 
     with pytest.raises(LaunchError, match="letters, digits"):
         restricted_api_args("bad key,with=chars")
+
+
+def test_poll_setting_and_key_sources(tmp_path):
+    from lsgpt.launcher import LaunchError, admin_key
+
+    s = TritonServer(tmp_path, poll_secs=0, host="0.0.0.0", admin_key=KEY)
+    s.workdir = tmp_path
+    cmd = s.command(tmp_path, Path("tritonserver"))
+    assert "--model-control-mode=none" in cmd and not any("poll" in a for a in cmd)  # read once, never polled
+    assert any(a.startswith("--http-restricted-api=") and a.endswith(f"{ADMIN_HEADER}={KEY}") for a in cmd)
+    loop = TritonServer(tmp_path, host="127.0.0.1")
+    loop.workdir = tmp_path
+    assert not any("restricted" in a for a in loop.command(tmp_path, Path("tritonserver")))  # loopback: as before
+    assert admin_key({"LSGPT_ADMIN_KEY": " k1 "}) == "k1"
+    (tmp_path / "key").write_text("k2\n")
+    assert admin_key({"LSGPT_ADMIN_KEY_FILE": str(tmp_path / "key")}) == "k2"
+    assert admin_key({}) is None
+    with pytest.raises(LaunchError, match="LSGPT_ADMIN_KEY_FILE"):
+        admin_key({"LSGPT_ADMIN_KEY_FILE": str(tmp_path / "missing")})
