@@ -157,7 +157,7 @@ def test_poll_setting_and_key_sources(tmp_path):
     s = TritonServer(tmp_path, poll_secs=0, host="0.0.0.0", admin_key=KEY)
     s.workdir = tmp_path
     cmd = s.command(tmp_path, Path("tritonserver"))
-    assert "--model-control-mode=none" in cmd and not any("poll" in a for a in cmd)  # read once, never polled
+    assert "--model-control-mode=none" in cmd and not any(a.startswith(("--repository-poll", "--model-control-mode=p")) for a in cmd)
     assert any(a.startswith("--http-restricted-api=") and a.endswith(f"{ADMIN_HEADER}={KEY}") for a in cmd)
     loop = TritonServer(tmp_path, host="127.0.0.1")
     loop.workdir = tmp_path
