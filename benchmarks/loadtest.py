@@ -18,6 +18,12 @@ Requests: each prompt (lines of data/train.txt, or the built-in Chinese prompts 
 perf_analyzer's --input-data JSON; greedy decoding makes each prompt's output length fixed, so generated
 tokens/s = requests/s x the mean new tokens measured in the warm-up.
 Failed requests: the server's own statistics (fail count) before and after every perf_analyzer run.
+
+--llm: the LLM view of the same server, on the streaming twins (gpt2_stream, ...): a mixed load (prompts of
+4..64 tokens, max_new_tokens spread over 16..256, seeded), perf_analyzer --streaming at each concurrency with
+--profile-export-file, and our summary of its per-response timestamps: time to first token, inter-token
+latency and request latency percentiles, output tokens/s (llm.json, llm.csv, llm.png). perf_analyzer cannot
+cancel requests; cancellation is covered by tests/test_resilience.py and the scheduler tests.
 The machines here are shared 2-core boxes: numbers are noisy; the stability rule is relaxed on purpose.
 """
 
@@ -36,6 +42,7 @@ from pathlib import Path
 
 import common
 
+from lsgpt.contract import STREAM_SUFFIX
 from lsgpt.text import cached_tokenizer
 
 
@@ -129,6 +136,93 @@ def warm_up(url: str, model: str, rows: list[list[int]], max_new_tokens: int, eo
     return sum(new) / len(new)
 
 
+def llm_data(rows: list[list[int]], lengths: tuple[int, int], new_tokens: tuple[int, int], max_step: int,
+             n: int = 64, seed: int = 0) -> list[dict]:
+    """Mixed load: n requests whose prompts (the real ones, repeated or cut) have lengths uniform in `lengths`
+    and whose max_new_tokens are uniform in `new_tokens`, both capped so that prompt + new fits max_step."""
+    import random
+
+    rnd, out = random.Random(seed), []
+    for i in range(n):
+        new = rnd.randint(*new_tokens)
+        length = max(2, min(rnd.randint(*lengths), max_step - 1 - min(new, max_step // 2)))
+        new = min(new, max_step - 1 - length)
+        base = rows[i % len(rows)]
+        ids = (base * (length // len(base) + 1))[:length]
+        out.append({"token_ids": {"content": ids, "shape": [len(ids)]}, "max_new_tokens": [new], "top_k": [1]})
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(xs, q)) if xs else 0.0
+
+
+def llm_summary(profile: Path) -> list[dict]:
+    """perf_analyzer's profile export (one experiment per concurrency) -> TTFT, ITL, latency percentiles (ms)
+    and output tokens/s. Each streamed request has one response per token and a last, empty one."""
+    rows = []
+    for e in json.loads(profile.read_text())["experiments"]:
+        reqs = [r for r in e["requests"] if len(r.get("response_timestamps", [])) >= 2]
+        ttft = [(r["response_timestamps"][0] - r["timestamp"]) / 1e6 for r in reqs]
+        itl = [(b - a) / 1e6 for r in reqs for a, b in zip(r["response_timestamps"][:-2], r["response_timestamps"][1:-1])]
+        lat = [(r["response_timestamps"][-1] - r["timestamp"]) / 1e6 for r in reqs]
+        tokens = sum(len(r["response_timestamps"]) - 1 for r in reqs)
+        span = (max(r["response_timestamps"][-1] for r in reqs) - min(r["timestamp"] for r in reqs)) / 1e9 if reqs else 0
+        row = {"concurrency": e["experiment"]["value"], "requests": len(reqs), "output_tokens": tokens,
+               "output_tokens_per_s": round(tokens / span, 1) if span else 0.0,
+               "requests_per_s": round(len(reqs) / span, 2) if span else 0.0}
+        for name, xs in (("ttft", ttft), ("itl", itl), ("latency", lat)):
+            for q in (50, 95, 99):
+                row[f"{name}_p{q}_ms"] = round(_pct(xs, q), 2)
+        rows.append(row)
+    return rows
+
+
+def llm_run(pa: tuple[Path, dict], url: str, model: str, data: Path, out: Path, s: Settings) -> list[dict]:
+    """perf_analyzer --streaming at each concurrency, with a profile export each; our summary of them."""
+    rows = []
+    for c in s.concurrency:
+        tag = out / f"{model}_c{c}"
+        cmd = [str(pa[0]), "-m", model, "-i", "grpc", "-u", url, "--streaming", "--input-data", str(data),
+               "--concurrency-range", str(c), "--profile-export-file", f"{tag}_profile.json",
+               "--stability-percentage", str(s.stability), "--max-trials", str(s.max_trials), "-f", f"{tag}.csv"]
+        cmd += (["--measurement-mode", "count_windows", "--measurement-request-count", str(s.count_windows)]
+                if s.count_windows else ["--measurement-interval", str(s.interval_ms)])
+        proc = subprocess.run(cmd + s.extra, env=pa[1], capture_output=True, text=True, timeout=s.timeout_s)
+        Path(f"{tag}.log").write_text(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)
+        if proc.returncode != 0 or not Path(f"{tag}_profile.json").is_file():
+            raise common.BenchError(f"perf_analyzer --streaming failed for {model} at concurrency {c}: "
+                                    + " | ".join([ln for ln in (proc.stdout + proc.stderr).splitlines() if ln][-3:]))
+        r = dict(model=model, **llm_summary(Path(f"{tag}_profile.json"))[-1])
+        print(f"  {model:16s} c={c:<3} {r['output_tokens_per_s']:9.1f} tok/s  TTFT p50/p95 "
+              f"{r['ttft_p50_ms']:.1f}/{r['ttft_p95_ms']:.1f} ms  ITL p50/p95 {r['itl_p50_ms']:.2f}/"
+              f"{r['itl_p95_ms']:.2f} ms  latency p95 {r['latency_p95_ms']:.0f} ms", flush=True)
+        rows.append(r)
+    return rows
+
+
+def llm_plot(rows: list[dict], out: Path, title: str) -> None:
+    with common.figure(out / "llm.png", 1, 3, figsize=(14, 4)) as (fig, axes):
+        if fig is None:
+            return
+        for m in dict.fromkeys(r["model"] for r in rows):
+            mine = [r for r in rows if r["model"] == m]
+            c = [r["concurrency"] for r in mine]
+            axes[0].plot(c, [r["output_tokens_per_s"] for r in mine], "o-", label=m)
+            for q, style in ((50, "o-"), (95, "s--")):
+                axes[1].plot(c, [r[f"ttft_p{q}_ms"] for r in mine], style, label=f"{m} p{q}")
+                axes[2].plot(c, [r[f"itl_p{q}_ms"] for r in mine], style, label=f"{m} p{q}")
+        for ax, t, y in zip(axes, ("output tokens/s", "time to first token", "inter-token latency"),
+                            ("tokens / s", "ms", "ms")):
+            ax.set(title=t, xlabel="concurrency", ylabel=y)
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(title, fontsize=9)
+
+
 def summarize(points: list[Point]) -> str:
     return "\n".join(["| model | mode | value | req/s | tokens/s | p50 ms | p95 ms | p99 ms | failed |",
                       "|---|---|---|---|---|---|---|---|---|"] + [
@@ -198,7 +292,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny-shape", default="2,128,4,128", help="layers,hidden,heads,max_step of the random model")
     p.add_argument("--out", type=Path, default=None, help="output folder (default results/<device>/loadtest, or loadtest-quick with --quick)")
     p.add_argument("--perf-arg", action="append", default=[], help="extra perf_analyzer argument (repeatable)")
+    p.add_argument("--llm", action="store_true", help="LLM metrics on the streaming twins under a mixed load "
+                   "(TTFT, inter-token latency, tokens/s); concurrency default 1,4,16,64 (--quick: 1,2)")
+    p.add_argument("--llm-prompt-tokens", default="4,64", help="--llm: prompt length range (tokens)")
+    p.add_argument("--llm-new-tokens", default="16,256", help="--llm: max_new_tokens range")
     a = p.parse_args(argv)
+    if a.llm and a.concurrency == "1,2,4,8":
+        a.concurrency = "1,2" if a.quick else "1,4,16,64"
     if a.quick:
         a.num_prompts, a.max_new_tokens = min(a.num_prompts, 4), min(a.max_new_tokens, 8)
         if a.concurrency == "1,2,4,8":
@@ -211,7 +311,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     models = [m for m in a.models.split(",") if m]
-    out: Path = a.out or common.ROOT / "results" / common.device_slug() / ("loadtest-quick" if a.quick else "loadtest")
+    name = ("llm" if a.llm else "loadtest") + ("-quick" if a.quick else "")
+    out: Path = a.out or common.ROOT / "results" / common.device_slug() / name
     try:  # user mistakes first, before any work: one line each, exit 2
         pa = common.find_perf_analyzer()
         if a.prompts and a.prompts != "builtin":
@@ -228,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=a.max_new_tokens, interval_ms=a.measurement_interval, count_windows=a.count_windows,
         stability=a.stability, max_trials=a.max_trials, timeout_s=120 if a.quick else 900, extra=a.perf_arg,
     )
+    if a.llm:  # the streaming twins serve the LLM view
+        models = [m if m.endswith(STREAM_SUFFIX) else m + STREAM_SUFFIX for m in models]
     t0 = time.time()
     points: list[Point] = []
     new_tokens: dict[str, float] = {}
@@ -241,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         src = a.prompts or common.default_prompt_source()
         texts = common.load_prompts(src, a.num_prompts, a.prompt_chars)
         rows = common.encode_prompts(tok, texts, vocab)
+        if a.llm:
+            return llm_main(a, argv, s, pa, repo, tok, served_desc, models, rows, out)
         data = out / "input_data.json"  # perf_analyzer --input-data: one entry per prompt, shapes without the batch
         data.write_text(json.dumps({"data": [{"token_ids": {"content": r, "shape": [len(r)]}, "top_k": [1],
                                               "max_new_tokens": [s.max_new_tokens]} for r in rows]}, ensure_ascii=False))
@@ -278,6 +383,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loadtest: {report['failed_requests']} failed requests, {len(report['errors'])} perf_analyzer errors",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def llm_main(a, argv, s: Settings, pa, repo: Path, tok: str, served_desc: str, models: list[str],
+             rows: list[list[int]], out: Path) -> int:
+    from lsgpt.format import read_hdf5
+
+    twins = [m if m.endswith(STREAM_SUFFIX) else m + STREAM_SUFFIX for m in models]
+    version = common.latest_version(repo / models[0].removesuffix(STREAM_SUFFIX))
+    max_step = read_hdf5(version / common.MODEL_FILE)[0].max_step if version else 128
+    span = lambda txt: tuple(int(x) for x in txt.split(","))  # noqa: E731
+    data = out / "llm_input_data.json"
+    entries = llm_data(rows, span(a.llm_prompt_tokens), span(a.llm_new_tokens), max_step, n=16 if a.quick else 64)
+    data.write_text(json.dumps({"data": entries}))
+    print(f"loadtest --llm: {served_desc}\n  models {twins}, {len(entries)} mixed requests (prompts "
+          f"{a.llm_prompt_tokens} tokens, max_new_tokens {a.llm_new_tokens}, max_step {max_step})", flush=True)
+    results: list[dict] = []
+    with common.served(repo, twins, a.url, threads=a.server_threads or None) as (url, _):
+        for m in twins:
+            results += llm_run(pa, url, m, data, out, s)
+    keys = list(results[0]) if results else []
+    with open(out / "llm.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(results)
+    report = {"task": "loadtest-llm", "device": common.device_slug(), "served": served_desc, "models": twins,
+              "max_step": max_step, "requests": entries, "points": results, "command": common.command_line(argv)}
+    common.write_json(out / "llm.json", report)
+    llm_plot(results, out, f"{report['device']} | {served_desc}")
+    print(f"wrote {out / 'llm.json'}, {out / 'llm.csv'}")
     return 0
 
 

@@ -100,3 +100,42 @@ def test_loadtest_user_mistakes_get_one_line_errors_and_write_nothing(tmp_path):
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and proc.stderr.startswith("loadtest: error:"), proc.stderr
         assert not out.exists(), "nothing is written for a refused run"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_llm_load_test_matches_the_engine(tiny_models, tmp_path):
+    """`loadtest.py --llm --quick`: perf_analyzer --streaming on the twins under the mixed load; every streamed
+    request's tokens equal the engine's greedy continuation of that request (so the TTFT / ITL / tokens/s summary
+    counts real tokens), and the summary agrees with the raw profile export."""
+    _perf_analyzer_or_skip()
+    from lsgpt.engine import Engine, SamplingParams
+
+    repo = make_repository(tmp_path / "repo", tiny_models)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "loadtest.py"), "--llm", "--quick", "--model-repository",
+           str(repo), "--tokenizer", str(tiny_models.tokenizer), "--prompts", "builtin", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "llm.json").read_text())
+    assert report["models"] == ["gpt2_stream", "gpt2_int8_stream"]
+    lengths = [len(r["token_ids"]["content"]) for r in report["requests"]]
+    news = [r["max_new_tokens"][0] for r in report["requests"]]
+    assert min(lengths) >= 2 and len(set(lengths)) > 1 and len(set(news)) > 1  # a mixed load
+    assert all(n + k < tiny_models.max_step for n, k in zip(lengths, news))
+    engines = {"gpt2_stream": Engine.load(tiny_models.fp16, device="cpu"),
+               "gpt2_int8_stream": Engine.load(tiny_models.int8, device="cpu")}
+    for point in report["points"]:
+        prof = json.loads((out / f"{point['model']}_c{point['concurrency']}_profile.json").read_text())
+        reqs = prof["experiments"][-1]["requests"]
+        assert point["requests"] == len(reqs) > 0
+        assert point["output_tokens"] == sum(len(r["response_timestamps"]) - 1 for r in reqs)
+        assert 0 < point["ttft_p50_ms"] <= point["latency_p50_ms"] and point["itl_p50_ms"] > 0
+        eng = engines[point["model"]]
+        for r in reqs[:8]:
+            ids, k = r["request_inputs"]["token_ids"], r["request_inputs"]["max_new_tokens"]
+            want = eng.generate([ids], SamplingParams(max_new_tokens=k, top_k=1))[0][len(ids):]
+            got = [o["result"] for o in r["response_outputs"][:-1]]
+            assert got == want, (point["model"], ids, k)
+    with open(out / "llm.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(report["points"]) == 4
