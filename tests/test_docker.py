@@ -31,7 +31,7 @@ def tool(name: str) -> str:
     return found
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.lightseq"])
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.lightseq", "Dockerfile.train"])
 def test_hadolint(dockerfile):
     out = subprocess.run([tool("hadolint"), "--no-color", str(DOCKER / dockerfile)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
