@@ -10,7 +10,9 @@ Server mode: what is served is chosen as in loadtest.py (repository, --hdf5, or 
 `concurrency` client threads each send one request after another over gRPC, cycling through real tokenized
 prompts with varied max_new_tokens (so the engine sees different batch and cache shapes). Memory = RSS of
 tritonserver plus all its descendants (the Python-backend stubs). Failures = client-side errors plus the
-server's own fail count. In-process mode: one loop calls Engine.generate on batches of 1..max_batch prompts;
+server's own fail count. --cancel-fraction F: that share of the requests goes to the model's streaming twin
+instead and is cancelled by the client after its first tokens (a closed stream, as a browser tab that goes
+away); they count as cancelled, not failed, and the twin must keep answering. In-process mode: one loop calls Engine.generate on batches of 1..max_batch prompts;
 memory = this process's RSS, and on CUDA torch's allocated/reserved device memory.
 Growth = median of the last 10% of samples vs the median of the first 10% after the warm-up.
 Writes results/<device>/soak/soak.{json,png} (memory over time, requests per interval).
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import common
 
-from lsgpt.contract import VOCAB_SIZE
+from lsgpt.contract import STREAM_SUFFIX, VOCAB_SIZE
 
 GROWTH_LIMIT = 0.05
 
@@ -40,6 +42,7 @@ class Tally:
 
     def __init__(self):
         self.ok, self.failed, self.errors, self.latencies, self.lock = 0, 0, [], [], threading.Lock()
+        self.cancelled = 0
 
     def record(self, t: float, latency: float | None, error: str | None = None) -> None:
         with self.lock:
@@ -84,13 +87,43 @@ def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], sampl
     cuda = engine is not None and str(engine.device).startswith("cuda")
     threading.Thread(target=sample_memory, args=(pid, stop, a.sample_every, t0, samples, cuda), daemon=True).start()
 
+    def cancel_one(r: list[int], n: int) -> None:
+        """Stream from the twin, then close the stream after the first tokens: the server must free the row."""
+        import queue
+
+        import tritonclient.grpc as grpcclient
+
+        from client.api import _inputs
+
+        got: queue.Queue = queue.Queue()
+        c = grpcclient.InferenceServerClient(url)
+        try:
+            c.start_stream(callback=lambda result, error: got.put(error))
+            c.async_stream_infer(model + STREAM_SUFFIX, _inputs(grpcclient, r, {"max_new_tokens": max(n, 8), "top_k": 1}))
+            for _ in range(2):  # two tokens, then the client goes away
+                err = got.get(timeout=120)
+                if err is not None:
+                    raise err
+            c.stop_stream(cancel_requests=True)
+        finally:
+            c.close()
+
     def client(offset: int) -> None:
         import tritonclient.grpc as grpcclient
 
+        rnd = random.Random(offset)
         with grpcclient.InferenceServerClient(url) as c:
             i = offset
             while not stop.is_set():
                 r, n, i, start = rows[i % len(rows)], lengths[i % len(lengths)], i + 1, time.monotonic()
+                if rnd.random() < a.cancel_fraction:
+                    try:
+                        cancel_one(r, n)
+                        with tally.lock:
+                            tally.cancelled += 1
+                    except Exception as e:  # noqa: BLE001
+                        tally.record(start - t0, None, f"cancelled stream: {type(e).__name__}: {e}")
+                    continue
                 try:
                     if len(common.infer(c, model, r, n, timeout=120)) <= len(r):
                         raise RuntimeError("no new tokens in the result")
@@ -175,6 +208,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts", default=None, help="text file, one prompt a line (default data/train.txt)")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--max-new-tokens", default="8,16,32", help="cycled per request")
+    p.add_argument("--cancel-fraction", type=float, default=0.0,
+                   help="server mode: this share of requests streams from the twin and is cancelled after 2 tokens")
     p.add_argument("--in-process", action="store_true", help="soak the engine in this process (no server)")
     p.add_argument("--device", help="in process: cpu / cuda")
     p.add_argument("--max-batch", type=int, default=8, help="in process: batches of 1..max-batch prompts")
@@ -231,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             rows, model = common.encode_prompts(tok, texts, vocab), models[0]
             print(f"soak: {what}; model {model}, concurrency {a.concurrency}, {a.minutes:g} min, warm-up {warmup:.0f} s, "
                   f"{len(rows)} prompts, max_new_tokens {lengths}", flush=True)
-            with common.served(repo, models, a.url, threads=a.server_threads or None) as (url, server):
+            served_models = models + ([model + STREAM_SUFFIX] if a.cancel_fraction > 0 else [])
+            with common.served(repo, served_models, a.url, threads=a.server_threads or None) as (url, server):
                 ok0, fail0 = common.failure_counts(url, model)
                 tally, elapsed = soak(a, rows, lengths, samples, url=url, model=model,
                                       pid=a.pid if a.url else server.proc.pid)
@@ -249,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": common.device_slug(a.device if a.in_process else None), "mode": "in_process" if a.in_process else "server",
         "concurrency": 1 if a.in_process else a.concurrency, "minutes": a.minutes, "warmup_s": warmup,
         "max_new_tokens": lengths, "requests_ok": tally.ok, "requests_failed": failed,
+        "requests_cancelled": tally.cancelled, "cancel_fraction": a.cancel_fraction,
         "throughput_rps": round(tally.ok / elapsed, 2) if elapsed else 0,
         "latency_ms": {f"p{q}": round(lat[min(len(lat) - 1, int(len(lat) * q / 100))] * 1000, 1) if lat else None
                        for q in (50, 95, 99)},
@@ -266,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     common.write_json(out / "soak.json", report)
     plot(report, out / "soak.png")
     g = mem["growth"]
-    print(f"soak: {tally.ok} ok, {failed} failed, {report['throughput_rps']} req/s, p50 {report['latency_ms']['p50']} ms "
+    print(f"soak: {tally.ok} ok, {tally.cancelled} cancelled, {failed} failed, {report['throughput_rps']} req/s, p50 {report['latency_ms']['p50']} ms "
           f"p95 {report['latency_ms']['p95']} ms; memory {mem['baseline_mib']} -> {mem['final_mib']} MiB after warm-up "
           f"({'n/a' if g is None else f'{g * 100:+.2f}%'}, limit {GROWTH_LIMIT * 100:.0f}%): {'PASS' if passed else 'FAIL'}")
     if tally.errors:
