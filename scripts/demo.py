@@ -27,9 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 PROMPTS = ["我好难受", "今天天气很好，", "中国经济"]
-# The demo's sampling: seeded (served and in process give the same text), a mild repetition penalty so that a
-# small model's continuation does not loop on one character as greedy decoding does.
-SAMPLING = dict(top_k=8, top_p=0.95, temperature=0.8, repetition_penalty=1.3, seed=1234)
+# The demo's sampling: seeded (served and in process give the same text), a mild repetition penalty (HF) and a
+# frequency penalty (OpenAI) so that a small model's continuation does not loop on one character as greedy
+# decoding does, nor on commas (distinct-2 of the samples 0.41 -> 0.84 with the frequency penalty).
+SAMPLING = dict(top_k=8, top_p=0.95, temperature=0.8, repetition_penalty=1.3, frequency_penalty=0.5, seed=1234)
 
 
 def distinct2(rows: list[list[int]]) -> float:
