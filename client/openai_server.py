@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from client.api import DEFAULT_TOKENIZER, Client, ClientError, InvalidRequest, ModelNotReady, check_sampling
+from lsgpt.contract import matched_stop
 from lsgpt.text import decode
 
 MODELS = ("gpt2", "gpt2_int8")
@@ -104,9 +105,9 @@ def create_app(url: str, tokenizer: str = DEFAULT_TOKENIZER, models: tuple[str, 
             new = row[len(p):]
             completion += len(new)
             stopped = bool(new) and new[-1] == c.eos_id
-            hit = [s for s in stop if len(new) >= len(s) and tuple(new[len(new) - len(s):]) == s]
+            hit = matched_stop(new, stop)
             if hit:  # OpenAI: the stop sequence is not part of the text
-                new, stopped = new[: len(new) - len(hit[0])], True
+                new, stopped = new[: len(new) - len(hit)], True
             choices.append({"text": decode(c.tok, new), "index": i, "logprobs": None,
                             "finish_reason": "stop" if stopped else "length"})
         prompt_tokens = sum(len(p) for p in ids)

@@ -102,6 +102,12 @@ def stop_error(stop: Any, vocab: int | None = None) -> str | None:
     return None
 
 
+def matched_stop(generated: Sequence[int], stop: Sequence[Sequence[int]]) -> tuple[int, ...] | None:
+    """The stop sequence `generated` (a continuation so far) ends with, or None."""
+    n = len(generated)
+    return next((tuple(s) for s in stop if len(s) <= n and tuple(generated[n - len(s):]) == tuple(s)), None)
+
+
 def encode_stop(stop: Sequence[Sequence[int]]) -> list[int]:
     """Stop sequences -> the flat stop_words row: [1, 2, -1, 3] = the sequences (1, 2) and (3,)."""
     out: list[int] = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lsgpt.contract import PARAMS, param_error, stop_error
+from lsgpt.contract import PARAMS, matched_stop, param_error, stop_error
 from lsgpt.format import GptConfig, max_output_len, read_hdf5
 from lsgpt.fused import FusedForward
 from lsgpt.fused import available as fused_available
@@ -48,8 +48,7 @@ class SamplingParams:
 
     def stops(self, generated: Sequence[int]) -> bool:
         """Does `generated` (the continuation so far) end with one of the stop sequences?"""
-        n = len(generated)
-        return any(len(s) <= n and tuple(generated[n - len(s):]) == s for s in self.stop)
+        return matched_stop(generated, self.stop) is not None
 
     @property
     def penalized(self) -> bool:

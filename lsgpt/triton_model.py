@@ -190,8 +190,6 @@ class TritonPythonModel:
             if v.size != b:
                 shape = list(p.as_numpy().shape)
                 raise BadRequest(f"input '{name}' must have one value per row ([{b}, 1]), got shape {shape}")
-            if param.type is float and not np.isfinite(v).all():
-                raise BadRequest(f"input '{name}' must be finite, got {v.tolist()}")
             for row, x in enumerate(v.tolist()):
                 fields[row][name] = param.type(x)
         sw = pb_utils.get_input_tensor_by_name(request, STOP_WORDS)
