@@ -1,4 +1,4 @@
-"""An OpenAI-compatible completions API in front of the Triton server (FastAPI over the client library).
+"""An OpenAI-compatible API in front of the Triton server (FastAPI over the client library).
 
     python client/openai_server.py --url localhost:8001 -p data/tokenizer          # http://127.0.0.1:9000/v1
     make openai                                                                     # the same
@@ -6,14 +6,32 @@
     from openai import OpenAI
     c = OpenAI(base_url="http://127.0.0.1:9000/v1", api_key="unused")
     c.completions.create(model="gpt2_int8", prompt="我好难受", max_tokens=32, temperature=0.8, seed=1)
+    c.chat.completions.create(model="gpt2_int8", messages=[{"role": "user", "content": "我好难受"}], max_tokens=32)
 
-Endpoints: GET /v1/models (the served portable models), POST /v1/completions (prompt: a string or a list of
-strings; max_tokens, temperature, top_p, seed, presence_penalty, frequency_penalty; stream: true sends
-server-sent events through the model's decoupled twin, then `data: [DONE]`). The text returned is the
-continuation (OpenAI's `echo: false`); usage counts tokens with the model's tokenizer. What the engine does not
-do (n > 1, best_of, logprobs, echo, suffix) is refused with a 400 naming it, never ignored.
-Why not Triton's own OpenAI frontend: it runs tritonserver in process through its Python bindings, which the
-pip wheel we serve with does not carry. Loopback by default.
+Endpoints:
+- GET /v1/models: the served portable models.
+- POST /v1/completions: prompt (a string or a list of strings); max_tokens (default 16, as OpenAI's).
+- POST /v1/chat/completions: messages, a list of {role, content} with role system, developer, user or assistant
+  and content a string or a list of {"type": "text", "text": ...} parts; max_completion_tokens or max_tokens
+  (default: up to the model's length limit, as OpenAI's). The answer's message has role "assistant".
+
+Both take temperature, top_p, seed, stop (a string or a list of strings; the text returned ends before the
+first one generated, finish_reason "stop"), presence_penalty, frequency_penalty, and stream: true, which sends
+server-sent events through the model's decoupled twin (`text_completion` or `chat.completion.chunk` objects; for
+chat a first chunk with the role, content deltas, a last chunk with finish_reason), then `data: [DONE]`;
+stream_options {"include_usage": true} adds a last chunk with the usage and no choices. The text returned is the
+continuation (OpenAI's `echo: false`); usage counts tokens with the model's tokenizer; finish_reason is "stop" for
+EOS or a stop sequence, "length" for the token limit.
+
+Chat template: GPT-2 has none, so the prompt is the messages' contents in order, joined by newlines (the text
+parts of one message too); roles are not written into it. The answer is the completion of that prompt: a chat
+request and a completions request whose prompt is "\\n".join(contents) generate the same tokens. The Chinese BERT
+tokenizer of these models drops whitespace, so the model sees the texts one after the other.
+
+What the engine does not do (n > 1, best_of, logprobs, echo, suffix, logit_bias, tools, response formats other
+than text, ...) is refused with a 400 naming it, never ignored; so is every malformed request (OpenAI-style
+error JSON, never a 500). Why not Triton's own OpenAI frontend: it runs tritonserver in process through its
+Python bindings, which the pip wheel we serve with does not carry. Loopback by default.
 """
 
 from __future__ import annotations
@@ -23,28 +41,212 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from client.api import DEFAULT_TOKENIZER, Client, ClientError, InvalidRequest, ModelNotReady, check_sampling
 from lsgpt.contract import matched_stop
-from lsgpt.text import decode
+from lsgpt.text import IncrementalDecoder, decode
 
 MODELS = ("gpt2", "gpt2_int8")
-# OpenAI name -> our sampling name
-PARAMS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed",
+# OpenAI name -> our sampling name (max_tokens / max_completion_tokens: see Job.parse)
+PARAMS = {"temperature": "temperature", "top_p": "top_p", "seed": "seed",
           "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 # what the engine cannot do: refused with a 400 unless the value is a neutral one
 UNSUPPORTED = {"best_of": (None, 1), "logprobs": (None, 0), "echo": (None, False),
                "suffix": (None, ""), "logit_bias": (None, {})}
+CHAT_UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+                    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+                    "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+                    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
+ROLES = ("system", "developer", "user", "assistant")
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
+class ApiError(Exception):
+    """A request answered with an OpenAI-style error: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+def api_error(e: ClientError) -> ApiError:
+    """The client library's errors as HTTP answers."""
+    if isinstance(e, InvalidRequest):
+        return ApiError(400, str(e))
+    if isinstance(e, ModelNotReady):
+        return ApiError(404, str(e), "not_found_error")
+    return ApiError(503, str(e), "server_error")
+
+
+@dataclass
+class Job:
+    """What /v1/completions and /v1/chat/completions share: the model's client, sampling, stop sequences."""
+
+    model: str
+    client: Client
+    sampling: dict[str, Any]
+    stop: tuple[tuple[int, ...], ...]
+    streaming: bool
+    include_usage: bool
+    id: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    def parse(cls, body: dict[str, Any], models: Sequence[str], client: Callable[[str], Client], *,
+              unsupported: dict[str, tuple], max_keys: Sequence[str], default_max: int | None, prefix: str) -> Job:
+        model = body.get("model")
+        if not isinstance(model, str) or model not in models:
+            raise ApiError(404, f"model {model!r} is not served here (models: {', '.join(models)})",
+                           "not_found_error", "model")
+        if body.get("n") not in (None, 1):
+            raise ApiError(400, "n > 1 is not supported (send the request several times with different seeds)",
+                           param="n")
+        for k, neutral in unsupported.items():
+            if body.get(k) not in neutral:
+                raise ApiError(400, f"{k!r} is not supported by this server", param=k)
+        sampling = {ours: body[theirs] for theirs, ours in PARAMS.items() if body.get(theirs) is not None}
+        given = [k for k in max_keys if body.get(k) is not None]
+        if len(given) > 1 and body[given[0]] != body[given[1]]:
+            raise ApiError(400, f"{given[0]} and {given[1]} differ: give one", param=given[1])
+        if given or default_max is not None:
+            sampling["max_new_tokens"] = body[given[0]] if given else default_max
+        stream = body.get("stream") or False
+        if not isinstance(stream, bool):
+            raise ApiError(400, f"stream must be true or false, got {stream!r}", param="stream")
+        options = body.get("stream_options")
+        if options is not None and (not stream or not isinstance(options, dict)):
+            raise ApiError(400, "stream_options is only allowed with stream: true, as an object", param="stream_options")
+        if not isinstance(body.get("stop"), (type(None), str, list)):
+            raise ApiError(400, f"stop must be a string or a list of strings, got {body['stop']!r}", param="stop")
+        c = client(model)
+        try:  # types and ranges now, with a 400 naming the parameter; stop: a string or a list of strings
+            sampling = check_sampling(sampling)
+            stop = check_sampling({"stop": body.get("stop")}, c.tok).get("stop", ())
+        except InvalidRequest as e:  # named as the request named it
+            raise ApiError(400, str(e).replace("max_new_tokens", given[0] if given else "max_tokens")) from None
+        if stop:
+            sampling["stop"] = stop
+        return cls(model, c, sampling, stop, stream, bool((options or {}).get("include_usage")),
+                   f"{prefix}-{uuid.uuid4().hex[:24]}")
+
+    def finish(self, new: list[int]) -> tuple[list[int], str]:
+        """A continuation -> (the tokens whose text is returned, finish_reason). OpenAI: a stop sequence is not
+        part of the text."""
+        hit = matched_stop(new, self.stop)
+        if hit:
+            return new[: len(new) - len(hit)], "stop"
+        return new, "stop" if new and new[-1] == self.client.eos_id else "length"
+
+    async def complete(self, prompts: list[list[int]]) -> list[tuple[str, str, int]]:
+        """Token prompts -> (text, finish_reason, completion tokens) per prompt, from the non-decoupled model."""
+        try:
+            rows = await run_in_threadpool(self.client.generate_ids, prompts, **self.sampling)
+        except ClientError as e:
+            raise api_error(e) from None
+        out = []
+        for p, row in zip(prompts, rows):
+            new = row[len(p):]
+            kept, reason = self.finish(new)
+            out.append((decode(self.client.tok, kept), reason, len(new)))
+        return out
+
+    def _pieces(self, prompt: list[int], info: dict[str, Any]) -> Iterator[str]:
+        """Text increments of one streamed continuation (joined: the non-streamed text). Tokens that may belong
+        to a stop sequence (the last len(longest stop) ones) are held back: the stream ends right after a stop
+        sequence, which is then dropped. At the end, info holds finish_reason and completion_tokens."""
+        c, lag, new = self.client, max(map(len, self.stop), default=0), []
+        dec = IncrementalDecoder(c.tok, prompt)
+
+        def push(tok: int) -> str:
+            return "" if tok == c.eos_id else dec.push(tok)  # EOS is a special token: no text
+
+        for tok, _ in c.stream_ids(prompt, **self.sampling):
+            if tok is None:
+                continue
+            new.append(tok)
+            if len(new) > lag and (piece := push(new[-1 - lag])):
+                yield piece
+        kept, info["finish_reason"] = self.finish(new)
+        rest = "".join(push(t) for t in kept[max(0, len(new) - lag):]) + dec.flush()
+        if rest:
+            yield rest
+        info["completion_tokens"] = len(new)
+
+    async def stream(self, prompt: list[int], chunk: Callable[[str | None, str | None], dict],
+                     usage_chunk: Callable[[dict], dict], opening: dict | None = None) -> StreamingResponse:
+        """Server-sent events: `opening` (if any), chunk(text, None) per increment, chunk(None, finish_reason)
+        last, then the usage (if asked) and [DONE]. The first increment is awaited here, so that a request the model refuses gets a
+        4xx instead of a stream that fails."""
+        info: dict[str, Any] = {}
+        pieces = iterate_in_threadpool(self._pieces(prompt, info))
+        try:
+            first = [await pieces.__anext__()]
+        except StopAsyncIteration:
+            first = []
+        except ClientError as e:
+            raise api_error(e) from None
+
+        def sse(obj: Any) -> str:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                if opening is not None:
+                    yield sse(opening)
+                for piece in first:
+                    yield sse(chunk(piece, None))
+                async for piece in pieces:
+                    yield sse(chunk(piece, None))
+                yield sse(chunk(None, info["finish_reason"]))
+                if self.include_usage:
+                    n = info["completion_tokens"]
+                    yield sse(usage_chunk({"prompt_tokens": len(prompt), "completion_tokens": n,
+                                           "total_tokens": len(prompt) + n}))
+            except ClientError as e:
+                yield sse({"error": {"message": str(e), "type": api_error(e).kind, "param": None, "code": None}})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def chat_prompt(messages: Any) -> str:
+    """The chat template (GPT-2 has none): the contents in order, joined by newlines; roles are checked, not
+    written."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+    texts = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{where} must be an object with role and content", param=where)
+        if m.get("role") not in ROLES:
+            raise ApiError(400, f"{where}.role {m.get('role')!r} is not supported (one of: {', '.join(ROLES)})",
+                           param=f"{where}.role")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, p in enumerate(content):
+                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                    raise ApiError(400, f"{where}.content[{j}]: only text parts ({{\"type\": \"text\", \"text\": "
+                                   f"...}}) are supported", param=f"{where}.content")
+                parts.append(p["text"])
+            content = "\n".join(parts)
+        if not isinstance(content, str) or not content.strip():
+            raise ApiError(400, f"{where}.content must be a non-empty string or a list of text parts",
+                           param=f"{where}.content")
+        texts.append(content)
+    return "\n".join(texts)
 
 
 def create_app(url: str, tokenizer: str = DEFAULT_TOKENIZER, models: tuple[str, ...] = MODELS) -> FastAPI:
@@ -56,6 +258,14 @@ def create_app(url: str, tokenizer: str = DEFAULT_TOKENIZER, models: tuple[str, 
             clients[model] = Client(url, model, tokenizer)
         return clients[model]
 
+    @app.exception_handler(ApiError)
+    async def on_api_error(_: Request, e: ApiError) -> JSONResponse:
+        return error(e.status, e.message, e.kind, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_bad_body(_: Request, e: RequestValidationError) -> JSONResponse:
+        return error(400, f"the body must be a JSON object ({'; '.join(d.get('msg', '') for d in e.errors())})")
+
     @app.get("/v1/models")
     def list_models():
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "lsgpt-triton"}
@@ -63,82 +273,60 @@ def create_app(url: str, tokenizer: str = DEFAULT_TOKENIZER, models: tuple[str, 
 
     @app.post("/v1/completions")
     async def completions(body: dict[str, Any]):
-        model = body.get("model")
-        if model not in models:
-            return error(404, f"model {model!r} is not served here (models: {', '.join(models)})", "not_found_error")
         prompts = body.get("prompt", "")
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            return error(400, "prompt must be a string or a non-empty list of strings")
-        if body.get("n", 1) != 1:
-            return error(400, "n > 1 is not supported (send the prompt several times with different seeds)")
-        for k, neutral in UNSUPPORTED.items():
-            if body.get(k) not in neutral:
-                return error(400, f"{k!r} is not supported by this server")
-        sampling = {ours: body[theirs] for theirs, ours in PARAMS.items() if body.get(theirs) is not None}
-        sampling.setdefault("max_new_tokens", 16)  # OpenAI's default max_tokens
-        c = client(model)
-        try:  # stop: a string or up to 4 strings (OpenAI); the text returned ends before it
-            stop = check_sampling({"stop": body.get("stop")}, c.tok).get("stop", ())
-        except InvalidRequest as e:
-            return error(400, str(e))
-        if stop:
-            sampling["stop"] = stop
-        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if body.get("stream"):
-            if len(prompts) != 1:
-                return error(400, "stream: true takes one prompt")
-            tails = [decode(c.tok, list(s)) for s in stop]  # what a stop sequence looks like as text
-            return StreamingResponse(stream_events(c, prompts[0], sampling, rid, created, model, tails),
-                                     media_type="text/event-stream")
+            raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
+        job = Job.parse(body, models, client, unsupported=UNSUPPORTED, max_keys=("max_tokens",), default_max=16,
+                        prefix="cmpl")
+        head = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
         try:
-            ids = [c.encode(p) for p in prompts]
-            rows = await run_in_threadpool(c.generate_ids, ids, **sampling)
-        except InvalidRequest as e:
-            return error(400, str(e))
-        except ModelNotReady as e:
-            return error(404, str(e), "not_found_error")
+            ids = [job.client.encode(p) for p in prompts]
         except ClientError as e:
-            return error(503, str(e), "server_error")
-        choices, completion = [], 0
-        for i, (p, row) in enumerate(zip(ids, rows)):
-            new = row[len(p):]
-            completion += len(new)
-            stopped = bool(new) and new[-1] == c.eos_id
-            hit = matched_stop(new, stop)
-            if hit:  # OpenAI: the stop sequence is not part of the text
-                new, stopped = new[: len(new) - len(hit)], True
-            choices.append({"text": decode(c.tok, new), "index": i, "logprobs": None,
-                            "finish_reason": "stop" if stopped else "length"})
-        prompt_tokens = sum(len(p) for p in ids)
-        return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            raise api_error(e) from None
+        if job.streaming:
+            if len(ids) != 1:
+                raise ApiError(400, "stream: true takes one prompt", param="prompt")
+            return await job.stream(
+                ids[0],
+                lambda text, finish: {**head, "choices": [{"text": text or "", "index": 0, "logprobs": None,
+                                                           "finish_reason": finish}]},
+                lambda usage: {**head, "choices": [], "usage": usage})
+        answers = await job.complete(ids)
+        prompt_tokens, completion = sum(map(len, ids)), sum(n for _, _, n in answers)
+        return {**head, "choices": [{"text": text, "index": i, "logprobs": None, "finish_reason": finish}
+                                    for i, (text, finish, _) in enumerate(answers)],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                           "total_tokens": prompt_tokens + completion}}
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: dict[str, Any]):
+        prompt = chat_prompt(body.get("messages"))
+        job = Job.parse(body, models, client, unsupported=CHAT_UNSUPPORTED,
+                        max_keys=("max_completion_tokens", "max_tokens"), default_max=None, prefix="chatcmpl")
+        head = {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
+                "system_fingerprint": None}
+        try:
+            ids = job.client.encode(prompt)
+        except ClientError as e:
+            raise api_error(e) from None
+        if job.streaming:
+            chunk_head = {**head, "object": "chat.completion.chunk"}
+
+            def chunk(delta: dict[str, Any], finish: str | None = None) -> dict:
+                return {**chunk_head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                   "finish_reason": finish}]}
+
+            return await job.stream(  # as OpenAI: the role first, then content deltas, then the finish_reason
+                ids, lambda text, finish: chunk({} if text is None else {"content": text}, finish),
+                lambda usage: {**chunk_head, "choices": [], "usage": usage},
+                opening=chunk({"role": "assistant", "content": ""}))
+        [(text, finish, n)] = await job.complete([ids])
+        return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                                     "logprobs": None, "finish_reason": finish}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}}
+
     return app
-
-
-async def stream_events(c: Client, prompt: str, sampling: dict, rid: str, created: int, model: str,
-                        tails: Sequence[str] = ()):
-    def event(text: str, finish: str | None) -> str:
-        chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-
-    # With stop sequences, hold back as many characters as the longest one: the stream ends right after a stop
-    # sequence, which is then cut off (OpenAI sends no stop text).
-    hold, held = max(map(len, tails), default=0), ""
-    try:
-        async for piece in iterate_in_threadpool(c.stream(prompt, **sampling)):
-            held += piece or ""
-            if len(held) > hold:
-                yield event(held[: len(held) - hold], None)
-                held = held[len(held) - hold:]
-        hit = [t for t in tails if t and held.endswith(t)]
-        yield event(held[: len(held) - len(hit[0])] if hit else held, "stop" if hit else "length")
-    except ClientError as e:
-        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
-    yield "data: [DONE]\n\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API (client/openai_server.py) in front of the real tritonserver, driven by the
+"""The OpenAI-compatible API (client/openai_server.py: /v1/completions, /v1/chat/completions) in front of the real
+tritonserver, driven by the
 official `openai` Python package. Oracle: the engine in process on the same prompt ([CLS] text, greedy)."""
 
 from __future__ import annotations
@@ -94,3 +95,126 @@ def test_stop_ends_the_text_before_the_stop_sequence(api):
                                        stream=True))
     assert "".join(ch.choices[0].text for ch in chunks) == decode(tok, new[:k])
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+# ---------------------------------------------------------------------------------------------
+# /v1/chat/completions: the prompt is the messages' contents joined by newlines (GPT-2 has no chat template).
+
+CHAT = [{"role": "system", "content": "我今天"},
+        {"role": "user", "content": [{"type": "text", "text": "很开心"}, {"type": "text", "text": "hello"}]},
+        {"role": "assistant", "content": "world"}, {"role": "user", "content": "我要找个"}]
+TEMPLATED = "我今天\n很开心\nhello\nworld\n我要找个"  # the contents (and text parts) joined by newlines
+
+
+def test_chat_equals_the_engines_completion_of_the_templated_prompt(api):
+    """Chat answers, plain and streamed, on both models: the engine's greedy continuation of [CLS] + the
+    templated prompt, computed in process; usage counts its tokens; the stream is OpenAI's chunk sequence."""
+    c, tiny = api
+    tok = load_tokenizer(tiny.tokenizer)
+    p = encode_prompt(tok, TEMPLATED)
+    for model, path, limit in (("gpt2", tiny.fp16, {"max_completion_tokens": 10}),
+                               ("gpt2_int8", tiny.int8, {"max_tokens": 10})):
+        want = Engine.load(path, device="cpu").generate([p], SamplingParams(max_new_tokens=10, top_k=1))[0][len(p):]
+        text, finish = decode(tok, want), ("stop" if want[-1] == tiny.eos_id else "length")
+        r = c.chat.completions.create(model=model, messages=CHAT, temperature=0, **limit)
+        assert r.object == "chat.completion" and r.model == model and len(r.choices) == 1
+        assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == text
+        assert r.choices[0].finish_reason == finish
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+            len(p), len(want), len(p) + len(want))
+        chunks = list(c.chat.completions.create(model=model, messages=CHAT, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}, **limit))
+        assert {ch.object for ch in chunks} == {"chat.completion.chunk"} and len({ch.id for ch in chunks}) == 1
+        assert chunks[0].choices[0].delta.role == "assistant" and not chunks[0].choices[0].delta.content
+        body, last, usage = chunks[1:-2], chunks[-2], chunks[-1]
+        assert all(ch.choices[0].finish_reason is None and ch.choices[0].delta.content for ch in body)
+        assert "".join(ch.choices[0].delta.content for ch in body) == text
+        assert last.choices[0].finish_reason == finish and not last.choices[0].delta.content
+        assert usage.choices == [] and usage.usage.completion_tokens == len(want)
+    # the same answer as /v1/completions on the templated prompt (the documented template)
+    assert c.completions.create(model="gpt2", prompt=TEMPLATED, max_tokens=10, temperature=0).choices[0].text == \
+        c.chat.completions.create(model="gpt2", messages=CHAT, max_tokens=10, temperature=0).choices[0].message.content
+
+
+def test_chat_stop_and_sampling(api):
+    """stop through chat, plain and streamed: the text ends before the stop string, finish_reason "stop" (oracle:
+    the engine's greedy continuation); a seeded sampled answer is the engine's with the same seed."""
+    c, tiny = api
+    tok = load_tokenizer(tiny.tokenizer)
+    msgs = [{"role": "user", "content": "我今天很开心"}]
+    p = encode_prompt(tok, "我今天很开心")
+    e = Engine.load(tiny.fp16, device="cpu")
+    new = e.generate([p], SamplingParams(max_new_tokens=10, top_k=1, presence_penalty=2.0))[0][len(p):]
+    k = next((i for i in range(1, len(new)) if new[i] not in new[:i] and new[i] != tiny.eos_id
+              and tok.encode(tok.convert_ids_to_tokens(new[i]), add_special_tokens=False) == [new[i]]), None)
+    assert k is not None, f"no usable stop token in {new}"
+    stop = tok.convert_ids_to_tokens(new[k])
+    args = dict(model="gpt2", messages=msgs, max_tokens=10, temperature=0, presence_penalty=2.0, stop=[stop, "1 2"])
+    r = c.chat.completions.create(**args)
+    assert r.choices[0].message.content == decode(tok, new[:k]) and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == k + 1  # the stop token was generated, not returned
+    chunks = list(c.chat.completions.create(**args, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == decode(tok, new[:k])
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    sp = SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=11, frequency_penalty=0.5)
+    want = e.generate([p], sp)[0][len(p):]
+    r = c.chat.completions.create(model="gpt2", messages=msgs, max_completion_tokens=8, temperature=0.9, top_p=0.9,
+                                  seed=11, frequency_penalty=0.5)
+    assert r.choices[0].message.content == decode(tok, want)
+
+
+def post(url: str, data: bytes) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_chat_bad_requests_are_clear_4xx(api):
+    import json
+
+    c, _ = api
+    ok = [{"role": "user", "content": "我"}]
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        c.chat.completions.create(model="gpt3", messages=ok)
+    cases = [  # (what the request changes, what the 400 must name)
+        (dict(messages=[]), "messages"),
+        (dict(messages=None), "messages"),
+        (dict(messages=["我"]), "messages\\[0\\]"),
+        (dict(messages=[{"role": "robot", "content": "我"}]), "role 'robot'"),
+        (dict(messages=[{"role": "tool", "content": "我", "tool_call_id": "x"}]), "role 'tool'"),
+        (dict(messages=[{"role": "user"}]), "messages\\[0\\].content"),
+        (dict(messages=[*ok, {"role": "user", "content": " "}]), "messages\\[1\\].content"),
+        (dict(messages=[{"role": "user", "content": []}]), "content"),
+        (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+         "only text parts"),
+        (dict(n=2), "n > 1"),
+        (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "'tools' is not supported"),
+        (dict(logprobs=True), "'logprobs' is not supported"),
+        (dict(top_p=3.0), "top_p"),
+        (dict(temperature=-1), "temperature"),
+        (dict(max_tokens=0), "max_tokens=0"),
+        (dict(max_tokens=None, max_completion_tokens=0), "max_completion_tokens=0"),
+        (dict(max_tokens=4, max_completion_tokens=5), "differ"),
+        (dict(stop=[str(i) for i in range(17)]), "at most"),
+        (dict(stop=5), "stop must be"),
+        (dict(stream_options={"include_usage": True}), "stream_options"),
+        (dict(top_p=3.0, stream=True), "top_p"),  # streamed requests are checked before the stream starts
+        (dict(messages=[{"role": "user", "content": "我" * 100}], stream=True), "prompt too long: 101 tokens"),
+        (dict(messages=[{"role": "user", "content": "我" * 100}]), "prompt too long: 101 tokens"),
+    ]
+    for change, match in cases:
+        with pytest.raises(openai.BadRequestError, match=match):
+            c.chat.completions.create(**{"model": "gpt2", "messages": ok, "max_tokens": 2, **change})
+    # bodies the openai package would not send: still an OpenAI-style 400, never a 500
+    url = str(c.base_url).rstrip("/")
+    for body in ({"model": "gpt2"}, [1, 2], "not json", {"model": "gpt2", "messages": ok, "stream": "yes"}):
+        code, answer = post(f"{url}/chat/completions", (body if isinstance(body, str) else json.dumps(body)).encode())
+        assert code == 400 and answer["error"]["type"] == "invalid_request_error", (body, answer)
+    assert c.chat.completions.create(model="gpt2", messages=ok, max_tokens=2).choices[0].message.content is not None
