@@ -1,0 +1,163 @@
+"""Stream cancellation through the real tritonserver: a client that closes its gRPC stream after 2 tokens of a
+long streamed request (the decoupled twin gpt2_stream, in-flight batching) frees the request's row at once.
+
+Oracle: what the server itself reports (its Prometheus metrics: lsgpt_generated_tokens_total,
+lsgpt_running_rows, lsgpt_requests_total) and a following request, against the engine in process. The served
+model is a small GPT-2 with 1024 positions whose final LayerNorm has zero gain: its logits are the same whatever
+the input (ln_f's bias times the embedding), so its greedy continuation is one token, never EOS, and a request
+left running generates exactly MAX_NEW tokens (full decode steps: seconds on a CPU). A cancelled one stops
+within a few steps; the test allows half of MAX_NEW (the gRPC cancellation reaches the model asynchronously).
+The twin runs one row at a time (max_running_rows 1), so the following request can only start once the cancelled
+one has left. No wall-clock assertions: deadlines are hang guards only."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from conftest import TINY_VOCAB, make_repository  # noqa: E402
+
+from lsgpt.engine import Engine, SamplingParams  # noqa: E402
+from lsgpt.launcher import TritonServer, free_port  # noqa: E402
+
+MAX_STEP = 1024
+MAX_NEW = 1000  # left to run, the request generates exactly this many tokens (no EOS: see the fixture)
+TOKEN = TINY_VOCAB.index("我")  # the model's only greedy token
+MODEL, LABELS = "gpt2_stream", '{model="gpt2_stream",version="1"}'
+
+
+@pytest.fixture(scope="module")
+def long_served(tiny_models, tmp_path_factory):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lsgpt.convert import export_model
+
+    d = tmp_path_factory.mktemp("cancel")
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=len(TINY_VOCAB), n_positions=MAX_STEP,
+                     bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # logits = wte @ ln_f.bias whatever the input: TOKEN wins by a wide margin
+        wte = model.transformer.wte.weight
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(wte[TOKEN] / wte[TOKEN].dot(wte[TOKEN]) * 10)  # its logit: 10
+        top2 = (wte @ model.transformer.ln_f.bias).topk(2)
+    assert top2.indices[0] == TOKEN and top2.values[0] - top2.values[1] > 2.0, top2
+    path = export_model(model, d / "long.hdf5", max_step=MAX_STEP, eos_id=3)
+    (d / "repo").mkdir()
+    repo = make_repository(d / "repo", dataclasses.replace(tiny_models, fp16=path, max_step=MAX_STEP))
+    config = repo / MODEL / "config.pbtxt"
+    text, n = re.subn(r'(key: "max_running_rows", value: \{ string_value: ")\d+', r"\g<1>1", config.read_text())
+    assert n == 1
+    config.write_text(text)
+    server = TritonServer(repo, models=[MODEL], grpc_port=free_port(), http_port=free_port(),
+                          metrics_port=free_port())
+    with server:
+        server.wait_ready(180)
+        yield server, Engine.load(path, device="cpu")
+
+
+def tensor(name: str, value, dtype: str):
+    arr = np.asarray([value], dtype={"INT32": np.int32}[dtype])
+    t = grpcclient.InferInput(name, list(arr.shape), dtype)
+    t.set_data_from_numpy(arr)
+    return t
+
+
+def inputs(prompt: list[int], max_new_tokens: int) -> list:
+    return [tensor("token_ids", prompt, "INT32"), tensor("max_new_tokens", [max_new_tokens], "INT32"),
+            tensor("top_k", [1], "INT32")]
+
+
+def scrape(server) -> dict[str, float]:
+    """Triton's /metrics (Prometheus text) as {'name{labels}': value}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def settled(server, timeout: float = 120.0) -> dict[str, float]:
+    """The model's metrics once no row runs and the counters stopped moving (the metrics thread publishes every
+    0.5 s: two scrapes a second apart agree). The timeout is a hang guard."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        now = scrape(server)
+        key = (now[f"lsgpt_generated_tokens_total{LABELS}"], now[f"lsgpt_requests_total{LABELS}"])
+        if last == key and now[f"lsgpt_running_rows{LABELS}"] == 0 and now[f"lsgpt_queued_requests{LABELS}"] == 0:
+            return now
+        assert time.monotonic() < deadline, server.log_tail()
+        last = key
+        time.sleep(1.0)
+
+
+def stream(url: str, prompt: list[int], max_new_tokens: int, cancel_after: int | None = None) -> tuple[list[int], bool]:
+    """Stream a request; with cancel_after, close the stream (cancel_requests=True) once that many tokens came.
+    -> (tokens received, whether the final response came)."""
+    c = grpcclient.InferenceServerClient(url)
+    got: list[int] = []
+    errors: list = []
+    final, ended, enough = threading.Event(), threading.Event(), threading.Event()
+
+    def callback(result, error) -> None:
+        if error is not None:
+            errors.append(error)
+            ended.set()
+            return
+        got.extend(result.as_numpy("result").reshape(-1).tolist())
+        if cancel_after is not None and len(got) >= cancel_after:
+            enough.set()
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            final.set()
+            ended.set()
+
+    try:
+        c.start_stream(callback=callback)
+        c.async_stream_infer(MODEL, inputs(prompt, max_new_tokens), enable_empty_final_response=True)
+        if cancel_after is not None:
+            assert enough.wait(120) or ended.is_set(), "no tokens within 120 s"  # hang guard
+            c.stop_stream(cancel_requests=True)  # the callback then gets the stream's own CANCELLED error
+            assert all("CANCELLED" in str(e.status()) for e in errors), [(e.status(), e.message()) for e in errors]
+            return list(got), final.is_set()
+        assert ended.wait(300), "no final response within 300 s"  # hang guard
+        assert not errors, errors
+        return list(got), True
+    finally:
+        c.stop_stream(cancel_requests=True)
+        c.close()
+
+
+def test_cancelled_stream_frees_its_row_and_stops_generating(long_served):
+    server, engine = long_served
+    gen, req = f"lsgpt_generated_tokens_total{LABELS}", f"lsgpt_requests_total{LABELS}"
+    prompt = [2, 7, 8, 9]  # [CLS] 我今天
+    assert engine.generate([prompt], SamplingParams(max_new_tokens=8, top_k=1))[0][len(prompt):] == [TOKEN] * 8
+    before = settled(server)
+
+    got, finished = stream(server.grpc_url, prompt, MAX_NEW, cancel_after=2)
+    assert not finished and len(got) >= 2
+    after = settled(server)
+    generated = after[gen] - before[gen]
+    print(f"cancelled after {len(got)} tokens received: the server generated {generated:.0f} of {MAX_NEW}")
+    assert after[req] - before[req] == 1
+    assert len(got) <= generated < MAX_NEW // 2  # the row stopped (left running: exactly MAX_NEW)
+    assert got == engine.generate([prompt], SamplingParams(max_new_tokens=len(got), top_k=1))[0][len(prompt):]
+
+    # The row is free: with one row, the next request runs to its end, and only its tokens are counted.
+    short, finished = stream(server.grpc_url, prompt, 5)
+    assert finished and short == engine.generate([prompt], SamplingParams(max_new_tokens=5, top_k=1))[0][len(prompt):]
+    final = settled(server)
+    assert final[gen] - after[gen] == len(short) and final[req] - after[req] == 1
