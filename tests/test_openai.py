@@ -1,6 +1,6 @@
 """The OpenAI-compatible API (client/openai_server.py: /v1/completions, /v1/chat/completions) in front of the real
-tritonserver, driven by the
-official `openai` Python package. Oracle: the engine in process on the same prompt ([CLS] text, greedy)."""
+tritonserver, driven by the official `openai` Python package. Oracle: the engine in process on the same prompt
+([CLS] text, greedy); for chat, on the documented template (the contents joined by newlines)."""
 
 from __future__ import annotations
 
