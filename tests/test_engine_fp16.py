@@ -31,7 +31,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny.make_model(seed=0, wide=True)  # wide: GELU form, LN eps, attention scale all move logits visibly
+    return tiny.make_model(seed=0, wide=True)  # wide: GELU form and attention scale move logits visibly
+    # (LayerNorm epsilon does not: test_layernorm_epsilon_is_hf_gpt2s builds a model where it does)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +132,37 @@ def test_logits_match_hf(engines, files, model, origin):
           f"max |logit| {np.abs(ref).max():.3g}")
     assert err_same <= 1e-4 * scale, "fp32 CPU engine must match fp32 HF on identical weights"
     assert err <= 5e-3 * scale, "engine vs HF beyond fp16 tolerance"
+
+
+def test_layernorm_epsilon_is_hf_gpt2s(model, tmp_path):
+    """The LayerNorm epsilon (HF GPT-2's 1e-5; LightSeq's kernels use 1e-12) only shows where a LayerNorm's input
+    varies little across the hidden dimension, which the wide model never does. Here the embeddings are scaled by
+    1e-3 (variance ~2e-7 across the hidden dimension, well below 1e-5) and the final LayerNorm by 1e3 (logits of
+    the usual size): HF with epsilon 1e-12 instead of 1e-5 moves the logits by units; the engine must match HF to
+    fp32 rounding (1e-4 relative, as above)."""
+    from lsgpt.convert import export_model
+    from lsgpt.engine import Engine
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.transformer.wte.weight.mul_(1e-3)
+        m.transformer.wpe.weight.mul_(1e-3)
+        m.transformer.ln_f.weight.mul_(1e3)
+        m.transformer.ln_f.bias.mul_(1e3)
+    path = export_model(m, tmp_path / "small_emb.hdf5", max_step=MAX_STEP, eos_id=tiny.EOS_ID)
+    hf = hf_from_file(path, m)
+    toks = np.random.default_rng(2).integers(1, 990, size=(2, 30))
+    ref = hf_logits(hf, toks)
+    other = copy.deepcopy(hf)
+    for mod in other.modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            mod.eps = 1e-12
+    moved = np.abs(hf_logits(other, toks) - ref).max()
+    got = Engine.load(path, device="cpu").logits(torch.as_tensor(toks)).double().numpy()
+    err, scale = np.abs(got - ref).max(), max(1.0, float(np.abs(ref).max()))
+    print(f"engine vs HF (eps 1e-5): {err:.3g}; HF eps 1e-12 vs 1e-5: {moved:.3g}; max |logit| {scale:.3g}")
+    assert moved > 100 * 1e-4 * scale, "test premise: epsilon visibly moves these logits"
+    assert err <= 1e-4 * scale
 
 
 @pytest.mark.parametrize("origin", ["exported", "lightseq_style"])

@@ -270,17 +270,15 @@ def test_int8_engine_uses_stored_kernel_and_logits_clips(model, ls, clips, tmp_p
     assert d.max() <= 2 + 1e-6  # measured 0: every logit exact (a clip read from the wrong place moves many)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 15, 16, 17, 40])
-def test_cuda_int_mm_backend_pads_small_batches_exactly(rows):
-    """The reference CUDA path's GEMM (torch._int_mm needs more than 16 rows, so IntGemm pads): its padding
-    and slicing are device-independent, so they run here on the CPU's _int_mm against an int64 matmul."""
-    from lsgpt.int8 import IntGemm
+def test_quantizers_round_half_up_at_exact_ties():
+    """LightSeq's float2int8 is floor(x·127/c + 0.5): exact ties go up (2.5 -> 3, -2.5 -> -2), unlike
+    torch.round (half to even). Activations almost never land on a tie, so the logits tests above cannot tell
+    the two apart (measured: identical logits); this one can. Oracle: tests/oracles' fp64 formulas."""
+    from lsgpt.int8 import q8, requant
 
-    g = torch.Generator().manual_seed(rows)
-    w = torch.randint(-127, 128, (64, 40), generator=g, dtype=torch.int8)
-    a = torch.randint(-127, 128, (rows, 64), generator=g).float()
-    gemm = IntGemm(w, torch.device("cpu"))
-    gemm.backend, gemm.wt = "cuda_int_mm", w.t().contiguous().t()  # the layout the CUDA branch keeps
-    got = gemm(a)
-    assert got.shape == (rows, 40)
-    assert torch.equal(got.long(), a.long() @ w.long())
+    ties = torch.arange(-130, 131, dtype=torch.float32) + 0.5  # exact in float32; with c = 127 the scale is 1
+    x = torch.cat([ties, torch.randn(500, generator=torch.Generator().manual_seed(0)) * 80])
+    assert torch.equal(q8(x, 127.0).double(), torch.as_tensor(R.q8(x.numpy(), 127.0)))
+    acc = torch.arange(-301, 302, dtype=torch.float32)  # alpha 0.5: every odd sum is a tie
+    for alpha in (0.5, 0.37):
+        assert torch.equal(requant(acc, alpha).double(), torch.as_tensor(R.q8_scaled(acc.numpy(), alpha)))

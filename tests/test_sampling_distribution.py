@@ -200,10 +200,19 @@ def test_repetition_penalty_first_token_distribution(setup):
     want = target(want_lg, 0.6, 0, 1.0)
     stat, df = chi2(counts, want)
     assert stat < chi2_critical(df), stat
-    unpenalized = target(logits, 0.6, 0, 1.0)
-    if np.abs(unpenalized - want).sum() > 0.05:
-        s_alt, df_alt = chi2(counts, unpenalized, bins_from=want)
-        assert s_alt >= chi2_critical(df_alt), "the draws do not reject the unpenalized distribution"
+    sp = SamplingParams(temperature=0.6, top_k=0, top_p=1.0, repetition_penalty=3.0)
+    assert np.allclose(penalized_target(logits, PROMPT, [], sp), want, atol=1e-12), "HF's processor agrees"
+    rejected = 0
+    for bug in ("penalties ignored", "repetition: branches swapped", "repetition: sign of the logit ignored"):
+        alt = penalized_target(logits, PROMPT, [], sp, bug)
+        if np.abs(alt - want).sum() < 0.05:  # no visible effect on this prompt (e.g. a seen token far below)
+            continue
+        s_alt, df_alt = chi2(counts, alt, bins_from=want)
+        assert s_alt >= chi2_critical(df_alt), f"the draws do not reject '{bug}'"
+        rejected += 1
+    # On this model the prompt's tokens carry < 1% of the mass at T = 0.6, so only the swapped branches (which
+    # boost them to the top) move it visibly; the controlled model below has the power against the other bugs.
+    assert rejected >= 1, "test premise: a plausible bug visibly moves this distribution"
 
 
 @pytest.mark.parametrize("kw", [dict(repetition_penalty=0.0), dict(repetition_penalty=float("nan")),
@@ -213,3 +222,194 @@ def test_bad_penalties_are_request_errors(setup, kw):
 
     with pytest.raises(RequestError, match=next(iter(kw))):
         setup[0].generate([PROMPT], SamplingParams(**kw))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Penalties at every step of a known history: the distribution of each new token given the tokens generated so
+# far. The model is built so that the tokens that matter have logits of both signs near the top: its final
+# LayerNorm has weight 0 and bias b, so every position's hidden state is b and the logits are wte @ b. Seven
+# "live" tokens get logits in [-1, 2] and all others -60 (never drawn: < 1e-10 per draw at T <= 2). Context
+# cannot move the logits, so the history only acts through the penalties. Each row of the engine generates 3
+# tokens with its own seed; rows are grouped by (step, exact history so far), and each group's tokens are
+# chi-square tested against the target computed here from HF's logits for that very sequence: HF's own
+# RepetitionPenaltyLogitsProcessor (HF semantics: the prompt and the output so far, logit / p if > 0 else * p),
+# then OpenAI's presence / frequency rule (logit - presence·[count > 0] - frequency·count over the generated
+# tokens only), then temperature, top-k, top-p (HF's order: processors before warpers). Per-group statistics are
+# summed (the groups' draws are independent given the histories): false alarm < 1e-6 per case.
+
+LIVE = {11: 2.0, 22: 1.6, 33: 1.2, 44: 0.6, 55: -0.3, 66: -0.6, 77: -1.0}
+PEN_PROMPT = [55, 44, 66, 900, 901]  # seen before any output: logits +0.6, -0.3, -0.6 and two dead tokens
+PEN_ROWS = 8000  # the weakest bug (presence and frequency swapped) then scores ~4x its critical value's excess
+MIN_GROUP = 150  # a (step, history) group with fewer rows is left out (selection on the past only: no bias)
+
+
+@pytest.fixture(scope="module")
+def controlled(tmp_path_factory):
+    from test_engine_fp16 import hf_from_file
+
+    from lsgpt.convert import export_model
+    from lsgpt.engine import Engine
+
+    model = tiny.make_model(seed=5, wide=True)
+    h = model.config.n_embd
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(torch.zeros(h))
+        model.transformer.ln_f.bias[0] = 10.0
+        model.transformer.wte.weight[:, 0] = -6.0  # dead: logit -60
+        for t, v in LIVE.items():
+            model.transformer.wte.weight[t, 0] = v / 10.0
+    path = export_model(model, tmp_path_factory.mktemp("pen") / "m.hdf5", max_step=64, eos_id=tiny.EOS_ID)
+    return Engine.load(path, device="cpu"), hf_from_file(path, model)
+
+
+def penalized_target(logits, prompt, generated, sp, bug: str | None = None) -> np.ndarray:
+    """The distribution of the next token (float64). `bug` names a plausible wrong implementation instead."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    lg = np.asarray(logits, dtype=np.float64).copy()
+    rep, pres, freq = sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty
+    t, k, p = sp.temperature, sp.top_k, sp.top_p
+    if bug == "penalties ignored":
+        return target(lg, t, k, p)
+    if bug == "repetition: branches swapped":
+        for tok in set(prompt) | set(generated):
+            lg[tok] = lg[tok] * rep if lg[tok] > 0 else lg[tok] / rep
+    elif bug == "repetition: sign of the logit ignored":
+        for tok in set(prompt) | set(generated):
+            lg[tok] /= rep
+    elif bug == "repetition: prompt not counted":
+        for tok in set(generated):
+            lg[tok] = lg[tok] / rep if lg[tok] > 0 else lg[tok] * rep
+    elif bug == "repetition: output not counted":
+        for tok in set(prompt):
+            lg[tok] = lg[tok] / rep if lg[tok] > 0 else lg[tok] * rep
+    else:
+        ids = torch.tensor([list(prompt) + list(generated)])
+        lg = RepetitionPenaltyLogitsProcessor(penalty=rep)(ids, torch.tensor(lg)[None])[0].numpy()
+    counts = {tok: generated.count(tok) for tok in set(generated)}
+    if bug == "presence/frequency: prompt counted":
+        counts = {tok: (list(prompt) + list(generated)).count(tok) for tok in set(prompt) | set(generated)}
+    for tok, c in counts.items():
+        if bug == "presence/frequency: swapped":
+            pen = freq + pres * c
+        elif bug == "presence/frequency: sign flipped":
+            pen = -(pres + freq * c)
+        else:
+            pen = pres + freq * c
+        if bug != "presence/frequency: after temperature":
+            lg[tok] -= pen
+    if bug == "presence/frequency: after temperature":  # logits / T, then the penalties
+        z = lg / t
+        for tok, c in counts.items():
+            z[tok] -= pres + freq * c
+        return target(z, 1.0, k, p)
+    if bug == "penalties after top-k":  # the kept set chosen from the unpenalized logits
+        keep = target(np.asarray(logits, dtype=np.float64), t, k, 1.0) > 0
+        return target(np.where(keep, lg, -np.inf), t, 0, p)
+    return target(lg, t, k, p)
+
+
+PEN_CASES = {  # SamplingParams fields; the bugs each case must reject
+    "repetition": (dict(repetition_penalty=2.5, temperature=1.0),
+                   ["penalties ignored", "repetition: branches swapped", "repetition: sign of the logit ignored",
+                    "repetition: prompt not counted", "repetition: output not counted"]),
+    "presence_frequency": (dict(presence_penalty=1.8, frequency_penalty=-0.6, temperature=1.5),
+                           ["penalties ignored", "presence/frequency: swapped", "presence/frequency: sign flipped",
+                            "presence/frequency: after temperature", "presence/frequency: prompt counted"]),
+    "frequency_top_k": (dict(frequency_penalty=1.2, temperature=0.8, top_k=3),
+                        ["penalties ignored", "presence/frequency: after temperature", "penalties after top-k",
+                         "presence/frequency: sign flipped"]),
+    "all_three_top_p": (dict(repetition_penalty=1.5, presence_penalty=0.6, frequency_penalty=0.5, temperature=1.3,
+                             top_p=0.9),
+                        ["penalties ignored", "repetition: output not counted", "presence/frequency: prompt counted",
+                         "presence/frequency: after temperature"]),
+}
+
+
+@pytest.mark.parametrize("case", PEN_CASES)
+def test_penalized_sampling_follows_the_target_given_the_history(controlled, case):
+    from test_engine_fp16 import hf_logits
+
+    from lsgpt.engine import SamplingParams
+
+    engine, hf = controlled
+    kw, bugs = PEN_CASES[case]
+    kw = dict(top_k=0, top_p=1.0) | kw
+    n_new, P = 3, len(PEN_PROMPT)
+    outs = []
+    for start in range(0, PEN_ROWS, 1000):
+        params = [SamplingParams(max_new_tokens=n_new, ignore_eos=True, seed=s, **kw)
+                  for s in range(start, start + 1000)]
+        outs += engine.generate([PEN_PROMPT] * 1000, params)
+    groups: dict[tuple[int, ...], np.ndarray] = {}
+    for out in outs:
+        assert len(out) == P + n_new
+        for j in range(n_new):
+            key = tuple(out[P:P + j])
+            groups.setdefault(key, np.zeros(engine.config.vocab, dtype=np.int64))[out[P + j]] += 1
+    sp = SamplingParams(**kw)
+    stat, df, alt_stats, used = 0.0, 0, dict.fromkeys(bugs, 0.0), 0
+    alt_df = dict.fromkeys(bugs, 0)
+    for hist, counts in groups.items():
+        if counts.sum() < MIN_GROUP:
+            continue
+        used += int(counts.sum())
+        lg = hf_logits(hf, [PEN_PROMPT + list(hist)])[0][-1]
+        want = penalized_target(lg, PEN_PROMPT, list(hist), sp)
+        s, d = chi2(counts, want)
+        stat, df = stat + s, df + d
+        for bug in bugs:
+            s_alt, d_alt = chi2(counts, penalized_target(lg, PEN_PROMPT, list(hist), sp, bug), bins_from=want)
+            alt_stats[bug] += s_alt
+            alt_df[bug] += d_alt
+    crit = chi2_critical(df)
+    print(f"{case}: {used} draws in {sum(c.sum() >= MIN_GROUP for c in groups.values())} (step, history) groups, "
+          f"chi2 {stat:.1f} on {df} df (critical {crit:.1f})")
+    assert used >= 0.8 * PEN_ROWS * n_new, "test premise: most draws fall in groups large enough to test"
+    assert stat < crit, f"{case}: the draws do not fit the penalized target (chi2 {stat:.1f} >= {crit:.1f})"
+    for bug in bugs:
+        print(f"  rejects '{bug}': chi2 {alt_stats[bug]:.1f} on {alt_df[bug]} df "
+              f"(critical {chi2_critical(alt_df[bug]):.1f})")
+        assert alt_stats[bug] >= chi2_critical(alt_df[bug]), f"{case}: the draws do not reject '{bug}'"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stop sequences while sampling: each row is what the same seed gives without stops, cut right after the first
+# place where one of them has just been generated (tests/test_scheduler.py checks the greedy case against HF).
+
+
+def _cut_after_first_stop(new: list[int], stops: list[tuple[int, ...]]) -> tuple[list[int], tuple[int, ...] | None]:
+    for end in range(1, len(new) + 1):
+        for s in stops:
+            if end >= len(s) and tuple(new[end - len(s):end]) == s:
+                return new[:end], s
+    return new, None
+
+
+def test_sampled_rows_end_at_their_first_stop_sequence(setup):
+    from collections import Counter
+
+    from lsgpt.engine import SamplingParams
+
+    engine = setup[0]
+    n, seeds = 30, list(range(100, 132))
+    base = dict(max_new_tokens=n, temperature=1.0, top_k=4, ignore_eos=True)
+    free = [out[len(PROMPT):] for out in
+            engine.generate([PROMPT] * len(seeds), [SamplingParams(seed=s, **base) for s in seeds])]
+    bigrams = Counter(tuple(r[i:i + 2]) for r in free for i in range(2, n - 1))
+    singles = Counter(t for r in free for t in r[5:])
+    pair = bigrams.most_common(1)[0][0]
+    single = next(t for t, _ in singles.most_common() if t not in pair)
+    stops = [pair, (single,), (997, 996, 995)]  # the last one is never generated (top-4 of a 1000-token vocab)
+    want = [_cut_after_first_stop(r, stops) for r in free]
+    ended_by = Counter(s for _, s in want)
+    print(f"stops {stops}: rows ended by {dict(ended_by)}")
+    assert ended_by[pair] >= 2 and ended_by[(single,)] >= 2, "test premise: both stops end some rows"
+    # a row where the pair's first token came earlier without its second: a partial match must not end it
+    assert any(pair[0] in cut[:-2] for cut, s in want if s == pair) or any(
+        pair[0] in cut[:-1] for cut, s in want if s == (single,)), "test premise: a partial match occurs first"
+    got = engine.generate([PROMPT] * len(seeds), [SamplingParams(seed=s, stop=tuple(stops), **base) for s in seeds])
+    assert [g[len(PROMPT):] for g in got] == [cut for cut, _ in want]
+    k = seeds.index(next(s for s, (_, why) in zip(seeds, want) if why == pair))
+    assert list(engine.stream(PROMPT, SamplingParams(seed=seeds[k], stop=tuple(stops), **base))) == want[k][0]
