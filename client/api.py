@@ -17,6 +17,7 @@ too long prompt, bad parameter), RequestTimeout. UNAVAILABLE is retried with bac
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -239,8 +240,11 @@ class Client:
         out = [decode(self.tok, r) for r in rows]
         return out[0] if single else out
 
-    def stream_ids(self, prompt: Sequence[int], **sampling) -> Iterator[tuple[int | None, str | None]]:
-        """(token id, server text increment or None) as generated; the last item may have no token."""
+    def stream_ids(self, prompt: Sequence[int], cancel: threading.Event | None = None,
+                   **sampling) -> Iterator[tuple[int | None, str | None]]:
+        """(token id, server text increment or None) as generated; the last item may have no token. Setting
+        `cancel` (from any thread) ends the iteration within ~0.1 s and cancels the request on the server, as
+        closing the iterator does: its row is freed at the next decode step."""
         import queue
 
         params = check_sampling(sampling, self.tok)
@@ -251,10 +255,16 @@ class Client:
             c.async_stream_infer(self.stream_model, _inputs(grpcclient, prompt, params),
                                  enable_empty_final_response=True)
             while True:
-                try:
-                    result, error = q.get(timeout=self.timeout)
-                except Exception:
-                    raise RequestTimeout(f"stream from {self.url} stalled for {self.timeout}s") from None
+                deadline = time.monotonic() + self.timeout
+                while True:
+                    if cancel is not None and cancel.is_set():
+                        return  # the finally below cancels the request
+                    try:
+                        result, error = q.get(timeout=self.timeout if cancel is None else 0.1)
+                        break
+                    except queue.Empty:
+                        if time.monotonic() >= deadline:
+                            raise RequestTimeout(f"stream from {self.url} stalled for {self.timeout}s") from None
                 if error is not None:
                     raise self._error(error, self.stream_model)
                 ids = result.as_numpy(RESULT)

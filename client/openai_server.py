@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -161,7 +162,7 @@ class Job:
             out.append((decode(self.client.tok, kept), reason, len(new)))
         return out
 
-    def _pieces(self, prompt: list[int], info: dict[str, Any]) -> Iterator[str]:
+    def _pieces(self, prompt: list[int], info: dict[str, Any], cancel: threading.Event | None = None) -> Iterator[str]:
         """Text increments of one streamed continuation (joined: the non-streamed text). Tokens that may belong
         to a stop sequence (the last len(longest stop) ones) are held back: the stream ends right after a stop
         sequence, which is then dropped. At the end, info holds finish_reason and completion_tokens."""
@@ -171,7 +172,7 @@ class Job:
         def push(tok: int) -> str:
             return "" if tok == c.eos_id else dec.push(tok)  # EOS is a special token: no text
 
-        for tok, _ in c.stream_ids(prompt, **self.sampling):
+        for tok, _ in c.stream_ids(prompt, cancel=cancel, **self.sampling):
             if tok is None:
                 continue
             new.append(tok)
@@ -189,7 +190,8 @@ class Job:
         last, then the usage (if asked) and [DONE]. The first increment is awaited here, so that a request the model refuses gets a
         4xx instead of a stream that fails."""
         info: dict[str, Any] = {}
-        pieces = iterate_in_threadpool(self._pieces(prompt, info))
+        gone = threading.Event()  # set when the HTTP client goes away: the gRPC stream is cancelled at once
+        pieces = iterate_in_threadpool(self._pieces(prompt, info, gone))
         try:
             first = [await pieces.__anext__()]
         except StopAsyncIteration:
@@ -215,6 +217,8 @@ class Job:
                                            "total_tokens": len(prompt) + n}))
             except ClientError as e:
                 yield sse({"error": {"message": str(e), "type": api_error(e).kind, "param": None, "code": None}})
+            finally:  # also on a disconnect (the task is cancelled): the row must not run on for nobody
+                gone.set()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
