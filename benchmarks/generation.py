@@ -30,16 +30,16 @@ def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-def profile_decode(eng, batch: int, steps: int = 20) -> dict:
+def profile_decode(eng, batch: int, steps: int = 20, prompt_len: int = 4) -> dict:
     """Kernels and GPU µs per decode step (torch.profiler, eager steps): prefill + `steps` tokens minus
-    prefill + 1 token, divided by steps - 1."""
+    prefill + 1 token, divided by steps - 1. A long prompt puts the steps at late positions (attention's share)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from lsgpt.engine import SamplingParams
 
     eager = type(eng)(eng.config, eng.model, eng.device, cuda_graphs=False, fused=eng.fused is not None)
-    prompts = [[1000 + i] * 4 for i in range(batch)]
+    prompts = [[1000 + i] * prompt_len for i in range(batch)]
     per = []  # kernel name -> [launches, GPU µs], for each of the two runs
     for n in (steps, 1, steps):  # the first is a warm-up
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -53,7 +53,7 @@ def profile_decode(eng, batch: int, steps: int = 20) -> dict:
         per.append(kernels)
     step = {k: ((c - per[1].get(k, [0, 0])[0]) / (steps - 1), (t - per[1].get(k, [0, 0])[1]) / (steps - 1))
             for k, (c, t) in per[2].items()}
-    return {"batch": batch, "kernels_per_step": round(sum(c for c, _ in step.values()), 1),
+    return {"batch": batch, "prompt_len": prompt_len, "kernels_per_step": round(sum(c for c, _ in step.values()), 1),
             "gpu_us_per_step": round(sum(t for _, t in step.values()), 1),
             "per_kernel": sorted(([k, round(c, 1), round(t, 1)] for k, (c, t) in step.items()), key=lambda r: -r[2])}
 
@@ -121,7 +121,8 @@ def run(a: argparse.Namespace) -> dict:
                                    **{f"{k}_ms": round(1e3 * v, 2) for k, v in med.items()}})
             print(json.dumps(report["ttft"][-1]), flush=True)
     if a.profile and cuda:
-        report["profile"] = {k: [profile_decode(e, b) for b in (1, 64)] for k, e in engines.items() if "compiled" not in k}
+        report["profile"] = {k: [profile_decode(e, b, prompt_len=a.profile_prompt) for b in a.profile_batches]
+                             for k, e in engines.items() if "compiled" not in k}
     return report
 
 
@@ -177,6 +178,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reference", action="store_true", help="CUDA: also time the unfused reference path")
     p.add_argument("--reference-max-batch", type=int, default=64)
     p.add_argument("--profile", action="store_true", help="CUDA: kernels and GPU time per decode step")
+    p.add_argument("--profile-batches", type=ints, default=[1, 64])
+    p.add_argument("--profile-prompt", type=int, default=4, help="prompt length before the profiled steps")
     p.add_argument("--compile", action="store_true", help="CUDA: also torch.compile'd decode steps")
     p.add_argument("--compile-batches", type=ints, help="with --compile: only these batch sizes (about 2 min each)")
     p.add_argument("--out", type=Path, help="output folder (default results/<device>/generation)")
