@@ -344,6 +344,45 @@ class _StepCounter(TrainerCallback):
         self.steps += 1
 
 
+def forget_eval_preparation(trainer: Trainer) -> None:
+    """Undo what trainer.evaluate() before trainer.train() leaves behind, so that train() wraps the model in DDP.
+
+    evaluate() has accelerate prepare the model in evaluation mode (no DistributedDataParallel) and mark it
+    `_is_accelerate_prepared`; train()'s prepare then returns the marked model as it is. Under torchrun every rank
+    would train on its own gradients, never all-reduced, and the ranks' weights would drift apart (issue 16: the
+    int8 QAT run, the only one that evaluates its starting weights first, drifted from one process by 1.4%)."""
+    model, acc = trainer.model, trainer.accelerator
+    if not getattr(model, "_is_accelerate_prepared", False):
+        return
+    original = model.__dict__.pop("_original_forward", None)
+    if original is not None:  # mixed precision wrapped forward in autocast; train()'s prepare wraps it again
+        if getattr(original, "__func__", None) is type(model).forward:
+            model.__dict__.pop("forward", None)
+        else:
+            model.forward = original
+    del model._is_accelerate_prepared
+    acc._models[:] = [m for m in acc._models if m is not model]
+    trainer.model_wrapped = model
+
+
+class _RequireDDP(TrainerCallback):
+    """Stops a multi-process run whose training model is not DistributedDataParallel (ranks would not all-reduce
+    their gradients; see forget_eval_preparation)."""
+
+    def __init__(self):
+        self.trainer: Trainer | None = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        # MULTI_GPU, MULTI_CPU, ...: accelerate's DDP types (FSDP and DeepSpeed wrap differently)
+        acc = self.trainer.accelerator if self.trainer is not None else None
+        if acc is None or acc.num_processes <= 1 or not acc.distributed_type.name.startswith("MULTI_"):
+            return
+        wrapped = self.trainer.model_wrapped
+        if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            raise RuntimeError(f"{args.world_size} processes but the model trains as {type(wrapped).__name__}, not "
+                               "DistributedDataParallel: gradients would not be all-reduced")
+
+
 class _KillAtStep(TrainerCallback):
     """Fault injection for tests (LSGPT_FAULT_KILL_AT_STEP=N): SIGKILL this process during step N."""
 
@@ -437,8 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("train %d blocks (%d tokens), validation %d blocks", len(train_ds), train_ds.n_tokens,
                 len(eval_ds) if eval_ds else 0)
 
-    counter = _StepCounter()
-    callbacks = [counter]
+    counter, require_ddp = _StepCounter(), _RequireDDP()
+    callbacks = [counter, require_ddp]
     if os.environ.get("LSGPT_FAULT_KILL_AT_STEP"):
         callbacks.append(_KillAtStep(int(os.environ["LSGPT_FAULT_KILL_AT_STEP"])))
     if fast:
@@ -448,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         processing_class=tok, data_collator=fasttrain.collate if fast else default_data_collator,
         callbacks=callbacks,
     )
+    require_ddp.trainer = trainer
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
@@ -469,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             base = {}
         metrics.update(base)
 
+    forget_eval_preparation(trainer)  # after the evaluations above: train() must wrap the model in DDP
     result = trainer.train(resume_from_checkpoint=trainer_resume)
     trainer.save_model()
     trainer.save_state()
