@@ -12,7 +12,8 @@ One thread owns the engine. Per loop: admit queued requests into free slots (pre
 decode step over slots [0, n) — n the smallest graph bucket (1, 2, 4, ... max_rows) that covers the busiest
 slot; free slots in it compute harmlessly, since a new occupant writes its keys before it reads them. On
 CUDA every bucket's step is captured as a CUDA graph at start-up, while the cache is still empty, and a
-step's tokens are read back while the next step runs (the host never leaves the GPU idle between steps).
+step's tokens — and a prefill's first tokens — are read back while the next step runs (the host never leaves
+the GPU idle between steps, and a prefill never waits for the GPU).
 Bounded: ``submit`` raises ``QueueFull`` beyond ``max_queue`` waiting requests; a cancelled request
 (``cancelled()`` true) leaves its slot within one step; ``close`` fails what is left with ``ShuttingDown``.
 """
@@ -31,6 +32,17 @@ import torch
 
 from lsgpt.engine import Engine, GraphedDecode, Penalties, SamplingParams, sample
 from lsgpt.model import KVCache
+
+
+def name_thread(name: str) -> None:
+    """Give the calling thread its OS name (Linux, 15 characters): top -H, py-spy and the serving benchmark's
+    per-thread CPU accounting then tell the scheduler's threads apart. Best effort."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except Exception:  # noqa: BLE001 - not Linux, no libc: the name is cosmetic
+        pass
 
 
 class QueueFull(RuntimeError):
@@ -100,16 +112,19 @@ class Scheduler:
                              torch.zeros(max_rows, V, device=dev))
         self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_rows] + [max_rows]
         self.graphs: dict[int, GraphedDecode] = {}
+        self._penalized = 0  # running rows with a penalty
         if engine.fused is not None and dev.type == "cuda":
             self._warm_up()
         if engine.cuda_graphs:  # capture now: capture writes slot 0..n-1 at position 0, harmless only while empty
             for n in self.buckets:
                 self.graphs[n] = GraphedDecode(engine._decode_fn, self._prefix(n), n, dev, engine.compile)
         # tokens of the latest step, read back while the next step runs (CUDA: pinned buffers + an event)
-        cuda = dev.type == "cuda"
+        self._cuda = cuda = dev.type == "cuda"
         self._host = [torch.zeros(max_rows, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self._flip = 0
         self._pending: tuple | None = None  # (host tokens, n, event, rows at launch)
+        self._firsts: list[tuple] = []  # (host tokens, event, requests) of prefills not yet read back
+        self.defer_first = cuda  # a prefill's first tokens read back after the next step is queued (CUDA: no wait)
         self._since_admit = 0
         self.stats = Stats()
         self._queue: collections.deque[Request] = collections.deque()
@@ -199,9 +214,11 @@ class Scheduler:
         return KVCache([k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v])
 
     def _loop(self) -> None:
+        name_thread("lsgpt-sched")
         while True:
             if self.running == 0:
                 self._pending = None  # the last step's tokens belong to rows that have all finished
+                self._firsts = []
             with self._cv:
                 while not self._stop and not self._queue and self.running == 0:
                     self._cv.wait()
@@ -220,7 +237,7 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - a failed step fails its rows; the loop keeps serving
                 err = RuntimeError(f"generation failed: {type(e).__name__}: {e}")
                 traceback.print_exc()
-                self._pending = None
+                self._pending, self._firsts = None, []
                 for r in [r for r in self.rows if r is not None]:
                     self._release(r)
                     self.stats.failed += 1
@@ -252,49 +269,68 @@ class Scheduler:
         for req in joining:
             b = heapq.heappop(self.free)
             req.slot, self.rows[b] = b, req
+            self._penalized += req.params.penalized
         self._prefill(joining)
 
     def _prefill(self, group: list[Request]) -> None:
         """One forward over the group's prompts (padded to the longest) into a scratch cache, whose rows then
         go to each request's slot; first tokens sampled. A row's padding lands beyond its prompt, where its
-        decode writes before it reads."""
+        decode writes before it reads.
+
+        No host synchronisation: what the device needs (tokens, slots, lengths, the rows whose logits count)
+        goes up in one copy from pinned memory, the penalty state is touched only when a joining row has a
+        penalty (a free slot's is neutral: _release resets it), and on CUDA the first tokens come back with the
+        next decode step's (_step), not by waiting for the prefill here."""
         e, dev, pen = self.engine, self.engine.device, self.pen
         k = len(group)
         lens = [len(r.prompt) for r in group]
         P = max(lens)
         slots = [r.slot for r in group]
-        idx = torch.as_tensor(slots, device=dev)
-        tokens = torch.zeros(k, P, dtype=torch.long)
-        for i, r in enumerate(group):
-            tokens[i, : lens[i]] = torch.as_tensor(r.prompt)
+        flat: list[int] = []
+        for r, n in zip(group, lens):
+            flat += r.prompt
+            flat += [0] * (P - n)
             self.params[r.slot] = r.params
             self.gens[r.slot].manual_seed(r.params.seed)
+        flat += slots + lens + [i * P + n - 1 for i, n in enumerate(lens)]
+        up = torch.tensor(flat, dtype=torch.long)
+        if self._cuda:
+            up = up.pin_memory().to(dev, non_blocking=True)  # the caching host allocator keeps it until copied
+        tokens, idx = up[: k * P].view(k, P), up[k * P: k * P + k]
+        plen, last = up[k * P + k: k * P + 2 * k], up[k * P + 2 * k:]
         params = [r.params for r in group]
-        col = lambda name: torch.tensor([[getattr(sp, name)] for sp in params], device=dev)  # noqa: E731
-        pen.rep[idx], pen.presence[idx], pen.frequency[idx] = col("repetition_penalty"), col("presence_penalty"), \
-            col("frequency_penalty")
-        pen.counts[idx] = 0
-        seen = torch.zeros(k, pen.seen.shape[1], dtype=torch.bool)
-        for i, r in enumerate(group):
-            seen[i, r.prompt] = True
-        pen.seen[idx] = seen.to(dev)
-        tokens = tokens.to(dev)
+        penalized = any(sp.penalized for sp in params)
+        if penalized:
+            col = lambda name: torch.tensor([[getattr(sp, name)] for sp in params], device=dev)  # noqa: E731
+            pen.rep[idx], pen.presence[idx], pen.frequency[idx] = col("repetition_penalty"), \
+                col("presence_penalty"), col("frequency_penalty")
+            pen.counts[idx] = 0
+            seen = torch.zeros(k, pen.seen.shape[1], dtype=torch.bool)
+            for i, r in enumerate(group):
+                seen[i, r.prompt] = True
+            pen.seen[idx] = seen.to(dev)
         scratch = e.model.new_cache(k, P)
-        last = torch.arange(k, device=dev) * P + torch.as_tensor(lens, device=dev) - 1
         logits = e._forward_logits(tokens, torch.arange(P, device=dev).expand(k, P), scratch, last=last)
         for mine, new in zip(self.cache.k + self.cache.v, scratch.k + scratch.v):
             mine[idx, :P] = new
-        rows = pen.select(idx)
-        nxt = sample(rows.apply(logits) if any(sp.penalized for sp in params) else logits, params,
-                     [self.gens[b] for b in slots])
-        pen.counts[idx, nxt] += 1
-        pen.seen[idx, nxt] = True
+        nxt = sample(pen.select(idx).apply(logits) if penalized else logits, params, [self.gens[b] for b in slots])
+        if penalized:
+            pen.counts[idx, nxt] += 1
+            pen.seen[idx, nxt] = True
         self.tok[idx] = nxt
-        self.pos[idx] = torch.as_tensor(lens, device=dev)
+        self.pos[idx] = plen
         self.stats.prompt_tokens += sum(lens)
         self.stats.prefills += 1
-        for r, t in zip(group, nxt.tolist()):
-            self._emit(r, t)
+        if self.defer_first:  # read back with the next step's tokens
+            host, event = nxt, None
+            if self._cuda:
+                host = torch.empty(k, dtype=torch.long, pin_memory=True)
+                host.copy_(nxt, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            self._firsts.append((host, event, group))
+        else:
+            self._emit_all(group, nxt.tolist())
 
     def _step(self) -> None:
         busiest = max(r.slot for r in self.rows if r is not None)
@@ -304,12 +340,12 @@ class Scheduler:
             logits = self.graphs[n](tok, pos)
         else:
             logits = self.engine._forward_logits(tok, pos, self._prefix(n))
-        params = self.params[:n]
-        pen = self.pen.select(slice(0, n))
-        penalized = any(r is not None and r.params.penalized for r in self.rows[:n])
-        nxt = sample(pen.apply(logits) if penalized else logits, params, self.gens[:n])
-        if penalized:
+        if self._penalized:  # some running row has a penalty (every running row is within [0, n))
+            pen = self.pen.select(slice(0, n))
+            nxt = sample(pen.apply(logits), self.params[:n], self.gens[:n])
             pen.update(nxt)
+        else:
+            nxt = sample(logits, self.params[:n], self.gens[:n])
         self.tok[:n] = nxt
         self.pos[:n] += 1
         # Read this step's tokens back while the next step runs: a row that finished is noticed one step
@@ -322,6 +358,11 @@ class Scheduler:
             event = torch.cuda.Event()
             event.record()
         prev, self._pending = self._pending, (host, n, event, list(self.rows[:n]))
+        firsts, self._firsts = self._firsts, []
+        for host, event, group in firsts:  # the first tokens of the requests admitted before this step
+            if event is not None:
+                event.synchronize()
+            self._emit_all([r if self.rows[r.slot] is r else None for r in group], host.tolist())
         if prev is not None:
             self._collect(prev)
 
@@ -329,39 +370,47 @@ class Scheduler:
         host, n, event, rows = pending
         if event is not None:
             event.synchronize()  # the step's one host synchronisation, with the next step already queued
-        for b, t in enumerate(host[:n].tolist()):
-            r = rows[b]
-            if r is not None and self.rows[b] is r:
-                self._emit(r, t)
+        cur = self.rows
+        self._emit_all([r if r is not None and cur[b] is r else None for b, r in enumerate(rows)],
+                       host[:n].tolist())
 
-    def _emit(self, r: Request, tok: int) -> None:
+    def _emit_all(self, rows: list[Request | None], toks: list[int]) -> None:
+        """Each row's new token (None: a row that left meanwhile, its token dropped): cancellation, metrics,
+        callbacks, and the end of the rows that finish (EOS, a stop sequence, the length limit)."""
         now = time.monotonic()
-        if r.cancelled is not None and r.cancelled():
-            self._release(r)
-            self.stats.cancelled += 1
-            self._finish(r, None, Cancelled("cancelled"))
-            return
-        if r.first_token is None:
-            r.first_token = now
-            self.stats.ttft.append(now - r.submitted)
-        else:
-            self.stats.itl.append(now - r.last)
-        r.last = now
-        r.tokens.append(tok)
-        self.stats.generated_tokens += 1
-        if r.on_token is not None:
-            r.on_token(tok)
-        eos = tok == self.engine.config.eos_id and not r.params.ignore_eos
-        stop = bool(r.params.stop) and r.params.stops(r.tokens[len(r.prompt):])
-        if eos or stop or len(r.tokens) >= r.limit:
-            self._release(r)
-            self._finish(r, r.tokens, None)
+        st, eos_id = self.stats, self.engine.config.eos_id
+        ttft, itl = st.ttft, st.itl
+        for r, tok in zip(rows, toks):
+            if r is None:
+                continue
+            if r.cancelled is not None and r.cancelled():
+                self._release(r)
+                st.cancelled += 1
+                self._finish(r, None, Cancelled("cancelled"))
+                continue
+            if r.first_token is None:
+                r.first_token = now
+                ttft.append(now - r.submitted)
+            else:
+                itl.append(now - r.last)
+            r.last = now
+            r.tokens.append(tok)
+            st.generated_tokens += 1
+            if r.on_token is not None:
+                r.on_token(tok)
+            sp = r.params
+            if (tok == eos_id and not sp.ignore_eos) or len(r.tokens) >= r.limit or (
+                    sp.stop and sp.stops(r.tokens[len(r.prompt):])):
+                self._release(r)
+                self._finish(r, r.tokens, None)
 
     def _release(self, r: Request) -> None:
         if r.slot >= 0 and self.rows[r.slot] is r:
             self.rows[r.slot] = None
             self.params[r.slot] = IDLE
-            self.pen.rep[r.slot], self.pen.presence[r.slot], self.pen.frequency[r.slot] = 1.0, 0.0, 0.0
+            if r.params.penalized:  # a free slot's penalties are neutral (a prefill without penalties relies on it)
+                self.pen.rep[r.slot], self.pen.presence[r.slot], self.pen.frequency[r.slot] = 1.0, 0.0, 0.0
+                self._penalized -= 1
             heapq.heappush(self.free, r.slot)
 
     @staticmethod

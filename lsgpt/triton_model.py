@@ -7,8 +7,11 @@ version folders hold data only (model.hdf5, vocab.txt). Names, types and limits:
 
 In-flight batching: every model runs one ``lsgpt.scheduler.Scheduler`` (its own decode loop over a running
 batch). ``execute`` only parses and validates the requests Triton hands over, queues them and returns at
-once; the scheduler answers each request through its response sender the step it finishes, so a short request
-never waits for a long one. Triton mechanism chosen: a model that answers through the response sender (as
+once; the scheduler answers each request the step it finishes, so a short request never waits for a long one.
+Host overhead kept off the decode loop: responses are built and sent by one outbox thread (a send is a
+synchronous round trip to the server process), cancellation is polled by one watcher thread (so is
+``is_cancelled``), histogram observations are capped per metrics publish (so is each ``observe``).
+Triton mechanism chosen: a model that answers through the response sender (as
 the vLLM backend does). The non-decoupled models keep working with unary gRPC/HTTP infer and perf_analyzer
 (tritonserver 2.51 refuses unary calls to decoupled models; ``sequence_batching { iterative_sequence }``
 rescheduling fails there with "must specify the START flag"); the decoupled twins stream.
@@ -29,7 +32,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import queue
+import random
 import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +108,103 @@ def _find_tokenizer(version_dir: Path, model_dir: Path, config: dict) -> str | N
     return os.environ.get("LSGPT_TOKENIZER") or None
 
 
+class Outbox:
+    """Responses leave through this one thread, in the order they were queued: ``ResponseSender.send`` is a
+    synchronous round trip to the server process (the stub waits, GIL released, until Triton has taken the
+    response), so the decode loop only queues a closure that builds and sends it. One FIFO keeps each request's
+    responses in order (tokens, then the final one). Bounded: when the sends fall behind (streaming many rows),
+    the decode loop waits for room, as it waited for each send before, rather than queueing without limit."""
+
+    def __init__(self, name: str, limit: int = 1024):
+        self._q: queue.Queue = queue.Queue(limit)
+        self._thread = threading.Thread(target=self._run, name=f"lsgpt-outbox-{name}", daemon=True)
+        self._thread.start()
+
+    def put(self, fn: Any) -> None:
+        self._q.put(fn)
+
+    def _run(self) -> None:
+        from lsgpt.scheduler import name_thread
+
+        name_thread("lsgpt-outbox")
+        while (fn := self._q.get()) is not None:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a failing send (client gone) must not stop the others
+                traceback.print_exc()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued, then stop."""
+        try:
+            self._q.put(None, timeout=timeout)
+        except queue.Full:  # sends stuck (the server process is gone): the daemon thread dies with the stub
+            return
+        self._thread.join(timeout)
+
+
+class Watched:
+    """One request's cancellation flag, kept up to date by CancelWatch; the scheduler calls it every token."""
+
+    __slots__ = ("check", "hit", "done")
+
+    def __init__(self, check: Any):
+        self.check, self.hit, self.done = check, False, False
+
+    def __call__(self) -> bool:
+        return self.hit
+
+
+class CancelWatch:
+    """``request.is_cancelled()`` is a round trip to the server process (the stub asks Triton and waits): asked
+    by the decode loop for every row at every step, it stalled each step by one round trip per row. One thread
+    asks instead, for every live request every PERIOD s, and sets a flag the loop reads for free: a cancelled
+    request leaves its row within PERIOD plus one step."""
+
+    PERIOD = 0.01
+
+    def __init__(self, name: str):
+        self._live: list[Watched] = []
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=f"lsgpt-cancel-{name}", daemon=True)
+        self._thread.start()
+
+    def watch(self, check: Any) -> Watched:
+        w = Watched(check)
+        if check is not None:
+            with self._cv:
+                self._live.append(w)
+                self._cv.notify()
+        return w
+
+    def _run(self) -> None:
+        from lsgpt.scheduler import name_thread
+
+        name_thread("lsgpt-cancel")
+        while True:
+            with self._cv:
+                self._live = live = [w for w in self._live if not (w.done or w.hit)]
+                while not self._stop and not self._live:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                live = list(self._live)
+            for w in live:
+                if not w.done:
+                    try:
+                        w.hit = bool(w.check())
+                    except Exception:  # noqa: BLE001 - the stub cannot reach the server: not a cancellation
+                        pass
+            with self._cv:
+                self._cv.wait_for(lambda: self._stop, self.PERIOD)
+
+    def close(self, timeout: float = 2.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         from lsgpt.engine import Engine
@@ -126,13 +229,15 @@ class TritonPythonModel:
 
             self.tokenizer = load_tokenizer(tok)
         rows = _param(self.config, "max_running_rows", MAX_RUNNING_ROWS)
-        queue = _param(self.config, "max_queued_requests", MAX_QUEUED_REQUESTS)
-        self.scheduler = Scheduler(self.engine, max_rows=rows, max_queue=queue)
+        queued = _param(self.config, "max_queued_requests", MAX_QUEUED_REQUESTS)
+        self.outbox = Outbox(self.name, limit=8 * rows)  # a few steps' worth of streamed tokens
+        self.cancels = CancelWatch(self.name)
+        self.scheduler = Scheduler(self.engine, max_rows=rows, max_queue=queued)
         self.metrics = Metrics(self.name, args["model_version"], self.scheduler)
         pb_utils.Logger.log_info(
             f"{self.name} v{args['model_version']}: {'int8' if self.cfg.quantized else 'fp16'} engine on "
             f"{self.device} ({self.engine.backend}), vocab {self.cfg.vocab}, max_step {self.cfg.max_step}, "
-            f"eos {self.cfg.eos_id}, in-flight batching up to {rows} rows + {queue} queued"
+            f"eos {self.cfg.eos_id}, in-flight batching up to {rows} rows + {queued} queued"
             + (f", tokenizer {tok}" if tok and self.tokenizer else "")
         )
 
@@ -251,7 +356,8 @@ class TritonPythonModel:
         return None
 
     def _submit(self, request, sender, q: Parsed) -> None:
-        cancelled = getattr(request, "is_cancelled", None) or getattr(sender, "is_cancelled", None)
+        check = getattr(request, "is_cancelled", None) or getattr(sender, "is_cancelled", None)
+        cancelled = self.cancels.watch(check)  # a flag the decode loop reads; CancelWatch asks Triton
         if self.decoupled:
             self._submit_decoupled(sender, q, cancelled)
             return
@@ -259,53 +365,55 @@ class TritonPythonModel:
         results: list[list[int] | None] = [None] * n
         state = {"left": n, "failed": False}
         lock = threading.Lock()
+        send = self.outbox.put
 
         def done(i: int, ids, err) -> None:
             with lock:
                 if state["failed"]:
                     return
                 if err is not None:  # the first failing row answers for the request
-                    state["failed"] = True
-                    sender.send(_error(f"{self.name}: {err}", _code(err)), flags=FINAL)
+                    state["failed"] = cancelled.done = True
+                    send(lambda: sender.send(_error(f"{self.name}: {err}", _code(err)), flags=FINAL))
                     return
                 results[i] = ids
                 state["left"] -= 1
                 if state["left"] == 0:
-                    sender.send(self._result(results, q), flags=FINAL)
+                    cancelled.done = True
+                    send(lambda: sender.send(self._result(results, q), flags=FINAL))
 
-        def gone() -> bool:  # a failed sibling row or a cancelled request frees the row
-            return state["failed"] or (cancelled is not None and cancelled())
+        gone = cancelled
+        if n > 1:
+            def gone() -> bool:  # a failed sibling row or a cancelled request frees the row
+                return state["failed"] or cancelled.hit
 
         try:
             for i, (p, sp) in enumerate(zip(q.prompts, q.params)):
                 self.scheduler.submit(p, sp, functools.partial(done, i), cancelled=gone)
         except Exception:
             with lock:
-                state["failed"] = True  # rows already queued leave at their next step; execute answers
+                state["failed"] = cancelled.done = True  # rows already queued leave at their next step
             raise
 
-    def _submit_decoupled(self, sender, q: Parsed, cancelled) -> None:
+    def _submit_decoupled(self, sender, q: Parsed, cancelled: Watched) -> None:
         dec = None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and q.stream:
             from lsgpt.text import IncrementalDecoder
 
             dec = IncrementalDecoder(self.tokenizer, q.prompts[0])
 
         text_name = TEXT_OUTPUT if q.text else TEXT
+        send = self.outbox.put
 
-        def on_token(tok: int) -> None:
-            piece = dec.push(tok) if dec is not None else None
-            if q.stream:
-                outs = [pb_utils.Tensor(RESULT, np.array([[tok]], dtype=np.int32))]
-                if piece is not None:
-                    outs.append(pb_utils.Tensor(text_name, np.array([[piece.encode()]], dtype=np.object_)))
-                sender.send(pb_utils.InferenceResponse(output_tensors=outs))
+        def token_response(tok: int) -> None:  # on the outbox thread, in order
+            outs = [pb_utils.Tensor(RESULT, np.array([[tok]], dtype=np.int32))]
+            if dec is not None:
+                outs.append(pb_utils.Tensor(text_name, np.array([[dec.push(tok).encode()]], dtype=np.object_)))
+            sender.send(pb_utils.InferenceResponse(output_tensors=outs))
 
-        def done(ids, err) -> None:
+        def final_response(ids, err) -> None:
             if err is not None:
                 sender.send(_error(f"{self.name}: {err}", _code(err)), flags=FINAL)
-                return
-            if q.stream:  # the rest of the text and the final flag
+            elif q.stream:  # the rest of the text and the final flag
                 outs = [pb_utils.Tensor(RESULT, np.zeros((1, 0), dtype=np.int32))]
                 if dec is not None:
                     outs.append(pb_utils.Tensor(text_name, np.array([[dec.flush().encode()]], dtype=np.object_)))
@@ -313,7 +421,16 @@ class TritonPythonModel:
             else:
                 sender.send(self._result([ids], q), flags=FINAL)
 
-        self.scheduler.submit(q.prompts[0], q.params[0], done, on_token=on_token, cancelled=cancelled)
+        def done(ids, err) -> None:
+            cancelled.done = True
+            send(functools.partial(final_response, ids, err))
+
+        on_token = (lambda tok: send(functools.partial(token_response, tok))) if q.stream else None
+        try:
+            self.scheduler.submit(q.prompts[0], q.params[0], done, on_token=on_token, cancelled=cancelled)
+        except Exception:
+            cancelled.done = True
+            raise
 
     def finalize(self) -> None:
         """Unload (SIGTERM, a new version): requests still running get UNAVAILABLE at once, not a hang."""
@@ -321,18 +438,31 @@ class TritonPythonModel:
             self.metrics.close()
         scheduler = getattr(self, "scheduler", None)
         if scheduler is not None:
-            scheduler.close()
+            scheduler.close()  # what is left gets ShuttingDown, through the outbox
+        for part in ("cancels", "outbox"):
+            if getattr(self, part, None) is not None:
+                getattr(self, part).close()
         self.engine = None
         pb_utils.Logger.log_info(f"{getattr(self, 'name', 'model')}: unloaded")
 
 
 class Metrics:
     """Token-level metrics on Triton's metrics port (/metrics, Prometheus text), labelled model and version:
-    lsgpt_prompt_tokens_total, lsgpt_generated_tokens_total, lsgpt_requests_total (counters),
+    lsgpt_prompt_tokens_total, lsgpt_generated_tokens_total, lsgpt_requests_total,
+    lsgpt_cancelled_requests_total, lsgpt_decode_steps_total (counters; generated tokens / decode steps = the
+    mean running batch),
     lsgpt_running_rows, lsgpt_queued_requests (gauges), lsgpt_time_to_first_token_seconds and
-    lsgpt_inter_token_latency_seconds (histograms). A thread copies the scheduler's counters every 0.5 s."""
+    lsgpt_inter_token_latency_seconds (histograms). A thread copies the scheduler's counters every 0.5 s.
+
+    Each histogram observation is a synchronous round trip to the server process (the Python backend has no
+    batched observe): one per generated token cost the stub as much CPU as a tenth of its decode loop and
+    crowded the channel its responses use. So a publish observes at most MAX_OBSERVED values of each histogram,
+    a uniform random sample of those since the last one when there are more (exact at low load; under load the
+    quantiles and _sum/_count stay unbiased, and _count counts the sampled gaps, not tokens: the token count is
+    lsgpt_generated_tokens_total)."""
 
     PERIOD = 0.5
+    MAX_OBSERVED = 256
     TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
     ITL_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]
 
@@ -350,13 +480,17 @@ class Metrics:
         self.prompt = family("lsgpt_prompt_tokens_total", "Prompt tokens prefilled", F.COUNTER)
         self.generated = family("lsgpt_generated_tokens_total", "Tokens generated", F.COUNTER)
         self.requests = family("lsgpt_requests_total", "Requests accepted by the scheduler", F.COUNTER)
+        self.cancelled = family("lsgpt_cancelled_requests_total", "Requests cancelled (by the client, or a "
+                                "failed row of the same request) before they finished", F.COUNTER)
+        self.steps = family("lsgpt_decode_steps_total", "Decode steps of the running batch", F.COUNTER)
         self.running = family("lsgpt_running_rows", "Rows in the running decode batch", F.GAUGE)
         self.queued = family("lsgpt_queued_requests", "Requests waiting for a row", F.GAUGE)
         self.ttft = family("lsgpt_time_to_first_token_seconds", "Queue + prefill time to the first token",
                            F.HISTOGRAM, buckets=self.TTFT_BUCKETS)
         self.itl = family("lsgpt_inter_token_latency_seconds", "Time between a request's tokens", F.HISTOGRAM,
                           buckets=self.ITL_BUCKETS)
-        self._seen = {"prompt_tokens": 0, "generated_tokens": 0, "requests": 0}
+        self._rng = random.Random(0)
+        self._seen = {"prompt_tokens": 0, "generated_tokens": 0, "requests": 0, "cancelled": 0, "steps": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lsgpt-metrics", daemon=True)
         self._thread.start()
@@ -364,7 +498,8 @@ class Metrics:
     def publish(self) -> None:
         st = self.scheduler.stats
         for key, metric in (("prompt_tokens", self.prompt), ("generated_tokens", self.generated),
-                            ("requests", self.requests)):
+                            ("requests", self.requests), ("cancelled", self.cancelled),
+                            ("steps", self.steps)):
             now = getattr(st, key)
             if now > self._seen[key]:
                 metric.increment(now - self._seen[key])
@@ -372,10 +507,16 @@ class Metrics:
         self.running.set(self.scheduler.running)
         self.queued.set(self.scheduler.queued)
         for src, hist in ((st.ttft, self.ttft), (st.itl, self.itl)):
-            while src:
-                hist.observe(src.popleft())
+            got = [src.popleft() for _ in range(len(src))]
+            if len(got) > self.MAX_OBSERVED:  # a uniform sample: the distribution stays unbiased
+                got = self._rng.sample(got, self.MAX_OBSERVED)
+            for x in got:
+                hist.observe(x)
 
     def _run(self) -> None:
+        from lsgpt.scheduler import name_thread
+
+        name_thread("lsgpt-metrics")
         while not self._stop.wait(self.PERIOD):
             try:
                 self.publish()

@@ -2,7 +2,7 @@
 long streamed request (the decoupled twin gpt2_stream, in-flight batching) frees the request's row at once.
 
 Oracle: what the server itself reports (its Prometheus metrics: lsgpt_generated_tokens_total,
-lsgpt_running_rows, lsgpt_requests_total) and a following request, against the engine in process. The served
+lsgpt_cancelled_requests_total, lsgpt_running_rows, lsgpt_requests_total) and a following request, against the engine in process. The served
 model is a small GPT-2 with 1024 positions whose final LayerNorm has zero gain: its logits are the same whatever
 the input (ln_f's bias times the embedding), so its greedy continuation is one token, never EOS, and a request
 left running generates exactly MAX_NEW tokens (full decode steps: seconds on a CPU). A cancelled one stops
@@ -143,6 +143,7 @@ def stream(url: str, prompt: list[int], max_new_tokens: int, cancel_after: int |
 def test_cancelled_stream_frees_its_row_and_stops_generating(long_served):
     server, engine = long_served
     gen, req = f"lsgpt_generated_tokens_total{LABELS}", f"lsgpt_requests_total{LABELS}"
+    cancelled = f"lsgpt_cancelled_requests_total{LABELS}"
     prompt = [2, 7, 8, 9]  # [CLS] 我今天
     assert engine.generate([prompt], SamplingParams(max_new_tokens=8, top_k=1))[0][len(prompt):] == [TOKEN] * 8
     before = settled(server)
@@ -153,6 +154,7 @@ def test_cancelled_stream_frees_its_row_and_stops_generating(long_served):
     generated = after[gen] - before[gen]
     print(f"cancelled after {len(got)} tokens received: the server generated {generated:.0f} of {MAX_NEW}")
     assert after[req] - before[req] == 1
+    assert after[cancelled] - before[cancelled] == 1  # the scheduler's count, published as a counter
     assert len(got) <= generated < MAX_NEW // 2  # the row stopped (left running: exactly MAX_NEW)
     assert got == engine.generate([prompt], SamplingParams(max_new_tokens=len(got), top_k=1))[0][len(prompt):]
 
@@ -161,3 +163,4 @@ def test_cancelled_stream_frees_its_row_and_stops_generating(long_served):
     assert finished and short == engine.generate([prompt], SamplingParams(max_new_tokens=5, top_k=1))[0][len(prompt):]
     final = settled(server)
     assert final[gen] - after[gen] == len(short) and final[req] - after[req] == 1
+    assert final[cancelled] == after[cancelled]  # a request that ran to its end is not counted

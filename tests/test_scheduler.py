@@ -58,15 +58,19 @@ class Collector:
             time.sleep(0.01)
 
 
-def test_crowd_joining_and_leaving_gets_hf_greedy(engine, model):
-    """Requests of different prompt lengths and lengths join while others run; every one equals HF greedy."""
+@pytest.mark.parametrize("defer_first", [False, True], ids=["first-token-at-once", "first-token-deferred"])
+def test_crowd_joining_and_leaving_gets_hf_greedy(engine, model, defer_first):
+    """Requests of different prompt lengths and lengths join while others run; every one equals HF greedy.
+    Deferred: the CUDA way (a prefill's first tokens read back after the next decode step is queued), on the
+    CPU; with a 1-token request, which ends on its first token while the step after its prefill includes it."""
     from lsgpt.engine import SamplingParams
     from lsgpt.scheduler import Scheduler
 
     prompts = [[5, 17, 300], [42, 7, 7, 900, 13, 2, 64], [101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 1], [9],
-               [700, 701]]
-    lengths = [30, 5, 12, 20, 3]
+               [700, 701], [33, 34]]
+    lengths = [30, 5, 12, 20, 3, 1]
     s = Scheduler(engine, max_rows=3, max_queue=16)  # fewer rows than requests: some wait for a free row
+    s.defer_first = defer_first
     try:
         c = Collector()
         with s._cv:  # the loop is held off: the first three join together (one padded prefill, 3 slots)
@@ -106,15 +110,19 @@ def test_short_request_overtakes_a_long_one(engine):
         s.close()
 
 
-def test_sampled_rows_do_not_depend_on_batch_mates(engine):
+@pytest.mark.parametrize("defer_first", [False, True], ids=["first-token-at-once", "first-token-deferred"])
+def test_sampled_rows_do_not_depend_on_batch_mates(engine, defer_first):
     """Per-row generator and penalties: a seeded request gives the same tokens alone and in a crowd of
-    different requests (metamorphic check; the sampler's distribution is tested in test_sampling_distribution)."""
+    different requests (metamorphic check; the sampler's distribution is tested in test_sampling_distribution).
+    The penalised request also runs beside rows without penalties, in a slot a penalised row used before (a
+    prefill sets the penalty state up only when a joining row has a penalty)."""
     from lsgpt.engine import SamplingParams
     from lsgpt.scheduler import Scheduler
 
     sp = SamplingParams(max_new_tokens=20, top_k=50, temperature=1.3, seed=7, repetition_penalty=1.2,
                         ignore_eos=True)
     s = Scheduler(engine, max_rows=4)
+    s.defer_first = defer_first
     try:
         alone = s.generate([5, 17, 300], sp, timeout=60)
         c = Collector()
@@ -125,6 +133,13 @@ def test_sampled_rows_do_not_depend_on_batch_mates(engine):
         c.wait(3)
         assert crowd == alone
         assert len(set(tuple(c.done[i][0]) for i in range(3))) == 3
+        plain = SamplingParams(max_new_tokens=30, top_k=1, ignore_eos=True)
+        want = s.generate([21, 22], plain, timeout=60)  # unpenalised, alone
+        for i in range(3):  # unpenalised rows in the slots the penalised crowd used, the penalised one beside
+            s.submit([21, 22], plain, c.cb(f"plain{i}"))
+        assert s.generate([5, 17, 300], sp, timeout=60) == alone
+        c.wait(6)
+        assert all(c.done[f"plain{i}"] == (want, None) for i in range(3))
     finally:
         s.close()
 

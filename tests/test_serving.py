@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import queue
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -459,32 +458,40 @@ def test_token_metrics_on_the_metrics_port(served, grpc, tok):
 
 
 def test_short_request_overtakes_a_running_long_one(served, engines, tok):
-    """In-flight batching through the real server: a 3-token request sent while a 60-token one streams from
-    the same model is answered before the long one ends (counted in the long one's tokens, not seconds)."""
+    """In-flight batching through the real server: a 3-token request sent right behind a 60-token one to the
+    same model is answered long before the long one ends, counted in the long one's tokens that came before
+    the short one's answer on the same gRPC stream (the order the model sent them: neither seconds nor the
+    client's threads matter); batched to completion, it would come after all 60."""
     e = engines["gpt2"]
     long_params = dict(top_k=1, max_new_tokens=60)
     # a prompt whose greedy continuation runs the full 60 tokens (no EOS): the engine in process decides
     prompt = next(p for p in ([2, a, b] for a in range(5, 40) for b in range(5, 40))
                   if len(e.generate([p], SamplingParams(**long_params))[0]) == 63)
-    seen: list[int] = []
-    short_done_at: list[int] = []
-    started = threading.Event()
-
-    def on_long(ids):
-        seen[:] = ids
-        started.set()
-
-    def short():
-        started.wait(60)
-        stream(served[0].grpc_url, request([[2, 7]], top_k=1, max_new_tokens=3) + [flag("stream", False)])
-        short_done_at.append(len(seen))
-
-    t = threading.Thread(target=short)
-    t.start()
-    ids, _ = stream(served[0].grpc_url, request([prompt], **long_params), on_response=on_long)
-    t.join(60)
-    print(f"the short request was answered when the long one had {short_done_at} of {len(ids)} tokens")
-    assert len(ids) == 60 and short_done_at and short_done_at[0] < 60
+    c = tritonclient_grpc.InferenceServerClient(served[0].grpc_url)
+    answers: queue.Queue = queue.Queue()
+    c.start_stream(callback=lambda result, error: answers.put((result, error)))
+    seen: list[int] = []  # the long one's tokens, in stream order
+    short_done_at, finals = [], set()
+    try:
+        c.async_stream_infer("gpt2_stream", request([prompt], **long_params), request_id="long",
+                             enable_empty_final_response=True)
+        c.async_stream_infer("gpt2_stream", request([[2, 7]], top_k=1, max_new_tokens=3) + [flag("stream", False)],
+                             request_id="short", enable_empty_final_response=True)
+        while finals != {"long", "short"}:
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            rid = result.get_response().id
+            if rid == "long":
+                seen += result.as_numpy("result").reshape(-1).tolist()
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                finals.add(rid)
+                if rid == "short":
+                    short_done_at.append(len(seen))
+    finally:
+        c.stop_stream()
+        c.close()
+    print(f"the short request was answered when the long one had {short_done_at} of {len(seen)} tokens")
+    assert len(seen) == 60 and short_done_at and short_done_at[0] < 30
 
 
 # ---------------------------------------------------------------------------------------------
