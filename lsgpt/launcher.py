@@ -433,6 +433,10 @@ class TritonServer:
                 except subprocess.TimeoutExpired:
                     os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the stubs go too
                     self.proc.wait()
+            try:  # a model stub that outlived its server (seen once after a test's clean stop) goes too
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             code = self.proc.returncode
             self.proc = None
         if self.workdir is not None:
