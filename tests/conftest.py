@@ -64,3 +64,16 @@ def make_repository(dst: Path, tiny: TinyModels) -> Path:
     publish(tiny.fp16, dst, "gpt2", tokenizer=tiny.tokenizer)
     publish(tiny.int8, dst, "gpt2_int8", tokenizer=tiny.tokenizer)
     return dst
+
+
+def scrape_metrics(server) -> dict[str, float]:
+    """Triton's /metrics (Prometheus text) of a running lsgpt.launcher.TritonServer as {'name{labels}': value}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out

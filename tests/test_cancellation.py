@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
-from conftest import TINY_VOCAB, make_repository  # noqa: E402
+from conftest import TINY_VOCAB, make_repository, scrape_metrics  # noqa: E402
 
 from lsgpt.engine import Engine, SamplingParams  # noqa: E402
 from lsgpt.launcher import TritonServer, free_port  # noqa: E402
@@ -76,26 +76,13 @@ def inputs(prompt: list[int], max_new_tokens: int) -> list:
             tensor("top_k", [1], "INT32")]
 
 
-def scrape(server) -> dict[str, float]:
-    """Triton's /metrics (Prometheus text) as {'name{labels}': value}."""
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
-
-
 def settled(server, timeout: float = 120.0) -> dict[str, float]:
     """The model's metrics once no row runs and the counters stopped moving (the metrics thread publishes every
     0.5 s: two scrapes a second apart agree). The timeout is a hang guard."""
     deadline = time.monotonic() + timeout
     last = None
     while True:
-        now = scrape(server)
+        now = scrape_metrics(server)
         key = (now[f"lsgpt_generated_tokens_total{LABELS}"], now[f"lsgpt_requests_total{LABELS}"])
         if last == key and now[f"lsgpt_running_rows{LABELS}"] == 0 and now[f"lsgpt_queued_requests{LABELS}"] == 0:
             return now

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
-from conftest import make_repository, make_tiny_gpt2  # noqa: E402
+from conftest import make_repository, make_tiny_gpt2, scrape_metrics  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from lsgpt.engine import Engine, SamplingParams  # noqa: E402
@@ -418,19 +418,6 @@ def test_text_in_text_out_through_triton_generate_endpoints(served, engines, tok
     assert code == 400 and "text_input" in body
 
 
-def scrape(server) -> dict[str, float]:
-    """Triton's /metrics (Prometheus text) as {'name{labels}': value}."""
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
-
-
 def test_token_metrics_on_the_metrics_port(served, grpc, tok):
     """Prometheus metrics from the model: the token counters move by exactly what a request consumed and
     produced (counted from its answer), the TTFT histogram by one observation, the ITL one by tokens - 1."""
@@ -439,7 +426,7 @@ def test_token_metrics_on_the_metrics_port(served, grpc, tok):
     names = [f"lsgpt_prompt_tokens_total{lab}", f"lsgpt_generated_tokens_total{lab}", f"lsgpt_requests_total{lab}",
              f"lsgpt_time_to_first_token_seconds_count{lab}", f"lsgpt_inter_token_latency_seconds_count{lab}"]
     time.sleep(1.2)  # let earlier tests' numbers be published
-    before = scrape(server)
+    before = scrape_metrics(server)
     assert all(n in before for n in names), sorted(k for k in before if k.startswith("lsgpt"))
     assert f"lsgpt_running_rows{lab}" in before and f"lsgpt_queued_requests{lab}" in before
     prompt = encode_prompt(tok, "我今天很开心")
@@ -448,7 +435,7 @@ def test_token_metrics_on_the_metrics_port(served, grpc, tok):
     want = [len(prompt), new, 1, 1, new - 1]
     deadline = time.time() + 10
     while True:
-        after = scrape(server)
+        after = scrape_metrics(server)
         got = [after[n] - before[n] for n in names]
         if got == want or time.time() > deadline:
             break
