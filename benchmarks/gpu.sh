@@ -4,7 +4,12 @@
 #   OUT=/out benchmarks/gpu.sh all       # < 8 min: training, generation (+ compiled batch 1), in-process soak
 #   OUT=/out benchmarks/gpu.sh fastpath  # GPU tests, generation to batch 256 with TTFT + kernels per step, overhead
 #   BEFORE=.gpu_before OUT=/out benchmarks/gpu.sh serving   # overhead, 500 tokens; in-flight here vs $BEFORE
-# fastpath and serving need wheels carried in .whl/ (results/h100/fastpath/NOTES.md): nvidia-pytriton==0.7.0,
+#   BEFORE=results/tmp/gpu_before OUT=/out benchmarks/gpu.sh host-overhead   # < 8 min: in-flight load served and in process,
+#       here vs $BEFORE (new tokens/s, CPU time per token of tritonserver / the stub / its threads, rows per step)
+# $BEFORE: a copy of an older commit's lsgpt/ and model_repository/, e.g.
+#   mkdir -p results/tmp/gpu_before && git archive 50b394e lsgpt model_repository | tar -x -C results/tmp/gpu_before
+#   (git-ignored: carry it with the call)
+# fastpath, serving and host-overhead need wheels carried in .whl/ (results/h100/fastpath/NOTES.md): nvidia-pytriton==0.7.0,
 # tritonclient==2.51.0, protobuf<5, grpcio, python-rapidjson, numpy<2 (tritonserver 2.51's Python backend
 # returns empty outputs under numpy 2: it goes to the model stubs only, via LSGPT_SITE_PACKAGES).
 # Files: $OUT/<device>/<benchmark>/... as on the CPU machine, $OUT/tests.log, $OUT/gpu.log.
@@ -48,7 +53,19 @@ e(r(12, 768, 12), Path("/tmp"), 1024)')
         PYTHONPATH="$pp" TRITON_CACHE_DIR=/tmp/triton-cache-$side run 170 benchmarks/serving.py --sections inflight \
             --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-1,8,32}" --requests "${REQUESTS:-64}" --out "$OUT/$DEV/serving/$side"
     done ;;
-*) echo "usage: OUT=/out $0 [all|fastpath|serving]"; exit 2 ;;
+host-overhead)  # the same in-flight load on a random 12-layer int8 model, each side with its own kernel cache
+    (cd benchmarks && "$PY" -c 'from pathlib import Path; from common import export_pair as e, random_model as r
+e(r(12, 768, 12), Path("/tmp"), 1024)') || exit 1
+    for side in after before; do
+        pp="$PYTHONPATH"; [ "$side" = before ] && pp="$(cd "${BEFORE:?set BEFORE}" && pwd):$PYTHONPATH"
+        for path in served in-process; do
+            flag="" limit=140; [ "$path" = in-process ] && flag=--in-process limit=80  # served: compiles the kernels
+            PYTHONPATH="$pp" TRITON_CACHE_DIR="/tmp/triton-cache-$side" run "$limit" benchmarks/serving.py \
+                --sections inflight --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-8,32}" --requests "${REQUESTS:-192}" \
+                $flag --out "$OUT/$DEV/serving/host-overhead/$side-$path"
+        done
+    done ;;
+*) echo "usage: OUT=/out $0 [all|fastpath|serving|host-overhead]"; exit 2 ;;
 esac
 echo "[gpu.sh $MODE] $(date -u +%FT%TZ) done (status $status)"; find "$OUT" -type f | sort
 exit $status

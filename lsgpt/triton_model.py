@@ -458,8 +458,8 @@ class Metrics:
     batched observe): one per generated token cost the stub as much CPU as a tenth of its decode loop and
     crowded the channel its responses use. So a publish observes at most MAX_OBSERVED values of each histogram,
     a uniform random sample of those since the last one when there are more (exact at low load; under load the
-    quantiles and _sum/_count stay unbiased, and _count counts the sampled gaps, not tokens: the token count is
-    lsgpt_generated_tokens_total)."""
+    quantiles and the mean _sum/_count stay unbiased, while _sum and _count are the sample's, not totals: the
+    token count is lsgpt_generated_tokens_total)."""
 
     PERIOD = 0.5
     MAX_OBSERVED = 256
