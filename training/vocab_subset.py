@@ -59,8 +59,7 @@ def make_subset(tokenizer: str, train_file: str, out: Path) -> dict:
     """The subset tokenizer of the tokens train_file uses; checks it tokenizes the file as the full one does."""
     from transformers import BertTokenizerFast
 
-    sys.path.insert(0, str(ROOT / "training"))
-    from train import read_paragraphs
+    from training.train import read_paragraphs
 
     full = load_tokenizer(tokenizer)
     lines = read_paragraphs(train_file)
@@ -90,8 +89,7 @@ def make_subset(tokenizer: str, train_file: str, out: Path) -> dict:
 @torch.no_grad()
 def heldout_loss(model, tok, train_file: str, block: int, batch: int = 8) -> float:
     """train.py's held-out loss: its validation blocks, the Trainer's mean of per-batch losses."""
-    sys.path.insert(0, str(ROOT / "training"))
-    from train import DataTrainingArguments, build_datasets
+    from training.train import DataTrainingArguments, build_datasets
 
     _, val = build_datasets(DataTrainingArguments(train_file=train_file), tok, block, main_process=True)
     model.eval()
