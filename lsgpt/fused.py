@@ -1,7 +1,8 @@
 """The engine's GPU fast path: a whole forward (prefill, or one decode step) in fused Triton kernels.
 
-Per layer seven launches (``lsgpt.kernels``; eight when attention is split over the sequence), for the
-fp16 ``GPT`` and the int8 ``QuantGPT`` alike, over the same weight tensors those models hold (no copies):
+Per layer five launches at decode sizes (``lsgpt.kernels``: the LayerNorms run inside the GEMMs that follow
+them up to LN_FUSE_ROWS rows, seven launches above), for the fp16 ``GPT`` and the int8 ``QuantGPT`` alike, over
+the same weight tensors those models hold (no copies):
 
     x ─ LN1(+q8) ─ ⋅ W_qkv (+requant, bias, q8) ─► q, and k, v straight into the KV cache at each row's position
       ─ attention over the cache (int8: exact integer scores, context q8'd in the kernel) ─► ctx
@@ -49,6 +50,8 @@ class FusedForward:
         self.int8 = hasattr(model, "lm_head")  # QuantGPT
         self.layers = [self._int8_layer(w) if self.int8 else self._fp_layer(w) for w in model.layers]
         c = self.cfg
+        # the split attention programs' counters (zero between launches), one buffer a CUDA graph can replay
+        self.sem = torch.zeros(2 * kernels._sm_count(), dtype=torch.int32, device=model.device)
         if self.int8:
             emb = model.emb_clip
             self.embed_scale = emb / QMAX
@@ -130,7 +133,7 @@ class FusedForward:
         h = torch.empty(M, c.inner, dtype=act, device=dev)
         for i, L in enumerate(self.layers):
             k.linear(x, out=q, kv=(cache.k[i], cache.v[i], pos, T), **L["qkv"])
-            k.attention(q, cache.k[i], cache.v[i], pos, T, c.n_head, ctx, **L["attn"])
+            k.attention(q, cache.k[i], cache.v[i], pos, T, c.n_head, ctx, sem=self.sem, **L["attn"])
             k.linear(ctx, out=x, residual=x, **L["out"])
             k.linear(x, out=h, **L["ffn1"])
             k.linear(h, out=x, residual=x, **L["ffn2"])

@@ -3,21 +3,22 @@
 LightSeq's int8 speed comes from keeping activations int8 between kernels and folding every (re)quantize into
 the kernel that produces the value (docs/format.md §6). These kernels do the same for the int8 and fp16 models:
 
-* ``layer_norm``: LayerNorm of the fp32 residual stream fused with the int8 quantization that follows it.
+* ``layer_norm``: LayerNorm of the fp32 residual stream fused with the int8 quantization that follows it (at
+  decode sizes the same arithmetic runs in the prologue of the GEMM that consumes it instead).
 * ``linear``: y = x @ W with the epilogue fused: int8 requantize (``floor(acc·alpha + 0.5)``, ±127) and
   dequantize, or int32 dequantize; + bias; GELU (tanh form); int8 quantize; + residual; or a scatter of
   q / k / v where k and v go straight into the KV cache at each row's position. Decode tiles are narrow in N
   and wide in K: at a few rows the GEMM is a race to have the whole weight matrix in flight.
 * ``attention``: one query row against keys 0..pos of its sequence in the (int8 or fp16) KV cache, online
-  softmax, split over the sequence when rows × heads are too few to fill the GPU (flash-decoding, with a
-  small combine kernel); int8 scores are exact integer dot products, the context is quantized in the kernel.
+  softmax, split over the sequence when rows × heads are too few to fill the GPU (flash-decoding; the last
+  split program of a row and head to finish merges the partial results); int8 scores are exact integer dot products, the context is quantized in the kernel.
 * ``embed``: token (int8 rows dequantized, or fp16) + position embedding; padding tokens give 0.
 
 Arithmetic is LightSeq's (round-half-up at every quantization point, alphas of docs/format.md §5.2); float work is
 fp32 inside a kernel; the residual stream is whatever the caller keeps (fp32 in ``lsgpt.fused``). Any shape
 works: blocks are masked at the edges.
 On Hopper every kernel is launched with programmatic dependent launch (PDL): it starts while the kernel
-before it finishes and waits for it in its first instruction, which hides most of the launch gap between the ~90
+before it finishes and waits for it in its first instruction, which hides most of the launch gap between the ~60
 small kernels of a decode step (``LSGPT_PDL=0`` turns it off); a GEMM over K-major weights at decode sizes
 first hints its weight columns into L2, before that wait.
 With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (how CI tests them).
@@ -79,10 +80,11 @@ def _linear_kernel(
     stride_xm, stride_wk, stride_wn, stride_om, stride_rm,
     rows_per_seq, cache_stride_b, cache_stride_s,
     alpha, deq_scale, out_scale,
+    ln_w_ptr, ln_b_ptr, eps, in_scale,
     INT8: tl.constexpr, REQUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr, QUANT_OUT: tl.constexpr, RESIDUAL: tl.constexpr, KV_SCATTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
-    PREFETCH_LINES: tl.constexpr = 0, PER_LINE: tl.constexpr = 128,
+    PREFETCH_LINES: tl.constexpr = 0, PER_LINE: tl.constexpr = 128, LN: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -98,6 +100,21 @@ def _linear_kernel(
     m_ok = rm < M
     n_ok = rn < N
 
+    if LN:  # LayerNorm of the (fp32) rows in the prologue, as _layer_norm_kernel: mean, then variance about it
+        s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            s1 += tl.sum(tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :],
+                                 other=0.0).to(tl.float32), 1)
+        mean = s1 / K
+        s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            ok = m_ok[:, None] & (kk < K)[None, :]
+            xc = tl.where(ok, tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=ok, other=0.0).to(tl.float32)
+                          - mean[:, None], 0.0)
+            s2 += tl.sum(xc * xc, 1)
+        denom = tl.sqrt(s2 / K + eps)
     if INT8:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
@@ -106,7 +123,15 @@ def _linear_kernel(
         kk = k0 + rk
         k_ok = kk < K
         a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-        if not INT8:
+        if LN:
+            y = (a.to(tl.float32) - mean[:, None]) / denom[:, None]
+            y = y * tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :] \
+                + tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            if INT8:
+                a = _q8(y * in_scale).to(tl.int8)
+            else:
+                a = y.to(w_ptr.dtype.element_ty)
+        elif not INT8:
             a = a.to(w_ptr.dtype.element_ty)
         w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=k_ok[:, None] & n_ok[None, :],
                     other=0)
@@ -163,16 +188,44 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, K, stride_xm, stride_om, ep
 
 
 @triton.jit
+def _fence_gpu(FENCE: tl.constexpr):
+    """Make this thread's global writes visible GPU-wide before what follows (fence.acq_rel.gpu); no-op in the
+    interpreter, where programs run one after another."""
+    if FENCE:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+
+
+@triton.jit
+def _combine_partials(part_ptr, out_ptr, m, h, n_head, stride_om, head_dim, v_scale, out_scale,
+                      INT8: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the SPLITS partial records (max, sum, unnormalised context) of (row m, head h) into the context."""
+    j = tl.arange(0, SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    rec = part_ptr + ((m * n_head + h) * SPLITS + j).to(tl.int64) * (BLOCK_D + 2)
+    mx = tl.load(rec, cache_modifier=".cg")  # -inf for splits past the last key; .cg: written by other SMs
+    top = tl.max(mx, 0)
+    w = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - top))
+    l_tot = tl.sum(tl.load(rec + 1, cache_modifier=".cg") * w, 0)
+    acc = tl.sum(tl.load(rec[:, None] + 2 + d[None, :], cache_modifier=".cg") * w[:, None], 0)
+    o = acc * (v_scale / l_tot)
+    if INT8:
+        o = _q8(o * out_scale)
+    tl.store(out_ptr + m * stride_om + h * head_dim + d, o.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+
+
+@triton.jit
 def _attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, part_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, part_ptr, sem_ptr,
     rows_per_seq, stride_qm, cache_stride_b, cache_stride_s, stride_om, split_len,
     head_dim, score_scale, v_scale, out_scale,
     INT8: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, FENCE: tl.constexpr = False,
 ):
     """Program (row m, head h, split j): keys [j·split_len, (j+1)·split_len) ∩ [0, pos[m]], online softmax.
     SPLITS == 1 writes the context; otherwise the partial (max, sum, unnormalised context) goes to part_ptr
-    for _attention_combine_kernel (flash-decoding: a short decode keeps every SM busy)."""
+    and the last of the SPLITS programs of (m, h) to finish — counted on sem_ptr[m, h], which it puts back to
+    0 — merges them (flash-decoding without a second launch: a short decode keeps every SM busy)."""
     _pdl_wait(PDL)
     m = tl.program_id(0)
     h = tl.program_id(1)
@@ -209,32 +262,19 @@ def _attention_kernel(
             o = _q8(o * out_scale)
         tl.store(out_ptr + m * stride_om + h * head_dim + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
     else:  # partial record: [max, sum, acc[0..BLOCK_D)]
-        rec = part_ptr + ((m * tl.num_programs(1) + h) * SPLITS + j).to(tl.int64) * (BLOCK_D + 2)
+        n_head = tl.num_programs(1)
+        rec = part_ptr + ((m * n_head + h) * SPLITS + j).to(tl.int64) * (BLOCK_D + 2)
         tl.store(rec, m_i)
         tl.store(rec + 1, l_i)
         tl.store(rec + 2 + d, acc)
-
-
-@triton.jit
-def _attention_combine_kernel(part_ptr, out_ptr, stride_om, head_dim, v_scale, out_scale,
-                              INT8: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
-                              PDL: tl.constexpr = False):
-    _pdl_wait(PDL)
-    m = tl.program_id(0)
-    h = tl.program_id(1)
-    j = tl.arange(0, SPLITS)
-    d = tl.arange(0, BLOCK_D)
-    rec = part_ptr + ((m * tl.num_programs(1) + h) * SPLITS + j).to(tl.int64) * (BLOCK_D + 2)
-    mx = tl.load(rec)  # -inf for splits past the last key
-    top = tl.max(mx, 0)
-    w = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - top))
-    l_tot = tl.sum(tl.load(rec + 1) * w, 0)
-    acc = tl.sum(tl.load(rec[:, None] + 2 + d[None, :]) * w[:, None], 0)
-    o = acc * (v_scale / l_tot)
-    _pdl_release(PDL)
-    if INT8:
-        o = _q8(o * out_scale)
-    tl.store(out_ptr + m * stride_om + h * head_dim + d, o.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+        _fence_gpu(FENCE)  # each thread's record writes, GPU-wide, then every thread of the program past them
+        tl.debug_barrier()
+        done = tl.atomic_add(sem_ptr + m * n_head + h, 1, sem="acq_rel", scope="gpu")
+        if done == SPLITS - 1:  # the others' records are written: merge, and leave the counter at 0 for next time
+            _fence_gpu(FENCE)
+            _combine_partials(part_ptr, out_ptr, m, h, n_head, stride_om, head_dim, v_scale, out_scale,
+                              INT8, SPLITS, BLOCK_D)
+            tl.atomic_xchg(sem_ptr + m * n_head + h, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -290,6 +330,9 @@ def _pdl(rows: int) -> dict:
 
 
 PREFETCH_MAX_ROWS = int(os.environ.get("LSGPT_PREFETCH_ROWS", "16"))
+# up to this many rows a GEMM after a LayerNorm normalizes its rows itself (each program re-reads the few fp32
+# rows from L2) instead of a LayerNorm kernel before it: one launch fewer, twice per layer
+LN_FUSE_ROWS = int(os.environ.get("LSGPT_LN_FUSE_ROWS", "16"))
 
 
 def _prefetch(w: torch.Tensor, rows: int) -> dict:
@@ -300,6 +343,11 @@ def _prefetch(w: torch.Tensor, rows: int) -> dict:
         return {}
     per_line = 128 // w.element_size()
     return {"PREFETCH_LINES": triton.next_power_of_2(triton.cdiv(w.shape[0], per_line)), "PER_LINE": per_line}
+
+
+@functools.cache
+def _on_gpu() -> bool:
+    return torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET")
 
 
 @functools.cache
@@ -338,14 +386,16 @@ def linear(
     """out[M, N] = epilogue(x[M, K] @ w[K, N]); see the module docstring.
 
     int8 when ``w`` is int8 (then x is int8). ``ln=(gamma, beta, eps)`` first normalizes x (the fp32 residual
-    stream) with ``layer_norm`` (quantized by ``in_scale`` = 127/clip for int8). ``alpha`` given: requantize
+    stream) as ``layer_norm`` does (quantized by ``in_scale`` = 127/clip for int8), in the GEMM's own prologue at
+    up to LN_FUSE_ROWS rows, else by a ``layer_norm`` launch first. ``alpha`` given: requantize
     then multiply by ``deq_scale``, else multiply the sums by ``deq_scale``; ``out_scale`` given: quantize the
     result by it; ``kv=(k_cache, v_cache, positions[M], rows_per_seq)``: N = 3H, q -> out[M, H], k, v ->
     cache [B, S, H]. ``residual`` may be ``out`` itself (in-place update of the residual stream).
     ``config``: tile override (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for tuning.
     """
     int8 = w.dtype == torch.int8
-    if ln is not None:
+    fuse_ln = ln is not None and x.shape[0] <= LN_FUSE_ROWS
+    if ln is not None and not fuse_ln:
         a = torch.empty(x.shape, dtype=w.dtype, device=x.device)
         x = layer_norm(x, ln[0], ln[1], ln[2], a, in_scale if int8 else None)
     M, K = x.shape
@@ -365,6 +415,7 @@ def linear(
         x.stride(0), w.stride(0), w.stride(1), out.stride(0), 0 if residual is None else residual.stride(0),
         rows_per_seq, cache_b, cache_s,
         float(alpha or 0.0), float(deq_scale), float(out_scale or 0.0),
+        *((ln[0], ln[1], float(ln[2]), float(in_scale)) if fuse_ln else (dummy, dummy, 0.0, 0.0)), LN=fuse_ln,
         INT8=int8, REQUANT=alpha is not None, HAS_BIAS=bias is not None, GELU=gelu,
         QUANT_OUT=out_scale is not None, RESIDUAL=residual is not None, KV_SCATTER=kv is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **_pdl(M), **_prefetch(w, M),
@@ -394,12 +445,15 @@ def attention(
     v_scale: float = 1.0,
     out_scale: float | None = None,
     config: tuple[int, int, int] | None = None,
+    sem: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[M, H] = softmax(q·kᵀ·score_scale) v·v_scale over keys 0..positions[m] of sequence m // rows_per_seq.
 
     q [M, H] and the caches [B, S, H] (contiguous per position) are int8 (then ``out_scale`` quantizes the
     context) or fp16. For int8, score_scale = s²/sqrt(head_dim) and v_scale = s with s = kv_clip/127.
-    ``config``: (SPLITS, BLOCK_S, num_warps) override, for tuning.
+    ``config``: (SPLITS, BLOCK_S, num_warps) override, for tuning. ``sem``: int32 zeros, at least M·n_head (the
+    split programs' counters; left at zero), to reuse across calls — a CUDA graph replays a fixed buffer;
+    None: allocated here when the keys are split.
     """
     M, H = q.shape
     hd = H // n_head
@@ -409,15 +463,14 @@ def attention(
     splits, block_s, warps = config or _attention_config(M, n_head, cache_len)
     split_len = triton.cdiv(triton.cdiv(cache_len, splits), block_s) * block_s
     part = torch.empty(M * n_head * splits * (bd + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
+    if splits > 1 and (sem is None or sem.numel() < M * n_head):
+        sem = torch.zeros(M * n_head, dtype=torch.int32, device=q.device)
     _attention_kernel[(M, n_head, splits)](
-        q, k_cache, v_cache, positions, out, part,
+        q, k_cache, v_cache, positions, out, part, part if splits == 1 else sem,
         rows_per_seq, q.stride(0), k_cache.stride(0), k_cache.stride(1), out.stride(0), split_len,
         hd, float(score_scale), float(v_scale), float(out_scale or 0.0),
-        INT8=int8, SPLITS=splits, BLOCK_D=bd, BLOCK_S=block_s, num_warps=warps, **_pdl(M),
+        INT8=int8, SPLITS=splits, BLOCK_D=bd, BLOCK_S=block_s, num_warps=warps, FENCE=_on_gpu(), **_pdl(M),
     )
-    if splits > 1:
-        _attention_combine_kernel[(M, n_head)](part, out, out.stride(0), hd, float(v_scale), float(out_scale or 0.0),
-                                               INT8=int8, SPLITS=splits, BLOCK_D=bd, num_warps=1, **_pdl(M))
     return out
 
 
