@@ -1,8 +1,8 @@
 """The engine's GPU fast path: a whole forward (prefill, or one decode step) in fused Triton kernels.
 
-Per layer five launches at decode sizes (``lsgpt.kernels``: the LayerNorms run inside the GEMMs that follow
-them up to LN_FUSE_ROWS rows, seven launches above), for the fp16 ``GPT`` and the int8 ``QuantGPT`` alike, over
-the same weight tensors those models hold (no copies):
+Per layer seven launches (``lsgpt.kernels``; attention split over the sequence merges its parts in the same
+launch), for the fp16 ``GPT`` and the int8 ``QuantGPT`` alike, over the same weight tensors those models hold
+(no copies):
 
     x ─ LN1(+q8) ─ ⋅ W_qkv (+requant, bias, q8) ─► q, and k, v straight into the KV cache at each row's position
       ─ attention over the cache (int8: exact integer scores, context q8'd in the kernel) ─► ctx

@@ -3,22 +3,22 @@
 LightSeq's int8 speed comes from keeping activations int8 between kernels and folding every (re)quantize into
 the kernel that produces the value (docs/format.md §6). These kernels do the same for the int8 and fp16 models:
 
-* ``layer_norm``: LayerNorm of the fp32 residual stream fused with the int8 quantization that follows it (at
-  decode sizes the same arithmetic runs in the prologue of the GEMM that consumes it instead).
+* ``layer_norm``: LayerNorm of the fp32 residual stream fused with the int8 quantization that follows it.
 * ``linear``: y = x @ W with the epilogue fused: int8 requantize (``floor(acc·alpha + 0.5)``, ±127) and
   dequantize, or int32 dequantize; + bias; GELU (tanh form); int8 quantize; + residual; or a scatter of
   q / k / v where k and v go straight into the KV cache at each row's position. Decode tiles are narrow in N
   and wide in K: at a few rows the GEMM is a race to have the whole weight matrix in flight.
 * ``attention``: one query row against keys 0..pos of its sequence in the (int8 or fp16) KV cache, online
   softmax, split over the sequence when rows × heads are too few to fill the GPU (flash-decoding; the last
-  split program of a row and head to finish merges the partial results); int8 scores are exact integer dot products, the context is quantized in the kernel.
+  split program of a row and head to finish merges the partial results, no second launch); int8 scores are
+  exact integer dot products, the context is quantized in the kernel.
 * ``embed``: token (int8 rows dequantized, or fp16) + position embedding; padding tokens give 0.
 
 Arithmetic is LightSeq's (round-half-up at every quantization point, alphas of docs/format.md §5.2); float work is
 fp32 inside a kernel; the residual stream is whatever the caller keeps (fp32 in ``lsgpt.fused``). Any shape
 works: blocks are masked at the edges.
 On Hopper every kernel is launched with programmatic dependent launch (PDL): it starts while the kernel
-before it finishes and waits for it in its first instruction, which hides most of the launch gap between the ~60
+before it finishes and waits for it in its first instruction, which hides most of the launch gap between the ~86
 small kernels of a decode step (``LSGPT_PDL=0`` turns it off); a GEMM over K-major weights at decode sizes
 first hints its weight columns into L2, before that wait.
 With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (how CI tests them).
@@ -80,11 +80,10 @@ def _linear_kernel(
     stride_xm, stride_wk, stride_wn, stride_om, stride_rm,
     rows_per_seq, cache_stride_b, cache_stride_s,
     alpha, deq_scale, out_scale,
-    ln_w_ptr, ln_b_ptr, eps, in_scale,
     INT8: tl.constexpr, REQUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr, QUANT_OUT: tl.constexpr, RESIDUAL: tl.constexpr, KV_SCATTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
-    PREFETCH_LINES: tl.constexpr = 0, PER_LINE: tl.constexpr = 128, LN: tl.constexpr = False,
+    PREFETCH_LINES: tl.constexpr = 0, PER_LINE: tl.constexpr = 128,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -100,21 +99,6 @@ def _linear_kernel(
     m_ok = rm < M
     n_ok = rn < N
 
-    if LN:  # LayerNorm of the (fp32) rows in the prologue, as _layer_norm_kernel: mean, then variance about it
-        s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            s1 += tl.sum(tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :],
-                                 other=0.0).to(tl.float32), 1)
-        mean = s1 / K
-        s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            ok = m_ok[:, None] & (kk < K)[None, :]
-            xc = tl.where(ok, tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=ok, other=0.0).to(tl.float32)
-                          - mean[:, None], 0.0)
-            s2 += tl.sum(xc * xc, 1)
-        denom = tl.sqrt(s2 / K + eps)
     if INT8:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
@@ -123,15 +107,7 @@ def _linear_kernel(
         kk = k0 + rk
         k_ok = kk < K
         a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-        if LN:
-            y = (a.to(tl.float32) - mean[:, None]) / denom[:, None]
-            y = y * tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :] \
-                + tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            if INT8:
-                a = _q8(y * in_scale).to(tl.int8)
-            else:
-                a = y.to(w_ptr.dtype.element_ty)
-        elif not INT8:
+        if not INT8:
             a = a.to(w_ptr.dtype.element_ty)
         w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=k_ok[:, None] & n_ok[None, :],
                     other=0)
@@ -330,9 +306,6 @@ def _pdl(rows: int) -> dict:
 
 
 PREFETCH_MAX_ROWS = int(os.environ.get("LSGPT_PREFETCH_ROWS", "16"))
-# up to this many rows a GEMM after a LayerNorm normalizes its rows itself (each program re-reads the few fp32
-# rows from L2) instead of a LayerNorm kernel before it: one launch fewer, twice per layer
-LN_FUSE_ROWS = int(os.environ.get("LSGPT_LN_FUSE_ROWS", "16"))
 
 
 def _prefetch(w: torch.Tensor, rows: int) -> dict:
@@ -386,16 +359,14 @@ def linear(
     """out[M, N] = epilogue(x[M, K] @ w[K, N]); see the module docstring.
 
     int8 when ``w`` is int8 (then x is int8). ``ln=(gamma, beta, eps)`` first normalizes x (the fp32 residual
-    stream) as ``layer_norm`` does (quantized by ``in_scale`` = 127/clip for int8), in the GEMM's own prologue at
-    up to LN_FUSE_ROWS rows, else by a ``layer_norm`` launch first. ``alpha`` given: requantize
+    stream) with ``layer_norm`` (quantized by ``in_scale`` = 127/clip for int8). ``alpha`` given: requantize
     then multiply by ``deq_scale``, else multiply the sums by ``deq_scale``; ``out_scale`` given: quantize the
     result by it; ``kv=(k_cache, v_cache, positions[M], rows_per_seq)``: N = 3H, q -> out[M, H], k, v ->
     cache [B, S, H]. ``residual`` may be ``out`` itself (in-place update of the residual stream).
     ``config``: tile override (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for tuning.
     """
     int8 = w.dtype == torch.int8
-    fuse_ln = ln is not None and x.shape[0] <= LN_FUSE_ROWS
-    if ln is not None and not fuse_ln:
+    if ln is not None:
         a = torch.empty(x.shape, dtype=w.dtype, device=x.device)
         x = layer_norm(x, ln[0], ln[1], ln[2], a, in_scale if int8 else None)
     M, K = x.shape
@@ -415,7 +386,6 @@ def linear(
         x.stride(0), w.stride(0), w.stride(1), out.stride(0), 0 if residual is None else residual.stride(0),
         rows_per_seq, cache_b, cache_s,
         float(alpha or 0.0), float(deq_scale), float(out_scale or 0.0),
-        *((ln[0], ln[1], float(ln[2]), float(in_scale)) if fuse_ln else (dummy, dummy, 0.0, 0.0)), LN=fuse_ln,
         INT8=int8, REQUANT=alpha is not None, HAS_BIAS=bias is not None, GELU=gelu,
         QUANT_OUT=out_scale is not None, RESIDUAL=residual is not None, KV_SCATTER=kv is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **_pdl(M), **_prefetch(w, M),

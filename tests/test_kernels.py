@@ -53,15 +53,8 @@ def agree(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     return float((d == 0).double().mean()), float(d.max())
 
 
-@pytest.fixture
-def ln_path(request, monkeypatch):
-    """Both ways a LayerNorm before a GEMM runs, at every row count: its own launch, or the GEMM's prologue."""
-    monkeypatch.setattr(K, "LN_FUSE_ROWS", 1 << 20 if request.param else 0)
-
-
-@pytest.mark.parametrize("ln_path", [False, True], ids=["ln-kernel", "ln-in-gemm"], indirect=True)
 @pytest.mark.parametrize("M", ROWS)
-def test_int8_linear_ln_requant_bias_gelu_quant(M, ln_path):
+def test_int8_linear_ln_requant_bias_gelu_quant(M):
     """FFN1 shape: LN(x) q8 -> int8 GEMM -> requant(alpha) -> dequant + bias -> GELU -> q8."""
     g = torch.Generator().manual_seed(M)
     x = (torch.randn(M, KDIM, generator=g) * 3 + 0.5).half()
@@ -129,9 +122,8 @@ def test_int8_qkv_scatter_into_cache(M):
     assert (kd.cpu()[untouched] == 55).all() and (vd.cpu()[untouched] == 55).all()
 
 
-@pytest.mark.parametrize("ln_path", [False, True], ids=["ln-kernel", "ln-in-gemm"], indirect=True)
 @pytest.mark.parametrize("M", ROWS)
-def test_fp16_linear_ln_bias_gelu_and_lm_head(M, ln_path):
+def test_fp16_linear_ln_bias_gelu_and_lm_head(M):
     g = torch.Generator().manual_seed(300 + M)
     x = torch.randn(M, KDIM, generator=g).half()
     ln_w, ln_b = torch.rand(KDIM, generator=g).half() + 0.5, torch.randn(KDIM, generator=g).half() * 0.1
