@@ -97,6 +97,23 @@ class FusedForward:
                       deq_scale=w["ffn_second_kernel_clip_max"] * act / QMAX**2),
         )
 
+    def variant(self, B: int, T: int, R: int) -> tuple:
+        """What decides which compiled kernel variants a forward over B×T tokens with R logit rows launches: each
+        GEMM's tiles and launch options, the attention split, and Triton's specialisation of integer arguments
+        (equal to 1, divisible by 16). Forwards with equal keys compile nothing new (the served model's warm-up
+        runs one forward per key, so no request waits for a compile)."""
+        k, c = self.k, self.cfg
+        M, H = B * T, c.hidden
+
+        def ints(*v: int) -> tuple:
+            return tuple((x == 1, x % 16 == 0) for x in v)
+
+        def gemm(m: int, N: int, K: int) -> tuple:
+            return k._config(m, N, K, self.int8), ints(m), bool(k._pdl(m)), m <= k.PREFETCH_MAX_ROWS
+
+        return (gemm(M, 3 * H, H), gemm(M, H, H), gemm(M, c.inner, H), gemm(M, H, c.inner), gemm(R, c.vocab, H),
+                k._attention_config(M, c.n_head, T), ints(M, T))
+
     @torch.inference_mode()
     def check_against(self, reference) -> None:
         """Load-time self-check (compiles the small-batch kernels too): a short prompt through these kernels and

@@ -273,6 +273,7 @@ def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, H, pad_id, emb_sc
 # Launchers
 
 
+@functools.cache
 def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Decode (few rows) is bound by the latency of
     streaming the weights: wide K tiles (few dependent iterations) and N tiles narrow enough that the grid
@@ -393,6 +394,7 @@ def linear(
     return out
 
 
+@functools.cache
 def _attention_config(rows: int, n_head: int, cache_len: int) -> tuple[int, int, int]:
     """(SPLITS, BLOCK_S, num_warps): split the keys when rows × heads alone would leave SMs idle."""
     block_s = 64

@@ -199,12 +199,15 @@ class Scheduler:
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
-        """Compile every kernel variant a prefill can need now (the tile choice depends on the row count), not
-        when the first request of that size arrives: a Triton compile mid-serving stalls every running row."""
+        """Compile every kernel variant a prefill can need now, not when the first request of that shape arrives
+        (a Triton compile mid-serving stalls every running row for a second): one forward per variant key
+        (FusedForward.variant) over every group size and prompt length a prefill can have, the smallest shape
+        of each key."""
         e, dev, S = self.engine, self.engine.device, self.engine.config.max_step
-        shapes = [(1, t) for t in (1, 2, 8, 16, 17, 32, 33, 64, 65, 128, 256, 512, 1024) if t < S]
-        shapes += [(k, t) for k in (2, 4, 8, 16, 32) for t in (8, 33, 64) if k <= self.max_rows and t < S]
-        for k, t in shapes:
+        keys: dict = {}
+        for k, t in sorted(((k, t) for k in range(1, self.max_rows + 1) for t in range(1, S)), key=lambda s: s[0] * s[1]):
+            keys.setdefault(e.fused.variant(k, t, k), (k, t))
+        for k, t in keys.values():
             tokens = torch.zeros(k, t, dtype=torch.long, device=dev)
             e._forward_logits(tokens, torch.arange(t, device=dev).expand(k, t), self._prefix(k),
                               last=torch.arange(k, device=dev) * t + t - 1)
