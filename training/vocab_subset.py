@@ -87,18 +87,21 @@ def make_subset(tokenizer: str, train_file: str, out: Path) -> dict:
 
 
 @torch.no_grad()
-def heldout_loss(model, tok, train_file: str, block: int, batch: int = 8) -> float:
-    """train.py's held-out loss: its validation blocks, the Trainer's mean of per-batch losses."""
+def heldout_loss(model, tok, train_file: str, block: int, batch: int = 8, max_blocks: int | None = None) -> float:
+    """train.py's held-out loss: its validation blocks (the first `max_blocks` of them if given), the Trainer's
+    mean of per-batch losses, computed on the device the model is on."""
     from training.train import DataTrainingArguments, build_datasets
 
     _, val = build_datasets(DataTrainingArguments(train_file=train_file), tok, block, main_process=True)
+    n = len(val) if max_blocks is None else min(max_blocks, len(val))
+    dev = next(model.parameters()).device
     model.eval()
     losses, sizes = [], []
-    for i in range(0, len(val), batch):
-        rows = [val[j] for j in range(i, min(i + batch, len(val)))]
-        x = torch.stack([r["input_ids"] for r in rows])
-        y = torch.stack([r["labels"] for r in rows])
-        mask = torch.stack([r["attention_mask"] for r in rows])
+    for i in range(0, n, batch):
+        rows = [val[j] for j in range(i, min(i + batch, n))]
+        x = torch.stack([r["input_ids"] for r in rows]).to(dev)
+        y = torch.stack([r["labels"] for r in rows]).to(dev)
+        mask = torch.stack([r["attention_mask"] for r in rows]).to(dev)
         losses.append(model(input_ids=x, attention_mask=mask, labels=y).loss.item())
         sizes.append(len(rows))
     return float(np.average(losses, weights=sizes))
