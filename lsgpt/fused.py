@@ -97,6 +97,8 @@ class FusedForward:
                       deq_scale=w["ffn_second_kernel_clip_max"] * act / QMAX**2),
         )
 
+    CHECK_INT8_STEPS = 8.0
+
     def variant(self, B: int, T: int, R: int) -> tuple:
         """What decides which compiled kernel variants a forward over B×T tokens with R logit rows launches: each
         GEMM's tiles and launch options, the attention split, and Triton's specialisation of integer arguments
@@ -118,8 +120,13 @@ class FusedForward:
     def check_against(self, reference) -> None:
         """Load-time self-check (compiles the small-batch kernels too): a short prompt through these kernels and
         through `reference(tokens, positions, cache)`; RuntimeError if they cannot run or disagree grossly
-        (int8: mean difference above one step of the logits clip; fp: above 5% of the logit range). Rounding
-        differences pass: on a random 12-layer int8 model the two paths differ by a step on ~9% of logits."""
+        (int8: mean difference above CHECK_INT8_STEPS steps of the logits clip; fp: above 5% of the logit range).
+        Rounding differences pass: on a random 12-layer int8 model the two paths differ by a step on ~9% of
+        logits; on the article's model after 600 fp16 + 200 QAT steps (H100) by 2.84 steps on average (each 1.5
+        from the CPU integer path: requantization flips carried through 12 layers), which the limit of one step
+        this check had made fall back to the slow reference path. It catches kernels that cannot run or return
+        garbage, not subtle errors (on a tiny model a dropped GELU moves the mean by 0.35 step): those are for
+        the GPU tests, which compare every logit with the CPU integer path."""
         c, m = self.cfg, self.model
         tokens = (torch.arange(1, 5, device=m.device) * 7919 % c.vocab)[None]  # 4 tokens, batch 1
         positions = torch.arange(4, device=m.device)[None]
@@ -128,11 +135,13 @@ class FusedForward:
         if not torch.isfinite(got).all():
             raise RuntimeError("fused kernels produced non-finite logits")
         if self.int8:
-            ok = (got - want).abs().mean().item() <= m.logits_clip / QMAX
+            diff, limit = (got - want).abs().mean().item() / (m.logits_clip / QMAX), self.CHECK_INT8_STEPS
+            what = f"mean difference {diff:.2f} steps of the logits clip (limit {limit})"
         else:
-            ok = (got - want).abs().max().item() <= 0.05 * max(1.0, want.abs().max().item())
-        if not ok:
-            raise RuntimeError("fused kernels disagree with the reference path on a 4-token check")
+            diff, limit = (got - want).abs().max().item(), 0.05 * max(1.0, want.abs().max().item())
+            what = f"max difference {diff:.3g} (limit {limit:.3g})"
+        if not diff <= limit:
+            raise RuntimeError(f"fused kernels disagree with the reference path on a 4-token check: {what}")
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, last: torch.Tensor | None = None):
         """Logits [R, V] (fp32) of the flat rows `last` of the B·T rows (None: all rows)."""

@@ -207,9 +207,9 @@ class Scheduler:
         keys: dict = {}
         for k, t in sorted(((k, t) for k in range(1, self.max_rows + 1) for t in range(1, S)), key=lambda s: s[0] * s[1]):
             keys.setdefault(e.fused.variant(k, t, k), (k, t))
-        for k, t in keys.values():
-            tokens = torch.zeros(k, t, dtype=torch.long, device=dev)
-            e._forward_logits(tokens, torch.arange(t, device=dev).expand(k, t), self._prefix(k),
+        for k, t in keys.values():  # into a scratch cache of the prompt's length, as _prefill: the attention
+            tokens = torch.zeros(k, t, dtype=torch.long, device=dev)  # split depends on the cache length
+            e._forward_logits(tokens, torch.arange(t, device=dev).expand(k, t), e.model.new_cache(k, t),
                               last=torch.arange(k, device=dev) * t + t - 1)
         torch.cuda.synchronize(dev)
 

@@ -235,3 +235,30 @@ def test_engine_checks_the_kernels_at_load_and_falls_back(tmp_path, monkeypatch)
     assert len(e.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3, top_k=1))[0]) == 6
     with pytest.raises(RuntimeError, match="Triton cache"):
         Engine.load(path, DEV, fused=True)
+
+
+@pytest.mark.parametrize("steps, ok", [(1.0, True), (2.84, True), (6.0, True), (20.0, False)])
+def test_int8_load_check_passes_rounding_and_refuses_gross_disagreement(tmp_path, monkeypatch, steps, ok):
+    """The int8 self-check compares mean |fused - reference| in steps of the logits clip: rounding-level
+    differences pass (the article's model after 600 fp16 + 200 QAT steps, H100: 2.84 steps — the old limit of one
+    step sent it to the slow reference path), a wrong kernel (tens of steps) fails."""
+    from lsgpt.convert import calibrate, float_arrays, gpt_config, load_checkpoint, quantize_arrays
+    from lsgpt.engine import Engine
+    from lsgpt.format import write_hdf5
+    from lsgpt.fused import FusedForward
+    from oracles import tiny
+
+    config, sd, _ = load_checkpoint(tiny.make_model(seed=3))
+    cfg = gpt_config(config, 32, True)
+    fa = float_arrays(cfg, sd)
+    path = write_hdf5(tmp_path / "q.hdf5", cfg, quantize_arrays(cfg, fa, calibrate(cfg, fa, [[5, 6, 7, 8, 9]])))
+    e = Engine.load(path, DEV, fused=False)
+    ff = FusedForward(e.model)
+    step = e.model.logits_clip / 127
+    monkeypatch.setattr(FusedForward, "__call__",
+                        lambda self, t, p, c, last=None: e._reference_logits(t, p, c, last) + steps * step)
+    if ok:
+        ff.check_against(e._reference_logits)
+    else:
+        with pytest.raises(RuntimeError, match="disagree.*20.00 steps"):
+            ff.check_against(e._reference_logits)
