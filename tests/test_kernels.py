@@ -241,7 +241,7 @@ def test_engine_checks_the_kernels_at_load_and_falls_back(tmp_path, monkeypatch)
 def test_int8_load_check_passes_rounding_and_refuses_gross_disagreement(tmp_path, monkeypatch, steps, ok):
     """The int8 self-check compares mean |fused - reference| in steps of the logits clip: rounding-level
     differences pass (the article's model after 600 fp16 + 200 QAT steps, H100: 2.84 steps — the old limit of one
-    step sent it to the slow reference path), a wrong kernel (tens of steps) fails."""
+    step sent it to the slow reference path), garbage from kernels that do not work fails."""
     from lsgpt.convert import calibrate, float_arrays, gpt_config, load_checkpoint, quantize_arrays
     from lsgpt.engine import Engine
     from lsgpt.format import write_hdf5
