@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -28,18 +29,28 @@ HEADING = re.compile(r"^#{1,6}\s+(\d+(?:\.\d+)*)\.?\s", re.M)
 OUTSIDE = "shared/" + "docs"  # split so that this file does not cite it
 
 
+def _repository_files():
+    """The files git would commit (tracked, or new and not ignored): scratch copies under ignored folders such
+    as results/tmp/ are not the repository's documents. Without git: a walk that skips SKIP_DIRS."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+        yield from (ROOT / f for f in out.decode().split("\0") if f and (ROOT / f).is_file())
+    except (OSError, subprocess.CalledProcessError):
+        for dirpath, dirnames, filenames in os.walk(ROOT):
+            dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info")]
+            yield from (Path(dirpath) / name for name in filenames)
+
+
 def text_files():
-    for dirpath, dirnames, filenames in os.walk(ROOT):
-        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info")]
-        for name in filenames:
-            p = Path(dirpath) / name
-            if p.resolve() == THIS:
+    for p in _repository_files():
+        if p.resolve() == THIS:
+            continue
+        if p.suffix in TEXT_SUFFIXES or p.name in TEXT_NAMES or p.name.startswith("Dockerfile"):
+            try:
+                yield p, p.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
                 continue
-            if p.suffix in TEXT_SUFFIXES or name in TEXT_NAMES or name.startswith("Dockerfile"):
-                try:
-                    yield p, p.read_text(encoding="utf-8")
-                except (UnicodeDecodeError, OSError):
-                    continue
 
 
 @cache
