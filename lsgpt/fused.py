@@ -149,7 +149,10 @@ class FusedForward:
         B, T = tokens.shape
         M, H, dev = B * T, c.hidden, tokens.device
         act = torch.int8 if self.int8 else m.dtype
-        tok, pos = tokens.reshape(M), positions.reshape(M)
+        # the kernels index tokens and positions as dense [M] arrays: reshape alone can return a stride-0 view
+        # (one position expanded over B one-token rows, as a prefill of several 1-token prompts has), whose
+        # row m > 0 the kernels would read past the end of (a garbage position; an illegal address on the H100)
+        tok, pos = tokens.reshape(M).contiguous(), positions.reshape(M).contiguous()
         # the residual stream stays fp32 (LightSeq: fp16): the same bytes-per-step to within 0.1%, and int8
         # logits then agree with the CPU integer path (fp32 throughout) instead of drifting across rounding steps
         x = k.embed(tok, pos, m.wte, m.wpe, torch.empty(M, H, dtype=torch.float32, device=dev), c.pad_id,
