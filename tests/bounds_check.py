@@ -24,8 +24,10 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common, as pytest's pythonpath gives
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -85,31 +87,13 @@ def install() -> None:
 
 def engines(tmp: str, which: list[str]):
     """The GPU tests' model shape (4 layers, 256 hidden, 8 heads, vocab 4096, max_step 256), fp16 and int8."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from lsgpt.convert import (
-        calibrate,
-        export_model,
-        float_arrays,
-        gpt_config,
-        load_checkpoint,
-        quantize_arrays,
-    )
+    from benchmarks.common import export_pair, random_model
     from lsgpt.engine import Engine
-    from lsgpt.format import write_hdf5
 
-    torch.manual_seed(0)
-    m = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=8, n_positions=256, vocab_size=4096,
-                                   bos_token_id=0, eos_token_id=0)).eval()
-    if "fp16" in which:
-        yield "fp16", Engine.load(export_model(m, f"{tmp}/fp.hdf5", max_step=256), "cpu", fused=True)
-    if "int8" in which:
-        config, sd, _ = load_checkpoint(m)
-        cfg = gpt_config(config, 256, True)
-        fa = float_arrays(cfg, sd)
-        rows = torch.randint(0, 4096, (4, 64), generator=torch.Generator().manual_seed(1)).tolist()
-        q = write_hdf5(f"{tmp}/q.hdf5", cfg, quantize_arrays(cfg, fa, calibrate(cfg, fa, rows)))
-        yield "int8", Engine.load(q, "cpu", fused=True)
+    fp, q = export_pair(random_model(4, 256, 8, vocab=4096, positions=256), Path(tmp), 256)
+    for name, path in (("fp16", fp), ("int8", q)):
+        if name in which:
+            yield name, Engine.load(path, "cpu", fused=True)
 
 
 def main() -> int:
