@@ -295,10 +295,15 @@ PDL_MAX_ROWS = 128  # measured on an H100: PDL saves 4-15% of a decode step up t
 
 
 @functools.cache
+def _on_gpu() -> bool:
+    """Real kernels on a CUDA device (not the Triton interpreter)."""
+    return torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET")
+
+
+@functools.cache
 def _pdl_available() -> bool:
     """Programmatic dependent launch: Hopper and later GPUs, not under the interpreter; LSGPT_PDL=0 turns it off."""
-    return (torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET")
-            and os.environ.get("LSGPT_PDL", "1") != "0" and torch.cuda.get_device_capability(0)[0] >= 9)
+    return _on_gpu() and os.environ.get("LSGPT_PDL", "1") != "0" and torch.cuda.get_device_capability(0)[0] >= 9
 
 
 def _pdl(rows: int) -> dict:
@@ -320,14 +325,9 @@ def _prefetch(w: torch.Tensor, rows: int) -> dict:
 
 
 @functools.cache
-def _on_gpu() -> bool:
-    return torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET")
-
-
-@functools.cache
 def _sm_count() -> int:
     """Multiprocessors of the GPU (an H100's 132 under the interpreter, so CPU tests choose GPU-like tiles)."""
-    if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+    if _on_gpu():
         return torch.cuda.get_device_properties(0).multi_processor_count
     return 132
 

@@ -207,11 +207,19 @@ class Scheduler:
         keys: dict = {}
         for k, t in sorted(((k, t) for k in range(1, self.max_rows + 1) for t in range(1, S)), key=lambda s: s[0] * s[1]):
             keys.setdefault(e.fused.variant(k, t, k), (k, t))
-        for k, t in keys.values():  # into a scratch cache of the prompt's length, as _prefill: the attention
-            tokens = torch.zeros(k, t, dtype=torch.long, device=dev)  # split depends on the cache length
-            e._forward_logits(tokens, torch.arange(t, device=dev).expand(k, t), e.model.new_cache(k, t),
-                              last=torch.arange(k, device=dev) * t + t - 1)
+        for k, t in keys.values():
+            self._prefill_forward(torch.zeros(k, t, dtype=torch.long, device=dev),
+                                  torch.arange(k, device=dev) * t + t - 1)
         torch.cuda.synchronize(dev)
+
+    def _prefill_forward(self, tokens: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """The forward of a prefill: k prompts padded to P tokens into a scratch cache of length P (the attention
+        split depends on that length); the logits of the flat rows `last`, and the scratch cache. The warm-up
+        runs exactly this, so that it compiles what prefills launch."""
+        e = self.engine
+        k, P = tokens.shape
+        scratch = e.model.new_cache(k, P)
+        return e._forward_logits(tokens, torch.arange(P, device=e.device).expand(k, P), scratch, last=last), scratch
 
     def _prefix(self, n: int) -> KVCache:
         return KVCache([k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v])
@@ -284,7 +292,7 @@ class Scheduler:
         goes up in one copy from pinned memory, the penalty state is touched only when a joining row has a
         penalty (a free slot's is neutral: _release resets it), and on CUDA the first tokens come back with the
         next decode step's (_step), not by waiting for the prefill here."""
-        e, dev, pen = self.engine, self.engine.device, self.pen
+        dev, pen = self.engine.device, self.pen
         k = len(group)
         lens = [len(r.prompt) for r in group]
         P = max(lens)
@@ -312,8 +320,7 @@ class Scheduler:
             for i, r in enumerate(group):
                 seen[i, r.prompt] = True
             pen.seen[idx] = seen.to(dev)
-        scratch = e.model.new_cache(k, P)
-        logits = e._forward_logits(tokens, torch.arange(P, device=dev).expand(k, P), scratch, last=last)
+        logits, scratch = self._prefill_forward(tokens, last)
         for mine, new in zip(self.cache.k + self.cache.v, scratch.k + scratch.v):
             mine[idx, :P] = new
         nxt = sample(pen.select(idx).apply(logits) if penalized else logits, params, [self.gens[b] for b in slots])
