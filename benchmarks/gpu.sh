@@ -4,6 +4,9 @@
 #   OUT=/out benchmarks/gpu.sh all       # < 8 min: training, generation (+ compiled batch 1), in-process soak
 #   OUT=/out benchmarks/gpu.sh fastpath  # GPU tests, generation to batch 256 with TTFT + kernels per step, overhead
 #   BEFORE=.gpu_before OUT=/out benchmarks/gpu.sh serving   # overhead, 500 tokens; in-flight here vs $BEFORE
+#   OUT=/out benchmarks/gpu.sh soak-start   # the 10-minute served soak outlives a call (600 s): started in its own
+#   OUT=/out benchmarks/gpu.sh soak-wait    # process session, then awaited by the next call on the warm machine
+#       (sooner than its 30 s idle release); each call brings back what /tmp/soak holds so far
 #   BEFORE=results/tmp/gpu_before OUT=/out benchmarks/gpu.sh host-overhead   # < 8 min: in-flight load served and in process,
 #       here vs $BEFORE (new tokens/s, CPU time per token of tritonserver / the stub / its threads, rows per step)
 # $BEFORE: a copy of an older commit's lsgpt/ and model_repository/, e.g.
@@ -22,7 +25,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-if [ "$MODE" != all ] && ls .whl/*.whl >/dev/null 2>&1; then
+if [ "$MODE" != all ] && [ "$MODE" != soak-wait ] && ls .whl/*.whl >/dev/null 2>&1; then
     pip_target() { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
     pip_target /tmp/site $(ls .whl/*.whl | grep -v /numpy-) && export PYTHONPATH="$PYTHONPATH:/tmp/site"
     if ls .whl/numpy-*.whl >/dev/null 2>&1; then pip_target /tmp/stub-site .whl/numpy-*.whl && export LSGPT_SITE_PACKAGES=/tmp/stub-site; fi
@@ -65,7 +68,20 @@ e(r(12, 768, 12), Path("/tmp"), 1024)') || exit 1
                 $flag --out "$OUT/$DEV/serving/host-overhead/$side-$path"
         done
     done ;;
-*) echo "usage: OUT=/out $0 [all|fastpath|serving|host-overhead]"; exit 2 ;;
+soak-start)  # 12-layer random int8 served, concurrency 32, max_new_tokens 16..256, 10% cancelled mid-stream
+    (cd benchmarks && "$PY" -c 'from pathlib import Path; from common import export_pair as e, random_model as r
+e(r(12, 768, 12), Path("/tmp"), 1024)') || exit 1
+    mkdir -p /tmp/soak
+    setsid nohup "$PY" benchmarks/soak.py --model gpt2_int8 --hdf5 /tmp/int8.hdf5 --minutes "${MINUTES:-10}" \
+        --concurrency "${CONC:-32}" --cancel-fraction 0.1 --max-new-tokens 16,32,64,128,256 --prompts builtin \
+        --warmup 120 --sample-every 2 --out "/tmp/soak/$DEV/soak" > /tmp/soak/soak.log 2>&1 < /dev/null &
+    echo $! > /tmp/soak/pid; sleep 5; cat /tmp/soak/soak.log ;;
+soak-wait)  # until the soak ends or WAIT seconds pass; its log and files so far come back either way
+    pid=$(cat /tmp/soak/pid) || exit 1
+    for _ in $(seq "${WAIT:-560}"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    cp -r /tmp/soak/. "$OUT/"; tail -5 /tmp/soak/soak.log
+    if kill -0 "$pid" 2>/dev/null; then echo "soak still running (pid $pid)"; status=3; fi ;;
+*) echo "usage: OUT=/out $0 [all|fastpath|serving|host-overhead|soak-start|soak-wait]"; exit 2 ;;
 esac
 echo "[gpu.sh $MODE] $(date -u +%FT%TZ) done (status $status)"; find "$OUT" -type f | sort
 exit $status

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -54,11 +56,37 @@ class Tally:
                 self.errors = (self.errors + [error])[:20]
 
 
+def gpu_memory(pid: int) -> dict:
+    """GPU memory (MiB) that nvidia-smi gives the processes of `pid`'s tree (the server and its model stubs), or,
+    where it lists none of them (a container's own PID namespace), the whole GPU's used memory; {} without
+    nvidia-smi. Our own client threads hold no GPU memory, so on a GPU of its own both scopes show the server."""
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    import psutil
+
+    def smi(query: str) -> list[list[str]]:
+        out = subprocess.run(["nvidia-smi", f"--query-{query}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+        return [[x.strip() for x in line.split(",")] for line in out.splitlines() if line.strip()]
+
+    try:
+        tree = {pid} | {c.pid for c in psutil.Process(pid).children(recursive=True)}
+        mine = [float(m) for p, m in smi("compute-apps=pid,used_memory") if p.isdigit() and int(p) in tree]
+        if mine:
+            return {"gpu_mib": sum(mine), "gpu_scope": "server processes"}
+        return {"gpu_mib": sum(float(m) for (m,) in smi("gpu=memory.used")), "gpu_scope": "whole GPU"}
+    except (OSError, ValueError, subprocess.SubprocessError, psutil.Error):
+        return {}
+
+
 def sample_memory(pid: int | None, stop: threading.Event, every: float, t0: float, samples: list, cuda: bool) -> None:
-    """Every `every` s: RSS (MiB) of `pid` and its descendants, or of this process; CUDA memory in process."""
+    """Every `every` s: RSS (MiB) of `pid` and its descendants, or of this process; CUDA memory in process, and
+    the server's GPU memory per nvidia-smi in server mode."""
     while True:
         per = {k: v / 2**20 for k, v in common.rss(pid).items()}
         s = {"t": round(time.monotonic() - t0, 2), "rss_mib": sum(per.values()), "per_process_mib": per}
+        if pid:
+            s |= gpu_memory(pid)
         if cuda:
             import torch
 
@@ -177,6 +205,8 @@ def plot(report: dict, png: Path) -> None:
             a1.plot(ts, [s["per_process_mib"].get(n, 0) for s in samples], "--", lw=1, label=n)
         for k in ("cuda_reserved_mib", "cuda_allocated_mib") if "cuda_reserved_mib" in samples[0] else ():
             a1.plot(ts, [s.get(k, 0) for s in samples], ":", label=k[:-4].replace("_", " "))
+        if "gpu_mib" in samples[0]:
+            a1.plot(ts, [s.get("gpu_mib", 0) for s in samples], ":", lw=2, label=f"GPU ({samples[0]['gpu_scope']})")
         a1.axvspan(0, report["warmup_s"], color="gray", alpha=0.15, label="warm-up")
         g = report["memory"]["growth"]
         mode = "in process" if report["mode"] == "in_process" else f"concurrency {report['concurrency']}"
@@ -276,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             details = {"model": model, "url": url, "server_ok": ok1 - ok0, "server_failed": fail1 - fail0,
                        "model_loads_in_log": None if log is None else log.count(f"loading: {model}:")}
     mem = growth(samples, warmup)
+    gpu = growth(samples, warmup, "gpu_mib") if "gpu_mib" in (samples or [{}])[0] else None
     failed = tally.failed + (details["server_failed"] or 0)
-    passed = failed == 0 and tally.ok > 0 and mem["growth"] is not None and mem["growth"] < GROWTH_LIMIT
+    passed = (failed == 0 and tally.ok > 0 and mem["growth"] is not None and mem["growth"] < GROWTH_LIMIT
+              and (gpu is None or (gpu["growth"] is not None and gpu["growth"] < GROWTH_LIMIT)))
     lat = sorted(x for _, x in tally.latencies)
     width = max(5.0, a.minutes * 60 / 30)
     report = {
@@ -300,12 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "cuda_reserved_mib" in (samples or [{}])[0]:
         report["cuda_memory"] = growth(samples, warmup, "cuda_reserved_mib")
+    if gpu is not None:
+        report["gpu_memory"] = gpu | {"scope": samples[0]["gpu_scope"]}
     common.write_json(out / "soak.json", report)
     plot(report, out / "soak.png")
     g = mem["growth"]
     print(f"soak: {tally.ok} ok, {tally.cancelled} cancelled, {failed} failed, {report['throughput_rps']} req/s, p50 {report['latency_ms']['p50']} ms "
           f"p95 {report['latency_ms']['p95']} ms; memory {mem['baseline_mib']} -> {mem['final_mib']} MiB after warm-up "
           f"({'n/a' if g is None else f'{g * 100:+.2f}%'}, limit {GROWTH_LIMIT * 100:.0f}%): {'PASS' if passed else 'FAIL'}")
+    if gpu is not None:
+        gg = "n/a" if gpu["growth"] is None else f"{gpu['growth'] * 100:+.2f}%"
+        print(f"  GPU memory ({samples[0]['gpu_scope']}, nvidia-smi): {gpu['baseline_mib']} -> {gpu['final_mib']} MiB ({gg})")
     if tally.errors:
         print("  first errors: " + " | ".join(tally.errors[:3]))
     print(f"wrote {out / 'soak.json'}")
