@@ -74,7 +74,7 @@ e(r(12, 768, 12), Path("/tmp"), 1024)') || exit 1
     mkdir -p /tmp/soak
     setsid nohup "$PY" benchmarks/soak.py --model gpt2_int8 --hdf5 /tmp/int8.hdf5 --minutes "${MINUTES:-10}" \
         --concurrency "${CONC:-32}" --cancel-fraction 0.1 --max-new-tokens 16,32,64,128,256 --prompts builtin \
-        --warmup 120 --sample-every 2 --out "/tmp/soak/$DEV/soak" > /tmp/soak/soak.log 2>&1 < /dev/null &
+        --warmup 120 --sample-every 2 --tokenizer "${TOKENIZER:-data/tokenizer}" --out "/tmp/soak/$DEV/soak" > /tmp/soak/soak.log 2>&1 < /dev/null &
     echo $! > /tmp/soak/pid; sleep 5; cat /tmp/soak/soak.log ;;
 soak-wait)  # until the soak ends or WAIT seconds pass; its log and files so far come back either way
     pid=$(cat /tmp/soak/pid) || exit 1

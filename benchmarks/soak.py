@@ -121,7 +121,7 @@ def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], sampl
 
         import tritonclient.grpc as grpcclient
 
-        from client.api import _inputs
+        from client.api import _inputs, close_stream
 
         got: queue.Queue = queue.Queue()
         c = grpcclient.InferenceServerClient(url)
@@ -132,7 +132,7 @@ def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], sampl
                 err = got.get(timeout=120)
                 if err is not None:
                     raise err
-            c.stop_stream(cancel_requests=True)
+            close_stream(c)
         finally:
             c.close()
 

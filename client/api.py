@@ -126,6 +126,18 @@ def _inputs(module, prompt_ids: Sequence[int], sampling: dict[str, Any]) -> list
     return out
 
 
+def close_stream(c: Any) -> None:
+    """Cancel what `c`'s stream still runs and end the stream. tritonclient 2.51's stop_stream(cancel_requests=True)
+    cancels the call but never hands the request iterator its end marker, so the gRPC thread that reads that
+    iterator waits on it forever: one thread leaked per stream (a soak client stalled after ~3,000 cancelled
+    streams; an OpenAI frontend would leak one per streamed completion). The marker is given here."""
+    stream = getattr(c, "_stream", None)
+    c.stop_stream(cancel_requests=True)
+    queue = getattr(stream, "_request_queue", None)
+    if queue is not None:
+        queue.put(None)
+
+
 class Client:
     def __init__(
         self,
@@ -278,7 +290,7 @@ class Client:
                 if result.get_response().parameters["triton_final_response"].bool_param:
                     return
         finally:
-            c.stop_stream(cancel_requests=True)
+            close_stream(c)
             c.close()
 
     def stream(self, text: str, **sampling) -> Iterator[str]:

@@ -151,3 +151,27 @@ def test_cancelled_stream_frees_its_row_and_stops_generating(long_served):
     final = settled(server)
     assert final[gen] - after[gen] == len(short) and final[req] - after[req] == 1
     assert final[cancelled] == after[cancelled]  # a request that ran to its end is not counted
+
+
+def test_client_streams_leave_no_thread_behind(long_served, tiny_models):
+    """client.api's streams, cancelled or run to their end, end gRPC's request-reader thread. tritonclient 2.51's
+    stop_stream(cancel_requests=True) alone leaves it waiting forever: one thread per stream (a soak client stalled
+    after ~3,000 cancelled streams; the OpenAI frontend streams every completion through this path)."""
+    from client.api import Client
+
+    server, _ = long_served
+    c = Client(server.grpc_url, "gpt2", tiny_models.tokenizer, stream_model=MODEL, timeout=120)
+    prompt = [2, 7, 8, 9]
+    assert len(list(c.stream_ids(prompt, max_new_tokens=3, top_k=1))) == 3  # gRPC's own threads start here
+    time.sleep(0.5)
+    before = threading.active_count()
+    for _ in range(12):
+        it = c.stream_ids(prompt, max_new_tokens=200, top_k=1)
+        assert [t for t, _ in zip(it, range(2))]  # two tokens, then the caller goes away
+        it.close()
+        assert [t for t, _ in c.stream_ids(prompt, max_new_tokens=2, top_k=1)] == [TOKEN, TOKEN]
+    deadline = time.monotonic() + 30
+    while threading.active_count() > before + 2 and time.monotonic() < deadline:  # let finished threads exit
+        time.sleep(0.2)
+    assert threading.active_count() <= before + 2, (before, [t.name for t in threading.enumerate()])
+    settled(server)  # and the server freed every row
