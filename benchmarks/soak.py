@@ -21,6 +21,7 @@ Writes results/<device>/soak/soak.{json,png} (memory over time, requests per int
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import random
 import shutil
@@ -252,6 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    faulthandler.register(__import__("signal").SIGUSR1, all_threads=True)  # kill -USR1: the clients' stacks
     if a.replot:
         plot(json.loads(a.replot.read_text()), a.replot.with_suffix(".png"))
         return 0

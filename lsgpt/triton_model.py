@@ -29,12 +29,16 @@ final response; with stream=false they send the whole result in one response.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import os
 import queue
 import random
+import signal
+import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,12 +117,24 @@ class Outbox:
     synchronous round trip to the server process (the stub waits, GIL released, until Triton has taken the
     response), so the decode loop only queues a closure that builds and sends it. One FIFO keeps each request's
     responses in order (tokens, then the final one). Bounded: when the sends fall behind (streaming many rows),
-    the decode loop waits for room, as it waited for each send before, rather than queueing without limit."""
+    the decode loop waits for room, as it waited for each send before, rather than queueing without limit.
 
-    def __init__(self, name: str, limit: int = 1024):
+    A send takes micro- to milliseconds (Triton buffers responses for slow clients). One that has not returned
+    after ``stall_report_s`` means the server no longer takes this model's messages: the stub says so in the server
+    log with every thread's stack. After ``stall_exit_s`` it ends itself, as a dead stub is what Triton and the
+    launcher detect: the model turns not ready and the launcher restarts the server; a wedged stub would stay
+    "ready" and leave every request hanging. 0 turns the exit off."""
+
+    def __init__(self, name: str, limit: int = 1024, stall_report_s: float = 30.0, stall_exit_s: float = 90.0,
+                 exit_process: Any = None):
+        self.name = name
         self._q: queue.Queue = queue.Queue(limit)
+        self._since: float | None = None  # when the send in progress began
+        self.stall_report_s, self.stall_exit_s = stall_report_s, stall_exit_s
+        self._exit = exit_process or (lambda: os.kill(os.getpid(), signal.SIGKILL))
         self._thread = threading.Thread(target=self._run, name=f"lsgpt-outbox-{name}", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watchdog, name=f"lsgpt-outbox-watch-{name}", daemon=True).start()
 
     def put(self, fn: Any) -> None:
         self._q.put(fn)
@@ -128,10 +144,32 @@ class Outbox:
 
         name_thread("lsgpt-outbox")
         while (fn := self._q.get()) is not None:
+            self._since = time.monotonic()
             try:
                 fn()
             except Exception:  # noqa: BLE001 - a failing send (client gone) must not stop the others
                 traceback.print_exc()
+            finally:
+                self._since = None
+
+    def _watchdog(self) -> None:
+        reported = None
+        period = min(5.0, self.stall_report_s / 4)
+        while self._thread.is_alive():
+            time.sleep(period)
+            since = self._since
+            stalled = 0.0 if since is None else time.monotonic() - since
+            if stalled > self.stall_report_s and since != reported:
+                reported = since
+                print(f"[lsgpt] {self.name}: a response send has not returned for {stalled:.0f} s; the server no "
+                      "longer takes this model's messages. Every thread's stack:", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(all_threads=True)
+            if self.stall_exit_s and stalled > self.stall_exit_s:
+                print(f"[lsgpt] {self.name}: still stalled after {stalled:.0f} s: the model process ends itself so "
+                      "that the model turns not ready and the launcher restarts the server", file=sys.stderr,
+                      flush=True)
+                self._exit()
+                return
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued, then stop."""
@@ -143,15 +181,37 @@ class Outbox:
 
 
 class Watched:
-    """One request's cancellation flag, kept up to date by CancelWatch; the scheduler calls it every token."""
+    """One request's cancellation flag, kept up to date by CancelWatch; the scheduler calls it every token.
 
-    __slots__ = ("check", "hit", "done")
+    ``is_cancelled()`` asks Triton about the request's response factory, which Triton frees once the FINAL response
+    is sent; tritonserver 2.51 does not guard a check that reaches it after that (a use after free on the thread
+    that carries all of the model's messages to the server: seen as a streaming twin that stopped answering for
+    good under a GPU soak with cancellations). So a check and the FINAL never overlap, and no check follows it:
+    ``close()`` (taken before every FINAL is sent) waits for a check in flight and stops later ones."""
+
+    __slots__ = ("check", "hit", "done", "lock")
 
     def __init__(self, check: Any):
         self.check, self.hit, self.done = check, False, False
+        self.lock = threading.Lock()
 
     def __call__(self) -> bool:
         return self.hit
+
+    def poll(self) -> None:
+        """Ask Triton once, unless the request is finished (CancelWatch's thread)."""
+        with self.lock:
+            if self.done or self.check is None:
+                return
+            try:
+                self.hit = bool(self.check())
+            except Exception:  # noqa: BLE001 - the stub cannot reach the server: not a cancellation
+                pass
+
+    def close(self) -> None:
+        """No more checks: the request's FINAL response may go now."""
+        with self.lock:
+            self.done = True
 
 
 class CancelWatch:
@@ -190,11 +250,7 @@ class CancelWatch:
                     return
                 live = list(self._live)
             for w in live:
-                if not w.done:
-                    try:
-                        w.hit = bool(w.check())
-                    except Exception:  # noqa: BLE001 - the stub cannot reach the server: not a cancellation
-                        pass
+                w.poll()
             with self._cv:
                 self._cv.wait_for(lambda: self._stop, self.PERIOD)
 
@@ -215,6 +271,8 @@ class TritonPythonModel:
                                "needs numpy<2 (its output tensors come back empty otherwise); install 'numpy<2'")
         self.config = json.loads(args["model_config"])
         self.name = args["model_name"]
+        # `kill -USR1 <stub pid>` writes every thread's Python stack to the server log: a hang can be read
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         model_dir = Path(args["model_repository"])
         version_dir = model_dir / args["model_version"]
         self.device = _pick_device(args)
@@ -356,7 +414,8 @@ class TritonPythonModel:
         return None
 
     def _submit(self, request, sender, q: Parsed) -> None:
-        check = getattr(request, "is_cancelled", None) or getattr(sender, "is_cancelled", None)
+        # the sender's check is the one documented for decoupled models (the request is released when execute returns)
+        check = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", None)
         cancelled = self.cancels.watch(check)  # a flag the decode loop reads; CancelWatch asks Triton
         if self.decoupled:
             self._submit_decoupled(sender, q, cancelled)
@@ -367,19 +426,22 @@ class TritonPythonModel:
         lock = threading.Lock()
         send = self.outbox.put
 
+        def final(response) -> None:  # on the outbox thread
+            cancelled.close()
+            sender.send(response(), flags=FINAL)
+
         def done(i: int, ids, err) -> None:
             with lock:
                 if state["failed"]:
                     return
                 if err is not None:  # the first failing row answers for the request
-                    state["failed"] = cancelled.done = True
-                    send(lambda: sender.send(_error(f"{self.name}: {err}", _code(err)), flags=FINAL))
+                    state["failed"] = True
+                    send(functools.partial(final, lambda: _error(f"{self.name}: {err}", _code(err))))
                     return
                 results[i] = ids
                 state["left"] -= 1
                 if state["left"] == 0:
-                    cancelled.done = True
-                    send(lambda: sender.send(self._result(results, q), flags=FINAL))
+                    send(functools.partial(final, lambda: self._result(results, q)))
 
         gone = cancelled
         if n > 1:
@@ -391,7 +453,8 @@ class TritonPythonModel:
                 self.scheduler.submit(p, sp, functools.partial(done, i), cancelled=gone)
         except Exception:
             with lock:
-                state["failed"] = cancelled.done = True  # rows already queued leave at their next step
+                state["failed"] = True  # rows already queued leave at their next step
+            cancelled.close()  # execute() answers with the error
             raise
 
     def _submit_decoupled(self, sender, q: Parsed, cancelled: Watched) -> None:
@@ -411,6 +474,7 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(output_tensors=outs))
 
         def final_response(ids, err) -> None:
+            cancelled.close()
             if err is not None:
                 sender.send(_error(f"{self.name}: {err}", _code(err)), flags=FINAL)
             elif q.stream:  # the rest of the text and the final flag
@@ -422,14 +486,13 @@ class TritonPythonModel:
                 sender.send(self._result([ids], q), flags=FINAL)
 
         def done(ids, err) -> None:
-            cancelled.done = True
             send(functools.partial(final_response, ids, err))
 
         on_token = (lambda tok: send(functools.partial(token_response, tok))) if q.stream else None
         try:
             self.scheduler.submit(q.prompts[0], q.params[0], done, on_token=on_token, cancelled=cancelled)
         except Exception:
-            cancelled.done = True
+            cancelled.close()  # execute() answers with the error
             raise
 
     def finalize(self) -> None:

@@ -175,3 +175,64 @@ def test_client_streams_leave_no_thread_behind(long_served, tiny_models):
         time.sleep(0.2)
     assert threading.active_count() <= before + 2, (before, [t.name for t in threading.enumerate()])
     settled(server)  # and the server freed every row
+
+
+def test_no_cancellation_check_overlaps_or_follows_the_final_response():
+    """tritonserver 2.51 frees a request's response factory when its FINAL response is sent and does not guard an
+    is_cancelled() that reaches it later (a GPU soak's streaming twin stopped answering for good). Watched.close(),
+    taken before every FINAL, waits for a check in flight and no check runs after it. Oracle: the order of events
+    logged by the check itself and by the closer."""
+    from lsgpt.triton_model import CancelWatch
+
+    events: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+
+    def check() -> bool:
+        events.append("check")
+        inside.set()
+        release.wait(10)
+        events.append("check end")
+        return False
+
+    watch = CancelWatch("test")
+    try:
+        w = watch.watch(check)
+        assert inside.wait(10)  # the watcher's thread is inside a check
+        closer = threading.Thread(target=lambda: (w.close(), events.append("closed")))
+        closer.start()
+        time.sleep(0.3)
+        assert "closed" not in events  # the FINAL waits for the check in flight
+        release.set()
+        closer.join(10)
+        assert events[-2:] == ["check end", "closed"], events
+        n = len(events)
+        time.sleep(0.3)  # 30 of the watcher's periods
+        assert len(events) == n and not w(), events  # no check after the FINAL
+    finally:
+        watch.close()
+
+
+def test_a_stalled_response_send_is_reported_then_ends_the_model_process(capfd):
+    """A send that never returns (the server no longer takes the model's messages) must not leave a model that
+    Triton calls ready while every request hangs: the outbox reports the stall with every thread's stack, then
+    ends the process (here: a stand-in for SIGKILL), which the launcher's supervisor turns into a restart. A send
+    that returns in time triggers neither."""
+    from lsgpt.triton_model import Outbox
+
+    exits, release = [], threading.Event()
+    box = Outbox("stall-test", stall_report_s=0.4, stall_exit_s=1.2, exit_process=lambda: exits.append(1))
+    try:
+        box.put(lambda: time.sleep(0.2))  # a slow but healthy send
+        time.sleep(0.6)
+        assert "has not returned" not in capfd.readouterr().err and not exits
+        box.put(lambda: release.wait(30))  # a send that does not come back
+        deadline = time.monotonic() + 20
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.05)
+        err = capfd.readouterr().err
+        assert exits == [1], err
+        assert "stall-test: a response send has not returned" in err and "test_cancellation.py" in err, err  # the stack
+        assert err.count("has not returned") == 1  # once per stall
+    finally:
+        release.set()
+        box.close()
