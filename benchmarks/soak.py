@@ -12,7 +12,9 @@ prompts with varied max_new_tokens (so the engine sees different batch and cache
 tritonserver plus all its descendants (the Python-backend stubs). Failures = client-side errors plus the
 server's own fail count. --cancel-fraction F: that share of the requests goes to the model's streaming twin
 instead and is cancelled by the client after its first tokens (a closed stream, as a browser tab that goes
-away); they count as cancelled, not failed, and the twin must keep answering. In-process mode: one loop calls Engine.generate on batches of 1..max_batch prompts;
+away); they count as cancelled, not failed, and the twin must keep answering. Hung = a request still unanswered
+180 s after it was sent (each has a 120 s deadline): counted once, the client's stacks printed, the soak fails.
+`kill -USR1 <soak pid>` prints the client threads' stacks at any time. In-process mode: one loop calls Engine.generate on batches of 1..max_batch prompts;
 memory = this process's RSS, and on CUDA torch's allocated/reserved device memory.
 Growth = median of the last 10% of samples vs the median of the first 10% after the warm-up.
 Writes results/<device>/soak/soak.{json,png} (memory over time, requests per interval).
@@ -38,6 +40,7 @@ import common
 from lsgpt.contract import STREAM_SUFFIX, VOCAB_SIZE
 
 GROWTH_LIMIT = 0.05
+HANG_S = 180.0  # a request unanswered this long is hung: every request has a 120 s deadline of its own
 
 
 class Tally:
@@ -46,6 +49,8 @@ class Tally:
     def __init__(self):
         self.ok, self.failed, self.errors, self.latencies, self.lock = 0, 0, [], [], threading.Lock()
         self.cancelled = 0
+        self.hung = 0  # requests still unanswered HANG_S after they were sent (each counted once)
+        self.inflight: dict[int, float] = {}  # client thread -> when its request in flight was sent
 
     def record(self, t: float, latency: float | None, error: str | None = None) -> None:
         with self.lock:
@@ -145,6 +150,7 @@ def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], sampl
             i = offset
             while not stop.is_set():
                 r, n, i, start = rows[i % len(rows)], lengths[i % len(lengths)], i + 1, time.monotonic()
+                tally.inflight[offset] = start
                 if rnd.random() < a.cancel_fraction:
                     try:
                         cancel_one(r, n)
@@ -159,6 +165,7 @@ def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], sampl
                     tally.record(start - t0, time.monotonic() - start)
                 except Exception as e:  # noqa: BLE001 - every failure counts, whatever its kind
                     tally.record(start - t0, None, f"{type(e).__name__}: {e}")
+            tally.inflight.pop(offset, None)
 
     def in_process() -> None:
         from lsgpt.engine import SamplingParams
@@ -183,14 +190,30 @@ def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], sampl
         if engine is None else [threading.Thread(target=in_process, daemon=True)]
     for w in workers:
         w.start()
-    end = t0 + a.minutes * 60
+    end, seen_hung = t0 + a.minutes * 60, set()
+
+    def count_hung() -> None:
+        """Requests in flight for over HANG_S count as hung, once each; the first time, every thread's stack."""
+        now = time.monotonic()
+        new = {(k, s) for k, s in list(tally.inflight.items()) if now - s > HANG_S} - seen_hung
+        if new:
+            if not seen_hung:
+                print(f"soak: {len(new)} request(s) unanswered after {HANG_S:.0f} s; the client's threads:", flush=True)
+                faulthandler.dump_traceback(all_threads=True)
+            seen_hung.update(new)
+            tally.hung += len(new)
+
     while not stop.wait(min(30.0, max(0.0, end - time.monotonic()))):
         if time.monotonic() >= end:
             break
-        print(f"  {time.monotonic() - t0:6.0f}/{a.minutes * 60:.0f} s: {tally.ok} ok, {tally.failed} failed", flush=True)
+        count_hung()
+        print(f"  {time.monotonic() - t0:6.0f}/{a.minutes * 60:.0f} s: {tally.ok} ok, {tally.cancelled} cancelled, "
+              f"{tally.failed} failed, {tally.hung} hung", flush=True)
     stop.set()
+    deadline = time.monotonic() + HANG_S
     for w in workers:
-        w.join(150)
+        w.join(max(0.0, deadline - time.monotonic()))
+    count_hung()
     return tally, time.monotonic() - t0
 
 
@@ -310,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     mem = growth(samples, warmup)
     gpu = growth(samples, warmup, "gpu_mib") if "gpu_mib" in (samples or [{}])[0] else None
     failed = tally.failed + (details["server_failed"] or 0)
-    passed = (failed == 0 and tally.ok > 0 and mem["growth"] is not None and mem["growth"] < GROWTH_LIMIT
+    passed = (failed == 0 and tally.hung == 0 and tally.ok > 0 and mem["growth"] is not None and mem["growth"] < GROWTH_LIMIT
               and (gpu is None or (gpu["growth"] is not None and gpu["growth"] < GROWTH_LIMIT)))
     lat = sorted(x for _, x in tally.latencies)
     width = max(5.0, a.minutes * 60 / 30)
@@ -319,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": common.device_slug(a.device if a.in_process else None), "mode": "in_process" if a.in_process else "server",
         "concurrency": 1 if a.in_process else a.concurrency, "minutes": a.minutes, "warmup_s": warmup,
         "max_new_tokens": lengths, "requests_ok": tally.ok, "requests_failed": failed,
-        "requests_cancelled": tally.cancelled, "cancel_fraction": a.cancel_fraction,
+        "requests_cancelled": tally.cancelled, "requests_hung": tally.hung, "cancel_fraction": a.cancel_fraction,
         "throughput_rps": round(tally.ok / elapsed, 2) if elapsed else 0,
         "latency_ms": {f"p{q}": round(lat[min(len(lat) - 1, int(len(lat) * q / 100))] * 1000, 1) if lat else None
                        for q in (50, 95, 99)},
@@ -339,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     common.write_json(out / "soak.json", report)
     plot(report, out / "soak.png")
     g = mem["growth"]
-    print(f"soak: {tally.ok} ok, {tally.cancelled} cancelled, {failed} failed, {report['throughput_rps']} req/s, p50 {report['latency_ms']['p50']} ms "
+    print(f"soak: {tally.ok} ok, {tally.cancelled} cancelled, {failed} failed, {tally.hung} hung, {report['throughput_rps']} req/s, p50 {report['latency_ms']['p50']} ms "
           f"p95 {report['latency_ms']['p95']} ms; memory {mem['baseline_mib']} -> {mem['final_mib']} MiB after warm-up "
           f"({'n/a' if g is None else f'{g * 100:+.2f}%'}, limit {GROWTH_LIMIT * 100:.0f}%): {'PASS' if passed else 'FAIL'}")
     if gpu is not None:

@@ -358,9 +358,19 @@ class Penalties:
         self.seen.scatter_(1, nxt[:, None], True)
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's largest logit's index, as torch.argmax gives it (the first on ties; a NaN counts as the
+    largest). On the CPU, numpy's argmax, which agrees with torch's on ties, NaN and infinities
+    (tests/test_engine_fp16.py): torch's CPU argmax took 1.5 ms for 32 x 21128 float32 logits against numpy's
+    0.1 ms on our CPU box, a fifth of a served decode step of the demo model."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.numpy().argmax(-1))
+    return logits.argmax(-1)
+
+
 def sample(logits: torch.Tensor, rows: Sequence[SamplingParams], gens: Sequence[torch.Generator]) -> torch.Tensor:
     """Next token per row: temperature, then top-k, then top-p, each row with its own generator."""
-    greedy = logits.argmax(-1)
+    greedy = argmax_rows(logits)
     if all(sp.greedy for sp in rows):
         return greedy
     out = greedy.clone()

@@ -79,6 +79,10 @@ class GPT:
 
         h, v = cfg.hidden, cfg.vocab
         self.wte = t(arrays["src_embedding/token_embedding"], (v, h))
+        # CPU: the tied LM head as a dense [H, V] copy. BLAS multiplies by it 1.2-2x faster than by wte.T at
+        # 8-32 rows (one decode step of a served batch; measured on our 2-core CPU box), for one more copy of the
+        # embedding in memory. CUDA keeps the view (cuBLAS takes the transpose as is).
+        self.lm_head = self.wte.T.contiguous() if device.type == "cpu" else self.wte.T
         self.wpe = t(arrays["src_embedding/position_embedding"], (cfg.max_step, h))
         self.ln_f = (t(arrays["src_embedding/norm_scale"]), t(arrays["src_embedding/norm_bias"]))
         self.layers = []
@@ -139,4 +143,4 @@ class GPT:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head: hidden [..., H] -> float32 logits [..., V]."""
-        return (hidden @ self.wte.T).float()
+        return (hidden @ self.lm_head).float()

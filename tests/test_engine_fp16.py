@@ -362,3 +362,29 @@ def test_temperature_zero_is_greedy(engines):
     e = engines["exported"]
     g = greedy(e, [PROMPTS[1]], 15)
     assert e.generate([PROMPTS[1]], SamplingParams(max_new_tokens=15, top_k=0, temperature=0.0, seed=3)) == g
+
+
+def test_cpu_argmax_agrees_with_torch_on_ties_nan_and_infinities():
+    """Greedy decoding on the CPU takes numpy's argmax (15x faster there); the oracle is torch.argmax, over rows
+    built to disagree if either broke ties or NaN differently: rounded logits (ties), NaN, +-inf, all -inf."""
+    import torch
+
+    from lsgpt.engine import argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(600):
+        x = torch.randn(5, 64, generator=g)
+        r = torch.rand(5, 64, generator=g)
+        if trial % 2:
+            x = x.round()
+        if trial % 3 == 0:
+            x[r < 0.05] = float("nan")
+        if trial % 5 == 0:
+            x[r < 0.3] = float("-inf")
+        if trial % 7 == 0:
+            x[0] = float("-inf")
+        if trial % 11 == 0:
+            x[1, r[1] < 0.1] = float("inf")
+        got = argmax_rows(x)
+        assert got.dtype == torch.long and torch.equal(got, x.argmax(-1)), (trial, x)
+    assert torch.equal(argmax_rows(x[:, ::2]), x[:, ::2].argmax(-1))  # a strided view
