@@ -262,3 +262,25 @@ def test_int8_load_check_passes_rounding_and_refuses_gross_disagreement(tmp_path
     else:
         with pytest.raises(RuntimeError, match="disagree.*20.00 steps"):
             ff.check_against(e._reference_logits)
+
+
+def test_attention_sweep_runs_and_every_setting_agrees(tmp_path):
+    """benchmarks/attention_sweep.py --quick (the interpreter here, the GPU there): every (SPLITS, BLOCK_S, warps)
+    it may choose gives the default setting's context (which test_int8_attention checks against the float64
+    reference), int8 and fp16, and its counters are left at zero."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)} | ({} if CUDA else {"TRITON_INTERPRET": "1"})
+    proc = subprocess.run([sys.executable, "benchmarks/attention_sweep.py", "--quick", "--out", str(tmp_path)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "attention_sweep.json").read_text())
+    assert {(r["dtype"], r["rows"]) for r in report["results"]} == {(d, m) for d in ("int8", "fp16") for m in (1, 3)}
+    for r in report["results"]:
+        tried = [s for s in r["settings"] if "agrees" in s]
+        assert len(tried) >= 8 and all(s["agrees"] for s in tried), r
+        assert not any("error" in s for s in r["settings"]), r
