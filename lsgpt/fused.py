@@ -47,7 +47,7 @@ class FusedForward:
 
         self.k = kernels
         self.model, self.cfg = model, model.cfg
-        self.int8 = hasattr(model, "lm_head")  # QuantGPT
+        self.int8 = model.cfg.quantized  # QuantGPT (int8 file), else GPT
         self.layers = [self._int8_layer(w) if self.int8 else self._fp_layer(w) for w in model.layers]
         c = self.cfg
         # the split attention programs' counters (zero between launches), one buffer a CUDA graph can replay

@@ -82,7 +82,7 @@ class GPT:
         # CPU: the tied LM head as a dense [H, V] copy. BLAS multiplies by it 1.2-2x faster than by wte.T at
         # 8-32 rows (one decode step of a served batch; measured on our 2-core CPU box), for one more copy of the
         # embedding in memory. CUDA keeps the view (cuBLAS takes the transpose as is).
-        self.lm_head = self.wte.T.contiguous() if device.type == "cpu" else self.wte.T
+        self.unembed = self.wte.T.contiguous() if device.type == "cpu" else self.wte.T
         self.wpe = t(arrays["src_embedding/position_embedding"], (cfg.max_step, h))
         self.ln_f = (t(arrays["src_embedding/norm_scale"]), t(arrays["src_embedding/norm_bias"]))
         self.layers = []
@@ -143,4 +143,4 @@ class GPT:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head: hidden [..., H] -> float32 logits [..., V]."""
-        return (hidden @ self.lm_head).float()
+        return (hidden @ self.unembed).float()
