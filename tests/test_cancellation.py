@@ -222,7 +222,7 @@ def test_a_stalled_response_send_is_reported_then_ends_the_model_process(capfd):
     exits, release = [], threading.Event()
     box = Outbox("stall-test", stall_report_s=0.4, stall_exit_s=1.2, exit_process=lambda: exits.append(1))
     try:
-        box.put(lambda: time.sleep(0.2))  # a slow but healthy send
+        box.put(lambda: time.sleep(0.05))  # a slow but healthy send
         time.sleep(0.6)
         assert "has not returned" not in capfd.readouterr().err and not exits
         box.put(lambda: release.wait(30))  # a send that does not come back
