@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -70,8 +72,8 @@ def gpu_memory(pid: int) -> dict:
         return {}
     import psutil
 
-    def smi(query: str) -> list[list[str]]:
-        out = subprocess.run(["nvidia-smi", f"--query-{query}", "--format=csv,noheader,nounits"],
+    def smi(query: str, *extra: str) -> list[list[str]]:
+        out = subprocess.run(["nvidia-smi", f"--query-{query}", "--format=csv,noheader,nounits", *extra],
                              capture_output=True, text=True, timeout=20).stdout
         return [[x.strip() for x in line.split(",")] for line in out.splitlines() if line.strip()]
 
@@ -80,7 +82,9 @@ def gpu_memory(pid: int) -> dict:
         mine = [float(m) for p, m in smi("compute-apps=pid,used_memory") if p.isdigit() and int(p) in tree]
         if mine:
             return {"gpu_mib": sum(mine), "gpu_scope": "server processes"}
-        return {"gpu_mib": sum(float(m) for (m,) in smi("gpu=memory.used")), "gpu_scope": "whole GPU"}
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # the server's GPUs only (a soak beside other work)
+        only = ["-i", visible] if re.fullmatch(r"\d+(,\d+)*", visible) else []
+        return {"gpu_mib": sum(float(m) for (m,) in smi("gpu=memory.used", *only)), "gpu_scope": "whole GPU"}
     except (OSError, ValueError, subprocess.SubprocessError, psutil.Error):
         return {}
 

@@ -1,0 +1,56 @@
+"""benchmarks/soak.py's GPU memory reading, against an nvidia-smi stand-in on PATH that prints what the H100
+machine's printed (`--format=csv,noheader,nounits`): the server's processes are summed, other processes' memory
+is not, and where nvidia-smi lists none of the server's processes the visible GPU's used memory is taken."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_BENCH = str(Path(__file__).resolve().parents[1] / "benchmarks")
+sys.path.insert(0, _BENCH)  # soak.py imports its neighbour `common` as a script does
+import soak  # noqa: E402
+
+sys.path.remove(_BENCH)  # no benchmark script shadows another test's imports
+
+
+def fake_smi(folder: Path, apps: str, used: str) -> None:
+    script = folder / "nvidia-smi"
+    script.write_text("#!/bin/sh\n"
+                      'case "$1" in\n'
+                      f"  --query-compute-apps=*) printf '{apps}' ;;\n"
+                      f'  --query-gpu=*) echo "$@" > "{folder}/gpu-args"; printf \'{used}\' ;;\n'
+                      "esac\n")
+    script.chmod(0o755)
+
+
+@pytest.fixture
+def server_tree():
+    """A parent with one child, standing in for tritonserver and a model stub."""
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                               "print(c.pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    yield parent.pid, child
+    parent.kill()
+    os.kill(child, 9)
+
+
+def test_gpu_memory_sums_the_server_tree_only(tmp_path, monkeypatch, server_tree):
+    parent, child = server_tree
+    fake_smi(tmp_path, f"{parent}, 584\\n{child}, 1552\\n999999, 30000\\n", "40000\\n")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert soak.gpu_memory(parent) == {"gpu_mib": 584 + 1552, "gpu_scope": "server processes"}
+
+
+def test_gpu_memory_falls_back_to_the_visible_gpu(tmp_path, monkeypatch, server_tree):
+    parent, _ = server_tree
+    fake_smi(tmp_path, "999999, 30000\\n", "3714\\n")  # a PID namespace of its own: none of ours listed
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert soak.gpu_memory(parent) == {"gpu_mib": 3714, "gpu_scope": "whole GPU"}
+    assert (tmp_path / "gpu-args").read_text().split()[-2:] == ["-i", "1"]  # the server's GPU, not the others
