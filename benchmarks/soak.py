@@ -142,8 +142,8 @@ def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], sampl
                 err = got.get(timeout=120)
                 if err is not None:
                     raise err
+        finally:  # also after a timeout: tritonclient's close() alone waits for the stream's last answer forever
             close_stream(c)
-        finally:
             c.close()
 
     def client(offset: int) -> None:

@@ -130,7 +130,9 @@ def close_stream(c: Any) -> None:
     """Cancel what `c`'s stream still runs and end the stream. tritonclient 2.51's stop_stream(cancel_requests=True)
     cancels the call but never hands the request iterator its end marker, so the gRPC thread that reads that
     iterator waits on it forever: one thread leaked per stream (a soak client stalled after ~3,000 cancelled
-    streams; an OpenAI frontend would leak one per streamed completion). The marker is given here."""
+    streams; an OpenAI frontend would leak one per streamed completion). The marker is given here. Call it
+    before ``close()`` on every path, errors included: ``close()`` alone waits for the stream's pending answers,
+    forever when a model never answers and the stream has no deadline (the soak client hung so)."""
     stream = getattr(c, "_stream", None)
     c.stop_stream(cancel_requests=True)
     queue = getattr(stream, "_request_queue", None)

@@ -236,3 +236,45 @@ def test_a_stalled_response_send_is_reported_then_ends_the_model_process(capfd):
     finally:
         release.set()
         box.close()
+
+
+WEDGED_CONFIG = """name: "wedged"
+backend: "python"
+max_batch_size: 1
+model_transaction_policy { decoupled: true }
+input [ { name: "token_ids" data_type: TYPE_INT32 dims: [ -1 ] } ]
+input [ { name: "max_new_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true } ]
+input [ { name: "top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true } ]
+output [ { name: "result" data_type: TYPE_INT32 dims: [ -1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+WEDGED_MODEL = """class TritonPythonModel:
+    def execute(self, requests):
+        self.senders = [r.get_response_sender() for r in requests]  # taken, never answered
+        return None
+"""
+
+
+@pytest.mark.timeout(150)  # a hang (the failure this test is about) fails it
+def test_a_stream_from_a_model_that_never_answers_times_out_and_leaves_nothing(tmp_path, tiny_models):
+    """A streaming model that takes requests and never answers (what the GPU soak's wedged twin did): the client
+    library gets RequestTimeout after its timeout, every time, and keeps no thread. tritonclient's close() alone
+    waits for the stream's answer; the stream's deadline and close_stream() each end that wait (without both,
+    this test hangs into its pytest timeout; the soak client, with neither, hung for good)."""
+    from client.api import Client, RequestTimeout
+
+    (tmp_path / "wedged" / "1").mkdir(parents=True)
+    (tmp_path / "wedged" / "config.pbtxt").write_text(WEDGED_CONFIG)
+    (tmp_path / "wedged" / "1" / "model.py").write_text(WEDGED_MODEL)
+    with TritonServer(tmp_path, models=["wedged"], grpc_port=free_port(), http_port=free_port(),
+                      metrics_port=free_port()) as server:
+        server.wait_ready(120)
+        c = Client(server.grpc_url, "wedged", tiny_models.tokenizer, stream_model="wedged", timeout=2)
+        before = threading.active_count()
+        for _ in range(3):
+            t = time.monotonic()
+            with pytest.raises(RequestTimeout):
+                list(c.stream_ids([2, 7, 8], max_new_tokens=4, top_k=1))
+            assert time.monotonic() - t < 30  # a hang guard, not a timing assertion
+        time.sleep(0.5)
+        assert threading.active_count() <= before + 2, [t.name for t in threading.enumerate()]
