@@ -34,6 +34,9 @@ fi
 DEV="$(cd benchmarks && "$PY" -c 'from common import device_slug; print(device_slug())' 2>/dev/null || echo gpu)"
 echo "[gpu.sh $MODE] $(date -u +%FT%TZ) $DEV $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
 status=0
+# the random 12-layer model the serving modes serve: /tmp/fp.hdf5 and /tmp/int8.hdf5
+export_random_model() { (cd benchmarks && "$PY" -c 'from pathlib import Path; from common import export_pair as e, random_model as r
+e(r(12, 768, 12), Path("/tmp"), 1024)'); }
 run() { local t=$1; shift; timeout "$t" "$PY" "$@" 2>&1 | grep -v Warning | cut -c1-400; [ "${PIPESTATUS[0]}" = 0 ] || status=1; }
 case "$MODE" in
 all)  # training (about 1 min), generation at batch 1/8/32 (+ compiled engines at batch 1: ~2 min per batch size)
@@ -50,16 +53,14 @@ fastpath)
     run 120 benchmarks/serving.py --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving" ;;
 serving)
     run 200 benchmarks/serving.py --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving"
-    (cd benchmarks && "$PY" -c 'from pathlib import Path; from common import export_pair as e, random_model as r
-e(r(12, 768, 12), Path("/tmp"), 1024)')
+    export_random_model
     for side in after before; do  # each side compiles its own Triton kernels
         pp="$PYTHONPATH"; [ "$side" = before ] && pp="${BEFORE:-.gpu_before}:$PYTHONPATH"
         PYTHONPATH="$pp" TRITON_CACHE_DIR=/tmp/triton-cache-$side run 170 benchmarks/serving.py --sections inflight \
             --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-1,8,32}" --requests "${REQUESTS:-64}" --out "$OUT/$DEV/serving/$side"
     done ;;
 host-overhead)  # the same in-flight load on a random 12-layer int8 model, each side with its own kernel cache
-    (cd benchmarks && "$PY" -c 'from pathlib import Path; from common import export_pair as e, random_model as r
-e(r(12, 768, 12), Path("/tmp"), 1024)') || exit 1
+    export_random_model || exit 1
     for side in after before; do
         pp="$PYTHONPATH"; [ "$side" = before ] && pp="$(cd "${BEFORE:?set BEFORE}" && pwd):$PYTHONPATH"
         for path in served in-process; do
@@ -72,8 +73,7 @@ e(r(12, 768, 12), Path("/tmp"), 1024)') || exit 1
 attention)
     run 500 benchmarks/attention_sweep.py --out "$OUT/$DEV/attention_sweep" ;;
 soak-start)  # 12-layer random int8 served, concurrency 32, max_new_tokens 16..256, 10% cancelled mid-stream
-    (cd benchmarks && "$PY" -c 'from pathlib import Path; from common import export_pair as e, random_model as r
-e(r(12, 768, 12), Path("/tmp"), 1024)') || exit 1
+    export_random_model || exit 1
     mkdir -p /tmp/soak
     setsid nohup "$PY" benchmarks/soak.py --model gpt2_int8 --hdf5 /tmp/int8.hdf5 --minutes "${MINUTES:-10}" \
         --concurrency "${CONC:-32}" --cancel-fraction 0.1 --max-new-tokens 16,32,64,128,256 --prompts builtin \

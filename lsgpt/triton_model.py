@@ -201,7 +201,7 @@ class Watched:
     def poll(self) -> None:
         """Ask Triton once, unless the request is finished (CancelWatch's thread)."""
         with self.lock:
-            if self.done or self.check is None:
+            if self.done:
                 return
             try:
                 self.hit = bool(self.check())
