@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from lsgpt import kernels as K
 
+    bad = set(a.dtypes.split(",")) - {"int8", "fp16"}
+    if bad:
+        raise SystemExit(f"attention_sweep: --dtypes takes int8 and/or fp16, not {', '.join(sorted(bad))}")
     interp = bool(os.environ.get("TRITON_INTERPRET"))
     dev = "cuda" if torch.cuda.is_available() and not interp else "cpu"
     if dev == "cpu" and not interp:

@@ -284,3 +284,6 @@ def test_attention_sweep_runs_and_every_setting_agrees(tmp_path):
         tried = [s for s in r["settings"] if "agrees" in s]
         assert len(tried) >= 8 and all(s["agrees"] for s in tried), r
         assert not any("error" in s for s in r["settings"]), r
+    bad = subprocess.run([sys.executable, "benchmarks/attention_sweep.py", "--quick", "--dtypes", "int4"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--dtypes takes int8 and/or fp16, not int4" in bad.stderr, bad.stderr[-500:]
