@@ -33,7 +33,7 @@ import common
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1,8,32,64,128,256", help="decode rows (one query each)")
-    p.add_argument("--contexts", default="300", help="keys each row attends to (positions 0..context-1)")
+    p.add_argument("--contexts", default="150,400", help="keys each row attends to (positions 0..context-1)")
     p.add_argument("--cache-len", type=int, default=512, help="the KV cache's length (a CUDA graph's static bound)")
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)
@@ -48,6 +48,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
+
+
+def split_len(cache_len: int, splits: int, block_s: int) -> int:
+    """Keys each split program covers (as `lsgpt.kernels.attention` cuts the cache)."""
+    per_split = math.ceil(cache_len / splits)
+    return math.ceil(per_split / block_s) * block_s
+
+
+def best_table(results: list[dict]) -> dict[str, dict[str, list[int]]]:
+    """Per dtype and row count, the setting with the least total time over the contexts swept, among those
+    that agreed with the default at every context: {dtype: {rows: [keys per split, BLOCK_S, warps]}} — the
+    format of `lsgpt.kernels.ATTENTION_TABLE` and of LSGPT_ATTENTION_TABLE."""
+    total: dict[tuple[str, int], dict[tuple, list[float]]] = {}
+    for r in results:
+        per = total.setdefault((r["dtype"], r["rows"]), {})
+        for x in r["settings"]:
+            per.setdefault(tuple(x["config"]), []).append(x["us"] if x.get("agrees") else float("inf"))
+    n_ctx = {key: sum(1 for r in results if (r["dtype"], r["rows"]) == key) for key in total}
+    table: dict[str, dict[str, list[int]]] = {}
+    for (dtype, rows), per in sorted(total.items()):
+        full = {c: sum(t) for c, t in per.items() if len(t) == n_ctx[(dtype, rows)]}
+        splits, block_s, warps = min(full, key=full.get)
+        cache_len = next(r["cache_len"] for r in results if (r["dtype"], r["rows"]) == (dtype, rows))
+        table.setdefault(dtype, {})[str(rows)] = [split_len(cache_len, splits, block_s), block_s, warps]
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         sem = torch.zeros(rows * n_head, dtype=torch.int32, device=dev)
 
         run = functools.partial(K.attention, q, kc, vc, pos, 1, n_head, sem=sem, **kw)  # (out, config=...)
-        default = K._attention_config(rows, n_head, S)
+        default = K._attention_config(rows, n_head, S, int8)
         want = run(torch.empty(rows, H, dtype=out_dtype, device=dev), config=default).clone()
         entry = {"dtype": dtype, "rows": rows, "context": ctx, "cache_len": S, "default": list(default), "settings": []}
         for config in dict.fromkeys([default, *settings]):
@@ -131,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(line)
         print(line, flush=True)
 
+    table = best_table(results)
+    lines.append("")
+    lines += [f"table {dtype} rows <= {rows}: keys per split {cfg[0]}, BLOCK_S {cfg[1]}, warps {cfg[2]}"
+              for dtype, by_rows in table.items() for rows, cfg in by_rows.items()]
     head = (f"Decode attention settings (SPLITS, BLOCK_S, num_warps), {n_head} heads × {hd}, cache {a.cache_len}; "
             f"µs per call, median (do_bench) on {common.device_slug(dev)}\n\n"
             "| dtype | rows | context | today's setting, µs | best setting, µs | speed-up |\n|---|---|---|---|---|---|")
@@ -138,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "attention_sweep.md").write_text(md)
     common.write_json(out_dir / "attention_sweep.json", {
         "task": "attention_sweep", "device": common.device_slug(dev), "interpreter": interp,
-        "heads": n_head, "head_dim": hd, "cache_len": a.cache_len, "results": results,
+        "heads": n_head, "head_dim": hd, "cache_len": a.cache_len, "results": results, "table": table,
         "seconds": round(time.time() - t_start, 1), "command": common.command_line(argv)})
     print(md)
     print(f"wrote {out_dir / 'attention_sweep.json'}")

@@ -26,11 +26,15 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-if [ "$MODE" != all ] && [ "$MODE" != soak-wait ] && ls .whl/*.whl >/dev/null 2>&1; then
+# once per machine: a second install would rewrite packages under a soak still running from /tmp/site
+if [ "$MODE" != all ] && [ "$MODE" != soak-wait ] && [ ! -e /tmp/site/.lsgpt-installed ] && ls .whl/*.whl >/dev/null 2>&1; then
     pip_target() { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
-    pip_target /tmp/site $(ls .whl/*.whl | grep -v /numpy-) && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-    if ls .whl/numpy-*.whl >/dev/null 2>&1; then pip_target /tmp/stub-site .whl/numpy-*.whl && export LSGPT_SITE_PACKAGES=/tmp/stub-site; fi
+    pip_target /tmp/site $(ls .whl/*.whl | grep -v /numpy-)
+    if ls .whl/numpy-*.whl >/dev/null 2>&1; then pip_target /tmp/stub-site .whl/numpy-*.whl; fi
+    touch /tmp/site/.lsgpt-installed
 fi
+[ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+[ -d /tmp/stub-site ] && export LSGPT_SITE_PACKAGES=/tmp/stub-site
 DEV="$(cd benchmarks && "$PY" -c 'from common import device_slug; print(device_slug())' 2>/dev/null || echo gpu)"
 echo "[gpu.sh $MODE] $(date -u +%FT%TZ) $DEV $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
 status=0

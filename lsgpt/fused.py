@@ -114,7 +114,7 @@ class FusedForward:
             return k._config(m, N, K, self.int8), ints(m), bool(k._pdl(m)), m <= k.PREFETCH_MAX_ROWS
 
         return (gemm(M, 3 * H, H), gemm(M, H, H), gemm(M, c.inner, H), gemm(M, H, c.inner), gemm(R, c.vocab, H),
-                k._attention_config(M, c.n_head, T), ints(M, T))
+                k._attention_config(M, c.n_head, T, self.int8), ints(M, T))
 
     @torch.inference_mode()
     def check_against(self, reference) -> None:

@@ -394,9 +394,41 @@ def linear(
     return out
 
 
+# Decode attention settings per batch size, from benchmarks/attention_sweep.py on an H100: for each dtype, the
+# largest row count an entry serves -> (keys per split program, BLOCK_S, num_warps). Keys per split rather than
+# SPLITS, so that a longer cache gets proportionally more split programs over the keys it actually holds.
+# Empty: the rule in _attention_config. LSGPT_ATTENTION_TABLE=<attention_sweep.json> applies a sweep's "table"
+# (e.g. one run on another GPU) instead.
+ATTENTION_TABLE: dict[str, dict[int, tuple[int, int, int]]] = {}
+
+
 @functools.cache
-def _attention_config(rows: int, n_head: int, cache_len: int) -> tuple[int, int, int]:
-    """(SPLITS, BLOCK_S, num_warps): split the keys when rows × heads alone would leave SMs idle."""
+def _attention_table() -> dict[str, dict[int, tuple[int, int, int]]]:
+    path = os.environ.get("LSGPT_ATTENTION_TABLE")
+    if not path:
+        return ATTENTION_TABLE
+    import json
+
+    try:
+        table = json.loads(open(path).read())["table"]
+        return {dtype: {int(rows): tuple(int(v) for v in cfg) for rows, cfg in by_rows.items()}
+                for dtype, by_rows in table.items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"LSGPT_ATTENTION_TABLE={path}: not an attention_sweep.json with a 'table' ({e})") from e
+
+
+@functools.cache
+def _attention_config(rows: int, n_head: int, cache_len: int, int8: bool = True) -> tuple[int, int, int]:
+    """(SPLITS, BLOCK_S, num_warps). From the tuned table when it has an entry for this many rows (decode);
+    otherwise (prefill, or no table) split the keys when rows × heads alone would leave SMs idle."""
+    tuned = _attention_table().get("int8" if int8 else "fp16", {})
+    fits = [r for r in tuned if r >= rows]
+    if fits:
+        split_len, block_s, warps = tuned[min(fits)]
+        splits = 1
+        while splits * split_len < cache_len and splits < 64:  # SPLITS: a power of two (tl.arange)
+            splits *= 2
+        return splits, block_s, warps
     block_s = 64
     splits = 1
     while rows * n_head * splits < 2 * _sm_count() and splits * block_s < cache_len and splits < 16:
@@ -432,7 +464,7 @@ def attention(
     int8 = q.dtype == torch.int8
     bd = triton.next_power_of_2(hd)
     cache_len = k_cache.shape[1]
-    splits, block_s, warps = config or _attention_config(M, n_head, cache_len)
+    splits, block_s, warps = config or _attention_config(M, n_head, cache_len, int8)
     split_len = triton.cdiv(triton.cdiv(cache_len, splits), block_s) * block_s
     part = torch.empty(M * n_head * splits * (bd + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
     if splits > 1 and (sem is None or sem.numel() < M * n_head):

@@ -284,6 +284,42 @@ def test_attention_sweep_runs_and_every_setting_agrees(tmp_path):
         tried = [s for s in r["settings"] if "agrees" in s]
         assert len(tried) >= 8 and all(s["agrees"] for s in tried), r
         assert not any("error" in s for s in r["settings"]), r
+    # its "table" (what LSGPT_ATTENTION_TABLE reads): an entry per dtype and row count swept
+    assert {d: sorted(t) for d, t in report["table"].items()} == {"int8": ["1", "3"], "fp16": ["1", "3"]}
     bad = subprocess.run([sys.executable, "benchmarks/attention_sweep.py", "--quick", "--dtypes", "int4"],
                          cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--dtypes takes int8 and/or fp16, not int4" in bad.stderr, bad.stderr[-500:]
+
+
+def test_attention_table_from_a_sweep_sets_decode_attention(tmp_path, monkeypatch):
+    """LSGPT_ATTENTION_TABLE=<attention_sweep.json> (its "table": per dtype, the largest row count an entry serves
+    -> keys per split program, BLOCK_S, warps): decode rows take the smallest entry that covers them, SPLITS the
+    power of two that covers the cache with that many keys each; rows past the table (prefill) keep the rule.
+    The attention itself with such settings is checked by test_int8_attention's configs."""
+    import json
+
+    table = {"table": {"int8": {"8": [128, 32, 2], "64": [512, 64, 8]}, "fp16": {"1": [64, 64, 4]}}}
+    (tmp_path / "sweep.json").write_text(json.dumps(table))
+    monkeypatch.setenv("LSGPT_ATTENTION_TABLE", str(tmp_path / "sweep.json"))
+    K._attention_table.cache_clear()
+    K._attention_config.cache_clear()
+    try:
+        cfg = K._attention_config
+        assert cfg(1, 12, 512, True) == (4, 32, 2)      # 512 keys / 128 per split
+        assert cfg(8, 12, 1024, True) == (8, 32, 2)     # a longer cache: more splits, same keys each
+        assert cfg(8, 12, 100, True) == (1, 32, 2)      # a short one: one program covers it
+        assert cfg(9, 12, 512, True) == (1, 64, 8)      # the 64-row entry
+        assert cfg(1, 12, 512, False) == (8, 64, 4)
+        # past the table: the rule (rows x heads x splits >= 2 x 132 SMs, splits x 64 < cache, splits <= 16)
+        assert cfg(65, 12, 512, True) == (1, 64, 4)
+        assert cfg(2, 12, 512, False) == (8, 64, 4) and cfg(2, 12, 128, False) == (2, 64, 4)
+        (tmp_path / "sweep.json").write_text("{}")
+        monkeypatch.setenv("LSGPT_ATTENTION_TABLE", str(tmp_path / "sweep.json"))
+        K._attention_table.cache_clear()
+        K._attention_config.cache_clear()
+        with pytest.raises(RuntimeError, match="not an attention_sweep.json with a 'table'"):
+            cfg(3, 12, 512, True)
+    finally:
+        monkeypatch.delenv("LSGPT_ATTENTION_TABLE")
+        K._attention_table.cache_clear()
+        K._attention_config.cache_clear()
