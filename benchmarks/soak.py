@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import common
@@ -135,15 +136,19 @@ def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], sampl
 
         got: queue.Queue = queue.Queue()
         c = grpcclient.InferenceServerClient(url)
+        rid, twin = uuid.uuid4().hex, model + STREAM_SUFFIX
         try:
             c.start_stream(callback=lambda result, error: got.put(error))
-            c.async_stream_infer(model + STREAM_SUFFIX, _inputs(grpcclient, r, {"max_new_tokens": max(n, 8), "top_k": 1}))
+            c.async_stream_infer(twin, _inputs(grpcclient, r, {"max_new_tokens": max(n, 8), "top_k": 1}), request_id=rid)
             for _ in range(2):  # two tokens, then the client goes away
                 err = got.get(timeout=120)
                 if err is not None:
                     raise err
         finally:  # also after a timeout: tritonclient's close() alone waits for the stream's last answer forever
-            close_stream(c)
+            if a.cancel_mode == "abrupt":  # the call cancelled at once, as a client that dies mid-stream
+                close_stream(c, wait=0)
+            else:
+                close_stream(c, cancel=(twin, rid))
             c.close()
 
     def client(offset: int) -> None:
@@ -268,6 +273,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", default="8,16,32", help="cycled per request")
     p.add_argument("--cancel-fraction", type=float, default=0.0,
                    help="server mode: this share of requests streams from the twin and is cancelled after 2 tokens")
+    p.add_argument("--cancel-mode", choices=("in-band", "abrupt"), default="in-band",
+                   help="how a cancelling client stops: in-band (the client library's way: ask the model on the "
+                        "stream, then half-close) or abrupt (cancel the gRPC call, as a client that dies does)")
+    p.add_argument("--no-supervise", action="store_true",
+                   help="no launcher supervision of the server it starts (by default restarted as `make serve` does)")
     p.add_argument("--in-process", action="store_true", help="soak the engine in this process (no server)")
     p.add_argument("--device", help="in process: cpu / cuda")
     p.add_argument("--max-batch", type=int, default=8, help="in process: batches of 1..max-batch prompts")
@@ -327,17 +337,25 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(rows)} prompts, max_new_tokens {lengths}", flush=True)
             served_models = models + ([model + STREAM_SUFFIX] if a.cancel_fraction > 0 else [])
             with common.served(repo, served_models, a.url, threads=a.server_threads or None) as (url, server):
+                stop_sup = threading.Event()
+                if server is not None and not a.no_supervise:  # as `make serve` runs it: restarted if it fails
+                    threading.Thread(target=server.supervise, kwargs=dict(stop=stop_sup), daemon=True).start()
                 ok0, fail0 = common.failure_counts(url, model)
                 tally, elapsed = soak(a, rows, lengths, samples, url=url, model=model,
                                       pid=a.pid if a.url else server.proc.pid)
-                ok1, fail1 = common.failure_counts(url, model)
+                stop_sup.set()
+                restarts = [] if server is None else [why for _, why in server.restarts]
+                ok1, fail1 = (0, 0) if restarts else common.failure_counts(url, model)  # a restart zeroes them
                 log = server.log_path.read_text(errors="replace") if server and server.log_path else None
-            details = {"model": model, "url": url, "server_ok": ok1 - ok0, "server_failed": fail1 - fail0,
+            details = {"model": model, "url": url, "server_ok": None if restarts else ok1 - ok0,
+                       "server_failed": 0 if restarts else fail1 - fail0, "server_restarts": restarts,
+                       "cancel_mode": a.cancel_mode,
                        "model_loads_in_log": None if log is None else log.count(f"loading: {model}:")}
     mem = growth(samples, warmup)
     gpu = growth(samples, warmup, "gpu_mib") if "gpu_mib" in (samples or [{}])[0] else None
     failed = tally.failed + (details["server_failed"] or 0)
-    passed = (failed == 0 and tally.hung == 0 and tally.ok > 0 and mem["growth"] is not None and mem["growth"] < GROWTH_LIMIT
+    passed = (failed == 0 and tally.hung == 0 and tally.ok > 0 and not details.get("server_restarts")
+              and mem["growth"] is not None and mem["growth"] < GROWTH_LIMIT
               and (gpu is None or (gpu["growth"] is not None and gpu["growth"] < GROWTH_LIMIT)))
     lat = sorted(x for _, x in tally.latencies)
     width = max(5.0, a.minutes * 60 / 30)
@@ -374,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  GPU memory ({samples[0]['gpu_scope']}, nvidia-smi): {gpu['baseline_mib']} -> {gpu['final_mib']} MiB ({gg})")
     if tally.errors:
         print("  first errors: " + " | ".join(tally.errors[:3]))
+    if details.get("server_restarts"):
+        print(f"  the launcher restarted the server {len(details['server_restarts'])}x: {details['server_restarts'][:3]}")
     print(f"wrote {out / 'soak.json'}")
     return 0 if passed else 1
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,6 +29,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from lsgpt.contract import (
+    CANCEL,
     MAX_STEP_LIMIT,
     PARAMS,
     RESULT,
@@ -126,18 +128,36 @@ def _inputs(module, prompt_ids: Sequence[int], sampling: dict[str, Any]) -> list
     return out
 
 
-def close_stream(c: Any) -> None:
-    """Cancel what `c`'s stream still runs and end the stream. tritonclient 2.51's stop_stream(cancel_requests=True)
-    cancels the call but never hands the request iterator its end marker, so the gRPC thread that reads that
-    iterator waits on it forever: one thread leaked per stream (a soak client stalled after ~3,000 cancelled
-    streams; an OpenAI frontend would leak one per streamed completion). The marker is given here. Call it
-    before ``close()`` on every path, errors included: ``close()`` alone waits for the stream's pending answers,
-    forever when a model never answers and the stream has no deadline (the soak client hung so)."""
+def close_stream(c: Any, cancel: tuple[str, str] | None = None, wait: float = 5.0) -> None:
+    """End `c`'s stream the way that leaves the server well: ``cancel=(model, request id)`` first asks that model,
+    in band on the same stream, to stop the request (contract.CANCEL; it answers at its next decode step); then
+    the stream is half-closed and the server gets `wait` s to answer what it still runs and end the call. Only
+    if it has not is the gRPC call cancelled.
+
+    Why not simply cancel the call: tritonserver 2.51's gRPC frontend (the pip wheel's) can corrupt its heap
+    when a stream is cancelled while responses flow — under a soak with 10% of streams cancelled it aborted
+    ("double free or corruption") within minutes and then hung in its own crash handler (upstream: Triton server
+    issues 7368 and 8034, fixed in later releases); streams ended this way kept it serving.
+    Also: tritonclient 2.51's stop_stream(cancel_requests=True) never hands the request iterator its end marker,
+    so the gRPC thread that reads it waits forever (one thread leaked per stream); the marker is given here.
+    Call this before ``close()`` on every path, errors included: ``close()`` alone waits for the stream's
+    pending answers, forever when a model never answers and the stream has no deadline."""
     stream = getattr(c, "_stream", None)
-    c.stop_stream(cancel_requests=True)
+    if stream is None:
+        return
+    if cancel is not None:
+        model, rid = cancel
+        try:
+            c.async_stream_infer(model, _inputs(grpcclient, [0], {}), parameters={CANCEL: rid})
+        except Exception:  # noqa: BLE001 - the stream is already broken: the cancel below ends it
+            pass
     queue = getattr(stream, "_request_queue", None)
     if queue is not None:
-        queue.put(None)
+        queue.put(None)  # half-close: no more requests; the call ends when the server has answered them all
+    handler = getattr(stream, "_handler", None)
+    if handler is not None:
+        handler.join(wait)
+    c.stop_stream(cancel_requests=handler is not None and handler.is_alive())
 
 
 class Client:
@@ -264,9 +284,10 @@ class Client:
         params = check_sampling(sampling, self.tok)
         q: queue.Queue = queue.Queue()
         c = grpcclient.InferenceServerClient(self.url)  # one stream per call: a client holds one stream
+        rid, finished = uuid.uuid4().hex, False  # an unguessable id: what the in-band cancel names
         try:
             c.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=self.timeout)
-            c.async_stream_infer(self.stream_model, _inputs(grpcclient, prompt, params),
+            c.async_stream_infer(self.stream_model, _inputs(grpcclient, prompt, params), request_id=rid,
                                  enable_empty_final_response=True)
             while True:
                 deadline = time.monotonic() + self.timeout
@@ -280,6 +301,7 @@ class Client:
                         if time.monotonic() >= deadline:
                             raise RequestTimeout(f"stream from {self.url} stalled for {self.timeout}s") from None
                 if error is not None:
+                    finished = True
                     raise self._error(error, self.stream_model)
                 ids = result.as_numpy(RESULT)
                 text = result.as_numpy(TEXT)
@@ -290,9 +312,10 @@ class Client:
                 if piece:
                     yield None, piece
                 if result.get_response().parameters["triton_final_response"].bool_param:
+                    finished = True
                     return
-        finally:
-            close_stream(c)
+        finally:  # stopped early (cancel, a closed iterator, a timeout): the model is asked to stop the request
+            close_stream(c, cancel=None if finished else (self.stream_model, rid))
             c.close()
 
     def stream(self, text: str, **sampling) -> Iterator[str]:
@@ -374,9 +397,8 @@ class Client:
             t = result.as_numpy(TEXT)
             if t is not None and t.reshape(-1)[0]:
                 yield t.reshape(-1)[0].decode("utf-8")
-            if result.as_numpy(RESULT).size == 0:
-                responses.cancel()
-                return
+            if result.as_numpy(RESULT).size == 0:  # the last response; the server then ends the call (the
+                continue  # request side ended after one request): no cancel, which tritonserver 2.51 handles badly
 
     async def aclose(self) -> None:
         if self._aio is not None:

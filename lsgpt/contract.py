@@ -26,6 +26,8 @@ TEXT = "text"  # STRING [1], streaming twins only: the text increment of a token
 STOP_WORDS = "stop_words"  # INT32 [-1]: stop sequences as token ids, -1 between two sequences
 STREAM = "stream"  # BOOL [1]: the *_stream twins stream unless false; the others refuse true
 STREAM_SUFFIX = "_stream"  # gpt2 -> gpt2_stream: the decoupled twin of a model, same file
+CANCEL = "lsgpt_cancel"  # request parameter (string): stop this model's running request of that id (the
+#   in-band cancel a stream sends before it half-closes, instead of cancelling the gRPC call)
 
 # ---- the article's vocabulary ------------------------------------------------------------------------------
 VOCAB_SIZE = 21128  # the Chinese BERT vocabulary of uer/gpt2-chinese-cluecorpussmall

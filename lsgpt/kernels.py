@@ -394,16 +394,21 @@ def linear(
     return out
 
 
-# Decode attention settings per batch size, from benchmarks/attention_sweep.py on an H100: for each dtype, the
-# largest row count an entry serves -> (keys per split program, BLOCK_S, num_warps). Keys per split rather than
-# SPLITS, so that a longer cache gets proportionally more split programs over the keys it actually holds.
-# Empty: the rule in _attention_config. LSGPT_ATTENTION_TABLE=<attention_sweep.json> applies a sweep's "table"
-# (e.g. one run on another GPU) instead.
-ATTENTION_TABLE: dict[str, dict[int, tuple[int, int, int]]] = {}
+# Decode attention settings per batch size: for each dtype, the largest row count an entry serves -> (keys per
+# split program, BLOCK_S, num_warps), or None for the rule in _attention_config. Keys per split rather than SPLITS,
+# so that a longer cache gets proportionally more split programs. From benchmarks/attention_sweep.py on an H100
+# (cache 512, contexts 150 and 400), kept where the 500-token generation A/B of the same call agreed
+# (results/h100/fastpath/attention-table-2026-11-27/: int8 at 32 / 128 / 256 rows -10%, fp16 at 128 / 256 -4%);
+# below that the sweep's picks (many short splits) made generation slower (fp16 at 1-32 rows +4-9%), so the rule
+# stays. LSGPT_ATTENTION_TABLE=<attention_sweep.json> applies a sweep's own "table" instead (e.g. another GPU's).
+ATTENTION_TABLE: dict[str, dict[int, tuple[int, int, int] | None]] = {
+    "int8": {8: None, 32: (512, 128, 4), 64: (512, 64, 4), 128: (512, 32, 2), 256: (512, 32, 2)},
+    "fp16": {32: None, 64: (512, 64, 4), 128: (512, 64, 2), 256: (512, 64, 2)},
+}
 
 
 @functools.cache
-def _attention_table() -> dict[str, dict[int, tuple[int, int, int]]]:
+def _attention_table() -> dict[str, dict[int, tuple[int, int, int] | None]]:
     path = os.environ.get("LSGPT_ATTENTION_TABLE")
     if not path:
         return ATTENTION_TABLE
@@ -411,7 +416,7 @@ def _attention_table() -> dict[str, dict[int, tuple[int, int, int]]]:
 
     try:
         table = json.loads(open(path).read())["table"]
-        return {dtype: {int(rows): tuple(int(v) for v in cfg) for rows, cfg in by_rows.items()}
+        return {dtype: {int(rows): None if cfg is None else tuple(int(v) for v in cfg) for rows, cfg in by_rows.items()}
                 for dtype, by_rows in table.items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RuntimeError(f"LSGPT_ATTENTION_TABLE={path}: not an attention_sweep.json with a 'table' ({e})") from e
@@ -423,8 +428,9 @@ def _attention_config(rows: int, n_head: int, cache_len: int, int8: bool = True)
     otherwise (prefill, or no table) split the keys when rows × heads alone would leave SMs idle."""
     tuned = _attention_table().get("int8" if int8 else "fp16", {})
     fits = [r for r in tuned if r >= rows]
-    if fits:
-        split_len, block_s, warps = tuned[min(fits)]
+    entry = tuned[min(fits)] if fits else None
+    if entry is not None:
+        split_len, block_s, warps = entry
         splits = 1
         while splits * split_len < cache_len and splits < 64:  # SPLITS: a power of two (tl.arange)
             splits *= 2

@@ -44,6 +44,7 @@ from lsgpt.contract import BACKEND, MODEL_FILE
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINER_HOME = Path("/opt/tritonserver")
 BACKEND_MODEL_PY = Path(__file__).resolve().parent / "backend" / "model.py"  # what Triton runs for our models
+_FATAL_SIGNAL = re.compile(rb"^Signal \(\d+\) received\.", re.M)  # tritonserver's line on a fatal signal
 
 
 class LaunchError(RuntimeError):
@@ -280,6 +281,9 @@ class TritonServer:
         self.log_path: Path | None = None
         self.models: list[str] = []
         self.proc: subprocess.Popen | None = None
+        self.restarts: list[tuple[float, str]] = []  # (time, why) of each restart by supervise()
+        self._log_seen = 0  # bytes of the log fatal_signal_in_log() has read
+        self._fatal_line: str | None = None  # console output: a fatal-signal line _relay saw
 
     @property
     def grpc_url(self) -> str:
@@ -327,22 +331,42 @@ class TritonServer:
             self.workdir = None
             raise
         out = None
+        self._log_seen, self._fatal_line = 0, None
         if self._log_choice is not None:
             self.log_path = self.workdir / "server.log" if self._log_choice == "auto" else Path(self._log_choice)
             out = open(self.log_path, "wb")
         try:
-            # Own session: a terminal's Ctrl-C reaches us only; we stop the server gracefully.
+            # Own session: a terminal's Ctrl-C reaches us only; we stop the server gracefully. The console case
+            # goes through a relay thread, which watches for a fatal signal as fatal_signal_in_log() does a file.
             self.proc = subprocess.Popen(
                 self.command(backend_dir, inst.binary),
                 env=server_env(inst, self.device, self.threads),
-                stdout=out,
-                stderr=subprocess.STDOUT if out else None,
+                stdout=out or subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         finally:
             if out:
                 out.close()
+        if out is None:
+            threading.Thread(target=self._relay, args=(self.proc.stdout,), name="lsgpt-server-log", daemon=True).start()
         return self
+
+    def _relay(self, pipe) -> None:
+        """The server's console output, passed on line by line; a fatal-signal line is remembered."""
+        sink = getattr(sys.stdout, "buffer", None)
+        for line in iter(pipe.readline, b""):
+            if _FATAL_SIGNAL.match(line):
+                self._fatal_line = line.decode(errors="replace").strip()
+            try:
+                if sink is not None:
+                    sink.write(line)
+                    sink.flush()
+                else:
+                    print(line.decode(errors="replace"), end="", flush=True)
+            except (OSError, ValueError):  # our own stdout closed: keep draining the pipe
+                pass
+        pipe.close()
 
     def log_tail(self, n: int = 40) -> str:
         if self.log_path and self.log_path.is_file():
@@ -397,15 +421,34 @@ class TritonServer:
                 live.update((a, int(d)) for a in args if any(a.startswith(f"{m}_") for m in self.models))
         return live
 
+    def fatal_signal_in_log(self) -> str | None:
+        """The line where tritonserver reported a fatal signal ("Signal (6) received."), from the part of its log
+        written since the last call (or its console output); None if none. Triton's handler for such a
+        signal prints a stack trace, and that can hang for good (tritonserver 2.51, aborting on heap corruption
+        in its gRPC frontend: the trace forks while another thread holds the allocator's lock), leaving a server
+        that neither exits nor answers."""
+        if self.log_path is None or not self.log_path.is_file():
+            line, self._fatal_line = self._fatal_line, None  # the console case: seen by _relay
+            return line
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_seen)
+            chunk = f.read()
+        self._log_seen += len(chunk)
+        m = _FATAL_SIGNAL.search(chunk)
+        return m.group(0).decode(errors="replace") if m else None
+
     def supervise(self, stop: threading.Event | None = None, interval: float = 2.0, grace: int = 2,
-                  timeout: float = 600.0) -> None:
-        """Keep every model serving. When a model's Python stub dies (an OOM kill, a CUDA fault), tritonserver
-        2.51 keeps calling the model ready but fails every request ("Stub process ... is not healthy") and never
-        brings it back; so when a stub that was running stays gone for `grace` checks, the launcher restarts the
-        server on the same ports and says so. Returns when `stop` is set or the server exits by itself."""
+                  timeout: float = 600.0, unanswered: int = 5) -> None:
+        """Keep every model serving; restart the server on the same ports, and say why, when
+        - a model's Python stub dies (an OOM kill, a CUDA fault) and stays gone for `grace` checks: tritonserver
+          2.51 keeps calling the model ready but fails every request ("Stub process ... is not healthy");
+        - tritonserver reports a fatal signal in its log (it may then hang instead of exiting);
+        - or its liveness endpoint has not answered for `unanswered` checks in a row (2 s each).
+        Returns when `stop` is set or the server exits by itself."""
         stop = stop or threading.Event()
         expected = set(self.stub_processes())
-        strikes = 0
+        strikes = silent = 0
+        self.fatal_signal_in_log()  # only what is logged from now on
         while not stop.wait(interval):
             if self.proc is None or self.proc.poll() is not None:
                 return
@@ -413,13 +456,19 @@ class TritonServer:
             missing = expected - live
             expected |= live  # models loaded later (poll mode) are watched too
             strikes = strikes + 1 if missing else 0
-            if strikes >= grace:
-                print(f"[lsgpt.launcher] model process(es) {', '.join(sorted(missing))} died: restarting tritonserver",
-                      file=sys.stderr, flush=True)
-                self.stop(timeout=15)
+            silent = 0 if self._get("/v2/health/live") == 200 else silent + 1
+            fatal = self.fatal_signal_in_log()
+            why = (f"tritonserver reported a fatal signal ({fatal})" if fatal
+                   else f"model process(es) {', '.join(sorted(missing))} died" if strikes >= grace
+                   else f"tritonserver has not answered /v2/health/live for {silent} checks" if silent >= unanswered
+                   else None)
+            if why:
+                print(f"[lsgpt.launcher] {why}: restarting tritonserver", file=sys.stderr, flush=True)
+                self.restarts.append((time.time(), why))
+                self.stop(timeout=10)
                 self.start()
                 self.wait_ready(timeout)
-                expected, strikes = set(self.stub_processes()), 0
+                expected, strikes, silent = set(self.stub_processes()), 0, 0
                 print(f"[lsgpt.launcher] restarted: models {', '.join(self.models)} ready", file=sys.stderr, flush=True)
 
     def stop(self, timeout: float = 30.0) -> int | None:

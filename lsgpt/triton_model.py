@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from lsgpt.contract import (
+    CANCEL,
     MAX_QUEUED_REQUESTS,
     MAX_RUNNING_ROWS,
     MODEL_FILE,
@@ -189,14 +190,15 @@ class Watched:
     good under a GPU soak with cancellations). So a check and the FINAL never overlap, and no check follows it:
     ``close()`` (taken before every FINAL is sent) waits for a check in flight and stops later ones."""
 
-    __slots__ = ("check", "hit", "done", "lock")
+    __slots__ = ("check", "hit", "asked", "done", "lock", "on_close")
 
     def __init__(self, check: Any):
-        self.check, self.hit, self.done = check, False, False
+        self.check, self.hit, self.asked, self.done = check, False, False, False
         self.lock = threading.Lock()
+        self.on_close: Any = None
 
     def __call__(self) -> bool:
-        return self.hit
+        return self.hit or self.asked  # asked: an in-band cancel (contract.CANCEL) named this request
 
     def poll(self) -> None:
         """Ask Triton once, unless the request is finished (CancelWatch's thread)."""
@@ -212,6 +214,8 @@ class Watched:
         """No more checks: the request's FINAL response may go now."""
         with self.lock:
             self.done = True
+        if self.on_close is not None:
+            self.on_close()
 
 
 class CancelWatch:
@@ -290,6 +294,8 @@ class TritonPythonModel:
         queued = _param(self.config, "max_queued_requests", MAX_QUEUED_REQUESTS)
         self.outbox = Outbox(self.name, limit=8 * rows)  # a few steps' worth of streamed tokens
         self.cancels = CancelWatch(self.name)
+        self._named: dict[str, Watched] = {}  # running requests by request id: what an in-band cancel can name
+        self._named_lock = threading.Lock()
         self.scheduler = Scheduler(self.engine, max_rows=rows, max_queue=queued)
         self.metrics = Metrics(self.name, args["model_version"], self.scheduler)
         pb_utils.Logger.log_info(
@@ -404,6 +410,14 @@ class TritonPythonModel:
         """Queue every request on the scheduler and return at once: answers go through response senders."""
         for request in requests:
             sender = request.get_response_sender()
+            target = _cancel_target(request)
+            if target is not None:  # an in-band cancel: flag the named request, answer this one at once
+                with self._named_lock:
+                    w = self._named.get(target)
+                if w is not None:
+                    w.asked = True  # its row leaves at the next step; its FINAL says CANCELLED
+                sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
+                continue
             try:
                 q = self._parse(request)
                 self._submit(request, sender, q)
@@ -417,6 +431,17 @@ class TritonPythonModel:
         # the sender's check is the one documented for decoupled models (the request is released when execute returns)
         check = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", None)
         cancelled = self.cancels.watch(check)  # a flag the decode loop reads; CancelWatch asks Triton
+        rid = request.request_id() or ""
+        if rid:
+            with self._named_lock:
+                self._named[rid] = cancelled
+
+            def forget() -> None:
+                with self._named_lock:
+                    if self._named.get(rid) is cancelled:
+                        del self._named[rid]
+
+            cancelled.on_close = forget
         if self.decoupled:
             self._submit_decoupled(sender, q, cancelled)
             return
@@ -446,7 +471,7 @@ class TritonPythonModel:
         gone = cancelled
         if n > 1:
             def gone() -> bool:  # a failed sibling row or a cancelled request frees the row
-                return state["failed"] or cancelled.hit
+                return state["failed"] or cancelled()
 
         try:
             for i, (p, sp) in enumerate(zip(q.prompts, q.params)):
@@ -589,6 +614,16 @@ class Metrics:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
+
+
+def _cancel_target(request) -> str | None:
+    """The request id an in-band cancel names (request parameter contract.CANCEL), or None for a normal request."""
+    try:
+        params = json.loads(request.parameters() or "{}")
+    except (AttributeError, ValueError):
+        return None
+    target = params.get(CANCEL) if isinstance(params, dict) else None
+    return None if target is None else str(target)
 
 
 def _code(err: Exception) -> str:

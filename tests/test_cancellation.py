@@ -177,6 +177,65 @@ def test_client_streams_leave_no_thread_behind(long_served, tiny_models):
     settled(server)  # and the server freed every row
 
 
+def test_in_band_cancel_stops_the_row_and_the_call_ends_without_a_grpc_cancel(long_served):
+    """client.api.close_stream(c, cancel=(model, request id)): the model is asked on the stream itself
+    (contract.CANCEL) to stop the request, the stream is half-closed, and the server ends the call — no gRPC
+    cancellation, which tritonserver 2.51's gRPC frontend can answer by corrupting its heap (a CPU soak with
+    half the streams cancelled so hung it within a minute). Oracles: the server's metrics (one cancelled request,
+    far fewer tokens than asked), the model's own CANCELLED answer on the stream, and no local gRPC cancel."""
+    import uuid
+
+    from client.api import close_stream
+
+    server, engine = long_served
+    gen, cancelled = f"lsgpt_generated_tokens_total{LABELS}", f"lsgpt_cancelled_requests_total{LABELS}"
+    prompt = [2, 7, 8, 9]
+    before = settled(server)
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    got, errors, empty, two = [], [], [], threading.Event()
+
+    def callback(result, error) -> None:
+        if error is not None:
+            errors.append(error)
+            return
+        ids = result.as_numpy("result")
+        if ids is None:
+            empty.append(result)  # the answer to the cancel request itself
+            return
+        got.extend(ids.reshape(-1).tolist())
+        if len(got) >= 2:
+            two.set()
+
+    rid = uuid.uuid4().hex
+    try:
+        c.start_stream(callback=callback)
+        c.async_stream_infer(MODEL, inputs(prompt, MAX_NEW), request_id=rid)
+        assert two.wait(120), "no tokens within 120 s"  # hang guard
+        handler = c._stream._handler
+        close_stream(c, cancel=(MODEL, rid), wait=120)
+        assert not handler.is_alive()  # the server ended the call: close_stream had no need to cancel it
+    finally:
+        c.close()
+    messages = [str(e) for e in errors]
+    assert len(errors) == 1 and "cancelled" in messages[0].lower(), messages  # the model's FINAL for the request
+    assert not any("Locally cancelled" in m for m in messages), messages
+    assert len(empty) == 1
+    after = settled(server)
+    assert after[cancelled] - before[cancelled] == 1
+    assert len(got) <= after[gen] - before[gen] < MAX_NEW // 2
+    assert got == engine.generate([prompt], SamplingParams(max_new_tokens=len(got), top_k=1))[0][len(prompt):]
+
+    # an in-band cancel that names no running request is answered and changes nothing
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        c.start_stream(callback=callback)
+        short = stream(server.grpc_url, prompt, 3)
+        close_stream(c, cancel=(MODEL, "no-such-request"), wait=60)
+    finally:
+        c.close()
+    assert short == ([TOKEN] * 3, True) and len(empty) == 2 and len(errors) == 1
+
+
 def test_no_cancellation_check_overlaps_or_follows_the_final_response():
     """tritonserver 2.51 frees a request's response factory when its FINAL response is sent and does not guard an
     is_cancelled() that reaches it later (a GPU soak's streaming twin stopped answering for good). Watched.close(),

@@ -154,7 +154,8 @@ def attention_reference(q, kc, vc, pos, T, n_head, score_scale, v_scale):
     return out
 
 
-@pytest.mark.parametrize("config", [None, (1, 32, 4), (4, 64, 2)])  # (splits over the sequence, BLOCK_S, warps)
+# (splits over the sequence, BLOCK_S, warps): None (the rule or the shipped table), and the table's kinds
+@pytest.mark.parametrize("config", [None, (1, 32, 4), (4, 64, 2), (1, 128, 4), (2, 32, 2)])
 @pytest.mark.parametrize("M", ROWS)
 def test_int8_attention(M, config):
     g = torch.Generator().manual_seed(400 + M)
@@ -295,10 +296,11 @@ def test_attention_table_from_a_sweep_sets_decode_attention(tmp_path, monkeypatc
     """LSGPT_ATTENTION_TABLE=<attention_sweep.json> (its "table": per dtype, the largest row count an entry serves
     -> keys per split program, BLOCK_S, warps): decode rows take the smallest entry that covers them, SPLITS the
     power of two that covers the cache with that many keys each; rows past the table (prefill) keep the rule.
-    The attention itself with such settings is checked by test_int8_attention's configs."""
+    An entry of None keeps the rule for its rows. The attention itself with such settings is checked by
+    test_int8_attention's configs and, for the shipped table, its default ones."""
     import json
 
-    table = {"table": {"int8": {"8": [128, 32, 2], "64": [512, 64, 8]}, "fp16": {"1": [64, 64, 4]}}}
+    table = {"table": {"int8": {"8": [128, 32, 2], "64": [512, 64, 8], "128": None}, "fp16": {"1": [64, 64, 4]}}}
     (tmp_path / "sweep.json").write_text(json.dumps(table))
     monkeypatch.setenv("LSGPT_ATTENTION_TABLE", str(tmp_path / "sweep.json"))
     K._attention_table.cache_clear()
@@ -311,7 +313,8 @@ def test_attention_table_from_a_sweep_sets_decode_attention(tmp_path, monkeypatc
         assert cfg(9, 12, 512, True) == (1, 64, 8)      # the 64-row entry
         assert cfg(1, 12, 512, False) == (8, 64, 4)
         # past the table: the rule (rows x heads x splits >= 2 x 132 SMs, splits x 64 < cache, splits <= 16)
-        assert cfg(65, 12, 512, True) == (1, 64, 4)
+        assert cfg(65, 12, 512, True) == (1, 64, 4)  # an entry of None: the rule
+        assert cfg(300, 12, 512, True) == (1, 64, 4)
         assert cfg(2, 12, 512, False) == (8, 64, 4) and cfg(2, 12, 128, False) == (2, 64, 4)
         (tmp_path / "sweep.json").write_text("{}")
         monkeypatch.setenv("LSGPT_ATTENTION_TABLE", str(tmp_path / "sweep.json"))
