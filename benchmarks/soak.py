@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import common
 
@@ -90,14 +91,22 @@ def gpu_memory(pid: int) -> dict:
         return {}
 
 
-def sample_memory(pid: int | None, stop: threading.Event, every: float, t0: float, samples: list, cuda: bool) -> None:
+def sample_memory(pid: Any, stop: threading.Event, every: float, t0: float, samples: list, cuda: bool) -> None:
     """Every `every` s: RSS (MiB) of `pid` and its descendants, or of this process; CUDA memory in process, and
     the server's GPU memory per nvidia-smi in server mode."""
     while True:
-        per = {k: v / 2**20 for k, v in common.rss(pid).items()}
+        now = pid() if callable(pid) else pid  # a callable: the server's pid now (a supervised restart changes it)
+        try:
+            if callable(pid) and not now:
+                raise ProcessLookupError  # between a stop and a start
+            per = {k: v / 2**20 for k, v in common.rss(now).items()}
+        except Exception:  # noqa: BLE001 - psutil.NoSuchProcess: the server went away mid-sample (a restart)
+            if stop.wait(every):
+                return
+            continue
         s = {"t": round(time.monotonic() - t0, 2), "rss_mib": sum(per.values()), "per_process_mib": per}
-        if pid:
-            s |= gpu_memory(pid)
+        if now:
+            s |= gpu_memory(now)
         if cuda:
             import torch
 
@@ -120,7 +129,7 @@ def growth(samples: list[dict], warmup_s: float, key: str = "rss_mib") -> dict:
 
 
 def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], samples: list, *, url: str | None = None,
-         model: str = "", pid: int | None = None, engine=None) -> tuple[Tally, float]:
+         model: str = "", pid: Any = None, engine=None) -> tuple[Tally, float]:
     """Run the load for a.minutes: client threads against `url`, or one loop over `engine` in process."""
     tally, stop, t0 = Tally(), threading.Event(), time.monotonic()
     cuda = engine is not None and str(engine.device).startswith("cuda")
@@ -342,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                     threading.Thread(target=server.supervise, kwargs=dict(stop=stop_sup), daemon=True).start()
                 ok0, fail0 = common.failure_counts(url, model)
                 tally, elapsed = soak(a, rows, lengths, samples, url=url, model=model,
-                                      pid=a.pid if a.url else server.proc.pid)
+                                      pid=a.pid if a.url else lambda: server.proc and server.proc.pid)
                 stop_sup.set()
                 restarts = [] if server is None else [why for _, why in server.restarts]
                 ok1, fail1 = (0, 0) if restarts else common.failure_counts(url, model)  # a restart zeroes them

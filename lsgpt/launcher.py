@@ -442,30 +442,35 @@ class TritonServer:
         """Keep every model serving; restart the server on the same ports, and say why, when
         - a model's Python stub dies (an OOM kill, a CUDA fault) and stays gone for `grace` checks: tritonserver
           2.51 keeps calling the model ready but fails every request ("Stub process ... is not healthy");
-        - tritonserver reports a fatal signal in its log (it may then hang instead of exiting);
-        - or its liveness endpoint has not answered for `unanswered` checks in a row (2 s each).
-        Returns when `stop` is set or the server exits by itself."""
+        - tritonserver reports a fatal signal (it may then hang instead of exiting) or dies of one;
+        - or its liveness endpoint has not answered for `unanswered` checks in a row (2 s each): a hung server.
+        Returns when `stop` is set or the server exits by itself (an exit status, not a signal)."""
         stop = stop or threading.Event()
         expected = set(self.stub_processes())
         strikes = silent = 0
         self.fatal_signal_in_log()  # only what is logged from now on
         while not stop.wait(interval):
-            if self.proc is None or self.proc.poll() is not None:
+            if self.proc is None:
                 return
-            live = set(self.stub_processes())
-            missing = expected - live
-            expected |= live  # models loaded later (poll mode) are watched too
-            strikes = strikes + 1 if missing else 0
-            silent = 0 if self._get("/v2/health/live") == 200 else silent + 1
+            code = self.proc.poll()
             fatal = self.fatal_signal_in_log()
+            if code is not None and code >= 0 and not fatal:
+                return
+            if code is None:
+                live = set(self.stub_processes())
+                missing = expected - live
+                expected |= live  # models loaded later (poll mode) are watched too
+                strikes = strikes + 1 if missing else 0
+                silent = 0 if self._get("/v2/health/live") == 200 else silent + 1
             why = (f"tritonserver reported a fatal signal ({fatal})" if fatal
+                   else f"tritonserver died of signal {-code}" if code is not None
                    else f"model process(es) {', '.join(sorted(missing))} died" if strikes >= grace
                    else f"tritonserver has not answered /v2/health/live for {silent} checks" if silent >= unanswered
                    else None)
             if why:
                 print(f"[lsgpt.launcher] {why}: restarting tritonserver", file=sys.stderr, flush=True)
                 self.restarts.append((time.time(), why))
-                self.stop(timeout=10)
+                self.stop(timeout=10 if strikes >= grace else 2)  # a crashed or hung server drains nothing
                 self.start()
                 self.wait_ready(timeout)
                 expected, strikes, silent = set(self.stub_processes()), 0, 0

@@ -74,6 +74,39 @@ def test_killed_model_process_is_restarted(tiny_models, tmp_path):
         assert server.stub_processes().get("gpt2_0_0") not in (None, pid), "gpt2 runs in a new stub process"
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="POSIX signals and /proc")
+def test_crashed_then_hung_server_is_restarted(tiny_models, tmp_path):
+    """The supervisor restarts tritonserver when it dies of a signal (SIGSEGV, as its gRPC frontend did under
+    abrupt stream cancellations: it logs "Signal (11) received.") and when it stops answering (SIGSTOP: what the
+    2.51 crash handler that hangs on the allocator lock looks like from outside); each time gpt2 answers again."""
+    repo = make_repository(tmp_path / "repo", tiny_models)
+    server = TritonServer(repo, models=["gpt2"], **ports())
+    stop = threading.Event()
+    with server:
+        server.wait_ready(180)
+        sup = threading.Thread(target=server.supervise, daemon=True,
+                               kwargs=dict(stop=stop, interval=0.5, grace=2, unanswered=3))
+        sup.start()
+        time.sleep(1.0)
+        for sig, reason in ((signal.SIGSEGV, "signal"), (signal.SIGSTOP, "has not answered")):
+            before, pid = len(server.restarts), server.proc.pid
+            os.kill(pid, sig)
+            t0, answered = time.monotonic(), None
+            while time.monotonic() - t0 < 180 and answered is None:
+                try:
+                    if len(server.restarts) > before and ask(server.grpc_url, [2, 5, 6], timeout=10).shape[1] >= 4:
+                        answered = time.monotonic() - t0
+                except Exception:  # noqa: BLE001 - down or restarting
+                    pass
+                time.sleep(0.5)
+            print(f"{sig.name}: restarted ({server.restarts[before:]}), gpt2 answered {answered} s after the signal")
+            assert answered is not None, server.log_tail()
+            assert len(server.restarts) == before + 1 and reason in server.restarts[-1][1], server.restarts
+            assert server.proc.pid != pid
+        stop.set()
+        sup.join(30)
+
+
 def test_sigterm_under_load_unloads_every_model(tiny_models, tmp_path):
     """SIGTERM while several streams and unary requests run: every request ends (its answer or a clear
     error), the server exits by itself, and its log shows each model unloaded without Triton's forced exit."""
