@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # a missing tokenizer, an unreadable model file: say what, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a stream's request was stopped on the server (its iterator closed)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     for t in texts:
         print(t)
         print("=" * 40)

@@ -236,6 +236,36 @@ def test_in_band_cancel_stops_the_row_and_the_call_ends_without_a_grpc_cancel(lo
     assert short == ([TOKEN] * 3, True) and len(empty) == 2 and len(errors) == 1
 
 
+def test_ctrl_c_of_a_streaming_cli_stops_the_request_on_the_server(long_served, tiny_models):
+    """client/generate.py --stream interrupted (SIGINT, what Ctrl-C sends) mid-stream: it says so in one line and
+    exits 130, no traceback; the server counts one cancelled request and stops generating (the stream's request
+    is stopped in band as the iterator closes)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    server, _ = long_served
+    gen, cancelled = f"lsgpt_generated_tokens_total{LABELS}", f"lsgpt_cancelled_requests_total{LABELS}"
+    before = settled(server)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "client/generate.py", "-m", "gpt2", "--url", server.grpc_url, "--stream",
+                             "-i", "我今天", "-p", str(tiny_models.tokenizer), "--max-new-tokens", str(MAX_NEW),
+                             "--top-k", "1"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while seen.count("我".encode()) < 4:  # the prompt's 我, then streamed ones
+        chunk = proc.stdout.read1(64)
+        assert chunk, proc.stderr.read().decode()[-2000:]
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, (proc.returncode, err[-2000:])
+    after = settled(server)
+    assert after[cancelled] - before[cancelled] == 1
+    assert after[gen] - before[gen] < MAX_NEW // 2
+
+
 def test_no_cancellation_check_overlaps_or_follows_the_final_response():
     """tritonserver 2.51 frees a request's response factory when its FINAL response is sent and does not guard an
     is_cancelled() that reaches it later (a GPU soak's streaming twin stopped answering for good). Watched.close(),
