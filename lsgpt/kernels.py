@@ -399,7 +399,8 @@ def linear(
 # so that a longer cache gets proportionally more split programs. From benchmarks/attention_sweep.py on an H100
 # (cache 512, contexts 150 and 400), kept where 500-token generation agreed; below that the sweep's picks (many
 # short splits) made generation slower (fp16 at 1-32 rows +4-9%), so the rule stays. Against the rule, in one
-# call: int8 -7% at 32 and 128 rows, -10% at 256; fp16 -3% at 128 (results/h100/fastpath/attention-table-2026-11-27/). LSGPT_ATTENTION_TABLE=<attention_sweep.json> applies a sweep's own "table" instead (e.g. another GPU's).
+# call: int8 -7% at 32 and 128 rows, -10% at 256; fp16 -3% at 128 (results/h100/fastpath/attention-table-2026-11-27/).
+# LSGPT_ATTENTION_TABLE=<attention_sweep.json> applies a sweep's own "table" instead (e.g. another GPU's).
 ATTENTION_TABLE: dict[str, dict[int, tuple[int, int, int] | None]] = {
     "int8": {8: None, 32: (512, 128, 4), 64: (512, 64, 4), 128: (512, 32, 2), 256: (512, 32, 2)},
     "fp16": {32: None, 64: (512, 64, 4), 128: (512, 64, 2), 256: (512, 64, 2)},

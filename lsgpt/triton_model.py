@@ -222,24 +222,41 @@ class CancelWatch:
     """``request.is_cancelled()`` is a round trip to the server process (the stub asks Triton and waits): asked
     by the decode loop for every row at every step, it stalled each step by one round trip per row. One thread
     asks instead, for every live request every PERIOD s, and sets a flag the loop reads for free: a cancelled
-    request leaves its row within PERIOD plus one step."""
+    request leaves its row within PERIOD plus one step. A request watched under its request id can also be
+    stopped in band (``ask``: contract.CANCEL) until its FINAL is sent."""
 
     PERIOD = 0.01
 
     def __init__(self, name: str):
         self._live: list[Watched] = []
+        self._named: dict[str, Watched] = {}  # running requests by request id: what an in-band cancel can name
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=f"lsgpt-cancel-{name}", daemon=True)
         self._thread.start()
 
-    def watch(self, check: Any) -> Watched:
+    def watch(self, check: Any, request_id: str = "") -> Watched:
         w = Watched(check)
-        if check is not None:
-            with self._cv:
+        with self._cv:
+            if check is not None:
                 self._live.append(w)
                 self._cv.notify()
+            if request_id:
+                self._named[request_id] = w
+                w.on_close = functools.partial(self._forget, request_id, w)
         return w
+
+    def ask(self, request_id: str) -> None:
+        """An in-band cancel: the running request of that id (if any) leaves its row at the next step."""
+        with self._cv:
+            w = self._named.get(request_id)
+        if w is not None:
+            w.asked = True
+
+    def _forget(self, request_id: str, w: Watched) -> None:
+        with self._cv:
+            if self._named.get(request_id) is w:
+                del self._named[request_id]
 
     def _run(self) -> None:
         from lsgpt.scheduler import name_thread
@@ -294,8 +311,6 @@ class TritonPythonModel:
         queued = _param(self.config, "max_queued_requests", MAX_QUEUED_REQUESTS)
         self.outbox = Outbox(self.name, limit=8 * rows)  # a few steps' worth of streamed tokens
         self.cancels = CancelWatch(self.name)
-        self._named: dict[str, Watched] = {}  # running requests by request id: what an in-band cancel can name
-        self._named_lock = threading.Lock()
         self.scheduler = Scheduler(self.engine, max_rows=rows, max_queue=queued)
         self.metrics = Metrics(self.name, args["model_version"], self.scheduler)
         pb_utils.Logger.log_info(
@@ -412,10 +427,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             target = _cancel_target(request)
             if target is not None:  # an in-band cancel: flag the named request, answer this one at once
-                with self._named_lock:
-                    w = self._named.get(target)
-                if w is not None:
-                    w.asked = True  # its row leaves at the next step; its FINAL says CANCELLED
+                self.cancels.ask(target)  # its row leaves at the next step; its FINAL says CANCELLED
                 sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
                 continue
             try:
@@ -430,18 +442,8 @@ class TritonPythonModel:
     def _submit(self, request, sender, q: Parsed) -> None:
         # the sender's check is the one documented for decoupled models (the request is released when execute returns)
         check = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", None)
-        cancelled = self.cancels.watch(check)  # a flag the decode loop reads; CancelWatch asks Triton
-        rid = request.request_id() or ""
-        if rid:
-            with self._named_lock:
-                self._named[rid] = cancelled
-
-            def forget() -> None:
-                with self._named_lock:
-                    if self._named.get(rid) is cancelled:
-                        del self._named[rid]
-
-            cancelled.on_close = forget
+        # a flag the decode loop reads; CancelWatch asks Triton, and an in-band cancel can name the request id
+        cancelled = self.cancels.watch(check, request.request_id() or "")
         if self.decoupled:
             self._submit_decoupled(sender, q, cancelled)
             return
