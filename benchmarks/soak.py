@@ -96,11 +96,13 @@ def sample_memory(pid: Any, stop: threading.Event, every: float, t0: float, samp
     the server's GPU memory per nvidia-smi in server mode."""
     while True:
         now = pid() if callable(pid) else pid  # a callable: the server's pid now (a supervised restart changes it)
-        try:
-            if callable(pid) and not now:
-                raise ProcessLookupError  # between a stop and a start
-            per = {k: v / 2**20 for k, v in common.rss(now).items()}
-        except Exception:  # noqa: BLE001 - psutil.NoSuchProcess: the server went away mid-sample (a restart)
+        per = None
+        if now or not callable(pid):  # a callable gives None between a restart's stop and start: no sample then
+            try:
+                per = {k: v / 2**20 for k, v in common.rss(now).items()}
+            except Exception:  # noqa: BLE001 - psutil.NoSuchProcess: the server went away mid-sample (a restart)
+                pass
+        if per is None:
             if stop.wait(every):
                 return
             continue
