@@ -54,3 +54,27 @@ def test_gpu_memory_falls_back_to_the_visible_gpu(tmp_path, monkeypatch, server_
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert soak.gpu_memory(parent) == {"gpu_mib": 3714, "gpu_scope": "whole GPU"}
     assert (tmp_path / "gpu-args").read_text().split()[-2:] == ["-i", "1"]  # the server's GPU, not the others
+
+
+def test_served_soak_with_in_band_cancellations_passes_under_supervision(tiny_models, tmp_path):
+    """The whole served soak through the real tritonserver, as the README and gpu.sh run it: a third of the requests
+    stream from the twin and are stopped in band after two tokens; the server runs under the launcher's supervisor.
+    Oracle: its report (every request answered or cancelled, none failed, no restart) and the server's own
+    statistics, which soak.py adds to the failures. A wrong --cancel-mode is refused with argparse's message."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "benchmarks/soak.py", "--model", "gpt2_int8", "--hdf5", str(tiny_models.int8),
+           "--minutes", "0.4", "--concurrency", "4", "--cancel-fraction", "0.3", "--max-new-tokens", "4,8",
+           "--prompts", "builtin", "--warmup", "10", "--tokenizer", str(tiny_models.tokenizer), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "soak.json").read_text())
+    d = report["details"]
+    assert report["requests_failed"] == 0 and report["requests_hung"] == 0, d["errors"]
+    assert report["requests_ok"] > 0 and report["requests_cancelled"] > 0
+    assert d["cancel_mode"] == "in-band" and d["server_restarts"] == [] and d["server_failed"] == 0
+    bad = subprocess.run(cmd[:2] + ["--cancel-mode", "polite"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "invalid choice: 'polite'" in bad.stderr, bad.stderr[-500:]
