@@ -547,11 +547,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    ok = False
     try:
-        return main(argv)
+        rc = main(argv)
+        ok = True
+        return rc
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        close_process_group(wait_for_peers=ok)
+
+
+def close_process_group(wait_for_peers: bool) -> None:
+    """Leave torchrun cleanly. Without it a rank that finishes first tears gloo/NCCL down in its exit-time
+    destructors while rank 0 still writes, and aborts ("terminate called without an active exception"). The
+    barrier only after success: a failed rank must not wait for peers that may be stuck elsewhere."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait_for_peers:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
