@@ -8,6 +8,8 @@ Modes:
                    AdamW, no per-step host syncs)
   ours-int8        the same with LightSeq's fake quantizers on (int8 QAT, fp16 mixed precision on CUDA)
   ours-*-model     the same, the whole training forward compiled as one graph (compile_regions(scope="model"))
+  ours-*-graphs    scope "model" with torch.compile mode "reduce-overhead": forward and backward replayed as CUDA
+                   graphs (LSGPT_COMPILE_MODE=reduce-overhead LSGPT_COMPILE_SCOPE=model for train.py)
   ours-fp16-plain  our model without the fast path (eager; what train.py runs with --fast_path false is HF's)
   ours-int8-plain  int8 QAT without the fast path (eager; train.py --enable_quant true --fast_path false)
 
@@ -40,8 +42,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 from lsgpt import fasttrain  # noqa: E402
 from lsgpt.qat import QuantGPT2LMHeadModel  # noqa: E402
 
-MODES = ("hf-fp32", "hf-fp16", "ours-fp16", "ours-int8", "ours-fp16-model", "ours-int8-model", "ours-fp16-plain",
-         "ours-int8-plain")
+MODES = ("hf-fp32", "hf-fp16", "ours-fp16", "ours-int8", "ours-fp16-model", "ours-int8-model", "ours-fp16-graphs",
+         "ours-int8-graphs", "ours-fp16-plain", "ours-int8-plain")
 DEFAULT_MODES = {"gpu": ("hf-fp16", "ours-fp16", "ours-int8", "ours-fp16-plain", "ours-int8-plain"),
                  "cpu": ("hf-fp32", "ours-fp16-plain", "ours-int8-plain")}
 SHAPES = {
@@ -151,7 +153,9 @@ def run_mode(mode: str, shape: dict, vocab: int, steps: int, warmup: int, profil
                     p.requires_grad_(False)
                 for block in model.transformer.h:
                     block.ls_clips.requires_grad_(False)
-            fasttrain.configure(model, args, scope="model" if mode.endswith("-model") else None)
+            graphs = mode.endswith("-graphs")
+            fasttrain.configure(model, args, scope="model" if mode.endswith(("-model", "-graphs")) else None,
+                                mode="reduce-overhead" if graphs else None)
         ds = RandomBlocks(shape["batch"] * (warmup + steps + n_prof), shape["block"], vocab)
         w = model.transformer.h[0].mlp.c_fc.weight
         w0 = w.detach().clone()

@@ -26,6 +26,11 @@ logger = logging.getLogger(__name__)
 
 COMPILE_BACKEND_ENV = "LSGPT_COMPILE_BACKEND"  # tests: "aot_eager" traces the same graphs without a C++/GPU compiler
 COMPILE_SCOPE_ENV = "LSGPT_COMPILE_SCOPE"  # "blocks" (default) or "model" (QuantGPT2LMHeadModel.compile_regions)
+# torch.compile's mode. "reduce-overhead" replays the compiled forward and backward as CUDA graphs: the H100
+# profile (results/h100/train/2026-11-28-run3) shows a host-bound step, ~20 ms of kernels in ~41 ms, most of the
+# host time in the compiled regions' launch code. Opt-in until measured on a GPU; use it with scope "model"
+# (one graph: parameters keep their addresses, so the graphs are recorded once).
+COMPILE_MODE_ENV = "LSGPT_COMPILE_MODE"
 
 
 def available() -> bool:
@@ -42,12 +47,16 @@ def collate(features: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def configure(model: torch.nn.Module, args, backend: str | None = None, scope: str | None = None) -> None:
+def configure(model: torch.nn.Module, args, backend: str | None = None, scope: str | None = None,
+              mode: str | None = None) -> None:
     """Switch `model` (a QuantGPT2LMHeadModel) and the TrainingArguments `args` to the fast path, in place.
     Call before the Trainer is built."""
     backend = backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
     scope = scope or os.environ.get(COMPILE_SCOPE_ENV) or "blocks"
-    model.compile_regions(backend=backend, scope=scope)
+    mode = mode or os.environ.get(COMPILE_MODE_ENV) or None
+    if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        raise ValueError(f"{COMPILE_MODE_ENV}: unknown torch.compile mode {mode!r}")
+    model.compile_regions(backend=backend, scope=scope, **({"mode": mode} if mode and backend == "inductor" else {}))
     cuda = torch.cuda.is_available()
     if cuda and str(getattr(args.optim, "value", args.optim)) == "adamw_torch":  # the default before torch 2.8
         args.optim = "adamw_torch_fused"
@@ -56,8 +65,8 @@ def configure(model: torch.nn.Module, args, backend: str | None = None, scope: s
         acc = args.accelerator_config
         if hasattr(acc, "non_blocking"):
             acc.non_blocking = True  # pinned batches, copied without waiting for the GPU
-    logger.info("training fast path: compiled %s (%s), optimizer %s; --fast_path false switches it off",
-                scope, backend, getattr(args.optim, "value", args.optim))
+    logger.info("training fast path: compiled %s (%s, mode %s), optimizer %s; --fast_path false switches it off",
+                scope, backend, mode or "default", getattr(args.optim, "value", args.optim))
 
 
-__all__ = ["available", "collate", "configure", "COMPILE_BACKEND_ENV", "COMPILE_SCOPE_ENV"]
+__all__ = ["available", "collate", "configure", "COMPILE_BACKEND_ENV", "COMPILE_MODE_ENV", "COMPILE_SCOPE_ENV"]

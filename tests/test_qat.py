@@ -397,3 +397,45 @@ def test_compiled_regions_match_eager(device, quant, scope):
     with torch.no_grad():
         torch.testing.assert_close(fast(ids).logits, eager.eval()(ids).logits, rtol=0, atol=0)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_fast_path_compile_mode_is_checked(monkeypatch):
+    """LSGPT_COMPILE_MODE names a torch.compile mode; a typo stops the run before any training."""
+    from types import SimpleNamespace
+
+    from lsgpt import fasttrain
+
+    monkeypatch.setenv(fasttrain.COMPILE_MODE_ENV, "reduce-overhaed")
+    model = QuantGPT2LMHeadModel(tiny_config(n_layer=1))
+    with pytest.raises(ValueError, match="reduce-overhaed"):
+        fasttrain.configure(model, SimpleNamespace(optim="adamw_torch"), backend="aot_eager")
+    assert getattr(model, "_regions", None) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+@pytest.mark.parametrize("quant", [True, False])
+def test_cuda_graph_training_matches_eager(quant):
+    """scope "model" replayed as CUDA graphs (torch.compile mode "reduce-overhead"): three optimizer steps (warm-up,
+    recording, replay) follow the eager model's losses and weights to the fused kernels' rounding."""
+    import copy
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = tiny_config(n_layer=3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new")
+    eager = QuantGPT2LMHeadModel(cfg).set_quant(quant).cuda().train()
+    fast = copy.deepcopy(eager).compile_regions(scope="model", mode="reduce-overhead")
+    losses = []
+    for m in (eager, fast):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        seen = []
+        for step in range(4):
+            ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(step)).cuda()
+            opt.zero_grad(set_to_none=True)
+            loss = m(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            seen.append(loss.item())
+        losses.append(seen)
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3, atol=1e-3)
+    for (n, p0), p1 in zip(eager.named_parameters(), fast.parameters()):
+        assert (p1 - p0).norm() <= 1e-3 * p0.norm() + 1e-6, n
