@@ -21,6 +21,10 @@ corpus, batch and block for all; subprocesses, nothing re-implemented; the full 
   int8 QAT, N + M      the demo's hand-over (scripts/demo.py): train.py --model_name_or_path <fp16 N>
                        --resume_from_checkpoint <fp16 N> --enable_quant true --learning_rate <--qat-lr>
                        --max_steps M, then export.py -q (the trained clips)
+  (--handover continue: the fp16 N row is instead the fp16 N+M run's own checkpoint at step N, not annealed,
+                       and QAT starts there at the learning rate that run had at step N, cosine-decayed to 0 over
+                       M steps, Adam beta2 0.95 as the fp16 runs: QAT as the last M steps of the fp16 schedule. The
+                       default, --handover annealed, is the demo's: QAT from a finished fp16 N run.)
   int8 PTQ, N+M        export.py -q --calibrate on the fp16 N+M folder (lsgpt.convert.calibrate: max |x| at every
                        clip point over the first 64 lines of the calibration text; here the corpus's training lines,
                        never the held-out ones, which are the first lines of the file)
@@ -215,6 +219,13 @@ def ppl(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 50.0))
 
 
+def cosine_lr(peak: float, warmup: int, total: int, step: int) -> float:
+    """The learning rate of transformers' "cosine" schedule (linear warm-up, one half cosine to 0) at `step`."""
+    if step < warmup:
+        return peak * step / max(1, warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
 def fmt(v, spec: str = "{:.2f}") -> str:
     return "—" if v is None else spec.format(v)
 
@@ -235,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, help="tokens per block, training and held-out (default: the shape's)")
     ap.add_argument("--lr", type=float, help="fp16 learning rate, both fp16 runs (warm-up, cosine, Adam beta2 0.95)")
     ap.add_argument("--qat-lr", type=float, help="QAT learning rate (linear decay, no warm-up: the demo's QAT run)")
+    ap.add_argument("--handover", choices=("annealed", "continue"), default="annealed",
+                    help="annealed: QAT from a finished fp16 N run (the demo's); continue: QAT takes over the fp16 "
+                    "N+M run at its step-N checkpoint and learning rate (see above)")
     ap.add_argument("--eval-blocks", type=int, help="held-out blocks evaluated per row (default: the shape's)")
     ap.add_argument("--device", default="cuda" if cuda else "cpu", help="engine and HF evaluation device")
     ap.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=None,
@@ -250,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     block, batch = args.block or shape["block"], args.batch or shape["batch"]
     lr, qat_lr = args.lr or shape["lr"], args.qat_lr or shape["qat_lr"]
     eval_blocks = args.eval_blocks or shape["eval_blocks"]
-    parallel = cuda if args.parallel is None else args.parallel
+    parallel = (cuda if args.parallel is None else args.parallel) and args.handover == "annealed"
+    if args.handover == "continue":
+        if args.qat_lr:
+            ap.error("--qat-lr: with --handover continue QAT's learning rate is the fp16 schedule's at step N")
+        qat_lr = cosine_lr(lr, shape["warmup"], n + m, n)
     if n < 1 or m < 1:
         ap.error("--steps-fp16 and --steps-qat must be positive")
 
@@ -287,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     if shape["overrides"]:
         fp16_recipe += ["--config_overrides", shape["overrides"]]
 
-    def train_fp16(name: str, steps: int) -> None:
+    def train_fp16(name: str, steps: int, *extra) -> None:
         run(name, ["training/train.py", *common, *fp16_recipe, *overrides, "--max_steps", steps,
-                   "--output_dir", runs / name], logs, args.step_timeout, record)
+                   "--output_dir", runs / name, *extra], logs, args.step_timeout, record)
 
     def export(name: str, src: Path, dst: Path, *extra) -> None:
         run(name, ["export/export.py", "-m", src, "-l", block, "-o", dst, *extra], logs, args.step_timeout, record)
@@ -298,20 +316,29 @@ def main(argv: list[str] | None = None) -> int:
     fp16_n, fp16_nm, qat = f"fp16_{n}", f"fp16_{n + m}", f"int8_qat_{n}_{m}"
 
     def branch_fp16_nm() -> None:
-        train_fp16(fp16_nm, n + m)
+        if args.handover == "continue":  # keep the step-N checkpoint: QAT's start and the fp16 N row
+            train_fp16(fp16_nm, n + m, "--save_strategy", "steps", "--save_steps", n)
+            shutil.move(runs / fp16_nm / f"checkpoint-{n}", runs / fp16_n)
+        else:
+            train_fp16(fp16_nm, n + m)
         export(f"export_{fp16_nm}", runs / fp16_nm, h5 / f"{fp16_nm}.hdf5")
         export(f"export_int8_ptq_{n + m}", runs / fp16_nm, h5 / f"int8_ptq_{n + m}.hdf5", "-q", "--calibrate", calib)
 
     def branch_qat() -> None:
-        train_fp16(fp16_n, n)
+        if args.handover == "annealed":
+            train_fp16(fp16_n, n)
         export(f"export_{fp16_n}", runs / fp16_n, h5 / f"{fp16_n}.hdf5")
+        schedule = (["--lr_scheduler_type", "cosine", "--adam_beta2", "0.95"] if args.handover == "continue" else [])
         run(qat, ["training/train.py", *common, *overrides, "--model_name_or_path", runs / fp16_n,
                   "--resume_from_checkpoint", runs / fp16_n, "--enable_quant", "true", "--learning_rate", qat_lr,
-                  "--max_steps", m, "--output_dir", runs / qat], logs, args.step_timeout, record)
+                  *schedule, "--max_steps", m, "--output_dir", runs / qat], logs, args.step_timeout, record)
         export(f"export_{qat}", runs / qat, h5 / f"{qat}.hdf5", "-q")
 
     t_train = time.perf_counter()
-    if parallel:
+    if args.handover == "continue":  # QAT starts from the fp16 N+M run's step-N checkpoint
+        branch_fp16_nm()
+        branch_qat()
+    elif parallel:
         with ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(branch_qat), pool.submit(branch_fp16_nm)]
             errors = [f.exception() for f in futures]
@@ -325,9 +352,11 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"evaluating on {args.device}: {k} held-out blocks, each exported file through the engine and each "
         "checkpoint through transformers")
-    metrics = {r: json.loads((runs / r / "metrics.json").read_text()) for r in (fp16_n, fp16_nm, qat)}
+    metrics = {r: json.loads((runs / r / "metrics.json").read_text()) for r in (fp16_n, fp16_nm, qat)
+               if (runs / r / "metrics.json").is_file()}  # a step-N checkpoint (--handover continue) has none
     table = [
-        dict(key="fp16_N", label=f"fp16, {n} steps (reference; QAT's start)", steps=f"{n}", hdf5=f"{fp16_n}.hdf5",
+        dict(key="fp16_N", label=f"fp16, {n} steps (reference; QAT's start)" if args.handover == "annealed" else
+             f"fp16, step {n} of the {n + m}-step run (QAT's start)", steps=f"{n}", hdf5=f"{fp16_n}.hdf5",
              ckpt=fp16_n, train=fp16_n),
         dict(key="fp16_NM", label=f"fp16, {n + m} steps", steps=f"{n + m}", hdf5=f"{fp16_nm}.hdf5", ckpt=fp16_nm,
              train=fp16_nm),
@@ -367,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         "shape": {"name": args.shape, "n_layer": cfg["n_layer"], "n_embd": cfg["n_embd"], "n_head": cfg["n_head"],
                   "vocab": cfg["vocab_size"], "block": block, "batch": batch, "fp16_training": cuda},
         "steps": {"N": n, "M": m, "total": n + m},
-        "learning_rates": {"fp16": lr, "qat": qat_lr, "fp16_warmup_steps": shape["warmup"]},
+        "learning_rates": {"fp16": lr, "qat": qat_lr, "fp16_warmup_steps": shape["warmup"],
+                           "qat_schedule": "cosine" if args.handover == "continue" else "linear"},
+        "handover": args.handover,
         "train_overrides": overrides,
         "seed": SEED,
         "corpus": {"train_file": rel(train_file), "bytes": train_file.stat().st_size, "tokenizer": rel(tok_dir),
@@ -410,7 +441,8 @@ def markdown(r: dict) -> str:
         f"{s['n_layer']} layers, {s['n_embd']} hidden, {s['n_head']} heads, vocab {s['vocab']}; block {s['block']}, "
         f"batch {s['batch']}, {'fp16 mixed precision' if s['fp16_training'] else 'fp32 (CPU)'} training, seed "
         f"{r['seed']}; fp16 lr {r['learning_rates']['fp16']:g} (warm-up {r['learning_rates']['fp16_warmup_steps']}, "
-        f"cosine), QAT lr {r['learning_rates']['qat']:g} (linear). Held-out: {c['eval_blocks']} of train.py's "
+        f"cosine), QAT lr {r['learning_rates']['qat']:g} ({r['learning_rates'].get('qat_schedule', 'linear')}; "
+        f"hand-over: {r.get('handover', 'annealed')}). Held-out: {c['eval_blocks']} of train.py's "
         f"{c['heldout_blocks']} validation blocks ({c['eval_tokens']} tokens) of `{c['train_file']}` "
         f"({c['train_blocks']} training blocks: fp16 N = {c['epochs_fp16_N']} epochs, N+M = {c['epochs_fp16_NM']}); "
         f"PTQ calibration: {c['calibration']}.",

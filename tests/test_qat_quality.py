@@ -48,3 +48,19 @@ def test_engine_column_equals_heldout_loss(tiny_models, tmp_path):
     k = 5
     assert trainer_mean(nll[:k], counts[:k]) == pytest.approx(heldout_loss(model, tok, str(corpus), block,
                                                                             max_blocks=k), rel=1e-5)
+
+
+def test_continue_handover_lr_is_the_trainers_cosine_at_step_n():
+    """--handover continue starts QAT at the learning rate the fp16 N+M run had at step N. Oracle: transformers'
+    own cosine schedule (what train.py's --lr_scheduler_type cosine builds)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from benchmarks.qat_quality import cosine_lr
+
+    peak, warmup, total = 3e-4, 60, 800
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = get_cosine_schedule_with_warmup(opt, warmup, total)
+    for step in range(total + 1):
+        assert cosine_lr(peak, warmup, total, step) == pytest.approx(sched.get_last_lr()[0], rel=1e-9, abs=1e-15)
+        opt.step()
+        sched.step()
