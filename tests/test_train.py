@@ -355,3 +355,59 @@ def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
         prepare_corpus.main(["--help"])
     assert "--max_chars" in capsys.readouterr().out
+
+
+def test_qat_from_fp16_checkpoint_carries_adam_moments(tmp_path, caplog):
+    """QAT from an fp16 checkpoint-N starts its AdamW from that run's moments, matched by parameter name (the oracle
+    pairs the two optimizers through the models' own parameters, not by the callback's group order); the clips
+    start fresh and the new run keeps its own learning rate. A checkpoint of another shape leaves Adam fresh."""
+    import logging
+
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from lsgpt.qat import QuantGPT2LMHeadModel
+    from training.train import _CarryAdamState
+
+    def trainer_for(model, lr):
+        args = TrainingArguments(output_dir=str(tmp_path / "o"), learning_rate=lr, weight_decay=0.01,
+                                 report_to="none", use_cpu=True)
+        t = Trainer(model=model, args=args)
+        t.create_optimizer()
+        return t.optimizer
+
+    cfg = GPT2Config(vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_positions=32)
+    torch.manual_seed(0)
+    fp16 = GPT2LMHeadModel(cfg)
+    opt = trainer_for(fp16, 1e-3)
+    for _ in range(3):
+        ids = torch.randint(0, 300, (2, 16))
+        fp16(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    torch.save(opt.state_dict(), ckpt / "optimizer.pt")
+    want = {n: opt.state[p] for n, p in fp16.named_parameters()}
+
+    qat = QuantGPT2LMHeadModel(cfg)
+    qat.load_state_dict(fp16.state_dict(), strict=False)
+    new = trainer_for(qat, 2e-5)
+    cb = _CarryAdamState(str(ckpt))
+    cb.on_train_begin(None, None, None, model=qat, optimizer=new)
+    clips = [n for n, _ in qat.named_parameters() if ".ls_clips." in n]
+    assert clips and cb.carried == len(want)
+    for n, p in qat.named_parameters():
+        if n in clips:
+            assert p not in new.state or not new.state[p]
+        else:
+            torch.testing.assert_close(new.state[p]["exp_avg"], want[n]["exp_avg"], rtol=0, atol=0)
+            torch.testing.assert_close(new.state[p]["exp_avg_sq"], want[n]["exp_avg_sq"], rtol=0, atol=0)
+            assert float(new.state[p]["step"]) == 3
+    assert {g["lr"] for g in new.param_groups} == {2e-5}
+
+    other = QuantGPT2LMHeadModel(GPT2Config(vocab_size=300, n_layer=2, n_embd=48, n_head=2, n_positions=32))
+    fresh = trainer_for(other, 2e-5)
+    cb = _CarryAdamState(str(ckpt))
+    with caplog.at_level(logging.WARNING, logger="train"):
+        cb.on_train_begin(None, None, None, model=other, optimizer=fresh)
+    assert cb.carried == 0 and not fresh.state and "not carrying Adam's state" in caplog.text
