@@ -1,7 +1,7 @@
 """int8 quality at equal training steps (issue 16): held-out perplexity of fp16, int8 by QAT and int8 by PTQ.
 
-  GPU (one H100, the article's shape, N=600 + M=200 at batch 16; estimated 5-6 min, not yet measured):
-      python3 benchmarks/qat_quality.py --out $OUT/h100/qat_quality
+  GPU (one H100, the article's shape, N=600 + M=200 at batch 16; 214 s on the full corpus, below):
+      python3 benchmarks/qat_quality.py --out $OUT/h100/qat_quality [--handover continue]
   CPU (tiny model, 150 + 50 steps; 2.5-3 min on 2 cores):
       python benchmarks/qat_quality.py --shape cpu --out results/cpu/qat_quality
 
