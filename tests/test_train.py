@@ -411,3 +411,15 @@ def test_qat_from_fp16_checkpoint_carries_adam_moments(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="train"):
         cb.on_train_begin(None, None, None, model=other, optimizer=fresh)
     assert cb.carried == 0 and not fresh.state and "not carrying Adam's state" in caplog.text
+
+
+def test_mistyped_compile_mode_is_a_clear_error(corpus, tmp_path, monkeypatch):
+    """A typo in LSGPT_COMPILE_MODE stops train.py with one line naming it, before any training."""
+    from training import train
+
+    monkeypatch.setenv("LSGPT_COMPILE_MODE", "reduce-overhaed")
+    with pytest.raises(SystemExit) as e:
+        train.cli(["--tokenizer_name", str(corpus["tok"]), "--config_overrides", TINY, "--train_file",
+                   str(corpus["train"]), "--output_dir", str(tmp_path / "o"), "--fast_path", "true", *BASE])
+    assert "error: LSGPT_COMPILE_MODE: unknown torch.compile mode 'reduce-overhaed'" in str(e.value)
+    assert not (tmp_path / "o" / "metrics.json").exists()

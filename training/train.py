@@ -540,7 +540,10 @@ def main(argv: list[str] | None = None) -> int:
             and is_trainer_checkpoint(resume) and not checkpoint_is_qat(resume)):
         callbacks.append(_CarryAdamState(resume))
     if fast:
-        fasttrain.configure(model, args)
+        try:
+            fasttrain.configure(model, args)
+        except ValueError as e:  # e.g. a mistyped LSGPT_COMPILE_MODE
+            raise SystemExit(f"error: {e}") from None
     trainer = Trainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tok, data_collator=fasttrain.collate if fast else default_data_collator,
