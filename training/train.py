@@ -22,8 +22,9 @@ cached (key: file content, tokenizer vocabulary, block size, split) under --data
 --resume_from_checkpoint DIR: a Trainer checkpoint of this kind of run (trainer_state.json + optimizer.pt,
 same --enable_quant) resumes exactly where it stopped; anything else (a finished fp16 run, for QAT) only
 provides the starting weights and the run trains its full number of epochs. QAT from an fp16 Trainer
-checkpoint (checkpoint-N) also starts from its Adam moments (--carry_optimizer_state false: a fresh Adam). Without the flag, a run that
-finds checkpoint-N folders in --output_dir (and no --overwrite_output_dir) resumes from the last one.
+checkpoint (checkpoint-N) also starts from its Adam moments (--carry_optimizer_state false: a fresh Adam).
+Without the flag, a run that finds checkpoint-N folders in --output_dir (and no --overwrite_output_dir)
+resumes from the last one.
 
 Output (--output_dir): config.json (eos/bos/pad = [SEP]/[CLS]/[PAD]), model.safetensors (QAT: clips under
 transformer.h.{i}.ls_clips.* and transformer.ls_clips.*), tokenizer files incl. vocab.txt, metrics.json.
@@ -355,7 +356,8 @@ class _CarryAdamState(TrainerCallback):
     run's moments for every weight they share, instead of zeros. A fresh Adam's first steps are about lr * sign(g)
     for every weight, a shake that the hand-over pays for: on the CPU check (results/cpu/qat_quality/continue),
     50 fp16 steps with a fresh Adam left held-out perplexity 0.7% *worse* than where they started, as QAT did,
-    while the same steps with the run's own Adam improved it 1.1%. The clips (new parameters) start fresh; the
+    while the same steps with the run's own Adam improved it 1.1% (little changes where the hand-over learning
+    rate is already small: the demo-sized check in the same NOTES). The clips (new parameters) start fresh; the
     new run's learning rates and schedule are its own. Anything that does not line up (another optimizer, other
     shapes) leaves Adam fresh, with a warning."""
 
