@@ -50,16 +50,12 @@ def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-def split_len(cache_len: int, splits: int, block_s: int) -> int:
-    """Keys each split program covers (as `lsgpt.kernels.attention` cuts the cache)."""
-    per_split = math.ceil(cache_len / splits)
-    return math.ceil(per_split / block_s) * block_s
-
-
 def best_table(results: list[dict]) -> dict[str, dict[str, list[int]]]:
     """Per dtype and row count, the setting with the least total time over the contexts swept, among those
     that agreed with the default at every context: {dtype: {rows: [keys per split, BLOCK_S, warps]}} — the
     format of `lsgpt.kernels.ATTENTION_TABLE` and of LSGPT_ATTENTION_TABLE."""
+    from lsgpt.kernels import keys_per_split  # as main() imports the kernels: after the interpreter is chosen
+
     total: dict[tuple[str, int], dict[tuple, list[float]]] = {}
     for r in results:
         per = total.setdefault((r["dtype"], r["rows"]), {})
@@ -71,7 +67,7 @@ def best_table(results: list[dict]) -> dict[str, dict[str, list[int]]]:
         full = {c: sum(t) for c, t in per.items() if len(t) == n_ctx[(dtype, rows)]}
         splits, block_s, warps = min(full, key=full.get)
         cache_len = next(r["cache_len"] for r in results if (r["dtype"], r["rows"]) == (dtype, rows))
-        table.setdefault(dtype, {})[str(rows)] = [split_len(cache_len, splits, block_s), block_s, warps]
+        table.setdefault(dtype, {})[str(rows)] = [keys_per_split(cache_len, splits, block_s), block_s, warps]
     return table
 
 

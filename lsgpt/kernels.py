@@ -407,6 +407,11 @@ ATTENTION_TABLE: dict[str, dict[int, tuple[int, int, int] | None]] = {
 }
 
 
+def keys_per_split(cache_len: int, splits: int, block_s: int) -> int:
+    """Keys each split program of `attention` covers: the cache cut in `splits`, rounded up to whole BLOCK_S tiles."""
+    return triton.cdiv(triton.cdiv(cache_len, splits), block_s) * block_s
+
+
 @functools.cache
 def _attention_table() -> dict[str, dict[int, tuple[int, int, int] | None]]:
     path = os.environ.get("LSGPT_ATTENTION_TABLE")
@@ -471,7 +476,7 @@ def attention(
     bd = triton.next_power_of_2(hd)
     cache_len = k_cache.shape[1]
     splits, block_s, warps = config or _attention_config(M, n_head, cache_len, int8)
-    split_len = triton.cdiv(triton.cdiv(cache_len, splits), block_s) * block_s
+    split_len = keys_per_split(cache_len, splits, block_s)
     part = torch.empty(M * n_head * splits * (bd + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
     if splits > 1 and (sem is None or sem.numel() < M * n_head):
         sem = torch.zeros(M * n_head, dtype=torch.int32, device=q.device)
