@@ -64,3 +64,15 @@ def test_continue_handover_lr_is_the_trainers_cosine_at_step_n():
         assert cosine_lr(peak, warmup, total, step) == pytest.approx(sched.get_last_lr()[0], rel=1e-9, abs=1e-15)
         opt.step()
         sched.step()
+
+
+def test_continue_handover_refuses_its_own_qat_lr(tmp_path, capsys):
+    """--handover continue takes QAT's learning rate from the fp16 schedule; a --qat-lr beside it is refused with a
+    message, before anything is trained."""
+    from benchmarks.qat_quality import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--shape", "cpu", "--handover", "continue", "--qat-lr", "1e-4", "--out", str(tmp_path / "o"),
+              "--work", str(tmp_path / "w")])
+    assert e.value.code == 2 and "--qat-lr: with --handover continue" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -423,3 +423,25 @@ def test_mistyped_compile_mode_is_a_clear_error(corpus, tmp_path, monkeypatch):
                    str(corpus["train"]), "--output_dir", str(tmp_path / "o"), "--fast_path", "true", *BASE])
     assert "error: LSGPT_COMPILE_MODE: unknown torch.compile mode 'reduce-overhaed'" in str(e.value)
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_qat_from_a_checkpoint_n_through_train_py(corpus, tmp_path, caplog):
+    """The user's path, through train.py: an fp16 run that keeps checkpoint-2, then QAT from it, carries Adam's
+    moments (and says so); --carry_optimizer_state false starts a fresh Adam and says nothing of the kind."""
+    import logging
+
+    fp16 = tmp_path / "fp16"
+    common = ["--train_file", str(corpus["train"]), "--logging_steps", "1", "--learning_rate", "1e-3"]
+    train_inproc("--tokenizer_name", str(corpus["tok"]), "--config_overrides", TINY, "--output_dir", str(fp16),
+                 "--overwrite_output_dir", "--enable_quant", "false", "--max_steps", "3", "--save_steps", "2",
+                 *common)
+    ckpt = fp16 / "checkpoint-2"
+    assert (ckpt / "optimizer.pt").is_file()
+    for carry, said in (("true", True), ("false", False)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="train"):
+            train_inproc("--resume_from_checkpoint", str(ckpt), "--enable_quant", "true", "--max_steps", "1",
+                         "--output_dir", str(tmp_path / f"int8-{carry}"), "--overwrite_output_dir",
+                         "--carry_optimizer_state", carry, *common)
+        assert ("QAT starts with the fp16 run's Adam moments" in caplog.text) == said, caplog.text[-2000:]
+        assert json.loads((tmp_path / f"int8-{carry}" / "metrics.json").read_text())["steps_run"] == 1
