@@ -2,8 +2,10 @@
 # The lent GPU machine in one call, into $OUT (the image has Python, torch+CUDA, transformers, h5py; no network,
 # no tritonserver, perf_analyzer or matplotlib: re-make figures elsewhere with the scripts' --replot).
 #   OUT=/out benchmarks/gpu.sh all       # < 8 min: training, generation (+ compiled batch 1), in-process soak
+#   OUT=/out benchmarks/gpu.sh tests     # ~3 min: every CUDA-only test (CI has no GPU), into $OUT/tests.log
 #   OUT=/out benchmarks/gpu.sh fastpath  # GPU tests, generation to batch 256 with TTFT + kernels per step, overhead
 #   BEFORE=.gpu_before OUT=/out benchmarks/gpu.sh serving   # overhead, 500 tokens; in-flight here vs $BEFORE
+#       (ROUNDS=n interleaved rounds, CONC, REQUESTS; OVERHEAD=0 skips the overhead section)
 #   OUT=/out benchmarks/gpu.sh soak-start   # the 10-minute served soak outlives a call (600 s): started in its own
 #   OUT=/out benchmarks/gpu.sh soak-wait    # process session, then awaited by the next call on the warm machine
 #       (sooner than its 30 s idle release); each call brings back what /tmp/soak holds so far
@@ -41,6 +43,13 @@ status=0
 # the random 12-layer model the serving modes serve: /tmp/fp.hdf5 and /tmp/int8.hdf5
 export_random_model() { (cd benchmarks && "$PY" -c 'from pathlib import Path; from common import export_pair as e, random_model as r
 e(r(12, 768, 12), Path("/tmp"), 1024)'); }
+# every test that needs CUDA (the rest run on the CPU in CI), into $OUT/tests.log
+gpu_tests() {
+    timeout "${TESTS_LIMIT:-300}" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -s tests/test_kernels.py \
+        tests/test_gpu.py tests/test_engine_gpu.py tests/test_qat.py::test_cuda_graph_training_matches_eager \
+        > "$OUT/tests.log" 2>&1 || status=1
+    grep -E "passed|failed" "$OUT/tests.log" | tail -1
+}
 run() { local t=$1; shift; timeout "$t" "$PY" "$@" 2>&1 | grep -v Warning | cut -c1-400; [ "${PIPESTATUS[0]}" = 0 ] || status=1; }
 case "$MODE" in
 all)  # training (about 1 min), generation at batch 1/8/32 (+ compiled engines at batch 1: ~2 min per batch size)
@@ -49,19 +58,22 @@ all)  # training (about 1 min), generation at batch 1/8/32 (+ compiled engines a
     # the engine alone on the GPU for 45 s (article shape, max_step 128): a leak in the KV caches or CUDA graphs shows
     run 80 benchmarks/soak.py --in-process --device cuda --minutes 0.75 --warmup 12 --sample-every 1 \
         --tiny-shape 12,768,12,128 --max-batch 8 --max-new-tokens 8,32,64 --prompts builtin --out "$OUT/$DEV/soak" ;;
+tests)
+    gpu_tests ;;
 fastpath)
-    timeout 200 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -s tests/test_kernels.py tests/test_gpu.py \
-        tests/test_engine_gpu.py > "$OUT/tests.log" 2>&1 || status=1
-    grep -E "passed|failed" "$OUT/tests.log" | tail -1
+    gpu_tests
     run 300 benchmarks/generation.py --batches 1,8,32,64,128,256 --ttft-prompt 400 --profile --out "$OUT/$DEV/generation"
     run 120 benchmarks/serving.py --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving" ;;
-serving)
-    run 200 benchmarks/serving.py --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving"
-    export_random_model
-    for side in after before; do  # each side compiles its own Triton kernels
-        pp="$PYTHONPATH"; [ "$side" = before ] && pp="${BEFORE:-.gpu_before}:$PYTHONPATH"
-        PYTHONPATH="$pp" TRITON_CACHE_DIR=/tmp/triton-cache-$side run 170 benchmarks/serving.py --sections inflight \
-            --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-1,8,32}" --requests "${REQUESTS:-64}" --out "$OUT/$DEV/serving/$side"
+serving)  # ROUNDS interleaved rounds of after/before (round 1 also fills each side's kernel cache); OVERHEAD=0 skips
+    [ "${OVERHEAD:-1}" = 0 ] || run 200 benchmarks/serving.py --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving"
+    export_random_model || exit 1
+    for round in $(seq "${ROUNDS:-1}"); do
+        for side in after before; do  # each side compiles its own Triton kernels
+            pp="$PYTHONPATH"; [ "$side" = before ] && pp="$(cd "${BEFORE:-.gpu_before}" && pwd):$PYTHONPATH"
+            PYTHONPATH="$pp" TRITON_CACHE_DIR=/tmp/triton-cache-$side run 170 benchmarks/serving.py --sections inflight \
+                --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-1,8,32}" --requests "${REQUESTS:-64}" \
+                --out "$OUT/$DEV/serving/$side-r$round"
+        done
     done ;;
 host-overhead)  # the same in-flight load on a random 12-layer int8 model, each side with its own kernel cache
     export_random_model || exit 1
@@ -88,7 +100,7 @@ soak-wait)  # until the soak ends or WAIT seconds pass; its log and files so far
     for _ in $(seq "${WAIT:-560}"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     cp -r /tmp/soak/. "$OUT/"; tail -5 /tmp/soak/soak.log
     if kill -0 "$pid" 2>/dev/null; then echo "soak still running (pid $pid)"; status=3; fi ;;
-*) echo "usage: OUT=/out $0 [all|fastpath|serving|host-overhead|attention|soak-start|soak-wait]"; exit 2 ;;
+*) echo "usage: OUT=/out $0 [all|tests|fastpath|serving|host-overhead|attention|soak-start|soak-wait]"; exit 2 ;;
 esac
 echo "[gpu.sh $MODE] $(date -u +%FT%TZ) done (status $status)"; find "$OUT" -type f | sort
 exit $status
