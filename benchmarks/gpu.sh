@@ -3,6 +3,7 @@
 # no tritonserver, perf_analyzer or matplotlib: re-make figures elsewhere with the scripts' --replot).
 #   OUT=/out benchmarks/gpu.sh all       # < 8 min: training, generation (+ compiled batch 1), in-process soak
 #   OUT=/out benchmarks/gpu.sh tests     # ~3 min: every CUDA-only test (CI has no GPU), into $OUT/tests.log
+#       (TESTS="tests/test_resilience.py" runs those instead: the served fault tests on the GPU)
 #   OUT=/out benchmarks/gpu.sh fastpath  # GPU tests, generation to batch 256 with TTFT + kernels per step, overhead
 #   BEFORE=.gpu_before OUT=/out benchmarks/gpu.sh serving   # overhead, 500 tokens; in-flight here vs $BEFORE
 #       (ROUNDS=n interleaved rounds, CONC, REQUESTS; OVERHEAD=0 skips the overhead section)
@@ -43,10 +44,11 @@ status=0
 # the random 12-layer model the serving modes serve: /tmp/fp.hdf5 and /tmp/int8.hdf5
 export_random_model() { (cd benchmarks && "$PY" -c 'from pathlib import Path; from common import export_pair as e, random_model as r
 e(r(12, 768, 12), Path("/tmp"), 1024)'); }
-# every test that needs CUDA (the rest run on the CPU in CI), into $OUT/tests.log
+# every test that needs CUDA (the rest run on the CPU in CI), into $OUT/tests.log; TESTS="..." runs others
 gpu_tests() {
-    timeout "${TESTS_LIMIT:-300}" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -s tests/test_kernels.py \
-        tests/test_gpu.py tests/test_engine_gpu.py tests/test_qat.py::test_cuda_graph_training_matches_eager \
+    # shellcheck disable=SC2086
+    timeout "${TESTS_LIMIT:-300}" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -s ${TESTS:-tests/test_kernels.py \
+        tests/test_gpu.py tests/test_engine_gpu.py tests/test_qat.py::test_cuda_graph_training_matches_eager} \
         > "$OUT/tests.log" 2>&1 || status=1
     grep -E "passed|failed" "$OUT/tests.log" | tail -1
 }
