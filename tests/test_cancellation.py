@@ -247,19 +247,26 @@ def test_ctrl_c_of_a_streaming_cli_stops_the_request_on_the_server(long_served, 
 
     server, _ = long_served
     gen, cancelled = f"lsgpt_generated_tokens_total{LABELS}", f"lsgpt_cancelled_requests_total{LABELS}"
-    before = settled(server)
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "client/generate.py", "-m", "gpt2", "--url", server.grpc_url, "--stream",
-                             "-i", "我今天", "-p", str(tiny_models.tokenizer), "--max-new-tokens", str(MAX_NEW),
-                             "--top-k", "1"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    seen = b""
-    while seen.count("我".encode()) < 4:  # the prompt's 我, then streamed ones
-        chunk = proc.stdout.read1(64)
-        assert chunk, proc.stderr.read().decode()[-2000:]
-        seen += chunk
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    err = err.decode()
+    for attempt in range(3):
+        before = settled(server)
+        proc = subprocess.Popen([sys.executable, "client/generate.py", "-m", "gpt2", "--url", server.grpc_url,
+                                 "--stream", "-i", "我今天", "-p", str(tiny_models.tokenizer), "--max-new-tokens",
+                                 str(MAX_NEW), "--top-k", "1"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        seen = b""
+        while seen.count("我".encode()) < 4:  # the prompt's 我, then streamed ones
+            chunk = proc.stdout.read1(64)
+            assert chunk, proc.stderr.read().decode()[-2000:]
+            seen += chunk
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        err = err.decode()
+        if proc.returncode == 0 and (seen + out).count("我".encode()) == MAX_NEW + 1:
+            # all 1,000 tokens (1-2 s here) came before the signal did: a busy machine let this process wait
+            # that long; that is no answer, so ask again (a CLI that ignores Ctrl-C does this every time)
+            print(f"attempt {attempt + 1}: the stream ended before SIGINT; again")
+            continue
+        break
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, (proc.returncode, err[-2000:])
     after = settled(server)
     assert after[cancelled] - before[cancelled] == 1
