@@ -295,6 +295,23 @@ def load_prompts(source: str | None, count: int, max_chars: int = 24) -> list[st
     return lines[:: max(1, len(lines) // count)][:count]
 
 
+def llm_requests(rows: list[list[int]], lengths: tuple[int, int], new_tokens: tuple[int, int], max_step: int,
+                 n: int = 64, seed: int = 0) -> list[tuple[list[int], int]]:
+    """The LLM load tests' mixed load: n (prompt ids, max_new_tokens) whose prompt lengths are uniform in `lengths`
+    and max_new_tokens uniform in `new_tokens`, both capped so that prompt + new fits max_step. Each prompt is
+    [CLS] then a real prompt's text (`rows`, as encode_prompts gives them) repeated or cut to the length."""
+    import random
+
+    rnd, out = random.Random(seed), []
+    for i in range(n):
+        new = rnd.randint(*new_tokens)
+        length = max(2, min(rnd.randint(*lengths), max_step - 1 - min(new, max_step // 2)))
+        new = min(new, max_step - 1 - length)
+        cls, body = rows[i % len(rows)][0], rows[i % len(rows)][1:] or rows[i % len(rows)]
+        out.append(([cls, *(body * (length // len(body) + 1))[:length - 1]], new))
+    return out
+
+
 def encode_prompts(tokenizer: str, texts: list[str], vocab: int | None = None) -> list[list[int]]:
     from lsgpt.text import cached_tokenizer, encode_prompt
 

@@ -138,19 +138,9 @@ def warm_up(url: str, model: str, rows: list[list[int]], max_new_tokens: int, eo
 
 def llm_data(rows: list[list[int]], lengths: tuple[int, int], new_tokens: tuple[int, int], max_step: int,
              n: int = 64, seed: int = 0) -> list[dict]:
-    """Mixed load: n requests whose prompts (the real ones, repeated or cut) have lengths uniform in `lengths`
-    and whose max_new_tokens are uniform in `new_tokens`, both capped so that prompt + new fits max_step."""
-    import random
-
-    rnd, out = random.Random(seed), []
-    for i in range(n):
-        new = rnd.randint(*new_tokens)
-        length = max(2, min(rnd.randint(*lengths), max_step - 1 - min(new, max_step // 2)))
-        new = min(new, max_step - 1 - length)
-        base = rows[i % len(rows)]
-        ids = (base * (length // len(base) + 1))[:length]
-        out.append({"token_ids": {"content": ids, "shape": [len(ids)]}, "max_new_tokens": [new], "top_k": [1]})
-    return out
+    """The mixed load (common.llm_requests) as perf_analyzer --input-data entries, greedy."""
+    return [{"token_ids": {"content": ids, "shape": [len(ids)]}, "max_new_tokens": [new], "top_k": [1]}
+            for ids, new in common.llm_requests(rows, lengths, new_tokens, max_step, n, seed)]
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -296,6 +286,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(TTFT, inter-token latency, tokens/s); concurrency default 1,4,16,64 (--quick: 1,2)")
     p.add_argument("--llm-prompt-tokens", default="4,64", help="--llm: prompt length range (tokens)")
     p.add_argument("--llm-new-tokens", default="16,256", help="--llm: max_new_tokens range")
+    p.add_argument("--aiperf", action="store_true", help="the LLM load test by NVIDIA's aiperf through our OpenAI API "
+                   "instead (benchmarks/llm_aiperf.py: 10%% of requests cancelled; takes --models, --concurrency, "
+                   "--llm-prompt-tokens, --llm-new-tokens, --hdf5, --tokenizer, --quick, --out)")
     a = p.parse_args(argv)
     if a.llm and a.concurrency == "1,2,4,8":
         a.concurrency = "1,2" if a.quick else "1,4,16,64"
@@ -310,6 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.aiperf:
+        return aiperf_main(a)
     models = [m for m in a.models.split(",") if m]
     name = ("llm" if a.llm else "loadtest") + ("-quick" if a.quick else "")
     out: Path = a.out or common.ROOT / "results" / common.device_slug() / name
@@ -414,6 +409,24 @@ def llm_main(a, argv, s: Settings, pa, repo: Path, tok: str, served_desc: str, m
     llm_plot(results, out, f"{report['device']} | {served_desc}")
     print(f"wrote {out / 'llm.json'}, {out / 'llm.csv'}")
     return 0
+
+
+def aiperf_main(a: argparse.Namespace) -> int:
+    """--aiperf: the same served models under aiperf (benchmarks/llm_aiperf.py), with the options they share."""
+    import llm_aiperf
+
+    args = ["--models", a.models, "--prompt-tokens", a.llm_prompt_tokens, "--new-tokens", a.llm_new_tokens,
+            "--model-repository", str(a.model_repository)]
+    if a.concurrency != "1,2,4,8":  # loadtest's own default; aiperf's is 1,4,16,64
+        args += ["--concurrency", a.concurrency]
+    for flag, value in (("--hdf5", a.hdf5), ("--tokenizer", a.tokenizer), ("--out", a.out)):
+        if value is not None:
+            args += [flag, str(value)]
+    if a.url:
+        print("loadtest: --aiperf talks to the OpenAI API: use benchmarks/llm_aiperf.py --openai-url for a "
+              "running `make openai`", file=sys.stderr)
+        return 2
+    return llm_aiperf.main(args + (["--quick"] if a.quick else []))
 
 
 if __name__ == "__main__":
