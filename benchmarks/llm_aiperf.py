@@ -254,7 +254,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, command: str | None = None) -> int:
+    """`command`: the command line to record when another script (loadtest.py --aiperf) calls this one."""
     a = parse_args(argv)
     models = [m for m in a.models.split(",") if m]
     out: Path = (a.out or common.ROOT / "results" / common.device_slug() / "aiperf").resolve()
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{common.device_slug()} | {served} | aiperf {AIPERF_VERSION}, {a.cancel_pct:g}% cancelled"
     report = {"task": "aiperf", "device": common.device_slug(), "served": served, "aiperf": AIPERF_VERSION,
               "prompt_tokens": a.prompt_span, "new_tokens": a.new_span, "max_step": max_step, "cancel_pct": a.cancel_pct, "cancel_delay_s": a.cancel_delay, "points": rows,
-              "command": common.command_line(argv)}
+              "command": command or common.command_line(argv)}
     common.write_json(out / "aiperf.json", report)
     md = table(rows)
     (out / "aiperf.md").write_text(f"{title}\n\nCommand: `{report['command']}`\n\n{md}\n")

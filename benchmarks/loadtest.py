@@ -426,7 +426,7 @@ def aiperf_main(a: argparse.Namespace) -> int:
         print("loadtest: --aiperf talks to the OpenAI API: use benchmarks/llm_aiperf.py --openai-url for a "
               "running `make openai`", file=sys.stderr)
         return 2
-    return llm_aiperf.main(args + (["--quick"] if a.quick else []))
+    return llm_aiperf.main(args + (["--quick"] if a.quick else []), command=common.command_line(None))
 
 
 if __name__ == "__main__":
