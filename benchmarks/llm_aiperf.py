@@ -173,6 +173,16 @@ def profile(aiperf: Path, url: str, model: str, concurrency: int, a: argparse.Na
     return summarize(model, concurrency, json.loads(export.read_text()))
 
 
+def check_openai(url: str, models: list[str]) -> None:
+    """BenchError unless an OpenAI API answers at `url` and lists every model asked for."""
+    try:
+        listed = {m["id"] for m in json.loads(urllib.request.urlopen(url.rstrip("/") + "/v1/models", timeout=10).read())["data"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise common.BenchError(f"no OpenAI API answers at {url}/v1/models ({e}); start one with `make openai`") from None
+    if missing := [m for m in models if m not in listed]:
+        raise common.BenchError(f"{url} does not serve {missing} (it lists {sorted(listed)})")
+
+
 def served_max_step(repo: Path, model: str) -> int | None:
     """The positions of the model file a repository serves (its newest version), if it has one."""
     from lsgpt.format import read_hdf5
@@ -260,6 +270,8 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     models = [m for m in a.models.split(",") if m]
     out: Path = (a.out or common.ROOT / "results" / common.device_slug() / "aiperf").resolve()
     try:
+        if a.openai_url:  # the user's mistakes before any install
+            check_openai(a.openai_url, models)
         aiperf = find_aiperf(a.aiperf, not a.no_install)
         out.mkdir(parents=True, exist_ok=True)
         rows: list[dict] = []

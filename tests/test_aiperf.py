@@ -58,6 +58,7 @@ def test_summary_of_a_real_aiperf_export_splits_cancelled_from_failed():
     (["--cancel-pct", "150"], "--cancel-pct takes 0 to 99"),
     (["--concurrency", "4,x"], "--concurrency takes"),
     (["--aiperf", "/nonexistent/aiperf"], "no such file"),
+    (["--openai-url", "http://127.0.0.1:1"], "no OpenAI API answers at http://127.0.0.1:1"),
 ])
 def test_a_wrong_flag_is_one_clear_error(args, says, tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/llm_aiperf.py", *args, "--out", str(tmp_path)], cwd=ROOT,
