@@ -252,7 +252,10 @@ def test_ctrl_c_of_a_streaming_cli_stops_the_request_on_the_server(long_served, 
         before = settled(server)
         proc = subprocess.Popen([sys.executable, "client/generate.py", "-m", "gpt2", "--url", server.grpc_url,
                                  "--stream", "-i", "我今天", "-p", str(tiny_models.tokenizer), "--max-new-tokens",
-                                 str(MAX_NEW), "--top-k", "1"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                 str(MAX_NEW), "--top-k", "1"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                # Ctrl-C reaches a terminal's foreground job; a job started in the background
+                                # (nohup, make from a script) inherits SIGINT ignored and would never see it
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         seen = b""
         while seen.count("我".encode()) < 4:  # the prompt's 我, then streamed ones
             chunk = proc.stdout.read1(64)
@@ -262,8 +265,8 @@ def test_ctrl_c_of_a_streaming_cli_stops_the_request_on_the_server(long_served, 
         out, err = proc.communicate(timeout=60)
         err = err.decode()
         if proc.returncode == 0 and (seen + out).count("我".encode()) == MAX_NEW + 1:
-            # all 1,000 tokens (1-2 s here) came before the signal did: a busy machine let this process wait
-            # that long; that is no answer, so ask again (a CLI that ignores Ctrl-C does this every time)
+            # all 1,000 tokens (1-2 s here) came before the signal did (a busy machine kept this process waiting
+            # that long): no answer, so ask again; a CLI that ignores Ctrl-C does this every time
             print(f"attempt {attempt + 1}: the stream ended before SIGINT; again")
             continue
         break
