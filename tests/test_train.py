@@ -271,12 +271,24 @@ def test_torchrun_int8_qat_matches_one_process(corpus, tmp_path):
 
 
 def test_kill_and_resume(corpus, tmp_path):
+    # One CPU thread in the killed process and in this one: the comparison below is exact only when both run the
+    # same arithmetic, and this process's thread count is whatever earlier tests left (2 vs 1 thread: 1.2e-7).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _kill_and_resume(corpus, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kill_and_resume(corpus, tmp_path):
     out = tmp_path / "run"
     args = ["--tokenizer_name", str(corpus["tok"]), "--config_overrides", TINY, "--train_file", str(corpus["train"]),
             "--output_dir", str(out), "--max_steps", "6", "--save_steps", "2", "--logging_steps", "1",
             "--save_total_limit", "10"]
     # SIGKILL during step 3: checkpoint-2 exists, step 3 is lost.
-    p = run_train(*args, "--overwrite_output_dir", env={"LSGPT_FAULT_KILL_AT_STEP": "3"}, check=False)
+    p = run_train(*args, "--overwrite_output_dir", env={"LSGPT_FAULT_KILL_AT_STEP": "3", "OMP_NUM_THREADS": "1"},
+                  check=False)
     assert p.returncode == -9, p.stderr[-2000:]
     assert sorted(c.name for c in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (out / "model.safetensors").exists()
@@ -297,9 +309,14 @@ def test_kill_and_resume(corpus, tmp_path):
     from safetensors.torch import load_file
 
     w_ref = load_file(ref / "model.safetensors")
+    # The scale a lost or repeated step shows at: what the last two steps moved each weight (checkpoint-4 -> 6).
+    w4 = load_file(out / "checkpoint-4" / "model.safetensors")
+    two_steps = max((w_ref[k] - w4[k]).abs().max().item() for k in w_ref)
     for run in (out, out2):
         w = load_file(run / "model.safetensors")
-        assert all(torch.allclose(w[k], w_ref[k], rtol=0, atol=1e-6) for k in w), run
+        off = max((w[k] - w_ref[k]).abs().max().item() for k in w)
+        print(f"{run.name}: max |w - w_uninterrupted| = {off:.2e}; the last two steps moved weights by up to {two_steps:.2e}")
+        assert off <= max(1e-6, 1e-3 * two_steps), (run, off, two_steps)
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "non_utf8"])
