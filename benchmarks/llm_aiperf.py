@@ -15,9 +15,9 @@ one `aiperf profile --endpoint-type completions --streaming` (closed loop), a mi
 - --cancel-pct of the requests (10) cancelled --cancel-delay seconds after they are sent (aiperf disconnects; the
   frontend stops the stream in band), counted apart from failures;
 - token counts from the server's usage (our tokenizer).
-Out (--out, default results/<device>/aiperf/): aiperf's own artifacts per level (<model>-c<N>/), and our table of
-them: aiperf.json, aiperf.csv, aiperf.md, aiperf.png (time to first token, inter-token latency and request latency
-p50/p95/p99, output tokens/s, requests ok / cancelled / failed).
+Out (--out, default results/<device>/aiperf/, or aiperf-quick/ with --quick): aiperf's own artifacts per level
+(<model>-c<N>/), and our table of them: aiperf.json, aiperf.csv, aiperf.md, aiperf.png (time to first token,
+inter-token latency and request latency p50/p95/p99, output tokens/s, requests ok / cancelled / failed).
 
 aiperf lives in a virtual environment of its own (.venv-aiperf, aiperf==AIPERF_VERSION, made on first use with
 the network): it brings ~70 packages (dash, datasets, kubernetes-asyncio, ...) that the product never imports,
@@ -247,7 +247,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--aiperf", help="the aiperf executable (default .venv-aiperf/bin/aiperf, made on first use)")
     p.add_argument("--no-install", action="store_true", help="never create .venv-aiperf")
     p.add_argument("--timeout", type=float, default=900, help="seconds per aiperf run")
-    p.add_argument("--out", type=Path, help="output folder (default results/<device>/aiperf)")
+    p.add_argument("--out", type=Path, help="output folder (default results/<device>/aiperf, "
+                                                       "or aiperf-quick with --quick)")
     a = p.parse_args(argv)
     try:
         a.concurrency = [int(x) for x in a.concurrency.split(",") if x]
@@ -268,7 +269,8 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     """`command`: the command line to record when another script (loadtest.py --aiperf) calls this one."""
     a = parse_args(argv)
     models = [m for m in a.models.split(",") if m]
-    out: Path = (a.out or common.ROOT / "results" / common.device_slug() / "aiperf").resolve()
+    name = "aiperf-quick" if a.quick else "aiperf"  # a quick try never replaces a full run's results
+    out: Path = (a.out or common.ROOT / "results" / common.device_slug() / name).resolve()
     try:
         if a.openai_url:  # the user's mistakes before any install
             check_openai(a.openai_url, models)
