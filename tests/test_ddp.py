@@ -135,11 +135,23 @@ def test_ddp_gradients_and_step_match_one_process(two_ranks, quant):
         tol = 1e-4 * g.abs().max().item() + 1e-12
         err = (g0[n] - g).abs().max().item()
         assert err <= tol, f"{n}: |DDP - 1 process| = {err:.3g} > {tol:.3g} (max |g| {g.abs().max().item():.3g})"
+    counted = [0, 0]  # elements compared, elements with a gradient
     for n, p in params.items():
         assert torch.equal(p0[n], p1[n]), n  # the ranks stay identical after the step
         # AdamW's first step is lr * g / (|g| + eps), eps = 1e-8: ~lr * sign(g), insensitive to a rounding-size
         # gradient difference except where |g| is near eps (slope lr * eps / (|g| + eps)^2, up to lr / eps). Measured:
         # all but one element within 1e-3 * lr, the worst 2.5e-3 * lr at |g| = 1.4e-8 (gradients 1e-10 apart). A
         # rank-local gradient flips the sign of many elements' steps: 2 * lr apart.
-        err = (p0[n] - p).abs().max().item()
-        assert err <= 1e-2 * LR, f"{n}: parameters after step 1 differ by {err:.3g}"
+        # (a CI run met 1.05e-2 * lr at one such element). So compare where |g| >= 1e-6 = 100 eps, where the step is
+        # lr * sign(g) to 1%, and require that to be most elements with a gradient over the model (not per tensor:
+        # a key bias's gradient is rounding-sized by design), so the check keeps its reach; elements with no
+        # gradient at all (positions past the batch) must not have moved on either side.
+        g_ref = grads[n] if n in grads else torch.zeros_like(p)
+        assert torch.equal(p0[n][g_ref == 0], p[g_ref == 0]), n
+        firm = g_ref.abs() >= 1e-6
+        counted[0] += firm.sum().item()
+        counted[1] += (g_ref != 0).sum().item()
+        if firm.any():
+            err = (p0[n] - p)[firm].abs().max().item()
+            assert err <= 1e-2 * LR, f"{n}: parameters after step 1 differ by {err:.3g}"
+    assert counted[0] >= 0.9 * counted[1], f"only {counted[0]} of {counted[1]} gradients are >= 1e-6"
