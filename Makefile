@@ -26,7 +26,7 @@ serve: setup
 
 # OpenAI-compatible /v1/completions and /v1/models in front of a running `make serve` (loopback by default)
 openai: setup
-	$(PY) client/openai_server.py --url 127.0.0.1:$(GRPC_PORT) -p $(TOKENIZER) --port $(OPENAI_PORT) --host $(TRITON_HOST)
+	$(PY) -m lsgpt.serving.openai_api --url 127.0.0.1:$(GRPC_PORT) -p $(TOKENIZER) --port $(OPENAI_PORT) --host $(TRITON_HOST)
 
 # perf_analyzer sweep over gRPC (LOADTEST_ARGS=--quick: seconds; --url HOST:PORT: a running server)
 loadtest: setup

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Decode attention launch settings, swept on the GPU: which (SPLITS, BLOCK_S, num_warps) of
-`lsgpt.kernels.attention` is fastest per batch size, against the one `_attention_config` picks today.
+`lsgpt.engine.kernels.attention` is fastest per batch size, against the one `_attention_config` picks today.
 
 At batch 64 and a 300-token context the int8 attention is 46% of a decode step (309 of 671 µs on the H100,
 `results/h100/fastpath/fusion-ab-2026-11-27/NOTES.md`) while its int8 cache is ~30 MB: it is latency-bound, not
@@ -53,8 +53,10 @@ def ints(s: str) -> list[int]:
 def best_table(results: list[dict]) -> dict[str, dict[str, list[int]]]:
     """Per dtype and row count, the setting with the least total time over the contexts swept, among those
     that agreed with the default at every context: {dtype: {rows: [keys per split, BLOCK_S, warps]}} — the
-    format of `lsgpt.kernels.ATTENTION_TABLE` and of LSGPT_ATTENTION_TABLE."""
-    from lsgpt.kernels import keys_per_split  # as main() imports the kernels: after the interpreter is chosen
+    format of `lsgpt.engine.kernels.ATTENTION_TABLE` and of LSGPT_ATTENTION_TABLE."""
+    from lsgpt.engine.kernels import (
+        keys_per_split,  # as main() imports the kernels: after the interpreter is chosen
+    )
 
     total: dict[tuple[str, int], dict[tuple, list[float]]] = {}
     for r in results:
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         a.splits, a.block_s, a.warps = "1,2", "16,32", "1,4"
     import torch
 
-    from lsgpt import kernels as K
+    from lsgpt.engine import kernels as K
 
     bad = set(a.dtypes.split(",")) - {"int8", "fp16"}
     if bad:

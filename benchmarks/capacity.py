@@ -153,7 +153,7 @@ async def open_loop(urls: list[str], rate: float, n: int, req, seed: int = 1) ->
 def _pinned(repo: Path, cpu: int):
     """A tritonserver (and its model processes, which inherit it) on one CPU core, so that two replicas on one
     machine each get what the single replica had when its curve was measured."""
-    from lsgpt.launcher import TritonServer, free_port
+    from lsgpt.serving.launcher import TritonServer, free_port
 
     class Pinned(TritonServer):
         def command(self, backend_dir, binary):
@@ -168,7 +168,7 @@ def validate(a: argparse.Namespace) -> dict:
 
     import tritonclient.grpc.aio as aio
 
-    from client.api import _inputs
+    from lsgpt.client.api import _inputs
 
     prompt = [CLS_ID, *range(1000, 1000 + a.prompt_tokens)]
     params = {"max_new_tokens": a.new_tokens, "top_k": 1}

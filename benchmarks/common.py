@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from lsgpt.contract import MODEL_FILE, SEP_ID, TOKENIZER_FILE, VOCAB_SIZE
-from lsgpt.launcher import TritonServer, free_port, latest_version
+from lsgpt.serving.launcher import TritonServer, free_port, latest_version
 
 ROOT = Path(__file__).resolve().parents[1]
 PORTABLE_MODELS = ("gpt2", "gpt2_int8")
@@ -139,7 +139,7 @@ def export_pair(model, folder: Path, max_step: int) -> tuple[Path, Path]:
     """fp export, and int8 with clips calibrated on random token rows (no QAT for a random model)."""
     import torch
 
-    from lsgpt.convert import (
+    from lsgpt.export.convert import (
         calibrate,
         export_model,
         float_arrays,
@@ -163,8 +163,10 @@ def export_pair(model, folder: Path, max_step: int) -> tuple[Path, Path]:
 def repository(folder: Path, files: dict[str, Path], tokenizer: str | None = None, src: Path | None = None) -> Path:
     """A model repository at `folder`: the configs of `src` (default: the checkout's model_repository/),
     each model of `files` (name -> exported file) published into it."""
-    from lsgpt.launcher import ROOT as SERVED_ROOT  # the checkout that serves (PYTHONPATH may name another)
-    from lsgpt.repository import publish
+    from lsgpt.serving.launcher import (
+        ROOT as SERVED_ROOT,  # the checkout that serves (PYTHONPATH may name another)
+    )
+    from lsgpt.serving.repository import publish
 
     for cfg in (src or SERVED_ROOT / "model_repository").glob("*/config.pbtxt"):
         (folder / cfg.parent.name / "1").mkdir(parents=True, exist_ok=True)
@@ -189,10 +191,10 @@ def served(repo: Path, models: list[str], url: str | None = None, device: str | 
 
 
 def infer(client, model: str, prompt: list[int], max_new_tokens: int, timeout: float | None = None) -> list[int]:
-    """One greedy request built by the client library (client.api._inputs); the result row."""
+    """One greedy request built by the client library (lsgpt.client.api._inputs); the result row."""
     import tritonclient.grpc as grpcclient
 
-    from client.api import _inputs
+    from lsgpt.client.api import _inputs
 
     ins = _inputs(grpcclient, prompt, {"max_new_tokens": max_new_tokens, "top_k": 1})
     return client.infer(model, ins, client_timeout=timeout).as_numpy("result")[0].tolist()

@@ -36,7 +36,7 @@ def profile_decode(eng, batch: int, steps: int = 20, prompt_len: int = 4) -> dic
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     eager = type(eng)(eng.config, eng.model, eng.device, cuda_graphs=False, fused=eng.fused is not None)
     prompts = [[1000 + i] * prompt_len for i in range(batch)]
@@ -61,7 +61,7 @@ def profile_decode(eng, batch: int, steps: int = 20, prompt_len: int = 4) -> dic
 def run(a: argparse.Namespace) -> dict:
     import torch
 
-    from lsgpt.engine import Engine, SamplingParams
+    from lsgpt.engine.engine import Engine, SamplingParams
 
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"

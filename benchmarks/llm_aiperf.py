@@ -7,7 +7,7 @@
     python benchmarks/llm_aiperf.py --openai-url http://127.0.0.1:9000 --models gpt2_int8   # a running `make openai`
 
 What runs: a real tritonserver of ours on free ports (what loadtest.py serves: --hdf5, else the repository's
-exported models, else a tiny random GPT-2), client/openai_server.py in front of it, then per model and concurrency
+exported models, else a tiny random GPT-2), lsgpt/serving/openai_api.py in front of it, then per model and concurrency
 one `aiperf profile --endpoint-type completions --streaming` (closed loop), a mixed load:
 - the requests of loadtest.py --llm (common.llm_requests): real prompts (data/train.txt's lines, else built-in
   ones) cut or repeated to lengths uniform in --prompt-tokens (4..64), max_tokens uniform in --new-tokens
@@ -116,10 +116,10 @@ def write_dataset(tok: str, a: argparse.Namespace, max_step: int, vocab: int | N
 
 
 class OpenAIFrontend:
-    """client/openai_server.py in a child process on a free loopback port, in front of a gRPC url."""
+    """lsgpt/serving/openai_api.py in a child process on a free loopback port, in front of a gRPC url."""
 
     def __init__(self, grpc_url: str, tokenizer: str, log: Path):
-        from lsgpt.launcher import free_port
+        from lsgpt.serving.launcher import free_port
 
         self.port, self.log = free_port(), log
         self.url = f"http://127.0.0.1:{self.port}"

@@ -8,7 +8,7 @@ request-rate mode, on real tokenized prompts; perf_analyzer's CSVs, a summary (J
     python benchmarks/loadtest.py --hdf5 model/int8/model.hdf5 --tokenizer model/int8
 
 What is served (see common.prepare): --url uses a running server as is; otherwise a real
-tritonserver (lsgpt.launcher.TritonServer, free ports) serves --hdf5 if given, else the repository when its
+tritonserver (lsgpt.serving.launcher.TritonServer, free ports) serves --hdf5 if given, else the repository when its
 models are exported, else a fresh tiny random GPT-2 over the real 21128-entry vocabulary (the load test
 then measures the serving path — gRPC, dynamic batching, the Python backend, the engine loop — not a
 trained model's weights; the summary records which).

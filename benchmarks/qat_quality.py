@@ -25,7 +25,7 @@ corpus, batch and block for all; subprocesses, nothing re-implemented; the full 
                        and QAT starts there at the learning rate that run had at step N, cosine-decayed to 0 over
                        M steps, Adam beta2 0.95 as the fp16 runs: QAT as the last M steps of the fp16 schedule. The
                        default, --handover annealed, is the demo's: QAT from a finished fp16 N run.)
-  int8 PTQ, N+M        export.py -q --calibrate on the fp16 N+M folder (lsgpt.convert.calibrate: max |x| at every
+  int8 PTQ, N+M        export.py -q --calibrate on the fp16 N+M folder (lsgpt.export.convert.calibrate: max |x| at every
                        clip point over the first 64 lines of the calibration text; here the corpus's training lines,
                        never the held-out ones, which are the first lines of the file)
 
@@ -35,7 +35,7 @@ first 5 % of the corpus's lines, cut into --block blocks).
              run the integer dataflow (CPU: FBGEMM int8 GEMMs, CUDA: the fused Triton kernels). Rows are
              aggregated as heldout_loss aggregates (the Trainer's mean of per-batch-of-8 token means), so the
              engine and HF columns are directly comparable.
-  HF         training.vocab_subset.heldout_loss (the demo's held-out perplexity) of the checkpoint in fp32:
+  HF         lsgpt.training.vocab_subset.heldout_loss (the demo's held-out perplexity) of the checkpoint in fp32:
              transformers' GPT2LMHeadModel for fp16, the fake-quant QuantGPT2LMHeadModel for QAT.
   train.py   metrics.json's `perplexity` of each run (its own Trainer evaluation over all held-out blocks; under
              --fp16 autocast on CUDA).
@@ -71,9 +71,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only
 
 from lsgpt.text import load_tokenizer  # noqa: E402
-from training.train import DataTrainingArguments, build_datasets, read_paragraphs, split_lines  # noqa: E402
-from training.vocab_subset import _load as load_hf_checkpoint  # noqa: E402
-from training.vocab_subset import heldout_loss  # noqa: E402
+from lsgpt.training.train import DataTrainingArguments, build_datasets, read_paragraphs, split_lines  # noqa: E402
+from lsgpt.training.vocab_subset import _load as load_hf_checkpoint  # noqa: E402
+from lsgpt.training.vocab_subset import heldout_loss  # noqa: E402
 
 # gpu: the article's model (default GPT2Config: 12 layers, 768 hidden, 12 heads; vocab 21128 from the tokenizer).
 # cpu: a tiny model and a handful of steps, to show the whole path works (~3 min on 2 cores).
@@ -187,7 +187,7 @@ def reset_peak() -> None:
 
 
 def engine_loss(hdf5: Path, rows: list[list[int]], device: str) -> tuple[float, float | None, str, float]:
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
 
     reset_peak()
     t = time.perf_counter()
@@ -466,7 +466,7 @@ def markdown(r: dict) -> str:
         "",
         "- engine: the exported file through `lsgpt.engine.Engine.ppl` (backends: "
         + ", ".join(f"{row['key']} {row['engine_backend']}" for row in r["rows"])
-        + "); HF: `training.vocab_subset.heldout_loss` of the checkpoint in fp32 (GPT2LMHeadModel; QAT: the "
+        + "); HF: `lsgpt.training.vocab_subset.heldout_loss` of the checkpoint in fp32 (GPT2LMHeadModel; QAT: the "
         "fake-quant model), same blocks, same aggregation; train.py: its own evaluation over all held-out blocks.",
         f"- QAT run (train.py): its start without quantizers {fmt(qm['fp16_perplexity'])}, with LightSeq's initial "
         f"clips before QAT {fmt(qm['int8_before_qat_perplexity'])}, after QAT {fmt(qm['eval_perplexity'])}.",

@@ -42,7 +42,7 @@ from lsgpt.contract import VOCAB_SIZE
 def overhead(a, url: str, files: dict[str, Path]) -> dict:
     import tritonclient.grpc as grpcclient
 
-    from lsgpt.engine import Engine, SamplingParams
+    from lsgpt.engine.engine import Engine, SamplingParams
 
     n, rows = a.new_tokens, []
     g = np.random.default_rng(7)
@@ -168,8 +168,8 @@ def inflight(a, url: str | None, model: str, hdf5: Path, server=None) -> dict:
     rng, cap = random.Random(a.seed), cfg.max_step - 1
     res: dict = {"model": model, "max_step": cfg.max_step, "in_process": a.in_process, "levels": []}
     if a.in_process:
-        from lsgpt.engine import Engine, SamplingParams
-        from lsgpt.scheduler import Scheduler
+        from lsgpt.engine.engine import Engine, SamplingParams
+        from lsgpt.engine.scheduler import Scheduler
 
         engine = Engine.load(hdf5, a.device)
         for conc in a.concurrency:

@@ -143,7 +143,7 @@ def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], sampl
 
         import tritonclient.grpc as grpcclient
 
-        from client.api import _inputs, close_stream
+        from lsgpt.client.api import _inputs, close_stream
 
         got: queue.Queue = queue.Queue()
         c = grpcclient.InferenceServerClient(url)
@@ -188,7 +188,7 @@ def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], sampl
             tally.inflight.pop(offset, None)
 
     def in_process() -> None:
-        from lsgpt.engine import SamplingParams
+        from lsgpt.engine.engine import SamplingParams
 
         i = 0
         while not stop.is_set():
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.in_process:
             import torch
 
-            from lsgpt.engine import Engine
+            from lsgpt.engine.engine import Engine
 
             dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
             if dev == "cpu" and a.server_threads:

@@ -46,7 +46,7 @@ def train(argv: list[str]) -> int:
     import torch
     from transformers import TrainerCallback
 
-    import training.train as T
+    import lsgpt.training.train as T
 
     warmup = int(os.environ.get(WARMUP_ENV, "20"))
     block = int(_argv_value(argv, "--block_size", "500"))

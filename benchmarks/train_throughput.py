@@ -3,8 +3,8 @@
 Modes:
   hf-fp32          transformers' GPT2LMHeadModel, fp32, the plain Trainer
   hf-fp16          the same with --fp16 (mixed precision; CUDA only): the baseline of issue 16
-  ours-fp16        what training/train.py runs for fp16 by default on CUDA: lsgpt.qat.QuantGPT2LMHeadModel with
-                   quantizers off, through the training fast path (lsgpt.fasttrain: compiled regions, fused
+  ours-fp16        what training/train.py runs for fp16 by default on CUDA: lsgpt.training.qat.QuantGPT2LMHeadModel with
+                   quantizers off, through the training fast path (lsgpt.training.fasttrain: compiled regions, fused
                    AdamW, no per-step host syncs)
   ours-int8        the same with LightSeq's fake quantizers on (int8 QAT, fp16 mixed precision on CUDA)
   ours-*-model     the same, the whole training forward compiled as one graph (compile_regions(scope="model"))
@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from lsgpt import fasttrain  # noqa: E402
-from lsgpt.qat import QuantGPT2LMHeadModel  # noqa: E402
+from lsgpt.training import fasttrain  # noqa: E402
+from lsgpt.training.qat import QuantGPT2LMHeadModel  # noqa: E402
 
 MODES = ("hf-fp32", "hf-fp16", "ours-fp16", "ours-int8", "ours-fp16-model", "ours-int8-model", "ours-fp16-graphs",
          "ours-int8-graphs", "ours-fp16-plain", "ours-int8-plain")

@@ -1,14 +1,14 @@
-"""lsgpt: GPT-2 in LightSeq's HDF5 format — format, exporter, engine, tokenizer helpers.
+"""lsgpt: GPT-2 in LightSeq's HDF5 format, from training to a served model.
 
-Submodules (import what you need; this package imports nothing heavy on its own):
-  format    HDF5 dataset names, sizes, quantization formulas, read/validate/write (numpy + h5py)
-  text      tokenizer helpers, prompt format, CJK-aware detokenization (no torch)
-  export    HF checkpoint -> HDF5 (fp16 / int8), calibration
-  model     fp16/fp32 transformer with KV cache (torch)
-  quantize  int8 dataflow of LightSeq's QuantGpt (torch; integer GEMMs)
-  generate  Engine: loading, batching unequal prompts, sampling, streaming
-  qat       fake quantizers and the QAT GPT-2 used by training
-  triton    tritonserver discovery and launch helpers
+The package has floors; a module imports only from its own floor or the ones below it (tests/test_layout.py):
+
+  contract, format, text   the served contract, the HDF5 format, tokenizer helpers (numpy + h5py, no torch)
+  client                   the client library: gRPC through tritonclient (no torch)
+  engine                   the model in torch (fp16 and LightSeq's int8), GPU kernels, sampling, Engine, Scheduler
+  export, training         HF checkpoint -> HDF5; fine-tuning with quantization-aware training
+  serving                  the Triton model, its launcher and repository, the OpenAI-compatible gateway
+
+Import what you need: this package imports nothing on its own.
 """
 
 __version__ = "0.1.0"

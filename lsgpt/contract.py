@@ -15,7 +15,7 @@ from typing import Any
 # ---- files -------------------------------------------------------------------------------------------------
 MODEL_FILE = "model.hdf5"  # in every version folder (our models) and at the model root (LightSeq's backend)
 TOKENIZER_FILE = "vocab.txt"  # published beside MODEL_FILE: text in / text out
-BACKEND = "lsgpt"  # config.pbtxt `backend:` of our models (a Python-based backend, lsgpt/backend/model.py)
+BACKEND = "lsgpt"  # config.pbtxt `backend:` of our models (a Python-based backend, lsgpt/serving/backend/model.py)
 
 # ---- tensors (LightSeq's names for ids in and out) ---------------------------------------------------------
 TOKEN_IDS = "token_ids"  # INT32 [-1]: the prompt, [CLS] first

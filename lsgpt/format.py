@@ -88,7 +88,7 @@ HF_LAYER_MAP: dict[str, str] = {
     "ffn_second_kernel": "mlp.c_proj.weight",
     "ffn_second_bias": "mlp.c_proj.bias",
 }
-# Where QAT checkpoints keep their clips (state-dict keys; see lsgpt/qat.py):
+# Where QAT checkpoints keep their clips (state-dict keys; see lsgpt/training/qat.py):
 #   transformer.h.{i}.ls_clips.{LAYER_ACT_CLIPS name}
 #   transformer.ls_clips.{emb_clip_max | output_ln_clip_max}
 CLIP_PREFIX_LAYER = "transformer.h.{i}.ls_clips."

@@ -5,7 +5,7 @@
   2. fp16        training/train.py (small GPT-2)   -> model/fp16/
   3. int8 QAT    training/train.py --enable_quant true --resume_from_checkpoint model/fp16 -> model/int8/
   4. export      export/export.py -m … [-q] --repository model_repository  (gpt2, gpt2_int8, their *_stream twins, LightSeq roots)
-  5. serve       the real tritonserver on free loopback ports (lsgpt.launcher)
+  5. serve       the real tritonserver on free loopback ports (lsgpt.serving.launcher)
   6. generate    prompts (the article's 我好难受 among them) through the gRPC client library, both models
   7. load test   a short perf_analyzer run (benchmarks/loadtest.py)
   8. report      a final table -> results/demo/summary.json; the server is stopped
@@ -39,7 +39,7 @@ def distinct2(rows: list[list[int]]) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 # Sizes: the default fits the 15-minute budget on 2 CPU cores (about 6 minutes); quick is for the test suite.
-# Both train over the vocabulary subset the corpus uses (training/vocab_subset.py: ~4,800 of the 21128 tokens,
+# Both train over the vocabulary subset the corpus uses (lsgpt/training/vocab_subset.py: ~4,800 of the 21128 tokens,
 # ~4x the training tokens/s of the full softmax), then expand to the full vocabulary before export.
 # Default: 1500 steps x 8 x 128 tokens (~2.7 epochs of the 600k-character corpus) at a tiny model's learning
 # rate (5e-3, cosine, Adam beta2 0.95, no dropout): held-out perplexity ~180 instead of ~590 with the earlier
@@ -84,7 +84,7 @@ def train(args, size, out: Path, quant: bool, corpus: Path, tok: Path) -> None:
         cmd += ["--model_name_or_path", str(sub / "fp16"), "--resume_from_checkpoint", str(sub / "fp16"),
                 "--enable_quant", "true", "--learning_rate", "5e-4", "--max_steps", str(size["int8_steps"])]
     else:
-        run(["python", "training/vocab_subset.py", "subset", "--tokenizer", str(tok), "--train_file", str(corpus),
+        run(["python", "lsgpt/training/vocab_subset.py", "subset", "--tokenizer", str(tok), "--train_file", str(corpus),
              "--out", str(sub / "tokenizer")])
         overrides = (f"n_layer={size['layers']},n_embd={size['hidden']},n_head={size['heads']},"
                      f"n_positions={size['block']},resid_pdrop=0,embd_pdrop=0,attn_pdrop=0")
@@ -92,7 +92,7 @@ def train(args, size, out: Path, quant: bool, corpus: Path, tok: Path) -> None:
                 "--learning_rate", str(size["lr"]), "--warmup_steps", str(size["warmup"]),
                 "--lr_scheduler_type", "cosine", "--adam_beta2", "0.95", "--max_steps", str(size["fp16_steps"])]
     run(cmd)
-    run(["python", "training/vocab_subset.py", "expand", "--model", str(sub_out), "--tokenizer", str(tok),
+    run(["python", "lsgpt/training/vocab_subset.py", "expand", "--model", str(sub_out), "--tokenizer", str(tok),
          "--subset", str(sub / "tokenizer"), "--train_file", str(corpus), "--out", str(out)])
 
 
@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     # One torch thread per process from here on (served models and this process): on a 2-core machine,
     # several processes each spinning a 2-thread pool starve one another.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from client import Client
-    from lsgpt.engine import Engine, SamplingParams
-    from lsgpt.launcher import TritonServer, free_port
+    from lsgpt.client import Client
+    from lsgpt.engine.engine import Engine, SamplingParams
+    from lsgpt.serving.launcher import TritonServer, free_port
     from lsgpt.text import decode, encode_prompt, load_tokenizer
 
     say("5/8 start the real tritonserver (Python backend, our engine) on loopback")

@@ -88,7 +88,7 @@ def install() -> None:
 def engines(tmp: str, which: list[str]):
     """The GPU tests' model shape (4 layers, 256 hidden, 8 heads, vocab 4096, max_step 256), fp16 and int8."""
     from benchmarks.common import export_pair, random_model
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
 
     fp, q = export_pair(random_model(4, 256, 8, vocab=4096, positions=256), Path(tmp), 256)
     for name, path in (("fp16", fp), ("int8", q)):
@@ -99,7 +99,7 @@ def engines(tmp: str, which: list[str]):
 def main() -> int:
     import tempfile
 
-    from lsgpt.model import KVCache
+    from lsgpt.engine.model import KVCache
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("which", nargs="*", default=["fp16", "int8"], choices=["fp16", "int8"])

@@ -36,7 +36,7 @@ def make_tiny_gpt2(seed: int):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> TinyModels:
-    from lsgpt.convert import export_model
+    from lsgpt.export.convert import export_model
 
     d = tmp_path_factory.mktemp("tiny_gpt2")
     (d / "tok").mkdir()
@@ -53,7 +53,7 @@ def make_repository(dst: Path, tiny: TinyModels) -> Path:
     """A copy of model_repository/'s tracked files (configs, version 1) with the tiny models published."""
     import shutil
 
-    from lsgpt.repository import publish
+    from lsgpt.serving.repository import publish
 
     src = Path(__file__).resolve().parent.parent / "model_repository"
     for cfg in src.glob("*/config.pbtxt"):
@@ -67,7 +67,7 @@ def make_repository(dst: Path, tiny: TinyModels) -> Path:
 
 
 def scrape_metrics(server) -> dict[str, float]:
-    """Triton's /metrics (Prometheus text) of a running lsgpt.launcher.TritonServer as {'name{labels}': value}."""
+    """Triton's /metrics (Prometheus text) of a running lsgpt.serving.launcher.TritonServer as {'name{labels}': value}."""
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()

@@ -23,8 +23,8 @@ import pytest
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from conftest import TINY_VOCAB, make_repository, scrape_metrics  # noqa: E402
 
-from lsgpt.engine import Engine, SamplingParams  # noqa: E402
-from lsgpt.launcher import TritonServer, free_port  # noqa: E402
+from lsgpt.engine.engine import Engine, SamplingParams  # noqa: E402
+from lsgpt.serving.launcher import TritonServer, free_port  # noqa: E402
 
 MAX_STEP = 1024
 MAX_NEW = 1000  # left to run, the request generates exactly this many tokens (no EOS: see the fixture)
@@ -37,7 +37,7 @@ def long_served(tiny_models, tmp_path_factory):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lsgpt.convert import export_model
+    from lsgpt.export.convert import export_model
 
     d = tmp_path_factory.mktemp("cancel")
     torch.manual_seed(0)
@@ -154,10 +154,10 @@ def test_cancelled_stream_frees_its_row_and_stops_generating(long_served):
 
 
 def test_client_streams_leave_no_thread_behind(long_served, tiny_models):
-    """client.api's streams, cancelled or run to their end, end gRPC's request-reader thread. tritonclient 2.51's
+    """lsgpt.client.api's streams, cancelled or run to their end, end gRPC's request-reader thread. tritonclient 2.51's
     stop_stream(cancel_requests=True) alone leaves it waiting forever: one thread per stream (a soak client stalled
     after ~3,000 cancelled streams; the OpenAI frontend streams every completion through this path)."""
-    from client.api import Client
+    from lsgpt.client.api import Client
 
     server, _ = long_served
     c = Client(server.grpc_url, "gpt2", tiny_models.tokenizer, stream_model=MODEL, timeout=120)
@@ -178,14 +178,14 @@ def test_client_streams_leave_no_thread_behind(long_served, tiny_models):
 
 
 def test_in_band_cancel_stops_the_row_and_the_call_ends_without_a_grpc_cancel(long_served):
-    """client.api.close_stream(c, cancel=(model, request id)): the model is asked on the stream itself
+    """lsgpt.client.api.close_stream(c, cancel=(model, request id)): the model is asked on the stream itself
     (contract.CANCEL) to stop the request, the stream is half-closed, and the server ends the call — no gRPC
     cancellation, which tritonserver 2.51's gRPC frontend can answer by corrupting its heap (a CPU soak with
     half the streams cancelled so hung it within a minute). Oracles: the server's metrics (one cancelled request,
     far fewer tokens than asked), the model's own CANCELLED answer on the stream, and no local gRPC cancel."""
     import uuid
 
-    from client.api import close_stream
+    from lsgpt.client.api import close_stream
 
     server, engine = long_served
     gen, cancelled = f"lsgpt_generated_tokens_total{LABELS}", f"lsgpt_cancelled_requests_total{LABELS}"
@@ -281,7 +281,7 @@ def test_no_cancellation_check_overlaps_or_follows_the_final_response():
     is_cancelled() that reaches it later (a GPU soak's streaming twin stopped answering for good). Watched.close(),
     taken before every FINAL, waits for a check in flight and no check runs after it. Oracle: the order of events
     logged by the check itself and by the closer."""
-    from lsgpt.triton_model import CancelWatch
+    from lsgpt.serving.triton_model import CancelWatch
 
     events: list[str] = []
     inside, release = threading.Event(), threading.Event()
@@ -316,7 +316,7 @@ def test_a_stalled_response_send_is_reported_then_ends_the_model_process(capfd):
     Triton calls ready while every request hangs: the outbox reports the stall with every thread's stack, then
     ends the process (here: a stand-in for SIGKILL), which the launcher's supervisor turns into a restart. A send
     that returns in time triggers neither."""
-    from lsgpt.triton_model import Outbox
+    from lsgpt.serving.triton_model import Outbox
 
     exits, release = [], threading.Event()
     box = Outbox("stall-test", stall_report_s=0.4, stall_exit_s=1.2, exit_process=lambda: exits.append(1))
@@ -360,7 +360,7 @@ def test_a_stream_from_a_model_that_never_answers_times_out_and_leaves_nothing(t
     library gets RequestTimeout after its timeout, every time, and keeps no thread. tritonclient's close() alone
     waits for the stream's answer; the stream's deadline and close_stream() each end that wait (without both,
     this test hangs into its pytest timeout; the soak client, with neither, hung for good)."""
-    from client.api import Client, RequestTimeout
+    from lsgpt.client.api import Client, RequestTimeout
 
     (tmp_path / "wedged" / "1").mkdir(parents=True)
     (tmp_path / "wedged" / "config.pbtxt").write_text(WEDGED_CONFIG)

@@ -15,9 +15,9 @@ pytest.importorskip("tritonclient.grpc")
 
 from conftest import make_repository  # noqa: E402
 
-from client import Client, InvalidRequest, ModelNotReady, RequestTimeout, ServerUnavailable  # noqa: E402
-from lsgpt.engine import Engine, SamplingParams  # noqa: E402
-from lsgpt.launcher import TritonServer, free_port  # noqa: E402
+from lsgpt.client import Client, InvalidRequest, ModelNotReady, RequestTimeout, ServerUnavailable  # noqa: E402
+from lsgpt.engine.engine import Engine, SamplingParams  # noqa: E402
+from lsgpt.serving.launcher import TritonServer, free_port  # noqa: E402
 from lsgpt.text import decode, encode_prompt, load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def local(tiny_models):
 def test_client_imports_without_torch(server, tiny_models):
     code = (
         "import sys, json\n"
-        "from client import Client\n"
+        "from lsgpt.client import Client\n"
         f"c = Client({server.grpc_url!r}, 'gpt2', {str(tiny_models.tokenizer)!r})\n"
         "text = c.generate('我今天', max_new_tokens=3, top_k=1)\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'text': text}))\n"

@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from lsgpt import contract as C
-from lsgpt.repository import MODELS
+from lsgpt.serving.repository import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = [name for m, kind in MODELS.items() for name in (m, *kind.also)]
@@ -67,8 +67,8 @@ def test_param_limits(name):
 
 
 def test_engine_and_client_enforce_the_same_limits(tiny_models):
-    from client.api import InvalidRequest, check_sampling
-    from lsgpt.engine import Engine, RequestError, SamplingParams
+    from lsgpt.client.api import InvalidRequest, check_sampling
+    from lsgpt.engine.engine import Engine, RequestError, SamplingParams
 
     eng = Engine.load(tiny_models.fp16, device="cpu")
     for name, v in BAD.items():

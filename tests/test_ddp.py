@@ -23,8 +23,8 @@ def tiny_qat(quant: bool):
     freezes them."""
     from transformers import GPT2Config
 
-    from lsgpt.qat import QuantGPT2LMHeadModel
-    from training.train import plain_fp16_checkpoint
+    from lsgpt.training.qat import QuantGPT2LMHeadModel
+    from lsgpt.training.train import plain_fp16_checkpoint
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=V, resid_pdrop=0.0,

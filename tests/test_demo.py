@@ -101,7 +101,7 @@ def test_readme_next_step_commands_work_as_written(demo):
     import os
     import shlex
 
-    from lsgpt.launcher import TritonServer, free_port
+    from lsgpt.serving.launcher import TritonServer, free_port
 
     work, _ = demo
     commands = readme_commands()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import make_repository
 
-from lsgpt.launcher import free_port
+from lsgpt.serving.launcher import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -91,7 +91,7 @@ def test_entrypoint_runs_natively_and_stops_on_sigterm(tiny_models, tmp_path):
         deadline = time.monotonic() + 180
         for line in proc.stdout:  # the launcher prints one "ready" line once every model is ready
             lines.append(line)
-            if "[lsgpt.launcher] ready" in line or time.monotonic() > deadline:
+            if "[lsgpt.serving.launcher] ready" in line or time.monotonic() > deadline:
                 break
         assert any("ready: models gpt2 |" in ln for ln in lines), "".join(lines[-30:])
         if not os.path.exists("/dev/nvidia0"):  # the GPU-probe warnings that follow are explained first

@@ -37,7 +37,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def files(model, tmp_path_factory):
-    from lsgpt.convert import export_model
+    from lsgpt.export.convert import export_model
 
     d = tmp_path_factory.mktemp("fp16")
     ls = R.hf_to_ls(tiny.state_dict_np(model), NL, MAX_STEP)
@@ -50,7 +50,7 @@ def files(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(files):
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
 
     return {k: Engine.load(p, device="cpu") for k, p in files.items()}
 
@@ -88,7 +88,7 @@ def hf_logits(m, tokens):
 
 
 def greedy(engine, prompts, n, **kw):
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     return engine.generate(prompts, SamplingParams(max_new_tokens=n, top_k=1, **kw))
 
@@ -140,8 +140,8 @@ def test_layernorm_epsilon_is_hf_gpt2s(model, tmp_path):
     1e-3 (variance ~2e-7 across the hidden dimension, well below 1e-5) and the final LayerNorm by 1e3 (logits of
     the usual size): HF with epsilon 1e-12 instead of 1e-5 moves the logits by units; the engine must match HF to
     fp32 rounding (1e-4 relative, as above)."""
-    from lsgpt.convert import export_model
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
+    from lsgpt.export.convert import export_model
 
     m = copy.deepcopy(model)
     with torch.no_grad():
@@ -204,7 +204,7 @@ def test_batch_of_unequal_prompts_equals_each_alone_greedy(engines):
 
 def test_sampling_seed_reproducible_and_per_row(engines):
     """generate.py documents: each row draws from its own generator seeded by its seed."""
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     e = engines["exported"]
     sp = SamplingParams(max_new_tokens=25, top_k=0, top_p=1.0, temperature=1.0, seed=1234)
@@ -223,7 +223,7 @@ def test_sampling_seed_reproducible_and_per_row(engines):
 
 
 def test_top_k_sampling_stays_in_top_k(engines, files, model):
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     hf = hf_from_file(files["exported"], model)
     e = engines["exported"]
@@ -246,7 +246,7 @@ def _file_with(tmp_path, model, name, **conf):
 
 
 def test_length_limits(model, tmp_path):
-    from lsgpt.engine import Engine, SamplingParams
+    from lsgpt.engine.engine import Engine, SamplingParams
 
     p = PROMPTS[1]  # 7 tokens
     free = greedy(Engine.load(_file_with(tmp_path, model, "a.hdf5"), device="cpu"), [p], 60)[0]
@@ -267,7 +267,7 @@ def test_length_limits(model, tmp_path):
 
 
 def test_stops_at_eos_and_keeps_it(model, tmp_path):
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
 
     p = PROMPTS[1]
     free = greedy(Engine.load(_file_with(tmp_path, model, "a.hdf5"), device="cpu"), [p], 30)[0]
@@ -282,7 +282,7 @@ def test_stops_at_eos_and_keeps_it(model, tmp_path):
 
 
 def test_top_p_sampling_stays_in_nucleus(engines, files, model):
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     hf = hf_from_file(files["exported"], model)
     e = engines["exported"]
@@ -298,7 +298,7 @@ def test_top_p_sampling_stays_in_nucleus(engines, files, model):
 
 
 def test_stream_yields_generate_continuation(engines):
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     e = engines["exported"]
     sp = SamplingParams(max_new_tokens=12, top_k=0, seed=9)
@@ -313,14 +313,14 @@ def test_stream_yields_generate_continuation(engines):
          "max_new_tokens_0", "top_p_1.5", "negative_temperature", "negative_top_k"],
 )
 def test_bad_requests_raise_request_error(engines, prompts, kw):
-    from lsgpt.engine import RequestError, SamplingParams
+    from lsgpt.engine.engine import RequestError, SamplingParams
 
     with pytest.raises(RequestError):
         engines["exported"].generate(prompts, SamplingParams(**kw))
 
 
 def test_ppl_model_refuses_to_generate_but_scores(model, tmp_path):
-    from lsgpt.engine import Engine, RequestError, SamplingParams
+    from lsgpt.engine.engine import Engine, RequestError, SamplingParams
 
     e = Engine.load(_file_with(tmp_path, model, "ppl.hdf5", sampling_method="ppl"), device="cpu")
     with pytest.raises(RequestError):
@@ -330,7 +330,7 @@ def test_ppl_model_refuses_to_generate_but_scores(model, tmp_path):
 
 def test_file_sampling_defaults_apply(model, tmp_path):
     """SamplingParams fields left None take the file's model_conf (topk file -> its topk; topp file -> its topp)."""
-    from lsgpt.engine import Engine, SamplingParams
+    from lsgpt.engine.engine import Engine, SamplingParams
 
     p = PROMPTS[0]
     hf = hf_from_file(_file_with(tmp_path, model, "k.hdf5"), model)
@@ -357,7 +357,7 @@ def test_file_sampling_defaults_apply(model, tmp_path):
 
 
 def test_temperature_zero_is_greedy(engines):
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     e = engines["exported"]
     g = greedy(e, [PROMPTS[1]], 15)
@@ -369,7 +369,7 @@ def test_cpu_argmax_agrees_with_torch_on_ties_nan_and_infinities():
     built to disagree if either broke ties or NaN differently: rounded logits (ties), NaN, +-inf, all -inf."""
     import torch
 
-    from lsgpt.engine import argmax_rows
+    from lsgpt.engine.engine import argmax_rows
 
     g = torch.Generator().manual_seed(0)
     for trial in range(600):

@@ -1,4 +1,4 @@
-"""The engine's fused fast path (lsgpt/fused.py: Triton kernels, fp32 residual stream) vs the same oracles as
+"""The engine's fused fast path (lsgpt/engine/fused.py: Triton kernels, fp32 residual stream) vs the same oracles as
 the CPU tests: HF GPT-2 (fp32, CPU) for fp16 files and the fp64 int8 reference (tests/oracles) for int8 files.
 On CUDA the real kernels; without a GPU the same kernels in the Triton interpreter (TRITON_INTERPRET=1), so CI
 covers the whole fused forward too. Decoding at batch 1..17 covers the small-M GEMM tiles.
@@ -17,7 +17,7 @@ from oracles import tiny
 torch = pytest.importorskip("torch")
 CUDA = torch.cuda.is_available()
 if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before lsgpt.kernels is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before lsgpt.engine.kernels is first imported
 pytest.importorskip("triton")
 DEV = "cuda" if CUDA else "cpu"
 gpu_only = pytest.mark.skipif(not CUDA, reason="minutes in the Triton interpreter; the CPU run keeps the others")
@@ -28,7 +28,7 @@ STEP = 16.0 / 127.0
 
 @pytest.fixture(scope="module")
 def fp16(tmp_path_factory):
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
 
     m = tiny.make_model(seed=0, wide=True)
     p = R.write_ls_fp16(tmp_path_factory.mktemp("g16") / "m.hdf5", R.hf_to_ls(tiny.state_dict_np(m), NL, MAX_STEP),
@@ -38,7 +38,7 @@ def fp16(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int8(tmp_path_factory):
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
 
     m = tiny.make_model(seed=11, wide=True)
     ls = R.hf_to_ls(tiny.state_dict_np(m), NL, MAX_STEP)
@@ -64,7 +64,7 @@ def test_cuda_fp16_logits_match_hf(fp16):
 
 @gpu_only
 def test_cuda_fp16_greedy_tracks_hf(fp16):
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     m, e = fp16
     prompts = [[5, 17, 300], [42, 7, 7, 900, 13, 2, 64]]
@@ -104,7 +104,7 @@ def test_cuda_int8_logits_match_reference(int8):
 
 @pytest.mark.parametrize("batch", [pytest.param(1, marks=gpu_only), 3, pytest.param(17, marks=gpu_only)])
 def test_cuda_int8_decode_small_batches(int8, batch):
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     e, ref, _ = int8
     rng = np.random.default_rng(batch)

@@ -45,7 +45,7 @@ def clips(ls):
 
 @pytest.fixture(scope="module")
 def files(model, ls, clips, tmp_path_factory):
-    from lsgpt.convert import export_model
+    from lsgpt.export.convert import export_model
 
     d = tmp_path_factory.mktemp("int8")
     qmodel = tiny.attach_clips(tiny.make_model(seed=SEED, wide=True), clips["layers"], clips["emb_clip_max"],
@@ -64,7 +64,7 @@ def refs(files):
 
 @pytest.fixture(scope="module")
 def engines(files):
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
 
     return {k: Engine.load(p, device="cpu") for k, p in files.items()}
 
@@ -130,7 +130,7 @@ def test_int8_clips_and_floats_exported(files, ls, clips):
 
 
 def test_int8_export_without_clips_raises(model, tmp_path):
-    from lsgpt.convert import export_model
+    from lsgpt.export.convert import export_model
     from lsgpt.format import FormatError
 
     out = tmp_path / "x.hdf5"
@@ -191,7 +191,7 @@ def test_int8_greedy_matches_reference(engines, refs, files, origin):
     reference's maximal logits on the engine's own prefix (teacher forcing), and the free-running sequences
     are compared up to the first divergence for the report.
     """
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     e, ref = engines[origin], refs[origin]
     ref_eps = R.Int8Model(*R.read_ls(files[origin]), eps=float(e.config.layer_norm_eps))
@@ -223,7 +223,7 @@ def test_int8_greedy_matches_reference(engines, refs, files, origin):
 
 
 def test_int8_batch_equals_alone(engines):
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     e = engines["exported"]
     prompts = [[3, 14, 159], [358, 979, 323, 846, 264, 338, 327], [1, 2]]
@@ -250,7 +250,7 @@ def test_int8_ppl_uses_int8_logits(engines, files):
 def test_int8_engine_uses_stored_kernel_and_logits_clips(model, ls, clips, tmp_path):
     """Kernel clips other than 1.0 (LightSeq's torch-layer QAT variant, docs/format.md §4) and a logits clip other than 16
     must be taken from the file: bit-exact agreement with the reference at the engine's LN epsilon."""
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
 
     kc = {"multihead_project_kernel_qkv": 0.7, "multihead_project_kernel_output": 0.8, "ffn_first_kernel": 0.9,
           "ffn_second_kernel": 0.6}
@@ -274,7 +274,7 @@ def test_quantizers_round_half_up_at_exact_ties():
     """LightSeq's float2int8 is floor(x·127/c + 0.5): exact ties go up (2.5 -> 3, -2.5 -> -2), unlike
     torch.round (half to even). Activations almost never land on a tie, so the logits tests above cannot tell
     the two apart (measured: identical logits); this one can. Oracle: tests/oracles' fp64 formulas."""
-    from lsgpt.int8 import q8, requant
+    from lsgpt.engine.int8 import q8, requant
 
     ties = torch.arange(-130, 131, dtype=torch.float32) + 0.5  # exact in float32; with c = 127 the scale is 1
     x = torch.cat([ties, torch.randn(500, generator=torch.Generator().manual_seed(0)) * 80])

@@ -15,7 +15,7 @@ SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scrip
 
 def test_the_clis_are_all_declared():
     targets = set(SCRIPTS.values())
-    assert {"training.train:cli", "export.export:main", "client.generate:main", "lsgpt.launcher:main"} <= targets
+    assert {"lsgpt.training.train:cli", "lsgpt.export.cli:main", "lsgpt.client.generate:main", "lsgpt.serving.launcher:main"} <= targets
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))

@@ -46,7 +46,7 @@ def setup(tmp_path_factory):
     text = d / "calib.txt"
     text.write_text("\n".join(" ".join(f"w{i}" for i in r) for r in rows) + "\n")
     out = d / "calib8.hdf5"
-    from lsgpt.convert import export_model
+    from lsgpt.export.convert import export_model
 
     export_model(ckpt, out, max_step=MAX_STEP, quantize=True, calibrate_text=text, tokenizer=vocab)
     token_rows = [[CLS, *r, SEP] for r in rows]
@@ -76,7 +76,7 @@ def test_calibrated_clips_match_activation_ranges(setup):
 
 
 def test_calibrated_int8_model_tracks_float_model(setup):
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
 
     model, out, rows = setup
     e = Engine.load(out, device="cpu")

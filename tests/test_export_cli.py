@@ -1,4 +1,4 @@
-"""export/export.py (the article's CLI) and lsgpt.convert.export_model: output naming, inputs, bad inputs,
+"""export/export.py (the article's CLI) and lsgpt.export.convert.export_model: output naming, inputs, bad inputs,
 option validation and atomic writes.
 
 Oracles: the article / docs/format.md §9.1 (`-m DIR/pytorch_model.bin -l N` writes DIR/pytorch_model.hdf5), LightSeq's
@@ -338,7 +338,7 @@ def test_failed_export_leaves_previous_file_untouched(model, qat_model, tmp_path
     ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
 )
 def test_export_model_rejects_bad_options(model, tmp_path, kw):
-    from lsgpt.convert import export_model
+    from lsgpt.export.convert import export_model
     from lsgpt.format import FormatError
 
     out = tmp_path / "x.hdf5"
@@ -349,7 +349,7 @@ def test_export_model_rejects_bad_options(model, tmp_path, kw):
 
 
 def test_export_model_returns_path_and_accepts_all_sources(model, tmp_path):
-    from lsgpt.convert import export_model
+    from lsgpt.export.convert import export_model
 
     ckpt = tiny.save_bin_checkpoint(model, tmp_path / "c")
     a = export_model(model, tmp_path / "a.hdf5", max_step=64)
@@ -368,7 +368,7 @@ def test_write_failure_midway_leaves_previous_file_untouched(model, tmp_path, mo
     previous output byte-identical and no temporary file behind."""
     import h5py
 
-    from lsgpt.convert import export_model
+    from lsgpt.export.convert import export_model
 
     out = tmp_path / "served" / "model.hdf5"
     export_model(model, out, max_step=64)

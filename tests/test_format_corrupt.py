@@ -196,7 +196,7 @@ def test_format_error_is_a_value_error():
 
 
 def test_engine_load_rejects_incomplete_file(good, tmp_path):
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
     from lsgpt.format import FormatError
 
     p = _edit(good["int8"], tmp_path / "noclip.hdf5", _delete("encoder_stack/0/multihead_ln_clip_max"))

@@ -57,7 +57,7 @@ def files(model, clips, tmp_path_factory):
         "fp16": {"lightseq_style": R.write_ls_fp16(d / "ref16.hdf5", ls, **conf)},
         "int8": {"lightseq_style": R.write_ls_int8(d / "ref8.hdf5", ls, clips, **conf)},
     }
-    from lsgpt.convert import export_model
+    from lsgpt.export.convert import export_model
 
     out["fp16"]["exported"] = export_model(model, d / "ours16.hdf5", max_step=MAX_STEP)
     qmodel = tiny.attach_clips(tiny.make_model(seed=3, wide=True), clips["layers"], clips["emb_clip_max"],

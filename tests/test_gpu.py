@@ -26,7 +26,7 @@ def peaky_model():
 
 @pytest.fixture(scope="module")
 def files(peaky_model, tmp_path_factory):
-    from lsgpt.convert import (
+    from lsgpt.export.convert import (
         calibrate,
         export_model,
         float_arrays,
@@ -47,7 +47,7 @@ def files(peaky_model, tmp_path_factory):
 
 
 def test_fp16_matches_hf(peaky_model, files):
-    from lsgpt.engine import Engine, SamplingParams
+    from lsgpt.engine.engine import Engine, SamplingParams
 
     eng = Engine.load(files[0], "cuda")
     x = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(2))
@@ -68,7 +68,7 @@ def test_fp16_matches_hf(peaky_model, files):
 
 
 def test_int8_cuda_matches_cpu_integer_path(files):
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
 
     cpu = Engine.load(files[1], "cpu")
     x = torch.randint(0, 4096, (3, 50), generator=torch.Generator().manual_seed(3))
@@ -85,7 +85,7 @@ def test_int8_cuda_matches_cpu_integer_path(files):
 
 @pytest.mark.parametrize("which", [0, 1])
 def test_cuda_graph_decode_equals_eager(files, which):
-    from lsgpt.engine import Engine, SamplingParams
+    from lsgpt.engine.engine import Engine, SamplingParams
 
     graphed = Engine.load(files[which], "cuda")
     eager = Engine(graphed.config, graphed.model, graphed.device, cuda_graphs=False)
@@ -98,7 +98,7 @@ def test_cuda_graph_decode_equals_eager(files, which):
 
 
 def test_compiled_decode_equals_eager(files):
-    from lsgpt.engine import Engine, SamplingParams
+    from lsgpt.engine.engine import Engine, SamplingParams
 
     for path in files:
         compiled = Engine.load(path, "cuda", compile=True, fused=False)  # compile applies to the reference path
@@ -117,8 +117,8 @@ def article_int8(tmp_path_factory):
     logits have real margins, int8 by calibration; engines on the CPU (exact integer path) and on CUDA (fused)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lsgpt.convert import calibrate, float_arrays, gpt_config, load_checkpoint, quantize_arrays
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
+    from lsgpt.export.convert import calibrate, float_arrays, gpt_config, load_checkpoint, quantize_arrays
     from lsgpt.format import write_hdf5
 
     torch.manual_seed(0)
@@ -152,7 +152,7 @@ def test_article_shape_int8_cuda_within_one_step_of_cpu(article_int8):
 
 def test_article_shape_int8_greedy_tracks_cpu(article_int8):
     """Greedy tokens generated on CUDA, checked step by step against the CPU integer path (teacher forced)."""
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     cpu, gpu = article_int8
     prompts = [[101, 2769, 1962], [101, 791, 1921, 2523, 2458, 2552]]
@@ -172,9 +172,9 @@ def test_scheduler_warm_up_leaves_no_prefill_shape_to_compile(files, which):
     """After the served model's warm-up, a prefill of any group size and prompt length compiles no kernel: a
     Triton compile mid-serving stalls every running row (seen on the H100: p95 latency 0.31 -> 0.83 s on a cold
     kernel cache). Counts the compiled variants of every fused kernel before and after all the shapes."""
-    from lsgpt import kernels
-    from lsgpt.engine import Engine
-    from lsgpt.scheduler import Scheduler
+    from lsgpt.engine import kernels
+    from lsgpt.engine.engine import Engine
+    from lsgpt.engine.scheduler import Scheduler
 
     e = Engine.load(files[which], "cuda")
     sched = Scheduler(e, max_rows=4)

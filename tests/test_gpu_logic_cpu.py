@@ -82,7 +82,7 @@ def to_int_mm_backend(g) -> None:
 def test_int_mm_backend_pads_small_batches_and_is_exact(monkeypatch, m):
     """The reference CUDA path's GEMM: IntGemm pads 16 rows or fewer (CUDA's _int_mm refuses them) and slices
     the answer back; the CPU's _int_mm takes any row count, hence the stand-in that enforces CUDA's rule."""
-    from lsgpt.int8 import IntGemm
+    from lsgpt.engine.int8 import IntGemm
 
     calls: list = []
     monkeypatch.setattr(torch, "_int_mm", cuda_int_mm_standin(calls))
@@ -101,7 +101,7 @@ def test_int_mm_backend_pads_small_batches_and_is_exact(monkeypatch, m):
 def test_int8_model_on_the_int_mm_backend_equals_fbgemm(monkeypatch, files):
     """Every GEMM of the int8 model through the _int_mm backend (prefill of 3x11 rows, decode of 3 rows) gives
     the FBGEMM backend's logits exactly, and greedy decoding the same tokens."""
-    from lsgpt.engine import Engine, SamplingParams
+    from lsgpt.engine.engine import Engine, SamplingParams
 
     ref = Engine.load(files[2], device="cpu")
     if ref.backend != "reference/fbgemm":
@@ -167,7 +167,7 @@ def _capture(graph, **kw):
 @pytest.fixture
 def emulated_graphs(monkeypatch):
     """torch.cuda's stream and graph API replaced by CPU stand-ins; GraphedDecode itself unchanged."""
-    from lsgpt import engine as eng
+    from lsgpt.engine import engine as eng
 
     class Stream:
         def __init__(self, device=None):
@@ -200,7 +200,7 @@ def emulated_graphs(monkeypatch):
 
 
 def _graphed(engine, compile: bool = False):
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
 
     g = Engine(engine.config, engine.model, engine.device, fused=False)
     g.cuda_graphs, g.compile = True, compile  # what Engine.__init__ sets on a CUDA device
@@ -212,7 +212,7 @@ def test_graphed_decode_equals_eager_decode(emulated_graphs, files, which):
     """Greedy and seeded sampling, unequal prompts, rows that hit max_step (clamped positions), the captured
     step reused by a second batch of the same size (its cache then holds the first batch's keys), a new capture
     for another batch size."""
-    from lsgpt.engine import Engine, SamplingParams
+    from lsgpt.engine.engine import Engine, SamplingParams
 
     eager = Engine.load(files[1 if which == "fp" else 2], device="cpu")
     graphed = _graphed(eager)
@@ -233,7 +233,7 @@ def test_graphed_decode_equals_eager_decode(emulated_graphs, files, which):
 def test_compiled_graphed_decode_equals_eager(emulated_graphs, files, monkeypatch):
     """compile=True: the reference int8 step goes through torch.compile (dynamo, eager backend) inside the
     graph; the tokens equal the eager engine's."""
-    from lsgpt.engine import Engine, SamplingParams
+    from lsgpt.engine.engine import Engine, SamplingParams
 
     torch._dynamo.reset()
     real = torch.compile
@@ -259,9 +259,9 @@ def test_compiled_graphed_decode_equals_eager(emulated_graphs, files, monkeypatc
 
 
 def test_fp16_model_matches_hf_within_fp16_rounding(files):
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
+    from lsgpt.engine.model import GPT
     from lsgpt.format import read_hdf5
-    from lsgpt.model import GPT
 
     hf, path, _ = files
     cfg, arrays = read_hdf5(path)
@@ -284,9 +284,9 @@ def test_fp16_model_matches_hf_within_fp16_rounding(files):
 def test_fp16_int8_model_matches_the_fp16_storage_reference(files):
     """The CUDA reference int8 path's dataflow (residual, V, attention in fp16) on the CPU, against the fp64
     reference with fp16 storage; the bound is the one tests/test_engine_gpu.py derives for the fused path."""
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
+    from lsgpt.engine.int8 import QuantGPT
     from lsgpt.format import read_hdf5
-    from lsgpt.int8 import QuantGPT
 
     path = files[2]
     cfg, arrays = read_hdf5(path)

@@ -1,4 +1,4 @@
-"""Every fused Triton kernel (lsgpt/kernels.py) against a plain float64 reference written from the
+"""Every fused Triton kernel (lsgpt/engine/kernels.py) against a plain float64 reference written from the
 formulas of docs/format.md §5.2, over shapes that are not multiples of the tiles. On the GPU: real kernels,
 batch 1..256. Without a GPU: the same kernels in the Triton interpreter (TRITON_INTERPRET=1, numpy on the
 CPU), smaller shapes.
@@ -14,9 +14,9 @@ import torch
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit of lsgpt.kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit of lsgpt.engine.kernels
 pytest.importorskip("triton")
-from lsgpt import kernels as K  # noqa: E402
+from lsgpt.engine import kernels as K  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 ROWS = [1, 2, 7, 16, 17, 33, 64, 100, 256] if CUDA else [1, 5, 17, 33]
@@ -214,8 +214,8 @@ def test_engine_checks_the_kernels_at_load_and_falls_back(tmp_path, monkeypatch)
     path, unless fused=True was asked for explicitly."""
     import warnings
 
-    from lsgpt.convert import export_model
-    from lsgpt.engine import Engine, SamplingParams
+    from lsgpt.engine.engine import Engine, SamplingParams
+    from lsgpt.export.convert import export_model
     from oracles import tiny
 
     model = tiny.make_model(seed=2)
@@ -227,8 +227,8 @@ def test_engine_checks_the_kernels_at_load_and_falls_back(tmp_path, monkeypatch)
         raise RuntimeError("no Triton cache")
 
     monkeypatch.setattr(K, "linear", broken)
-    monkeypatch.setattr("lsgpt.fused.available", lambda device: True)
-    monkeypatch.setattr("lsgpt.engine.fused_available", lambda device: True)
+    monkeypatch.setattr("lsgpt.engine.fused.available", lambda device: True)
+    monkeypatch.setattr("lsgpt.engine.engine.fused_available", lambda device: True)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         e = Engine.load(path, DEV)
@@ -243,10 +243,10 @@ def test_int8_load_check_passes_rounding_and_refuses_gross_disagreement(tmp_path
     """The int8 self-check compares mean |fused - reference| in steps of the logits clip: rounding-level
     differences pass (the article's model after 600 fp16 + 200 QAT steps, H100: 2.84 steps — the old limit of one
     step sent it to the slow reference path), garbage from kernels that do not work fails."""
-    from lsgpt.convert import calibrate, float_arrays, gpt_config, load_checkpoint, quantize_arrays
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
+    from lsgpt.engine.fused import FusedForward
+    from lsgpt.export.convert import calibrate, float_arrays, gpt_config, load_checkpoint, quantize_arrays
     from lsgpt.format import write_hdf5
-    from lsgpt.fused import FusedForward
     from oracles import tiny
 
     config, sd, _ = load_checkpoint(tiny.make_model(seed=3))

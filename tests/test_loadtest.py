@@ -26,7 +26,7 @@ def _perf_analyzer_or_skip() -> None:
     except BenchError as e:
         pytest.skip(str(e))
     try:
-        from lsgpt.launcher import LaunchError, find_tritonserver
+        from lsgpt.serving.launcher import LaunchError, find_tritonserver
 
         find_tritonserver()
     except LaunchError as e:
@@ -91,7 +91,7 @@ def test_venv_perf_analyzer_runs_as_is():
 def test_loadtest_user_mistakes_get_one_line_errors_and_write_nothing(tmp_path):
     """A missing prompts file or a --url where no server answers: exit 2 with one line, before any work."""
     _perf_analyzer_or_skip()
-    from lsgpt.launcher import free_port
+    from lsgpt.serving.launcher import free_port
 
     for args in (["--prompts", str(tmp_path / "missing.txt")], ["--url", f"127.0.0.1:{free_port()}"]):
         out = tmp_path / "out"
@@ -109,7 +109,7 @@ def test_llm_load_test_matches_the_engine(tiny_models, tmp_path):
     request's tokens equal the engine's greedy continuation of that request (so the TTFT / ITL / tokens/s summary
     counts real tokens), and the summary agrees with the raw profile export."""
     _perf_analyzer_or_skip()
-    from lsgpt.engine import Engine, SamplingParams
+    from lsgpt.engine.engine import Engine, SamplingParams
 
     repo = make_repository(tmp_path / "repo", tiny_models)
     out = tmp_path / "out"

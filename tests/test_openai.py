@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API (client/openai_server.py: /v1/completions, /v1/chat/completions) in front of the real
+"""The OpenAI-compatible API (lsgpt/serving/openai_api.py: /v1/completions, /v1/chat/completions) in front of the real
 tritonserver, driven by the official `openai` Python package. Oracle: the engine in process on the same prompt
 ([CLS] text, greedy); for chat, on the documented template (the contents joined by newlines)."""
 
@@ -14,14 +14,14 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 from conftest import make_repository  # noqa: E402
 
-from lsgpt.engine import Engine, SamplingParams
-from lsgpt.launcher import TritonServer, free_port
+from lsgpt.engine.engine import Engine, SamplingParams
+from lsgpt.serving.launcher import TritonServer, free_port
 from lsgpt.text import decode, encode_prompt, load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def api(tiny_models, tmp_path_factory):
-    from client.openai_server import create_app
+    from lsgpt.serving.openai_api import create_app
 
     repo = make_repository(tmp_path_factory.mktemp("repo"), tiny_models)
     server = TritonServer(repo, models=["gpt2", "gpt2_int8", "gpt2_stream", "gpt2_int8_stream"],

@@ -1,6 +1,6 @@
 """An OpenAI client that goes away in the middle of a streamed completion frees its row on the real server.
 
-The OpenAI app (client/openai_server.py, uvicorn in a thread) in front of test_cancellation's server: one
+The OpenAI app (lsgpt/serving/openai_api.py, uvicorn in a thread) in front of test_cancellation's server: one
 decoupled model that, left running, generates exactly MAX_NEW tokens and runs one row at a time. The HTTP client
 reads two events of a `stream: true` completion and closes the connection. Oracle: the server's own metrics
 (generated tokens, requests, running rows) and a following request, which can only run once the row is free.
@@ -19,12 +19,12 @@ import pytest
 uvicorn = pytest.importorskip("uvicorn")
 from test_cancellation import LABELS, MAX_NEW, long_served, settled  # noqa: E402, F401  (fixture)
 
-from lsgpt.launcher import free_port  # noqa: E402
+from lsgpt.serving.launcher import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def app_url(long_served, tiny_models):  # noqa: F811 (the fixture imported above)
-    from client.openai_server import create_app
+    from lsgpt.serving.openai_api import create_app
 
     server, _ = long_served
     port = free_port()

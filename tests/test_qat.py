@@ -1,4 +1,4 @@
-"""lsgpt.qat: fake quantizers against LightSeq's own pytorch_quantization, and the QAT GPT-2."""
+"""lsgpt.training.qat: fake quantizers against LightSeq's own pytorch_quantization, and the QAT GPT-2."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lsgpt import format as fmt
-from lsgpt.qat import CONFIG_FLAG, QuantGPT2LMHeadModel, fake_quant, to_qat
+from lsgpt.training.qat import CONFIG_FLAG, QuantGPT2LMHeadModel, fake_quant, to_qat
 from oracles import tiny
 
 transformers = pytest.importorskip("transformers")
@@ -285,8 +285,8 @@ def test_save_load_roundtrip(tmp_path, hf_model):
 def test_int8_engine_matches_fake_quant(tmp_path, hf_model):
     """The exported int8 model, run by the engine's integer dataflow, gives the QAT model's NLL: the fake
     quantizers sit where the QuantGpt format quantizes, with the same clips."""
-    export = pytest.importorskip("lsgpt.convert")
-    generate = pytest.importorskip("lsgpt.engine")
+    export = pytest.importorskip("lsgpt.export.convert")
+    generate = pytest.importorskip("lsgpt.engine.engine")
     qat = to_qat(hf_model).eval()
     with torch.no_grad():  # clips as after training: tight enough that quantization and clipping matter
         qat.transformer.ls_clips["emb_clip_max"].fill_(0.08)
@@ -313,7 +313,7 @@ def test_int8_engine_matches_fake_quant(tmp_path, hf_model):
 
 
 # ---------------------------------------------------------------------------------------------
-# The training fast path: compiled regions (lsgpt.fasttrain).
+# The training fast path: compiled regions (lsgpt.training.fasttrain).
 
 _DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -403,7 +403,7 @@ def test_fast_path_compile_mode_is_checked(monkeypatch):
     """LSGPT_COMPILE_MODE names a torch.compile mode; a typo stops the run before any training."""
     from types import SimpleNamespace
 
-    from lsgpt import fasttrain
+    from lsgpt.training import fasttrain
 
     monkeypatch.setenv(fasttrain.COMPILE_MODE_ENV, "reduce-overhaed")
     model = QuantGPT2LMHeadModel(tiny_config(n_layer=1))

@@ -1,5 +1,5 @@
 """benchmarks/qat_quality.py: its engine column (Engine.ppl of the exported file, aggregated by trainer_mean) is the
-same measurement as its HF column (training.vocab_subset.heldout_loss of the checkpoint), on the same blocks.
+same measurement as its HF column (lsgpt.training.vocab_subset.heldout_loss of the checkpoint), on the same blocks.
 
 Oracle: heldout_loss on the HF model the file was exported from (weights already fp16-exact, so the file holds
 them unchanged and the CPU engine's fp32 forward is HF's). The corpus's held-out tail block is short and the
@@ -14,11 +14,11 @@ from conftest import TINY_VOCAB
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks.qat_quality import trainer_mean
-from lsgpt.convert import export_model
-from lsgpt.engine import Engine
+from lsgpt.engine.engine import Engine
+from lsgpt.export.convert import export_model
 from lsgpt.text import load_tokenizer
-from training.train import DataTrainingArguments, build_datasets
-from training.vocab_subset import heldout_loss
+from lsgpt.training.train import DataTrainingArguments, build_datasets
+from lsgpt.training.vocab_subset import heldout_loss
 
 LINES = ["我今天很开心，我要找个男朋友。", "这是中大的人，不在上来。", "我今天要找人。", "这是我的男朋友，很开心。",
          "有人在这。"]

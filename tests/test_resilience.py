@@ -19,7 +19,7 @@ import pytest
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 from conftest import make_repository  # noqa: E402
 
-from lsgpt.launcher import TritonServer, free_port
+from lsgpt.serving.launcher import TritonServer, free_port
 
 
 def ports():

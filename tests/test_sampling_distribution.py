@@ -30,8 +30,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from lsgpt.convert import export_model
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
+    from lsgpt.export.convert import export_model
 
     model = tiny.make_model(seed=4, wide=True)  # wide: logits span several units, so T, k and p matter
     path = export_model(model, tmp_path_factory.mktemp("samp") / "m.hdf5", max_step=64, eos_id=tiny.EOS_ID)
@@ -87,7 +87,7 @@ def chi2(counts: np.ndarray, p: np.ndarray, bins_from: np.ndarray | None = None)
 
 
 def draw(engine, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     counts = np.zeros(engine.config.vocab, dtype=np.int64)
     rows = 500
@@ -138,7 +138,7 @@ def test_first_token_follows_the_target_distribution(setup, case):
 
 def test_rows_of_one_batch_are_independent_draws(setup):
     """Per-row generators: two rows with different seeds in one batch are not the same draw sequence."""
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     engine, _, _ = setup
     params = [SamplingParams(max_new_tokens=20, temperature=1.0, top_k=0, seed=s) for s in (11, 12)]
@@ -166,7 +166,7 @@ def test_greedy_with_penalties_follows_the_penalized_argmax(setup, rep, pres, fr
     generated so far: a penalty applied to the wrong tokens, with the wrong sign or the wrong count fails."""
     from test_engine_fp16 import hf_logits
 
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     engine, _, hf = setup
     sp = SamplingParams(max_new_tokens=20, top_k=1, repetition_penalty=rep, presence_penalty=pres,
@@ -187,7 +187,7 @@ def test_greedy_with_penalties_follows_the_penalized_argmax(setup, rep, pres, fr
 
 def test_repetition_penalty_first_token_distribution(setup):
     """Sampling with a repetition penalty: the prompt's tokens are penalized before temperature (chi-square)."""
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     engine, logits, _ = setup
     want_lg = penalize(logits, PROMPT, [], 3.0, 0.0, 0.0)
@@ -218,7 +218,7 @@ def test_repetition_penalty_first_token_distribution(setup):
 @pytest.mark.parametrize("kw", [dict(repetition_penalty=0.0), dict(repetition_penalty=float("nan")),
                                 dict(presence_penalty=2.5), dict(frequency_penalty=-3.0)])
 def test_bad_penalties_are_request_errors(setup, kw):
-    from lsgpt.engine import RequestError, SamplingParams
+    from lsgpt.engine.engine import RequestError, SamplingParams
 
     with pytest.raises(RequestError, match=next(iter(kw))):
         setup[0].generate([PROMPT], SamplingParams(**kw))
@@ -247,8 +247,8 @@ MIN_GROUP = 150  # a (step, history) group with fewer rows is left out (selectio
 def controlled(tmp_path_factory):
     from test_engine_fp16 import hf_from_file
 
-    from lsgpt.convert import export_model
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
+    from lsgpt.export.convert import export_model
 
     model = tiny.make_model(seed=5, wide=True)
     h = model.config.n_embd
@@ -331,7 +331,7 @@ PEN_CASES = {  # SamplingParams fields; the bugs each case must reject
 def test_penalized_sampling_follows_the_target_given_the_history(controlled, case):
     from test_engine_fp16 import hf_logits
 
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     engine, hf = controlled
     kw, bugs = PEN_CASES[case]
@@ -390,7 +390,7 @@ def _cut_after_first_stop(new: list[int], stops: list[tuple[int, ...]]) -> tuple
 def test_sampled_rows_end_at_their_first_stop_sequence(setup):
     from collections import Counter
 
-    from lsgpt.engine import SamplingParams
+    from lsgpt.engine.engine import SamplingParams
 
     engine = setup[0]
     n, seeds = 30, list(range(100, 132))

@@ -1,4 +1,4 @@
-"""In-flight batching (lsgpt/scheduler.py) in process, on the CPU.
+"""In-flight batching (lsgpt/engine/scheduler.py) in process, on the CPU.
 
 Oracles: HF transformers' greedy generate (each request of a crowd that joins and leaves at different steps
 gets exactly HF's continuation of its own prompt); the order in which requests finish (a short request that
@@ -29,8 +29,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine(model, tmp_path_factory):
-    from lsgpt.convert import export_model
-    from lsgpt.engine import Engine
+    from lsgpt.engine.engine import Engine
+    from lsgpt.export.convert import export_model
 
     p = export_model(model, tmp_path_factory.mktemp("sched") / "m.hdf5", max_step=128, eos_id=tiny.EOS_ID)
     return Engine.load(p, device="cpu")
@@ -63,8 +63,8 @@ def test_crowd_joining_and_leaving_gets_hf_greedy(engine, model, defer_first):
     """Requests of different prompt lengths and lengths join while others run; every one equals HF greedy.
     Deferred: the CUDA way (a prefill's first tokens read back after the next decode step is queued), on the
     CPU; with a 1-token request, which ends on its first token while the step after its prefill includes it."""
-    from lsgpt.engine import SamplingParams
-    from lsgpt.scheduler import Scheduler
+    from lsgpt.engine.engine import SamplingParams
+    from lsgpt.engine.scheduler import Scheduler
 
     prompts = [[5, 17, 300], [42, 7, 7, 900, 13, 2, 64], [101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 1], [9],
                [700, 701], [33, 34]]
@@ -91,8 +91,8 @@ def test_crowd_joining_and_leaving_gets_hf_greedy(engine, model, defer_first):
 
 
 def test_short_request_overtakes_a_long_one(engine):
-    from lsgpt.engine import SamplingParams
-    from lsgpt.scheduler import Scheduler
+    from lsgpt.engine.engine import SamplingParams
+    from lsgpt.engine.scheduler import Scheduler
 
     s = Scheduler(engine, max_rows=4)
     try:
@@ -116,8 +116,8 @@ def test_sampled_rows_do_not_depend_on_batch_mates(engine, defer_first):
     different requests (metamorphic check; the sampler's distribution is tested in test_sampling_distribution).
     The penalised request also runs beside rows without penalties, in a slot a penalised row used before (a
     prefill sets the penalty state up only when a joining row has a penalty)."""
-    from lsgpt.engine import SamplingParams
-    from lsgpt.scheduler import Scheduler
+    from lsgpt.engine.engine import SamplingParams
+    from lsgpt.engine.scheduler import Scheduler
 
     sp = SamplingParams(max_new_tokens=20, top_k=50, temperature=1.3, seed=7, repetition_penalty=1.2,
                         ignore_eos=True)
@@ -145,8 +145,8 @@ def test_sampled_rows_do_not_depend_on_batch_mates(engine, defer_first):
 
 
 def test_bounds_cancellation_and_shutdown(engine):
-    from lsgpt.engine import RequestError, SamplingParams
-    from lsgpt.scheduler import Cancelled, QueueFull, Scheduler, ShuttingDown
+    from lsgpt.engine.engine import RequestError, SamplingParams
+    from lsgpt.engine.scheduler import Cancelled, QueueFull, Scheduler, ShuttingDown
 
     long = SamplingParams(max_new_tokens=120, top_k=1, ignore_eos=True)
     s = Scheduler(engine, max_rows=1, max_queue=1)
@@ -186,8 +186,8 @@ def test_stop_sequences_end_a_row_like_hf_greedy_cut_there(engine, model):
     """Stop sequences taken from HF's own greedy continuation (a 2-token and a 1-token one, and one that never
     occurs): the engine and the scheduler end each row right after its first stop; a batch-mate without stop
     sequences is unaffected."""
-    from lsgpt.engine import SamplingParams
-    from lsgpt.scheduler import Scheduler
+    from lsgpt.engine.engine import SamplingParams
+    from lsgpt.engine.scheduler import Scheduler
 
     p1, p2, n = [5, 17, 300], [42, 7, 7, 900], 24
     full1, full2 = tiny.hf_greedy(model, p1, n), tiny.hf_greedy(model, p2, n)
@@ -211,7 +211,7 @@ def test_stop_sequences_end_a_row_like_hf_greedy_cut_there(engine, model):
 @pytest.mark.parametrize("stop, word", [(((),), "1.."), (((5, 10**6),), "vocabulary"), (((5,),) * 17, "at most"),
                                         (((-3,),), "vocabulary")])
 def test_bad_stop_sequences_are_refused(engine, stop, word):
-    from lsgpt.engine import RequestError, SamplingParams
+    from lsgpt.engine.engine import RequestError, SamplingParams
 
     with pytest.raises(RequestError, match=word):
         engine.validate([[5, 6]], SamplingParams(stop=stop))

@@ -17,7 +17,13 @@ tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 from conftest import make_repository
 from tritonclient.utils import InferenceServerException
 
-from lsgpt.launcher import ADMIN_HEADER, GRPC_ADMIN_HEADER, TritonServer, free_port, restricted_api_args
+from lsgpt.serving.launcher import (
+    ADMIN_HEADER,
+    GRPC_ADMIN_HEADER,
+    TritonServer,
+    free_port,
+    restricted_api_args,
+)
 
 KEY = "test-admin-key_0123"
 GOOD = [2, 5, 6]
@@ -115,7 +121,7 @@ def _server_rss_mib(server) -> float:
 def test_oversized_prompt_is_refused(exposed, tiny_models):
     """The client refuses a prompt no model can take before sending it; sent anyway (another client), the
     server answers INVALID_ARGUMENT and keeps serving. Time and memory of the server are printed."""
-    from client.api import Client, InvalidRequest
+    from lsgpt.client.api import Client, InvalidRequest
 
     with Client(exposed.grpc_url, "gpt2", tiny_models.tokenizer) as cl:
         with pytest.raises(InvalidRequest, match="no model takes more than 1023"):
@@ -145,14 +151,14 @@ def test_no_key_means_closed_and_keys_are_checked():
     assert flags != flags2 and "closed" in note  # a fresh random key nobody knows
     assert all(a in flags[0] for a in ("model-repository", "shared-memory", "statistics", "trace", "logging"))
     assert "inference" not in flags[0] and "health" not in flags[0]
-    from lsgpt.launcher import LaunchError
+    from lsgpt.serving.launcher import LaunchError
 
     with pytest.raises(LaunchError, match="letters, digits"):
         restricted_api_args("bad key,with=chars")
 
 
 def test_poll_setting_and_key_sources(tmp_path):
-    from lsgpt.launcher import LaunchError, admin_key
+    from lsgpt.serving.launcher import LaunchError, admin_key
 
     s = TritonServer(tmp_path, poll_secs=0, host="0.0.0.0", admin_key=KEY)
     s.workdir = tmp_path

@@ -16,9 +16,9 @@ tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 from conftest import make_repository, make_tiny_gpt2, scrape_metrics  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from lsgpt.engine import Engine, SamplingParams  # noqa: E402
-from lsgpt.launcher import LaunchError, TritonServer, free_port  # noqa: E402
-from lsgpt.repository import publish, versions  # noqa: E402
+from lsgpt.engine.engine import Engine, SamplingParams  # noqa: E402
+from lsgpt.serving.launcher import LaunchError, TritonServer, free_port  # noqa: E402
+from lsgpt.serving.repository import publish, versions  # noqa: E402
 from lsgpt.text import IncrementalDecoder, decode, encode_prompt, load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +92,7 @@ def test_repository_layout_matches_lightseq_and_templates():
         assert 'default_model_filename: "model.hdf5"' in cfg
         assert (repo / name / "1" / ".gitignore").is_file()  # the empty version folder LightSeq needs
     for name in ("gpt2", "gpt2_int8", "gpt2_stream", "gpt2_int8_stream"):
-        assert not list((repo / name).rglob("*.py"))  # code lives in the backend (lsgpt/backend/model.py)
+        assert not list((repo / name).rglob("*.py"))  # code lives in the backend (lsgpt/serving/backend/model.py)
         cfg = (repo / name / "config.pbtxt").read_text()
         assert 'backend: "lsgpt"' in cfg and "latest: { num_versions: 1 }" in cfg and "KIND_AUTO" in cfg
         # inputs, outputs and their types: tests/test_contract.py (parsed with Triton's schema)
@@ -126,7 +126,7 @@ def test_launcher_serves_only_portable_models(served):
 
 
 def test_launcher_errors_are_clear(tmp_path, monkeypatch):
-    from lsgpt.launcher import find_tritonserver, servable
+    from lsgpt.serving.launcher import find_tritonserver, servable
 
     monkeypatch.setenv("TRITONSERVER", str(tmp_path / "nope"))
     with pytest.raises(LaunchError, match="not an executable"):
@@ -352,7 +352,7 @@ def test_int8_streams_from_its_own_twin(served, grpc, engines, tok):
     """gpt2_int8_stream streams the int8 model (not the fp16 one): its tokens are gpt2_int8's and the int8
     engine's; stream=false sends the whole result (+ text) in one response; stream=true on a model that
     answers once is refused with the twin's name; the client picks the twin."""
-    from client.api import Client
+    from lsgpt.client.api import Client
 
     params = dict(top_k=0, seed=3, max_new_tokens=20)
     prompt = encode_prompt(tok, "我要找个男朋友")
@@ -373,7 +373,7 @@ def test_int8_streams_from_its_own_twin(served, grpc, engines, tok):
     assert c.stream_model == "gpt2_int8_stream"
     assert "".join(c.stream(decode(tok, prompt), **params)) == "".join(texts)
     c.close()
-    from client.api import ModelNotReady
+    from lsgpt.client.api import ModelNotReady
 
     with pytest.raises(ModelNotReady, match="twin of 'gpt2_nope'"):
         list(Client(served[0].grpc_url, "gpt2_nope", tok).stream("我"))
@@ -486,7 +486,7 @@ def test_short_request_overtakes_a_running_long_one(served, engines, tok):
 
 
 def test_new_version_goes_live(served, grpc, tok, tmp_path):
-    from lsgpt.convert import export_model
+    from lsgpt.export.convert import export_model
 
     server, repo = served
     new = export_model(make_tiny_gpt2(seed=1), tmp_path / "new.hdf5", max_step=64, eos_id=3)
@@ -517,7 +517,7 @@ def test_stop_words_end_the_continuation_through_the_server(grpc, served, tok, t
     right after the first stop sequence generated (the rule tests/test_scheduler.py checks against HF); the
     client's stop strings are encoded the same way. The continuation comes from the server itself: other tests
     of this module publish new versions of gpt2."""
-    from client.api import Client
+    from lsgpt.client.api import Client
 
     eos = tiny_models.eos_id
     # presence_penalty: no token twice, whatever version of gpt2 is loaded (a small model repeats one token)

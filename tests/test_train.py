@@ -141,7 +141,7 @@ def test_fp16_then_int8_qat(corpus, tmp_path):
 
     from safetensors.torch import load_file
 
-    from lsgpt.qat import QuantGPT2LMHeadModel
+    from lsgpt.training.qat import QuantGPT2LMHeadModel
 
     sd = load_file(int8 / "model.safetensors")
     for i in range(2):
@@ -231,7 +231,7 @@ def test_torchrun_int8_qat_matches_one_process(corpus, tmp_path):
     from test_ddp import set_active_clips
     from transformers import GPT2Config
 
-    from lsgpt.qat import QuantGPT2LMHeadModel
+    from lsgpt.training.qat import QuantGPT2LMHeadModel
     from training import train
 
     start = tmp_path / "start"  # a QAT checkpoint: dropout 0, every learned clip active (PACT gradients flow)
@@ -382,8 +382,8 @@ def test_qat_from_fp16_checkpoint_carries_adam_moments(tmp_path, caplog):
 
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
-    from lsgpt.qat import QuantGPT2LMHeadModel
-    from training.train import _CarryAdamState
+    from lsgpt.training.qat import QuantGPT2LMHeadModel
+    from lsgpt.training.train import _CarryAdamState
 
     def trainer_for(model, lr):
         args = TrainingArguments(output_dir=str(tmp_path / "o"), learning_rate=lr, weight_decay=0.01,

@@ -1,4 +1,4 @@
-"""training/vocab_subset.py, the demo's training over the tokens its corpus uses: `subset` then `expand`.
+"""lsgpt/training/vocab_subset.py, the demo's training over the tokens its corpus uses: `subset` then `expand`.
 
 Oracle: the subset model itself. Expanded to the full vocabulary, the model must give, at every position, the
 subset model's logits at the full ids of the subset's tokens (same rows of the tied embedding, moved), and the
@@ -15,7 +15,7 @@ from conftest import TINY_VOCAB
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lsgpt.text import encode_paragraph, load_tokenizer
-from training.vocab_subset import expand, make_subset
+from lsgpt.training.vocab_subset import expand, make_subset
 
 TEXT = ["我今天很开心，我要找个男朋友。", "这是中大的人，不在上来。", "我今天要找人。", "这是我的男朋友，很开心。"]
 

@@ -1,6 +1,6 @@
 """The engine's GPU fast path: a whole forward (prefill, or one decode step) in fused Triton kernels.
 
-Per layer seven launches (``lsgpt.kernels``; attention split over the sequence merges its parts in the same
+Per layer seven launches (``lsgpt.engine.kernels``; attention split over the sequence merges its parts in the same
 launch), for the fp16 ``GPT`` and the int8 ``QuantGPT`` alike, over the same weight tensors those models hold
 (no copies):
 
@@ -12,7 +12,7 @@ launch), for the fp16 ``GPT`` and the int8 ``QuantGPT`` alike, over the same wei
     then ln_f(+q8) ─ ⋅ embeddingᵀ (int8: requantized to int8 logits, dequantized) ─► fp32 logits
 
 Numerics as in docs/format.md §6: the same quantization points, alphas and round-half-up as the reference
-path in ``lsgpt.int8``; float work is fp32 inside every kernel and the residual stream is kept in fp32
+path in ``lsgpt.engine.int8``; float work is fp32 inside every kernel and the residual stream is kept in fp32
 (LightSeq keeps it in fp16), so the CUDA path tracks the CPU integer path, the reference, step for step.
 Off with ``LSGPT_FUSED=0`` (then the reference path runs on CUDA too).
 """
@@ -33,7 +33,7 @@ def available(device: torch.device) -> bool:
     if os.environ.get("LSGPT_FUSED", "1") == "0" or device.type != "cuda":
         return False
     try:
-        import lsgpt.kernels  # noqa: F401
+        import lsgpt.engine.kernels  # noqa: F401
     except ImportError:  # no triton (CPU-only torch builds)
         return False
     return True
@@ -43,7 +43,7 @@ class FusedForward:
     """Callable ``(tokens [B,T], positions [B,T], cache, last) -> fp32 logits`` for a GPT or QuantGPT."""
 
     def __init__(self, model):
-        from lsgpt import kernels
+        from lsgpt.engine import kernels
 
         self.k = kernels
         self.model, self.cfg = model, model.cfg

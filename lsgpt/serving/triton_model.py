@@ -2,10 +2,10 @@
 decoupled twins gpt2_stream, gpt2_int8_stream).
 
 Triton runs it as the Python-based backend "lsgpt": configs say `backend: "lsgpt"`, the launcher installs
-lsgpt/backend/model.py (which imports TritonPythonModel from here) in the server's backend directory, and
+lsgpt/serving/backend/model.py (which imports TritonPythonModel from here) in the server's backend directory, and
 version folders hold data only (model.hdf5, vocab.txt). Names, types and limits: lsgpt/contract.py.
 
-In-flight batching: every model runs one ``lsgpt.scheduler.Scheduler`` (its own decode loop over a running
+In-flight batching: every model runs one ``lsgpt.engine.scheduler.Scheduler`` (its own decode loop over a running
 batch). ``execute`` only parses and validates the requests Triton hands over, queues them and returns at
 once; the scheduler answers each request the step it finishes, so a short request never waits for a long one.
 Host overhead kept off the decode loop: responses are built and sent by one outbox thread (a send is a
@@ -141,7 +141,7 @@ class Outbox:
         self._q.put(fn)
 
     def _run(self) -> None:
-        from lsgpt.scheduler import name_thread
+        from lsgpt.engine.scheduler import name_thread
 
         name_thread("lsgpt-outbox")
         while (fn := self._q.get()) is not None:
@@ -259,7 +259,7 @@ class CancelWatch:
                 del self._named[request_id]
 
     def _run(self) -> None:
-        from lsgpt.scheduler import name_thread
+        from lsgpt.engine.scheduler import name_thread
 
         name_thread("lsgpt-cancel")
         while True:
@@ -284,8 +284,8 @@ class CancelWatch:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        from lsgpt.engine import Engine
-        from lsgpt.scheduler import Scheduler
+        from lsgpt.engine.engine import Engine
+        from lsgpt.engine.scheduler import Scheduler
 
         if int(np.__version__.split(".")[0]) >= 2:  # seen on GPU images: outputs then arrive empty
             raise RuntimeError(f"numpy {np.__version__} in the model environment: tritonserver 2.51's Python backend "
@@ -324,7 +324,7 @@ class TritonPythonModel:
     # Request parsing and validation.
 
     def _parse(self, request) -> Parsed:
-        from lsgpt.engine import RequestError, SamplingParams
+        from lsgpt.engine.engine import RequestError, SamplingParams
 
         t = pb_utils.get_input_tensor_by_name(request, TOKEN_IDS)
         text_in = pb_utils.get_input_tensor_by_name(request, TEXT_INPUT)
@@ -604,7 +604,7 @@ class Metrics:
                 hist.observe(x)
 
     def _run(self) -> None:
-        from lsgpt.scheduler import name_thread
+        from lsgpt.engine.scheduler import name_thread
 
         name_thread("lsgpt-metrics")
         while not self._stop.wait(self.PERIOD):
@@ -629,7 +629,7 @@ def _cancel_target(request) -> str | None:
 
 
 def _code(err: Exception) -> str:
-    from lsgpt.scheduler import Cancelled, QueueFull, ShuttingDown
+    from lsgpt.engine.scheduler import Cancelled, QueueFull, ShuttingDown
 
     if isinstance(err, (QueueFull, ShuttingDown)):
         return "UNAVAILABLE"

@@ -1,6 +1,6 @@
 """gRPC client for the served GPT-2 models (no torch: tritonclient + a BERT tokenizer only).
 
-    from client import Client
+    from lsgpt.client import Client
     c = Client("localhost:8001", "gpt2", "uer/gpt2-chinese-cluecorpussmall")   # or a folder with vocab.txt
     c.generate("我今天很开心，", max_new_tokens=50, top_k=1)      -> "我今天很开心，..."   (prompt + continuation)
     c.generate(["a", "b"], top_p=0.9, seed=1)                       -> [..., ...]  (one request per prompt,

@@ -1,7 +1,7 @@
 """The training fast path: what `training/train.py` (and `benchmarks/train_throughput.py`) change about a
 Hugging Face Trainer run when it is on. It changes speed, not what is learned:
 
-- the model is `lsgpt.qat.QuantGPT2LMHeadModel` (quantizers on for int8 QAT, off for fp16) trained through
+- the model is `lsgpt.training.qat.QuantGPT2LMHeadModel` (quantizers on for int8 QAT, off for fp16) trained through
   `torch.compile` (per block, or the whole training forward as one graph: QuantGPT2LMHeadModel.compile_regions),
   so each fake quantizer fuses into the elementwise work around it; SDPA attention; fp16/bf16 autocast as the
   Trainer's flags say;

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lsgpt.engine import Engine, GraphedDecode, Penalties, SamplingParams, sample
-from lsgpt.model import KVCache
+from lsgpt.engine.engine import Engine, GraphedDecode, Penalties, SamplingParams, sample
+from lsgpt.engine.model import KVCache
 
 
 def name_thread(name: str) -> None:

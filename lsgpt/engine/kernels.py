@@ -15,7 +15,7 @@ the kernel that produces the value (docs/format.md §6). These kernels do the sa
 * ``embed``: token (int8 rows dequantized, or fp16) + position embedding; padding tokens give 0.
 
 Arithmetic is LightSeq's (round-half-up at every quantization point, alphas of docs/format.md §5.2); float work is
-fp32 inside a kernel; the residual stream is whatever the caller keeps (fp32 in ``lsgpt.fused``). Any shape
+fp32 inside a kernel; the residual stream is whatever the caller keeps (fp32 in ``lsgpt.engine.fused``). Any shape
 works: blocks are masked at the edges.
 On Hopper every kernel is launched with programmatic dependent launch (PDL): it starts while the kernel
 before it finishes and waits for it in its first instruction, which hides most of the launch gap between the ~86

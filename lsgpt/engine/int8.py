@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lsgpt.engine.model import KVCache, attend, gelu_tanh, keys_used
 from lsgpt.format import LAYER_KERNELS, QMAX, GptConfig, layer_arrays, u8_to_i8
-from lsgpt.model import KVCache, attend, gelu_tanh, keys_used
 
 
 def q8(x: torch.Tensor, clip: float) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The Python-based Triton backend "lsgpt": model configs say `backend: "lsgpt"` and Triton runs this file
-(installed by the launcher as <backend-directory>/lsgpt/model.py) through its Python backend for every such
-model. Version folders hold data only (model.hdf5, vocab.txt); the implementation is lsgpt/triton_model.py.
+(installed by the launcher as <backend-directory>/lsgpt/engine/model.py) through its Python backend for every such
+model. Version folders hold data only (model.hdf5, vocab.txt); the implementation is lsgpt/serving/triton_model.py.
 
-The backend stub starts an isolated interpreter: the launcher (lsgpt/launcher.py) hands over the virtual
+The backend stub starts an isolated interpreter: the launcher (lsgpt/serving/launcher.py) hands over the virtual
 environment's site-packages in LSGPT_SITE_PACKAGES and the repository root in LSGPT_ROOT. This file is the one
 place outside the tests that edits sys.path, because nothing else can.
 """
@@ -18,4 +18,4 @@ for _p in filter(None, os.environ.get("LSGPT_SITE_PACKAGES", "").split(os.pathse
 sys.path[:] = [os.environ.get("LSGPT_ROOT", "")] + [p for p in sys.path if p not in _before] + _before
 sys.path[:] = [p for p in sys.path if p]
 
-from lsgpt.triton_model import TritonPythonModel  # noqa: E402,F401
+from lsgpt.serving.triton_model import TritonPythonModel  # noqa: E402,F401

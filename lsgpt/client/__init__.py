@@ -1,6 +1,6 @@
-"""Client of the served GPT-2 models (gRPC via tritonclient; imports no torch). See client/api.py."""
+"""Client of the served GPT-2 models (gRPC via tritonclient; imports no torch). See lsgpt/client/api.py."""
 
-from client.api import (  # noqa: F401
+from lsgpt.client.api import (  # noqa: F401
     DEFAULT_TOKENIZER,
     Client,
     ClientError,

@@ -18,9 +18,9 @@ logits, and AdamW over 2.7 M embedding weights). A corpus of a few hundred thous
            measured again over the full vocabulary and written to metrics.json (`perplexity`), next to the
            subset's.
 
-  python training/vocab_subset.py subset --tokenizer data/tokenizer --train_file data/train.txt --out model/subset/tokenizer
+  python lsgpt/training/vocab_subset.py subset --tokenizer data/tokenizer --train_file data/train.txt --out model/subset/tokenizer
   python training/train.py --tokenizer_name model/subset/tokenizer ... --output_dir model/subset/fp16
-  python training/vocab_subset.py expand --model model/subset/fp16 --tokenizer data/tokenizer \\
+  python lsgpt/training/vocab_subset.py expand --model model/subset/fp16 --tokenizer data/tokenizer \\
       --subset model/subset/tokenizer --train_file data/train.txt --out model/fp16
 """
 
@@ -36,11 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from lsgpt.text import encode_paragraph, load_tokenizer  # noqa: E402
+from lsgpt.text import encode_paragraph, load_tokenizer
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 WTE = "transformer.wte.weight"
@@ -59,7 +55,7 @@ def make_subset(tokenizer: str, train_file: str, out: Path) -> dict:
     """The subset tokenizer of the tokens train_file uses; checks it tokenizes the file as the full one does."""
     from transformers import BertTokenizerFast
 
-    from training.train import read_paragraphs
+    from lsgpt.training.train import read_paragraphs
 
     full = load_tokenizer(tokenizer)
     lines = read_paragraphs(train_file)
@@ -90,7 +86,7 @@ def make_subset(tokenizer: str, train_file: str, out: Path) -> dict:
 def heldout_loss(model, tok, train_file: str, block: int, batch: int = 8, max_blocks: int | None = None) -> float:
     """train.py's held-out loss: its validation blocks (the first `max_blocks` of them if given), the Trainer's
     mean of per-batch losses, computed on the device the model is on."""
-    from training.train import DataTrainingArguments, build_datasets
+    from lsgpt.training.train import DataTrainingArguments, build_datasets
 
     _, val = build_datasets(DataTrainingArguments(train_file=train_file), tok, block, main_process=True)
     n = len(val) if max_blocks is None else min(max_blocks, len(val))
@@ -110,7 +106,7 @@ def heldout_loss(model, tok, train_file: str, block: int, batch: int = 8, max_bl
 def _load(folder: Path):
     from transformers import GPT2LMHeadModel
 
-    from lsgpt.qat import CONFIG_FLAG, QuantGPT2LMHeadModel
+    from lsgpt.training.qat import CONFIG_FLAG, QuantGPT2LMHeadModel
 
     cfg = json.loads((folder / "config.json").read_text())
     if cfg.get(CONFIG_FLAG):

@@ -1,6 +1,6 @@
 """Run a real tritonserver for our model repository: from the nvidia-pytriton wheel or an NGC container.
 
-    python -m lsgpt.launcher --model-repository model_repository --grpc-port 8001   # foreground, Ctrl-C stops
+    python -m lsgpt.serving.launcher --model-repository model_repository --grpc-port 8001   # foreground, Ctrl-C stops
 
     with TritonServer("model_repository", grpc_port=free_port(), ...) as server:   # tests, benchmarks
         server.wait_ready()
@@ -12,7 +12,7 @@ What the launcher gets right so that nobody has to (see docs/platform.md §1):
   (the wheel ships one stub per Python version beside the backend, not in it);
 - LD_LIBRARY_PATH with this interpreter's LIBDIR first: the wheel's 3.11 stub links Debian's libpython,
   and a libpython that does not match our standard library breaks threading in the models;
-- LSGPT_SITE_PACKAGES / LSGPT_ROOT for the backend's model.py (lsgpt/backend/model.py) (the stub's sys.path is isolated);
+- LSGPT_SITE_PACKAGES / LSGPT_ROOT for the backend's model.py (lsgpt/serving/backend/model.py) (the stub's sys.path is isolated);
 - a repository *view*: a folder of symlinks to the models this server can run. LightSeq's models
   (backend "lightseq") are skipped unless that backend is installed, so one model_repository serves both
   LightSeq's image and ours, and the server can run in poll mode (new version folders go live).
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from lsgpt.contract import BACKEND, MODEL_FILE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (its model_repository/); LSGPT_ROOT for the stub
 CONTAINER_HOME = Path("/opt/tritonserver")
 BACKEND_MODEL_PY = Path(__file__).resolve().parent / "backend" / "model.py"  # what Triton runs for our models
 _FATAL_SIGNAL = re.compile(rb"^Signal \(\d+\) received\.", re.M)  # tritonserver's line on a fatal signal
@@ -99,7 +99,7 @@ def _wheel_install(home: Path, binary: Path) -> Install:
 def build_backend_dir(inst: Install, workdir: Path) -> Path:
     """The --backend-directory: the Python backend (the wheel's, with our Python's stub copied beside
     libtriton_python.so where the backend looks for it; or the container's, linked) and our Python-based
-    backend lsgpt/model.py (Triton runs it through the Python backend for `backend: "lsgpt"` models)."""
+    backend lsgpt/engine/model.py (Triton runs it through the Python backend for `backend: "lsgpt"` models)."""
     dst = workdir / "backends"
     dst.mkdir(parents=True, exist_ok=True)
     if inst.backends is not None:  # a container: link its backends (python, and any others it has)
@@ -185,7 +185,7 @@ def repository_view(repo: Path, workdir: Path, backend_dir: Path, models: list[s
         if not ok:
             if models:  # asked for by name: say why not
                 raise LaunchError(f"cannot serve model {name!r} from {repo}: {why}")
-            print(f"[lsgpt.launcher] skipping {name}: {why}", file=sys.stderr)
+            print(f"[lsgpt.serving.launcher] skipping {name}: {why}", file=sys.stderr)
             continue
         (view / name).symlink_to((repo / name).resolve(), target_is_directory=True)
         chosen.append(name)
@@ -468,13 +468,13 @@ class TritonServer:
                    else f"tritonserver has not answered /v2/health/live for {silent} checks" if silent >= unanswered
                    else None)
             if why:
-                print(f"[lsgpt.launcher] {why}: restarting tritonserver", file=sys.stderr, flush=True)
+                print(f"[lsgpt.serving.launcher] {why}: restarting tritonserver", file=sys.stderr, flush=True)
                 self.restarts.append((time.time(), why))
                 self.stop(timeout=10 if strikes >= grace else 2)  # a crashed or hung server drains nothing
                 self.start()
                 self.wait_ready(timeout)
                 expected, strikes, silent = set(self.stub_processes()), 0, 0
-                print(f"[lsgpt.launcher] restarted: models {', '.join(self.models)} ready", file=sys.stderr, flush=True)
+                print(f"[lsgpt.serving.launcher] restarted: models {', '.join(self.models)} ready", file=sys.stderr, flush=True)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests and stops its model stubs), SIGKILL if it hangs."""
@@ -521,7 +521,7 @@ def _client_host(host: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lsgpt.launcher", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lsgpt.serving.launcher", description=__doc__.split("\n")[0])
     ap.add_argument("--model-repository", default=os.environ.get("MODEL_REPOSITORY", str(ROOT / "model_repository")))
     ap.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", 8001)))
     ap.add_argument("--http-port", type=int, default=int(os.environ.get("HTTP_PORT", 8000)))
@@ -557,26 +557,26 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     if not _gpu_visible() or (a.device or "").startswith("cpu"):
-        print("[lsgpt.launcher] CPU only: tritonserver's start-up lines about CUDA, NVML and DCGM are its GPU "
+        print("[lsgpt.serving.launcher] CPU only: tritonserver's start-up lines about CUDA, NVML and DCGM are its GPU "
               "probes failing; they are harmless here", flush=True)
     try:
         server.admin_key = admin_key()
         server.start()
         if server.security_note:
-            print(f"[lsgpt.launcher] exposed mode: {server.security_note}", flush=True)
+            print(f"[lsgpt.serving.launcher] exposed mode: {server.security_note}", flush=True)
         server.wait_ready(a.timeout)
         print(
-            f"[lsgpt.launcher] ready: models {', '.join(server.models)} | gRPC {a.host}:{a.grpc_port} "
+            f"[lsgpt.serving.launcher] ready: models {', '.join(server.models)} | gRPC {a.host}:{a.grpc_port} "
             f"| HTTP {a.host}:{a.http_port} | metrics {a.host}:{a.metrics_port} | Ctrl-C stops",
             flush=True,
         )
         server.supervise(timeout=a.timeout)  # until the server exits; restarts it if a model process dies
         return server.proc.returncode if server.proc is not None else 0
     except KeyboardInterrupt:
-        print("[lsgpt.launcher] stopping", file=sys.stderr, flush=True)
+        print("[lsgpt.serving.launcher] stopping", file=sys.stderr, flush=True)
         return 0
     except LaunchError as e:
-        print(f"[lsgpt.launcher] {e}", file=sys.stderr)
+        print(f"[lsgpt.serving.launcher] {e}", file=sys.stderr)
         return 1
     finally:
         server.stop()

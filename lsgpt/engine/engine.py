@@ -17,11 +17,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from lsgpt.contract import PARAMS, matched_stop, param_error, stop_error
+from lsgpt.engine.fused import FusedForward
+from lsgpt.engine.fused import available as fused_available
+from lsgpt.engine.int8 import QuantGPT
+from lsgpt.engine.model import GPT
 from lsgpt.format import GptConfig, max_output_len, read_hdf5
-from lsgpt.fused import FusedForward
-from lsgpt.fused import available as fused_available
-from lsgpt.int8 import QuantGPT
-from lsgpt.model import GPT
 
 
 class RequestError(ValueError):
@@ -121,7 +121,7 @@ class Engine:
         self.config, self.model, self.device = cfg, model, device
         self.max_batch_size = max_batch_size
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
-        # the fused Triton kernels (lsgpt.fused) on CUDA unless fused=False or LSGPT_FUSED=0
+        # the fused Triton kernels (lsgpt.engine.fused) on CUDA unless fused=False or LSGPT_FUSED=0
         use_fused = fused_available(device) if fused is None else fused
         self.fused = None
         if use_fused:
@@ -169,7 +169,7 @@ class Engine:
         return self._reference_logits(tokens, positions, cache, last, static)
 
     def _reference_logits(self, tokens, positions, cache, last: torch.Tensor | None = None, static: bool = False):
-        """The same through the reference path (lsgpt.model / lsgpt.int8)."""
+        """The same through the reference path (lsgpt.engine.model / lsgpt.engine.int8)."""
         m = self.model
         hidden = m.forward(tokens, positions, cache, static=static)
         hidden = hidden.reshape(-1, hidden.shape[-1])

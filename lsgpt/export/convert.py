@@ -176,7 +176,7 @@ def float_arrays(cfg: GptConfig, sd: dict[str, torch.Tensor]) -> dict[str, np.nd
 
 
 def trained_clips(cfg: GptConfig, sd: dict[str, torch.Tensor]) -> dict[str, float] | None:
-    """Clips stored by QAT (lsgpt.qat), keyed by HDF5 dataset name; None when the checkpoint has none."""
+    """Clips stored by QAT (lsgpt.training.qat), keyed by HDF5 dataset name; None when the checkpoint has none."""
     sd = _strip(sd)
     keys = {f"src_embedding/{n}": CLIP_PREFIX_EMB + n for n in ("emb_clip_max", "output_ln_clip_max")}
     for layer in range(cfg.n_layer):
@@ -194,7 +194,7 @@ def trained_clips(cfg: GptConfig, sd: dict[str, torch.Tensor]) -> dict[str, floa
 @torch.inference_mode()
 def calibrate(cfg: GptConfig, arrays: dict[str, np.ndarray], token_rows: list[list[int]]) -> dict[str, float]:
     """Post-training calibration: max |x| at each activation clip point over the given token rows."""
-    from lsgpt.model import GPT
+    from lsgpt.engine.model import GPT
 
     fcfg = GptConfig(**{**cfg.to_dict(), "quantized": False})
     model = GPT(fcfg, arrays, torch.device("cpu"), torch.float32)

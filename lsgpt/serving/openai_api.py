@@ -1,6 +1,6 @@
 """An OpenAI-compatible API in front of the Triton server (FastAPI over the client library).
 
-    python client/openai_server.py --url localhost:8001 -p data/tokenizer          # http://127.0.0.1:9000/v1
+    python -m lsgpt.serving.openai_api --url localhost:8001 -p data/tokenizer          # http://127.0.0.1:9000/v1
     make openai                                                                     # the same
 
     from openai import OpenAI
@@ -51,7 +51,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from client.api import DEFAULT_TOKENIZER, Client, ClientError, InvalidRequest, ModelNotReady, check_sampling
+from lsgpt.client.api import (
+    DEFAULT_TOKENIZER,
+    Client,
+    ClientError,
+    InvalidRequest,
+    ModelNotReady,
+    check_sampling,
+)
 from lsgpt.contract import matched_stop
 from lsgpt.text import IncrementalDecoder, decode
 

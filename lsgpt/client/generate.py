@@ -1,0 +1,116 @@
+"""The article's generate.py, against our engine in process or a served model.
+
+    python client/generate.py -m model/fp16/model.hdf5 -p <tokenizer>            # in process (like the article)
+    python client/generate.py -m model/int8/model.hdf5 -q -i "我今天很开心，"
+    python client/generate.py -m gpt2 --url localhost:8001 -p <tokenizer>        # through Triton (gRPC)
+    python client/generate.py -q --url localhost:8001 --stream -i "我今天"        # gpt2_int8_stream
+
+-m: an HDF5 file -> our engine in this process (needs torch); anything else -> a served model name.
+-q: int8. In process it checks the file is an int8 (QuantGpt) file; served, the default model becomes gpt2_int8.
+Prints each text (prompt + continuation) followed by a ===== line, then the time taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from lsgpt.client.api import DEFAULT_TOKENIZER, Client, ClientError, check_sampling
+from lsgpt.text import cached_tokenizer, decode, encode_prompt
+
+DEFAULT_PROMPTS = ["我要找个男朋友，", "我今天很开心，"]  # the article's default batch
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-m", "--model", default=None, help="HDF5 file (in process) or served model name")
+    ap.add_argument("-i", "--input", action="append", default=None, help="prompt text (repeatable)")
+    ap.add_argument("-p", "--tokenizer", default=DEFAULT_TOKENIZER, help="hub id or folder with vocab.txt")
+    ap.add_argument("-q", "--quant", action="store_true", help="int8 model")
+    ap.add_argument("--url", default=None, help="Triton gRPC address host:port (serve mode)")
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--temperature", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--repetition-penalty", type=float, default=None, help="HF semantics; 1: off (e.g. 1.2)")
+    ap.add_argument("--presence-penalty", type=float, default=None, help="OpenAI semantics, -2..2; 0: off")
+    ap.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI semantics, -2..2; 0: off")
+    ap.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                    help="stop sequence (repeatable): generation ends right after it, and it is kept in the text")
+    ap.add_argument("--stream", action="store_true", help="served: print tokens as they come, from the model's streaming twin "
+                    "(gpt2 -> gpt2_stream, gpt2_int8 -> gpt2_int8_stream)")
+    ap.add_argument("--timeout", type=float, default=300.0)
+    return ap.parse_args(argv)
+
+
+def run_local(a: argparse.Namespace, prompts: list[str], sampling: dict) -> list[str]:
+    from lsgpt.engine.engine import Engine, SamplingParams
+
+    engine = Engine.load(a.model)
+    if a.quant and not engine.config.quantized:
+        raise SystemExit(f"-q given but {a.model} is an fp16 (Gpt) file")
+    tok = cached_tokenizer(a.tokenizer)
+    ids = [encode_prompt(tok, t) for t in prompts]
+    sampling = check_sampling({**sampling, "stop": a.stop}, tok)
+    t0 = time.perf_counter()
+    rows = engine.generate(ids, SamplingParams(**sampling))
+    dt = time.perf_counter() - t0
+    print(f"engine ({'int8' if engine.config.quantized else 'fp16'}) time: {dt:.3f}s")
+    return [decode(tok, r) for r in rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    prompts = a.input or DEFAULT_PROMPTS
+    raw = {"max_new_tokens": a.max_new_tokens, "top_k": a.top_k, "top_p": a.top_p,
+           "temperature": a.temperature, "seed": a.seed, "repetition_penalty": a.repetition_penalty,
+           "presence_penalty": a.presence_penalty, "frequency_penalty": a.frequency_penalty}
+    try:
+        sampling = check_sampling(raw)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # a file path (an .hdf5/.h5 name, a path with '/', or an existing file) runs in process; a bare name is served
+    local = a.model is not None and a.url is None and (
+        a.model.endswith((".hdf5", ".h5")) or "/" in a.model or os.path.isfile(a.model))
+    if local and not os.path.isfile(a.model):
+        print(f"error: model file not found: {a.model} (a served model is named without a path or extension, "
+              "e.g. -m gpt2_int8 --url localhost:8001)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        if local:
+            texts = run_local(a, prompts, sampling)
+        else:
+            model = a.model or ("gpt2_int8" if a.quant else "gpt2")
+            client = Client(a.url or "localhost:8001", model, a.tokenizer, timeout=a.timeout)
+            if a.stream:
+                for p in prompts:
+                    print(decode(client.tok, client.encode(p)), end="", flush=True)
+                    for piece in client.stream(p, stop=a.stop, **sampling):
+                        print(piece, end="", flush=True)
+                    print("\n" + "=" * 40)
+                print(f"time: {time.perf_counter() - t0:.3f}s")
+                return 0
+            texts = client.generate(prompts, stop=a.stop, **sampling)
+    except ClientError as e:
+        print(("\n" if a.stream else "") + f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:  # a missing tokenizer, an unreadable model file: say what, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: a stream's request was stopped on the server (its iterator closed)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    for t in texts:
+        print(t)
+        print("=" * 40)
+    print(f"time: {time.perf_counter() - t0:.3f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
