@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from oracles.tiny import EOS_ID, LAYER_CLIP_NAMES, attach_clips, make_model, one_torch_thread, save_bin_checkpoint
+from oracles.tiny import (
+    EOS_ID,
+    LAYER_CLIP_NAMES,
+    attach_clips,
+    make_model,
+    one_torch_thread,
+    save_bin_checkpoint,
+)
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_generation.json").read_text())["outputs"]
 PROMPTS = [[EOS_ID, 5, 17, 300], [EOS_ID, 42], [EOS_ID, 7, 7, 7, 7, 7, 900, 12]]
