@@ -10,7 +10,6 @@
 #   OUT=/out benchmarks/gpu.sh soak-start   # the 10-minute served soak outlives a call (600 s): started in its own
 #   OUT=/out benchmarks/gpu.sh soak-wait    # process session, then awaited by the next call on the warm machine
 #       (sooner than its 30 s idle release); each call brings back what /tmp/soak holds so far
-#   OUT=/out benchmarks/gpu.sh attention    # ~3 min: decode attention launch settings per batch size (attention_sweep.py)
 #   BEFORE=results/tmp/gpu_before OUT=/out benchmarks/gpu.sh host-overhead   # < 8 min: in-flight load served and in process,
 #       here vs $BEFORE (new tokens/s, CPU time per token of tritonserver / the stub / its threads, rows per step)
 # $BEFORE: a copy of an older commit's lsgpt/ and model_repository/, e.g.
@@ -88,8 +87,6 @@ host-overhead)  # the same in-flight load on a random 12-layer int8 model, each 
                 $flag --out "$OUT/$DEV/serving/host-overhead/$side-$path"
         done
     done ;;
-attention)
-    run 500 benchmarks/attention_sweep.py --out "$OUT/$DEV/attention_sweep" ;;
 soak-start)  # 12-layer random int8 served, concurrency 32, max_new_tokens 16..256, 10% cancelled mid-stream
     export_random_model || exit 1
     mkdir -p /tmp/soak
@@ -102,7 +99,7 @@ soak-wait)  # until the soak ends or WAIT seconds pass; its log and files so far
     for _ in $(seq "${WAIT:-560}"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     cp -r /tmp/soak/. "$OUT/"; tail -5 /tmp/soak/soak.log
     if kill -0 "$pid" 2>/dev/null; then echo "soak still running (pid $pid)"; status=3; fi ;;
-*) echo "usage: OUT=/out $0 [all|tests|fastpath|serving|host-overhead|attention|soak-start|soak-wait]"; exit 2 ;;
+*) echo "usage: OUT=/out $0 [all|tests|fastpath|serving|host-overhead|soak-start|soak-wait]"; exit 2 ;;
 esac
 echo "[gpu.sh $MODE] $(date -u +%FT%TZ) done (status $status)"; find "$OUT" -type f | sort
 exit $status
