@@ -3,9 +3,9 @@
 generation (generation.py), serving overhead (serving.py --sections overhead) and training
 (train_throughput.py, run as a subprocess; its table and figure are made here, in results/<device>/train/).
 
-    python benchmarks/bench.py                                    # CPU: a few minutes
-    python benchmarks/bench.py --sections train --train-arg=--steps=5
-    python benchmarks/bench.py --replot results/h100/train/train_throughput.json   # the training figure again
+    python -m benchmarks.bench                                    # CPU: a few minutes
+    python -m benchmarks.bench --sections train --train-arg=--steps=5
+    python -m benchmarks.bench --replot results/h100/train/train_throughput.json   # the training figure again
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import common
-import generation
-import serving
+from benchmarks import common, generation, serving
 
 
 def train_report(res: dict, out: Path) -> None:
@@ -62,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         status |= serving.main(["--sections", "overhead", *a.serving_arg])
     if "train" in sections:
         out = common.results_dir("train")
-        cmd = [sys.executable, str(Path(__file__).with_name("train_throughput.py")), "--out",
+        cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--out",
                str(out / "train_throughput.json"), *a.train_arg]
         print(" ".join(cmd), flush=True)
-        if subprocess.run(cmd, timeout=a.train_timeout).returncode == 0:
+        if subprocess.run(cmd, timeout=a.train_timeout, cwd=common.ROOT).returncode == 0:
             train_report(json.loads((out / "train_throughput.json").read_text()), out)
         else:
             status = 1

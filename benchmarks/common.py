@@ -1,7 +1,7 @@
 """What the benchmarks share: where results go, one timer, one plot helper, one random-model builder, the served
 server and its requests (the client's), prompts, perf_analyzer. No torch at import.
 
-Scripts import it as `common` (run as `python benchmarks/x.py`); tests as `benchmarks.common`.
+Every benchmark imports it as `from benchmarks import common` (run as `python -m benchmarks.x` from the root).
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def write_json(path: Path, report: dict) -> Path:
 
 
 def command_line(argv: list[str] | None) -> str:
-    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    script = Path(sys.argv[0])
+    head = f"-m benchmarks.{script.stem}" if script.parent.name == "benchmarks" else script.as_posix()
+    return "python " + " ".join([head, *(sys.argv[1:] if argv is None else argv)])
 
 
 # ---- one timer ---------------------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ HF runs fp16 on CUDA and fp32 on CPU; ours runs the same precision, and int8. De
 shape (12 layers, 768 hidden, vocab 21128), 500 new tokens, batch 1,8,32; on the CPU 4 layers, 256 hidden,
 64 new tokens, batch 1,8, one thread. Writes results/<device>/generation/generation.{json,md,png}.
 
-    python benchmarks/generation.py                                  # CPU: a minute or two
-    python benchmarks/generation.py --batches 1,8,32,64,128,256 --ttft-prompt 400 --profile   # the GPU table
-    python benchmarks/generation.py --compile --compile-batches 1    # + torch.compile'd decode steps (CUDA)
-    python benchmarks/generation.py --replot results/h100/generation/generation.json
+    python -m benchmarks.generation                                  # CPU: a minute or two
+    python -m benchmarks.generation --batches 1,8,32,64,128,256 --ttft-prompt 400 --profile   # the GPU table
+    python -m benchmarks.generation --compile --compile-batches 1    # + torch.compile'd decode steps (CUDA)
+    python -m benchmarks.generation --replot results/h100/generation/generation.json
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import common
-
+from benchmarks import common
 from lsgpt.contract import VOCAB_SIZE
 
 

@@ -54,24 +54,24 @@ gpu_tests() {
 run() { local t=$1; shift; timeout "$t" "$PY" "$@" 2>&1 | grep -v Warning | cut -c1-400; [ "${PIPESTATUS[0]}" = 0 ] || status=1; }
 case "$MODE" in
 all)  # training (about 1 min), generation at batch 1/8/32 (+ compiled engines at batch 1: ~2 min per batch size)
-    run 150 benchmarks/train_throughput.py --steps 10 --out "$OUT/$DEV/train/train_throughput.json"
-    run 300 benchmarks/generation.py --compile --compile-batches 1 --out "$OUT/$DEV/generation"
+    run 150 -m benchmarks.train_throughput --steps 10 --out "$OUT/$DEV/train/train_throughput.json"
+    run 300 -m benchmarks.generation --compile --compile-batches 1 --out "$OUT/$DEV/generation"
     # the engine alone on the GPU for 45 s (article shape, max_step 128): a leak in the KV caches or CUDA graphs shows
-    run 80 benchmarks/soak.py --in-process --device cuda --minutes 0.75 --warmup 12 --sample-every 1 \
+    run 80 -m benchmarks.soak --in-process --device cuda --minutes 0.75 --warmup 12 --sample-every 1 \
         --tiny-shape 12,768,12,128 --max-batch 8 --max-new-tokens 8,32,64 --prompts builtin --out "$OUT/$DEV/soak" ;;
 tests)
     gpu_tests ;;
 fastpath)
     gpu_tests
-    run 300 benchmarks/generation.py --batches 1,8,32,64,128,256 --ttft-prompt 400 --profile --out "$OUT/$DEV/generation"
-    run 120 benchmarks/serving.py --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving" ;;
+    run 300 -m benchmarks.generation --batches 1,8,32,64,128,256 --ttft-prompt 400 --profile --out "$OUT/$DEV/generation"
+    run 120 -m benchmarks.serving --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving" ;;
 serving)  # ROUNDS interleaved rounds of after/before (round 1 also fills each side's kernel cache); OVERHEAD=0 skips
-    [ "${OVERHEAD:-1}" = 0 ] || run 200 benchmarks/serving.py --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving"
+    [ "${OVERHEAD:-1}" = 0 ] || run 200 -m benchmarks.serving --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving"
     export_random_model || exit 1
     for round in $(seq "${ROUNDS:-1}"); do
         for side in after before; do  # each side compiles its own Triton kernels
             pp="$PYTHONPATH"; [ "$side" = before ] && pp="$(cd "${BEFORE:-.gpu_before}" && pwd):$PYTHONPATH"
-            PYTHONPATH="$pp" TRITON_CACHE_DIR=/tmp/triton-cache-$side run 170 benchmarks/serving.py --sections inflight \
+            PYTHONPATH="$pp" TRITON_CACHE_DIR=/tmp/triton-cache-$side run 170 -m benchmarks.serving --sections inflight \
                 --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-1,8,32}" --requests "${REQUESTS:-64}" \
                 --out "$OUT/$DEV/serving/$side-r$round"
         done
@@ -82,7 +82,7 @@ host-overhead)  # the same in-flight load on a random 12-layer int8 model, each 
         pp="$PYTHONPATH"; [ "$side" = before ] && pp="$(cd "${BEFORE:?set BEFORE}" && pwd):$PYTHONPATH"
         for path in served in-process; do
             flag="" limit=140; [ "$path" = in-process ] && flag=--in-process limit=80  # served: compiles the kernels
-            PYTHONPATH="$pp" TRITON_CACHE_DIR="/tmp/triton-cache-$side" run "$limit" benchmarks/serving.py \
+            PYTHONPATH="$pp" TRITON_CACHE_DIR="/tmp/triton-cache-$side" run "$limit" -m benchmarks.serving \
                 --sections inflight --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-8,32}" --requests "${REQUESTS:-192}" \
                 $flag --out "$OUT/$DEV/serving/host-overhead/$side-$path"
         done
@@ -90,7 +90,7 @@ host-overhead)  # the same in-flight load on a random 12-layer int8 model, each 
 soak-start)  # 12-layer random int8 served, concurrency 32, max_new_tokens 16..256, 10% cancelled mid-stream
     export_random_model || exit 1
     mkdir -p /tmp/soak
-    setsid nohup "$PY" benchmarks/soak.py --model gpt2_int8 --hdf5 /tmp/int8.hdf5 --minutes "${MINUTES:-10}" \
+    setsid nohup "$PY" -m benchmarks.soak --model gpt2_int8 --hdf5 /tmp/int8.hdf5 --minutes "${MINUTES:-10}" \
         --concurrency "${CONC:-32}" --cancel-fraction 0.1 --max-new-tokens 16,32,64,128,256 --prompts builtin \
         --warmup 120 --sample-every 2 --tokenizer "${TOKENIZER:-data/tokenizer}" --out "/tmp/soak/$DEV/soak" > /tmp/soak/soak.log 2>&1 < /dev/null &
     echo $! > /tmp/soak/pid; sleep 5; cat /tmp/soak/soak.log ;;

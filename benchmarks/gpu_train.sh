@@ -18,8 +18,8 @@ TT_ARGS=${TT_ARGS:---profile /tmp/lsgpt_prof --modes hf-fp16,ours-fp16,ours-int8
   $PY -c 'import torch, transformers, accelerate, triton; print("torch", torch.__version__, "transformers", transformers.__version__, "accelerate", accelerate.__version__, "triton", triton.__version__)'
 } 2>&1 | tee "$OUT/env.txt"
 
-echo "== throughput: $PY benchmarks/train_throughput.py --out $OUT/throughput.json $TT_ARGS"
-timeout "$T_TT" $PY benchmarks/train_throughput.py --out "$OUT/throughput.json" $TT_ARGS >"$OUT/throughput.log" 2>&1
+echo "== throughput: $PY -m benchmarks.train_throughput --out $OUT/throughput.json $TT_ARGS"
+timeout "$T_TT" $PY -m benchmarks.train_throughput --out "$OUT/throughput.json" $TT_ARGS >"$OUT/throughput.log" 2>&1
 echo "exit $?"; grep -v '^\[train_throughput\]' "$OUT/throughput.log" | tail -14
 [ -d /tmp/lsgpt_prof ] && for f in /tmp/lsgpt_prof/*.txt; do echo "=== $f"; cat "$f"; done >"$OUT/profiles.txt"
 

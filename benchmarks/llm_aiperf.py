@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """LLM load test by NVIDIA's aiperf (the successor of genai-perf), through our OpenAI-compatible API.
 
-    python benchmarks/llm_aiperf.py                          # the repository's models (or a tiny random one)
+    python -m benchmarks.llm_aiperf                          # the repository's models (or a tiny random one)
     make loadtest LOADTEST_ARGS=--aiperf                     # the same
-    python benchmarks/llm_aiperf.py --quick                  # a minute: concurrency 1,4, few requests
-    python benchmarks/llm_aiperf.py --openai-url http://127.0.0.1:9000 --models gpt2_int8   # a running `make openai`
+    python -m benchmarks.llm_aiperf --quick                  # a minute: concurrency 1,4, few requests
+    python -m benchmarks.llm_aiperf --openai-url http://127.0.0.1:9000 --models gpt2_int8   # a running `make openai`
 
 What runs: a real tritonserver of ours on free ports (what loadtest.py serves: --hdf5, else the repository's
 exported models, else a tiny random GPT-2), lsgpt/serving/openai_api.py in front of it, then per model and concurrency
@@ -37,10 +37,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-try:
-    import common
-except ImportError:  # imported as benchmarks.llm_aiperf (the tests)
-    from benchmarks import common
+from benchmarks import common
 from lsgpt.contract import STREAM_SUFFIX
 
 AIPERF_VERSION = "0.13.0"
@@ -123,7 +120,7 @@ class OpenAIFrontend:
 
         self.port, self.log = free_port(), log
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, str(common.ROOT / "client" / "openai_server.py"), "--url", grpc_url,
+        self.args = [sys.executable, "-m", "lsgpt.serving.openai_api", "--url", grpc_url,
                      "-p", tokenizer, "--port", str(self.port)]
 
     def __enter__(self) -> OpenAIFrontend:

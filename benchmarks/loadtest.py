@@ -2,10 +2,10 @@
 """Load-test the served GPT-2 models with Triton's perf_analyzer over gRPC: a concurrency sweep and a
 request-rate mode, on real tokenized prompts; perf_analyzer's CSVs, a summary (JSON + table) and plots.
 
-    python benchmarks/loadtest.py                              # model_repository, models gpt2 + gpt2_int8
-    python benchmarks/loadtest.py --quick --out /tmp/lt        # seconds: CI / the main job
-    python benchmarks/loadtest.py --url localhost:8001 --models gpt2 --concurrency 1,4,16
-    python benchmarks/loadtest.py --hdf5 model/int8/model.hdf5 --tokenizer model/int8
+    python -m benchmarks.loadtest                              # model_repository, models gpt2 + gpt2_int8
+    python -m benchmarks.loadtest --quick --out /tmp/lt        # seconds: CI / the main job
+    python -m benchmarks.loadtest --url localhost:8001 --models gpt2 --concurrency 1,4,16
+    python -m benchmarks.loadtest --hdf5 model/int8/model.hdf5 --tokenizer model/int8
 
 What is served (see common.prepare): --url uses a running server as is; otherwise a real
 tritonserver (lsgpt.serving.launcher.TritonServer, free ports) serves --hdf5 if given, else the repository when its
@@ -40,8 +40,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import common
-
+from benchmarks import common
 from lsgpt.contract import STREAM_SUFFIX
 from lsgpt.text import cached_tokenizer
 
@@ -413,7 +412,7 @@ def llm_main(a, argv, s: Settings, pa, repo: Path, tok: str, served_desc: str, m
 
 def aiperf_main(a: argparse.Namespace) -> int:
     """--aiperf: the same served models under aiperf (benchmarks/llm_aiperf.py), with the options they share."""
-    import llm_aiperf
+    from benchmarks import llm_aiperf
 
     args = ["--models", a.models, "--prompt-tokens", a.llm_prompt_tokens, "--new-tokens", a.llm_new_tokens,
             "--model-repository", str(a.model_repository)]
@@ -423,7 +422,7 @@ def aiperf_main(a: argparse.Namespace) -> int:
         if value is not None:
             args += [flag, str(value)]
     if a.url:
-        print("loadtest: --aiperf talks to the OpenAI API: use benchmarks/llm_aiperf.py --openai-url for a "
+        print("loadtest: --aiperf talks to the OpenAI API: use python -m benchmarks.llm_aiperf --openai-url for a "
               "running `make openai`", file=sys.stderr)
         return 2
     return llm_aiperf.main(args + (["--quick"] if a.quick else []), command=common.command_line(None))

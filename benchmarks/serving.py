@@ -11,10 +11,10 @@ short request while a long one runs? One real tritonserver (gRPC, our Python-bas
             Also, per level: CPU time per generated token of each process (served: tritonserver, the model's
             stub and its lsgpt-* threads, this client) and the mean running batch (tokens per decode step).
 
-    python benchmarks/serving.py                                       # both sections, a random model
-    python benchmarks/serving.py --sections overhead --layers 12 --hidden 768 --heads 12 --new-tokens 500
-    python benchmarks/serving.py --sections inflight --hdf5 model/fp16/pytorch_model.hdf5 --concurrency 1,8,32
-    git worktree add /tmp/before <commit>; PYTHONPATH=/tmp/before python benchmarks/serving.py --sections \\
+    python -m benchmarks.serving                                       # both sections, a random model
+    python -m benchmarks.serving --sections overhead --layers 12 --hidden 768 --heads 12 --new-tokens 500
+    python -m benchmarks.serving --sections inflight --hdf5 model/fp16/pytorch_model.hdf5 --concurrency 1,8,32
+    git worktree add /tmp/before <commit>; PYTHONPATH=/tmp/before python -m benchmarks.serving --sections \\
         inflight --hdf5 ... --out results/cpu/serving/before      # the same load on another checkout's server
 
 Writes results/<device>/serving/serving.{json,md,png}.
@@ -33,9 +33,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import common
 import numpy as np
 
+from benchmarks import common
 from lsgpt.contract import VOCAB_SIZE
 
 

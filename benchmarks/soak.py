@@ -2,9 +2,9 @@
 """Soak test: hold a fixed concurrency for N minutes; count failed requests (must be 0) and watch memory
 (growth after warm-up must stay under 5%).
 
-    python benchmarks/soak.py --minutes 3 --concurrency 4                # real tritonserver, gRPC clients
-    python benchmarks/soak.py --url localhost:8001 --pid $(pgrep -o tritonserver) --minutes 30
-    python benchmarks/soak.py --in-process --device cuda --minutes 2      # the engine alone (GPU machine)
+    python -m benchmarks.soak --minutes 3 --concurrency 4                # real tritonserver, gRPC clients
+    python -m benchmarks.soak --url localhost:8001 --pid $(pgrep -o tritonserver) --minutes 30
+    python -m benchmarks.soak --in-process --device cuda --minutes 2      # the engine alone (GPU machine)
 
 Server mode: what is served is chosen as in loadtest.py (repository, --hdf5, or a fresh tiny random model);
 `concurrency` client threads each send one request after another over gRPC, cycling through real tokenized
@@ -39,8 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import common
-
+from benchmarks import common
 from lsgpt.contract import STREAM_SUFFIX, VOCAB_SIZE
 
 GROWTH_LIMIT = 0.05
