@@ -10,12 +10,10 @@
 #   OUT=/out benchmarks/gpu.sh soak-start   # the 10-minute served soak outlives a call (600 s): started in its own
 #   OUT=/out benchmarks/gpu.sh soak-wait    # process session, then awaited by the next call on the warm machine
 #       (sooner than its 30 s idle release); each call brings back what /tmp/soak holds so far
-#   BEFORE=results/tmp/gpu_before OUT=/out benchmarks/gpu.sh host-overhead   # < 8 min: in-flight load served and in process,
-#       here vs $BEFORE (new tokens/s, CPU time per token of tritonserver / the stub / its threads, rows per step)
 # $BEFORE: a copy of an older commit's lsgpt/ and model_repository/, e.g.
 #   mkdir -p results/tmp/gpu_before && git archive 50b394e lsgpt model_repository | tar -x -C results/tmp/gpu_before
 #   (git-ignored: carry it with the call)
-# fastpath, serving and host-overhead need wheels carried in .whl/ (results/h100/fastpath/NOTES.md): nvidia-pytriton==0.7.0,
+# fastpath and serving need wheels carried in .whl/ (results/h100/fastpath/NOTES.md): nvidia-pytriton==0.7.0,
 # tritonclient==2.51.0, protobuf<5, grpcio, python-rapidjson, numpy<2 (tritonserver 2.51's Python backend
 # returns empty outputs under numpy 2: it goes to the model stubs only, via LSGPT_SITE_PACKAGES).
 # Files: $OUT/<device>/<benchmark>/... as on the CPU machine, $OUT/tests.log, $OUT/gpu.log.
@@ -76,17 +74,6 @@ serving)  # ROUNDS interleaved rounds of after/before (round 1 also fills each s
                 --out "$OUT/$DEV/serving/$side-r$round"
         done
     done ;;
-host-overhead)  # the same in-flight load on a random 12-layer int8 model, each side with its own kernel cache
-    export_random_model || exit 1
-    for side in after before; do
-        pp="$PYTHONPATH"; [ "$side" = before ] && pp="$(cd "${BEFORE:?set BEFORE}" && pwd):$PYTHONPATH"
-        for path in served in-process; do
-            flag="" limit=140; [ "$path" = in-process ] && flag=--in-process limit=80  # served: compiles the kernels
-            PYTHONPATH="$pp" TRITON_CACHE_DIR="/tmp/triton-cache-$side" run "$limit" -m benchmarks.serving \
-                --sections inflight --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-8,32}" --requests "${REQUESTS:-192}" \
-                $flag --out "$OUT/$DEV/serving/host-overhead/$side-$path"
-        done
-    done ;;
 soak-start)  # 12-layer random int8 served, concurrency 32, max_new_tokens 16..256, 10% cancelled mid-stream
     export_random_model || exit 1
     mkdir -p /tmp/soak
@@ -99,7 +86,7 @@ soak-wait)  # until the soak ends or WAIT seconds pass; its log and files so far
     for _ in $(seq "${WAIT:-560}"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     cp -r /tmp/soak/. "$OUT/"; tail -5 /tmp/soak/soak.log
     if kill -0 "$pid" 2>/dev/null; then echo "soak still running (pid $pid)"; status=3; fi ;;
-*) echo "usage: OUT=/out $0 [all|tests|fastpath|serving|host-overhead|soak-start|soak-wait]"; exit 2 ;;
+*) echo "usage: OUT=/out $0 [all|tests|fastpath|serving|soak-start|soak-wait]"; exit 2 ;;
 esac
 echo "[gpu.sh $MODE] $(date -u +%FT%TZ) done (status $status)"; find "$OUT" -type f | sort
 exit $status

@@ -15,7 +15,7 @@ one `aiperf profile --endpoint-type completions --streaming` (closed loop), a mi
 - --cancel-pct of the requests (10) cancelled --cancel-delay seconds after they are sent (aiperf disconnects; the
   frontend stops the stream in band), counted apart from failures;
 - token counts from the server's usage (our tokenizer).
-Out (--out, default results/<device>/aiperf/, or aiperf-quick/ with --quick): aiperf's own artifacts per level
+Out (--out, default results/tmp/<device>/aiperf/, or aiperf-quick/ with --quick; --record: results/<device>/): aiperf's own artifacts per level
 (<model>-c<N>/), and our table of them: aiperf.json, aiperf.csv, aiperf.md, aiperf.png (time to first token,
 inter-token latency and request latency p50/p95/p99, output tokens/s, requests ok / cancelled / failed).
 
@@ -244,8 +244,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--aiperf", help="the aiperf executable (default .venv-aiperf/bin/aiperf, made on first use)")
     p.add_argument("--no-install", action="store_true", help="never create .venv-aiperf")
     p.add_argument("--timeout", type=float, default=900, help="seconds per aiperf run")
-    p.add_argument("--out", type=Path, help="output folder (default results/<device>/aiperf, "
-                                                       "or aiperf-quick with --quick)")
+    common.add_output_args(p, "aiperf")
     a = p.parse_args(argv)
     try:
         a.concurrency = [int(x) for x in a.concurrency.split(",") if x]
@@ -267,7 +266,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     a = parse_args(argv)
     models = [m for m in a.models.split(",") if m]
     name = "aiperf-quick" if a.quick else "aiperf"  # a quick try never replaces a full run's results
-    out: Path = (a.out or common.ROOT / "results" / common.device_slug() / name).resolve()
+    out: Path = (a.out or common.results_dir(name, record=a.record)).resolve()
     try:
         if a.openai_url:  # the user's mistakes before any install
             check_openai(a.openai_url, models)

@@ -142,12 +142,6 @@ def llm_data(rows: list[list[int]], lengths: tuple[int, int], new_tokens: tuple[
             for ids, new in common.llm_requests(rows, lengths, new_tokens, max_step, n, seed)]
 
 
-def _pct(xs: list[float], q: float) -> float:
-    import numpy as np
-
-    return float(np.percentile(xs, q)) if xs else 0.0
-
-
 def llm_summary(profile: Path) -> list[dict]:
     """perf_analyzer's profile export (one experiment per concurrency) -> TTFT, ITL, latency percentiles (ms)
     and output tokens/s. Each streamed request has one response per token and a last, empty one."""
@@ -164,7 +158,7 @@ def llm_summary(profile: Path) -> list[dict]:
                "requests_per_s": round(len(reqs) / span, 2) if span else 0.0}
         for name, xs in (("ttft", ttft), ("itl", itl), ("latency", lat)):
             for q in (50, 95, 99):
-                row[f"{name}_p{q}_ms"] = round(_pct(xs, q), 2)
+                row[f"{name}_p{q}_ms"] = common.percentile(xs, q, digits=2) or 0.0
         rows.append(row)
     return rows
 
@@ -279,7 +273,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="OMP_NUM_THREADS of the served models (torch CPU threads; 0 = torch's default). One "
                         "thread per model instance leaves a core to perf_analyzer on these 2-core machines")
     p.add_argument("--tiny-shape", default="2,128,4,128", help="layers,hidden,heads,max_step of the random model")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default results/<device>/loadtest, or loadtest-quick with --quick)")
+    common.add_output_args(p, "loadtest")
     p.add_argument("--perf-arg", action="append", default=[], help="extra perf_analyzer argument (repeatable)")
     p.add_argument("--llm", action="store_true", help="LLM metrics on the streaming twins under a mixed load "
                    "(TTFT, inter-token latency, tokens/s); concurrency default 1,4,16,64 (--quick: 1,2)")
@@ -306,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return aiperf_main(a)
     models = [m for m in a.models.split(",") if m]
     name = ("llm" if a.llm else "loadtest") + ("-quick" if a.quick else "")
-    out: Path = a.out or common.ROOT / "results" / common.device_slug() / name
+    out: Path = a.out or common.results_dir(name, record=a.record)
     try:  # user mistakes first, before any work: one line each, exit 2
         pa = common.find_perf_analyzer()
         if a.prompts and a.prompts != "builtin":
@@ -425,7 +419,8 @@ def aiperf_main(a: argparse.Namespace) -> int:
         print("loadtest: --aiperf talks to the OpenAI API: use python -m benchmarks.llm_aiperf --openai-url for a "
               "running `make openai`", file=sys.stderr)
         return 2
-    return llm_aiperf.main(args + (["--quick"] if a.quick else []), command=common.command_line(None))
+    return llm_aiperf.main(args + (["--quick"] if a.quick else []) + (["--record"] if a.record else []),
+                           command=common.command_line(None))
 
 
 if __name__ == "__main__":
