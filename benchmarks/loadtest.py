@@ -24,7 +24,6 @@ Failed requests: the server's own statistics (fail count) before and after every
 --profile-export-file, and our summary of its per-response timestamps: time to first token, inter-token
 latency and request latency percentiles, output tokens/s (llm.json, llm.csv, llm.png). perf_analyzer cannot
 cancel requests; cancellation is covered by tests/test_resilience.py and the scheduler tests.
-The machines here are shared 2-core boxes: numbers are noisy; the stability rule is relaxed on purpose.
 """
 
 from __future__ import annotations

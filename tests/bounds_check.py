@@ -6,10 +6,6 @@ kernels run in the interpreter (TRITON_INTERPRET=1) with every load, store and a
 kernel touches (its mask applied) must lie inside the storage of one of the tensors passed to that launch.
 The first address outside stops the run with the kernel's name and the shape being run.
 
-It found the stride-0 positions bug (several 1-token prompts prefilled together: ``_embed_kernel`` read the
-position of row 1 past a 1-element storage), which on the H100 surfaced as an illegal memory access 22 forwards
-later.
-
     PYTHONPATH=. .venv/bin/python tests/bounds_check.py            # fp16 and int8, prefill shapes and decode steps (~10 min)
     PYTHONPATH=. .venv/bin/python tests/bounds_check.py int8 --quick
 
