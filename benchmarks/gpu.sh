@@ -23,6 +23,7 @@ cd "$ROOT"
 OUT="${OUT:?set OUT to the output folder}"
 MODE="${1:-all}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
@@ -35,12 +36,12 @@ if [ "$MODE" != all ] && [ "$MODE" != soak-wait ] && [ ! -e /tmp/site/.lsgpt-ins
 fi
 [ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 [ -d /tmp/stub-site ] && export LSGPT_SITE_PACKAGES=/tmp/stub-site
-DEV="$(cd benchmarks && "$PY" -c 'from common import device_slug; print(device_slug())' 2>/dev/null || echo gpu)"
+DEV="$("$PY" -c 'from benchmarks.common import device_slug; print(device_slug())' 2>/dev/null || echo gpu)"
 echo "[gpu.sh $MODE] $(date -u +%FT%TZ) $DEV $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
 status=0
 # the random 12-layer model the serving modes serve: /tmp/fp.hdf5 and /tmp/int8.hdf5
-export_random_model() { (cd benchmarks && "$PY" -c 'from pathlib import Path; from common import export_pair as e, random_model as r
-e(r(12, 768, 12), Path("/tmp"), 1024)'); }
+export_random_model() { "$PY" -c 'from pathlib import Path; from benchmarks.common import export_pair as e, random_model as r
+e(r(12, 768, 12), Path("/tmp"), 1024)'; }
 # every test that needs CUDA (the rest run on the CPU in CI), into $OUT/tests.log; TESTS="..." runs others
 gpu_tests() {
     # shellcheck disable=SC2086
@@ -68,10 +69,11 @@ serving)  # ROUNDS interleaved rounds of after/before (round 1 also fills each s
     export_random_model || exit 1
     for round in $(seq "${ROUNDS:-1}"); do
         for side in after before; do  # each side compiles its own Triton kernels
-            pp="$PYTHONPATH"; [ "$side" = before ] && pp="$(cd "${BEFORE:-.gpu_before}" && pwd):$PYTHONPATH"
-            PYTHONPATH="$pp" TRITON_CACHE_DIR=/tmp/triton-cache-$side run 170 -m benchmarks.serving --sections inflight \
-                --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-1,8,32}" --requests "${REQUESTS:-64}" \
-                --out "$OUT/$DEV/serving/$side-r$round"
+            # python -m puts the working folder first: the before side runs from $BEFORE, so its lsgpt is imported
+            dir="$ROOT"; [ "$side" = before ] && dir="$(cd "${BEFORE:-.gpu_before}" && pwd)"
+            (cd "$dir" && PYTHONPATH="$dir:$PYTHONPATH" TRITON_CACHE_DIR=/tmp/triton-cache-$side run 170 -m benchmarks.serving \
+                --sections inflight --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-1,8,32}" --requests "${REQUESTS:-64}" \
+                --out "$OUT/$DEV/serving/$side-r$round"; exit $status) || status=1
         done
     done ;;
 soak-start)  # 12-layer random int8 served, concurrency 32, max_new_tokens 16..256, 10% cancelled mid-stream

@@ -13,8 +13,8 @@ short request while a long one runs? One real tritonserver (gRPC, our Python-bas
     python -m benchmarks.serving                                       # both sections, a random model
     python -m benchmarks.serving --sections overhead --layers 12 --hidden 768 --heads 12 --new-tokens 500
     python -m benchmarks.serving --sections inflight --hdf5 model/fp16/pytorch_model.hdf5 --concurrency 1,8,32
-    git worktree add /tmp/before <commit>; PYTHONPATH=/tmp/before python -m benchmarks.serving --sections \\
-        inflight --hdf5 ... --out results/cpu/serving/before      # the same load on another checkout's server
+    git worktree add /tmp/before <commit>; cd /tmp/before && PYTHONPATH=/tmp/before:$OLDPWD python -m \\
+        benchmarks.serving --sections inflight --hdf5 ... --out /tmp/sv-before   # the same load, the older lsgpt
 
 Writes results/tmp/<device>/serving/serving.{json,md,png} (--record: results/<device>/serving/).
 """
