@@ -30,8 +30,8 @@ openai: setup
 
 # perf_analyzer sweep over gRPC (LOADTEST_ARGS=--quick: seconds; --url HOST:PORT: a running server)
 loadtest: setup
-	$(PY) benchmarks/loadtest.py --model-repository $(MODEL_REPOSITORY) $(LOADTEST_ARGS)
+	$(PY) -m benchmarks.loadtest --model-repository $(MODEL_REPOSITORY) $(LOADTEST_ARGS)
 
 # one run: generation HF vs ours fp/int8, Triton vs in process, training, into results/<device>/<benchmark>/
 bench: setup
-	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""`make bench`: every speed question in one run, each into its own results/<device>/<benchmark>/:
+"""`make bench`: every speed question in one run, each into results/tmp/<device>/<benchmark>/ (--record: results/):
 generation (generation.py), serving overhead (serving.py --sections overhead) and training
-(train_throughput.py, run as a subprocess; its table and figure are made here, in results/<device>/train/).
+(train_throughput.py, run as a subprocess; its table and figure are made here, in the train/ folder).
 
-    python benchmarks/bench.py                                    # CPU: a few minutes
-    python benchmarks/bench.py --sections train --train-arg=--steps=5
-    python benchmarks/bench.py --replot results/h100/train/train_throughput.json   # the training figure again
+    python -m benchmarks.bench                                    # CPU: a few minutes
+    python -m benchmarks.bench --sections train --train-arg=--steps=5
+    python -m benchmarks.bench --replot results/h100/train/train_throughput.json   # the training figure again
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import common
-import generation
-import serving
+from benchmarks import common, generation, serving
 
 
 def train_report(res: dict, out: Path) -> None:
@@ -50,22 +48,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serving-arg", action="append", default=[], help="passed to serving.py (repeatable)")
     p.add_argument("--train-arg", action="append", default=[], help="passed to train_throughput.py (repeatable)")
     p.add_argument("--train-timeout", type=float, default=900)
+    p.add_argument("--record", action="store_true", help="write into results/<device>/ (committed) instead of "
+                   "results/tmp/<device>/ (git-ignored)")
     p.add_argument("--replot", type=Path, help="only re-make the training table and figure from its JSON")
     a = p.parse_args(argv)
     if a.replot:
         train_report(json.loads(a.replot.read_text()), a.replot.parent)
         return 0
-    status, sections = 0, a.sections.split(",")
+    status, sections, rec = 0, a.sections.split(","), ["--record"] if a.record else []
     if "generation" in sections:
-        status |= generation.main(a.generation_arg)
+        status |= generation.main(a.generation_arg + rec)
     if "serving" in sections:
-        status |= serving.main(["--sections", "overhead", *a.serving_arg])
+        status |= serving.main(["--sections", "overhead", *a.serving_arg, *rec])
     if "train" in sections:
-        out = common.results_dir("train")
-        cmd = [sys.executable, str(Path(__file__).with_name("train_throughput.py")), "--out",
+        out = common.results_dir("train", record=a.record)
+        cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--out",
                str(out / "train_throughput.json"), *a.train_arg]
         print(" ".join(cmd), flush=True)
-        if subprocess.run(cmd, timeout=a.train_timeout).returncode == 0:
+        if subprocess.run(cmd, timeout=a.train_timeout, cwd=common.ROOT).returncode == 0:
             train_report(json.loads((out / "train_throughput.json").read_text()), out)
         else:
             status = 1

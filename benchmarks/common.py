@@ -1,7 +1,7 @@
 """What the benchmarks share: where results go, one timer, one plot helper, one random-model builder, the served
 server and its requests (the client's), prompts, perf_analyzer. No torch at import.
 
-Scripts import it as `common` (run as `python benchmarks/x.py`); tests as `benchmarks.common`.
+Every benchmark imports it as `from benchmarks import common` (run as `python -m benchmarks.x` from the root).
 """
 
 from __future__ import annotations
@@ -47,11 +47,19 @@ def device_slug(device: str | None = None) -> str:
     return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
-def results_dir(benchmark: str, out: Path | None = None, device: str | None = None) -> Path:
-    """--out, else results/<device>/<benchmark>/ (created)."""
-    d = out or ROOT / "results" / device_slug(device) / benchmark
+def results_dir(benchmark: str, out: Path | None = None, device: str | None = None, record: bool = False) -> Path:
+    """--out, else results/<device>/<benchmark>/ with --record, else results/tmp/<device>/<benchmark>/ (git-ignored);
+    created."""
+    d = out or ROOT / "results" / ("" if record else "tmp") / device_slug(device) / benchmark
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def add_output_args(p, benchmark: str) -> None:
+    """--out and --record: where a run writes (default: results/tmp/<device>/<benchmark>/, git-ignored)."""
+    p.add_argument("--out", type=Path, help=f"output folder (default results/tmp/<device>/{benchmark})")
+    p.add_argument("--record", action="store_true",
+                   help=f"write into results/<device>/{benchmark}/ (the committed results) instead")
 
 
 def write_json(path: Path, report: dict) -> Path:
@@ -61,7 +69,16 @@ def write_json(path: Path, report: dict) -> Path:
 
 
 def command_line(argv: list[str] | None) -> str:
-    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    script = Path(sys.argv[0])
+    head = f"-m benchmarks.{script.stem}" if script.parent.name == "benchmarks" else script.as_posix()
+    return "python " + " ".join([head, *(sys.argv[1:] if argv is None else argv)])
+
+
+def percentile(xs: list[float], q: float, scale: float = 1.0, digits: int = 1) -> float | None:
+    """The q-th percentile of xs (numpy's linear interpolation) times scale, rounded; None for no samples."""
+    import numpy as np
+
+    return round(float(np.percentile(xs, q)) * scale, digits) if len(xs) else None
 
 
 # ---- one timer ---------------------------------------------------------------------------------------------

@@ -4,12 +4,12 @@
 The article's task: a short prompt -> N new tokens, greedy (top_k=1, EOS ignored), on a random-weight GPT-2.
 HF runs fp16 on CUDA and fp32 on CPU; ours runs the same precision, and int8. Defaults: on CUDA the article's
 shape (12 layers, 768 hidden, vocab 21128), 500 new tokens, batch 1,8,32; on the CPU 4 layers, 256 hidden,
-64 new tokens, batch 1,8, one thread. Writes results/<device>/generation/generation.{json,md,png}.
+64 new tokens, batch 1,8, one thread. Writes results/tmp/<device>/generation/generation (--record: results/<device>/...).{json,md,png}.
 
-    python benchmarks/generation.py                                  # CPU: a minute or two
-    python benchmarks/generation.py --batches 1,8,32,64,128,256 --ttft-prompt 400 --profile   # the GPU table
-    python benchmarks/generation.py --compile --compile-batches 1    # + torch.compile'd decode steps (CUDA)
-    python benchmarks/generation.py --replot results/h100/generation/generation.json
+    python -m benchmarks.generation                                  # CPU: a minute or two
+    python -m benchmarks.generation --batches 1,8,32,64,128,256 --ttft-prompt 400 --profile   # the GPU table
+    python -m benchmarks.generation --compile --compile-batches 1    # + torch.compile'd decode steps (CUDA)
+    python -m benchmarks.generation --replot results/h100/generation/generation.json
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import common
-
+from benchmarks import common
 from lsgpt.contract import VOCAB_SIZE
 
 
@@ -182,7 +181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-prompt", type=int, default=4, help="prompt length before the profiled steps")
     p.add_argument("--compile", action="store_true", help="CUDA: also torch.compile'd decode steps")
     p.add_argument("--compile-batches", type=ints, help="with --compile: only these batch sizes (about 2 min each)")
-    p.add_argument("--out", type=Path, help="output folder (default results/<device>/generation)")
+    common.add_output_args(p, "generation")
     p.add_argument("--replot", type=Path, help="re-make the Markdown and PNG from a generation.json, nothing else")
     return p.parse_args(argv)
 
@@ -203,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.threads:
             torch.set_num_threads(a.threads)
         report = {**run(a), "command": common.command_line(argv)}
-        out = common.results_dir("generation", a.out, a.device)
+        out = common.results_dir("generation", a.out, a.device, a.record)
         common.write_json(out / "generation.json", report)
     md = markdown(report)
     (out / "generation.md").write_text(md + "\n")

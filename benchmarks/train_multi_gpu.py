@@ -4,8 +4,8 @@ step time, peak GPU memory per rank, and the per-step losses at the same global 
 Two subcommands; benchmarks/train_multi_gpu.sh runs both.
 
   train      training/train.py's own command line, unchanged, plus one TrainerCallback (nothing else is patched):
-               python benchmarks/train_multi_gpu.py train <train.py args>            (1 process)
-               torchrun --standalone --nproc_per_node=2 benchmarks/train_multi_gpu.py train <train.py args>
+               python -m benchmarks.train_multi_gpu train <train.py args>            (1 process)
+               torchrun --standalone --nproc_per_node=2 -m benchmarks.train_multi_gpu train <train.py args>
              Every rank writes <output_dir>/timing_rank<R>.json: a wall-clock timestamp at the end of every
              optimizer step (the GPU synchronized only at the end of step --warmup and of the last step, the two
              ends of the timed window), torch.cuda.max_memory_allocated / max_memory_reserved over the training
@@ -42,7 +42,6 @@ def _argv_value(argv: list[str], flag: str, default=None):
 
 
 def train(argv: list[str]) -> int:
-    sys.path.insert(0, str(ROOT))
     import torch
     from transformers import TrainerCallback
 

@@ -56,9 +56,9 @@ part() {
   if [ "$lim" -lt 25 ]; then echo "== $name: skipped ($l s left)"; return; fi
   local launch
   if [ "$nproc" -gt 1 ]; then
-    launch="$TORCHRUN --standalone --nproc_per_node=$nproc benchmarks/train_multi_gpu.py train"
+    launch="$TORCHRUN --standalone --nproc_per_node=$nproc -m benchmarks.train_multi_gpu train"
   else
-    launch="$PY benchmarks/train_multi_gpu.py train"
+    launch="$PY -m benchmarks.train_multi_gpu train"
   fi
   echo "== $name ($nproc proc, limit ${lim}s): $launch $* --output_dir $RUNS/$name"
   local t=$(date +%s)
@@ -82,7 +82,7 @@ if [ -n "${SCALING_ONLY:-}" ]; then
   INT8="--model_name_or_path uer/gpt2-chinese-cluecorpussmall --resume_from_checkpoint $RUNS/fp16-1gpu-b16 $COMMON --enable_quant true"
   part int8-2gpu-b16 2 80 $INT8 --per_device_train_batch_size 16
   part int8-1gpu-b16 1 80 $INT8 --per_device_train_batch_size 16
-  $PY benchmarks/train_multi_gpu.py summarize --runs "$RUNS" --out "$OUT" --scale fp16=fp16-1gpu-b16:fp16-2gpu-b16 \
+  $PY -m benchmarks.train_multi_gpu summarize --runs "$RUNS" --out "$OUT" --scale fp16=fp16-1gpu-b16:fp16-2gpu-b16 \
     --scale fp16-rep=fp16-1gpu-b16-rep:fp16-2gpu-b16-rep --scale int8=int8-1gpu-b16:int8-2gpu-b16
   ( cd "$RUNS" && tar czf "$OUT/logs.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' \
       --exclude='tokenizer*' --exclude='vocab.txt' . ) || true
@@ -107,7 +107,7 @@ else
 fi
 
 echo "== summary ($(left) s of the budget left)"
-$PY benchmarks/train_multi_gpu.py summarize --runs "$RUNS" --out "$OUT" \
+$PY -m benchmarks.train_multi_gpu summarize --runs "$RUNS" --out "$OUT" \
   --scale fp16=fp16-1gpu-b16:fp16-2gpu-b16 --scale int8=int8-1gpu-b16:int8-2gpu-b16 \
   --pair fp16=fp16-1gpu-b32:fp16-2gpu-b16:fp16-1gpu-b32:fp16-1gpu-b32-plain \
   --pair int8=int8-1gpu-b32:int8-2gpu-b16:int8-1gpu-b32:int8-1gpu-b32-plain

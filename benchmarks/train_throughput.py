@@ -19,7 +19,7 @@ does not depend on the text. The clock starts after --warmup optimizer steps (co
 stops after --steps more; the GPU is synchronized only at those two points, as in real training (a sync per
 step would serialize the host and the GPU). peak_memory_gib: torch.cuda.max_memory_allocated over the run.
 
-  python benchmarks/train_throughput.py --out results/train_throughput.json [--repeats 3] [--profile DIR]
+  python -m benchmarks.train_throughput --out results/train_throughput.json [--repeats 3] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -33,14 +33,11 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import transformers  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
-
-from lsgpt.training import fasttrain  # noqa: E402
-from lsgpt.training.qat import QuantGPT2LMHeadModel  # noqa: E402
+from lsgpt.training import fasttrain
+from lsgpt.training.qat import QuantGPT2LMHeadModel
 
 MODES = ("hf-fp32", "hf-fp16", "ours-fp16", "ours-int8", "ours-fp16-model", "ours-int8-model", "ours-fp16-graphs",
          "ours-int8-graphs", "ours-fp16-plain", "ours-int8-plain")

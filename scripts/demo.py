@@ -7,7 +7,7 @@
   4. export      export/export.py -m … [-q] --repository model_repository  (gpt2, gpt2_int8, their *_stream twins, LightSeq roots)
   5. serve       the real tritonserver on free loopback ports (lsgpt.serving.launcher)
   6. generate    prompts (the article's 我好难受 among them) through the gRPC client library, both models
-  7. load test   a short perf_analyzer run (benchmarks/loadtest.py)
+  7. load test   a short perf_analyzer run (python -m benchmarks.loadtest)
   8. report      a final table -> results/demo/summary.json; the server is stopped
 
 A second run reuses every step whose outputs are newer than its inputs (--force redoes them).
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
         say("7/8 short perf_analyzer load test (gRPC, real tokenized prompts)")
         lt_dir = args.results / "loadtest"
-        run(["python", "benchmarks/loadtest.py", "--quick", "--url", server.grpc_url, "--models", "gpt2,gpt2_int8",
+        run(["python", "-m", "benchmarks.loadtest", "--quick", "--url", server.grpc_url, "--models", "gpt2,gpt2_int8",
              "--tokenizer", str(tok), "--prompts", str(corpus), "--concurrency", size["concurrency"],
              "--out", str(lt_dir)])
         points = json.loads((lt_dir / "loadtest.json").read_text())["points"]

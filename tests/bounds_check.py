@@ -6,12 +6,8 @@ kernels run in the interpreter (TRITON_INTERPRET=1) with every load, store and a
 kernel touches (its mask applied) must lie inside the storage of one of the tensors passed to that launch.
 The first address outside stops the run with the kernel's name and the shape being run.
 
-It found the stride-0 positions bug (several 1-token prompts prefilled together: ``_embed_kernel`` read the
-position of row 1 past a 1-element storage), which on the H100 surfaced as an illegal memory access 22 forwards
-later.
-
-    .venv/bin/python tests/bounds_check.py            # fp16 and int8, prefill shapes and decode steps (~10 min)
-    .venv/bin/python tests/bounds_check.py int8 --quick
+    PYTHONPATH=. .venv/bin/python tests/bounds_check.py            # fp16 and int8, prefill shapes and decode steps (~10 min)
+    PYTHONPATH=. .venv/bin/python tests/bounds_check.py int8 --quick
 
 Shapes: prefills of k prompts of t tokens into a scratch cache of length t (as ``Scheduler._prefill``), then
 decode steps of 1..4 rows over a 256-slot cache at early and late positions (split attention and its merge).
@@ -27,7 +23,6 @@ import time
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common, as pytest's pythonpath gives
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -61,16 +61,16 @@ def test_summary_of_a_real_aiperf_export_splits_cancelled_from_failed():
     (["--openai-url", "http://127.0.0.1:1"], "no OpenAI API answers at http://127.0.0.1:1"),
 ])
 def test_a_wrong_flag_is_one_clear_error(args, says, tmp_path):
-    r = subprocess.run([sys.executable, "benchmarks/llm_aiperf.py", *args, "--out", str(tmp_path)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "benchmarks.llm_aiperf", *args, "--out", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "benchmarks/loadtest.py", "--aiperf", "--url", "localhost:1"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "benchmarks.loadtest", "--aiperf", "--url", "localhost:1"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--openai-url" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.skipif(not (ROOT / ".venv-aiperf" / "bin" / "aiperf").is_file(),
-                    reason="aiperf is not installed here (python benchmarks/llm_aiperf.py makes .venv-aiperf)")
+                    reason="aiperf is not installed here (python -m benchmarks.llm_aiperf makes .venv-aiperf)")
 def test_aiperf_through_the_real_server_and_openai_frontend(tmp_path):
     """make loadtest LOADTEST_ARGS="--aiperf --quick" on a tiny random GPT-2 over the real vocabulary (its text
     is what aiperf counts; the 8-entry test vocabulary decodes to nothing): aiperf streams from our OpenAI API in
@@ -82,7 +82,7 @@ def test_aiperf_through_the_real_server_and_openai_frontend(tmp_path):
         (repo / cfg.parent.name).mkdir(parents=True)
         shutil.copy(cfg, repo / cfg.parent.name / cfg.name)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "benchmarks/loadtest.py", "--aiperf", "--quick", "--model-repository",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.loadtest", "--aiperf", "--quick", "--model-repository",
                         str(repo), "--concurrency", "2",
                         "--llm-prompt-tokens", "4,16", "--llm-new-tokens", "8,32", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                        timeout=900)

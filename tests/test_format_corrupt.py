@@ -26,9 +26,8 @@ NL, NH, MAX_STEP = 2, 4, 64
 
 _CHILD = r"""
 import json, sys
-sys.path.insert(0, sys.argv[1])
 from lsgpt.format import FormatError, read_hdf5
-for p in sys.argv[2:]:
+for p in sys.argv[1:]:
     try:
         read_hdf5(p)
         r = {"path": p, "ok": True}
@@ -41,7 +40,7 @@ for p in sys.argv[2:]:
 
 
 def read_in_child(paths: list[Path]) -> dict[str, dict]:
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT), *map(str, paths)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _CHILD, *map(str, paths)], capture_output=True, cwd=ROOT,
                           text=True, timeout=120)
     results = {}
     for line in proc.stdout.splitlines():

@@ -1,4 +1,4 @@
-"""Smoke run of benchmarks/loadtest.py: real tritonserver, real perf_analyzer over gRPC, tiny models.
+"""Smoke run of -m benchmarks.loadtest: real tritonserver, real perf_analyzer over gRPC, tiny models.
 
 No timing assertions (performance is measured by the scripts): only that every request succeeded and that
 perf_analyzer's CSV parses with a positive throughput for both served models.
@@ -39,7 +39,7 @@ def test_loadtest_quick_smoke(tiny_models, tmp_path):
     _perf_analyzer_or_skip()
     repo = make_repository(tmp_path / "repo", tiny_models)
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "loadtest.py"), "--quick", "--model-repository", str(repo),
+    cmd = [sys.executable, "-m", "benchmarks.loadtest", "--quick", "--model-repository", str(repo),
            "--tokenizer", str(tiny_models.tokenizer), "--prompts", "builtin", "--concurrency", "1,2",
            "--request-rates", "5", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=ROOT)
@@ -95,7 +95,7 @@ def test_loadtest_user_mistakes_get_one_line_errors_and_write_nothing(tmp_path):
 
     for args in (["--prompts", str(tmp_path / "missing.txt")], ["--url", f"127.0.0.1:{free_port()}"]):
         out = tmp_path / "out"
-        proc = subprocess.run([sys.executable, "benchmarks/loadtest.py", "--quick", *args, "--out", str(out)],
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.loadtest", "--quick", *args, "--out", str(out)],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and proc.stderr.startswith("loadtest: error:"), proc.stderr
@@ -113,7 +113,7 @@ def test_llm_load_test_matches_the_engine(tiny_models, tmp_path):
 
     repo = make_repository(tmp_path / "repo", tiny_models)
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "loadtest.py"), "--llm", "--quick", "--model-repository",
+    cmd = [sys.executable, "-m", "benchmarks.loadtest", "--llm", "--quick", "--model-repository",
            str(repo), "--tokenizer", str(tiny_models.tokenizer), "--prompts", "builtin", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

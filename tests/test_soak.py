@@ -11,11 +11,7 @@ from pathlib import Path
 
 import pytest
 
-_BENCH = str(Path(__file__).resolve().parents[1] / "benchmarks")
-sys.path.insert(0, _BENCH)  # soak.py imports its neighbour `common` as a script does
-import soak  # noqa: E402
-
-sys.path.remove(_BENCH)  # no benchmark script shadows another test's imports
+from benchmarks import soak
 
 
 def fake_smi(folder: Path, apps: str, used: str) -> None:
@@ -65,7 +61,7 @@ def test_served_soak_with_in_band_cancellations_passes_under_supervision(tiny_mo
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "benchmarks/soak.py", "--model", "gpt2_int8", "--hdf5", str(tiny_models.int8),
+    cmd = [sys.executable, "-m", "benchmarks.soak", "--model", "gpt2_int8", "--hdf5", str(tiny_models.int8),
            "--minutes", "0.4", "--concurrency", "4", "--cancel-fraction", "0.3", "--max-new-tokens", "4,8",
            "--prompts", "builtin", "--warmup", "10", "--tokenizer", str(tiny_models.tokenizer), "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=400)
@@ -75,6 +71,6 @@ def test_served_soak_with_in_band_cancellations_passes_under_supervision(tiny_mo
     assert report["requests_failed"] == 0 and report["requests_hung"] == 0, d["errors"]
     assert report["requests_ok"] > 0 and report["requests_cancelled"] > 0
     assert d["cancel_mode"] == "in-band" and d["server_restarts"] == [] and d["server_failed"] == 0
-    bad = subprocess.run(cmd[:2] + ["--cancel-mode", "polite"], cwd=root, env=env, capture_output=True, text=True,
+    bad = subprocess.run(cmd[:3] + ["--cancel-mode", "polite"], cwd=root, env=env, capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "invalid choice: 'polite'" in bad.stderr, bad.stderr[-500:]

@@ -1,0 +1,1 @@
+"""The benchmarks: not installed; run from the repository root as `python -m benchmarks.<name> --help`."""
