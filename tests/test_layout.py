@@ -4,8 +4,9 @@ short functions, benchmarks that stay a minor part of the code. Read from the so
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FUNCTION_LINES = 80

@@ -118,7 +118,6 @@ def _load(folder: Path):
     return model
 
 
-load_checkpoint = _load  # public name: benchmarks/qat_quality.py loads its checkpoints with it
 
 
 def expand(model_dir: Path, tokenizer: str, subset: Path, train_file: str, out: Path) -> dict:
