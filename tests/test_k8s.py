@@ -92,7 +92,7 @@ def test_serving_manifests(serving):
                                              "name": dep["metadata"]["name"]}
     (metric,) = hpa["spec"]["metrics"]
     name = metric["pods"]["metric"]["name"]
-    assert f'"{name}"' in (ROOT / "lsgpt" / "triton_model.py").read_text()
+    assert f'"{name}"' in (ROOT / "lsgpt" / "serving" / "metrics.py").read_text()
     rules = yaml.safe_load(yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-rules.yaml").read_text())
                            ["data"]["config.yaml"])["rules"]
     assert any(r["name"]["as"] == name for r in rules)
