@@ -77,7 +77,7 @@ def test_serving_manifests(serving):
     assert live["periodSeconds"] * live["failureThreshold"] >= 30  # the launcher's restart of a dead model (~15 s)
     assert {p["targetPort"] for p in svc["spec"]["ports"]} <= set(ports) and svc["spec"]["type"] == "ClusterIP"
     # graceful stop: longer than tritonserver's exit timeout the launcher sets
-    timeout = int(re.search(r"--exit-timeout-secs=(\d+)", (ROOT / "lsgpt" / "launcher.py").read_text()).group(1))
+    timeout = int(re.search(r"--exit-timeout-secs=(\d+)", (ROOT / "lsgpt" / "serving" / "launcher.py").read_text()).group(1))
     assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > timeout + 10
     # the repository read-only, the admin key from a Secret (never a literal value)
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
