@@ -281,7 +281,7 @@ def test_no_cancellation_check_overlaps_or_follows_the_final_response():
     is_cancelled() that reaches it later (a GPU soak's streaming twin stopped answering for good). Watched.close(),
     taken before every FINAL, waits for a check in flight and no check runs after it. Oracle: the order of events
     logged by the check itself and by the closer."""
-    from lsgpt.serving.triton_model import CancelWatch
+    from lsgpt.serving.cancel import CancelWatch
 
     events: list[str] = []
     inside, release = threading.Event(), threading.Event()
@@ -316,7 +316,7 @@ def test_a_stalled_response_send_is_reported_then_ends_the_model_process(capfd):
     Triton calls ready while every request hangs: the outbox reports the stall with every thread's stack, then
     ends the process (here: a stand-in for SIGKILL), which the launcher's supervisor turns into a restart. A send
     that returns in time triggers neither."""
-    from lsgpt.serving.triton_model import Outbox
+    from lsgpt.serving.outbox import Outbox
 
     exits, release = [], threading.Event()
     box = Outbox("stall-test", stall_report_s=0.4, stall_exit_s=1.2, exit_process=lambda: exits.append(1))

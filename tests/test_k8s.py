@@ -77,7 +77,7 @@ def test_serving_manifests(serving):
     assert live["periodSeconds"] * live["failureThreshold"] >= 30  # the launcher's restart of a dead model (~15 s)
     assert {p["targetPort"] for p in svc["spec"]["ports"]} <= set(ports) and svc["spec"]["type"] == "ClusterIP"
     # graceful stop: longer than tritonserver's exit timeout the launcher sets
-    timeout = int(re.search(r"--exit-timeout-secs=(\d+)", (ROOT / "lsgpt" / "launcher.py").read_text()).group(1))
+    timeout = int(re.search(r"--exit-timeout-secs=(\d+)", (ROOT / "lsgpt" / "serving" / "launcher.py").read_text()).group(1))
     assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > timeout + 10
     # the repository read-only, the admin key from a Secret (never a literal value)
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
@@ -92,7 +92,7 @@ def test_serving_manifests(serving):
                                              "name": dep["metadata"]["name"]}
     (metric,) = hpa["spec"]["metrics"]
     name = metric["pods"]["metric"]["name"]
-    assert f'"{name}"' in (ROOT / "lsgpt" / "triton_model.py").read_text()
+    assert f'"{name}"' in (ROOT / "lsgpt" / "serving" / "metrics.py").read_text()
     rules = yaml.safe_load(yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-rules.yaml").read_text())
                            ["data"]["config.yaml"])["rules"]
     assert any(r["name"]["as"] == name for r in rules)

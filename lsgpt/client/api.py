@@ -135,9 +135,8 @@ def close_stream(c: Any, cancel: tuple[str, str] | None = None, wait: float = 5.
     if it has not is the gRPC call cancelled.
 
     Why not simply cancel the call: tritonserver 2.51's gRPC frontend (the pip wheel's) can corrupt its heap
-    when a stream is cancelled while responses flow — under a soak with 10% of streams cancelled it aborted
-    ("double free or corruption") within minutes and then hung in its own crash handler (upstream: Triton server
-    issues 7368 and 8034, fixed in later releases); streams ended this way kept it serving.
+    when a stream is cancelled while responses flow (upstream: Triton server issues 7368 and 8034, fixed in later
+    releases; docs/decisions.d/serving.md).
     Also: tritonclient 2.51's stop_stream(cancel_requests=True) never hands the request iterator its end marker,
     so the gRPC thread that reads it waits forever (one thread leaked per stream); the marker is given here.
     Call this before ``close()`` on every path, errors included: ``close()`` alone waits for the stream's

@@ -18,9 +18,13 @@ import sys
 import time
 
 from lsgpt.client.api import DEFAULT_TOKENIZER, Client, ClientError, check_sampling
+from lsgpt.contract import PARAMS
 from lsgpt.text import cached_tokenizer, decode, encode_prompt
 
 DEFAULT_PROMPTS = ["我要找个男朋友，", "我今天很开心，"]  # the article's default batch
+FLAG_HELP = {"repetition_penalty": "HF semantics; 1: off (e.g. 1.2)",
+             "presence_penalty": "OpenAI semantics, -2..2; 0: off",
+             "frequency_penalty": "OpenAI semantics, -2..2; 0: off"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,14 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("-p", "--tokenizer", default=DEFAULT_TOKENIZER, help="hub id or folder with vocab.txt")
     ap.add_argument("-q", "--quant", action="store_true", help="int8 model")
     ap.add_argument("--url", default=None, help="Triton gRPC address host:port (serve mode)")
-    ap.add_argument("--max-new-tokens", type=int, default=None)
-    ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--top-p", type=float, default=None)
-    ap.add_argument("--temperature", type=float, default=None)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--repetition-penalty", type=float, default=None, help="HF semantics; 1: off (e.g. 1.2)")
-    ap.add_argument("--presence-penalty", type=float, default=None, help="OpenAI semantics, -2..2; 0: off")
-    ap.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI semantics, -2..2; 0: off")
+    for name, param in PARAMS.items():  # one flag per sampling input: --max-new-tokens, --top-k, ...
+        ap.add_argument("--" + name.replace("_", "-"), type=param.type, default=None, help=FLAG_HELP.get(name))
     ap.add_argument("--stop", action="append", default=None, metavar="TEXT",
                     help="stop sequence (repeatable): generation ends right after it, and it is kept in the text")
     ap.add_argument("--stream", action="store_true", help="served: print tokens as they come, from the model's streaming twin "
@@ -65,9 +63,7 @@ def run_local(a: argparse.Namespace, prompts: list[str], sampling: dict) -> list
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     prompts = a.input or DEFAULT_PROMPTS
-    raw = {"max_new_tokens": a.max_new_tokens, "top_k": a.top_k, "top_p": a.top_p,
-           "temperature": a.temperature, "seed": a.seed, "repetition_penalty": a.repetition_penalty,
-           "presence_penalty": a.presence_penalty, "frequency_penalty": a.frequency_penalty}
+    raw = {name: getattr(a, name) for name in PARAMS}
     try:
         sampling = check_sampling(raw)
     except ValueError as e:

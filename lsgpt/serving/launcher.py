@@ -99,7 +99,7 @@ def _wheel_install(home: Path, binary: Path) -> Install:
 def build_backend_dir(inst: Install, workdir: Path) -> Path:
     """The --backend-directory: the Python backend (the wheel's, with our Python's stub copied beside
     libtriton_python.so where the backend looks for it; or the container's, linked) and our Python-based
-    backend lsgpt/engine/model.py (Triton runs it through the Python backend for `backend: "lsgpt"` models)."""
+    backend lsgpt/serving/backend/model.py (Triton runs it through the Python backend for `backend: "lsgpt"` models)."""
     dst = workdir / "backends"
     dst.mkdir(parents=True, exist_ok=True)
     if inst.backends is not None:  # a container: link its backends (python, and any others it has)
@@ -487,7 +487,7 @@ class TritonServer:
                 except subprocess.TimeoutExpired:
                     os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the stubs go too
                     self.proc.wait()
-            try:  # a model stub that outlived its server (seen once after a test's clean stop) goes too
+            try:  # a model stub that outlived its server goes too
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass

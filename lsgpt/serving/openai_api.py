@@ -59,13 +59,15 @@ from lsgpt.client.api import (
     ModelNotReady,
     check_sampling,
 )
+from lsgpt.contract import PARAMS as SAMPLING_PARAMS
 from lsgpt.contract import matched_stop
 from lsgpt.text import IncrementalDecoder, decode
 
 MODELS = ("gpt2", "gpt2_int8")
-# OpenAI name -> our sampling name (max_tokens / max_completion_tokens: see Job.parse)
-PARAMS = {"temperature": "temperature", "top_p": "top_p", "seed": "seed",
-          "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+# OpenAI name -> our sampling name: OpenAI's sampling parameters carry our names (contract.PARAMS), except
+# max_tokens / max_completion_tokens for max_new_tokens (see Job.parse); top_k and repetition_penalty are not OpenAI's
+NOT_OPENAI = ("max_new_tokens", "top_k", "repetition_penalty")
+PARAMS = {name: name for name in SAMPLING_PARAMS if name not in NOT_OPENAI}
 # what the engine cannot do: refused with a 400 unless the value is a neutral one
 UNSUPPORTED = {"best_of": (None, 1), "logprobs": (None, 0), "echo": (None, False),
                "suffix": (None, ""), "logit_bias": (None, {})}

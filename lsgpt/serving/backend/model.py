@@ -1,5 +1,5 @@
 """The Python-based Triton backend "lsgpt": model configs say `backend: "lsgpt"` and Triton runs this file
-(installed by the launcher as <backend-directory>/lsgpt/engine/model.py) through its Python backend for every such
+(installed by the launcher as <backend-directory>/lsgpt/model.py) through its Python backend for every such
 model. Version folders hold data only (model.hdf5, vocab.txt); the implementation is lsgpt/serving/triton_model.py.
 
 The backend stub starts an isolated interpreter: the launcher (lsgpt/serving/launcher.py) hands over the virtual

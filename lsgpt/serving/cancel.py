@@ -1,0 +1,107 @@
+"""Cancellation off the decode loop: CancelWatch asks Triton whether live requests are cancelled, from one thread;
+each request's Watched flag is what the scheduler reads every token. Also the in-band cancel (contract.CANCEL)."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+
+class Watched:
+    """One request's cancellation flag, kept up to date by CancelWatch; the scheduler calls it every token.
+
+    ``is_cancelled()`` asks Triton about the request's response factory, which Triton frees once the FINAL response
+    is sent, and does not guard a check that reaches it after that. So a check and the FINAL never overlap, and no
+    check follows it: ``close()`` (taken before every FINAL is sent) waits for a check in flight and stops later
+    ones."""
+
+    __slots__ = ("check", "hit", "asked", "done", "lock", "on_close")
+
+    def __init__(self, check: Any):
+        self.check, self.hit, self.asked, self.done = check, False, False, False
+        self.lock = threading.Lock()
+        self.on_close: Any = None
+
+    def __call__(self) -> bool:
+        return self.hit or self.asked  # asked: an in-band cancel (contract.CANCEL) named this request
+
+    def poll(self) -> None:
+        """Ask Triton once, unless the request is finished (CancelWatch's thread)."""
+        with self.lock:
+            if self.done:
+                return
+            try:
+                self.hit = bool(self.check())
+            except Exception:  # noqa: BLE001 - the stub cannot reach the server: not a cancellation
+                pass
+
+    def close(self) -> None:
+        """No more checks: the request's FINAL response may go now."""
+        with self.lock:
+            self.done = True
+        if self.on_close is not None:
+            self.on_close()
+
+
+class CancelWatch:
+    """``request.is_cancelled()`` is a round trip to the server process (the stub asks Triton and waits), so the
+    decode loop does not ask it: one thread asks instead, for every live request every PERIOD s, and sets a flag
+    the loop reads for free: a cancelled request leaves its row within PERIOD plus one step. A request watched
+    under its request id can also be stopped in band (``ask``: contract.CANCEL) until its FINAL is sent."""
+
+    PERIOD = 0.01
+
+    def __init__(self, name: str):
+        self._live: list[Watched] = []
+        self._named: dict[str, Watched] = {}  # running requests by request id: what an in-band cancel can name
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=f"lsgpt-cancel-{name}", daemon=True)
+        self._thread.start()
+
+    def watch(self, check: Any, request_id: str = "") -> Watched:
+        w = Watched(check)
+        with self._cv:
+            if check is not None:
+                self._live.append(w)
+                self._cv.notify()
+            if request_id:
+                self._named[request_id] = w
+                w.on_close = functools.partial(self._forget, request_id, w)
+        return w
+
+    def ask(self, request_id: str) -> None:
+        """An in-band cancel: the running request of that id (if any) leaves its row at the next step."""
+        with self._cv:
+            w = self._named.get(request_id)
+        if w is not None:
+            w.asked = True
+
+    def _forget(self, request_id: str, w: Watched) -> None:
+        with self._cv:
+            if self._named.get(request_id) is w:
+                del self._named[request_id]
+
+    def _run(self) -> None:
+        from lsgpt.engine.scheduler import name_thread
+
+        name_thread("lsgpt-cancel")
+        while True:
+            with self._cv:
+                self._live = live = [w for w in self._live if not (w.done or w.hit)]
+                while not self._stop and not self._live:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                live = list(self._live)
+            for w in live:
+                w.poll()
+            with self._cv:
+                self._cv.wait_for(lambda: self._stop, self.PERIOD)
+
+    def close(self, timeout: float = 2.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout)
