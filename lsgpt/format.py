@@ -32,9 +32,6 @@ SAMPLING_METHODS = ("topk", "topp", "ppl")
 VALID_TOPK = (1, 2, 4, 8, 16, 32)  # LightSeq's ker_topk_sample_launcher accepts only these
 MAX_HIDDEN = 1024  # LightSeq embedding kernel: hidden threads in fp32 (2048 in fp16); we take the safe bound
 
-FORMAT_FP16 = "Gpt"
-FORMAT_INT8 = "QuantGpt"
-
 # Per-layer activation clips of the int8 format, in LightSeq's training `para` clip order.
 # name in HDF5 -> index in the 12-value `clip_max` of LightSeq's training layer.
 LAYER_ACT_CLIPS: dict[str, int] = {
@@ -109,14 +106,24 @@ def quantize_u8(x: np.ndarray, clip: float) -> np.ndarray:
     return np.floor(np.clip(x * QMAX / clip, -QMAX, QMAX) + U8_ZERO_POINT + 0.5).astype(np.uint8)
 
 
-def dequantize_u8(u8: np.ndarray, clip: float) -> np.ndarray:
-    """Load formula: x = (u8 - 127) * c / 127."""
-    return (np.asarray(u8, dtype=np.float32) - U8_ZERO_POINT) * (np.float32(clip) / QMAX)
-
-
 def u8_to_i8(u8: np.ndarray) -> np.ndarray:
     """Stored uint8 (zero point 127) -> signed int8 in [-127, 127]."""
     return (np.asarray(u8, dtype=np.int16) - U8_ZERO_POINT).astype(np.int8)
+
+
+def dequant_scale(clip: float) -> float:
+    """The value of one int8 step under `clip`: x = q * c / 127 (weights, activations, K/V, logits)."""
+    return clip / QMAX
+
+
+def requant_alpha(kernel_clip: float, in_clip: float, out_clip: float) -> float:
+    """int8 GEMM with int8 output: int32 sums times alpha = c_w * c_in / (c_out * 127), then round half up."""
+    return kernel_clip * in_clip / (out_clip * QMAX)
+
+
+def int32_out_scale(kernel_clip: float, in_clip: float) -> float:
+    """int8 GEMM with int32 output (FFN2, not requantized): sums times c_w * c_in / 127**2 give floats."""
+    return kernel_clip * in_clip / QMAX**2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,10 +150,6 @@ class GptConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden // self.n_head
-
-    @property
-    def format_name(self) -> str:
-        return FORMAT_INT8 if self.quantized else FORMAT_FP16
 
     def check(self) -> None:
         """Raise FormatError where LightSeq would reject the configuration."""
@@ -337,54 +340,69 @@ def read_hdf5(path: str | os.PathLike) -> tuple[GptConfig, dict[str, np.ndarray]
 
 
 def _read_open(f, path: Path) -> tuple[GptConfig, dict[str, np.ndarray]]:
+    cfg = _read_config(f, path)
+    specs = [s for s in dataset_specs(cfg) if not s.name.startswith("model_conf/")]
+    _check_datasets(f, path, specs)  # everything, before any array is read
+    return cfg, _read_arrays(f, path, specs)
+
+
+def _need(f, path: Path, name: str):
+    """The dataset `name`, or a FormatError saying why not."""
     import h5py
 
-    def need(name: str):
-        obj = f.get(name)
-        if obj is None:
-            raise FormatError(f"{path}: dataset {name} not found")
-        if not isinstance(obj, h5py.Dataset):
-            raise FormatError(f"{path}: {name} is not a dataset")
-        return obj
+    obj = f.get(name)
+    if obj is None:
+        raise FormatError(f"{path}: dataset {name} not found")
+    if not isinstance(obj, h5py.Dataset):
+        raise FormatError(f"{path}: {name} is not a dataset")
+    return obj
 
-    def scalar(name: str) -> float:
-        ds = need(name)
-        if ds.size != 1:
-            raise FormatError(f"{path}: {name} has {ds.size} elements, expected 1")
-        if ds.dtype.kind not in "iuf":
-            raise FormatError(f"{path}: {name} has dtype {ds.dtype}, expected a number")
-        return np.asarray(ds[()]).reshape(-1)[0].item()
 
-    ints = {n: int(scalar(f"model_conf/{n}")) for n in MODEL_CONF_INTS}
-    topp = float(scalar("model_conf/topp"))
-    sm_ds = need("model_conf/sampling_method")
+def _scalar(f, path: Path, name: str) -> float:
+    ds = _need(f, path, name)
+    if ds.size != 1:
+        raise FormatError(f"{path}: {name} has {ds.size} elements, expected 1")
+    if ds.dtype.kind not in "iuf":
+        raise FormatError(f"{path}: {name} has dtype {ds.dtype}, expected a number")
+    return np.asarray(ds[()]).reshape(-1)[0].item()
+
+
+def _read_sampling_method(f, path: Path) -> str:
+    sm_ds = _need(f, path, "model_conf/sampling_method")
     if sm_ds.size > 128 or sm_ds.dtype.kind not in "iuS":
         raise FormatError(f"{path}: model_conf/sampling_method must be an ASCII int8 array of <= 128 chars")
     raw = np.asarray(sm_ds[()])
     method = raw.tobytes().decode("ascii", "replace") if raw.dtype.kind == "S" else bytes(
         np.asarray(raw, dtype=np.uint8).reshape(-1).tolist()
     ).decode("ascii", "replace")
-    method = method.strip("\x00") or "topk"
+    return method.strip("\x00") or "topk"
 
-    emb = need("src_embedding/token_embedding")
+
+def _read_config(f, path: Path) -> GptConfig:
+    """model_conf and the sizes the embedding datasets imply, checked as LightSeq would."""
+    ints = {n: int(_scalar(f, path, f"model_conf/{n}")) for n in MODEL_CONF_INTS}
+    topp = float(_scalar(f, path, "model_conf/topp"))
+    method = _read_sampling_method(f, path)
+
+    emb = _need(f, path, "src_embedding/token_embedding")
     quantized = _is_uint8(emb)
-    h = need("src_embedding/norm_scale").size
+    h = _need(f, path, "src_embedding/norm_scale").size
     if h == 0:
         raise FormatError(f"{path}: src_embedding/norm_scale is empty")
     n_layer = ints["n_encoder_stack"]
     if not 1 <= n_layer <= 1024:
         raise FormatError(f"{path}: model_conf/n_encoder_stack={n_layer} is not a sane layer count")
-    ffn1 = need("encoder_stack/0/ffn_first_kernel")
+    ffn1 = _need(f, path, "encoder_stack/0/ffn_first_kernel")
     for name in ("src_embedding/token_embedding", "src_embedding/position_embedding", "encoder_stack/0/ffn_first_kernel"):
-        if need(name).size % h:
-            raise FormatError(f"{path}: {name} has {need(name).size} elements, not a multiple of hidden={h}")
+        if _need(f, path, name).size % h:
+            raise FormatError(f"{path}: {name} has {_need(f, path, name).size} elements, not a multiple of hidden={h}")
     cfg = GptConfig(
         n_layer=n_layer,
         n_head=ints["head_num"],
         hidden=h,
         inner=ffn1.size // h,
         vocab=emb.size // h,
-        max_step=need("src_embedding/position_embedding").size // h,
+        max_step=_need(f, path, "src_embedding/position_embedding").size // h,
         eos_id=ints["eos_id"],
         pad_id=ints["src_padding_id"],
         sampling_method=method,
@@ -397,17 +415,23 @@ def _read_open(f, path: Path) -> tuple[GptConfig, dict[str, np.ndarray]]:
         cfg.check()
     except FormatError as e:
         raise FormatError(f"{path}: {e}") from None
+    return cfg
 
-    specs = [s for s in dataset_specs(cfg) if not s.name.startswith("model_conf/")]
-    # Validate everything before reading any array.
+
+def _check_datasets(f, path: Path, specs: list[DatasetSpec]) -> None:
+    """Presence, element count and dtype of every dataset, without reading one."""
     for s in specs:
-        ds = need(s.name)
+        ds = _need(f, path, s.name)
         if ds.size != s.size:
             raise FormatError(f"{path}: {s.name} has {ds.size} elements, expected {s.size}")
         if s.kind == "uint8" and ds.dtype != np.uint8:
             raise FormatError(f"{path}: {s.name} has dtype {ds.dtype}, expected uint8 (int8 model)")
         if s.kind in ("float", "scalar_float") and ds.dtype.kind != "f":
             raise FormatError(f"{path}: {s.name} has dtype {ds.dtype}, expected float")
+
+
+def _read_arrays(f, path: Path, specs: list[DatasetSpec]) -> dict[str, np.ndarray]:
+    """The checked datasets as arrays; clips must be positive and finite, floats finite."""
     arrays: dict[str, np.ndarray] = {}
     for s in specs:
         ds = f[s.name]
@@ -422,7 +446,7 @@ def _read_open(f, path: Path) -> tuple[GptConfig, dict[str, np.ndarray]]:
     for name, a in arrays.items():
         if a.dtype == np.float32 and not np.isfinite(a).all():
             raise FormatError(f"{path}: {name} contains NaN or Inf")
-    return cfg, arrays
+    return arrays
 
 
 def layer_arrays(cfg: GptConfig, arrays: Mapping[str, np.ndarray], layer: int) -> dict[str, np.ndarray]:

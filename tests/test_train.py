@@ -110,7 +110,7 @@ def test_fp16_then_int8_qat(corpus, tmp_path):
     import numpy as np
     from transformers import GPT2LMHeadModel, default_data_collator
 
-    from training import train
+    from lsgpt.training import train
 
     cache = next((corpus["dir"] / ".lsgpt_cache").glob("*.npz"))
     z = np.load(cache)
@@ -321,7 +321,7 @@ def _kill_and_resume(corpus, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "empty", "non_utf8"])
 def test_bad_inputs(corpus, tmp_path, case, capsys):
-    from training import train
+    from lsgpt.training import train
 
     path = tmp_path / "t.txt"
     if case == "empty":
@@ -347,7 +347,7 @@ def test_bad_inputs(corpus, tmp_path, case, capsys):
 
 
 def test_blocks_and_split():
-    from training import train
+    from lsgpt.training import train
 
     tr, va = train.split_lines([f"l{i}" for i in range(40)], 5)
     assert va == ["l0", "l1"] and len(tr) == 38
@@ -360,7 +360,7 @@ def test_blocks_and_split():
 
 
 def test_help_lists_the_options(capsys):
-    from training import train
+    from lsgpt.training import train
 
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--help"])

@@ -26,10 +26,9 @@ logger = logging.getLogger(__name__)
 
 COMPILE_BACKEND_ENV = "LSGPT_COMPILE_BACKEND"  # tests: "aot_eager" traces the same graphs without a C++/GPU compiler
 COMPILE_SCOPE_ENV = "LSGPT_COMPILE_SCOPE"  # "blocks" (default) or "model" (QuantGPT2LMHeadModel.compile_regions)
-# torch.compile's mode. "reduce-overhead" replays the compiled forward and backward as CUDA graphs: the H100
-# profile (results/h100/train/2026-11-28-run3) shows a host-bound step, ~20 ms of kernels in ~41 ms, most of the
-# host time in the compiled regions' launch code. Opt-in until measured on a GPU; use it with scope "model"
-# (one graph: parameters keep their addresses, so the graphs are recorded once).
+# torch.compile's mode. "reduce-overhead" replays the compiled forward and backward as CUDA graphs, for a
+# host-bound step; opt-in. Use it with scope "model" (one graph: parameters keep their addresses, so the graphs
+# are recorded once).
 COMPILE_MODE_ENV = "LSGPT_COMPILE_MODE"
 
 

@@ -230,9 +230,9 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
     # -- compiled regions (the training fast path) --------------------------------------------
 
     def compile_regions(self, enabled: bool = True, scope: str = "blocks", **compile_kwargs) -> QuantGPT2LMHeadModel:
-        """Train through torch.compile: scope "blocks" (the default, measured on the H100) compiles the embedding,
-        one block (one graph serves all layers: their weights are graph inputs) and the head + loss separately:
-        ~15 s of compilation, 14 compiled calls per step; "model" compiles the whole training forward as one
+        """Train through torch.compile: scope "blocks" (the default) compiles the embedding,
+        one block (one graph serves all layers: their weights are graph inputs) and the head + loss separately
+        (a short compilation); "model" compiles the whole training forward as one
         graph (one compiled forward and backward per step, fewer host-side calls, a longer compilation). Inductor fuses each fake
         quantizer into the elementwise work around it (LayerNorm, bias, GELU, the loss), which is where eager
         QAT loses its time. Used in training mode without a padding mask; evaluation and padded batches run

@@ -353,11 +353,8 @@ class _StepCounter(TrainerCallback):
 
 class _CarryAdamState(TrainerCallback):
     """fp16 -> int8 QAT from a Trainer checkpoint (checkpoint-N with optimizer.pt): start QAT's AdamW with the fp16
-    run's moments for every weight they share, instead of zeros. A fresh Adam's first steps are about lr * sign(g)
-    for every weight, a shake that the hand-over pays for: on the CPU check (results/cpu/qat_quality/continue),
-    50 fp16 steps with a fresh Adam left held-out perplexity 0.7% *worse* than where they started, as QAT did,
-    while the same steps with the run's own Adam improved it 1.1% (little changes where the hand-over learning
-    rate is already small: the demo-sized check in the same NOTES). The clips (new parameters) start fresh; the
+    run's moments for every weight they share, instead of zeros, because a fresh Adam's first steps are about
+    lr * sign(g) for every weight, a shake the hand-over pays for. The clips (new parameters) start fresh; the
     new run's learning rates and schedule are its own. Anything that does not line up (another optimizer, other
     shapes) leaves Adam fresh, with a warning."""
 
@@ -407,8 +404,7 @@ def forget_eval_preparation(trainer: Trainer) -> None:
 
     evaluate() has accelerate prepare the model in evaluation mode (no DistributedDataParallel) and mark it
     `_is_accelerate_prepared`; train()'s prepare then returns the marked model as it is. Under torchrun every rank
-    would train on its own gradients, never all-reduced, and the ranks' weights would drift apart (issue 16: the
-    int8 QAT run, the only one that evaluates its starting weights first, drifted from one process by 1.4%)."""
+    would train on its own gradients, never all-reduced, and the ranks' weights would drift apart."""
     model, acc = trainer.model, trainer.accelerator
     if not getattr(model, "_is_accelerate_prepared", False):
         return
@@ -480,6 +476,42 @@ def main(argv: list[str] | None = None) -> int:
     # leave the others waiting in main_process_first() for a rank 0 that exited.
     lines = read_paragraphs(data_args.train_file)
     split_lines(lines, data_args.validation_split_percentage)
+    configure_run(args)
+    resume, trainer_resume, init_from = starting_point(model_args, args, overwrite)
+    tok = load_tok(tokenizer_name(model_args, init_from))
+    fast = model_args.fast_path if model_args.fast_path is not None else fasttrain.available()
+    model = build_model(model_args, init_from, tok, fast)
+    block = data_args.block_size or min(DEFAULT_BLOCK, model.config.n_positions)
+    if block > model.config.n_positions:
+        raise SystemExit(f"error: --block_size {block} exceeds the model's n_positions={model.config.n_positions}")
+
+    with args.main_process_first(desc="tokenization"):
+        train_ds, eval_ds = build_datasets(data_args, tok, block, args.process_index == 0, lines)
+    logger.info("train %d blocks (%d tokens), validation %d blocks", len(train_ds), train_ds.n_tokens,
+                len(eval_ds) if eval_ds else 0)
+
+    carry_from = resume if (resume and trainer_resume is None and model_args.enable_quant
+                            and model_args.carry_optimizer_state and is_trainer_checkpoint(resume)
+                            and not checkpoint_is_qat(resume)) else None
+    trainer, counter = make_trainer(model, tok, args, train_ds, eval_ds, fast, carry_from)
+    metrics: dict[str, float] = {}
+    if model_args.enable_quant and eval_ds is not None:
+        metrics.update(qat_baseline(trainer, model, args, fresh_start=trainer_resume is None))
+
+    forget_eval_preparation(trainer)  # after the evaluations above: train() must wrap the model in DDP
+    result = trainer.train(resume_from_checkpoint=trainer_resume)
+    trainer.save_model()
+    trainer.save_state()
+    add_final_metrics(metrics, trainer, result, eval_ds)
+    if args.process_index == 0:
+        metrics.update(global_step=trainer.state.global_step, steps_run=counter.steps, resumed_from=trainer_resume,
+                       init_from=init_from, enable_quant=model_args.enable_quant, fast_path=fast)
+        write_outputs(trainer, tok, args, metrics, model_args.enable_quant, eval_ds is not None)
+    return 0
+
+
+def configure_run(args: TrainingArguments) -> None:
+    """Logging (rank 0 only says INFO), TrainingArguments this script fixes, and the seed."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
         level=logging.INFO if args.process_index == 0 else logging.WARNING,
@@ -495,9 +527,15 @@ def main(argv: list[str] | None = None) -> int:
         args.dataloader_pin_memory = False
     set_seed(args.seed)
 
-    # Where the weights come from, and whether this continues a Trainer run (docs/format.md §9.2).
+
+def starting_point(model_args: ModelArguments, args: TrainingArguments, overwrite: bool):
+    """Where the weights come from, and whether this continues a Trainer run (docs/format.md §9.2).
+
+    -> (--resume_from_checkpoint as given, the Trainer checkpoint to resume or None, the folder of the starting
+    weights or None). Clears args.resume_from_checkpoint: we decide, the Trainer must not pick it up on its own.
+    """
     resume = args.resume_from_checkpoint
-    args.resume_from_checkpoint = None  # we decide; the Trainer must not pick it up on its own
+    args.resume_from_checkpoint = None
     trainer_resume, init_from = None, model_args.model_name_or_path
     if resume:
         if not os.path.isdir(resume):
@@ -517,30 +555,26 @@ def main(argv: list[str] | None = None) -> int:
                 f"error: {args.output_dir} holds checkpoints of another kind of run; "
                 "use --overwrite_output_dir or another --output_dir"
             )
+    return resume, trainer_resume, init_from
 
+
+def tokenizer_name(model_args: ModelArguments, init_from: str | None) -> str:
+    """--tokenizer_name, else the starting checkpoint's tokenizer files, else --model_name_or_path."""
     has_tok = init_from and any(os.path.isfile(os.path.join(init_from, f)) for f in ("tokenizer.json", "vocab.txt"))
     tok_name = model_args.tokenizer_name or (init_from if has_tok else model_args.model_name_or_path)
     if not tok_name:
         raise SystemExit(f"error: no tokenizer in {init_from}; pass --tokenizer_name")
-    tok = load_tok(tok_name)
-    fast = model_args.fast_path if model_args.fast_path is not None else fasttrain.available()
-    model = build_model(model_args, init_from, tok, fast)
-    block = data_args.block_size or min(DEFAULT_BLOCK, model.config.n_positions)
-    if block > model.config.n_positions:
-        raise SystemExit(f"error: --block_size {block} exceeds the model's n_positions={model.config.n_positions}")
+    return tok_name
 
-    with args.main_process_first(desc="tokenization"):
-        train_ds, eval_ds = build_datasets(data_args, tok, block, args.process_index == 0, lines)
-    logger.info("train %d blocks (%d tokens), validation %d blocks", len(train_ds), train_ds.n_tokens,
-                len(eval_ds) if eval_ds else 0)
 
+def make_trainer(model, tok, args: TrainingArguments, train_ds, eval_ds, fast: bool, carry_from: str | None):
+    """The HF Trainer with this script's callbacks (and the fast path's configuration) -> (trainer, step counter)."""
     counter, require_ddp = _StepCounter(), _RequireDDP()
     callbacks = [counter, require_ddp]
     if os.environ.get("LSGPT_FAULT_KILL_AT_STEP"):
         callbacks.append(_KillAtStep(int(os.environ["LSGPT_FAULT_KILL_AT_STEP"])))
-    if (resume and trainer_resume is None and model_args.enable_quant and model_args.carry_optimizer_state
-            and is_trainer_checkpoint(resume) and not checkpoint_is_qat(resume)):
-        callbacks.append(_CarryAdamState(resume))
+    if carry_from:
+        callbacks.append(_CarryAdamState(carry_from))
     if fast:
         try:
             fasttrain.configure(model, args)
@@ -554,29 +588,31 @@ def main(argv: list[str] | None = None) -> int:
     require_ddp.trainer = trainer
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    return trainer, counter
 
-    metrics: dict[str, float] = {}
+
+def qat_baseline(trainer: Trainer, model, args: TrainingArguments, fresh_start: bool) -> dict[str, float]:
+    """Held-out losses of QAT's starting checkpoint without, then with, quantizers (fp16_*, int8_before_qat_*).
+
+    Measured at a fresh start and kept in fp16_baseline.json, which a resumed run reads back."""
     baseline = Path(args.output_dir) / "fp16_baseline.json"
-    if model_args.enable_quant and eval_ds is not None:
-        if trainer_resume is None:  # the starting checkpoint without, then with, quantizers
-            model.set_quant(False)
-            base = trainer.evaluate(metric_key_prefix="fp16")
-            model.set_quant(True)
-            base.update(trainer.evaluate(metric_key_prefix="int8_before_qat"))
-            base = {k: v for k, v in base.items() if k.endswith("_loss")}
-            if args.process_index == 0:
-                baseline.parent.mkdir(parents=True, exist_ok=True)
-                baseline.write_text(json.dumps(base, indent=2))
-        elif baseline.is_file():
-            base = json.loads(baseline.read_text())
-        else:
-            base = {}
-        metrics.update(base)
+    if fresh_start:
+        model.set_quant(False)
+        base = trainer.evaluate(metric_key_prefix="fp16")
+        model.set_quant(True)
+        base.update(trainer.evaluate(metric_key_prefix="int8_before_qat"))
+        base = {k: v for k, v in base.items() if k.endswith("_loss")}
+        if args.process_index == 0:
+            baseline.parent.mkdir(parents=True, exist_ok=True)
+            baseline.write_text(json.dumps(base, indent=2))
+        return base
+    if baseline.is_file():
+        return json.loads(baseline.read_text())
+    return {}
 
-    forget_eval_preparation(trainer)  # after the evaluations above: train() must wrap the model in DDP
-    result = trainer.train(resume_from_checkpoint=trainer_resume)
-    trainer.save_model()
-    trainer.save_state()
+
+def add_final_metrics(metrics: dict, trainer: Trainer, result, eval_ds) -> None:
+    """Training metrics (train_*), the held-out evaluation, and a perplexity for every held-out loss."""
     metrics.update({f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()})
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
@@ -584,30 +620,26 @@ def main(argv: list[str] | None = None) -> int:
         metrics[k[: -len("loss")] + "perplexity"] = math.exp(min(metrics[k], 50.0))
     metrics["perplexity"] = metrics.get("eval_perplexity")  # None without held-out text
 
-    if args.process_index == 0:
-        out = Path(args.output_dir)
-        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])  # LightSeq users load vocab.txt
-        (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
-        metrics["global_step"] = trainer.state.global_step
-        metrics["steps_run"] = counter.steps
-        metrics["resumed_from"] = trainer_resume
-        metrics["init_from"] = init_from
-        metrics["enable_quant"] = model_args.enable_quant
-        metrics["fast_path"] = fast
-        if torch.cuda.is_available():
-            metrics["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        trainer.save_metrics("all", {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
-        if model_args.enable_quant and "fp16_perplexity" in metrics:
-            print(
-                f"held-out perplexity: fp16 {metrics['fp16_perplexity']:.3f} (start, no quantizers) | "
-                f"int8 {metrics.get('int8_before_qat_perplexity', float('nan')):.3f} before QAT | "
-                f"int8 {metrics['eval_perplexity']:.3f} after QAT",
-                flush=True,
-            )
-        elif eval_ds is not None:
-            print(f"held-out perplexity: {metrics['eval_perplexity']:.3f}", flush=True)
-    return 0
+
+def write_outputs(trainer: Trainer, tok, args: TrainingArguments, metrics: dict, enable_quant: bool,
+                  held_out: bool) -> None:
+    """Rank 0: vocab.txt, metrics.json and the Trainer's all_results.json, then the perplexity line."""
+    out = Path(args.output_dir)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])  # LightSeq users load vocab.txt
+    (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
+    if torch.cuda.is_available():
+        metrics["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    trainer.save_metrics("all", {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+    if enable_quant and "fp16_perplexity" in metrics:
+        print(
+            f"held-out perplexity: fp16 {metrics['fp16_perplexity']:.3f} (start, no quantizers) | "
+            f"int8 {metrics.get('int8_before_qat_perplexity', float('nan')):.3f} before QAT | "
+            f"int8 {metrics['eval_perplexity']:.3f} after QAT",
+            flush=True,
+        )
+    elif held_out:
+        print(f"held-out perplexity: {metrics['eval_perplexity']:.3f}", flush=True)
 
 
 def cli(argv: list[str] | None = None) -> int:

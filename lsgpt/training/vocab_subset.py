@@ -8,7 +8,7 @@ logits, and AdamW over 2.7 M embedding weights). A corpus of a few hundred thous
   subset   the tokens the corpus uses (and the five special tokens), in vocabulary order, as a tokenizer of
            their own (`vocab.txt` + `full_ids.json`: subset id -> full id). It tokenizes the corpus exactly as
            the full tokenizer does (checked: WordPiece's longest match only ever picks pieces the corpus uses).
-  (train)  training/train.py with --tokenizer_name <subset folder>: about 4x the tokens/s on a 2-core CPU.
+  (train)  training/train.py with --tokenizer_name <subset folder>: a much smaller softmax, embedding and AdamW.
   expand   a checkpoint trained over the subset (fp16, or QAT with its clips) -> the same model over the full
            vocabulary: row full_ids[i] of the embedding is subset row i; every token the corpus never uses gets
            the row of [PAD], which is never a target either, so training gave it the low logit an unused token
