@@ -68,6 +68,18 @@ def write_json(path: Path, report: dict) -> Path:
     return path
 
 
+def write_report(out: Path, name: str, report: dict, plot=None, md: str | None = None, save: bool = True) -> None:
+    """out/<name>.json (save=False: a replot, whose JSON stays as it is), out/<name>.md (also printed) and, by
+    plot(report, png), out/<name>.png."""
+    if save:
+        write_json(out / f"{name}.json", report)
+    if md is not None:
+        (out / f"{name}.md").write_text(md + "\n")
+        print(md)
+    if plot is not None:
+        plot(report, out / f"{name}.png")
+
+
 def command_line(argv: list[str] | None) -> str:
     script = Path(sys.argv[0])
     head = f"-m benchmarks.{script.stem}" if script.parent.name == "benchmarks" else script.as_posix()

@@ -8,7 +8,6 @@ shape (12 layers, 768 hidden, vocab 21128), 500 new tokens, batch 1,8,32; on the
 
     python -m benchmarks.generation                                  # CPU: a minute or two
     python -m benchmarks.generation --batches 1,8,32,64,128,256 --ttft-prompt 400 --profile   # the GPU table
-    python -m benchmarks.generation --compile --compile-batches 1    # + torch.compile'd decode steps (CUDA)
     python -m benchmarks.generation --replot results/h100/generation/generation.json
 """
 
@@ -70,11 +69,6 @@ def run(a: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         fp, q = common.export_pair(model, Path(tmp), max_step)
         engines = {f"ours_{prec}": Engine.load(fp, dev), "ours_int8": Engine.load(q, dev)}
-        if a.reference and cuda:  # the unfused reference path, same run (before/after)
-            engines |= {f"ours_{prec}_ref": Engine.load(fp, dev, fused=False), "ours_int8_ref": Engine.load(q, dev, fused=False)}
-        if a.compile and cuda:  # torch.compile applies to the reference path only
-            engines |= {f"ours_{prec}_compiled": Engine.load(fp, dev, compile=True, fused=False),
-                        "ours_int8_compiled": Engine.load(q, dev, compile=True, fused=False)}
     hf = model.to(dev, torch.float16 if cuda else torch.float32)
 
     def hf_generate(prompts: torch.Tensor, n: int):
@@ -86,9 +80,7 @@ def run(a: argparse.Namespace) -> dict:
         sp = SamplingParams(max_new_tokens=n, top_k=1, ignore_eos=True)
         fns = {f"hf_{prec}": lambda: hf_generate(prompts, n)} if batch <= (a.hf_max_batch or batch) else {}
         for name, eng in engines.items():
-            if not ((name.endswith("_ref") and batch > a.reference_max_batch)
-                    or (name.endswith("_compiled") and a.compile_batches and batch not in a.compile_batches)):
-                fns[name] = lambda eng=eng: eng.generate(prompts.tolist(), sp)
+            fns[name] = lambda eng=eng: eng.generate(prompts.tolist(), sp)
         return fns
 
     def sample(batch: int, length: int, seed: int) -> torch.Tensor:
@@ -121,7 +113,7 @@ def run(a: argparse.Namespace) -> dict:
             print(json.dumps(report["ttft"][-1]), flush=True)
     if a.profile and cuda:
         report["profile"] = {k: [profile_decode(e, b, prompt_len=a.profile_prompt) for b in a.profile_batches]
-                             for k, e in engines.items() if "compiled" not in k}
+                             for k, e in engines.items()}
     return report
 
 
@@ -174,13 +166,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hf-max-batch", type=int, default=64, help="time HF only up to this batch size (0: all)")
     p.add_argument("--ttft-prompt", type=int, default=0, help="also time the first token after a prompt this long")
     p.add_argument("--ttft-batches", type=ints, default=[1, 8])
-    p.add_argument("--reference", action="store_true", help="CUDA: also time the unfused reference path")
-    p.add_argument("--reference-max-batch", type=int, default=64)
     p.add_argument("--profile", action="store_true", help="CUDA: kernels and GPU time per decode step")
     p.add_argument("--profile-batches", type=ints, default=[1, 64])
     p.add_argument("--profile-prompt", type=int, default=4, help="prompt length before the profiled steps")
-    p.add_argument("--compile", action="store_true", help="CUDA: also torch.compile'd decode steps")
-    p.add_argument("--compile-batches", type=ints, help="with --compile: only these batch sizes (about 2 min each)")
     common.add_output_args(p, "generation")
     p.add_argument("--replot", type=Path, help="re-make the Markdown and PNG from a generation.json, nothing else")
     return p.parse_args(argv)
@@ -203,11 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(a.threads)
         report = {**run(a), "command": common.command_line(argv)}
         out = common.results_dir("generation", a.out, a.device, a.record)
-        common.write_json(out / "generation.json", report)
-    md = markdown(report)
-    (out / "generation.md").write_text(md + "\n")
-    print(md)
-    plot(report, out / "generation.png")
+    common.write_report(out, "generation", report, plot, markdown(report), save=not a.replot)
     return 0
 
 

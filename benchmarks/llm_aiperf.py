@@ -306,11 +306,8 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     report = {"task": "aiperf", "device": common.device_slug(), "served": served, "aiperf": AIPERF_VERSION,
               "prompt_tokens": a.prompt_span, "new_tokens": a.new_span, "max_step": max_step, "cancel_pct": a.cancel_pct, "cancel_delay_s": a.cancel_delay, "points": rows,
               "command": command or common.command_line(argv)}
-    common.write_json(out / "aiperf.json", report)
-    md = table(rows)
-    (out / "aiperf.md").write_text(f"{title}\n\nCommand: `{report['command']}`\n\n{md}\n")
+    common.write_report(out, "aiperf", report, md=f"{title}\n\nCommand: `{report['command']}`\n\n{table(rows)}")
     plot(rows, out, title)
-    print(md)
     print(f"wrote {out / 'aiperf.json'}, aiperf.csv, aiperf.md, aiperf.png; aiperf's own files in {out}/<model>-c<N>/")
     failed = sum(r["failed"] for r in rows)
     if failed:

@@ -359,11 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         "errors": [f"{p.model} {p.mode} {p.value:g}: {p.error}" for p in points if p.error],
         "points": [asdict(p) for p in points], "command": common.command_line(argv),
     }
-    common.write_json(out / "loadtest.json", report)
-    table = summarize(points)
-    (out / "loadtest.md").write_text(f"{report['device']} | {served_desc} | max_new_tokens {s.max_new_tokens}, "
-                                     f"{len(rows)} prompts\n\n{table}\n")
-    print(table)
+    common.write_report(out, "loadtest", report, md=f"{report['device']} | {served_desc} | max_new_tokens "
+                        f"{s.max_new_tokens}, {len(rows)} prompts\n\n{summarize(points)}")
     plot(report, out)
     print(f"wrote {out / 'loadtest.json'}, {out / 'loadtest.md'}, perf_analyzer CSVs in {out / 'csv'}")
     if report["failed_requests"] or report["errors"]:

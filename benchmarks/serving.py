@@ -7,7 +7,7 @@ short request while a long one runs? One real tritonserver (gRPC, our Python-bas
             library) vs Engine.generate in this process; interleaved runs, medians.
   inflight  a 5-token request sent while a long one runs (probe: in-flight batching answers it at once), then
             closed-loop mixed load per concurrency (prompts 4..64 random ids, 16..256 new tokens): requests/s,
-            generated tokens/s, latency p50/p95, failures. --in-process: the same load on the Scheduler alone.
+            generated tokens/s, latency p50/p95, failures.
             Also, per level, the mean running batch (tokens per decode step).
 
     python -m benchmarks.serving                                       # both sections, a random model
@@ -119,38 +119,12 @@ def closed_loop(send, conc: int, reqs: list) -> dict:
     return row
 
 
-def inflight(a, url: str | None, model: str, hdf5: Path, server=None) -> dict:
+def inflight(a, url: str, model: str, hdf5: Path, server=None) -> dict:
     from lsgpt.format import read_hdf5
 
     cfg, _ = read_hdf5(hdf5)
     rng, cap = random.Random(a.seed), cfg.max_step - 1
-    res: dict = {"model": model, "max_step": cfg.max_step, "in_process": a.in_process, "levels": []}
-    if a.in_process:
-        from lsgpt.engine.engine import Engine, SamplingParams
-        from lsgpt.engine.scheduler import Scheduler
-
-        engine = Engine.load(hdf5, a.device)
-        for conc in a.concurrency:
-            sched = Scheduler(engine, max_rows=max(conc, 1))
-
-            def send(state, prompt, new, sched=sched):
-                done, out = threading.Event(), []
-                sched.submit(prompt, SamplingParams(max_new_tokens=new, top_k=1),
-                             lambda ids, err: (out.append((ids, err)), done.set()))
-                done.wait(600)
-                if out[0][1] is not None:
-                    raise out[0][1]
-                return len(out[0][0]) - len(prompt)  # new tokens, as the served side counts them
-
-            row = closed_loop(send, conc, make_load(rng, cfg.vocab, cap, a.requests))
-            st = sched.stats
-            sched.close()
-            row |= {"steps": st.steps, "tokens_per_step": round(st.generated_tokens / max(1, st.steps), 2),
-                    "ms_per_step": round(1e3 * st.step_s / max(1, st.steps), 3),
-                    "ms_per_prefill": round(1e3 * st.prefill_s / max(1, st.prefills), 3)}
-            res["levels"].append(row)
-            print(json.dumps(row), flush=True)
-        return res
+    res: dict = {"model": model, "max_step": cfg.max_step, "levels": []}
     import tritonclient.grpc as grpcclient
 
     def send(state, prompt, new):
@@ -237,7 +211,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=64, help="inflight: requests per concurrency level")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--in-process", action="store_true", help="inflight: the load on the Scheduler, no server")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default 1 on the CPU)")
     common.add_output_args(p, "serving")
     p.add_argument("--replot", type=Path, help="re-make the Markdown and PNG from a serving.json, nothing else")
@@ -267,22 +240,15 @@ def main(argv: list[str] | None = None) -> int:
                 fp, q = common.export_pair(common.random_model(a.layers, a.hidden, a.heads, a.vocab, 1024), Path(tmp), max_step)
                 files = {"gpt2": fp, "gpt2_int8": q}
             probe = ("gpt2_int8", files["gpt2_int8"]) if "gpt2_int8" in files else next(iter(files.items()))
-            if a.in_process and sections == ["inflight"]:
-                report["inflight"] = inflight(a, None, *probe)
-            else:
-                repo = common.repository(Path(tmp) / "repo", files)
-                with common.served(repo, list(files), device=a.device if gpu else None,
-                            threads=a.threads or None) as (url, server):
-                    if "overhead" in sections:
-                        report["overhead"] = overhead(a, url, files)
-                    if "inflight" in sections:
-                        report["inflight"] = inflight(a, url, *probe, server=server)
+            repo = common.repository(Path(tmp) / "repo", files)
+            with common.served(repo, list(files), device=a.device if gpu else None,
+                               threads=a.threads or None) as (url, server):
+                if "overhead" in sections:
+                    report["overhead"] = overhead(a, url, files)
+                if "inflight" in sections:
+                    report["inflight"] = inflight(a, url, *probe, server=server)
         out = common.results_dir("serving", a.out, a.device, a.record)
-        common.write_json(out / "serving.json", report)
-    md = markdown(report)
-    (out / "serving.md").write_text(md + "\n")
-    print(md)
-    plot(report, out / "serving.png")
+    common.write_report(out, "serving", report, plot, markdown(report), save=not a.replot)
     return 0 if all(x["failed"] == 0 for x in report.get("inflight", {}).get("levels", [])) else 1
 
 

@@ -4,9 +4,8 @@
 
     python -m benchmarks.soak --minutes 3 --concurrency 4                # real tritonserver, gRPC clients
     python -m benchmarks.soak --url localhost:8001 --pid $(pgrep -o tritonserver) --minutes 30
-    python -m benchmarks.soak --in-process --device cuda --minutes 2      # the engine alone (GPU machine)
 
-Server mode: what is served is chosen as in loadtest.py (repository, --hdf5, or a fresh tiny random model);
+What is served is chosen as in loadtest.py (repository, --hdf5, or a fresh tiny random model);
 `concurrency` client threads each send one request after another over gRPC, cycling through real tokenized
 prompts with varied max_new_tokens (so the engine sees different batch and cache shapes). Memory = RSS of
 tritonserver plus all its descendants (the Python-backend stubs). Failures = client-side errors plus the
@@ -14,8 +13,7 @@ server's own fail count. --cancel-fraction F: that share of the requests goes to
 instead and is cancelled by the client after its first tokens (a closed stream, as a browser tab that goes
 away); they count as cancelled, not failed, and the twin must keep answering. Hung = a request still unanswered
 180 s after it was sent (each has a 120 s deadline): counted once, the client's stacks printed, the soak fails.
-`kill -USR1 <soak pid>` prints the client threads' stacks at any time. In-process mode: one loop calls Engine.generate on batches of 1..max_batch prompts;
-memory = this process's RSS, and on CUDA torch's allocated/reserved device memory.
+`kill -USR1 <soak pid>` prints the client threads' stacks at any time.
 Growth = median of the last 10% of samples vs the median of the first 10% after the warm-up.
 Writes results/tmp/<device>/soak/soak.{json,png} (--record: results/<device>/soak/) (memory over time, requests per interval).
 """
@@ -40,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
-from lsgpt.contract import STREAM_SUFFIX, VOCAB_SIZE
+from lsgpt.contract import STREAM_SUFFIX
 
 GROWTH_LIMIT = 0.05
 HANG_S = 180.0  # a request unanswered this long is hung: every request has a 120 s deadline of its own
@@ -90,9 +88,8 @@ def gpu_memory(pid: int) -> dict:
         return {}
 
 
-def sample_memory(pid: Any, stop: threading.Event, every: float, t0: float, samples: list, cuda: bool) -> None:
-    """Every `every` s: RSS (MiB) of `pid` and its descendants, or of this process; CUDA memory in process, and
-    the server's GPU memory per nvidia-smi in server mode."""
+def sample_memory(pid: Any, stop: threading.Event, every: float, t0: float, samples: list) -> None:
+    """Every `every` s: RSS (MiB) of `pid` and its descendants, and the server's GPU memory per nvidia-smi."""
     while True:
         now = pid() if callable(pid) else pid  # a callable: the server's pid now (a supervised restart changes it)
         per = None
@@ -108,11 +105,6 @@ def sample_memory(pid: Any, stop: threading.Event, every: float, t0: float, samp
         s = {"t": round(time.monotonic() - t0, 2), "rss_mib": sum(per.values()), "per_process_mib": per}
         if now:
             s |= gpu_memory(now)
-        if cuda:
-            import torch
-
-            s |= {"cuda_allocated_mib": torch.cuda.memory_allocated() / 2**20,
-                  "cuda_reserved_mib": torch.cuda.memory_reserved() / 2**20}
         samples.append(s)
         if stop.wait(every):
             return
@@ -156,11 +148,10 @@ def cancel_one(url: str, model: str, r: list[int], n: int, mode: str) -> None:
 
 
 def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], samples: list, *, url: str | None = None,
-         model: str = "", pid: Any = None, engine=None) -> tuple[Tally, float]:
-    """Run the load for a.minutes: client threads against `url`, or one loop over `engine` in process."""
+         model: str = "", pid: Any = None) -> tuple[Tally, float]:
+    """Run the load for a.minutes: client threads against `url`."""
     tally, stop, t0 = Tally(), threading.Event(), time.monotonic()
-    cuda = engine is not None and str(engine.device).startswith("cuda")
-    threading.Thread(target=sample_memory, args=(pid, stop, a.sample_every, t0, samples, cuda), daemon=True).start()
+    threading.Thread(target=sample_memory, args=(pid, stop, a.sample_every, t0, samples), daemon=True).start()
 
     def client(offset: int) -> None:
         import tritonclient.grpc as grpcclient
@@ -187,27 +178,7 @@ def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], sampl
                     tally.record(start - t0, None, f"{type(e).__name__}: {e}")
             tally.inflight.pop(offset, None)
 
-    def in_process() -> None:
-        from lsgpt.engine.engine import SamplingParams
-
-        i = 0
-        while not stop.is_set():
-            b, start = 1 + i % a.max_batch, time.monotonic()
-            try:
-                res = engine.generate([rows[(i + j) % len(rows)] for j in range(b)],
-                                      SamplingParams(max_new_tokens=lengths[i % len(lengths)], top_k=1))
-                if cuda:
-                    __import__("torch").cuda.synchronize()
-                if len(res) != b:
-                    raise RuntimeError(f"{len(res)} rows for a batch of {b}")
-                for _ in range(b):
-                    tally.record(start - t0, time.monotonic() - start)
-            except Exception as e:  # noqa: BLE001
-                tally.record(start - t0, None, f"{type(e).__name__}: {e}")
-            i += 1
-
-    workers = [threading.Thread(target=client, args=(k * 7,), daemon=True) for k in range(a.concurrency)] \
-        if engine is None else [threading.Thread(target=in_process, daemon=True)]
+    workers = [threading.Thread(target=client, args=(k * 7,), daemon=True) for k in range(a.concurrency)]
     for w in workers:
         w.start()
     watch(a, tally, stop, t0, workers)
@@ -252,14 +223,12 @@ def plot(report: dict, png: Path) -> None:
         names = sorted({n for s in samples for n in s["per_process_mib"]})
         for n in names if len(names) > 1 else []:
             a1.plot(ts, [s["per_process_mib"].get(n, 0) for s in samples], "--", lw=1, label=n)
-        for k in ("cuda_reserved_mib", "cuda_allocated_mib") if "cuda_reserved_mib" in samples[0] else ():
-            a1.plot(ts, [s.get(k, 0) for s in samples], ":", label=k[:-4].replace("_", " "))
         if "gpu_mib" in samples[0]:
             a1.plot(ts, [s.get("gpu_mib", 0) for s in samples], ":", lw=2, label=f"GPU ({samples[0]['gpu_scope']})")
         a1.axvspan(0, report["warmup_s"], color="gray", alpha=0.15, label="warm-up")
         g = report["memory"]["growth"]
-        mode = "in process" if report["mode"] == "in_process" else f"concurrency {report['concurrency']}"
-        a1.set(ylabel="MiB", title=f"{report['details']['model']} on {report['device']}, {mode}: memory growth after "
+        a1.set(ylabel="MiB", title=f"{report['details']['model']} on {report['device']}, concurrency "
+               f"{report['concurrency']}: memory growth after "
                f"warm-up {'n/a' if g is None else f'{g * 100:+.2f}%'} (limit {report['growth_limit'] * 100:.0f}%)")
         a1.legend(fontsize=8, loc="lower right")
         w = iv[1]["t"] - iv[0]["t"] if len(iv) > 1 else 10
@@ -268,34 +237,6 @@ def plot(report: dict, png: Path) -> None:
         for ax in (a1, a2):
             ax.grid(alpha=0.3)
         fig.suptitle(report["what"], fontsize=8)
-
-
-def run_in_process(a: argparse.Namespace, texts: list[str], lengths: list[int], samples: list, tmp: str,
-                   warmup: float) -> tuple[Tally, float, dict, str]:
-    """The engine alone in this process: (tally, seconds, details, what was soaked)."""
-    import torch
-
-    from lsgpt.engine.engine import Engine
-
-    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cpu" and a.server_threads:
-        torch.set_num_threads(a.server_threads)
-    hdf5, what, vocab = a.hdf5, str(a.hdf5), None
-    if hdf5 is None:
-        layers, hidden, heads, max_step = (int(x) for x in a.tiny_shape.split(","))
-        hdf5 = common.export_pair(common.random_model(layers, hidden, heads, a.vocab, max(max_step, 64)), Path(tmp), max_step)[0]
-        what, vocab = f"random GPT-2 {layers}L/{hidden}H/vocab {a.vocab}, max_step {max_step}", a.vocab
-    try:
-        rows = common.encode_prompts(common.find_tokenizer(a.tokenizer, a.model_repository, a.model), texts, vocab)
-    except common.BenchError as e:  # a bare GPU machine: no tokenizer files; random ids instead
-        print(f"soak: {e}; random token ids as prompts")
-        rnd = random.Random(0)
-        rows = [[101] + [rnd.randrange(1000, vocab or VOCAB_SIZE) for _ in range(rnd.randrange(4, 24))]
-                for _ in range(a.num_prompts)]
-    print(f"soak: {what}, in process on {dev}, {a.minutes:g} min, warm-up {warmup:.0f} s", flush=True)
-    tally, elapsed = soak(a, rows, lengths, samples, engine=Engine.load(hdf5, dev))
-    details = {"model": hdf5.name, "device": dev, "server_ok": None, "server_failed": 0}
-    return tally, elapsed, details, what
 
 
 def run_served(a: argparse.Namespace, texts: list[str], lengths: list[int], samples: list, tmp: str,
@@ -348,32 +289,28 @@ def say_result(report: dict, tally: Tally, mem: dict, gpu: dict | None, samples:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=3.0)
-    p.add_argument("--concurrency", type=int, default=4, help="client threads (server mode)")
+    p.add_argument("--concurrency", type=int, default=4, help="client threads")
     p.add_argument("--warmup", type=float, default=None, help="seconds excluded from the growth (default 20%%, >= 10 s)")
     p.add_argument("--sample-every", type=float, default=2.0, help="seconds between memory samples")
     p.add_argument("--model-repository", type=Path, default=common.ROOT / "model_repository")
-    p.add_argument("--hdf5", type=Path, help="serve (or, in process, load) this exported file")
+    p.add_argument("--hdf5", type=Path, help="serve this exported file")
     p.add_argument("--model", default="gpt2", help="served model to soak (gpt2, gpt2_int8)")
     p.add_argument("--url", help="gRPC url of a running server (then --pid says which process to watch)")
     p.add_argument("--pid", type=int, help="tritonserver pid (with --url)")
     p.add_argument("--server-threads", type=int, default=1,
-                   help="OMP_NUM_THREADS of the served models (in process on CPU: torch threads); 0 = default")
+                   help="OMP_NUM_THREADS of the served models; 0 = default")
     p.add_argument("--tokenizer")
     p.add_argument("--prompts", default=None, help="text file, one prompt a line (default data/train.txt)")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--max-new-tokens", default="8,16,32", help="cycled per request")
     p.add_argument("--cancel-fraction", type=float, default=0.0,
-                   help="server mode: this share of requests streams from the twin and is cancelled after 2 tokens")
+                   help="this share of requests streams from the twin and is cancelled after 2 tokens")
     p.add_argument("--cancel-mode", choices=("in-band", "abrupt"), default="in-band",
                    help="how a cancelling client stops: in-band (the client library's way: ask the model on the "
                         "stream, then half-close) or abrupt (cancel the gRPC call, as a client that dies does)")
     p.add_argument("--no-supervise", action="store_true",
                    help="no launcher supervision of the server it starts (by default restarted as `make serve` does)")
-    p.add_argument("--in-process", action="store_true", help="soak the engine in this process (no server)")
-    p.add_argument("--device", help="in process: cpu / cuda")
-    p.add_argument("--max-batch", type=int, default=8, help="in process: batches of 1..max-batch prompts")
     p.add_argument("--tiny-shape", default="2,128,4,128", help="layers,hidden,heads,max_step of a random model")
-    p.add_argument("--vocab", type=int, default=VOCAB_SIZE, help="in process: vocabulary of the random model")
     common.add_output_args(p, "soak")
     p.add_argument("--replot", type=Path, help="only re-make the PNG from a soak.json")
     return p.parse_args(argv)
@@ -387,14 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.url and a.pid is None:
         raise SystemExit("soak: with --url, pass --pid of the tritonserver to watch its memory")
-    out = common.results_dir("soak", a.out, a.device if a.in_process else None, a.record)
+    out = common.results_dir("soak", a.out, None, a.record)
     lengths = [int(x) for x in a.max_new_tokens.split(",")]
     warmup = a.warmup if a.warmup is not None else max(10.0, a.minutes * 60 * 0.2)
     texts = common.load_prompts(a.prompts or common.default_prompt_source(), a.num_prompts)
     samples: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="lsgpt-soak-") as tmp:
-        run = run_in_process if a.in_process else run_served
-        tally, elapsed, details, what = run(a, texts, lengths, samples, tmp, warmup)
+        tally, elapsed, details, what = run_served(a, texts, lengths, samples, tmp, warmup)
     mem = growth(samples, warmup)
     gpu = growth(samples, warmup, "gpu_mib") if "gpu_mib" in (samples or [{}])[0] else None
     failed = tally.failed + (details["server_failed"] or 0)
@@ -404,9 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     lat = sorted(x for _, x in tally.latencies)
     width = max(5.0, a.minutes * 60 / 30)
     report = {
-        "task": "soak", "what": what + (" (in process)" if a.in_process else ""),
-        "device": common.device_slug(a.device if a.in_process else None), "mode": "in_process" if a.in_process else "server",
-        "concurrency": 1 if a.in_process else a.concurrency, "minutes": a.minutes, "warmup_s": warmup,
+        "task": "soak", "what": what, "device": common.device_slug(), "mode": "server",
+        "concurrency": a.concurrency, "minutes": a.minutes, "warmup_s": warmup,
         "max_new_tokens": lengths, "requests_ok": tally.ok, "requests_failed": failed,
         "requests_cancelled": tally.cancelled, "requests_hung": tally.hung, "cancel_fraction": a.cancel_fraction,
         "throughput_rps": round(tally.ok / elapsed, 2) if elapsed else 0,
@@ -420,12 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                       for xs in [sorted(x for s, x in tally.latencies if t <= s < t + width)]],
         "samples": samples, "command": common.command_line(argv),
     }
-    if "cuda_reserved_mib" in (samples or [{}])[0]:
-        report["cuda_memory"] = growth(samples, warmup, "cuda_reserved_mib")
     if gpu is not None:
         report["gpu_memory"] = gpu | {"scope": samples[0]["gpu_scope"]}
-    common.write_json(out / "soak.json", report)
-    plot(report, out / "soak.png")
+    common.write_report(out, "soak", report, plot)
     say_result(report, tally, mem, gpu, samples)
     print(f"wrote {out / 'soak.json'}")
     return 0 if passed else 1
