@@ -192,10 +192,10 @@ def export_pair(model, folder: Path, max_step: int) -> tuple[Path, Path]:
 def repository(folder: Path, files: dict[str, Path], tokenizer: str | None = None, src: Path | None = None) -> Path:
     """A model repository at `folder`: the configs of `src` (default: the checkout's model_repository/),
     each model of `files` (name -> exported file) published into it."""
+    from lsgpt.repository import publish
     from lsgpt.serving.launcher import (
         ROOT as SERVED_ROOT,  # the checkout that serves (PYTHONPATH may name another)
     )
-    from lsgpt.serving.repository import publish
 
     for cfg in (src or SERVED_ROOT / "model_repository").glob("*/config.pbtxt"):
         (folder / cfg.parent.name / "1").mkdir(parents=True, exist_ok=True)

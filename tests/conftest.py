@@ -53,7 +53,7 @@ def make_repository(dst: Path, tiny: TinyModels) -> Path:
     """A copy of model_repository/'s tracked files (configs, version 1) with the tiny models published."""
     import shutil
 
-    from lsgpt.serving.repository import publish
+    from lsgpt.repository import publish
 
     src = Path(__file__).resolve().parent.parent / "model_repository"
     for cfg in src.glob("*/config.pbtxt"):

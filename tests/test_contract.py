@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from lsgpt import contract as C
-from lsgpt.serving.repository import MODELS
+from lsgpt.repository import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = [name for m, kind in MODELS.items() for name in (m, *kind.also)]

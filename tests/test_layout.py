@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_FUNCTION_LINES = 80
 
 # The floors: what each area of lsgpt may import from lsgpt (itself included).
-CORE = {"lsgpt", "lsgpt.contract", "lsgpt.format", "lsgpt.text"}
+CORE = {"lsgpt", "lsgpt.contract", "lsgpt.format", "lsgpt.text", "lsgpt.repository"}
 ALLOWED = {
     "core": {"core"},
     "client": {"core", "client"},

@@ -17,8 +17,8 @@ from conftest import make_repository, make_tiny_gpt2, scrape_metrics  # noqa: E4
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from lsgpt.engine.engine import Engine, SamplingParams  # noqa: E402
+from lsgpt.repository import publish, versions  # noqa: E402
 from lsgpt.serving.launcher import LaunchError, TritonServer, free_port  # noqa: E402
-from lsgpt.serving.repository import publish, versions  # noqa: E402
 from lsgpt.text import IncrementalDecoder, decode, encode_prompt, load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

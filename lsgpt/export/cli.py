@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.repository:
-            from lsgpt.serving.repository import publish
+            from lsgpt.repository import publish
 
             name = args.served_model or ("gpt2_int8" if args.quant else "gpt2")
             if not args.repository.is_dir():
