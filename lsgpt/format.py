@@ -126,6 +126,59 @@ def int32_out_scale(kernel_clip: float, in_clip: float) -> float:
     return kernel_clip * in_clip / QMAX**2
 
 
+@dataclass(frozen=True)
+class LayerScales:
+    """The inference constants of one ``QuantGpt`` layer, from its clips (docs/format.md §6): ``*_in`` quantize a
+    value (int8 = floor(x·127/c + 0.5)), ``*_alpha`` requantize a GEMM's int32 sums, ``*_deq`` turn int8 (or
+    FFN2's int32 sums) back into values. The reference path (lsgpt.engine.int8) and the fused kernels
+    (lsgpt.engine.fused) both read these."""
+
+    ln1_in: float  # LN1 output -> the QKV GEMM's int8 input
+    qkv_alpha: float
+    qkv_deq: float  # the QKV GEMM's requantized output, before bias
+    kv_in: float  # q, k, v after bias -> int8 (the KV cache's scale)
+    kv_deq: float  # one int8 step of q, k, v
+    ctx_in: float  # attention context -> the output projection's int8 input
+    out_alpha: float
+    out_deq: float
+    ln2_in: float  # LN2 output -> the FFN1 GEMM's int8 input
+    ffn1_alpha: float
+    ffn1_deq: float
+    act_in: float  # GELU output -> the FFN2 GEMM's int8 input
+    ffn2_deq: float  # FFN2 keeps int32 sums (no requantization), dequantized into the residual
+
+
+def layer_scales(clips: Mapping[str, float]) -> LayerScales:
+    """A layer's LayerScales from its ``*_clip_max`` values (names as in the HDF5 file, without the layer prefix)."""
+    c = {k: float(v) for k, v in clips.items()}
+    ln1, qkv_out, kv = c["multihead_ln_clip_max"], c["multihead_qkv_dense_clip_max"], c["self_qkv_bias_out_clip_max"]
+    ctx, o_out = c["multihead_project_output_clip_max"], c["multihead_output_dense_clip_max"]
+    ln2, f1_out, act = c["ffn_ln_clip_max"], c["ffn_first_output_clip_max"], c["ffn_first_act_clip_max"]
+    return LayerScales(
+        ln1_in=QMAX / ln1, qkv_alpha=requant_alpha(c["multihead_project_kernel_qkv_clip_max"], ln1, qkv_out),
+        qkv_deq=dequant_scale(qkv_out), kv_in=QMAX / kv, kv_deq=dequant_scale(kv), ctx_in=QMAX / ctx,
+        out_alpha=requant_alpha(c["multihead_project_kernel_output_clip_max"], ctx, o_out), out_deq=dequant_scale(o_out),
+        ln2_in=QMAX / ln2, ffn1_alpha=requant_alpha(c["ffn_first_kernel_clip_max"], ln2, f1_out),
+        ffn1_deq=dequant_scale(f1_out), act_in=QMAX / act,
+        ffn2_deq=int32_out_scale(c["ffn_second_kernel_clip_max"], act),
+    )
+
+
+@dataclass(frozen=True)
+class HeadScales:
+    """The embedding's and the LM head's inference constants of a ``QuantGpt`` file (docs/format.md §6)."""
+
+    embed_deq: float  # int8 token embedding -> value
+    ln_in: float  # ln_f output -> the LM head's int8 input
+    alpha: float  # the LM head's int32 sums -> int8 logits
+    deq: float  # int8 logits -> values (multiples of logits_clip/127)
+
+
+def head_scales(emb_clip: float, out_ln_clip: float, logits_clip: float) -> HeadScales:
+    return HeadScales(embed_deq=dequant_scale(emb_clip), ln_in=QMAX / out_ln_clip,
+                      alpha=requant_alpha(out_ln_clip, emb_clip, logits_clip), deq=dequant_scale(logits_clip))
+
+
 # ---------------------------------------------------------------------------------------------
 # Config.
 

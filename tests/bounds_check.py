@@ -111,12 +111,12 @@ def main() -> int:
             try:
                 for shape in prefill:
                     k, t = shape
-                    e._forward_logits(torch.randint(0, 4096, (k, t)), torch.arange(t).expand(k, t),
+                    e.forward_logits(torch.randint(0, 4096, (k, t)), torch.arange(t).expand(k, t),
                                       e.model.new_cache(k, t), last=torch.arange(k) * t + t - 1)
                 cache = e.model.new_cache(4, 256)
                 for shape in decode:
                     n, p = shape
-                    e._forward_logits(torch.randint(0, 4096, (n, 1)), torch.full((n, 1), p),
+                    e.forward_logits(torch.randint(0, 4096, (n, 1)), torch.full((n, 1), p),
                                       KVCache([c[:n] for c in cache.k], [c[:n] for c in cache.v]))
             except Exception as ex:  # noqa: BLE001 - the interpreter wraps OutOfBounds in its own error
                 print(f"{name}: FAILED at {shape}: {ex}")

@@ -369,7 +369,7 @@ def test_cpu_argmax_agrees_with_torch_on_ties_nan_and_infinities():
     built to disagree if either broke ties or NaN differently: rounded logits (ties), NaN, +-inf, all -inf."""
     import torch
 
-    from lsgpt.engine.engine import argmax_rows
+    from lsgpt.engine.sampling import argmax_rows
 
     g = torch.Generator().manual_seed(0)
     for trial in range(600):

@@ -133,8 +133,8 @@ def test_fused_forward_takes_expanded_positions(fp16, int8, which):
     expanded = base[:1].expand(2, 1)  # stride-0 view over [5, 9]
     dense = torch.tensor([[5], [5]], device=DEV)
     with torch.inference_mode():
-        got = e._forward_logits(tokens, expanded, e.model.new_cache(2, 16)).float().cpu()
-        want = e._forward_logits(tokens, dense, e.model.new_cache(2, 16)).float().cpu()
+        got = e.forward_logits(tokens, expanded, e.model.new_cache(2, 16)).float().cpu()
+        want = e.forward_logits(tokens, dense, e.model.new_cache(2, 16)).float().cpu()
         ref = e._reference_logits(tokens, dense, e.model.new_cache(2, 16)).float().cpu()
     assert torch.equal(got, want)
     if which == "int8":  # rounding flips between the paths are allowed; a wrong position moves every logit

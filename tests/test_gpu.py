@@ -191,7 +191,7 @@ def test_scheduler_warm_up_leaves_no_prefill_shape_to_compile(files, which):
             for k in range(1, 5):
                 for t in range(1, S):
                     tokens = torch.randint(0, e.config.vocab, (k, t), device="cuda")
-                    e._forward_logits(tokens, torch.arange(t, device="cuda").expand(k, t), e.model.new_cache(k, t),
+                    e.forward_logits(tokens, torch.arange(t, device="cuda").expand(k, t), e.model.new_cache(k, t),
                                       last=torch.arange(k, device="cuda") * t + t - 1)
         torch.cuda.synchronize()
         assert compiled() == before, f"{compiled() - before} kernel variants compiled after the warm-up"

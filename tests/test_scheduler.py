@@ -215,3 +215,24 @@ def test_bad_stop_sequences_are_refused(engine, stop, word):
 
     with pytest.raises(RequestError, match=word):
         engine.validate([[5, 6]], SamplingParams(stop=stop))
+
+
+@pytest.mark.parametrize("prompt, kw, word", [
+    ([], {}, "empty"), ([5] * 128, {}, "max_step"), ([5, 10**6], {}, "outside the vocabulary"),
+    ([5, -1], {}, "outside the vocabulary"), ([5, 2.0], {}, "not an integer"), ("ab", {}, "sequence of token ids"),
+    ([5], {"top_p": 0.0}, "top_p"), ([5], {"temperature": float("nan")}, "temperature"),
+    ([5], {"stop": ((5, 10**6),)}, "vocabulary"), ([5], {"stop": (("x",),)}, "not an integer"),
+])
+def test_submit_validates_the_whole_request(engine, prompt, kw, word):
+    """Scheduler.submit is the served model's one check of a request: a bad one raises RequestError, nothing
+    is queued."""
+    from lsgpt.engine.engine import RequestError, SamplingParams
+    from lsgpt.engine.scheduler import Scheduler
+
+    s = Scheduler(engine, max_rows=1, max_queue=4)
+    try:
+        with pytest.raises(RequestError, match=word):
+            s.submit(prompt, SamplingParams(**kw), lambda ids, err: None)
+        assert s.queued == 0 and s.stats.requests == 0
+    finally:
+        s.close()

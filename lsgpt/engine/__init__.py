@@ -11,8 +11,8 @@
 
 from typing import Any
 
-_PUBLIC = {"Engine": "lsgpt.engine.engine", "SamplingParams": "lsgpt.engine.engine",
-           "RequestError": "lsgpt.engine.engine"}
+_PUBLIC = {"Engine": "lsgpt.engine.engine", "SamplingParams": "lsgpt.engine.sampling",
+           "RequestError": "lsgpt.engine.sampling"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,10 +1,8 @@
 """Engine: load a LightSeq GPT HDF5 file (fp16 ``Gpt`` or int8 ``QuantGpt``) and generate from it.
 
-Semantics follow LightSeq (docs/format.md §8): the output is prompt + continuation, a row's total length is at
-most min(max_step, prompt + extra_decode_length) (extra_decode_length <= 0: max_step), and a row ends at
-eos_id. Beyond LightSeq: prompts of different lengths in one batch (each row gets what it gets alone),
-per-request max_new_tokens / top_k / top_p / temperature / seed, and reproducible sampling: each row
-draws from its own generator seeded by its seed, so its output does not depend on its batch-mates.
+Decode semantics (LightSeq's lengths and EOS, stop sequences, penalties, per-row seeds) are in
+``lsgpt.engine.sampling``; beyond LightSeq, prompts of different lengths share a batch (each row gets what it gets
+alone). The public forward seams (``prefill``, ``decode``, ``capture_decode``) are what ``Scheduler`` runs.
 """
 
 from __future__ import annotations
@@ -12,66 +10,24 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
 
 import torch
 
-from lsgpt.contract import PARAMS, matched_stop, param_error, stop_error
 from lsgpt.engine.fused import FusedForward
 from lsgpt.engine.fused import available as fused_available
 from lsgpt.engine.int8 import QuantGPT
 from lsgpt.engine.model import GPT
-from lsgpt.format import GptConfig, max_output_len, read_hdf5
-
-
-class RequestError(ValueError):
-    """A request the engine refuses; the message names the problem (INVALID_ARGUMENT on the server)."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request generation settings; None takes the model file's value."""
-
-    max_new_tokens: int | None = None
-    top_k: int | None = None  # 0: no top-k filter; 1: greedy
-    top_p: float | None = None  # 1.0: no nucleus filter
-    temperature: float = 1.0  # 0: greedy
-    seed: int | None = None  # None: a fresh random seed
-    ignore_eos: bool = False  # benchmark mode: always generate to the length limit
-    # Penalties, applied to the logits before temperature / top-k / top-p (as HF's and vLLM's samplers do):
-    repetition_penalty: float = 1.0  # HF: a token of the prompt or output so far: logit / p if > 0, else logit * p
-    presence_penalty: float = 0.0  # OpenAI: minus this once for every token already generated
-    frequency_penalty: float = 0.0  # OpenAI: minus this times how often the token was generated
-    # Stop sequences (token ids): the row ends right after generating one of them, which is kept in the output
-    # (like EOS; HF's stop_strings do the same). Matched against the generated tokens only, not the prompt.
-    stop: tuple[tuple[int, ...], ...] = ()
-
-    def stops(self, generated: Sequence[int]) -> bool:
-        """Does `generated` (the continuation so far) end with one of the stop sequences?"""
-        return matched_stop(generated, self.stop) is not None
-
-    @property
-    def penalized(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-
-    def resolved(self, cfg: GptConfig) -> SamplingParams:
-        """Fill the file's defaults (sampling_method topk -> its topk; topp -> its topp)."""
-        top_k, top_p = self.top_k, self.top_p
-        if top_k is None:
-            top_k = cfg.topk if cfg.sampling_method == "topk" else 0
-        if top_p is None:
-            top_p = cfg.topp if cfg.sampling_method == "topp" else 1.0
-        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(6), "little")
-        return replace(self, top_k=top_k, top_p=top_p, seed=seed)
-
-    def length_limit(self, cfg: GptConfig, prompt_len: int) -> int:
-        """Total length (prompt + continuation) at which the row stops: LightSeq's limit, capped by max_new_tokens."""
-        limit = max_output_len(cfg, prompt_len)
-        return limit if self.max_new_tokens is None else min(limit, prompt_len + self.max_new_tokens)
-
-    @property
-    def greedy(self) -> bool:
-        return self.top_k == 1 or self.temperature == 0
+from lsgpt.engine.sampling import (  # noqa: F401 - Penalties, argmax_rows: importable from here as before
+    Penalties,
+    RequestError,
+    SamplingParams,
+    argmax_rows,
+    check_generates,
+    row_finished,
+    sample,
+    validate_request,
+)
+from lsgpt.format import GptConfig, read_hdf5
 
 
 class GraphedDecode:
@@ -162,7 +118,7 @@ class Engine:
             return "reference/" + self.model.layers[0]["ffn_first_kernel"].backend
         return "reference"
 
-    def _forward_logits(self, tokens, positions, cache, last: torch.Tensor | None = None, static: bool = False):
+    def forward_logits(self, tokens, positions, cache, last: torch.Tensor | None = None, static: bool = False):
         """fp32 logits [R, V] of the flat rows `last` (None: all B·T rows) after a forward over tokens [B, T]."""
         if self.fused is not None:
             return self.fused(tokens, positions, cache, last)
@@ -176,7 +132,28 @@ class Engine:
         return m.logits(hidden if last is None else hidden[last])
 
     def _decode_fn(self, tok: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-        return self._forward_logits(tok, pos, cache, static=True)
+        return self.forward_logits(tok, pos, cache, static=True)
+
+    # ---------------------------------------------------------------------------------------------
+    # Forward seams: what Engine.generate and Scheduler run
+
+    def prefill(self, tokens: torch.Tensor, last: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
+        """Prompts tokens [k, P] (right-padded) at positions 0..P-1 of `cache` (None: a scratch cache of length P,
+        on which the attention split depends); the logits of the flat rows `last` (each prompt's last token), and
+        the cache."""
+        k, P = tokens.shape
+        if cache is None:
+            cache = self.model.new_cache(k, P)
+        positions = torch.arange(P, device=self.device).expand(k, P)
+        return self.forward_logits(tokens, positions, cache, last=last), cache
+
+    def decode(self, tok: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        """One decode step, eagerly: tokens and positions [B, 1] -> logits [B, V]."""
+        return self.forward_logits(tok, pos, cache)
+
+    def capture_decode(self, cache, batch: int) -> GraphedDecode:
+        """The decode step over `batch` rows of `cache` captured as a CUDA graph (torch.compile'd if asked)."""
+        return GraphedDecode(self._decode_fn, cache, batch, self.device, self.compile)
 
     # ---------------------------------------------------------------------------------------------
     # Validation
@@ -184,61 +161,53 @@ class Engine:
     def validate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> list:
         """Raise RequestError naming the first problem; return the per-row resolved params."""
         c = self.config
-        if c.sampling_method == "ppl":
-            raise RequestError("this model was exported with sampling_method=ppl: it scores, it does not generate")
         if len(prompts) == 0:
+            check_generates(c)  # a ppl model's refusal comes first
             raise RequestError("empty batch: give at least one prompt")
         if self.max_batch_size and len(prompts) > self.max_batch_size:
             raise RequestError(f"batch of {len(prompts)} prompts exceeds max_batch_size={self.max_batch_size}")
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(plist) != len(prompts):
             raise RequestError(f"{len(plist)} sampling settings for {len(prompts)} prompts")
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise RequestError(f"prompt {i} is empty")
-            if len(p) >= c.max_step:
-                raise RequestError(f"prompt {i} has {len(p)} tokens; it must be shorter than max_step={c.max_step}")
-            bad = [t for t in p if not 0 <= int(t) < c.vocab]
-            if bad:
-                raise RequestError(f"prompt {i}: token id {bad[0]} outside the vocabulary 0..{c.vocab - 1}")
-        for sp in plist:
-            for name in PARAMS:
-                why = param_error(name, getattr(sp, name))
-                if why:
-                    raise RequestError(why)
-            why = stop_error(sp.stop, c.vocab)
-            if why:
-                raise RequestError(why)
-        return [sp.resolved(c) for sp in plist]
+        return [validate_request(c, p, sp, i) for i, (p, sp) in enumerate(zip(prompts, plist))]
 
     # ---------------------------------------------------------------------------------------------
     # Generation
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = SamplingParams()  # noqa: B008 (frozen)
     ) -> list[list[int]]:
         """Prompt + continuation per row (EOS kept if generated; rows may differ in length)."""
+        rows = self.validate(prompts, params)
         out = [list(map(int, p)) for p in prompts]
-        for step in self._steps(prompts, params, sync_every=32):
+        for step in self._steps(prompts, rows, sync_every=32):
             for row, tok in step:
                 out[row].append(tok)
         return out
 
-    def stream(self, prompt: Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[int]:
+    def stream(self, prompt: Sequence[int], params: SamplingParams = SamplingParams()  # noqa: B008 (frozen)
+               ) -> Iterator[int]:
         """New token ids of one prompt, as they are generated."""
-        for step in self._steps([prompt], params):
+        for step in self._steps([prompt], self.validate([prompt], params)):
             for _, tok in step:
                 yield tok
 
+    def _decode_cache(self, B: int, S: int, P: int):
+        """The cache of a generate call, and its captured decode step (CUDA graphs) or None."""
+        if not self.cuda_graphs:
+            return self.model.new_cache(B, max(S, P)), None
+        if B not in self._graphs:
+            self._graphs[B] = self.capture_decode(self.model.new_cache(B, self.config.max_step), B)
+        return self._graphs[B].cache, self._graphs[B]
+
     @torch.inference_mode()
-    def _steps(self, prompts, params, sync_every: int = 1) -> Iterator[list[tuple[int, int]]]:
-        """Yield, per decoding step, the (row, token) pairs of rows still running.
+    def _steps(self, prompts, rows: list[SamplingParams], sync_every: int = 1) -> Iterator[list[tuple[int, int]]]:
+        """Yield, per decoding step, the (row, token) pairs of rows still running (`rows`: the validated params).
 
         The host reads sampled tokens back only every few steps (1, 2, 4, .. up to `sync_every`), so the GPU runs
         ahead without a synchronisation per token; rows that finished in between run on harmlessly.
         """
-        rows = self.validate(prompts, params)
-        c, m, dev = self.config, self.model, self.device
+        c, dev = self.config, self.device
         lens = [len(p) for p in prompts]
         limits = [sp.length_limit(c, n) for n, sp in zip(lens, rows)]
         B, P, S = len(prompts), max(lens), max(limits)
@@ -248,17 +217,9 @@ class Engine:
         for b, p in enumerate(prompts):
             tokens[b, : len(p)] = torch.as_tensor(list(map(int, p)))
         tokens = tokens.to(dev)
-        graph = None
-        if self.cuda_graphs:
-            if B not in self._graphs:
-                self._graphs[B] = GraphedDecode(self._decode_fn, m.new_cache(B, c.max_step), B, dev, self.compile)
-            graph = self._graphs[B]
-            cache = graph.cache
-        else:
-            cache = m.new_cache(B, max(S, P))
-        positions = torch.arange(P, device=dev).expand(B, P)
+        cache, graph = self._decode_cache(B, S, P)
         cur = torch.as_tensor(lens, device=dev)
-        logits = self._forward_logits(tokens, positions, cache, last=torch.arange(B, device=dev) * P + cur - 1)
+        logits, _ = self.prefill(tokens, torch.arange(B, device=dev) * P + cur - 1, cache)
         gens = [torch.Generator(device=dev).manual_seed(sp.seed) for sp in rows]
         length = list(lens)
         generated: list[list[int]] = [[] for _ in range(B)]  # kept only for rows with stop sequences
@@ -283,10 +244,7 @@ class Engine:
                         length[b] += 1
                         if rows[b].stop:
                             generated[b].append(toks[b])
-                        if (toks[b] == c.eos_id and not rows[b].ignore_eos) or length[b] >= limits[b] or (
-                            rows[b].stop and rows[b].stops(generated[b])
-                        ):
-                            done[b] = True
+                        done[b] = row_finished(rows[b], c.eos_id, toks[b], length[b], limits[b], generated[b], 0)
                     yield step
                     if all(done):
                         return
@@ -295,7 +253,7 @@ class Engine:
             if graph is not None:
                 logits = graph(nxt[:, None], pos[:, None])
             else:
-                logits = self._forward_logits(nxt[:, None], pos[:, None], cache)
+                logits = self.decode(nxt[:, None], pos[:, None], cache)
             cur = cur + 1
 
     # ---------------------------------------------------------------------------------------------
@@ -309,7 +267,7 @@ class Engine:
         if T > self.config.max_step:
             raise RequestError(f"sequence of {T} tokens exceeds max_step={self.config.max_step}")
         cache = self.model.new_cache(B, T)
-        logits = self._forward_logits(tokens, torch.arange(T, device=self.device).expand(B, T), cache)
+        logits = self.forward_logits(tokens, torch.arange(T, device=self.device).expand(B, T), cache)
         return logits.view(B, T, -1).float().cpu()
 
     def ppl(self, prompts: Sequence[Sequence[int]]) -> list[float]:
@@ -320,73 +278,3 @@ class Engine:
             logp = torch.log_softmax(self.logits(t)[0, :-1], -1)
             out.append(float(-logp.gather(1, t[0, 1:, None]).mean()))
         return out
-
-
-@dataclass
-class Penalties:
-    """Per-row token statistics on the device: seen (prompt + output) for the repetition penalty, output counts
-    for presence / frequency. Kept only when some row asks for a penalty."""
-
-    rep: torch.Tensor  # [B, 1]
-    presence: torch.Tensor  # [B, 1]
-    frequency: torch.Tensor  # [B, 1]
-    seen: torch.Tensor  # [B, V] bool
-    counts: torch.Tensor  # [B, V] float32
-
-    @classmethod
-    def start(cls, rows: Sequence[SamplingParams], tokens: torch.Tensor, lens: Sequence[int], vocab: int) -> Penalties:
-        dev, B = tokens.device, len(rows)
-        col = lambda name: torch.tensor([[getattr(sp, name)] for sp in rows], dtype=torch.float32, device=dev)  # noqa: E731
-        seen = torch.zeros(B, vocab, dtype=torch.bool, device=dev)
-        real = torch.arange(tokens.shape[1], device=dev)[None] < torch.as_tensor(lens, device=dev)[:, None]
-        seen.scatter_(1, torch.where(real, tokens, tokens[:, :1]), True)  # prompt tokens (padding -> first token)
-        counts = torch.zeros(B, vocab, dtype=torch.float32, device=dev)
-        return cls(col("repetition_penalty"), col("presence_penalty"), col("frequency_penalty"), seen, counts)
-
-    def select(self, index) -> Penalties:
-        """The rows `index` (a slice: views that update in place; an index tensor: a copy)."""
-        return Penalties(self.rep[index], self.presence[index], self.frequency[index], self.seen[index],
-                         self.counts[index])
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        lg = logits.float()
-        lg = torch.where(self.seen, torch.where(lg > 0, lg / self.rep, lg * self.rep), lg)
-        return lg - self.presence * (self.counts > 0) - self.frequency * self.counts
-
-    def update(self, nxt: torch.Tensor) -> None:
-        self.counts.scatter_add_(1, nxt[:, None], torch.ones_like(nxt[:, None], dtype=torch.float32))
-        self.seen.scatter_(1, nxt[:, None], True)
-
-
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's largest logit's index, as torch.argmax gives it (the first on ties; a NaN counts as the
-    largest). On the CPU, numpy's argmax, which agrees with torch's on ties, NaN and infinities
-    (tests/test_engine_fp16.py): torch's CPU argmax took 1.5 ms for 32 x 21128 float32 logits against numpy's
-    0.1 ms on our CPU box, a fifth of a served decode step of the demo model."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        return torch.from_numpy(logits.numpy().argmax(-1))
-    return logits.argmax(-1)
-
-
-def sample(logits: torch.Tensor, rows: Sequence[SamplingParams], gens: Sequence[torch.Generator]) -> torch.Tensor:
-    """Next token per row: temperature, then top-k, then top-p, each row with its own generator."""
-    greedy = argmax_rows(logits)
-    if all(sp.greedy for sp in rows):
-        return greedy
-    out = greedy.clone()
-    for b, sp in enumerate(rows):
-        if sp.greedy:
-            continue
-        lg = logits[b].float() / sp.temperature
-        if 0 < sp.top_k < lg.numel():
-            kth = torch.topk(lg, sp.top_k).values[-1]
-            lg = lg.masked_fill(lg < kth, float("-inf"))
-        if sp.top_p < 1.0:
-            sorted_lg, idx = torch.sort(lg, descending=True)
-            probs = torch.softmax(sorted_lg, -1)
-            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-            drop = probs.cumsum(-1) - probs >= sp.top_p
-            lg = lg.scatter(0, idx[drop], float("-inf"))
-        probs = torch.softmax(lg, -1)
-        out[b] = torch.multinomial(probs, 1, generator=gens[b])[0]
-    return out

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from lsgpt.format import QMAX
+from lsgpt.format import LayerScales
 
 
 def available(device: torch.device) -> bool:
@@ -48,16 +48,18 @@ class FusedForward:
         self.k = kernels
         self.model, self.cfg = model, model.cfg
         self.int8 = model.cfg.quantized  # QuantGPT (int8 file), else GPT
-        self.layers = [self._int8_layer(w) if self.int8 else self._fp_layer(w) for w in model.layers]
+        if self.int8:
+            self.layers = [self._int8_layer(w, sc) for w, sc in zip(model.layers, model.scales)]
+        else:
+            self.layers = [self._fp_layer(w) for w in model.layers]
         c = self.cfg
         # the split attention programs' counters (zero between launches), one buffer a CUDA graph can replay
-        self.sem = torch.zeros(2 * kernels._sm_count(), dtype=torch.int32, device=model.device)
+        self.sem = torch.zeros(2 * kernels.sm_count(), dtype=torch.int32, device=model.device)
         if self.int8:
-            emb = model.emb_clip
-            self.embed_scale = emb / QMAX
-            self.head = dict(w=model.lm_head.w, ln=(*model.ln_f, c.layer_norm_eps), in_scale=QMAX / model.out_ln_clip,
-                             alpha=model.out_ln_clip * emb / (model.logits_clip * QMAX),
-                             deq_scale=model.logits_clip / QMAX)
+            hs = model.head_scales
+            self.embed_scale = hs.embed_deq
+            self.head = dict(w=model.lm_head.w, ln=(*model.ln_f, c.layer_norm_eps), in_scale=hs.ln_in,
+                             alpha=hs.alpha, deq_scale=hs.deq)
         else:
             self.embed_scale = 1.0
             self.head = dict(w=model.wte.t(), ln=(*model.ln_f, c.layer_norm_eps))
@@ -74,27 +76,22 @@ class FusedForward:
             ffn2=dict(w=w["ffn_second_kernel"], bias=w["ffn_second_bias"]),
         )
 
-    def _int8_layer(self, w: dict) -> dict:
+    def _int8_layer(self, w: dict, sc: LayerScales) -> dict:
+        """One layer's launch arguments: its int8 weights and the constants of its LayerScales."""
         eps, hd = self.cfg.layer_norm_eps, self.cfg.head_dim
-        ln1, qkv_out, kv = w["multihead_ln_clip_max"], w["multihead_qkv_dense_clip_max"], w["self_qkv_bias_out_clip_max"]
-        ctx, o_out = w["multihead_project_output_clip_max"], w["multihead_output_dense_clip_max"]
-        ln2, f1_out, act = w["ffn_ln_clip_max"], w["ffn_first_output_clip_max"], w["ffn_first_act_clip_max"]
-        s = kv / QMAX  # q, k, v share one scale
+        s = sc.kv_deq  # q, k, v share one scale
         return dict(
             qkv=dict(w=w["multihead_project_kernel_qkv"].w, bias=w["multihead_project_bias_qkv"],
-                     ln=(w["multihead_norm_scale"], w["multihead_norm_bias"], eps), in_scale=QMAX / ln1,
-                     alpha=w["multihead_project_kernel_qkv_clip_max"] * ln1 / (qkv_out * QMAX),
-                     deq_scale=qkv_out / QMAX, out_scale=QMAX / kv),
-            attn=dict(score_scale=s * s / math.sqrt(hd), v_scale=s, out_scale=QMAX / ctx),
+                     ln=(w["multihead_norm_scale"], w["multihead_norm_bias"], eps), in_scale=sc.ln1_in,
+                     alpha=sc.qkv_alpha, deq_scale=sc.qkv_deq, out_scale=sc.kv_in),
+            attn=dict(score_scale=s * s / math.sqrt(hd), v_scale=s, out_scale=sc.ctx_in),
             out=dict(w=w["multihead_project_kernel_output"].w, bias=w["multihead_project_bias_output"],
-                     alpha=w["multihead_project_kernel_output_clip_max"] * ctx / (o_out * QMAX), deq_scale=o_out / QMAX),
+                     alpha=sc.out_alpha, deq_scale=sc.out_deq),
             ffn1=dict(w=w["ffn_first_kernel"].w, bias=w["ffn_first_bias"], gelu=True,
-                      ln=(w["ffn_norm_scale"], w["ffn_norm_bias"], eps), in_scale=QMAX / ln2,
-                      alpha=w["ffn_first_kernel_clip_max"] * ln2 / (f1_out * QMAX), deq_scale=f1_out / QMAX,
-                      out_scale=QMAX / act),
+                      ln=(w["ffn_norm_scale"], w["ffn_norm_bias"], eps), in_scale=sc.ln2_in,
+                      alpha=sc.ffn1_alpha, deq_scale=sc.ffn1_deq, out_scale=sc.act_in),
             # FFN2 keeps int32 sums (no requantization), dequantized into the residual (LightSeq)
-            ffn2=dict(w=w["ffn_second_kernel"].w, bias=w["ffn_second_bias"],
-                      deq_scale=w["ffn_second_kernel_clip_max"] * act / QMAX**2),
+            ffn2=dict(w=w["ffn_second_kernel"].w, bias=w["ffn_second_bias"], deq_scale=sc.ffn2_deq),
         )
 
     CHECK_INT8_STEPS = 8.0
@@ -111,22 +108,20 @@ class FusedForward:
             return tuple((x == 1, x % 16 == 0) for x in v)
 
         def gemm(m: int, N: int, K: int) -> tuple:
-            return k._config(m, N, K, self.int8), ints(m), bool(k._pdl(m)), m <= k.PREFETCH_MAX_ROWS
+            tiles, pdl, prefetch = k.gemm_plan(m, N, K, self.int8)
+            return tiles, ints(m), pdl, prefetch
 
         return (gemm(M, 3 * H, H), gemm(M, H, H), gemm(M, c.inner, H), gemm(M, H, c.inner), gemm(R, c.vocab, H),
-                k._attention_config(M, c.n_head, T, self.int8), ints(M, T))
+                k.attention_plan(M, c.n_head, T, self.int8), ints(M, T))
 
     @torch.inference_mode()
     def check_against(self, reference) -> None:
         """Load-time self-check (compiles the small-batch kernels too): a short prompt through these kernels and
         through `reference(tokens, positions, cache)`; RuntimeError if they cannot run or disagree grossly
         (int8: mean difference above CHECK_INT8_STEPS steps of the logits clip; fp: above 5% of the logit range).
-        Rounding differences pass: on a random 12-layer int8 model the two paths differ by a step on ~9% of
-        logits; on the article's model after 600 fp16 + 200 QAT steps (H100) by 2.84 steps on average (each 1.5
-        from the CPU integer path: requantization flips carried through 12 layers), which the limit of one step
-        this check had made fall back to the slow reference path. It catches kernels that cannot run or return
-        garbage, not subtle errors (on a tiny model a dropped GELU moves the mean by 0.35 step): those are for
-        the GPU tests, which compare every logit with the CPU integer path."""
+        Rounding differences (requantization flips carried through the layers) pass; the limit's reasons are in
+        docs/decisions.d/engine.md. It catches kernels that cannot run or return garbage, not subtle errors:
+        those are for the GPU tests, which compare every logit with the CPU integer path."""
         c, m = self.cfg, self.model
         tokens = (torch.arange(1, 5, device=m.device) * 7919 % c.vocab)[None]  # 4 tokens, batch 1
         positions = torch.arange(4, device=m.device)[None]
@@ -135,7 +130,7 @@ class FusedForward:
         if not torch.isfinite(got).all():
             raise RuntimeError("fused kernels produced non-finite logits")
         if self.int8:
-            diff, limit = (got - want).abs().mean().item() / (m.logits_clip / QMAX), self.CHECK_INT8_STEPS
+            diff, limit = (got - want).abs().mean().item() / m.head_scales.deq, self.CHECK_INT8_STEPS
             what = f"mean difference {diff:.2f} steps of the logits clip (limit {limit})"
         else:
             diff, limit = (got - want).abs().max().item(), 0.05 * max(1.0, want.abs().max().item())
@@ -151,10 +146,10 @@ class FusedForward:
         act = torch.int8 if self.int8 else m.dtype
         # the kernels index tokens and positions as dense [M] arrays: reshape alone can return a stride-0 view
         # (one position expanded over B one-token rows, as a prefill of several 1-token prompts has), whose
-        # row m > 0 the kernels would read past the end of (a garbage position; an illegal address on the H100)
+        # row m > 0 the kernels would read past the end of (a garbage position, or an illegal address)
         tok, pos = tokens.reshape(M).contiguous(), positions.reshape(M).contiguous()
-        # the residual stream stays fp32 (LightSeq: fp16): the same bytes-per-step to within 0.1%, and int8
-        # logits then agree with the CPU integer path (fp32 throughout) instead of drifting across rounding steps
+        # the residual stream stays fp32 (LightSeq: fp16): int8 logits then agree with the CPU integer path (fp32
+        # throughout) instead of drifting across rounding steps (docs/decisions.d/engine.md)
         x = k.embed(tok, pos, m.wte, m.wpe, torch.empty(M, H, dtype=torch.float32, device=dev), c.pad_id,
                     self.embed_scale)
         q = torch.empty(M, H, dtype=act, device=dev)

@@ -18,7 +18,7 @@ Arithmetic is LightSeq's (round-half-up at every quantization point, alphas of d
 fp32 inside a kernel; the residual stream is whatever the caller keeps (fp32 in ``lsgpt.engine.fused``). Any shape
 works: blocks are masked at the edges.
 On Hopper every kernel is launched with programmatic dependent launch (PDL): it starts while the kernel
-before it finishes and waits for it in its first instruction, which hides most of the launch gap between the ~86
+before it finishes and waits for it in its first instruction, which hides most of the launch gap between the many
 small kernels of a decode step (``LSGPT_PDL=0`` turns it off); a GEMM over K-major weights at decode sizes
 first hints its weight columns into L2, before that wait.
 With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (how CI tests them).
@@ -277,8 +277,7 @@ def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, H, pad_id, emb_sc
 def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Decode (few rows) is bound by the latency of
     streaming the weights: wide K tiles (few dependent iterations) and N tiles narrow enough that the grid
-    has all of the matrix in flight at once. From a tile sweep on an H100 (benchmarks/tune_linear.py, in git history;
-    results/h100/fastpath/tune_linear.json): at 1 and 64 rows this rule is within 10% of the best tile per shape."""
+    has all of the matrix in flight at once. The rule comes from a tile sweep (docs/decisions.d/engine.md)."""
     bn = 16 if N <= 1024 else 32 if N <= 4096 else 64
     if M <= 16:
         bm, bk = 16, (512 if K >= 2048 else 256) if int8 else 256
@@ -291,7 +290,7 @@ def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int
     return bm, bn, min(bk, max(32, triton.next_power_of_2(K))), 4, 3
 
 
-PDL_MAX_ROWS = 128  # measured on an H100: PDL saves 4-15% of a decode step up to 128 rows, costs ~2% at 256
+PDL_MAX_ROWS = 128  # PDL pays up to this many rows, not beyond (docs/decisions.d/engine.md)
 
 
 @functools.cache
@@ -316,8 +315,7 @@ PREFETCH_MAX_ROWS = int(os.environ.get("LSGPT_PREFETCH_ROWS", "16"))
 
 def _prefetch(w: torch.Tensor, rows: int) -> dict:
     """L2 prefetch of the weights before the PDL wait, for K-major weights (the int8 ones, the fp16 LM head) at
-    16 rows or fewer. A/B on an H100 (results/h100/fastpath/prefetch-ab-2026-11-27/): int8 batch 1 -3.8%,
-    batch 8 -1.7%; on the N-major fp16 weights (one hint per row of K) +11% slower, so not there."""
+    16 rows or fewer; not on N-major fp16 weights, where it would be one hint per row of K (docs/decisions.d/engine.md)."""
     if rows > PREFETCH_MAX_ROWS or w.stride(0) != 1 or not _pdl(rows):
         return {}
     per_line = 128 // w.element_size()
@@ -330,6 +328,23 @@ def _sm_count() -> int:
     if _on_gpu():
         return torch.cuda.get_device_properties(0).multi_processor_count
     return 132
+
+
+def sm_count() -> int:
+    """Multiprocessors the kernels plan for (an H100's 132 under the interpreter)."""
+    return _sm_count()
+
+
+def gemm_plan(M: int, N: int, K: int, int8: bool) -> tuple[tuple[int, int, int, int, int], bool, bool]:
+    """How ``linear`` launches an [M, K] x [K, N] product: its tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages), whether with programmatic dependent launch, and whether an L2 prefetch of K-major weights
+    is possible at this many rows."""
+    return _config(M, N, K, int8), bool(_pdl(M)), M <= PREFETCH_MAX_ROWS
+
+
+def attention_plan(rows: int, n_head: int, cache_len: int, int8: bool = True) -> tuple[int, int, int]:
+    """How ``attention`` launches over `rows` query rows and a cache of `cache_len`: (SPLITS, BLOCK_S, num_warps)."""
+    return _attention_config(rows, n_head, cache_len, int8)
 
 
 def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, out: torch.Tensor,
@@ -396,10 +411,8 @@ def linear(
 
 # Decode attention settings per batch size: for each dtype, the largest row count an entry serves -> (keys per
 # split program, BLOCK_S, num_warps), or None for the rule in _attention_config. Keys per split rather than SPLITS,
-# so that a longer cache gets proportionally more split programs. From benchmarks/attention_sweep.py on an H100
-# (cache 512, contexts 150 and 400), kept where 500-token generation agreed; below that the sweep's picks (many
-# short splits) made generation slower (fp16 at 1-32 rows +4-9%), so the rule stays. Against the rule, in one
-# call: int8 -7% at 32 and 128 rows, -10% at 256; fp16 -3% at 128 (results/h100/fastpath/attention-table-2026-11-27/).
+# so that a longer cache gets proportionally more split programs. Where the entries come from, and why the small
+# batches keep the rule: docs/decisions.d/engine.md.
 # LSGPT_ATTENTION_TABLE=<attention_sweep.json> applies a sweep's own "table" instead (e.g. another GPU's).
 ATTENTION_TABLE: dict[str, dict[int, tuple[int, int, int] | None]] = {
     "int8": {8: None, 32: (512, 128, 4), 64: (512, 64, 4), 128: (512, 32, 2), 256: (512, 32, 2)},

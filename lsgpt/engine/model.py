@@ -79,9 +79,9 @@ class GPT:
 
         h, v = cfg.hidden, cfg.vocab
         self.wte = t(arrays["src_embedding/token_embedding"], (v, h))
-        # CPU: the tied LM head as a dense [H, V] copy. BLAS multiplies by it 1.2-2x faster than by wte.T at
-        # 8-32 rows (one decode step of a served batch; measured on our 2-core CPU box), for one more copy of the
-        # embedding in memory. CUDA keeps the view (cuBLAS takes the transpose as is).
+        # CPU: the tied LM head as a dense [H, V] copy, which BLAS multiplies by faster than by wte.T at decode
+        # sizes (docs/decisions.d/engine.md), for one more copy of the embedding in memory. CUDA keeps the view
+        # (cuBLAS takes the transpose as is).
         self.unembed = self.wte.T.contiguous() if device.type == "cpu" else self.wte.T
         self.wpe = t(arrays["src_embedding/position_embedding"], (cfg.max_step, h))
         self.ln_f = (t(arrays["src_embedding/norm_scale"]), t(arrays["src_embedding/norm_bias"]))

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lsgpt.engine.engine import Engine, GraphedDecode, Penalties, SamplingParams, sample
+from lsgpt.engine.engine import Engine, GraphedDecode
 from lsgpt.engine.model import KVCache
+from lsgpt.engine.sampling import Penalties, SamplingParams, row_finished, sample, validate_request
 
 
 def name_thread(name: str) -> None:
@@ -105,11 +106,7 @@ class Scheduler:
         self.free = list(range(max_rows))  # heap: the lowest free slot first keeps the batch compact
         self.params = [IDLE] * max_rows
         self.gens = [torch.Generator(device=dev) for _ in range(max_rows)]
-        V = c.vocab
-        self.pen = Penalties(torch.ones(max_rows, 1, device=dev), torch.zeros(max_rows, 1, device=dev),
-                             torch.zeros(max_rows, 1, device=dev),
-                             torch.zeros(max_rows, V, dtype=torch.bool, device=dev),
-                             torch.zeros(max_rows, V, device=dev))
+        self.pen = Penalties.neutral(max_rows, c.vocab, dev)  # a free slot's penalties are neutral
         self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_rows] + [max_rows]
         self.graphs: dict[int, GraphedDecode] = {}
         self._penalized = 0  # running rows with a penalty
@@ -117,7 +114,7 @@ class Scheduler:
             self._warm_up()
         if engine.cuda_graphs:  # capture now: capture writes slot 0..n-1 at position 0, harmless only while empty
             for n in self.buckets:
-                self.graphs[n] = GraphedDecode(engine._decode_fn, self._prefix(n), n, dev, engine.compile)
+                self.graphs[n] = engine.capture_decode(self._prefix(n), n)
         # tokens of the latest step, read back while the next step runs (CUDA: pinned buffers + an event)
         self._cuda = cuda = dev.type == "cuda"
         self._host = [torch.zeros(max_rows, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
@@ -138,8 +135,9 @@ class Scheduler:
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, on_done: Done,
                on_token: Callable[[int], None] | None = None, cancelled: Callable[[], bool] | None = None) -> Request:
-        """Queue one request; RequestError (bad request), QueueFull or ShuttingDown raised here, nothing queued."""
-        sp = self.engine.validate([prompt], [params])[0]
+        """Queue one request; RequestError (bad request: the one complete check, lsgpt.engine.sampling.validate_request),
+        QueueFull or ShuttingDown raised here, nothing queued."""
+        sp = validate_request(self.engine.config, prompt, params)
         prompt = [int(t) for t in prompt]
         limit = sp.length_limit(self.engine.config, len(prompt))
         req = Request(prompt, sp, on_done, on_token, cancelled, limit, list(prompt), submitted=time.monotonic())
@@ -216,10 +214,7 @@ class Scheduler:
         """The forward of a prefill: k prompts padded to P tokens into a scratch cache of length P (the attention
         split depends on that length); the logits of the flat rows `last`, and the scratch cache. The warm-up
         runs exactly this, so that it compiles what prefills launch."""
-        e = self.engine
-        k, P = tokens.shape
-        scratch = e.model.new_cache(k, P)
-        return e._forward_logits(tokens, torch.arange(P, device=e.device).expand(k, P), scratch, last=last), scratch
+        return self.engine.prefill(tokens, last)
 
     def _prefix(self, n: int) -> KVCache:
         return KVCache([k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v])
@@ -312,21 +307,13 @@ class Scheduler:
         params = [r.params for r in group]
         penalized = any(sp.penalized for sp in params)
         if penalized:
-            col = lambda name: torch.tensor([[getattr(sp, name)] for sp in params], device=dev)  # noqa: E731
-            pen.rep[idx], pen.presence[idx], pen.frequency[idx] = col("repetition_penalty"), \
-                col("presence_penalty"), col("frequency_penalty")
-            pen.counts[idx] = 0
-            seen = torch.zeros(k, pen.seen.shape[1], dtype=torch.bool)
-            for i, r in enumerate(group):
-                seen[i, r.prompt] = True
-            pen.seen[idx] = seen.to(dev)
+            pen.assign(idx, Penalties.start(params, tokens, plen, pen.seen.shape[1]))
         logits, scratch = self._prefill_forward(tokens, last)
         for mine, new in zip(self.cache.k + self.cache.v, scratch.k + scratch.v):
             mine[idx, :P] = new
         nxt = sample(pen.select(idx).apply(logits) if penalized else logits, params, [self.gens[b] for b in slots])
         if penalized:
-            pen.counts[idx, nxt] += 1
-            pen.seen[idx, nxt] = True
+            pen.update(nxt, rows=idx)
         self.tok[idx] = nxt
         self.pos[idx] = plen
         self.stats.prompt_tokens += sum(lens)
@@ -349,7 +336,7 @@ class Scheduler:
         if n in self.graphs:
             logits = self.graphs[n](tok, pos)
         else:
-            logits = self.engine._forward_logits(tok, pos, self._prefix(n))
+            logits = self.engine.decode(tok, pos, self._prefix(n))
         if self._penalized:  # some running row has a penalty (every running row is within [0, n))
             pen = self.pen.select(slice(0, n))
             nxt = sample(pen.apply(logits), self.params[:n], self.gens[:n])
@@ -408,9 +395,7 @@ class Scheduler:
             st.generated_tokens += 1
             if r.on_token is not None:
                 r.on_token(tok)
-            sp = r.params
-            if (tok == eos_id and not sp.ignore_eos) or len(r.tokens) >= r.limit or (
-                    sp.stop and sp.stops(r.tokens[len(r.prompt):])):
+            if row_finished(r.params, eos_id, tok, len(r.tokens), r.limit, r.tokens, len(r.prompt)):
                 self._release(r)
                 self._finish(r, r.tokens, None)
 
@@ -419,7 +404,7 @@ class Scheduler:
             self.rows[r.slot] = None
             self.params[r.slot] = IDLE
             if r.params.penalized:  # a free slot's penalties are neutral (a prefill without penalties relies on it)
-                self.pen.rep[r.slot], self.pen.presence[r.slot], self.pen.frequency[r.slot] = 1.0, 0.0, 0.0
+                self.pen.clear(r.slot)
                 self._penalized -= 1
             heapq.heappush(self.free, r.slot)
 

@@ -1,0 +1,252 @@
+"""Decode semantics, once for ``Engine`` and ``Scheduler``: a request's parameters and their validation, the
+penalties, sampling, and the rule that ends a row.
+
+Semantics follow LightSeq (docs/format.md §8): the output is prompt + continuation, a row's total length is at
+most min(max_step, prompt + extra_decode_length) (extra_decode_length <= 0: max_step), capped by
+max_new_tokens, and a row ends at eos_id (unless ignore_eos) or right after one of its stop sequences.
+Each row draws from its own generator seeded by its seed, so its output does not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from lsgpt.contract import PARAMS, matched_stop, param_error, stop_error
+from lsgpt.format import GptConfig, max_output_len
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; the message names the problem (INVALID_ARGUMENT on the server)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings; None takes the model file's value."""
+
+    max_new_tokens: int | None = None
+    top_k: int | None = None  # 0: no top-k filter; 1: greedy
+    top_p: float | None = None  # 1.0: no nucleus filter
+    temperature: float = 1.0  # 0: greedy
+    seed: int | None = None  # None: a fresh random seed
+    ignore_eos: bool = False  # benchmark mode: always generate to the length limit
+    # Penalties, applied to the logits before temperature / top-k / top-p (as HF's and vLLM's samplers do):
+    repetition_penalty: float = 1.0  # HF: a token of the prompt or output so far: logit / p if > 0, else logit * p
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this times how often the token was generated
+    # Stop sequences (token ids): the row ends right after generating one of them, which is kept in the output
+    # (like EOS; HF's stop_strings do the same). Matched against the generated tokens only, not the prompt.
+    stop: tuple[tuple[int, ...], ...] = ()
+
+    def stops(self, generated: Sequence[int]) -> bool:
+        """Does `generated` (the continuation so far) end with one of the stop sequences?"""
+        return matched_stop(generated, self.stop) is not None
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def resolved(self, cfg: GptConfig) -> SamplingParams:
+        """Fill the file's defaults (sampling_method topk -> its topk; topp -> its topp)."""
+        top_k, top_p = self.top_k, self.top_p
+        if top_k is None:
+            top_k = cfg.topk if cfg.sampling_method == "topk" else 0
+        if top_p is None:
+            top_p = cfg.topp if cfg.sampling_method == "topp" else 1.0
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(6), "little")
+        return replace(self, top_k=top_k, top_p=top_p, seed=seed)
+
+    def length_limit(self, cfg: GptConfig, prompt_len: int) -> int:
+        """Total length (prompt + continuation) at which the row stops: LightSeq's limit, capped by max_new_tokens."""
+        limit = max_output_len(cfg, prompt_len)
+        return limit if self.max_new_tokens is None else min(limit, prompt_len + self.max_new_tokens)
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or self.temperature == 0
+
+
+# -------------------------------------------------------------------------------------------------
+# Validation: the one check of a request on its way in
+
+
+def _integer(t) -> bool:
+    """An integer token id: int, a numpy integer, an integer 0-d tensor; not a bool, a float or a string."""
+    if isinstance(t, bool):
+        return False
+    try:
+        operator.index(t)
+    except TypeError:
+        return False
+    return True
+
+
+def _token_error(tokens, vocab: int) -> str | None:
+    """Why a token-id sequence is not one (a non-integer, an id outside 0..vocab-1), or None."""
+    for j, t in enumerate(tokens):
+        if not _integer(t):
+            return f"token id {t!r} at position {j} is not an integer"
+        if not 0 <= int(t) < vocab:
+            return f"token id {int(t)} at position {j} outside the vocabulary 0..{vocab - 1}"
+    return None
+
+
+def check_generates(cfg: GptConfig) -> None:
+    """RequestError unless the model generates (a sampling_method=ppl export only scores)."""
+    if cfg.sampling_method == "ppl":
+        raise RequestError("this model was exported with sampling_method=ppl: it scores, it does not generate")
+
+
+def validate_request(cfg: GptConfig, prompt: Sequence[int], params: SamplingParams, row: int = 0) -> SamplingParams:
+    """Raise RequestError naming the first problem of one request (prompt `row` of its batch); return its params
+    resolved (the file's defaults filled in, the seed fixed)."""
+    check_generates(cfg)
+    if not isinstance(params, SamplingParams):
+        raise RequestError(f"sampling settings must be SamplingParams, got {type(params).__name__}")
+    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
+        raise RequestError(f"prompt {row} must be a sequence of token ids, got {type(prompt).__name__}")
+    if len(prompt) == 0:
+        raise RequestError(f"prompt {row} is empty")
+    if len(prompt) >= cfg.max_step:
+        raise RequestError(f"prompt {row} has {len(prompt)} tokens; it must be shorter than max_step={cfg.max_step}")
+    why = _token_error(prompt, cfg.vocab)
+    if why:
+        raise RequestError(f"prompt {row}: {why}")
+    for name in PARAMS:
+        why = param_error(name, getattr(params, name))
+        if why:
+            raise RequestError(why)
+    why = _stop_sequences_error(params.stop, cfg.vocab)
+    if why:
+        raise RequestError(why)
+    return params.resolved(cfg)
+
+
+def _stop_sequences_error(stop, vocab: int) -> str | None:
+    """Why `stop` is not a set of stop sequences (token-id sequences within the vocabulary), or None."""
+    def seq(x) -> bool:
+        return not isinstance(x, (str, bytes)) and isinstance(x, Sequence)
+
+    if not seq(stop) or not all(seq(s) for s in stop):
+        return f"stop must be a sequence of token-id sequences, got {stop!r}"
+    bad = [t for s in stop for t in s if not _integer(t)]
+    if bad:
+        return f"stop sequence token id {bad[0]!r} is not an integer"
+    return stop_error(stop, vocab)
+
+
+# -------------------------------------------------------------------------------------------------
+# The end of a row
+
+
+def row_finished(sp: SamplingParams, eos_id: int, tok: int, length: int, limit: int,
+                 tokens: Sequence[int], prompt_len: int) -> bool:
+    """Does a row end with `tok`, the token that just made it `length` long (`tokens`: the row so far, prompt
+    and continuation, or at least its continuation's stop-sequence tail after `prompt_len`)? EOS (unless
+    ignore_eos), the length limit, or a stop sequence matched within the continuation."""
+    return (tok == eos_id and not sp.ignore_eos) or length >= limit or (
+        bool(sp.stop) and sp.stops(tokens[prompt_len:]))
+
+
+# -------------------------------------------------------------------------------------------------
+# Penalties
+
+
+@dataclass
+class Penalties:
+    """Per-row token statistics on the device: seen (prompt + output) for the repetition penalty, output counts
+    for presence / frequency. Kept only when some row asks for a penalty."""
+
+    rep: torch.Tensor  # [B, 1]
+    presence: torch.Tensor  # [B, 1]
+    frequency: torch.Tensor  # [B, 1]
+    seen: torch.Tensor  # [B, V] bool
+    counts: torch.Tensor  # [B, V] float32
+
+    @classmethod
+    def start(cls, rows: Sequence[SamplingParams], tokens: torch.Tensor, lens, vocab: int) -> Penalties:
+        """The rows' settings, with the prompts tokens [B, P] (right-padded; `lens` their lengths) seen."""
+        dev, B = tokens.device, len(rows)
+        col = lambda name: torch.tensor([[getattr(sp, name)] for sp in rows], dtype=torch.float32, device=dev)  # noqa: E731
+        seen = torch.zeros(B, vocab, dtype=torch.bool, device=dev)
+        real = torch.arange(tokens.shape[1], device=dev)[None] < torch.as_tensor(lens, device=dev)[:, None]
+        seen.scatter_(1, torch.where(real, tokens, tokens[:, :1]), True)  # prompt tokens (padding -> first token)
+        counts = torch.zeros(B, vocab, dtype=torch.float32, device=dev)
+        return cls(col("repetition_penalty"), col("presence_penalty"), col("frequency_penalty"), seen, counts)
+
+    @classmethod
+    def neutral(cls, rows: int, vocab: int, device: torch.device) -> Penalties:
+        """`rows` rows that penalize nothing (a scheduler's free slots)."""
+        return cls(torch.ones(rows, 1, device=device), torch.zeros(rows, 1, device=device),
+                   torch.zeros(rows, 1, device=device), torch.zeros(rows, vocab, dtype=torch.bool, device=device),
+                   torch.zeros(rows, vocab, device=device))
+
+    def assign(self, index: torch.Tensor, new: Penalties) -> None:
+        """Rows `index` take `new`'s settings and statistics."""
+        self.rep[index], self.presence[index], self.frequency[index] = new.rep, new.presence, new.frequency
+        self.counts[index] = new.counts
+        self.seen[index] = new.seen
+
+    def clear(self, row: int) -> None:
+        """Row `row` penalizes nothing from now on (its statistics stay until the row is assigned again)."""
+        self.rep[row], self.presence[row], self.frequency[row] = 1.0, 0.0, 0.0
+
+    def select(self, index) -> Penalties:
+        """The rows `index` (a slice: views that update in place; an index tensor: a copy)."""
+        return Penalties(self.rep[index], self.presence[index], self.frequency[index], self.seen[index],
+                         self.counts[index])
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        lg = logits.float()
+        lg = torch.where(self.seen, torch.where(lg > 0, lg / self.rep, lg * self.rep), lg)
+        return lg - self.presence * (self.counts > 0) - self.frequency * self.counts
+
+    def update(self, nxt: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Count the sampled tokens nxt [R]: of every row (rows None), or of rows `rows` (distinct)."""
+        if rows is None:
+            self.counts.scatter_add_(1, nxt[:, None], torch.ones_like(nxt[:, None], dtype=torch.float32))
+            self.seen.scatter_(1, nxt[:, None], True)
+        else:
+            self.counts[rows, nxt] += 1
+            self.seen[rows, nxt] = True
+
+
+# -------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's largest logit's index, as torch.argmax gives it (the first on ties; a NaN counts as the
+    largest). On the CPU, numpy's argmax, which agrees with torch's on ties, NaN and infinities
+    (tests/test_engine_fp16.py) and is much faster there (docs/decisions.d/engine.md)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.numpy().argmax(-1))
+    return logits.argmax(-1)
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingParams], gens: Sequence[torch.Generator]) -> torch.Tensor:
+    """Next token per row: temperature, then top-k, then top-p, each row with its own generator."""
+    greedy = argmax_rows(logits)
+    if all(sp.greedy for sp in rows):
+        return greedy
+    out = greedy.clone()
+    for b, sp in enumerate(rows):
+        if sp.greedy:
+            continue
+        lg = logits[b].float() / sp.temperature
+        if 0 < sp.top_k < lg.numel():
+            kth = torch.topk(lg, sp.top_k).values[-1]
+            lg = lg.masked_fill(lg < kth, float("-inf"))
+        if sp.top_p < 1.0:
+            sorted_lg, idx = torch.sort(lg, descending=True)
+            probs = torch.softmax(sorted_lg, -1)
+            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+            drop = probs.cumsum(-1) - probs >= sp.top_p
+            lg = lg.scatter(0, idx[drop], float("-inf"))
+        probs = torch.softmax(lg, -1)
+        out[b] = torch.multinomial(probs, 1, generator=gens[b])[0]
+    return out
