@@ -112,7 +112,8 @@ def validate_request(cfg: GptConfig, prompt: Sequence[int], params: SamplingPara
     if len(prompt) == 0:
         raise RequestError(f"prompt {row} is empty")
     if len(prompt) >= cfg.max_step:
-        raise RequestError(f"prompt {row} has {len(prompt)} tokens; it must be shorter than max_step={cfg.max_step}")
+        raise RequestError(f"prompt too long: {len(prompt)} tokens (prompt {row}), the model's max_step is "
+                           f"{cfg.max_step} (prompt + new tokens must fit in it)")
     why = _token_error(prompt, cfg.vocab)
     if why:
         raise RequestError(f"prompt {row}: {why}")

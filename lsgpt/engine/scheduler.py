@@ -133,6 +133,11 @@ class Scheduler:
     # ---------------------------------------------------------------------------------------------
     # API (any thread)
 
+    def validate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> None:
+        """Check a whole request of several rows before any is submitted (RequestError names the first problem):
+        a bad row then queues none of its batch-mates. `submit` checks its one row again, with the same rules."""
+        self.engine.validate(prompts, params)
+
     def submit(self, prompt: Sequence[int], params: SamplingParams, on_done: Done,
                on_token: Callable[[int], None] | None = None, cancelled: Callable[[], bool] | None = None) -> Request:
         """Queue one request; RequestError (bad request: the one complete check, lsgpt.engine.sampling.validate_request),

@@ -77,21 +77,6 @@ def _find_tokenizer(version_dir: Path, model_dir: Path, config: dict) -> str | N
     return os.environ.get("LSGPT_TOKENIZER") or None
 
 
-def _validate(engine, q: Parsed) -> None:
-    """MERGE (issue 27): the one place the served path checks a request's values (RequestError), before any of its
-    rows is queued, with the engine's validator. To become the scheduler's validation (Scheduler.submit raising
-    RequestError) once that checks every rule; the prompt-length rule is kept here only for its wording, which
-    clients see (tests/test_openai.py, tests/test_security.py) and the engine's RequestError must take over."""
-    from lsgpt.engine.engine import RequestError
-
-    max_step = engine.config.max_step
-    for row in q.prompts:
-        if len(row) >= max_step:
-            raise RequestError(f"prompt too long: {len(row)} tokens, the model's max_step is {max_step} "
-                               f"(prompt + new tokens must fit in it)")
-    engine.validate(q.prompts, q.params)
-
-
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         from lsgpt.engine.engine import Engine
@@ -143,7 +128,7 @@ class TritonPythonModel:
                 continue
             try:
                 q = parse(request, self.form)
-                _validate(self.engine, q)
+                self.scheduler.validate(q.prompts, q.params)  # the rules: the scheduler's; parse converts
                 self._submit(request, sender, q)
             except (BadRequest, RequestError) as e:
                 sender.send(responses.error(f"{self.name}: {e}"), flags=FINAL)
