@@ -20,7 +20,7 @@ Out (--out, default results/tmp/<device>/aiperf/, or aiperf-quick/ with --quick;
 inter-token latency and request latency p50/p95/p99, output tokens/s, requests ok / cancelled / failed).
 
 aiperf lives in a virtual environment of its own (.venv-aiperf, aiperf==AIPERF_VERSION, made on first use with
-the network; docs/decisions.d/benchmarks.md says why). Exit status 1 when any request failed (cancellations are not failures).
+the network; docs/decisions.md says why). Exit status 1 when any request failed (cancellations are not failures).
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ def close_stream(c: Any, cancel: tuple[str, str] | None = None, wait: float = 5.
 
     Why not simply cancel the call: tritonserver 2.51's gRPC frontend (the pip wheel's) can corrupt its heap
     when a stream is cancelled while responses flow (upstream: Triton server issues 7368 and 8034, fixed in later
-    releases; docs/decisions.d/serving.md).
+    releases; docs/decisions.md).
     Also: tritonclient 2.51's stop_stream(cancel_requests=True) never hands the request iterator its end marker,
     so the gRPC thread that reads it waits forever (one thread leaked per stream); the marker is given here.
     Call this before ``close()`` on every path, errors included: ``close()`` alone waits for the stream's

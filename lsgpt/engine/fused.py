@@ -120,7 +120,7 @@ class FusedForward:
         through `reference(tokens, positions, cache)`; RuntimeError if they cannot run or disagree grossly
         (int8: mean difference above CHECK_INT8_STEPS steps of the logits clip; fp: above 5% of the logit range).
         Rounding differences (requantization flips carried through the layers) pass; the limit's reasons are in
-        docs/decisions.d/engine.md. It catches kernels that cannot run or return garbage, not subtle errors:
+        docs/decisions.md. It catches kernels that cannot run or return garbage, not subtle errors:
         those are for the GPU tests, which compare every logit with the CPU integer path."""
         c, m = self.cfg, self.model
         tokens = (torch.arange(1, 5, device=m.device) * 7919 % c.vocab)[None]  # 4 tokens, batch 1
@@ -149,7 +149,7 @@ class FusedForward:
         # row m > 0 the kernels would read past the end of (a garbage position, or an illegal address)
         tok, pos = tokens.reshape(M).contiguous(), positions.reshape(M).contiguous()
         # the residual stream stays fp32 (LightSeq: fp16): int8 logits then agree with the CPU integer path (fp32
-        # throughout) instead of drifting across rounding steps (docs/decisions.d/engine.md)
+        # throughout) instead of drifting across rounding steps (docs/decisions.md)
         x = k.embed(tok, pos, m.wte, m.wpe, torch.empty(M, H, dtype=torch.float32, device=dev), c.pad_id,
                     self.embed_scale)
         q = torch.empty(M, H, dtype=act, device=dev)

@@ -277,7 +277,7 @@ def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, H, pad_id, emb_sc
 def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Decode (few rows) is bound by the latency of
     streaming the weights: wide K tiles (few dependent iterations) and N tiles narrow enough that the grid
-    has all of the matrix in flight at once. The rule comes from a tile sweep (docs/decisions.d/engine.md)."""
+    has all of the matrix in flight at once. The rule comes from a tile sweep (docs/decisions.md)."""
     bn = 16 if N <= 1024 else 32 if N <= 4096 else 64
     if M <= 16:
         bm, bk = 16, (512 if K >= 2048 else 256) if int8 else 256
@@ -290,7 +290,7 @@ def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int
     return bm, bn, min(bk, max(32, triton.next_power_of_2(K))), 4, 3
 
 
-PDL_MAX_ROWS = 128  # PDL pays up to this many rows, not beyond (docs/decisions.d/engine.md)
+PDL_MAX_ROWS = 128  # PDL pays up to this many rows, not beyond (docs/decisions.md)
 
 
 @functools.cache
@@ -315,7 +315,7 @@ PREFETCH_MAX_ROWS = int(os.environ.get("LSGPT_PREFETCH_ROWS", "16"))
 
 def _prefetch(w: torch.Tensor, rows: int) -> dict:
     """L2 prefetch of the weights before the PDL wait, for K-major weights (the int8 ones, the fp16 LM head) at
-    16 rows or fewer; not on N-major fp16 weights, where it would be one hint per row of K (docs/decisions.d/engine.md)."""
+    16 rows or fewer; not on N-major fp16 weights, where it would be one hint per row of K (docs/decisions.md)."""
     if rows > PREFETCH_MAX_ROWS or w.stride(0) != 1 or not _pdl(rows):
         return {}
     per_line = 128 // w.element_size()
@@ -412,7 +412,7 @@ def linear(
 # Decode attention settings per batch size: for each dtype, the largest row count an entry serves -> (keys per
 # split program, BLOCK_S, num_warps), or None for the rule in _attention_config. Keys per split rather than SPLITS,
 # so that a longer cache gets proportionally more split programs. Where the entries come from, and why the small
-# batches keep the rule: docs/decisions.d/engine.md.
+# batches keep the rule: docs/decisions.md.
 # LSGPT_ATTENTION_TABLE=<attention_sweep.json> applies a sweep's own "table" instead (e.g. another GPU's).
 ATTENTION_TABLE: dict[str, dict[int, tuple[int, int, int] | None]] = {
     "int8": {8: None, 32: (512, 128, 4), 64: (512, 64, 4), 128: (512, 32, 2), 256: (512, 32, 2)},

@@ -80,7 +80,7 @@ class GPT:
         h, v = cfg.hidden, cfg.vocab
         self.wte = t(arrays["src_embedding/token_embedding"], (v, h))
         # CPU: the tied LM head as a dense [H, V] copy, which BLAS multiplies by faster than by wte.T at decode
-        # sizes (docs/decisions.d/engine.md), for one more copy of the embedding in memory. CUDA keeps the view
+        # sizes (docs/decisions.md), for one more copy of the embedding in memory. CUDA keeps the view
         # (cuBLAS takes the transpose as is).
         self.unembed = self.wte.T.contiguous() if device.type == "cpu" else self.wte.T
         self.wpe = t(arrays["src_embedding/position_embedding"], (cfg.max_step, h))

@@ -223,7 +223,7 @@ class Penalties:
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """Each row's largest logit's index, as torch.argmax gives it (the first on ties; a NaN counts as the
     largest). On the CPU, numpy's argmax, which agrees with torch's on ties, NaN and infinities
-    (tests/test_engine_fp16.py) and is much faster there (docs/decisions.d/engine.md)."""
+    (tests/test_engine_fp16.py) and is much faster there (docs/decisions.md)."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
         return torch.from_numpy(logits.numpy().argmax(-1))
     return logits.argmax(-1)
