@@ -35,6 +35,7 @@ from lsgpt.contract import (
     RESULT,
     STOP_WORDS,
     STREAM_SUFFIX,
+    STRICT_LENGTH,
     TEXT,
     TOKEN_IDS,
     encode_stop,
@@ -68,9 +69,14 @@ def check_sampling(sampling: dict[str, Any], tok: Any = None) -> dict[str, Any]:
     """Validate keyword arguments early, with a clear message; None values mean 'the model's default'.
 
     stop: a string, a list of strings (encoded with `tok`) or a list of token-id lists; the generation ends right
-    after one of them, which stays in the output (as EOS does)."""
+    after one of them, which stays in the output (as EOS does). strict_length=True: a max_new_tokens beyond what
+    the model allows after the prompt is refused (InvalidRequest naming the limit) instead of lowered."""
     out: dict[str, Any] = {}
     for k, v in sampling.items():
+        if k == "strict_length":
+            if v:
+                out[k] = True
+            continue
         if k == "stop":
             if v:
                 out[k] = _stop_ids(v, tok)
@@ -115,6 +121,8 @@ def _inputs(module, prompt_ids: Sequence[int], sampling: dict[str, Any]) -> list
     inp.set_data_from_numpy(ids)
     out = [inp]
     for k, v in sampling.items():
+        if k == "strict_length":
+            continue  # a request parameter: _parameters
         if k == "stop":
             row = np.asarray([encode_stop(v)], dtype=np.int32)
             i = module.InferInput(STOP_WORDS, list(row.shape), "INT32")
@@ -157,6 +165,11 @@ def close_stream(c: Any, cancel: tuple[str, str] | None = None, wait: float = 5.
     if handler is not None:
         handler.join(wait)
     c.stop_stream(cancel_requests=handler is not None and handler.is_alive())
+
+
+def _parameters(sampling: dict[str, Any]) -> dict[str, Any] | None:
+    """The request parameters of checked sampling arguments (contract.STRICT_LENGTH), or None."""
+    return {STRICT_LENGTH: True} if sampling.get("strict_length") else None
 
 
 class Client:
@@ -218,6 +231,10 @@ class Client:
             return ServerUnavailable(f"cannot reach Triton at {self.url} ({msg}); is the server running?")
         return ClientError(f"{model}: {status} {msg}")
 
+    def live(self) -> bool:
+        """Does the server answer (gRPC, within 2 s)?"""
+        return self._live()
+
     def _live(self) -> bool:
         try:
             return bool(self._grpc.is_server_live(client_timeout=2))
@@ -257,7 +274,8 @@ class Client:
     def _infer_one(self, prompt: Sequence[int], params: dict[str, Any]) -> list[int]:
         for attempt in range(self.retries + 1):
             try:
-                r = self._grpc.infer(self.model, _inputs(grpcclient, prompt, params), client_timeout=self.timeout)
+                r = self._grpc.infer(self.model, _inputs(grpcclient, prompt, params), client_timeout=self.timeout,
+                                     parameters=_parameters(params))
                 return self.trim(r.as_numpy(RESULT)[0], len(prompt))
             except InferenceServerException as e:
                 if not self._retryable(e) or attempt == self.retries:
@@ -287,7 +305,7 @@ class Client:
         try:
             c.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=self.timeout)
             c.async_stream_infer(self.stream_model, _inputs(grpcclient, prompt, params), request_id=rid,
-                                 enable_empty_final_response=True)
+                                 enable_empty_final_response=True, parameters=_parameters(params))
             while True:
                 deadline = time.monotonic() + self.timeout
                 while True:
@@ -360,7 +378,8 @@ class Client:
             async with sem:
                 for attempt in range(self.retries + 1):
                     try:
-                        r = await c.infer(self.model, _inputs(aioclient, p, params), client_timeout=self.timeout)
+                        r = await c.infer(self.model, _inputs(aioclient, p, params), client_timeout=self.timeout,
+                                            parameters=_parameters(params))
                         return self.trim(r.as_numpy(RESULT)[0], len(p))
                     except InferenceServerException as e:
                         if not self._retryable(e) or attempt == self.retries:
@@ -385,7 +404,7 @@ class Client:
         inputs = _inputs(aioclient, self.encode(text), params)
 
         async def requests():
-            yield {"model_name": self.stream_model, "inputs": inputs}
+            yield {"model_name": self.stream_model, "inputs": inputs, "parameters": _parameters(params)}
 
         # The aio stream cannot ask for Triton's empty final response; our model's last response is the
         # one without a token (result [1, 0]), see model_repository/gpt2_stream/config.pbtxt.

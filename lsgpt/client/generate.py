@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
-from lsgpt.client.api import DEFAULT_TOKENIZER, Client, ClientError, check_sampling
+from lsgpt.client.api import DEFAULT_TOKENIZER, Client, ClientError, InvalidRequest, check_sampling
 from lsgpt.contract import PARAMS
 from lsgpt.text import cached_tokenizer, decode, encode_prompt
 
@@ -44,15 +45,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def note_lowered(asked: int, allowed: int, detail: str) -> None:
+    """One note line on stderr when --max-new-tokens is lowered to what the model allows (as export.py's -l)."""
+    print(f"generate.py: note: --max-new-tokens {asked} is more than the model allows ({detail}); using {allowed}",
+          file=sys.stderr)
+
+
 def run_local(a: argparse.Namespace, prompts: list[str], sampling: dict) -> list[str]:
     from lsgpt.engine.engine import Engine, SamplingParams
+    from lsgpt.format import max_output_len
 
-    engine = Engine.load(a.model)
+    tok = cached_tokenizer(a.tokenizer)
+    engine = Engine.load(a.model, vocab=tok)  # the tokenizer's non-text special tokens are never generated
     if a.quant and not engine.config.quantized:
         raise SystemExit(f"-q given but {a.model} is an fp16 (Gpt) file")
-    tok = cached_tokenizer(a.tokenizer)
     ids = [encode_prompt(tok, t) for t in prompts]
     sampling = check_sampling({**sampling, "stop": a.stop}, tok)
+    cfg, asked = engine.config, sampling.get("max_new_tokens")
+    n = max(map(len, ids))
+    if asked is not None and 0 < max_output_len(cfg, n) - n < asked:
+        note_lowered(asked, max_output_len(cfg, n) - n, f"at most {max_output_len(cfg, n) - n} new tokens after a "
+                     f"{n}-token prompt, max_step {cfg.max_step}")
     t0 = time.perf_counter()
     rows = engine.generate(ids, SamplingParams(**sampling))
     dt = time.perf_counter() - t0
@@ -60,10 +73,62 @@ def run_local(a: argparse.Namespace, prompts: list[str], sampling: dict) -> list
     return [decode(tok, r) for r in rows]
 
 
+LIMIT = re.compile(r"at most (\d+) new tokens after (?:this|a) (\d+)-token prompt")
+
+
+def _limit(e: InvalidRequest) -> int | None:
+    """The served model's limit named in a strict_length refusal, or None for any other refusal."""
+    m = LIMIT.search(str(e))
+    return int(m[1]) if m else None
+
+
+def run_served(a: argparse.Namespace, client: Client, prompts: list[str], sampling: dict) -> list[str] | None:
+    """Served: each prompt's text, or None when streamed (printed as it came). A --max-new-tokens beyond what the
+    model allows after a prompt is lowered to that, with a note: the server is asked to refuse it (strict_length),
+    naming its limit, and the prompt is sent again with that."""
+    noted = []
+
+    def send(p: str | list[str], s: dict):
+        if not a.stream:
+            return client.generate(p, stop=a.stop, **s)
+        for piece in client.stream(p, stop=a.stop, **s):
+            print(piece, end="", flush=True)
+        return ""
+
+    def one(p: str):
+        if sampling.get("max_new_tokens") is None:
+            return send(p, sampling)
+        try:
+            return send(p, {**sampling, "strict_length": True})
+        except InvalidRequest as e:
+            allowed = _limit(e)
+            if allowed is None:
+                raise
+            if not noted:
+                note_lowered(sampling["max_new_tokens"], allowed, str(e).split("allows: ")[-1])
+                noted.append(True)
+            return send(p, {**sampling, "max_new_tokens": allowed})
+
+    if not a.stream:
+        try:  # together (Triton batches them); one by one only when one is over the limit
+            return send(prompts, {**sampling, "strict_length": sampling.get("max_new_tokens") is not None})
+        except InvalidRequest as e:
+            if _limit(e) is None:
+                raise
+        return [one(p) for p in prompts]
+    for p in prompts:
+        print(decode(client.tok, client.encode(p)), end="", flush=True)
+        one(p)
+        print("\n" + "=" * 40)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     prompts = a.input or DEFAULT_PROMPTS
     raw = {name: getattr(a, name) for name in PARAMS}
+    if raw["top_k"] is None and any(raw[k] is not None for k in ("temperature", "top_p", "seed")):
+        raw["top_k"] = 0  # asked to sample: from the whole distribution, not the file's greedy top_k (OpenAI-like)
     try:
         sampling = check_sampling(raw)
     except ValueError as e:
@@ -83,15 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = a.model or ("gpt2_int8" if a.quant else "gpt2")
             client = Client(a.url or "localhost:8001", model, a.tokenizer, timeout=a.timeout)
-            if a.stream:
-                for p in prompts:
-                    print(decode(client.tok, client.encode(p)), end="", flush=True)
-                    for piece in client.stream(p, stop=a.stop, **sampling):
-                        print(piece, end="", flush=True)
-                    print("\n" + "=" * 40)
+            texts = run_served(a, client, prompts, sampling)
+            if texts is None:  # streamed
                 print(f"time: {time.perf_counter() - t0:.3f}s")
                 return 0
-            texts = client.generate(prompts, stop=a.stop, **sampling)
     except ClientError as e:
         print(("\n" if a.stream else "") + f"error: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ import operator
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import torch
 
@@ -41,6 +42,12 @@ class SamplingParams:
     # Stop sequences (token ids): the row ends right after generating one of them, which is kept in the output
     # (like EOS; HF's stop_strings do the same). Matched against the generated tokens only, not the prompt.
     stop: tuple[tuple[int, ...], ...] = ()
+    # Token ids never generated (their logits set to -inf before sampling). None: the engine's default, the
+    # vocabulary's non-text special tokens ([PAD], [UNK], [CLS], [MASK]; lsgpt.text.non_text_ids); (): none.
+    suppress: tuple[int, ...] | None = None
+    # Refuse (RequestError naming the limit) a max_new_tokens beyond what the model allows after the prompt,
+    # instead of lowering it to that (LightSeq's, and the default): the OpenAI API's behaviour.
+    strict_length: bool = False
 
     def stops(self, generated: Sequence[int]) -> bool:
         """Does `generated` (the continuation so far) end with one of the stop sequences?"""
@@ -50,15 +57,17 @@ class SamplingParams:
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
-    def resolved(self, cfg: GptConfig) -> SamplingParams:
-        """Fill the file's defaults (sampling_method topk -> its topk; topp -> its topp)."""
+    def resolved(self, cfg: GptConfig, suppress: tuple[int, ...] = ()) -> SamplingParams:
+        """Fill the file's defaults (sampling_method topk -> its topk; topp -> its topp) and the engine's
+        `suppress` (when the request has none of its own)."""
         top_k, top_p = self.top_k, self.top_p
         if top_k is None:
             top_k = cfg.topk if cfg.sampling_method == "topk" else 0
         if top_p is None:
             top_p = cfg.topp if cfg.sampling_method == "topp" else 1.0
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(6), "little")
-        return replace(self, top_k=top_k, top_p=top_p, seed=seed)
+        suppress = tuple(suppress) if self.suppress is None else tuple(map(int, self.suppress))
+        return replace(self, top_k=top_k, top_p=top_p, seed=seed, suppress=suppress)
 
     def length_limit(self, cfg: GptConfig, prompt_len: int) -> int:
         """Total length (prompt + continuation) at which the row stops: LightSeq's limit, capped by max_new_tokens."""
@@ -101,9 +110,10 @@ def check_generates(cfg: GptConfig) -> None:
         raise RequestError("this model was exported with sampling_method=ppl: it scores, it does not generate")
 
 
-def validate_request(cfg: GptConfig, prompt: Sequence[int], params: SamplingParams, row: int = 0) -> SamplingParams:
+def validate_request(cfg: GptConfig, prompt: Sequence[int], params: SamplingParams, row: int = 0,
+                     suppress: tuple[int, ...] = ()) -> SamplingParams:
     """Raise RequestError naming the first problem of one request (prompt `row` of its batch); return its params
-    resolved (the file's defaults filled in, the seed fixed)."""
+    resolved (the file's defaults filled in, the seed fixed, `suppress`: the engine's default banned ids)."""
     check_generates(cfg)
     if not isinstance(params, SamplingParams):
         raise RequestError(f"sampling settings must be SamplingParams, got {type(params).__name__}")
@@ -124,7 +134,22 @@ def validate_request(cfg: GptConfig, prompt: Sequence[int], params: SamplingPara
     why = _stop_sequences_error(params.stop, cfg.vocab)
     if why:
         raise RequestError(why)
-    return params.resolved(cfg)
+    if params.suppress is not None:
+        why = _token_error(params.suppress, cfg.vocab)
+        if why:
+            raise RequestError(f"suppress: {why}")
+    _check_length(cfg, len(prompt), params)
+    return params.resolved(cfg, suppress)
+
+
+def _check_length(cfg: GptConfig, prompt_len: int, params: SamplingParams) -> None:
+    """With strict_length: RequestError unless max_new_tokens fits what the model allows after the prompt."""
+    allowed = max_output_len(cfg, prompt_len) - prompt_len
+    if params.strict_length and params.max_new_tokens is not None and params.max_new_tokens > allowed:
+        raise RequestError(f"max_new_tokens={params.max_new_tokens} is more than this model allows: at most "
+                           f"{allowed} new tokens after this {prompt_len}-token prompt (max_step {cfg.max_step}"
+                           + (f", extra_decode_length {cfg.extra_decode_length})" if cfg.extra_decode_length > 0
+                              else ")"))
 
 
 def _stop_sequences_error(stop, vocab: int) -> str | None:
@@ -229,8 +254,27 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
+@lru_cache(maxsize=16)
+def _id_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def suppressed(logits: torch.Tensor, rows: Sequence[SamplingParams]) -> torch.Tensor:
+    """`logits` [B, V] with each row's suppress ids at -inf (a copy when any; the same tensor when none)."""
+    first = rows[0].suppress or ()
+    if all((sp.suppress or ()) == first for sp in rows):  # the usual case: one set for the whole batch
+        return logits.index_fill(1, _id_tensor(first, logits.device), float("-inf")) if first else logits
+    out = logits.clone()
+    for b, sp in enumerate(rows):
+        if sp.suppress:
+            out[b, _id_tensor(sp.suppress, logits.device)] = float("-inf")
+    return out
+
+
 def sample(logits: torch.Tensor, rows: Sequence[SamplingParams], gens: Sequence[torch.Generator]) -> torch.Tensor:
-    """Next token per row: temperature, then top-k, then top-p, each row with its own generator."""
+    """Next token per row: the suppressed ids removed, then temperature, top-k, top-p, each row with its own
+    generator."""
+    logits = suppressed(logits, rows)
     greedy = argmax_rows(logits)
     if all(sp.greedy for sp in rows):
         return greedy

@@ -26,7 +26,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -104,7 +104,8 @@ class Scheduler:
         self.pos = torch.zeros(max_rows, dtype=torch.long, device=dev)  # and its position
         self.rows: list[Request | None] = [None] * max_rows
         self.free = list(range(max_rows))  # heap: the lowest free slot first keeps the batch compact
-        self.params = [IDLE] * max_rows
+        self.idle = replace(IDLE, suppress=engine.suppress)  # as the running rows: one suppress set, one fill
+        self.params = [self.idle] * max_rows
         self.gens = [torch.Generator(device=dev) for _ in range(max_rows)]
         self.pen = Penalties.neutral(max_rows, c.vocab, dev)  # a free slot's penalties are neutral
         self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_rows] + [max_rows]
@@ -142,7 +143,7 @@ class Scheduler:
                on_token: Callable[[int], None] | None = None, cancelled: Callable[[], bool] | None = None) -> Request:
         """Queue one request; RequestError (bad request: the one complete check, lsgpt.engine.sampling.validate_request),
         QueueFull or ShuttingDown raised here, nothing queued."""
-        sp = validate_request(self.engine.config, prompt, params)
+        sp = validate_request(self.engine.config, prompt, params, suppress=self.engine.suppress)
         prompt = [int(t) for t in prompt]
         limit = sp.length_limit(self.engine.config, len(prompt))
         req = Request(prompt, sp, on_done, on_token, cancelled, limit, list(prompt), submitted=time.monotonic())
@@ -407,7 +408,7 @@ class Scheduler:
     def _release(self, r: Request) -> None:
         if r.slot >= 0 and self.rows[r.slot] is r:
             self.rows[r.slot] = None
-            self.params[r.slot] = IDLE
+            self.params[r.slot] = self.idle
             if r.params.penalized:  # a free slot's penalties are neutral (a prefill without penalties relies on it)
                 self.pen.clear(r.slot)
                 self._penalized -= 1

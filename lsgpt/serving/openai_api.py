@@ -9,11 +9,18 @@
     c.chat.completions.create(model="gpt2_int8", messages=[{"role": "user", "content": "我好难受"}], max_tokens=32)
 
 Endpoints:
-- GET /v1/models: the served portable models.
+- GET /v1/models: the served portable models (503 while the Triton server cannot be reached).
 - POST /v1/completions: prompt (a string or a list of strings); max_tokens (default 16, as OpenAI's).
 - POST /v1/chat/completions: messages, a list of {role, content} with role system, developer, user or assistant
   and content a string or a list of {"type": "text", "text": ...} parts; max_completion_tokens or max_tokens
   (default: up to the model's length limit, as OpenAI's). The answer's message has role "assistant".
+
+Sampling follows OpenAI (and vLLM), not the exported file's greedy default: temperature (default 1) and top_p
+(default 1) sample from the whole distribution, temperature 0 is greedy; vLLM's extra fields top_k (default 0 or
+-1: no filter) and repetition_penalty are accepted too (the openai package sends them through extra_body). A
+max_tokens / max_completion_tokens beyond what the model allows after the prompt is a 400 naming the limit, as
+OpenAI answers a request over the context length (unset, chat generates up to it). Any field this server does
+not know is a 400 naming it.
 
 Both take temperature, top_p, seed, stop (a string or a list of strings; the text returned ends before the
 first one generated, finish_reason "stop"), presence_penalty, frequency_penalty, and stream: true, which sends
@@ -65,16 +72,25 @@ from lsgpt.text import IncrementalDecoder, decode
 
 MODELS = ("gpt2", "gpt2_int8")
 # OpenAI name -> our sampling name: OpenAI's sampling parameters carry our names (contract.PARAMS), except
-# max_tokens / max_completion_tokens for max_new_tokens (see Job.parse); top_k and repetition_penalty are not OpenAI's
-NOT_OPENAI = ("max_new_tokens", "top_k", "repetition_penalty")
-PARAMS = {name: name for name in SAMPLING_PARAMS if name not in NOT_OPENAI}
+# max_tokens / max_completion_tokens for max_new_tokens (see Job.parse); top_k and repetition_penalty are vLLM's
+# extra parameters (the openai package sends them through extra_body)
+PARAMS = {name: name for name in SAMPLING_PARAMS if name != "max_new_tokens"}
+# OpenAI's defaults, not the exported file's (greedy, top_k 1): temperature 1 samples from the whole distribution
+DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+# the fields each endpoint reads (with PARAMS and its unsupported ones); any other is refused with a 400 naming it
+COMMON = ("model", "n", "stream", "stream_options", "stop", "user", *PARAMS)
+COMPLETION_FIELDS = (*COMMON, "prompt", "max_tokens")
+CHAT_FIELDS = (*COMMON, "messages", "max_tokens", "max_completion_tokens")
 # what the engine cannot do: refused with a 400 unless the value is a neutral one
 UNSUPPORTED = {"best_of": (None, 1), "logprobs": (None, 0), "echo": (None, False),
                "suffix": (None, ""), "logit_bias": (None, {})}
 CHAT_UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
                     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
                     "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
-                    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
+                    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
+                    "parallel_tool_calls": (None, True, False), "store": (None, False), "metadata": (None, {}),
+                    "service_tier": (None, "auto", "default"), "reasoning_effort": (None,),
+                    "web_search_options": (None,)}
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -90,10 +106,11 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
-def api_error(e: ClientError) -> ApiError:
-    """The client library's errors as HTTP answers."""
+def api_error(e: ClientError, max_key: str = "max_tokens") -> ApiError:
+    """The client library's errors as HTTP answers (max_new_tokens named as the request named it)."""
     if isinstance(e, InvalidRequest):
-        return ApiError(400, str(e))
+        return ApiError(400, str(e).replace("max_new_tokens", max_key), param=max_key if "max_new_tokens" in str(e)
+                        else None)
     if isinstance(e, ModelNotReady):
         return ApiError(404, str(e), "not_found_error")
     return ApiError(503, str(e), "server_error")
@@ -110,11 +127,16 @@ class Job:
     streaming: bool
     include_usage: bool
     id: str
+    max_key: str = "max_tokens"  # how the request named max_new_tokens (error messages)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
     def parse(cls, body: dict[str, Any], models: Sequence[str], client: Callable[[str], Client], *,
-              unsupported: dict[str, tuple], max_keys: Sequence[str], default_max: int | None, prefix: str) -> Job:
+              unsupported: dict[str, tuple], fields: Sequence[str], max_keys: Sequence[str], default_max: int | None,
+              prefix: str) -> Job:
+        unknown = [k for k in body if k not in fields and k not in unsupported]
+        if unknown:
+            raise ApiError(400, f"unknown parameter {unknown[0]!r}: this server does not support it", param=unknown[0])
         model = body.get("model")
         if not isinstance(model, str) or model not in models:
             raise ApiError(404, f"model {model!r} is not served here (models: {', '.join(models)})",
@@ -125,12 +147,16 @@ class Job:
         for k, neutral in unsupported.items():
             if body.get(k) not in neutral:
                 raise ApiError(400, f"{k!r} is not supported by this server", param=k)
-        sampling = {ours: body[theirs] for theirs, ours in PARAMS.items() if body.get(theirs) is not None}
+        sampling = {**DEFAULTS, **{ours: body[theirs] for theirs, ours in PARAMS.items() if body.get(theirs) is not None}}
+        if sampling["top_k"] == -1:  # vLLM's "no top-k filter"
+            sampling["top_k"] = 0
         given = [k for k in max_keys if body.get(k) is not None]
         if len(given) > 1 and body[given[0]] != body[given[1]]:
             raise ApiError(400, f"{given[0]} and {given[1]} differ: give one", param=given[1])
         if given or default_max is not None:
             sampling["max_new_tokens"] = body[given[0]] if given else default_max
+        if given:  # as OpenAI: more than the model allows after the prompt is a 400 naming the limit, not lowered
+            sampling["strict_length"] = True
         stream = body.get("stream") or False
         if not isinstance(stream, bool):
             raise ApiError(400, f"stream must be true or false, got {stream!r}", param="stream")
@@ -148,7 +174,7 @@ class Job:
         if stop:
             sampling["stop"] = stop
         return cls(model, c, sampling, stop, stream, bool((options or {}).get("include_usage")),
-                   f"{prefix}-{uuid.uuid4().hex[:24]}")
+                   f"{prefix}-{uuid.uuid4().hex[:24]}", given[0] if given else max_keys[0])
 
     def finish(self, new: list[int]) -> tuple[list[int], str]:
         """A continuation -> (the tokens whose text is returned, finish_reason). OpenAI: a stop sequence is not
@@ -163,7 +189,7 @@ class Job:
         try:
             rows = await run_in_threadpool(self.client.generate_ids, prompts, **self.sampling)
         except ClientError as e:
-            raise api_error(e) from None
+            raise api_error(e, self.max_key) from None
         out = []
         for p, row in zip(prompts, rows):
             new = row[len(p):]
@@ -206,7 +232,7 @@ class Job:
         except StopAsyncIteration:
             first = []
         except ClientError as e:
-            raise api_error(e) from None
+            raise api_error(e, self.max_key) from None
 
         def sse(obj: Any) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -281,6 +307,8 @@ def create_app(url: str, tokenizer: str = DEFAULT_TOKENIZER, models: tuple[str, 
 
     @app.get("/v1/models")
     def list_models():
+        if not client(models[0]).live():  # as the completions would: 503 while Triton is down
+            raise ApiError(503, f"the Triton server at {url} is not reachable", "server_error")
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "lsgpt-triton"}
                                            for m in models]}
 
@@ -290,8 +318,8 @@ def create_app(url: str, tokenizer: str = DEFAULT_TOKENIZER, models: tuple[str, 
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
-        job = Job.parse(body, models, client, unsupported=UNSUPPORTED, max_keys=("max_tokens",), default_max=16,
-                        prefix="cmpl")
+        job = Job.parse(body, models, client, unsupported=UNSUPPORTED, fields=COMPLETION_FIELDS,
+                        max_keys=("max_tokens",), default_max=16, prefix="cmpl")
         head = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
         try:
             ids = [job.client.encode(p) for p in prompts]
@@ -315,7 +343,7 @@ def create_app(url: str, tokenizer: str = DEFAULT_TOKENIZER, models: tuple[str, 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: dict[str, Any]):
         prompt = chat_prompt(body.get("messages"))
-        job = Job.parse(body, models, client, unsupported=CHAT_UNSUPPORTED,
+        job = Job.parse(body, models, client, unsupported=CHAT_UNSUPPORTED, fields=CHAT_FIELDS,
                         max_keys=("max_completion_tokens", "max_tokens"), default_max=None, prefix="chatcmpl")
         head = {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
                 "system_fingerprint": None}

@@ -22,6 +22,7 @@ from lsgpt.contract import (
     STOP_WORDS,
     STREAM,
     STREAM_SUFFIX,
+    STRICT_LENGTH,
     TEXT_INPUT,
     TOKEN_IDS,
     decode_stop,
@@ -66,6 +67,9 @@ def parse(request, form: Form) -> Parsed:
     if form.max_batch and b > form.max_batch:  # Triton checks this too; keep the message ours
         raise BadRequest(f"batch size {b} exceeds max_batch_size {form.max_batch}")
     fields = _fields(request, b)
+    if _parameters(request).get(STRICT_LENGTH):
+        for f in fields:
+            f["strict_length"] = True
     stream = _stream(request, b, form)
     try:
         params = [SamplingParams(**f) for f in fields]
@@ -140,11 +144,16 @@ def _stream(request, b: int, form: Form) -> bool:
     return stream
 
 
-def cancel_target(request) -> str | None:
-    """The request id an in-band cancel names (request parameter contract.CANCEL), or None for a normal request."""
+def _parameters(request) -> dict[str, Any]:
+    """The request's parameters (JSON), {} when none or unreadable."""
     try:
         params = json.loads(request.parameters() or "{}")
     except (AttributeError, ValueError):
-        return None
-    target = params.get(CANCEL) if isinstance(params, dict) else None
+        return {}
+    return params if isinstance(params, dict) else {}
+
+
+def cancel_target(request) -> str | None:
+    """The request id an in-band cancel names (request parameter contract.CANCEL), or None for a normal request."""
+    target = _parameters(request).get(CANCEL)
     return None if target is None else str(target)

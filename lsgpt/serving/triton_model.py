@@ -92,15 +92,16 @@ class TritonPythonModel:
         model_dir = Path(args["model_repository"])
         version_dir = model_dir / args["model_version"]
         self.device = _pick_device(args)
-        self.engine = Engine.load(version_dir / MODEL_FILE, device=self.device)
-        self.cfg = self.engine.config
-        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
         self.tokenizer = None
         tok = _find_tokenizer(version_dir, model_dir, self.config)  # text_input / text_output, streamed text
         if tok:
             from lsgpt.text import load_tokenizer
 
             self.tokenizer = load_tokenizer(tok)
+        # the vocabulary's non-text special tokens are never generated (Engine.load)
+        self.engine = Engine.load(version_dir / MODEL_FILE, device=self.device, vocab=self.tokenizer)
+        self.cfg = self.engine.config
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
         self.form = Form(self.name, self.decoupled, int(self.config.get("max_batch_size", 0)), self.tokenizer)
         rows = _param(self.config, "max_running_rows", MAX_RUNNING_ROWS)
         queued = _param(self.config, "max_queued_requests", MAX_QUEUED_REQUESTS)
