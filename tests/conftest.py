@@ -41,6 +41,9 @@ def tiny_models(tmp_path_factory) -> TinyModels:
     d = tmp_path_factory.mktemp("tiny_gpt2")
     (d / "tok").mkdir()
     (d / "tok" / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    # also beside the files, as a published version folder has it: an in-process Engine.load of them then knows
+    # the vocabulary's non-text special tokens and suppresses them, as the served model does
+    (d / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
     (d / "calib.txt").write_text(CALIBRATION_TEXT)
     model = make_tiny_gpt2(seed=0)
     fp16 = export_model(model, d / "fp16.hdf5", max_step=64, eos_id=3)

@@ -18,6 +18,8 @@ from lsgpt.engine.engine import Engine, SamplingParams
 from lsgpt.serving.launcher import TritonServer, free_port
 from lsgpt.text import decode, encode_prompt, load_tokenizer
 
+SERVED: dict[str, str] = {}  # the api fixture's tritonserver: its gRPC address
+
 
 @pytest.fixture(scope="module")
 def api(tiny_models, tmp_path_factory):
@@ -35,6 +37,7 @@ def api(tiny_models, tmp_path_factory):
         t.start()
         while not web.started:
             time.sleep(0.05)
+        SERVED["grpc"] = server.grpc_url
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0), tiny_models
         web.should_exit = True
         t.join(10)
@@ -156,7 +159,8 @@ def test_chat_stop_and_sampling(api):
     chunks = list(c.chat.completions.create(**args, stream=True))
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == decode(tok, new[:k])
     assert chunks[-1].choices[0].finish_reason == "stop"
-    sp = SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=11, frequency_penalty=0.5)
+    # top_k 0: the gateway samples from the whole distribution, as OpenAI does (issue 26), not the file's top_k 1
+    sp = SamplingParams(max_new_tokens=8, top_k=0, temperature=0.9, top_p=0.9, seed=11, frequency_penalty=0.5)
     want = e.generate([p], sp)[0][len(p):]
     r = c.chat.completions.create(model="gpt2", messages=msgs, max_completion_tokens=8, temperature=0.9, top_p=0.9,
                                   seed=11, frequency_penalty=0.5)
@@ -218,3 +222,98 @@ def test_chat_bad_requests_are_clear_4xx(api):
         code, answer = post(f"{url}/chat/completions", (body if isinstance(body, str) else json.dumps(body)).encode())
         assert code == 400 and answer["error"]["type"] == "invalid_request_error", (body, answer)
     assert c.chat.completions.create(model="gpt2", messages=ok, max_tokens=2).choices[0].message.content is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 26
+
+
+def test_sampling_follows_openai_defaults(api):
+    """temperature (default 1) samples from the whole distribution, not the file's greedy top_k 1: seeds 1, 2, 3 give
+    different texts, the same seed the same text; temperature 0 (or vLLM's extra top_k 1) is the engine's greedy
+    text; an unknown field is a 400 naming it (the openai package sends extra_body's fields as they are)."""
+    c, tiny = api
+    tok = load_tokenizer(tiny.tokenizer)
+    p = encode_prompt(tok, "我今天很开心")
+    greedy = decode(tok, Engine.load(tiny.fp16, device="cpu").generate([p], SamplingParams(max_new_tokens=12,
+                                                                                         top_k=1))[0][len(p):])
+    for create, text in ((lambda **kw: c.completions.create(prompt="我今天很开心", **kw), lambda r: r.choices[0].text),
+                         (lambda **kw: c.chat.completions.create(messages=[{"role": "user", "content": "我今天很开心"}],
+                                                                 **kw), lambda r: r.choices[0].message.content)):
+        sampled = [text(create(model="gpt2", max_tokens=12, temperature=1.0, seed=s)) for s in (1, 2, 3)]
+        assert len(set(sampled)) >= 2, sampled
+        assert text(create(model="gpt2", max_tokens=12, temperature=1.0, seed=1)) == sampled[0]
+        assert len({text(create(model="gpt2", max_tokens=12, seed=s)) for s in (1, 2, 3)}) >= 2  # default: 1
+        assert text(create(model="gpt2", max_tokens=12, temperature=0, seed=1)) == greedy
+        assert text(create(model="gpt2", max_tokens=12, seed=2, extra_body={"top_k": 1})) == greedy
+        assert text(create(model="gpt2", max_tokens=12, seed=2, extra_body={"top_k": -1, "repetition_penalty": 1.0})) \
+            == text(create(model="gpt2", max_tokens=12, seed=2))
+        with pytest.raises(openai.BadRequestError, match="unknown parameter 'min_p'"):
+            create(model="gpt2", max_tokens=2, extra_body={"min_p": 0.1})
+        with pytest.raises(openai.BadRequestError, match="top_k"):
+            create(model="gpt2", max_tokens=2, extra_body={"top_k": -2})
+
+
+def test_special_tokens_are_never_generated(api):
+    """Issue 26: the tiny model continues "x" ([CLS] [UNK]) with [UNK] forever when allowed (test_scheduler.py): the
+    served models never generate [PAD], [UNK], [CLS] or [MASK], so the text is not empty, plain or streamed, and the
+    token ids Triton returns hold none of them."""
+    from lsgpt.client import Client
+
+    c, tiny = api
+    tok = load_tokenizer(tiny.tokenizer)
+    specials = {tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.mask_token_id}
+    for model in ("gpt2", "gpt2_int8"):
+        for kw in ({"temperature": 0}, {"seed": 5}):
+            assert c.completions.create(model=model, prompt="x", max_tokens=20, **kw).choices[0].text.strip()
+            chunks = c.completions.create(model=model, prompt="x", max_tokens=20, stream=True, **kw)
+            assert "".join(ch.choices[0].text for ch in chunks).strip()
+        with Client(SERVED["grpc"], model, tiny.tokenizer) as g:
+            p = g.encode("x")
+            for sampling in ({"top_k": 1}, {"top_k": 0, "temperature": 2.0, "seed": 3}):
+                new = g.generate_ids([p], max_new_tokens=30, **sampling)[0][len(p):]
+                assert new and not specials & set(new), new
+                assert not specials & {t for t, _ in g.stream_ids(p, max_new_tokens=30, **sampling) if t is not None}
+
+
+def test_max_tokens_beyond_the_model_is_a_400_naming_the_limit(api):
+    """As OpenAI answers a request over the context length: max_tokens (completions, chat) or max_completion_tokens
+    beyond what the model allows after the prompt is a 400 naming the limit, not lowered silently; at the limit
+    it is served."""
+    c, tiny = api
+    n = len(encode_prompt(load_tokenizer(tiny.tokenizer), "我今天很开心"))
+    allowed = tiny.max_step - n
+    msgs = [{"role": "user", "content": "我今天很开心"}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match=f"max_tokens=100000 is more than .* at most {allowed} new"):
+            c.completions.create(model="gpt2", prompt="我今天很开心", max_tokens=100000, stream=stream)
+        with pytest.raises(openai.BadRequestError, match=f"max_completion_tokens={allowed + 1} .* at most {allowed} "):
+            c.chat.completions.create(model="gpt2_int8", messages=msgs, max_completion_tokens=allowed + 1, stream=stream)
+    r = c.completions.create(model="gpt2", prompt="我今天很开心", max_tokens=allowed, temperature=0,
+                             extra_body={"repetition_penalty": 1.0})
+    assert r.usage.completion_tokens <= allowed
+    assert c.chat.completions.create(model="gpt2", messages=msgs, temperature=0).usage.completion_tokens <= allowed
+
+
+def test_models_and_completions_answer_503_while_triton_is_down(tiny_models):
+    """Issue 26: /v1/models listed the models while Triton was down; now it answers 503, as the completions do."""
+    from lsgpt.serving.openai_api import create_app
+
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(create_app(f"127.0.0.1:{free_port()}", str(tiny_models.tokenizer)),
+                                        host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=web.run, daemon=True)
+    t.start()
+    try:
+        while not web.started:
+            time.sleep(0.05)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError, match="not reachable") as e:
+            c.models.list()
+        assert e.value.status_code == 503
+        with pytest.raises(openai.InternalServerError) as e:
+            c.completions.create(model="gpt2", prompt="x", max_tokens=2)
+        assert e.value.status_code == 503
+    finally:
+        web.should_exit = True
+        t.join(10)

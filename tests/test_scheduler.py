@@ -7,6 +7,7 @@ joins a running long one finishes first: counted in decode steps, not seconds); 
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -236,3 +237,34 @@ def test_submit_validates_the_whole_request(engine, prompt, kw, word):
         assert s.queued == 0 and s.stats.requests == 0
     finally:
         s.close()
+
+
+def test_non_text_special_tokens_are_never_generated(tiny_models, tmp_path):
+    """Issue 26: the tiny model continues the prompt "x" ([CLS] [UNK]) with [UNK] forever, which decodes to no text.
+    The vocabulary's non-text special tokens ([PAD], [UNK], [CLS], [MASK]; not [SEP], the EOS) are never generated,
+    greedy or sampled, through Engine and Scheduler alike; SamplingParams(suppress=()) allows them again."""
+    from lsgpt.engine.engine import Engine, SamplingParams
+    from lsgpt.engine.scheduler import Scheduler
+    from lsgpt.text import encode_prompt, load_tokenizer
+
+    tok = load_tokenizer(tiny_models.tokenizer)
+    specials = {tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.mask_token_id}
+    p = encode_prompt(tok, "x")
+    eng = Engine.load(tiny_models.fp16, device="cpu")  # vocab.txt beside the file, as in a version folder
+    assert set(eng.suppress) == specials and tok.sep_token_id not in eng.suppress
+    allowed = eng.generate([p], SamplingParams(max_new_tokens=20, top_k=1, suppress=()))[0][len(p):]
+    assert set(allowed) == {tok.unk_token_id}  # what the user saw
+    sched = Scheduler(eng, max_rows=4)
+    try:
+        for sp in [SamplingParams(max_new_tokens=20, top_k=1), SamplingParams(max_new_tokens=20, ignore_eos=True),
+                   *(SamplingParams(max_new_tokens=20, top_k=0, temperature=2.0, seed=s) for s in range(4))]:
+            for new in (eng.generate([p], sp)[0][len(p):], sched.generate(p, sp)[len(p):]):
+                assert new and not specials & set(new), (sp, new)
+        assert sched.generate(p, SamplingParams(max_new_tokens=20, top_k=1, suppress=()))[len(p):] == allowed
+    finally:
+        sched.close()
+    # no vocabulary known (a file without vocab.txt beside it, not the 21128-token vocabulary): nothing suppressed,
+    # so the golden outputs of vocabulary-less tiny models stay as recorded
+    shutil.copy(tiny_models.fp16, tmp_path / "m.hdf5")
+    assert Engine.load(tmp_path / "m.hdf5", device="cpu").suppress == ()
+    assert Engine.load(tmp_path / "m.hdf5", device="cpu", vocab=tok).suppress == eng.suppress
