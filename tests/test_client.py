@@ -161,3 +161,28 @@ def test_penalties_through_the_client_and_the_cli(server, client, tiny_models):
     assert cli.returncode == 0, cli.stderr
     assert [ln for ln in cli.stdout.splitlines() if ln.startswith("我今天")] == [penalized]  # same tokens in process
     assert penalized != plain
+
+
+def test_generate_cli_samples_when_asked_and_notes_a_lowered_limit(server, tiny_models):
+    """Issue 26: --temperature / --seed without --top-k sample (top_k 0), in process and served: seeds 1, 2, 3 give
+    different texts (the file's greedy top_k 1 gave one); --max-new-tokens beyond what the model allows is lowered to
+    it with one note line on stderr (as export.py's -l), in process and served, plain and streamed."""
+    def run(*args):
+        r = subprocess.run([PY, "client/generate.py", "-p", str(tiny_models.tokenizer), "-i", "我今天很开心，", *args],
+                           cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        return [ln for ln in r.stdout.splitlines() if ln.startswith("我今天")], r.stderr
+
+    for where in (["-m", str(tiny_models.fp16)], ["-m", "gpt2", "--url", server.grpc_url]):
+        texts = [run(*where, "--temperature", "1.0", "--seed", str(s), "--max-new-tokens", "12")[0] for s in (1, 2, 3)]
+        assert len({tuple(t) for t in texts}) >= 2, texts
+        n = len(encode_prompt(load_tokenizer(tiny_models.tokenizer), "我今天很开心，"))
+        allowed = tiny_models.max_step - n
+        for extra in ([], ["--stream"]) if "--url" in where else ([],):
+            lowered, err = run(*where, *extra, "--top-k", "1", "--max-new-tokens", "100000")
+            notes = [ln for ln in err.splitlines() if "note:" in ln]
+            assert len(notes) == 1 and "--max-new-tokens 100000 is more than the model allows" in notes[0] \
+                and notes[0].endswith(f"using {allowed}"), err
+            if not extra:
+                assert lowered == run(*where, "--top-k", "1", "--max-new-tokens", str(allowed))[0]
+        assert "note:" not in run(*where, "--top-k", "1", "--max-new-tokens", str(allowed))[1]
