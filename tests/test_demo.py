@@ -111,6 +111,12 @@ def test_readme_next_step_commands_work_as_written(demo):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     ran, skipped = [], []
     server = None
+
+    def demo_checkpoints():  # the demo's trained models (their HDF5 exports the README's export rows redo)
+        return {f: f.read_bytes() for d in ("fp16", "int8") for f in (work / "model" / d).rglob("*")
+                if f.is_file() and f.suffix != ".hdf5"}
+
+    checkpoints = demo_checkpoints()
     try:
         for label, cmd in commands:
             reason = next((why for prefix, why in SKIP.items() if cmd.startswith(prefix)), None)
@@ -132,4 +138,5 @@ def test_readme_next_step_commands_work_as_written(demo):
         if server is not None:
             server.stop()
     print("ran:", *ran, "skipped:", *(f"{c}  ({why})" for c, why in skipped), sep="\n  ")
+    assert demo_checkpoints() == checkpoints  # issue 26: nothing the README runs replaces the demo's models
     assert any(c.startswith("python export/export.py") for c in ran) and any("--url" in c for c in ran)

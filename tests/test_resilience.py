@@ -210,3 +210,125 @@ def test_full_queue_is_unavailable_not_a_hang(tiny_models, tmp_path):
         full = [g for g in got if g != "answered"]
         assert full and all("UNAVAILABLE" in g and "max_queued_requests=1" in g for g in full), got
 
+
+
+def _tritonserver_of(http_port: int) -> tuple[int, Path] | None:
+    """(pid, the launcher's temporary folder) of the tritonserver listening on `http_port`, from /proc."""
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{d}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if args[0].endswith("tritonserver") and f"--http-port={http_port}" in args:
+            repo = next(a.split("=", 1)[1] for a in args if a.startswith("--model-repository="))
+            return int(d), Path(repo).parent
+    return None
+
+
+def _alive_in_session(sid: int) -> list[int]:
+    """Live (not zombie) processes of session `sid`: tritonserver started its own, its model stubs are in it."""
+    live = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state ppid pgrp session ...
+            live.append(int(d))
+    return live
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find tritonserver")
+@pytest.mark.parametrize("how", ["ctrl_c_twice", "sigterm_to_make_serve_group"])
+def test_second_signal_during_shutdown(tiny_models, tmp_path, how):
+    """Issue 26: a second signal while the launcher stops (a double Ctrl-C; SIGTERM to `make serve`'s process group,
+    which make passes on to the launcher: two SIGTERMs) gave a KeyboardInterrupt traceback, left the launcher's
+    /tmp/lsgpt-triton-* folder behind, and tritonserver outlived the launcher. Through the real launcher
+    (scripts/serve.sh, under a real make for the second case): no traceback, the folder is gone, and no
+    tritonserver (or model stub) is alive once the launcher has exited."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = make_repository(tmp_path / "repo", tiny_models)
+    http = free_port()
+    serve = [str(Path(__file__).resolve().parents[1] / "scripts" / "serve.sh"), "--model-repository", str(repo),
+             "--grpc-port", str(free_port()), "--http-port", str(http), "--metrics-port", str(free_port()),
+             "--models", "gpt2,gpt2_int8"]
+    if how == "sigterm_to_make_serve_group":
+        if shutil.which("make") is None:
+            pytest.skip("no make")
+        (tmp_path / "Makefile").write_text("serve:\n\t" + " ".join(serve) + "\n")
+        cmd = ["make", "-s", "-f", str(tmp_path / "Makefile"), "serve"]
+    else:
+        cmd = serve
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHON=sys.executable))
+    lines: list[str] = []
+    ready, stopping = threading.Event(), threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if "[lsgpt.serving.launcher] ready" in line:
+                ready.set()
+            if "[lsgpt.serving.launcher] stopping" in line:
+                stopping.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(180), "".join(lines[-30:])
+        pid, workdir = _tritonserver_of(http)
+        assert workdir.name.startswith("lsgpt-triton-") and workdir.is_dir()
+        launcher = _launcher_of(http)
+        load = threading.Thread(target=_some_requests, args=(f"127.0.0.1:{serve[serve.index('--grpc-port') + 1]}",),
+                                daemon=True)
+        load.start()  # requests in flight: the stop has something to drain
+        time.sleep(0.2)
+        if how == "ctrl_c_twice":
+            proc.send_signal(signal.SIGINT)
+            stopping.wait(30)  # the launcher is in its stop now
+            proc.send_signal(signal.SIGINT)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)  # what a supervisor or `kill -- -PGID` does to `make serve`
+        proc.wait(90)
+        deadline = time.monotonic() + 30  # make reaps the launcher before it exits; this is a guard only
+        while Path(f"/proc/{launcher}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = _alive_in_session(pid)  # right when the launcher is gone
+        reader.join(10)
+        out = "".join(lines)
+        print(f"{how}: exit {proc.returncode}; launcher output tail:\n{out[-1500:]}")
+        assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+        assert not workdir.exists(), f"{workdir} left behind"
+        assert not left, f"tritonserver session {pid} still has live processes {left} after the launcher exited"
+        if how == "ctrl_c_twice":
+            assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        found = _tritonserver_of(http)
+        if found:  # never leave a server behind for the next test
+            os.killpg(found[0], signal.SIGKILL)
+
+
+def _launcher_of(http_port: int) -> int:
+    """pid of the launcher (python -m lsgpt.serving.launcher ... --http-port N), from /proc."""
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{d}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "lsgpt.serving.launcher" in args and str(http_port) in args:
+            return int(d)
+    raise AssertionError(f"no launcher with --http-port {http_port}")
+
+
+def _some_requests(url: str) -> None:
+    for i in range(3):
+        try:
+            ask(url, [2, 5 + i], n=60, model="gpt2_int8", timeout=60)
+        except Exception:  # noqa: BLE001 - the server is stopping under them
+            return

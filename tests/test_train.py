@@ -462,3 +462,59 @@ def test_qat_from_a_checkpoint_n_through_train_py(corpus, tmp_path, caplog):
                          "--carry_optimizer_state", carry, *common)
         assert ("QAT starts with the fp16 run's Adam moments" in caplog.text) == said, caplog.text[-2000:]
         assert json.loads((tmp_path / f"int8-{carry}" / "metrics.json").read_text())["steps_run"] == 1
+
+
+def test_output_dir_holding_a_model_is_refused(corpus, tmp_path):
+    """Issue 26: the README's "train on your own text" command, pointed at a folder that holds another model (the
+    demo's model/fp16 and its HDF5 export), replaced that model and left the export beside a different checkpoint.
+    HF run_clm's rule, through train.py: such a folder is refused with one line naming it and the two ways out, and
+    nothing in it changes; --overwrite_output_dir replaces the model and removes the export made from the old one."""
+    out = tmp_path / "fp16"
+    args = ["--tokenizer_name", str(corpus["tok"]), "--config_overrides", TINY, "--train_file", str(corpus["train"]),
+            "--max_steps", "1", "--save_strategy", "no", "--validation_split_percentage", "0"]
+    run_train(*args, "--output_dir", str(out), env={"OMP_NUM_THREADS": "1"})
+    (out / "pytorch_model.hdf5").write_bytes(b"an export of this model")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()}
+
+    def refused(*more: str) -> str:
+        p = run_train(*args, *more, check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+        assert [ln for ln in lines if ln.startswith("error:")] == [lines[-1]], p.stderr[-3000:]
+        return lines[-1]
+
+    msg = refused("--output_dir", str(out))  # the same command again, no --overwrite_output_dir
+    assert str(out) in msg and "--output_dir" in msg and "--overwrite_output_dir" in msg, msg
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()} == before
+    # QAT (or any run) starting from another folder, into one that holds only an export: refused as well
+    other = tmp_path / "int8"
+    other.mkdir()
+    (other / "pytorch_model.hdf5").write_bytes(b"an export")
+    msg = refused("--output_dir", str(other), "--resume_from_checkpoint", str(out))
+    assert str(other) in msg and (other / "pytorch_model.hdf5").read_bytes() == b"an export"
+    assert not (other / "config.json").exists()
+
+    # the way out the message names: the model is replaced, and the export of the old one goes with it
+    p = run_train(*args, "--output_dir", str(out), "--overwrite_output_dir",
+                  "--learning_rate", "1e-2", env={"OMP_NUM_THREADS": "1"})
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"][0]
+    assert not (out / "pytorch_model.hdf5").exists(), "a stale export beside a different checkpoint"
+    assert "removed" in p.stderr and "pytorch_model.hdf5" in p.stderr
+
+
+def test_output_dir_rule_counts_models_not_other_files(tmp_path):
+    """What makes a folder one that holds a model; a folder with other things (notes, logs) may be trained into,
+    and so may the folder a run continues (--resume_from_checkpoint naming it or a checkpoint in it)."""
+    from lsgpt.training import train
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "runs").mkdir()
+    train.refuse_to_replace(str(tmp_path))  # no model: nothing to refuse
+    train.refuse_to_replace(str(tmp_path / "missing"))
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert train.model_files(tmp_path) == ["checkpoint-4", "model.safetensors"]
+    train.refuse_to_replace(str(tmp_path), continuing=str(tmp_path / "checkpoint-4"))
+    train.refuse_to_replace(str(tmp_path), continuing=str(tmp_path))
+    with pytest.raises(train.UsageError, match="already holds a model"):
+        train.refuse_to_replace(str(tmp_path), continuing=str(tmp_path.parent))

@@ -386,11 +386,14 @@ class TritonServer:
         v = f"/versions/{version}" if version else ""
         return self._get(f"/v2/models/{model}{v}/ready") == 200
 
-    def wait_ready(self, timeout: float = 180.0, models: list[str] | None = None) -> None:
-        """Block until the server and every served model are ready; LaunchError with the log tail if not."""
+    def wait_ready(self, timeout: float = 180.0, models: list[str] | None = None, stop=None) -> None:
+        """Block until the server and every served model are ready; LaunchError with the log tail if not.
+        Returns early, quietly, once `stop` (an Event, or the CLI's Shutdown) is set."""
         deadline = time.monotonic() + timeout
         pending = list(models or self.models)
         while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                return
             if self.proc is None or self.proc.poll() is not None:
                 code = None if self.proc is None else self.proc.returncode
                 raise LaunchError(f"tritonserver exited with code {code}:\n{self.log_tail()}")
@@ -437,7 +440,7 @@ class TritonServer:
         m = _FATAL_SIGNAL.search(chunk)
         return m.group(0).decode(errors="replace") if m else None
 
-    def supervise(self, stop: threading.Event | None = None, interval: float = 2.0, grace: int = 2,
+    def supervise(self, stop: threading.Event | Shutdown | None = None, interval: float = 2.0, grace: int = 2,
                   timeout: float = 600.0, unanswered: int = 5) -> None:
         """Keep every model serving; restart the server on the same ports, and say why, when
         - a model's Python stub dies (an OOM kill, a CUDA fault) and stays gone for `grace` checks: tritonserver
@@ -472,7 +475,7 @@ class TritonServer:
                 self.restarts.append((time.time(), why))
                 self.stop(timeout=10 if strikes >= grace else 2)  # a crashed or hung server drains nothing
                 self.start()
-                self.wait_ready(timeout)
+                self.wait_ready(timeout, stop=stop)
                 expected, strikes, silent = set(self.stub_processes()), 0, 0
                 print(f"[lsgpt.serving.launcher] restarted: models {', '.join(self.models)} ready", file=sys.stderr, flush=True)
 
@@ -498,6 +501,16 @@ class TritonServer:
             self.workdir = None
         return code
 
+    def kill(self) -> None:
+        """SIGKILL tritonserver and its model stubs now, without waiting (safe in a signal handler); stop() then
+        reaps it and removes the temporary folder."""
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: the stubs go too
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def __enter__(self) -> TritonServer:
         if self.proc is None:
             self.start()
@@ -520,7 +533,62 @@ def _client_host(host: str) -> str:
 # CLI (scripts/serve.sh, `make serve`, the Docker entrypoint).
 
 
-def main(argv: list[str] | None = None) -> int:
+class Shutdown:
+    """SIGINT and SIGTERM for the CLI, handled without raising anything: the handler only records the signal (and
+    escalates), the main loop polls is_set(). An exception raised from a handler lands wherever the main thread
+    is, and a second one during the stop (a double Ctrl-C; `make serve` sent SIGTERM to its process group: make
+    passes the SIGTERM it got on to its child, so the launcher gets two) broke off the stop with a traceback,
+    leaving the temporary folder behind and tritonserver running without us.
+
+    The first signal asks for a graceful stop (Triton drains in-flight requests; stop()'s timeout bounds it).
+    During it, a SIGINT (a person pressing Ctrl-C again) kills tritonserver and its stubs at once; a repeated
+    SIGTERM is ignored (make's copy of the one SIGTERM; docker and Kubernetes escalate with SIGKILL themselves).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, server: TritonServer):
+        self.server = server
+        self.received: list[int] = []  # appended by the handler only (no lock: a handler must not take one)
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received.append(signum)
+        if len(self.received) == 1:
+            return
+        if signum == signal.SIGINT:
+            self.server.kill()
+            self._say(b"[lsgpt.serving.launcher] second Ctrl-C: tritonserver killed\n")
+        else:
+            self._say(b"[lsgpt.serving.launcher] already stopping (Ctrl-C again kills tritonserver at once)\n")
+
+    @staticmethod
+    def _say(line: bytes) -> None:
+        try:
+            os.write(2, line)  # not print(): the main thread may be inside a print to the same stream
+        except OSError:
+            pass
+
+    def is_set(self) -> bool:
+        return bool(self.received)
+
+    def wait(self, timeout: float) -> bool:
+        """Like Event.wait (supervise() polls with it): True as soon as a signal came, else after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not self.received and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        return self.is_set()
+
+
+def _parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(prog="python -m lsgpt.serving.launcher", description=__doc__.split("\n")[0])
     ap.add_argument("--model-repository", default=os.environ.get("MODEL_REPOSITORY", str(ROOT / "model_repository")))
     ap.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", 8001)))
@@ -543,43 +611,51 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU threads per model process (OMP_NUM_THREADS); each served model is its own process")
     ap.add_argument("--log-verbose", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for the models")
-    a, extra = ap.parse_known_args(argv)
+    return ap.parse_known_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    a, extra = _parse_args(argv)
     server = TritonServer(
         a.model_repository, grpc_port=a.grpc_port, http_port=a.http_port, metrics_port=a.metrics_port,
         host=a.host, models=[m for m in a.models.split(",") if m] or None, poll_secs=a.poll_secs,
         device=a.device, threads=a.threads, log_file=None, log_verbose=a.log_verbose, extra_args=tuple(extra),
         exposed=None if a.exposed == "auto" else a.exposed == "yes",
     )
-
-    def on_term(signum, frame):  # SIGTERM (docker stop) behaves like Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    shutdown = Shutdown(server)  # SIGTERM (docker stop) behaves like Ctrl-C
+    shutdown.install()
     if not _gpu_visible() or (a.device or "").startswith("cpu"):
         print("[lsgpt.serving.launcher] CPU only: tritonserver's start-up lines about CUDA, NVML and DCGM are its GPU "
               "probes failing; they are harmless here", flush=True)
     try:
-        server.admin_key = admin_key()
+        return _serve(server, a, shutdown)
+    except LaunchError as e:
+        print(f"[lsgpt.serving.launcher] {e}", file=sys.stderr)
+        return 1
+    finally:
+        server.stop()  # nothing interrupts it: the handler raises nothing
+        shutdown.restore()
+
+
+def _serve(server: TritonServer, a, shutdown: Shutdown) -> int:
+    """Start, wait for the models, supervise; until the server exits or a signal asks us to stop."""
+    server.admin_key = admin_key()
+    if not shutdown.is_set():
         server.start()
         if server.security_note:
             print(f"[lsgpt.serving.launcher] exposed mode: {server.security_note}", flush=True)
-        server.wait_ready(a.timeout)
+        server.wait_ready(a.timeout, stop=shutdown)
+    if not shutdown.is_set():
         print(
             f"[lsgpt.serving.launcher] ready: models {', '.join(server.models)} | gRPC {a.host}:{a.grpc_port} "
             f"| HTTP {a.host}:{a.http_port} | metrics {a.host}:{a.metrics_port} | Ctrl-C stops",
             flush=True,
         )
-        server.supervise(timeout=a.timeout)  # until the server exits; restarts it if a model process dies
-        return server.proc.returncode if server.proc is not None else 0
-    except KeyboardInterrupt:
+        server.supervise(stop=shutdown, timeout=a.timeout)  # until the server exits; restarts it if a model dies
+    if shutdown.is_set():
         print("[lsgpt.serving.launcher] stopping", file=sys.stderr, flush=True)
         return 0
-    except LaunchError as e:
-        print(f"[lsgpt.serving.launcher] {e}", file=sys.stderr)
-        return 1
-    finally:
-        server.stop()
+    return server.proc.returncode if server.proc is not None else 0
 
 
 if __name__ == "__main__":

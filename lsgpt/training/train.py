@@ -26,6 +26,12 @@ checkpoint (checkpoint-N) also starts from its Adam moments (--carry_optimizer_s
 Without the flag, a run that finds checkpoint-N folders in --output_dir (and no --overwrite_output_dir)
 resumes from the last one.
 
+--output_dir that already holds a model (config.json, weights, *.hdf5 exports, a Trainer state) and no checkpoint
+to resume: the run stops with exit status 2 and one `error:` line (HF run_clm's rule), unless
+--overwrite_output_dir, or --resume_from_checkpoint names that folder or a checkpoint in it (continuing that run
+in place). A run that writes its model into a folder removes the *.hdf5 exports that were there before it: they
+were made from weights it has just replaced.
+
 Output (--output_dir): config.json (eos/bos/pad = [SEP]/[CLS]/[PAD]), model.safetensors (QAT: clips under
 transformer.h.{i}.ls_clips.* and transformer.ls_clips.*), tokenizer files incl. vocab.txt, metrics.json.
 """
@@ -69,6 +75,10 @@ DEFAULT_BLOCK = 500  # the demo's block size
 
 class DataError(ValueError):
     """Unusable training data: the message names the file (and line)."""
+
+
+class UsageError(ValueError):
+    """A command that must not run as given (e.g. it would replace another model): one line, exit status 2."""
 
 
 @dataclass
@@ -478,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     split_lines(lines, data_args.validation_split_percentage)
     configure_run(args)
     resume, trainer_resume, init_from = starting_point(model_args, args, overwrite)
+    old_exports = sorted(Path(args.output_dir).glob("*.hdf5"))  # made from the weights this run replaces
     tok = load_tok(tokenizer_name(model_args, init_from))
     fast = model_args.fast_path if model_args.fast_path is not None else fasttrain.available()
     model = build_model(model_args, init_from, tok, fast)
@@ -502,12 +513,24 @@ def main(argv: list[str] | None = None) -> int:
     result = trainer.train(resume_from_checkpoint=trainer_resume)
     trainer.save_model()
     trainer.save_state()
+    if args.process_index == 0:
+        remove_stale_exports(old_exports)
     add_final_metrics(metrics, trainer, result, eval_ds)
     if args.process_index == 0:
         metrics.update(global_step=trainer.state.global_step, steps_run=counter.steps, resumed_from=trainer_resume,
                        init_from=init_from, enable_quant=model_args.enable_quant, fast_path=fast)
         write_outputs(trainer, tok, args, metrics, model_args.enable_quant, eval_ds is not None)
     return 0
+
+
+def remove_stale_exports(paths: list[Path]) -> None:
+    """The HDF5 exports of the model this run has just replaced: left there, they would be served as this one."""
+    for p in paths:
+        try:
+            p.unlink()
+            logger.warning("removed %s: an export of the model this run replaced (export again)", p)
+        except OSError as e:
+            logger.warning("%s is an export of the model this run replaced; cannot remove it: %s", p, e)
 
 
 def configure_run(args: TrainingArguments) -> None:
@@ -533,6 +556,7 @@ def starting_point(model_args: ModelArguments, args: TrainingArguments, overwrit
 
     -> (--resume_from_checkpoint as given, the Trainer checkpoint to resume or None, the folder of the starting
     weights or None). Clears args.resume_from_checkpoint: we decide, the Trainer must not pick it up on its own.
+    UsageError when the run would replace a model in --output_dir that it does not continue.
     """
     resume = args.resume_from_checkpoint
     args.resume_from_checkpoint = None
@@ -540,6 +564,8 @@ def starting_point(model_args: ModelArguments, args: TrainingArguments, overwrit
     if resume:
         if not os.path.isdir(resume):
             raise SystemExit(f"error: --resume_from_checkpoint {resume}: no such folder")
+        if not overwrite and not (os.path.isdir(args.output_dir) and get_last_checkpoint(args.output_dir)):
+            refuse_to_replace(args.output_dir, continuing=resume)  # HF: a folder with checkpoint-N is a run's
         if is_trainer_checkpoint(resume) and checkpoint_is_qat(resume) == model_args.enable_quant:
             trainer_resume = init_from = resume
         else:
@@ -551,11 +577,40 @@ def starting_point(model_args: ModelArguments, args: TrainingArguments, overwrit
             trainer_resume = init_from = last
             logger.info("resuming from %s (pass --overwrite_output_dir to start afresh)", last)
         elif last or any(n.startswith("checkpoint-") for n in os.listdir(args.output_dir)):
-            raise SystemExit(
-                f"error: {args.output_dir} holds checkpoints of another kind of run; "
+            raise UsageError(
+                f"{args.output_dir} holds checkpoints of another kind of run; "
                 "use --overwrite_output_dir or another --output_dir"
             )
+        else:
+            refuse_to_replace(args.output_dir)
     return resume, trainer_resume, init_from
+
+
+def model_files(folder: str | os.PathLike) -> list[str]:
+    """What in `folder` is a model (or a Trainer run's state): config, weights, HDF5 exports, checkpoint-N."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:  # no such folder (or not one)
+        return []
+    return [e.name for e in entries
+            if (e.is_dir() and e.name.startswith("checkpoint-"))
+            or (e.is_file() and (e.name in ("config.json", "trainer_state.json")
+                                 or e.name.endswith((".safetensors", ".bin", ".pt", ".hdf5"))))]
+
+
+def refuse_to_replace(output_dir: str, continuing: str | None = None) -> None:
+    """HF run_clm's rule: a run does not write over a model in --output_dir unless --overwrite_output_dir says so,
+    or it continues that very run (`continuing`: --resume_from_checkpoint is the folder or a checkpoint in it)."""
+    found = model_files(output_dir)
+    if not found:
+        return
+    if continuing is not None:
+        out, src = Path(output_dir).resolve(), Path(continuing).resolve()
+        if src == out or out in src.parents:
+            return
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    raise UsageError(f"--output_dir {output_dir} already holds a model ({shown}); train into a new --output_dir, "
+                     "or pass --overwrite_output_dir to replace it")
 
 
 def tokenizer_name(model_args: ModelArguments, init_from: str | None) -> str:
@@ -648,7 +703,7 @@ def cli(argv: list[str] | None = None) -> int:
         rc = main(argv)
         ok = True
         return rc
-    except DataError as e:
+    except (DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
