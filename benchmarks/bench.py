@@ -5,7 +5,7 @@ generation (generation.py), serving overhead (serving.py --sections overhead) an
 
     python -m benchmarks.bench                                    # CPU: a few minutes
     python -m benchmarks.bench --sections train --train-arg=--steps=5
-    python -m benchmarks.bench --replot results/h100/train/train_throughput.json   # the training figure again
+    python -m benchmarks.bench --replot results/h100/train/train-throughput.json --out results/tmp/replot   # the training figure again
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 from benchmarks import common, generation, serving
+
+SECTIONS = ("generation", "serving", "train")
 
 
 def train_report(res: dict, out: Path) -> None:
@@ -43,7 +45,8 @@ def train_report(res: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="generation,serving,train")
+    p.add_argument("--sections", type=common.sections_type(SECTIONS), default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--generation-arg", action="append", default=[], help="passed to generation.py (repeatable)")
     p.add_argument("--serving-arg", action="append", default=[], help="passed to serving.py (repeatable)")
     p.add_argument("--train-arg", action="append", default=[], help="passed to train_throughput.py (repeatable)")
@@ -51,11 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--record", action="store_true", help="write into results/<device>/ (committed) instead of "
                    "results/tmp/<device>/ (git-ignored)")
     p.add_argument("--replot", type=Path, help="only re-make the training table and figure from its JSON")
+    p.add_argument("--out", type=Path, help="--replot: the folder for them (default: the JSON's)")
     a = p.parse_args(argv)
     if a.replot:
-        train_report(json.loads(a.replot.read_text()), a.replot.parent)
+        res, out = common.read_replot(a.replot, "bench"), a.out or a.replot.parent
+        out.mkdir(parents=True, exist_ok=True)
+        train_report(res, out)
         return 0
-    status, sections, rec = 0, a.sections.split(","), ["--record"] if a.record else []
+    status, sections, rec = 0, a.sections, ["--record"] if a.record else []
     if "generation" in sections:
         status |= generation.main(a.generation_arg + rec)
     if "serving" in sections:

@@ -62,6 +62,32 @@ def add_output_args(p, benchmark: str) -> None:
                    help=f"write into results/<device>/{benchmark}/ (the committed results) instead")
 
 
+def sections_type(choices: tuple[str, ...]):
+    """An argparse type for --sections: a comma-separated subset of `choices`, unknown names refused (a typo
+    used to run nothing and exit 0)."""
+    import argparse
+
+    def parse(value: str) -> list[str]:
+        names = [x.strip() for x in value.split(",") if x.strip()]
+        bad = [x for x in names if x not in choices] if names else [value]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, bad))}: choose a comma-separated subset "
+                                             f"of {','.join(choices)}")
+        return names
+
+    return parse
+
+
+def read_replot(path: Path, prog: str) -> dict:
+    """The JSON a --replot names; a missing or unreadable file is one error line (exit 2), not a traceback."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        why = "no such file" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
+        print(f"{prog}: error: --replot {path}: {why}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def write_json(path: Path, report: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
@@ -71,6 +97,7 @@ def write_json(path: Path, report: dict) -> Path:
 def write_report(out: Path, name: str, report: dict, plot=None, md: str | None = None, save: bool = True) -> None:
     """out/<name>.json (save=False: a replot, whose JSON stays as it is), out/<name>.md (also printed) and, by
     plot(report, png), out/<name>.png."""
+    out.mkdir(parents=True, exist_ok=True)
     if save:
         write_json(out / f"{name}.json", report)
     if md is not None:

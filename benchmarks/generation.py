@@ -8,7 +8,7 @@ shape (12 layers, 768 hidden, vocab 21128), 500 new tokens, batch 1,8,32; on the
 
     python -m benchmarks.generation                                  # CPU: a minute or two
     python -m benchmarks.generation --batches 1,8,32,64,128,256 --ttft-prompt 400 --profile   # the GPU table
-    python -m benchmarks.generation --replot results/h100/generation/generation.json
+    python -m benchmarks.generation --replot results/h100/generation/generate-gpu.json --out results/tmp/replot
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.replot:
-        report = json.loads(a.replot.read_text())
+        report = common.read_replot(a.replot, "generation")
         out = a.out or a.replot.parent
     else:
         import torch

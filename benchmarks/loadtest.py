@@ -5,7 +5,7 @@ request-rate mode, on real tokenized prompts; perf_analyzer's CSVs, a summary (J
     python -m benchmarks.loadtest                              # model_repository, models gpt2 + gpt2_int8
     python -m benchmarks.loadtest --quick --out /tmp/lt        # seconds: CI / the main job
     python -m benchmarks.loadtest --url localhost:8001 --models gpt2 --concurrency 1,4,16
-    python -m benchmarks.loadtest --hdf5 model/int8/model.hdf5 --tokenizer model/int8
+    python -m benchmarks.loadtest --hdf5 model/int8/pytorch_model.hdf5 --tokenizer data/tokenizer
 
 What is served (see common.prepare): --url uses a running server as is; otherwise a real
 tritonserver (lsgpt.serving.launcher.TritonServer, free ports) serves --hdf5 if given, else the repository when its

@@ -199,7 +199,8 @@ def plot(r: dict, png: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="overhead,inflight", help="comma-separated subset of overhead,inflight")
+    p.add_argument("--sections", type=common.sections_type(("overhead", "inflight")), default="overhead,inflight",
+                   help="comma-separated subset of overhead,inflight")
     p.add_argument("--device", help="cpu / cuda (default: cuda when present)")
     for k in ("layers", "hidden", "heads"):
         p.add_argument(f"--{k}", type=int, help="random model (default 12/768/12 on CUDA, 4/256/4 on the CPU)")
@@ -220,12 +221,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.replot:
-        report, out = json.loads(a.replot.read_text()), a.out or a.replot.parent
+        report, out = common.read_replot(a.replot, "serving"), a.out or a.replot.parent
     else:
         import torch
 
         a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        gpu, sections = a.device.startswith("cuda"), a.sections.split(",")
+        gpu, sections = a.device.startswith("cuda"), a.sections
         for k, g, c in (("layers", 12, 4), ("hidden", 768, 256), ("heads", 12, 4), ("threads", 0, 1)):
             setattr(a, k, getattr(a, k) if getattr(a, k) is not None else (g if gpu else c))
         if a.threads:

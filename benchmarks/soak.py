@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import json
 import os
 import random
 import re
@@ -318,10 +317,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    faulthandler.register(__import__("signal").SIGUSR1, all_threads=True)  # kill -USR1: the clients' stacks
     if a.replot:
-        plot(json.loads(a.replot.read_text()), a.replot.with_suffix(".png"))
+        report = common.read_replot(a.replot, "soak")
+        if a.out:
+            a.out.mkdir(parents=True, exist_ok=True)
+        plot(report, a.out / "soak.png" if a.out else a.replot.with_suffix(".png"))
         return 0
+    faulthandler.register(__import__("signal").SIGUSR1, all_threads=True)  # kill -USR1: the clients' stacks
     if a.url and a.pid is None:
         raise SystemExit("soak: with --url, pass --pid of the tritonserver to watch its memory")
     out = common.results_dir("soak", a.out, None, a.record)

@@ -19,7 +19,8 @@ does not depend on the text. The clock starts after --warmup optimizer steps (co
 stops after --steps more; the GPU is synchronized only at those two points, as in real training (a sync per
 step would serialize the host and the GPU). peak_memory_gib: torch.cuda.max_memory_allocated over the run.
 
-  python -m benchmarks.train_throughput --out results/train_throughput.json [--repeats 3] [--profile DIR]
+  python -m benchmarks.train_throughput --steps 5                 # -> results/tmp/<device>/train/train_throughput.json
+  python -m benchmarks.train_throughput --repeats 3 --profile /tmp/prof --record   # -> results/<device>/train/
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
+from benchmarks import common
 from lsgpt.training import fasttrain
 from lsgpt.training.qat import QuantGPT2LMHeadModel
 
@@ -189,7 +191,9 @@ def run_mode(mode: str, shape: dict, vocab: int, steps: int, warmup: int, profil
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="JSON result path")
+    ap.add_argument("--out", type=Path, help="JSON result path (default results/tmp/<device>/train/train_throughput.json, "
+                    "git-ignored; --record: results/<device>/train/)")
+    ap.add_argument("--record", action="store_true", help="write into results/<device>/train/ (the committed results)")
     ap.add_argument("--modes", default=None, help=f"comma-separated subset of {MODES}; default: on CUDA "
                     f"{','.join(DEFAULT_MODES['gpu'])}, on the CPU {','.join(DEFAULT_MODES['cpu'])}")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: gpu on CUDA, else cpu")
@@ -254,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         if q in ok and f in ok:
             ratios[f"{q}_step_time_over_{f}"] = round(ok[q]["step_ms"] / ok[f]["step_ms"], 3)
     result["ratios"] = ratios
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2))
+    out = a.out or common.results_dir("train", record=a.record) / "train_throughput.json"
+    common.write_json(out, result)
     print(json.dumps(result, indent=2))
     print(f"\n{result['device']}, shape {result['shape']}")
     print(f"{'mode':<18}{'tokens/s':>12}{'step ms':>10}{'peak GiB':>10}{'warmup s':>10}")

@@ -1,6 +1,6 @@
 """Install exported HDF5 files into the Triton model repository without disturbing a running server.
 
-    publish("model/int8/model.hdf5", "model_repository", "gpt2_int8")
+    publish("model/int8/pytorch_model.hdf5", "model_repository", "gpt2_int8")
       -> model_repository/gpt2_int8/<N+1>/{model.hdf5, vocab.txt}   (portable model: a new version folder)
          model_repository/gpt2_lightseq_int8/model.hdf5            (LightSeq's backend reads the model root)
 

@@ -1,8 +1,8 @@
 """The article's generate.py, against our engine in process or a served model.
 
-    python client/generate.py -m model/fp16/model.hdf5 -p <tokenizer>            # in process (like the article)
-    python client/generate.py -m model/int8/model.hdf5 -q -i "我今天很开心，"
-    python client/generate.py -m gpt2 --url localhost:8001 -p <tokenizer>        # through Triton (gRPC)
+    python client/generate.py -m model/fp16/pytorch_model.hdf5 -p data/tokenizer    # in process (like the article)
+    python client/generate.py -m model/int8/pytorch_model.hdf5 -q -p data/tokenizer -i "我今天很开心，"
+    python client/generate.py -m gpt2 --url localhost:8001 -p data/tokenizer     # through Triton (gRPC)
     python client/generate.py -q --url localhost:8001 --stream -i "我今天"        # gpt2_int8_stream
 
 -m: an HDF5 file -> our engine in this process (needs torch); anything else -> a served model name.

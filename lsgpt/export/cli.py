@@ -3,7 +3,7 @@
 
     python3 export/export.py -m model/fp16/pytorch_model.bin -l 500          # -> model/fp16/pytorch_model.hdf5 (Gpt)
     python3 export/export.py -m model/int8/pytorch_model.bin -l 500 -q       # -> QuantGpt, from a QAT checkpoint
-    python3 export/export.py -m model/int8 -q --repository model_repository --model gpt2_int8   # publish to Triton
+    python3 export/export.py -m model/int8 -q --repository model_repository --model-name gpt2_int8   # publish to Triton
 """
 
 from __future__ import annotations
