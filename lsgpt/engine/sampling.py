@@ -260,15 +260,17 @@ def _id_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 def suppressed(logits: torch.Tensor, rows: Sequence[SamplingParams]) -> torch.Tensor:
-    """`logits` [B, V] with each row's suppress ids at -inf (a copy when any; the same tensor when none)."""
+    """`logits` [B, V] with each row's suppress ids at -inf, in place: a step's logits are its own scratch (a copy
+    of [B, V] every step cost more than the fill on the CPU)."""
     first = rows[0].suppress or ()
-    if all((sp.suppress or ()) == first for sp in rows):  # the usual case: one set for the whole batch
-        return logits.index_fill(1, _id_tensor(first, logits.device), float("-inf")) if first else logits
-    out = logits.clone()
+    # the usual case: one set for the whole batch, the engine's own tuple in every row (an identity check per row:
+    # this runs every decode step, on the host)
+    if all(sp.suppress is first for sp in rows) or all((sp.suppress or ()) == first for sp in rows):
+        return logits.index_fill_(1, _id_tensor(first, logits.device), float("-inf")) if first else logits
     for b, sp in enumerate(rows):
         if sp.suppress:
-            out[b, _id_tensor(sp.suppress, logits.device)] = float("-inf")
-    return out
+            logits[b, _id_tensor(sp.suppress, logits.device)] = float("-inf")
+    return logits
 
 
 def sample(logits: torch.Tensor, rows: Sequence[SamplingParams], gens: Sequence[torch.Generator]) -> torch.Tensor:
