@@ -344,3 +344,16 @@ def test_raw_tritonserver_port_is_not_hardened(tiny_models, tmp_path, name):
         code = server.proc.poll()
         assert code is not None and code < 0, f"tritonserver survived {name} (a fixed release?): update docs/security.md"
         print(f"\nraw port, {name}: tritonserver died of signal {-code}")
+
+
+def test_huge_declared_shape_over_grpc_is_refused(exposed):
+    """gRPC (no front): tritonserver checks a declared shape against the bytes sent and refuses it cleanly."""
+    c = tritonclient_grpc.InferenceServerClient(exposed.grpc_url)
+    inp = tritonclient_grpc.InferInput("token_ids", [1, 3], "INT32")
+    inp.set_data_from_numpy(np.asarray([GOOD], np.int32))
+    inp.set_shape([1, 1099511627776])  # the HTTP crash's shape, with 12 bytes of data
+    with pytest.raises(InferenceServerException) as ei:
+        c.infer("gpt2", [inp], client_timeout=60)
+    assert "INVALID_ARGUMENT" in str(ei.value.status()), ei.value
+    c.close()
+    _still_serving(exposed)

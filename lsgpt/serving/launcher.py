@@ -660,6 +660,8 @@ def _serve(server: TritonServer, a, shutdown: Shutdown) -> int:
         server.start()
         if server.security_note:
             print(f"[lsgpt.serving.launcher] exposed mode: {server.security_note}", flush=True)
+        if server.exposed:
+            print(f"[lsgpt.serving.launcher] exposed mode: HTTP {'through nginx (body and shape limits)' if server.proxy else 'NOT fronted (--front none): tritonserver 2.51 crashes on some requests, front it yourself (docs/security.md)'}", flush=True)
         server.wait_ready(a.timeout, stop=shutdown)
     if not shutdown.is_set():
         print(
