@@ -357,3 +357,15 @@ def test_huge_declared_shape_over_grpc_is_refused(exposed):
     assert "INVALID_ARGUMENT" in str(ei.value.status()), ei.value
     c.close()
     _still_serving(exposed)
+
+
+def test_exposed_mode_without_nginx_says_what_to_install(tiny_models, tmp_path, monkeypatch):
+    """No nginx: exposed mode refuses to start (naming the packages and the opt-out); nothing is left running."""
+    from lsgpt.serving.launcher import LaunchError
+
+    monkeypatch.setenv("LSGPT_NGINX", str(tmp_path / "no-nginx"))
+    server = TritonServer(make_repository(tmp_path, tiny_models), models=["gpt2"], host="0.0.0.0",
+                          http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    with pytest.raises(LaunchError, match=r"apt-get install nginx libnginx-mod-http-js.*--front none"):
+        server.start()
+    assert server.proc is None and server.workdir is None and server.proxy is None
