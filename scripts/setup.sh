@@ -14,6 +14,15 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ldconfig -p | grep -
     (apt-get install -y -q libb64-0d >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q libb64-0d >/dev/null))
 fi
 
+# Exposed mode fronts tritonserver's HTTP port with nginx and its njs module (lsgpt/serving/proxy.py, docs/security.md).
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -f /usr/lib/nginx/modules/ngx_http_js_module.so ]; then
+    echo "[setup] apt-get install nginx libnginx-mod-http-js"
+    (apt-get install -y -q nginx libnginx-mod-http-js >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q nginx libnginx-mod-http-js >/dev/null)) \
+        || echo "[setup] could not install nginx: exposed mode (--host 0.0.0.0) needs it, or --front none"
+elif [ ! -f /usr/lib/nginx/modules/ngx_http_js_module.so ]; then
+    echo "[setup] not root: skipping nginx + libnginx-mod-http-js (exposed mode needs them; install with your package manager)"
+fi
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
     exit 0
 fi

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lsgpt.contract import BACKEND, MODEL_FILE
+from lsgpt.serving import proxy as http_proxy
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (its model_repository/); LSGPT_ROOT for the stub
 CONTAINER_HOME = Path("/opt/tritonserver")
@@ -266,6 +267,7 @@ class TritonServer:
         extra_args: tuple[str, ...] = (),
         exposed: bool | None = None,
         admin_key: str | None = None,
+        front: bool | None = None,
     ):
         self.repo = Path(model_repository).resolve()
         self.grpc_port, self.http_port, self.metrics_port, self.host = grpc_port, http_port, metrics_port, host
@@ -276,6 +278,9 @@ class TritonServer:
         self.exposed = (not is_loopback(host)) if exposed is None else exposed
         self.admin_key = admin_key
         self.security_note = ""
+        # exposed: nginx on the public HTTP port, tritonserver's on loopback (lsgpt/serving/proxy.py)
+        self.front = self.exposed if front is None else front
+        self.proxy: http_proxy.Nginx | None = None
         self._log_choice = log_file
         self.workdir: Path | None = None
         self.log_path: Path | None = None
@@ -308,10 +313,10 @@ class TritonServer:
             *control,
             *restricted,
             f"--grpc-port={self.grpc_port}",
-            f"--http-port={self.http_port}",
+            f"--http-port={self.proxy.upstream_port if self.proxy else self.http_port}",
             f"--metrics-port={self.metrics_port}",
             f"--grpc-address={self.host}",
-            f"--http-address={self.host}",
+            f"--http-address={'127.0.0.1' if self.proxy else self.host}",
             f"--metrics-address={self.host}",
             "--exit-timeout-secs=10",
             f"--log-verbose={self.log_verbose}",
@@ -326,6 +331,11 @@ class TritonServer:
         try:
             backend_dir = build_backend_dir(inst, self.workdir)
             self.models = repository_view(self.repo, self.workdir, backend_dir, self.requested)
+            if self.front:
+                self.proxy = http_proxy.Nginx(self.host, self.http_port, free_port(), self.workdir).start()
+        except http_proxy.ProxyError as e:
+            self.stop()
+            raise LaunchError(f"exposed mode: {e} (or --front none if you front tritonserver yourself)") from None
         except BaseException:  # e.g. no servable model: leave no temporary folder behind
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
@@ -496,6 +506,9 @@ class TritonServer:
                 pass
             code = self.proc.returncode
             self.proc = None
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
@@ -604,6 +617,9 @@ def _parse_args(argv: list[str] | None):
                     help="admin APIs (repository, shared memory, statistics, trace, logging) behind the key of "
                          "$LSGPT_ADMIN_KEY / $LSGPT_ADMIN_KEY_FILE, closed without one; auto: when --host is "
                          "not loopback")
+    ap.add_argument("--front", choices=("auto", "nginx", "none"), default=os.environ.get("LSGPT_FRONT", "auto"),
+                    help="nginx on the public HTTP port (body and shape limits; docs/security.md); auto: in "
+                         "exposed mode; none: you front tritonserver's HTTP port yourself")
     ap.add_argument("--device", default=os.environ.get("LSGPT_DEVICE"),
                     help="force the engine's device (cpu, cuda, cuda:N); default: the instance kind "
                          "Triton picked (KIND_AUTO: GPU when one is visible)")
@@ -620,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         a.model_repository, grpc_port=a.grpc_port, http_port=a.http_port, metrics_port=a.metrics_port,
         host=a.host, models=[m for m in a.models.split(",") if m] or None, poll_secs=a.poll_secs,
         device=a.device, threads=a.threads, log_file=None, log_verbose=a.log_verbose, extra_args=tuple(extra),
-        exposed=None if a.exposed == "auto" else a.exposed == "yes",
+        exposed=None if a.exposed == "auto" else a.exposed == "yes", front=None if a.front == "auto" else a.front == "nginx",
     )
     shutdown = Shutdown(server)  # SIGTERM (docker stop) behaves like Ctrl-C
     shutdown.install()
@@ -644,6 +660,8 @@ def _serve(server: TritonServer, a, shutdown: Shutdown) -> int:
         server.start()
         if server.security_note:
             print(f"[lsgpt.serving.launcher] exposed mode: {server.security_note}", flush=True)
+        if server.exposed:
+            print(f"[lsgpt.serving.launcher] exposed mode: HTTP {'through nginx (body and shape limits)' if server.proxy else 'NOT fronted (--front none): tritonserver 2.51 crashes on some requests, front it yourself (docs/security.md)'}", flush=True)
         server.wait_ready(a.timeout, stop=shutdown)
     if not shutdown.is_set():
         print(
