@@ -25,6 +25,7 @@ import faulthandler
 import os
 import random
 import re
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
-from lsgpt.contract import STREAM_SUFFIX
+from lsgpt.contract import CANCEL_KEY, STREAM_SUFFIX
 
 GROWTH_LIMIT = 0.05
 HANG_S = 180.0  # a request unanswered this long is hung: every request has a 120 s deadline of its own
@@ -130,10 +131,11 @@ def cancel_one(url: str, model: str, r: list[int], n: int, mode: str) -> None:
 
     got: queue.Queue = queue.Queue()
     c = grpcclient.InferenceServerClient(url)
-    rid, twin = uuid.uuid4().hex, model + STREAM_SUFFIX
+    rid, key, twin = uuid.uuid4().hex, secrets.token_urlsafe(24), model + STREAM_SUFFIX  # key: only we can cancel
     try:
         c.start_stream(callback=lambda result, error: got.put(error))
-        c.async_stream_infer(twin, _inputs(grpcclient, r, {"max_new_tokens": max(n, 8), "top_k": 1}), request_id=rid)
+        c.async_stream_infer(twin, _inputs(grpcclient, r, {"max_new_tokens": max(n, 8), "top_k": 1}), request_id=rid,
+                             parameters={CANCEL_KEY: key})
         for _ in range(2):  # two tokens, then the client goes away
             err = got.get(timeout=120)
             if err is not None:
@@ -142,7 +144,7 @@ def cancel_one(url: str, model: str, r: list[int], n: int, mode: str) -> None:
         if mode == "abrupt":  # the call cancelled at once, as a client that dies mid-stream
             close_stream(c, wait=0)
         else:
-            close_stream(c, cancel=(twin, rid))
+            close_stream(c, cancel=(twin, rid, key))
         c.close()
 
 

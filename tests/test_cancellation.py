@@ -178,14 +178,16 @@ def test_client_streams_leave_no_thread_behind(long_served, tiny_models):
 
 
 def test_in_band_cancel_stops_the_row_and_the_call_ends_without_a_grpc_cancel(long_served):
-    """lsgpt.client.api.close_stream(c, cancel=(model, request id)): the model is asked on the stream itself
-    (contract.CANCEL) to stop the request, the stream is half-closed, and the server ends the call — no gRPC
+    """lsgpt.client.api.close_stream(c, cancel=(model, request id, key)): the model is asked on the stream itself
+    (contract.CANCEL, with the key the request carried: contract.CANCEL_KEY) to stop the request, the stream is half-closed, and the server ends the call — no gRPC
     cancellation, which tritonserver 2.51's gRPC frontend can answer by corrupting its heap (a CPU soak with
     half the streams cancelled so hung it within a minute). Oracles: the server's metrics (one cancelled request,
     far fewer tokens than asked), the model's own CANCELLED answer on the stream, and no local gRPC cancel."""
+    import secrets
     import uuid
 
     from lsgpt.client.api import close_stream
+    from lsgpt.contract import CANCEL_KEY
 
     server, engine = long_served
     gen, cancelled = f"lsgpt_generated_tokens_total{LABELS}", f"lsgpt_cancelled_requests_total{LABELS}"
@@ -206,13 +208,13 @@ def test_in_band_cancel_stops_the_row_and_the_call_ends_without_a_grpc_cancel(lo
         if len(got) >= 2:
             two.set()
 
-    rid = uuid.uuid4().hex
+    rid, key = uuid.uuid4().hex, secrets.token_hex(16)
     try:
         c.start_stream(callback=callback)
-        c.async_stream_infer(MODEL, inputs(prompt, MAX_NEW), request_id=rid)
+        c.async_stream_infer(MODEL, inputs(prompt, MAX_NEW), request_id=rid, parameters={CANCEL_KEY: key})
         assert two.wait(120), "no tokens within 120 s"  # hang guard
         handler = c._stream._handler
-        close_stream(c, cancel=(MODEL, rid), wait=120)
+        close_stream(c, cancel=(MODEL, rid, key), wait=120)
         assert not handler.is_alive()  # the server ended the call: close_stream had no need to cancel it
     finally:
         c.close()
@@ -230,7 +232,7 @@ def test_in_band_cancel_stops_the_row_and_the_call_ends_without_a_grpc_cancel(lo
     try:
         c.start_stream(callback=callback)
         short = stream(server.grpc_url, prompt, 3)
-        close_stream(c, cancel=(MODEL, "no-such-request"), wait=60)
+        close_stream(c, cancel=(MODEL, "no-such-request", key), wait=60)
     finally:
         c.close()
     assert short == ([TOKEN] * 3, True) and len(empty) == 2 and len(errors) == 1

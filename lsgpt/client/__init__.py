@@ -7,6 +7,7 @@ from lsgpt.client.api import (  # noqa: F401
     InvalidRequest,
     ModelNotReady,
     RequestTimeout,
+    ServerBusy,
     ServerUnavailable,
     check_sampling,
 )

@@ -10,13 +10,17 @@
 
 Prompts are [CLS] text (lsgpt.text.encode_prompt); the output is decoded with lsgpt.text.decode (spaces
 between CJK characters removed, Latin word spacing kept). Errors are ClientError subclasses with a
-message that says what to do: ServerUnavailable, ModelNotReady, InvalidRequest (a ValueError: empty or
-too long prompt, bad parameter), RequestTimeout. UNAVAILABLE is retried with backoff first.
+message that says what to do: ServerUnavailable, ModelNotReady, ServerBusy (the model's queue is full: retry
+later), InvalidRequest (a ValueError: empty or too long prompt, bad parameter, an integer out of its tensor's
+range), RequestTimeout. UNAVAILABLE is retried with backoff first. Integers are range-checked before they are cast
+to their tensor types (numpy would wrap 2**32 + 5 to 5); text is checked (UTF-8, contract.MAX_TEXT_BYTES) before
+it is tokenized.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
 import time
 import uuid
@@ -30,6 +34,7 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from lsgpt.contract import (
     CANCEL,
+    CANCEL_KEY,
     MAX_STEP_LIMIT,
     PARAMS,
     RESULT,
@@ -39,8 +44,10 @@ from lsgpt.contract import (
     TEXT,
     TOKEN_IDS,
     encode_stop,
+    ids_error,
     param_error,
     stop_error,
+    text_error,
 )
 from lsgpt.text import IncrementalDecoder, cached_tokenizer, decode, encode_prompt
 
@@ -55,6 +62,10 @@ class ServerUnavailable(ClientError):
 
 class ModelNotReady(ClientError):
     """The server is up but the model is not loaded (unknown name, loading, failed to load)."""
+
+
+class ServerBusy(ClientError):
+    """The model's queue is full (UNAVAILABLE from the model itself, after the client's retries): retry later."""
 
 
 class InvalidRequest(ClientError, ValueError):
@@ -116,6 +127,9 @@ def _inputs(module, prompt_ids: Sequence[int], sampling: dict[str, Any]) -> list
     if len(prompt_ids) >= MAX_STEP_LIMIT:  # refused here, before megabytes go over the wire
         raise InvalidRequest(f"prompt of {len(prompt_ids)} tokens: no model takes more than {MAX_STEP_LIMIT - 1} "
                              f"(LightSeq's max_step limit is {MAX_STEP_LIMIT}; the model's own may be lower)")
+    why = ids_error(prompt_ids)  # before the cast: numpy wraps 2**40 to 0
+    if why:
+        raise InvalidRequest(why)
     ids = np.asarray([list(prompt_ids)], dtype=np.int32)
     inp = module.InferInput(TOKEN_IDS, list(ids.shape), "INT32")
     inp.set_data_from_numpy(ids)
@@ -136,9 +150,10 @@ def _inputs(module, prompt_ids: Sequence[int], sampling: dict[str, Any]) -> list
     return out
 
 
-def close_stream(c: Any, cancel: tuple[str, str] | None = None, wait: float = 5.0) -> None:
-    """End `c`'s stream the way that leaves the server well: ``cancel=(model, request id)`` first asks that model,
-    in band on the same stream, to stop the request (contract.CANCEL; it answers at its next decode step); then
+def close_stream(c: Any, cancel: tuple[str, str, str] | None = None, wait: float = 5.0) -> None:
+    """End `c`'s stream the way that leaves the server well: ``cancel=(model, request id, key)`` first asks that
+    model, in band on the same stream, to stop the request (contract.CANCEL with contract.CANCEL_KEY, the secret
+    the request was sent with: only its owner can stop it; the model answers at its next decode step); then
     the stream is half-closed and the server gets `wait` s to answer what it still runs and end the call. Only
     if it has not is the gRPC call cancelled.
 
@@ -153,9 +168,9 @@ def close_stream(c: Any, cancel: tuple[str, str] | None = None, wait: float = 5.
     if stream is None:
         return
     if cancel is not None:
-        model, rid = cancel
+        model, rid, key = cancel
         try:
-            c.async_stream_infer(model, _inputs(grpcclient, [0], {}), parameters={CANCEL: rid})
+            c.async_stream_infer(model, _inputs(grpcclient, [0], {}), parameters={CANCEL: rid, CANCEL_KEY: key})
         except Exception:  # noqa: BLE001 - the stream is already broken: the cancel below ends it
             pass
     queue = getattr(stream, "_request_queue", None)
@@ -202,6 +217,11 @@ class Client:
     # Helpers.
 
     def encode(self, text: str) -> list[int]:
+        """[CLS] text as ids; InvalidRequest for text that is not UTF-8 or over contract.MAX_TEXT_BYTES (checked
+        first: tokenizing megabytes takes seconds)."""
+        why = text_error(text)
+        if why:
+            raise InvalidRequest(why)
         return encode_prompt(self.tok, text)
 
     def trim(self, row: Sequence[int], prompt_len: int) -> list[int]:
@@ -214,12 +234,17 @@ class Client:
 
     def _error(self, e: InferenceServerException, model: str) -> ClientError:
         status, msg = str(e.status() or ""), e.message() or str(e)
+        ours = msg.startswith(f"{model}: ")  # our model's own answer (stream errors carry no status)
+        if ours and "max_queued_requests=" in msg:  # the scheduler's QueueFull (UNAVAILABLE): the model is up
+            return ServerBusy(f"{model} at {self.url} is busy, its queue is full; retry later: {msg}")
+        if ours and ("shutting down" in msg or "was unloaded" in msg):  # ShuttingDown (UNAVAILABLE)
+            return ModelNotReady(f"model {model!r} is being unloaded on {self.url}; retry: {msg}")
         if "unknown model" in msg:  # stream errors carry no status
             twin = model == self.stream_model and model != self.model
             hint = (f" (streaming goes to the decoupled twin of {self.model!r}; an export with --repository "
                     "publishes it)") if twin else ""
             return ModelNotReady(f"model {model!r} is not served at {self.url}{hint}: {msg.strip()}")
-        if not status and msg.startswith(f"{model}: ") and "generation failed" not in msg:
+        if not status and ours and "generation failed" not in msg:
             return InvalidRequest(msg)  # stream errors carry no status; our model prefixes its rejections
         if status.endswith("INVALID_ARGUMENT"):
             return InvalidRequest(msg)
@@ -301,11 +326,21 @@ class Client:
         params = check_sampling(sampling, self.tok)
         q: queue.Queue = queue.Queue()
         c = grpcclient.InferenceServerClient(self.url)  # one stream per call: a client holds one stream
-        rid, finished = uuid.uuid4().hex, False  # an unguessable id: what the in-band cancel names
+        rid, finished = uuid.uuid4().hex, False  # what the in-band cancel names
+        key = secrets.token_urlsafe(24)  # and the secret that proves it is ours (contract.CANCEL_KEY)
+        inputs = _inputs(grpcclient, prompt, params)
         try:
             c.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=self.timeout)
-            c.async_stream_infer(self.stream_model, _inputs(grpcclient, prompt, params), request_id=rid,
-                                 enable_empty_final_response=True, parameters=_parameters(params))
+            try:
+                c.async_stream_infer(self.stream_model, inputs, request_id=rid, enable_empty_final_response=True,
+                                     parameters={**(_parameters(params) or {}), CANCEL_KEY: key})
+            except InferenceServerException as e:  # the stream broke at once (no server): its callback says why
+                finished = True
+                try:
+                    e = q.get(timeout=1.0)[1] or e
+                except queue.Empty:
+                    pass
+                raise self._error(e, self.stream_model) from None
             while True:
                 deadline = time.monotonic() + self.timeout
                 while True:
@@ -332,7 +367,7 @@ class Client:
                     finished = True
                     return
         finally:  # stopped early (cancel, a closed iterator, a timeout): the model is asked to stop the request
-            close_stream(c, cancel=None if finished else (self.stream_model, rid))
+            close_stream(c, cancel=None if finished else (self.stream_model, rid, key))
             c.close()
 
     def stream(self, text: str, **sampling) -> Iterator[str]:

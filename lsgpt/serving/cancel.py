@@ -1,9 +1,12 @@
 """Cancellation off the decode loop: CancelWatch asks Triton whether live requests are cancelled, from one thread;
-each request's Watched flag is what the scheduler reads every token. Also the in-band cancel (contract.CANCEL)."""
+each request's Watched flag is what the scheduler reads every token. Also the in-band cancel (contract.CANCEL),
+honoured only with the key its request carried (contract.CANCEL_KEY): a request id is no secret (logs, traces,
+and a client may choose it), so knowing one must not let anybody stop another client's request."""
 
 from __future__ import annotations
 
 import functools
+import hmac
 import threading
 from typing import Any
 
@@ -48,40 +51,49 @@ class CancelWatch:
     """``request.is_cancelled()`` is a round trip to the server process (the stub asks Triton and waits), so the
     decode loop does not ask it: one thread asks instead, for every live request every PERIOD s, and sets a flag
     the loop reads for free: a cancelled request leaves its row within PERIOD plus one step. A request watched
-    under its request id can also be stopped in band (``ask``: contract.CANCEL) until its FINAL is sent."""
+    under its request id and its owner's key can also be stopped in band (``ask``: contract.CANCEL with
+    contract.CANCEL_KEY) until its FINAL is sent; one without a key only by cancelling its call."""
 
     PERIOD = 0.01
 
     def __init__(self, name: str):
         self._live: list[Watched] = []
-        self._named: dict[str, Watched] = {}  # running requests by request id: what an in-band cancel can name
+        # running requests by request id (ids need not be unique): (the owner's key, its flag)
+        self._named: dict[str, list[tuple[bytes, Watched]]] = {}
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=f"lsgpt-cancel-{name}", daemon=True)
         self._thread.start()
 
-    def watch(self, check: Any, request_id: str = "") -> Watched:
+    def watch(self, check: Any, request_id: str = "", key: str = "") -> Watched:
+        """The flag of a new request; with an id and a key, an in-band cancel naming both can set it."""
         w = Watched(check)
         with self._cv:
             if check is not None:
                 self._live.append(w)
                 self._cv.notify()
-            if request_id:
-                self._named[request_id] = w
+            if request_id and key:
+                self._named.setdefault(request_id, []).append((key.encode(), w))
                 w.on_close = functools.partial(self._forget, request_id, w)
         return w
 
-    def ask(self, request_id: str) -> None:
-        """An in-band cancel: the running request of that id (if any) leaves its row at the next step."""
+    def ask(self, request_id: str, key: str) -> bool:
+        """An in-band cancel: the running request of that id whose owner chose `key` (if any) leaves its row at the
+        next step. Keys are compared in constant time; a wrong one changes nothing. -> whether one matched."""
+        given = key.encode()
         with self._cv:
-            w = self._named.get(request_id)
-        if w is not None:
+            hits = [w for k, w in self._named.get(request_id, ()) if hmac.compare_digest(k, given)]
+        for w in hits:
             w.asked = True
+        return bool(hits)
 
     def _forget(self, request_id: str, w: Watched) -> None:
         with self._cv:
-            if self._named.get(request_id) is w:
-                del self._named[request_id]
+            left = [(k, x) for k, x in self._named.get(request_id, ()) if x is not w]
+            if left:
+                self._named[request_id] = left
+            else:
+                self._named.pop(request_id, None)
 
     def _run(self) -> None:
         from lsgpt.engine.scheduler import name_thread

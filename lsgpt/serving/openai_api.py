@@ -37,7 +37,11 @@ tokenizer of these models drops whitespace, so the model sees the texts one afte
 
 What the engine does not do (n > 1, best_of, logprobs, echo, suffix, logit_bias, tools, response formats other
 than text, ...) is refused with a 400 naming it, never ignored; so is every malformed request (OpenAI-style
-error JSON, never a 500). Why not Triton's own OpenAI frontend: it runs tritonserver in process through its
+error JSON, never a 500): text that is not UTF-8 (a lone surrogate such as "\\ud800") is a 400, a body over
+MAX_BODY_BYTES a 413 before it is parsed, a prompt or message over contract.MAX_TEXT_BYTES a 400 before it is
+tokenized (off the event loop), an integer outside its tensor's range a 400 (never wrapped). A full model queue is
+a 429 and an unreachable Triton server a 503, both with Retry-After (streams too: the first token is awaited
+before the response starts). Why not Triton's own OpenAI frontend: it runs tritonserver in process through its
 Python bindings, which the pip wheel we serve with does not carry. Loopback by default.
 """
 
@@ -57,6 +61,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lsgpt.client.api import (
     DEFAULT_TOKENIZER,
@@ -64,10 +69,11 @@ from lsgpt.client.api import (
     ClientError,
     InvalidRequest,
     ModelNotReady,
+    ServerBusy,
     check_sampling,
 )
+from lsgpt.contract import MAX_STOP_SEQUENCES, matched_stop, text_error
 from lsgpt.contract import PARAMS as SAMPLING_PARAMS
-from lsgpt.contract import matched_stop
 from lsgpt.text import IncrementalDecoder, decode
 
 MODELS = ("gpt2", "gpt2_int8")
@@ -92,18 +98,31 @@ CHAT_UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit
                     "service_tier": (None, "auto", "default"), "reasoning_effort": (None,),
                     "web_search_options": (None,)}
 ROLES = ("system", "developer", "user", "assistant")
+# A request body beyond this is refused with a 413 before it is read whole or parsed: the largest valid one (a
+# few prompts of contract.MAX_TEXT_BYTES, or chat messages up to it) is far smaller
+MAX_BODY_BYTES = 1 << 20
+RETRY_BUSY_S, RETRY_DOWN_S = 1, 5  # Retry-After of a 429 (the model's queue is full) and of a 503 (no Triton)
 
 
 class ApiError(Exception):
     """A request answered with an OpenAI-style error: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429, 503)
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+          retry_after: int | None = None) -> JSONResponse:
+    headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+
+    def utf8(x: str | None) -> str | None:  # a message may quote the request's lone surrogate: never a 500
+        return None if x is None else x.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    return JSONResponse({"error": {"message": utf8(message), "type": kind, "param": utf8(param), "code": None}},
+                        status, headers=headers)
 
 
 def api_error(e: ClientError, max_key: str = "max_tokens") -> ApiError:
@@ -111,9 +130,60 @@ def api_error(e: ClientError, max_key: str = "max_tokens") -> ApiError:
     if isinstance(e, InvalidRequest):
         return ApiError(400, str(e).replace("max_new_tokens", max_key), param=max_key if "max_new_tokens" in str(e)
                         else None)
+    if isinstance(e, ServerBusy):  # the model's queue is full: as OpenAI's rate limit, retry after a while
+        return ApiError(429, str(e), "rate_limit_error", retry_after=RETRY_BUSY_S)
     if isinstance(e, ModelNotReady):
         return ApiError(404, str(e), "not_found_error")
-    return ApiError(503, str(e), "server_error")
+    return ApiError(503, str(e), "server_error", retry_after=RETRY_DOWN_S)  # Triton unreachable, timeouts
+
+
+def check_text(text: str, param: str) -> str:
+    """`text` if it can be a prompt: UTF-8 (a lone surrogate cannot be encoded) and within contract.MAX_TEXT_BYTES,
+    checked before anything tokenizes it; else a 400 naming `param`."""
+    why = text_error(text, param)
+    if why:
+        raise ApiError(400, why, param=param)
+    return text
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 before the app reads or parses it
+    (by its Content-Length at once; a chunked body as soon as the bytes read exceed it). The body is read here,
+    at most `limit` bytes, and handed to the app as one message."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self.refuse(scope, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self.refuse(scope, send)
+            if not message.get("more_body"):
+                break
+        first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> dict:
+            nonlocal first
+            if first is not None:
+                message, first = first, None
+                return message
+            return await receive()  # then the disconnect a streaming response listens for
+
+        return await self.app(scope, replay, send)
+
+    async def refuse(self, scope: dict, send: Callable) -> None:
+        await error(413, f"the request body is over {self.limit} bytes")(scope, None, send)
 
 
 @dataclass
@@ -163,8 +233,14 @@ class Job:
         options = body.get("stream_options")
         if options is not None and (not stream or not isinstance(options, dict)):
             raise ApiError(400, "stream_options is only allowed with stream: true, as an object", param="stream_options")
-        if not isinstance(body.get("stop"), (type(None), str, list)):
-            raise ApiError(400, f"stop must be a string or a list of strings, got {body['stop']!r}", param="stop")
+        stops = body.get("stop")
+        if not isinstance(stops, (type(None), str, list)):
+            raise ApiError(400, f"stop must be a string or a list of strings, got {stops!r}", param="stop")
+        if isinstance(stops, list) and len(stops) > MAX_STOP_SEQUENCES:
+            raise ApiError(400, f"{len(stops)} stop sequences: at most {MAX_STOP_SEQUENCES}", param="stop")
+        for s in [stops] if isinstance(stops, str) else stops or ():
+            if isinstance(s, str):
+                check_text(s, "stop")
         c = client(model)
         try:  # types and ranges now, with a 400 naming the parameter; stop: a string or a list of strings
             sampling = check_sampling(sampling)
@@ -284,12 +360,26 @@ def chat_prompt(messages: Any) -> str:
         if not isinstance(content, str) or not content.strip():
             raise ApiError(400, f"{where}.content must be a non-empty string or a list of text parts",
                            param=f"{where}.content")
-        texts.append(content)
-    return "\n".join(texts)
+        texts.append(check_text(content, f"{where}.content"))  # UTF-8 and size, before tokenizing
+    return check_text("\n".join(texts), "messages")
+
+
+async def on_http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (e.g. a body that is not UTF-8 JSON) as OpenAI-style errors."""
+    return error(e.status_code, str(e.detail))
+
+
+async def encode(job: Job, texts: list[str]) -> list[list[int]]:
+    """The prompts' ids, tokenized in a worker thread: the event loop keeps serving meanwhile."""
+    try:
+        return await run_in_threadpool(lambda: [job.client.encode(t) for t in texts])
+    except ClientError as e:
+        raise api_error(e) from None
 
 
 def create_app(url: str, tokenizer: str = DEFAULT_TOKENIZER, models: tuple[str, ...] = MODELS) -> FastAPI:
     app = FastAPI(title="lsgpt-triton OpenAI-compatible API")
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     clients: dict[str, Client] = {}
 
     def client(model: str) -> Client:
@@ -299,8 +389,9 @@ def create_app(url: str, tokenizer: str = DEFAULT_TOKENIZER, models: tuple[str, 
 
     @app.exception_handler(ApiError)
     async def on_api_error(_: Request, e: ApiError) -> JSONResponse:
-        return error(e.status, e.message, e.kind, e.param)
+        return error(e.status, e.message, e.kind, e.param, e.retry_after)
 
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
     @app.exception_handler(RequestValidationError)
     async def on_bad_body(_: Request, e: RequestValidationError) -> JSONResponse:
         return error(400, f"the body must be a JSON object ({'; '.join(d.get('msg', '') for d in e.errors())})")
@@ -318,13 +409,12 @@ def create_app(url: str, tokenizer: str = DEFAULT_TOKENIZER, models: tuple[str, 
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
+        for p in prompts:
+            check_text(p, "prompt")  # UTF-8 and size, before tokenizing
         job = Job.parse(body, models, client, unsupported=UNSUPPORTED, fields=COMPLETION_FIELDS,
                         max_keys=("max_tokens",), default_max=16, prefix="cmpl")
         head = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
-        try:
-            ids = [job.client.encode(p) for p in prompts]
-        except ClientError as e:
-            raise api_error(e) from None
+        ids = await encode(job, prompts)
         if job.streaming:
             if len(ids) != 1:
                 raise ApiError(400, "stream: true takes one prompt", param="prompt")
@@ -347,10 +437,7 @@ def create_app(url: str, tokenizer: str = DEFAULT_TOKENIZER, models: tuple[str, 
                         max_keys=("max_completion_tokens", "max_tokens"), default_max=None, prefix="chatcmpl")
         head = {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
                 "system_fingerprint": None}
-        try:
-            ids = job.client.encode(prompt)
-        except ClientError as e:
-            raise api_error(e) from None
+        [ids] = await encode(job, [prompt])
         if job.streaming:
             chunk_head = {**head, "object": "chat.completion.chunk"}
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from lsgpt.contract import (
     CANCEL,
+    CANCEL_KEY,
     PARAMS,
     STOP_WORDS,
     STREAM,
@@ -26,6 +27,7 @@ from lsgpt.contract import (
     TEXT_INPUT,
     TOKEN_IDS,
     decode_stop,
+    text_error,
 )
 
 try:  # present inside the Python backend stub only
@@ -97,10 +99,11 @@ def _prompts(request, tokenizer: Any) -> tuple[list[list[int]], bool]:
     from lsgpt.text import encode_prompt
 
     texts = text_in.as_numpy().reshape(-1)
-    try:
-        return [encode_prompt(tokenizer, x.decode() if isinstance(x, bytes) else str(x)) for x in texts], True
-    except UnicodeDecodeError:
-        raise BadRequest("input 'text_input' is not UTF-8") from None
+    for x in texts:  # size and UTF-8 before tokenizing: megabytes of text would hold this model for seconds
+        why = text_error(x if isinstance(x, bytes) else str(x), "input 'text_input'")
+        if why:
+            raise BadRequest(why)
+    return [encode_prompt(tokenizer, x.decode() if isinstance(x, bytes) else str(x)) for x in texts], True
 
 
 def _fields(request, b: int) -> list[dict[str, Any]]:
@@ -153,7 +156,21 @@ def _parameters(request) -> dict[str, Any]:
     return params if isinstance(params, dict) else {}
 
 
-def cancel_target(request) -> str | None:
-    """The request id an in-band cancel names (request parameter contract.CANCEL), or None for a normal request."""
-    target = _parameters(request).get(CANCEL)
-    return None if target is None else str(target)
+def cancel_target(request) -> tuple[str, str] | None:
+    """(request id, key) an in-band cancel names (request parameters contract.CANCEL and contract.CANCEL_KEY), or
+    None for a normal request; BadRequest for a cancel without a key (it could stop nothing)."""
+    params = _parameters(request)
+    target = params.get(CANCEL)
+    if target is None:
+        return None
+    key = params.get(CANCEL_KEY)
+    if not isinstance(key, str):
+        raise BadRequest(f"an in-band cancel ({CANCEL}) must also give the key the request carried ({CANCEL_KEY}): "
+                         "only the request's owner may stop it")
+    return str(target), key
+
+
+def owner_key(request) -> str:
+    """The key a request carries for cancelling it in band (contract.CANCEL_KEY), or '' (not cancellable in band)."""
+    key = _parameters(request).get(CANCEL_KEY)
+    return key if isinstance(key, str) else ""

@@ -41,7 +41,7 @@ from lsgpt.serving import responses
 from lsgpt.serving.cancel import CancelWatch, Watched
 from lsgpt.serving.metrics import Metrics
 from lsgpt.serving.outbox import Outbox
-from lsgpt.serving.requests import BadRequest, Form, Parsed, cancel_target, parse
+from lsgpt.serving.requests import BadRequest, Form, Parsed, cancel_target, owner_key, parse
 
 try:  # present inside the Python backend stub only
     import triton_python_backend_utils as pb_utils
@@ -122,12 +122,12 @@ class TritonPythonModel:
 
         for request in requests:
             sender = request.get_response_sender()
-            target = cancel_target(request)
-            if target is not None:  # an in-band cancel: flag the named request, answer this one at once
-                self.cancels.ask(target)  # its row leaves at the next step; its FINAL says CANCELLED
-                sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
-                continue
             try:
+                target = cancel_target(request)
+                if target is not None:  # an in-band cancel: flag the named request, answer this one at once
+                    self.cancels.ask(*target)  # its row leaves at the next step; its FINAL says CANCELLED
+                    sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
+                    continue  # the same answer whether the id and key matched a request or not
                 q = parse(request, self.form)
                 self.scheduler.validate(q.prompts, q.params)  # the rules: the scheduler's; parse converts
                 self._submit(request, sender, q)
@@ -144,8 +144,9 @@ class TritonPythonModel:
     def _submit(self, request, sender, q: Parsed) -> None:
         # the sender's check is the one documented for decoupled models (the request is released when execute returns)
         check = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", None)
-        # a flag the decode loop reads; CancelWatch asks Triton, and an in-band cancel can name the request id
-        cancelled = self.cancels.watch(check, request.request_id() or "")
+        # a flag the decode loop reads; CancelWatch asks Triton, and an in-band cancel naming the request id and
+        # the key the request carries (its owner's secret) sets it
+        cancelled = self.cancels.watch(check, request.request_id() or "", owner_key(request))
         if self.decoupled:
             self._submit_decoupled(sender, q, cancelled)
         else:
