@@ -444,6 +444,7 @@ class TritonServer:
         would otherwise be taken for ours)."""
         for what, port in (("gRPC", self.grpc_port), ("HTTP", self.http_port), ("metrics", self.metrics_port)):
             with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver: TIME_WAIT is no holder
                 try:
                     s.bind((self.host, port))
                 except OSError as e:
@@ -659,7 +660,8 @@ class TritonServer:
                     self._say(f"not serving broken version {path}: {why}")
             self.broken.update(broken)
             if changed and self.load(m):
-                self._say(f"{m}: loaded {', '.join(p.name for p in (self.workdir / 'repository' / m).iterdir())}")
+                served = [p.name for p in (self.workdir / "repository" / m).iterdir() if p.name.isdigit()]
+                self._say(f"{m}: version {', '.join(served)} loaded")
                 loaded.append(m)
         return loaded
 
