@@ -443,3 +443,134 @@ def test_dead_model_process_reloads_that_model_alone(tiny_models, tmp_path):
         assert not failures and answered, failures[:5]
         assert back < 15, f"gpt2 took {back:.1f}s to come back (target: under 10 s on an unloaded machine)"
     assert not _shm(prefix), _shm(prefix)
+
+
+def _launcher(repo: Path, http: int, grpc: int, *extra: str):
+    """The real launcher CLI (what `make serve` runs) as a process of its own, its output collected."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lsgpt.serving.launcher", "--model-repository", str(repo), "--grpc-port", str(grpc),
+           "--http-port", str(http), "--metrics-port", str(free_port()), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if "[lsgpt.serving.launcher] ready" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc, lines, ready
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find tritonserver")
+def test_killed_launcher_takes_tritonserver_with_it(tiny_models, tmp_path):
+    """Finding 5: kill -9 of the launcher left tritonserver serving unsupervised, and a new launcher said "ready"
+    from the orphan before exiting on "Socket already in use". Now tritonserver and its model processes die with
+    the launcher, the next start removes the dead launch's /dev/shm regions, and a start on a port that another
+    server holds refuses at once, naming the port."""
+    from lsgpt.serving.launcher import SHM_PREFIX, LaunchError
+
+    repo = make_repository(tmp_path / "repo", tiny_models)
+    http, grpc = free_port(), free_port()
+    proc, lines, ready = _launcher(repo, http, grpc, "--models", "gpt2")
+    try:
+        assert ready.wait(180), "".join(lines[-30:])
+        server_pid = _tritonserver_of(http)[0]
+        proc.kill()  # kill -9: nothing of the launcher runs after this
+        proc.wait(10)
+        deadline = time.monotonic() + 20
+        while _alive_in_session(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _alive_in_session(server_pid)
+        print(f"tritonserver session {server_pid} after the launcher's kill -9: {left}")
+        assert not left, f"tritonserver session {server_pid} outlived the launcher: {left}"
+        stale = _shm(f"{SHM_PREFIX}{proc.pid}_")
+        with TritonServer(repo, models=["gpt2"], log_file=tmp_path / "log", **ports()) as server:
+            server.wait_ready(180)
+            assert not any(_shm(f"{SHM_PREFIX}{proc.pid}_")), f"regions of the dead launch left: {stale}"
+            taken = TritonServer(repo, models=["gpt2"], grpc_port=free_port(), http_port=server.http_port,
+                                 metrics_port=free_port())
+            with pytest.raises(LaunchError, match=f"port 127.0.0.1:{server.http_port} is taken"):
+                taken.start()
+            assert taken.proc is None and taken.workdir is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        found = _tritonserver_of(http)
+        if found:
+            os.killpg(found[0], signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="POSIX signals")
+def test_sigterm_drains_long_generations(tiny_models, tmp_path):
+    """Finding 6: SIGTERM while requests run longer than tritonserver's 10-s exit timeout: tritonserver exited with
+    them in flight (heap corruption, Signal 6/11), the launcher killed it after 30 s, clients waited 30 s. Now
+    (gpt2 with one running row, so its queue takes longer than the grace) new requests are refused at once,
+    running ones finish within the grace (--drain-grace 4) or end with UNAVAILABLE, and the launcher exits 0
+    through a clean tritonserver exit."""
+    import re
+
+    repo = make_repository(tmp_path / "repo", tiny_models)
+    cfg = repo / "gpt2" / "config.pbtxt"
+    cfg.write_text(re.sub(r'(key: "max_running_rows", value: \{ string_value: )"\d+"', r'\1"1"', cfg.read_text()))
+    http, grpc = free_port(), free_port()
+    proc, lines, ready = _launcher(repo, http, grpc, "--models", "gpt2,gpt2_int8", "--drain-grace", "4")
+    outcomes: queue.Queue = queue.Queue()
+
+    def one(i):
+        t = time.monotonic()
+        try:
+            ask(f"127.0.0.1:{grpc}", [2, 5 + i % 20], n=60, timeout=120)
+            outcomes.put(("answered", time.monotonic() - t))
+        except Exception as e:  # noqa: BLE001
+            outcomes.put((str(e).splitlines()[0][:150], time.monotonic() - t))
+
+    try:
+        assert ready.wait(180), "".join(lines[-30:])
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(120)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while outcomes.qsize() < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        late = ask_after_sigterm(grpc)
+        code = proc.wait(60)
+        took = time.monotonic() - t0
+        for t in threads:
+            t.join(60)
+        got = [outcomes.get_nowait() for _ in range(outcomes.qsize())]
+        out = "".join(lines)
+        kinds = sorted({g[0] if g[0] == "answered" else g[0][:60] for g in got})
+        print(f"SIGTERM -> launcher exit {code} in {took:.1f}s; {len(got)} requests: {kinds}; a new one: {late}")
+        print("".join(ln for ln in lines if "lsgpt.serving.launcher" in ln)[-2000:])
+        assert len(got) == 120
+        assert all(g[0] == "answered" or "UNAVAILABLE" in g[0] for g in got), kinds
+        assert any(g[0] != "answered" for g in got), "the queue should outlast the grace (else nothing is tested)"
+        assert not re.search(r"Signal \((6|11)\)", out), out[-3000:]  # 15 is our SIGTERM
+        assert "Exit timeout expired" not in out and "malloc" not in out, out[-3000:]
+        assert code == 0 and took < 4 + 15, (code, took)
+        assert late is not None and "answered" not in late
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        found = _tritonserver_of(http)
+        if found:
+            os.killpg(found[0], signal.SIGKILL)
+
+
+def ask_after_sigterm(grpc: int) -> str | None:
+    """A request sent just after the SIGTERM: refused at once (not queued behind the drain)."""
+    time.sleep(1.0)
+    t = time.monotonic()
+    try:
+        ask(f"127.0.0.1:{grpc}", [2, 5], n=2, model="gpt2_int8", timeout=10)
+        return "answered"
+    except Exception as e:  # noqa: BLE001
+        return f"{str(e).splitlines()[0][:100]} after {time.monotonic() - t:.2f}s"

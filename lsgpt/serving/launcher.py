@@ -360,6 +360,7 @@ class TritonServer:
         self.broken: dict[str, str] = {}  # version folder -> why it is not served (a failed validating read)
         self._generation = 0  # reload(): the how-manyth
         self.shm_prefix = ""  # the Python backend's /dev/shm regions of this launch: removed after every stop
+        self._watchdog: subprocess.Popen | None = None  # ends the server's process group if we die
         self._admin_value: str | None = None  # the restricted APIs' header value (exposed mode): for reload()
 
     @property
@@ -435,6 +436,7 @@ class TritonServer:
         finally:
             if out:
                 out.close()
+        self._watchdog = _start_watchdog(self.proc.pid, self.shm_prefix)
         if out is None:
             threading.Thread(target=self._relay, args=(self.proc.stdout,), name="lsgpt-server-log", daemon=True).start()
         return self
@@ -722,6 +724,11 @@ class TritonServer:
                 pass
             code = self.proc.returncode
             self.proc = None
+        if self._watchdog is not None:  # its work is done
+            self._watchdog.kill()
+            self._watchdog.wait()
+            self._watchdog.stdin.close()
+            self._watchdog = None
         remove_shm(self.shm_prefix)  # what a killed server (or a dead model process) left in /dev/shm
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -783,6 +790,34 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_WATCHDOG = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+sys.stdin.buffer.read()  # EOF: the launcher is gone (killed: nothing of it runs any more)
+try:
+    os.killpg(int(sys.argv[1]), signal.SIGKILL)
+except OSError:
+    pass
+for name in os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []:
+    if name.startswith(sys.argv[2]):
+        try:
+            os.unlink("/dev/shm/" + name)
+        except OSError:
+            pass
+"""
+
+
+def _start_watchdog(pgid: int, shm_prefix: str) -> subprocess.Popen | None:
+    """A tiny process that outlives a killed launcher by a moment: when the pipe from us closes, it kills
+    tritonserver's process group (the model stubs too: tritonserver 2.51's stubs outlive their server, waiting on
+    it for good) and removes the launch's /dev/shm regions. stop() ends it first on a normal stop."""
+    try:
+        return subprocess.Popen([sys.executable, "-S", "-c", _WATCHDOG, str(pgid), shm_prefix], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        return None
 
 
 def _die_with_parent():
