@@ -360,6 +360,8 @@ class TritonServer:
         self.broken: dict[str, str] = {}  # version folder -> why it is not served (a failed validating read)
         self._generation = 0  # reload(): the how-manyth
         self.shm_prefix = ""  # the Python backend's /dev/shm regions of this launch: removed after every stop
+        self._load_lock = threading.Lock()
+        self._polling: threading.Event | None = None  # set: the poller thread ends
         self._watchdog: subprocess.Popen | None = None  # ends the server's process group if we die
         self._admin_value: str | None = None  # the restricted APIs' header value (exposed mode): for reload()
 
@@ -376,10 +378,12 @@ class TritonServer:
         if self.exposed:
             restricted, self.security_note = restricted_api_args(self.admin_key)
             self._admin_value = restricted[0].rsplit("=", 1)[1]
-        # explicit: the launcher loads what its view holds; supervise() polls the repository itself (poll_secs; 0:
-        # read once at start, for a repository that others than the publisher can write), validates each new
-        # version before Triton sees it, and reloads one model whose process died.
-        control = ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models)]
+        # explicit: the launcher loads what its view holds, polls the repository itself (every poll_secs, a thread
+        # of start()), validates each new version before Triton sees it, and reloads one model whose process died.
+        # poll_secs 0: none, the repository is read once at start (for a repository that others than the
+        # publisher can write); a dead model process then restarts the server.
+        control = ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models)] \
+            if self.poll_secs > 0 else ["--model-control-mode=none"]
         return [
             str(binary),
             f"--model-repository={self.workdir / 'repository'}",
@@ -437,6 +441,9 @@ class TritonServer:
             if out:
                 out.close()
         self._watchdog = _start_watchdog(self.proc.pid, self.shm_prefix)
+        if self.poll_secs > 0:
+            self._polling = threading.Event()
+            threading.Thread(target=self._poll, args=(self._polling,), name="lsgpt-poll", daemon=True).start()
         if out is None:
             threading.Thread(target=self._relay, args=(self.proc.stdout,), name="lsgpt-server-log", daemon=True).start()
         return self
@@ -551,16 +558,14 @@ class TritonServer:
         """Keep every model serving, and say what it did on stderr:
         - a model's Python stub dies (an OOM kill, a CUDA fault) and stays gone for `grace` checks (tritonserver
           2.51 keeps calling the model ready but fails every request, "Stub process ... is not healthy"): that
-          model alone is reloaded (reload()), the others serve on; a failed reload restarts the server;
-        - every poll_secs, the repository's new versions (validated first: a broken one is reported, not loaded)
-          and changed configs are loaded model by model (sync_repository());
+          model alone is reloaded (reload()), the others serve on; a failed reload (or poll_secs 0, no load API)
+          restarts the server;
         - tritonserver reports a fatal signal (it may then hang instead of exiting), dies of one, or its liveness
           endpoint has not answered for `unanswered` checks in a row: the server is restarted on the same ports.
         Returns when `stop` is set or the server exits by itself (an exit status, not a signal)."""
         stop = stop or threading.Event()
         expected = set(self.stub_processes())
         strikes = silent = 0
-        synced = time.monotonic()
         self.fatal_signal_in_log()  # only what is logged from now on
         while not stop.wait(interval):
             if self.proc is None:
@@ -582,13 +587,10 @@ class TritonServer:
                    else None)
             if why is None and strikes >= grace:
                 dead = sorted({n.rsplit("_", 2)[0] for n in missing})
-                if not all(self.reload(m, f"its model process {', '.join(sorted(missing))} died") for m in dead):
-                    why = f"model process(es) {', '.join(sorted(missing))} died and reloading failed"
+                gone = f"model process(es) {', '.join(sorted(missing))} died"
+                if self.poll_secs <= 0 or not all(self.reload(m, gone) for m in dead):
+                    why = gone if self.poll_secs <= 0 else f"{gone} and reloading failed"
                 expected, strikes = set(self.stub_processes()), 0
-            if why is None and self.poll_secs > 0 and time.monotonic() - synced >= self.poll_secs:
-                if self.sync_repository():
-                    expected = set(self.stub_processes())
-                synced = time.monotonic()
             if why:
                 self._say(f"{why}: restarting tritonserver")
                 self.restarts.append((time.time(), why))
@@ -618,7 +620,8 @@ class TritonServer:
     def load(self, model: str) -> bool:
         """Triton's repository load of one model from the view: a changed model (new version folder, config,
         or a touched config) is loaded beside the running one, which serves until the new one is ready."""
-        code, body = self._admin(f"/v2/repository/models/{model}/load")
+        with self._load_lock:  # the poller and supervise() both load
+            code, body = self._admin(f"/v2/repository/models/{model}/load")
         if code != 200:
             self._say(f"loading {model} failed ({code}): {body[:300]}")
         return code == 200
@@ -642,6 +645,12 @@ class TritonServer:
             self.reloads.append((time.time(), f"{model}: {why}"))
             self._say(f"{model} reloaded in {time.monotonic() - t0:.1f}s")
         return ok
+
+    def _poll(self, done: threading.Event) -> None:
+        """What Triton's poll mode did, with every new version validated before Triton sees it."""
+        while not done.wait(self.poll_secs):
+            if self.proc is not None and self._get("/v2/health/live") == 200:
+                self.sync_repository()
 
     def sync_repository(self) -> list[str]:
         """Poll the repository (what Triton's poll mode did, with each new version validated first): models whose
@@ -668,8 +677,19 @@ class TritonServer:
         return loaded
 
     def _busy_models(self) -> list[str]:
-        """Our models Triton still holds (any state but unloaded), from the repository index."""
+        """Our models Triton still holds (any state but unloaded), from the repository index; without the load
+        API (poll_secs 0: models stay loaded) those with a request running or queued, from our metrics."""
         import json
+
+        if self.poll_secs <= 0:
+            try:
+                url = f"http://{_client_host(self.host)}:{self.metrics_port}/metrics"
+                text = urllib.request.urlopen(url, timeout=5).read().decode()
+            except (urllib.error.URLError, OSError):
+                return list(self.models)
+            busy = re.findall(r'^lsgpt_(?:running_rows|queued_requests)\{[^}]*model="([^"]+)"[^}]*\} ([0-9.e+]+)$',
+                              text, re.M)
+            return sorted({m for m, v in busy if float(v) > 0})
 
         code, body = self._admin("/v2/repository/index", timeout=5)
         if code != 200:
@@ -683,12 +703,13 @@ class TritonServer:
         """Stop admitting, let running requests finish within `grace` s (drain_grace), end the rest with
         UNAVAILABLE, so that stop() finds no request inside a model (tritonserver 2.51 exiting with requests in
         flight corrupted its heap). New requests are refused from the first moment (the models are being
-        unloaded; /v2/health/ready is false). True when every model unloaded in time."""
+        unloaded; /v2/health/ready is false). True when every model unloaded in time. poll_secs 0 (no load API):
+        requests are admitted until the grace is over or nothing runs, then refused with UNAVAILABLE."""
         grace = self.drain_grace if grace is None else grace
         if self.proc is None or self.proc.poll() is not None or self.workdir is None:
             return False
         t0 = time.monotonic()
-        for m in self.models:  # the unload call may wait for the model's requests: each on its own thread
+        for m in self.models if self.poll_secs > 0 else ():  # unload (may wait for the model): a thread each
             threading.Thread(target=self._admin, args=(f"/v2/repository/models/{m}/unload",),
                              kwargs=dict(timeout=grace + 30), daemon=True).start()
         ended = False
@@ -710,6 +731,9 @@ class TritonServer:
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests and stops its model stubs), SIGKILL if it hangs."""
         code = None
+        if self._polling is not None:
+            self._polling.set()
+            self._polling = None
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)
