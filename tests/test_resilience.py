@@ -445,7 +445,7 @@ def test_dead_model_process_reloads_that_model_alone(tiny_models, tmp_path):
     assert not _shm(prefix), _shm(prefix)
 
 
-def _launcher(repo: Path, http: int, grpc: int, *extra: str):
+def _launcher(repo: Path, http: int, grpc: int, *extra: str, env: dict | None = None):
     """The real launcher CLI (what `make serve` runs) as a process of its own, its output collected."""
     import subprocess
     import sys
@@ -453,7 +453,7 @@ def _launcher(repo: Path, http: int, grpc: int, *extra: str):
     cmd = [sys.executable, "-m", "lsgpt.serving.launcher", "--model-repository", str(repo), "--grpc-port", str(grpc),
            "--http-port", str(http), "--metrics-port", str(free_port()), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), **(env or {})))
     lines: list[str] = []
     ready = threading.Event()
 
@@ -511,30 +511,39 @@ def test_sigterm_drains_long_generations(tiny_models, tmp_path):
     """Finding 6: SIGTERM while requests run longer than tritonserver's 10-s exit timeout: tritonserver exited with
     them in flight (heap corruption, Signal 6/11), the launcher killed it after 30 s, clients waited 30 s. Now
     (gpt2 with one running row, so its queue takes longer than the grace) new requests are refused at once,
-    running ones finish within the grace (--drain-grace 4) or end with UNAVAILABLE, and the launcher exits 0
+    running ones finish within the grace ($LSGPT_DRAIN_GRACE 4) or end with UNAVAILABLE, and the launcher exits 0
     through a clean tritonserver exit."""
     import re
 
+    from conftest import make_tiny_gpt2
+
+    from lsgpt.export.convert import export_model
+    from lsgpt.repository import publish
+
     repo = make_repository(tmp_path / "repo", tiny_models)
+    longer = export_model(make_tiny_gpt2(seed=0), tmp_path / "long.hdf5", max_step=128, eos_id=3)
+    publish(longer, repo, "gpt2", tokenizer=tiny_models.tokenizer)  # 120 new tokens a request
     cfg = repo / "gpt2" / "config.pbtxt"
     cfg.write_text(re.sub(r'(key: "max_running_rows", value: \{ string_value: )"\d+"', r'\1"1"', cfg.read_text()))
     http, grpc = free_port(), free_port()
-    proc, lines, ready = _launcher(repo, http, grpc, "--models", "gpt2,gpt2_int8", "--drain-grace", "4")
+    proc, lines, ready = _launcher(repo, http, grpc, "--models", "gpt2,gpt2_int8", env={"LSGPT_DRAIN_GRACE": "4"})
     outcomes: queue.Queue = queue.Queue()
+    n = 250  # one running row, up to 120 tokens each: well past tritonserver's 10-s exit timeout (max_queued_requests 256)
 
-    def one(i):
-        t = time.monotonic()
-        try:
-            ask(f"127.0.0.1:{grpc}", [2, 5 + i % 20], n=60, timeout=120)
-            outcomes.put(("answered", time.monotonic() - t))
-        except Exception as e:  # noqa: BLE001
-            outcomes.put((str(e).splitlines()[0][:150], time.monotonic() - t))
+    def done(result, error):
+        outcomes.put(("answered" if error is None else str(error).splitlines()[0][:150], time.monotonic()))
 
     try:
         assert ready.wait(180), "".join(lines[-30:])
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(120)]
-        for t in threads:
-            t.start()
+        client = tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{grpc}")
+        for i in range(n):
+            ins = []
+            for name, arr in (("token_ids", np.asarray([[2, 5 + i % 20]], np.int32)),
+                              ("max_new_tokens", np.asarray([[120]], np.int32))):
+                t = tritonclient_grpc.InferInput(name, list(arr.shape), "INT32")
+                t.set_data_from_numpy(arr)
+                ins.append(t)
+            client.async_infer("gpt2", ins, done, client_timeout=120)
         deadline = time.monotonic() + 60
         while outcomes.qsize() < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -543,14 +552,18 @@ def test_sigterm_drains_long_generations(tiny_models, tmp_path):
         late = ask_after_sigterm(grpc)
         code = proc.wait(60)
         took = time.monotonic() - t0
-        for t in threads:
-            t.join(60)
+        deadline = time.monotonic() + 60
+        while outcomes.qsize() < n and time.monotonic() < deadline:
+            time.sleep(0.2)
         got = [outcomes.get_nowait() for _ in range(outcomes.qsize())]
+        last = max(g[1] for g in got) - t0
+        client.close()
         out = "".join(lines)
         kinds = sorted({g[0] if g[0] == "answered" else g[0][:60] for g in got})
-        print(f"SIGTERM -> launcher exit {code} in {took:.1f}s; {len(got)} requests: {kinds}; a new one: {late}")
+        print(f"SIGTERM -> launcher exit {code} in {took:.1f}s, the last request ended {last:.1f}s after it; "
+              f"{len(got)} requests: {kinds}; a new one: {late}")
         print("".join(ln for ln in lines if "lsgpt.serving.launcher" in ln)[-2000:])
-        assert len(got) == 120
+        assert len(got) == n and last < 4 + 10, (len(got), last)
         assert all(g[0] == "answered" or "UNAVAILABLE" in g[0] for g in got), kinds
         assert any(g[0] != "answered" for g in got), "the queue should outlast the grace (else nothing is tested)"
         assert not re.search(r"Signal \((6|11)\)", out), out[-3000:]  # 15 is our SIGTERM
