@@ -13,9 +13,13 @@ What the launcher gets right so that nobody has to (see docs/platform.md §1):
 - LD_LIBRARY_PATH with this interpreter's LIBDIR first: the wheel's 3.11 stub links Debian's libpython,
   and a libpython that does not match our standard library breaks threading in the models;
 - LSGPT_SITE_PACKAGES / LSGPT_ROOT for the backend's model.py (lsgpt/serving/backend/model.py) (the stub's sys.path is isolated);
-- a repository *view*: a folder of symlinks to the models this server can run. LightSeq's models
+- a repository *view*: per model this server can run, a copy of its config and a link to its newest version
+  that passes lsgpt.format's validating read (a broken one is reported, never loaded). LightSeq's models
   (backend "lightseq") are skipped unless that backend is installed, so one model_repository serves both
-  LightSeq's image and ours, and the server can run in poll mode (new version folders go live).
+  LightSeq's image and ours. The server runs in explicit model control: the launcher polls the repository,
+  loads new versions and reloads a model whose process died, model by model (model_repository/README.md);
+- no orphans: tritonserver and its model processes die with the launcher (PR_SET_PDEATHSIG, a watchdog), the
+  Python backend's /dev/shm regions carry a per-launch prefix and are removed after every stop; SIGTERM drains.
 This module needs only the standard library (and lsgpt.contract, which does too).
 """
 
@@ -317,7 +321,8 @@ def free_port() -> int:
 
 
 class TritonServer:
-    """A tritonserver process serving a view of `model_repository` in poll mode."""
+    """A tritonserver process serving a view of `model_repository` (explicit model control; mode none for
+    poll_secs 0)."""
 
     def __init__(
         self,
@@ -709,6 +714,9 @@ class TritonServer:
         if self.proc is None or self.proc.poll() is not None or self.workdir is None:
             return False
         t0 = time.monotonic()
+        if self._polling is not None:  # no new version is loaded while we unload
+            self._polling.set()
+            self._polling = None
         for m in self.models if self.poll_secs > 0 else ():  # unload (may wait for the model): a thread each
             threading.Thread(target=self._admin, args=(f"/v2/repository/models/{m}/unload",),
                              kwargs=dict(timeout=grace + 30), daemon=True).start()
