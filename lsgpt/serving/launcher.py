@@ -889,7 +889,8 @@ class Shutdown:
     passes the SIGTERM it got on to its child, so the launcher gets two) broke off the stop with a traceback,
     leaving the temporary folder behind and tritonserver running without us.
 
-    The first signal asks for a graceful stop (Triton drains in-flight requests; stop()'s timeout bounds it).
+    The first signal asks for a graceful stop: TritonServer.drain() (new requests refused, running ones get up to
+    --drain-grace, then UNAVAILABLE), then stop().
     During it, a SIGINT (a person pressing Ctrl-C again) kills tritonserver and its stubs at once; a repeated
     SIGTERM is ignored (make's copy of the one SIGTERM; docker and Kubernetes escalate with SIGKILL themselves).
     """
