@@ -587,3 +587,50 @@ def ask_after_sigterm(grpc: int) -> str | None:
         return "answered"
     except Exception as e:  # noqa: BLE001
         return f"{str(e).splitlines()[0][:100]} after {time.monotonic() - t:.2f}s"
+
+
+def test_drain_without_the_repository_api(tiny_models, tmp_path):
+    """--poll-secs 0 (model control none: no load or unload API): the drain watches our metrics instead; what still
+    runs when the grace is over ends with UNAVAILABLE, a request after that is refused with UNAVAILABLE, and the
+    server then stops without running into its exit timeout."""
+    import re
+
+    repo = make_repository(tmp_path / "repo", tiny_models)
+    cfg = repo / "gpt2" / "config.pbtxt"
+    cfg.write_text(re.sub(r'(key: "max_running_rows", value: \{ string_value: )"\d+"', r'\1"1"', cfg.read_text()))
+    log = tmp_path / "log"
+    server = TritonServer(repo, models=["gpt2"], poll_secs=0, log_file=log, **ports())
+    outcomes: queue.Queue = queue.Queue()
+    with server:
+        server.wait_ready(180)
+        client = tritonclient_grpc.InferenceServerClient(server.grpc_url)
+        for i in range(200):
+            ins = []
+            for name, arr in (("token_ids", np.asarray([[2, 5 + i % 20]], np.int32)),
+                              ("max_new_tokens", np.asarray([[60]], np.int32))):
+                t = tritonclient_grpc.InferInput(name, list(arr.shape), "INT32")
+                t.set_data_from_numpy(arr)
+                ins.append(t)
+            client.async_infer("gpt2", ins, lambda result, error: outcomes.put("answered" if error is None else str(error)[:120]),
+                               client_timeout=120)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        drained = server.drain(2)
+        took = time.monotonic() - t0
+        after = None
+        try:
+            ask(server.grpc_url, [2, 5], n=2, timeout=10)
+        except Exception as e:  # noqa: BLE001
+            after = str(e).splitlines()[0]
+        deadline = time.monotonic() + 30
+        while outcomes.qsize() < 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        got = [outcomes.get_nowait() for _ in range(outcomes.qsize())]
+        client.close()
+        code = server.stop(timeout=5)
+    text = log.read_text(errors="replace")
+    print(f"drain {drained} in {took:.1f}s; {len(got)} ended: {sorted(set(g[:60] for g in got))}; after: {after}")
+    assert drained and took < 2 + 10 and len(got) == 200
+    assert all(g == "answered" or "UNAVAILABLE" in g for g in got) and "answered" in got
+    assert after is not None and "UNAVAILABLE" in after
+    assert code == 0 and "Exit timeout expired" not in text

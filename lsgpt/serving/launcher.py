@@ -730,6 +730,9 @@ class TritonServer:
                 self._say(f"drain grace {grace:g}s over: ending the requests still running in {', '.join(busy)}")
                 (self.workdir / "drain-end").touch()
                 ended = True
+                if self.poll_secs <= 0:  # the models stay loaded and their gauges stop with their schedulers:
+                    time.sleep(1.0)  # a moment for the error responses to go out, then Triton's own exit
+                    return True
             if time.monotonic() - t0 >= grace + 15:
                 self._say(f"models {', '.join(busy)} did not unload")
                 return False
