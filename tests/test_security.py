@@ -178,7 +178,15 @@ def test_poll_setting_and_key_sources(tmp_path):
     assert any(a.startswith("--http-restricted-api=") and a.endswith(f"{ADMIN_HEADER}={KEY}") for a in cmd)
     loop = TritonServer(tmp_path, host="127.0.0.1")
     loop.workdir = tmp_path
-    assert not any("restricted" in a for a in loop.command(tmp_path, Path("tritonserver")))  # loopback: as before
+    # loopback: the model-repository API alone, behind a key only the launcher holds (explicit model control's load
+    # API takes model files in its body); the other APIs open, as before
+    restricted = [a for a in loop.command(tmp_path, Path("tritonserver")) if "restricted" in a]
+    assert len(restricted) == 2 and all(a.split("=", 1)[1].startswith(f"model-repository:{ADMIN_HEADER}=")
+                                        for a in restricted), restricted
+    assert loop._admin_value and loop._admin_value != KEY
+    no_poll = TritonServer(tmp_path, host="127.0.0.1", poll_secs=0)
+    no_poll.workdir = tmp_path
+    assert not any("restricted" in a for a in no_poll.command(tmp_path, Path("tritonserver")))  # mode none: no load API
     assert admin_key({"LSGPT_ADMIN_KEY": " k1 "}) == "k1"
     (tmp_path / "key").write_text("k2\n")
     assert admin_key({"LSGPT_ADMIN_KEY_FILE": str(tmp_path / "key")}) == "k2"

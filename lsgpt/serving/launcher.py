@@ -13,9 +13,13 @@ What the launcher gets right so that nobody has to (see docs/platform.md §1):
 - LD_LIBRARY_PATH with this interpreter's LIBDIR first: the wheel's 3.11 stub links Debian's libpython,
   and a libpython that does not match our standard library breaks threading in the models;
 - LSGPT_SITE_PACKAGES / LSGPT_ROOT for the backend's model.py (lsgpt/serving/backend/model.py) (the stub's sys.path is isolated);
-- a repository *view*: a folder of symlinks to the models this server can run. LightSeq's models
+- a repository *view*: per model this server can run, a copy of its config and a link to its newest version
+  that passes lsgpt.format's validating read (a broken one is reported, never loaded). LightSeq's models
   (backend "lightseq") are skipped unless that backend is installed, so one model_repository serves both
-  LightSeq's image and ours, and the server can run in poll mode (new version folders go live).
+  LightSeq's image and ours. The server runs in explicit model control: the launcher polls the repository,
+  loads new versions and reloads a model whose process died, model by model (model_repository/README.md);
+- no orphans: tritonserver and its model processes die with the launcher (PR_SET_PDEATHSIG, a watchdog), the
+  Python backend's /dev/shm regions carry a per-launch prefix and are removed after every stop; SIGTERM drains.
 This module needs only the standard library (and lsgpt.contract, which does too).
 """
 
@@ -141,6 +145,7 @@ def server_env(inst: Install, device: str | None = None, threads: int | None = N
 # ---------------------------------------------------------------------------------------------
 # Which models a server can run.
 
+_RELOAD_RE = re.compile(rb'\nparameters \{ key: "lsgpt_reload" [^\n]*')  # reload()'s mark in a view config
 _BACKEND_RE = re.compile(r'^\s*backend\s*:\s*"([^"]+)"', re.M)
 _PLATFORM_RE = re.compile(r'^\s*platform\s*:\s*"([^"]+)"', re.M)
 
@@ -154,42 +159,111 @@ def model_backend(model_dir: Path) -> str | None:
     return m.group(1) if m else None
 
 
-def latest_version(model_dir: Path) -> Path | None:
+def version_dirs(model_dir: Path) -> list[Path]:
+    """Numeric version folders (not 0), newest first."""
     versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0")]
-    return max(versions, key=lambda p: int(p.name), default=None)
+    return sorted(versions, key=lambda p: int(p.name), reverse=True)
 
 
-def servable(model_dir: Path, backend_dir: Path) -> tuple[bool, str]:
-    """Can this server load the model now? (False, why) for a missing backend or model file."""
+def latest_version(model_dir: Path) -> Path | None:
+    return next(iter(version_dirs(model_dir)), None)
+
+
+_checked: dict[tuple, str] = {}  # (path, inode, size, mtime) -> "" (loadable) or why not: each file read once
+
+
+def check_version(version: Path) -> str:
+    """"" when the version folder's model file passes lsgpt.format's validating read, else why not. A truncated
+    or corrupt file fails here instead of failing tritonserver's start ("failed to load all models")."""
+    f = version / MODEL_FILE
+    try:
+        st = f.stat()
+    except OSError:
+        return f"no {MODEL_FILE}"
+    key = (str(f), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _checked:
+        try:
+            from lsgpt.format import FormatError, read_hdf5  # h5py + numpy: the serve extra has them
+        except ImportError:
+            return ""  # nothing to check with: Triton's load decides
+        try:
+            read_hdf5(f)
+            _checked[key] = ""
+        except (FormatError, OSError, MemoryError) as e:
+            _checked[key] = str(e).splitlines()[0][:300]
+    return _checked[key]
+
+
+def loadable_version(model_dir: Path, broken: dict[str, str] | None = None) -> Path | None:
+    """The newest version folder whose model file is loadable; the broken ones newer than it go into `broken`
+    (path -> why)."""
+    for v in version_dirs(model_dir):
+        why = check_version(v)
+        if not why:
+            return v
+        if broken is not None:
+            broken[str(v)] = why
+    return None
+
+
+def servable(model_dir: Path, backend_dir: Path, broken: dict[str, str] | None = None) -> tuple[bool, str]:
+    """Can this server load the model now? (False, why) for a missing backend or no loadable model file."""
     backend = model_backend(model_dir)
     if backend is None:
         return False, "no config.pbtxt with a backend"
     if not (backend_dir / backend).is_dir():
         return False, f"backend {backend!r} is not installed in {backend_dir}"
-    if backend == BACKEND:
-        v = latest_version(model_dir)
-        if v is None or not (v / MODEL_FILE).is_file():
-            return False, f"no version folder with {MODEL_FILE} (export with --repository first)"
+    if backend == BACKEND and loadable_version(model_dir, broken) is None:
+        return False, f"no version folder with a loadable {MODEL_FILE} (export with --repository first)"
     return True, ""
 
 
-def repository_view(repo: Path, workdir: Path, backend_dir: Path, models: list[str] | None) -> list[str]:
-    """Fill workdir/repository with symlinks to the models to serve; returns their names.
+def place_model(repo_model: Path, view_model: Path, broken: dict[str, str] | None = None) -> bool:
+    """Make view_model the served form of repo_model: a copy of config.pbtxt and a link to the newest loadable
+    version (backend "lsgpt"), or links to everything (other backends). True when that changed anything."""
+    view_model.mkdir(parents=True, exist_ok=True)
+    changed = False
+    cfg = (repo_model / "config.pbtxt").read_bytes()
+    mine = view_model / "config.pbtxt"
+    if not mine.is_file() or _RELOAD_RE.sub(b"", mine.read_bytes()) != cfg:
+        mine.write_bytes(cfg)  # a copy: reload() adds a parameter to it, never to the user's file
+        changed = True
+    want = {p.name: p.resolve() for p in repo_model.iterdir() if p.name != "config.pbtxt" and not p.name.startswith(".")}
+    if model_backend(repo_model) == BACKEND:  # every version but the newest loadable one is left out
+        v = loadable_version(repo_model, broken)
+        want = {k: t for k, t in want.items() if not k.isdigit() or (v is not None and k == v.name)}
+    for p in view_model.iterdir():
+        if p.is_symlink() and (p.name not in want or Path(os.readlink(p)) != want[p.name]):
+            p.unlink()
+            changed = True
+    for name, target in want.items():
+        if not (view_model / name).is_symlink():
+            (view_model / name).symlink_to(target, target_is_directory=target.is_dir())
+            changed = True
+    return changed
 
-    Symlinks keep poll mode working: Triton stats through them and sees new version folders."""
+
+def repository_view(repo: Path, workdir: Path, backend_dir: Path, models: list[str] | None,
+                    broken: dict[str, str] | None = None) -> list[str]:
+    """Fill workdir/repository with the models to serve; returns their names. Each model is a folder holding a
+    copy of its config.pbtxt and a link to its newest loadable version: a broken newer version is left out
+    (and reported in `broken`), so it never stops a (re)start. TritonServer.sync_repository() keeps it current."""
     view = workdir / "repository"
     view.mkdir(parents=True, exist_ok=True)
     names = models or sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
     chosen = []
+    broken = {} if broken is None else broken
     for name in names:
-        ok, why = servable(repo / name, backend_dir) if (repo / name).is_dir() else (False, "no such model")
+        ok, why = servable(repo / name, backend_dir, broken) if (repo / name).is_dir() else (False, "no such model")
         if not ok:
             if models:  # asked for by name: say why not
                 raise LaunchError(f"cannot serve model {name!r} from {repo}: {why}")
             print(f"[lsgpt.serving.launcher] skipping {name}: {why}", file=sys.stderr)
             continue
-        (view / name).symlink_to((repo / name).resolve(), target_is_directory=True)
+        place_model(repo / name, view / name)
         chosen.append(name)
+    for path, why in broken.items():
+        print(f"[lsgpt.serving.launcher] not serving broken version {path}: {why}", file=sys.stderr, flush=True)
     if not chosen:
         raise LaunchError(f"no servable model in {repo}")
     return chosen
@@ -241,6 +315,14 @@ def restricted_api_args(key: str | None) -> tuple[list[str], str]:
     return [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"], note
 
 
+def launcher_only_repository_api() -> list[str]:
+    """tritonserver flags that put the model-repository API behind a random key (never shown)."""
+    import secrets
+
+    spec = f"model-repository:{ADMIN_HEADER}={secrets.token_urlsafe(32)}"
+    return [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -248,7 +330,8 @@ def free_port() -> int:
 
 
 class TritonServer:
-    """A tritonserver process serving a view of `model_repository` in poll mode."""
+    """A tritonserver process serving a view of `model_repository` (explicit model control; mode none for
+    poll_secs 0)."""
 
     def __init__(
         self,
@@ -268,6 +351,7 @@ class TritonServer:
         exposed: bool | None = None,
         admin_key: str | None = None,
         front: bool | None = None,
+        drain_grace: float = 25.0,
     ):
         self.repo = Path(model_repository).resolve()
         self.grpc_port, self.http_port, self.metrics_port, self.host = grpc_port, http_port, metrics_port, host
@@ -289,6 +373,15 @@ class TritonServer:
         self.restarts: list[tuple[float, str]] = []  # (time, why) of each restart by supervise()
         self._log_seen = 0  # bytes of the log fatal_signal_in_log() has read
         self._fatal_line: str | None = None  # console output: a fatal-signal line _relay saw
+        self.drain_grace = drain_grace  # drain(): seconds running requests get to finish before they are ended
+        self.reloads: list[tuple[float, str]] = []  # (time, why) of each one-model reload by supervise()
+        self.broken: dict[str, str] = {}  # version folder -> why it is not served (a failed validating read)
+        self._generation = 0  # reload(): the how-manyth
+        self.shm_prefix = ""  # the Python backend's /dev/shm regions of this launch: removed after every stop
+        self._load_lock = threading.Lock()
+        self._polling: threading.Event | None = None  # set: the poller thread ends
+        self._watchdog: subprocess.Popen | None = None  # ends the server's process group if we die
+        self._admin_value: str | None = None  # the restricted APIs' header value (exposed mode): for reload()
 
     @property
     def grpc_url(self) -> str:
@@ -302,10 +395,18 @@ class TritonServer:
         restricted: list[str] = []
         if self.exposed:
             restricted, self.security_note = restricted_api_args(self.admin_key)
-        # poll_secs 0: the repository is read once (no new versions without a restart): for a repository that
-        # others than the publisher can write (a polled version folder is code Triton runs)
-        control = ["--model-control-mode=poll", f"--repository-poll-secs={self.poll_secs}"] if self.poll_secs > 0 \
-            else ["--model-control-mode=none"]
+            self._admin_value = restricted[0].rsplit("=", 1)[1]
+        elif self.poll_secs > 0:
+            # explicit model control: Triton's load API also takes model files in its body (code the server would
+            # run), so on loopback too it needs a key, a random one only the launcher holds (for its own loads)
+            restricted = launcher_only_repository_api()
+            self._admin_value = restricted[0].rsplit("=", 1)[1]
+        # explicit: the launcher loads what its view holds, polls the repository itself (every poll_secs, a thread
+        # of start()), validates each new version before Triton sees it, and reloads one model whose process died.
+        # poll_secs 0: none, the repository is read once at start (for a repository that others than the
+        # publisher can write); a dead model process then restarts the server.
+        control = ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models)] \
+            if self.poll_secs > 0 else ["--model-control-mode=none"]
         return [
             str(binary),
             f"--model-repository={self.workdir / 'repository'}",
@@ -319,6 +420,8 @@ class TritonServer:
             f"--http-address={'127.0.0.1' if self.proxy else self.host}",
             f"--metrics-address={self.host}",
             "--exit-timeout-secs=10",
+            # the Python backend reads its settings under the Python-based backend's name for our models
+            *(f"--backend-config={b},shm-region-prefix-name={self.shm_prefix}" for b in ("python", BACKEND)),
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
         ]
@@ -327,10 +430,14 @@ class TritonServer:
         if not self.repo.is_dir():
             raise LaunchError(f"model repository {self.repo} not found")
         inst = find_tritonserver()
+        self._check_ports()
+        remove_stale_shm()
         self.workdir = Path(tempfile.mkdtemp(prefix="lsgpt-triton-"))
         try:
             backend_dir = build_backend_dir(inst, self.workdir)
-            self.models = repository_view(self.repo, self.workdir, backend_dir, self.requested)
+            self.broken = {}
+            self.models = repository_view(self.repo, self.workdir, backend_dir, self.requested, self.broken)
+            self.backend_dir = backend_dir
             if self.front:
                 self.proxy = http_proxy.Nginx(self.host, self.http_port, free_port(), self.workdir).start()
         except http_proxy.ProxyError as e:
@@ -348,19 +455,39 @@ class TritonServer:
         try:
             # Own session: a terminal's Ctrl-C reaches us only; we stop the server gracefully. The console case
             # goes through a relay thread, which watches for a fatal signal as fatal_signal_in_log() does a file.
+            self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{os.urandom(3).hex()}_"
+            env = dict(server_env(inst, self.device, self.threads), LSGPT_DRAIN_FILE=str(self.workdir / "drain-end"))
             self.proc = subprocess.Popen(
                 self.command(backend_dir, inst.binary),
-                env=server_env(inst, self.device, self.threads),
+                env=env,
                 stdout=out or subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(),  # the launcher's death (kill -9 included) takes tritonserver with it
             )
         finally:
             if out:
                 out.close()
+        self._watchdog = _start_watchdog(self.proc.pid, self.shm_prefix)
+        if self.poll_secs > 0:
+            self._polling = threading.Event()
+            threading.Thread(target=self._poll, args=(self._polling,), name="lsgpt-poll", daemon=True).start()
         if out is None:
             threading.Thread(target=self._relay, args=(self.proc.stdout,), name="lsgpt-server-log", daemon=True).start()
         return self
+
+    def _check_ports(self) -> None:
+        """Refuse to start on a port that something else holds (an orphaned tritonserver answering health checks
+        would otherwise be taken for ours)."""
+        for what, port in (("gRPC", self.grpc_port), ("HTTP", self.http_port), ("metrics", self.metrics_port)):
+            with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver: TIME_WAIT is no holder
+                try:
+                    s.bind((self.host, port))
+                except OSError as e:
+                    raise LaunchError(
+                        f"the {what} port {self.host}:{port} is taken ({e.strerror}): another tritonserver (one left "
+                        "by a killed launcher?) or another program holds it; stop it or choose other ports") from None
 
     def _relay(self, pipe) -> None:
         """The server's console output, passed on line by line; a fatal-signal line is remembered."""
@@ -418,8 +545,12 @@ class TritonServer:
         """Instance name (gpt2_0_0, ...) -> pid of each live Python-backend stub under this server (Linux /proc;
         empty elsewhere). A killed stub disappears from here while Triton still calls its model ready."""
         live: dict[str, int] = {}
-        if self.proc is None or not os.path.isdir("/proc"):
+        if self.proc is None or not os.path.isdir("/proc") or not self.models:
             return live
+        # exactly <model>_<group>_<n> of a served model: Triton's short-lived stubs that load a model (its name
+        # alone) are not instances, and gpt2_ is no prefix of gpt2_stream's (a prefix match restarted the server
+        # after every publish)
+        instance = re.compile("^(?:" + "|".join(map(re.escape, self.models)) + r")_\d+_\d+$")
         for d in os.listdir("/proc"):
             if not d.isdigit():
                 continue
@@ -431,7 +562,7 @@ class TritonServer:
             except OSError:
                 continue
             if int(ppid) == self.proc.pid and state != "Z" and args and args[0].endswith("triton_python_backend_stub"):
-                live.update((a, int(d)) for a in args if any(a.startswith(f"{m}_") for m in self.models))
+                live.update((a, int(d)) for a in args if instance.match(a))
         return live
 
     def fatal_signal_in_log(self) -> str | None:
@@ -450,13 +581,15 @@ class TritonServer:
         m = _FATAL_SIGNAL.search(chunk)
         return m.group(0).decode(errors="replace") if m else None
 
-    def supervise(self, stop: threading.Event | Shutdown | None = None, interval: float = 2.0, grace: int = 2,
+    def supervise(self, stop: threading.Event | Shutdown | None = None, interval: float = 1.0, grace: int = 2,
                   timeout: float = 600.0, unanswered: int = 5) -> None:
-        """Keep every model serving; restart the server on the same ports, and say why, when
-        - a model's Python stub dies (an OOM kill, a CUDA fault) and stays gone for `grace` checks: tritonserver
-          2.51 keeps calling the model ready but fails every request ("Stub process ... is not healthy");
-        - tritonserver reports a fatal signal (it may then hang instead of exiting) or dies of one;
-        - or its liveness endpoint has not answered for `unanswered` checks in a row (2 s each): a hung server.
+        """Keep every model serving, and say what it did on stderr:
+        - a model's Python stub dies (an OOM kill, a CUDA fault) and stays gone for `grace` checks (tritonserver
+          2.51 keeps calling the model ready but fails every request, "Stub process ... is not healthy"): that
+          model alone is reloaded (reload()), the others serve on; a failed reload (or poll_secs 0, no load API)
+          restarts the server;
+        - tritonserver reports a fatal signal (it may then hang instead of exiting), dies of one, or its liveness
+          endpoint has not answered for `unanswered` checks in a row: the server is restarted on the same ports.
         Returns when `stop` is set or the server exits by itself (an exit status, not a signal)."""
         stop = stop or threading.Event()
         expected = set(self.stub_processes())
@@ -469,29 +602,172 @@ class TritonServer:
             fatal = self.fatal_signal_in_log()
             if code is not None and code >= 0 and not fatal:
                 return
+            missing: set[str] = set()
             if code is None:
                 live = set(self.stub_processes())
                 missing = expected - live
-                expected |= live  # models loaded later (poll mode) are watched too
+                expected |= live
                 strikes = strikes + 1 if missing else 0
                 silent = 0 if self._get("/v2/health/live") == 200 else silent + 1
             why = (f"tritonserver reported a fatal signal ({fatal})" if fatal
                    else f"tritonserver died of signal {-code}" if code is not None
-                   else f"model process(es) {', '.join(sorted(missing))} died" if strikes >= grace
                    else f"tritonserver has not answered /v2/health/live for {silent} checks" if silent >= unanswered
                    else None)
+            if why is None and strikes >= grace:
+                dead = sorted({n.rsplit("_", 2)[0] for n in missing})
+                gone = f"model process(es) {', '.join(sorted(missing))} died"
+                if self.poll_secs <= 0 or not all(self.reload(m, gone) for m in dead):
+                    why = gone if self.poll_secs <= 0 else f"{gone} and reloading failed"
+                expected, strikes = set(self.stub_processes()), 0
             if why:
-                print(f"[lsgpt.serving.launcher] {why}: restarting tritonserver", file=sys.stderr, flush=True)
+                self._say(f"{why}: restarting tritonserver")
                 self.restarts.append((time.time(), why))
-                self.stop(timeout=10 if strikes >= grace else 2)  # a crashed or hung server drains nothing
+                self.stop(timeout=2)  # a crashed or hung server drains nothing
                 self.start()
                 self.wait_ready(timeout, stop=stop)
                 expected, strikes, silent = set(self.stub_processes()), 0, 0
-                print(f"[lsgpt.serving.launcher] restarted: models {', '.join(self.models)} ready", file=sys.stderr, flush=True)
+                self._say(f"restarted: models {', '.join(self.models)} ready")
+
+    @staticmethod
+    def _say(line: str) -> None:
+        print(f"[lsgpt.serving.launcher] {line}", file=sys.stderr, flush=True)
+
+    def _admin(self, path: str, body: bytes = b"{}", timeout: float = 600.0) -> tuple[int, str]:
+        """POST to a repository API of our own server (with the admin header in exposed mode): (status, body)."""
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=body, method="POST")
+        if self._admin_value:
+            req.add_header(ADMIN_HEADER, self._admin_value)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read().decode(errors="replace")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(errors="replace")
+        except (urllib.error.URLError, OSError) as e:
+            return 0, str(e)
+
+    def load(self, model: str) -> bool:
+        """Triton's repository load of one model from the view: a changed model (new version folder, config,
+        or a touched config) is loaded beside the running one, which serves until the new one is ready."""
+        with self._load_lock:  # the poller and supervise() both load
+            code, body = self._admin(f"/v2/repository/models/{model}/load")
+        if code != 200:
+            self._say(f"loading {model} failed ({code}): {body[:300]}")
+        return code == 200
+
+    def reload(self, model: str, why: str) -> bool:
+        """Bring one model back (its process died): its view config is touched, so Triton sees the model changed
+        and loads a new instance of it; the other models are not touched."""
+        self._say(f"{why}: reloading {model} alone")
+        cfg = self.workdir / "repository" / model / "config.pbtxt" if self.workdir else None
+        if cfg is None or not cfg.is_file():
+            return False
+        # A touched config is not enough: Triton compares the configs and an equal one is no reload (the dead
+        # instance stays). A parameter the model does not read makes it a new model, loaded beside the dead one.
+        text = _RELOAD_RE.sub(b"", cfg.read_bytes()).decode()
+        self._generation += 1
+        cfg.write_text(text.rstrip("\n") + f'\nparameters {{ key: "lsgpt_reload" value {{ string_value: '
+                       f'"{self._generation}" }} }}\n')
+        t0 = time.monotonic()
+        ok = self.load(model)
+        if ok:
+            self.reloads.append((time.time(), f"{model}: {why}"))
+            self._say(f"{model} reloaded in {time.monotonic() - t0:.1f}s")
+        return ok
+
+    def _poll(self, done: threading.Event) -> None:
+        """What Triton's poll mode did, with every new version validated before Triton sees it."""
+        while not done.wait(self.poll_secs):
+            if self.proc is not None and self._get("/v2/health/live") == 200:
+                self.sync_repository()
+
+    def sync_repository(self) -> list[str]:
+        """Poll the repository (what Triton's poll mode did, with each new version validated first): models whose
+        newest loadable version or config changed are loaded; broken versions are reported once. Returns the
+        models loaded."""
+        if self.workdir is None:
+            return []
+        loaded = []
+        for m in self.models:
+            broken: dict[str, str] = {}
+            try:
+                changed = place_model(self.repo / m, self.workdir / "repository" / m, broken)
+            except OSError as e:  # a folder removed under us: next time
+                self._say(f"reading {self.repo / m}: {e}")
+                continue
+            for path, why in broken.items():
+                if self.broken.get(path) != why:
+                    self._say(f"not serving broken version {path}: {why}")
+            self.broken.update(broken)
+            if changed and self.load(m):
+                served = [p.name for p in (self.workdir / "repository" / m).iterdir() if p.name.isdigit()]
+                self._say(f"{m}: version {', '.join(served)} loaded")
+                loaded.append(m)
+        return loaded
+
+    def _busy_models(self) -> list[str]:
+        """Our models Triton still holds (any state but unloaded), from the repository index; without the load
+        API (poll_secs 0: models stay loaded) those with a request running or queued, from our metrics."""
+        import json
+
+        if self.poll_secs <= 0:
+            try:
+                url = f"http://{_client_host(self.host)}:{self.metrics_port}/metrics"
+                text = urllib.request.urlopen(url, timeout=5).read().decode()
+            except (urllib.error.URLError, OSError):
+                return list(self.models)
+            busy = re.findall(r'^lsgpt_(?:running_rows|queued_requests)\{[^}]*model="([^"]+)"[^}]*\} ([0-9.e+]+)$',
+                              text, re.M)
+            return sorted({m for m, v in busy if float(v) > 0})
+
+        code, body = self._admin("/v2/repository/index", timeout=5)
+        if code != 200:
+            return list(self.models)
+        try:
+            return [e["name"] for e in json.loads(body) if e.get("state") != "UNAVAILABLE" and e["name"] in self.models]
+        except (ValueError, KeyError, TypeError):
+            return list(self.models)
+
+    def drain(self, grace: float | None = None) -> bool:
+        """Stop admitting, let running requests finish within `grace` s (drain_grace), end the rest with
+        UNAVAILABLE, so that stop() finds no request inside a model (tritonserver 2.51 exiting with requests in
+        flight corrupted its heap). New requests are refused from the first moment (the models are being
+        unloaded; /v2/health/ready is false). True when every model unloaded in time. poll_secs 0 (no load API):
+        requests are admitted until the grace is over or nothing runs, then refused with UNAVAILABLE."""
+        grace = self.drain_grace if grace is None else grace
+        if self.proc is None or self.proc.poll() is not None or self.workdir is None:
+            return False
+        t0 = time.monotonic()
+        if self._polling is not None:  # no new version is loaded while we unload
+            self._polling.set()
+            self._polling = None
+        for m in self.models if self.poll_secs > 0 else ():  # unload (may wait for the model): a thread each
+            threading.Thread(target=self._admin, args=(f"/v2/repository/models/{m}/unload",),
+                             kwargs=dict(timeout=grace + 30), daemon=True).start()
+        ended = False
+        while self.proc is not None and self.proc.poll() is None:
+            busy = self._busy_models()
+            if not busy:
+                self._say(f"drained in {time.monotonic() - t0:.1f}s")
+                return True
+            if not ended and time.monotonic() - t0 >= grace:  # what still runs ends now, with UNAVAILABLE
+                self._say(f"drain grace {grace:g}s over: ending the requests still running in {', '.join(busy)}")
+                (self.workdir / "drain-end").touch()
+                ended = True
+                if self.poll_secs <= 0:  # the models stay loaded and their gauges stop with their schedulers:
+                    time.sleep(1.0)  # a moment for the error responses to go out, then Triton's own exit
+                    return True
+            if time.monotonic() - t0 >= grace + 15:
+                self._say(f"models {', '.join(busy)} did not unload")
+                return False
+            time.sleep(0.2)
+        return False
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests and stops its model stubs), SIGKILL if it hangs."""
         code = None
+        if self._polling is not None:
+            self._polling.set()
+            self._polling = None
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)
@@ -509,6 +785,12 @@ class TritonServer:
         if self.proxy is not None:
             self.proxy.stop()
             self.proxy = None
+        if self._watchdog is not None:  # its work is done
+            self._watchdog.kill()
+            self._watchdog.wait()
+            self._watchdog.stdin.close()
+            self._watchdog = None
+        remove_shm(self.shm_prefix)  # what a killed server (or a dead model process) left in /dev/shm
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
@@ -533,6 +815,89 @@ class TritonServer:
         self.stop()
 
 
+SHM_PREFIX = "lsgpt_"  # the Python backend's /dev/shm regions: lsgpt_<launcher pid>_<nonce>_<n>
+
+
+def remove_shm(prefix: str) -> None:
+    if not prefix or not os.path.isdir("/dev/shm"):
+        return
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(prefix):
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except OSError:
+                pass
+
+
+def remove_stale_shm() -> None:
+    """Regions of launchers that are gone (kill -9: nothing of theirs ran after), of our user."""
+    if not os.path.isdir("/dev/shm"):
+        return
+    for name in os.listdir("/dev/shm"):
+        parts = name.split("_")
+        if name.startswith(SHM_PREFIX) and len(parts) > 2 and parts[1].isdigit() and not _alive(int(parts[1])):
+            try:
+                if os.stat(f"/dev/shm/{name}").st_uid == os.getuid():
+                    os.unlink(f"/dev/shm/{name}")
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_WATCHDOG = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+sys.stdin.buffer.read()  # EOF: the launcher is gone (killed: nothing of it runs any more)
+try:
+    os.killpg(int(sys.argv[1]), signal.SIGKILL)
+except OSError:
+    pass
+for name in os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []:
+    if name.startswith(sys.argv[2]):
+        try:
+            os.unlink("/dev/shm/" + name)
+        except OSError:
+            pass
+"""
+
+
+def _start_watchdog(pgid: int, shm_prefix: str) -> subprocess.Popen | None:
+    """A tiny process that outlives a killed launcher by a moment: when the pipe from us closes, it kills
+    tritonserver's process group (the model stubs too: tritonserver 2.51's stubs outlive their server, waiting on
+    it for good) and removes the launch's /dev/shm regions. stop() ends it first on a normal stop."""
+    try:
+        return subprocess.Popen([sys.executable, "-S", "-c", _WATCHDOG, str(pgid), shm_prefix], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        return None
+
+
+def _die_with_parent():
+    """A preexec_fn: PR_SET_PDEATHSIG SIGKILL, so tritonserver dies with the thread that started it (Linux). Only
+    from the main thread (the signal follows the creating *thread*): tests start servers from helper threads."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def child() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died before prctl
+            os._exit(1)
+    return child
+
+
 def _gpu_visible() -> bool:
     """An NVIDIA device node or driver: what tritonserver's probes look for (no torch import needed)."""
     return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/version")
@@ -553,7 +918,8 @@ class Shutdown:
     passes the SIGTERM it got on to its child, so the launcher gets two) broke off the stop with a traceback,
     leaving the temporary folder behind and tritonserver running without us.
 
-    The first signal asks for a graceful stop (Triton drains in-flight requests; stop()'s timeout bounds it).
+    The first signal asks for a graceful stop: TritonServer.drain() (new requests refused, running ones get up to
+    --drain-grace, then UNAVAILABLE), then stop().
     During it, a SIGINT (a person pressing Ctrl-C again) kills tritonserver and its stubs at once; a repeated
     SIGTERM is ignored (make's copy of the one SIGTERM; docker and Kubernetes escalate with SIGKILL themselves).
     """
@@ -625,6 +991,9 @@ def _parse_args(argv: list[str] | None):
                          "Triton picked (KIND_AUTO: GPU when one is visible)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads per model process (OMP_NUM_THREADS); each served model is its own process")
+    ap.add_argument("--drain-grace", type=float, default=float(os.environ.get("LSGPT_DRAIN_GRACE", 25)),
+                    help="on SIGTERM/Ctrl-C: seconds running requests get to finish (new ones are refused at "
+                         "once) before they are ended with UNAVAILABLE; then tritonserver stops (default 25)")
     ap.add_argument("--log-verbose", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for the models")
     return ap.parse_known_args(argv)
@@ -637,6 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
         host=a.host, models=[m for m in a.models.split(",") if m] or None, poll_secs=a.poll_secs,
         device=a.device, threads=a.threads, log_file=None, log_verbose=a.log_verbose, extra_args=tuple(extra),
         exposed=None if a.exposed == "auto" else a.exposed == "yes", front=None if a.front == "auto" else a.front == "nginx",
+        drain_grace=a.drain_grace,
     )
     shutdown = Shutdown(server)  # SIGTERM (docker stop) behaves like Ctrl-C
     shutdown.install()
@@ -649,7 +1019,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[lsgpt.serving.launcher] {e}", file=sys.stderr)
         return 1
     finally:
-        server.stop()  # nothing interrupts it: the handler raises nothing
+        drained = shutdown.is_set() and len(shutdown.received) == 1 and server.drain()
+        # drained: no model left, nothing to lose (a model replaced after its process died never finishes unloading
+        # in 2.51 and would hold the exit for Triton's whole exit timeout)
+        server.stop(timeout=5 if drained else 30)  # nothing interrupts it: the handler raises nothing
         shutdown.restore()
 
 

@@ -18,4 +18,30 @@ for _p in filter(None, os.environ.get("LSGPT_SITE_PACKAGES", "").split(os.pathse
 sys.path[:] = [os.environ.get("LSGPT_ROOT", "")] + [p for p in sys.path if p not in _before] + _before
 sys.path[:] = [p for p in sys.path if p]
 
-from lsgpt.serving.triton_model import TritonPythonModel  # noqa: E402,F401
+import threading  # noqa: E402
+
+from lsgpt.serving.triton_model import TritonPythonModel as _Model  # noqa: E402
+
+
+class TritonPythonModel(_Model):
+    """The served model, plus the launcher's drain: when $LSGPT_DRAIN_FILE appears (the drain's grace is over),
+    the requests still running or queued end at once with UNAVAILABLE (the scheduler's ShuttingDown), so the
+    model unloads and tritonserver exits with no request inside a model."""
+
+    def initialize(self, args):
+        super().initialize(args)
+        self._lsgpt_unloaded = threading.Event()
+        path = os.environ.get("LSGPT_DRAIN_FILE")
+        if path:
+            threading.Thread(target=self._end_at_drain, args=(path,), name="lsgpt-drain", daemon=True).start()
+
+    def _end_at_drain(self, path):
+        while not self._lsgpt_unloaded.wait(0.25):
+            if os.path.exists(path):
+                self.scheduler.close()
+                return
+
+    def finalize(self):
+        if getattr(self, "_lsgpt_unloaded", None) is not None:
+            self._lsgpt_unloaded.set()
+        super().finalize()
