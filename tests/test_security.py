@@ -309,15 +309,17 @@ def test_binary_extension_header_is_checked(exposed):
 
 @needs_nginx
 def test_huge_text_and_bodies_are_refused(exposed):
-    """A body over 1 MiB is refused by nginx (413) before tritonserver reads it; a long text within it by the model
-    (too long for max_step); generate and generate_stream work through the front."""
+    """A body over 1 MiB is refused by nginx (413) before tritonserver reads it; a text within it but over the byte
+    cap by the model before tokenizing, a shorter one over max_step by the model (too long); generate works."""
     huge = json.dumps({"text_input": "我" * 2_000_000}).encode()
     t0 = time.monotonic()
     code, answer = post_json(exposed.http_port, "/v2/models/gpt2/generate", huge)
     assert code == 413 and b"larger than" in answer, answer[-300:]
     assert time.monotonic() - t0 < 30  # hang guard
     code, text = _http(exposed, "POST", "/v2/models/gpt2/generate", {"text_input": "我" * 100_000})
-    assert code == 400 and "too long" in text, (code, text[:300])
+    assert code == 400 and "MAX_TEXT_BYTES" in text, (code, text[:300])  # 300 kB: refused before tokenizing
+    code, text = _http(exposed, "POST", "/v2/models/gpt2/generate", {"text_input": "我" * 5_000})
+    assert code == 400 and "too long" in text, (code, text[:300])  # within the byte cap, over max_step
     code, text = _http(exposed, "POST", "/v2/models/gpt2/generate", {"text_input": "我今天", "max_new_tokens": 3})
     assert code == 200 and "text_output" in text, (code, text)
     _still_serving(exposed)
