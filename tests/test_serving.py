@@ -478,7 +478,10 @@ def test_short_request_overtakes_a_running_long_one(served, engines, tok):
         c.stop_stream()
         c.close()
     print(f"the short request was answered when the long one had {short_done_at} of {len(seen)} tokens")
-    assert len(seen) == 60 and short_done_at and short_done_at[0] < 30
+    # Answered while the long one still ran: batched to completion it comes after all 60. Not a tighter count:
+    # how many of the long one's steps pass before the short request reaches the model depends on the machine's
+    # load (a full test run on 2 busy cores once saw 53 of 60; alone it is a few).
+    assert len(seen) == 60 and short_done_at and short_done_at[0] < 60
 
 
 # ---------------------------------------------------------------------------------------------

@@ -698,16 +698,30 @@ def write_outputs(trainer: Trainer, tok, args: TrainingArguments, metrics: dict,
 
 
 def cli(argv: list[str] | None = None) -> int:
-    ok = False
+    rc, ok = 1, False
     try:
         rc = main(argv)
         ok = True
-        return rc
     except (DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        rc = 2
     finally:
         close_process_group(wait_for_peers=ok)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave_now(rc)
+    return rc
+
+
+def leave_now(rc: int) -> None:
+    """A torchrun worker whose run is over (outputs written, peers met at the barrier) exits without C++'s
+    exit-time destructors: on a busy machine one of them still aborted a finished rank ("terminate called
+    without an active exception") after the barrier and destroy_process_group, failing a run that had succeeded."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def close_process_group(wait_for_peers: bool) -> None:
