@@ -235,13 +235,13 @@ def repository(folder: Path, files: dict[str, Path], tokenizer: str | None = Non
 
 @contextlib.contextmanager
 def served(repo: Path, models: list[str], url: str | None = None, device: str | None = None,
-           threads: int | None = None, timeout: float = 600.0):
+           threads: int | None = None, timeout: float = 600.0, poll_secs: int = 3600):
     """Yield (gRPC url, server): a tritonserver of ours on free ports (polling hourly), or the one at `url`."""
     if url:
         yield url, None
         return
     with TritonServer(repo, models=models, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                      device=device, poll_secs=3600, threads=threads) as server:
+                      device=device, poll_secs=poll_secs, threads=threads) as server:
         server.wait_ready(timeout)
         yield server.grpc_url, server
 

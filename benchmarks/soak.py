@@ -14,6 +14,14 @@ instead and is cancelled by the client after its first tokens (a closed stream, 
 away); they count as cancelled, not failed, and the twin must keep answering. Hung = a request still unanswered
 180 s after it was sent (each has a 120 s deadline): counted once, the client's stacks printed, the soak fails.
 `kill -USR1 <soak pid>` prints the client threads' stacks at any time.
+--faults publish,broken,kill-model,sigterm --fault-every S --seed N (issue 28): meanwhile, one fault at a time at
+seeded random times into our supervised server (polling the repository every 2 s): a good publish, a broken
+version (model.hdf5 cut in half) then a good one, kill -9 of a model's stub, the launcher's SIGTERM path (drain,
+stop) and a start on the same ports. A failed request is refused cleanly when it overlaps a fault's window (until
+every model answers again, + 2 s) with a server status (during a publish only UNAVAILABLE / NOT_FOUND); one in
+flight at a kill that only the client's deadline ended is counted apart; anything else (a wrong result, an error
+outside the windows) is lost. Pass: 0 lost, 0 hung, the server serves at the end (no memory limit: restarts).
+Writes results/.../soak-faults/soak.{json,md,png}.
 Growth = median of the last 10% of samples vs the median of the first 10% after the warm-up.
 Writes results/tmp/<device>/soak/soak.{json,png} (--record: results/<device>/soak/) (memory over time, requests per interval).
 """
@@ -39,28 +47,46 @@ from typing import Any
 
 from benchmarks import common
 from lsgpt.contract import CANCEL_KEY, STREAM_SUFFIX
+from lsgpt.serving.launcher import latest_version
 
 GROWTH_LIMIT = 0.05
 HANG_S = 180.0  # a request unanswered this long is hung: every request has a 120 s deadline of its own
+FAULT_KINDS = ("publish", "broken", "kill-model", "sigterm")
+# --faults: a failure inside a fault's window is refused cleanly if the server answered it with a status (not a
+# client deadline); during a publish (the old version serves on) only UNAVAILABLE or NOT_FOUND count as clean
+CLEAN_ONLY = {"publish": ("UNAVAILABLE", "NOT_FOUND"), "broken": ("UNAVAILABLE", "NOT_FOUND")}
+MARGIN_S = 2.0  # a window ends this long after every model answered again (clients reconnecting)
+# gRPC's reconnect backoff grows to 120 s by default: a client would stay away long after a restart
+CHANNEL_ARGS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000),
+                ("grpc.use_local_subchannel_pool", 1)]
 
 
 class Tally:
-    """Request outcomes, shared by the client threads: (time since start, latency) per success, errors."""
+    """Request outcomes, shared by the client threads: (time since start, latency) per success, errors; with
+    --faults also each failure's (start, end, gRPC status, error) and each model's answer times."""
 
     def __init__(self):
         self.ok, self.failed, self.errors, self.latencies, self.lock = 0, 0, [], [], threading.Lock()
         self.cancelled = 0
         self.hung = 0  # requests still unanswered HANG_S after they were sent (each counted once)
         self.inflight: dict[int, float] = {}  # client thread -> when its request in flight was sent
+        self.failures: list[tuple[float, float, str | None, str]] = []
+        self.answered: dict[str, list[float]] = {}  # model -> when its successful answers came (s since start)
 
-    def record(self, t: float, latency: float | None, error: str | None = None) -> None:
+    def record(self, t: float, latency: float, error: str | None = None, status: str | None = None,
+               model: str = "", cancelled: bool = False) -> None:
         with self.lock:
             if error is None:
+                self.answered.setdefault(model, []).append(t + latency)
+                if cancelled:
+                    self.cancelled += 1
+                    return
                 self.ok += 1
                 self.latencies.append((t, latency))
             else:
                 self.failed += 1
                 self.errors = (self.errors + [error])[:20]
+                self.failures.append((round(t, 2), round(t + latency, 2), status, error[:300]))
 
 
 def gpu_memory(pid: int) -> dict:
@@ -149,40 +175,46 @@ def cancel_one(url: str, model: str, r: list[int], n: int, mode: str) -> None:
 
 
 def soak(a: argparse.Namespace, rows: list[list[int]], lengths: list[int], samples: list, *, url: str | None = None,
-         model: str = "", pid: Any = None) -> tuple[Tally, float]:
-    """Run the load for a.minutes: client threads against `url`."""
+         model: str = "", pid: Any = None, faults: Faults | None = None) -> tuple[Tally, float]:
+    """Run the load for a.minutes: client threads against `url` (and `faults` injected meanwhile)."""
     tally, stop, t0 = Tally(), threading.Event(), time.monotonic()
+    injector = threading.Thread(target=faults.run if faults else (lambda: None), daemon=True)
+    if faults:
+        faults.t0, faults.end = t0, t0 + faults.minutes * 60
+        injector.start()
     threading.Thread(target=sample_memory, args=(pid, stop, a.sample_every, t0, samples), daemon=True).start()
 
     def client(offset: int) -> None:
         import tritonclient.grpc as grpcclient
 
         rnd = random.Random(offset)
-        with grpcclient.InferenceServerClient(url) as c:
+        with grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS if a.faults else None) as c:
             i = offset
             while not stop.is_set():
                 r, n, i, start = rows[i % len(rows)], lengths[i % len(lengths)], i + 1, time.monotonic()
                 tally.inflight[offset] = start
-                if rnd.random() < a.cancel_fraction:
-                    try:
-                        cancel_one(url, model, r, n, a.cancel_mode)
-                        with tally.lock:
-                            tally.cancelled += 1
-                    except Exception as e:  # noqa: BLE001
-                        tally.record(start - t0, None, f"cancelled stream: {type(e).__name__}: {e}")
-                    continue
+                twin = rnd.random() < a.cancel_fraction
                 try:
-                    if len(common.infer(c, model, r, n, timeout=120)) <= len(r):
-                        raise RuntimeError("no new tokens in the result")
-                    tally.record(start - t0, time.monotonic() - start)
+                    if twin:
+                        cancel_one(url, model, r, n, a.cancel_mode)
+                    elif (got := common.infer(c, model, r, n, timeout=120))[:len(r)] != r or len(got) <= len(r):
+                        raise RuntimeError(f"wrong result: {len(got)} ids, the prompt's {len(r)} not first")
+                    tally.record(start - t0, time.monotonic() - start, model=model + STREAM_SUFFIX * twin,
+                                 cancelled=twin)
                 except Exception as e:  # noqa: BLE001 - every failure counts, whatever its kind
-                    tally.record(start - t0, None, f"{type(e).__name__}: {e}")
+                    status = e.status() if hasattr(e, "status") and callable(e.status) else None
+                    tally.record(start - t0, time.monotonic() - start, f"{'cancelled stream: ' * twin}"
+                                 f"{type(e).__name__}: {e}", status)
+                    stop.wait(0.2)  # as a client would: no tight loop of refusals while a server restarts
             tally.inflight.pop(offset, None)
 
     workers = [threading.Thread(target=client, args=(k * 7,), daemon=True) for k in range(a.concurrency)]
     for w in workers:
         w.start()
     watch(a, tally, stop, t0, workers)
+    if faults:  # the fault under way ends first
+        faults.done.set()
+        injector.join(900)
     return tally, time.monotonic() - t0
 
 
@@ -214,6 +246,125 @@ def watch(a: argparse.Namespace, tally: Tally, stop: threading.Event, t0: float,
     count_hung()
 
 
+class Faults:
+    """--faults: one fault at a time at seeded random times (fault_every x 0.5..1.5 apart, the kinds in shuffled
+    rounds) into our server under the launcher's supervision. A fault's window runs from its injection until every
+    served model answers a probe again; `log` has one entry per fault."""
+
+    def __init__(self, a: argparse.Namespace, server, models: list[str], src: Path, t0: float):
+        self.kinds, self.every, self.rnd = a.faults, a.fault_every, random.Random(a.seed)
+        self.minutes, self.end = a.minutes, 0.0
+        self.server, self.models, self.src, self.t0 = server, models, src, t0
+        self.log: list[dict] = []
+        self.done, self.sup = threading.Event(), None
+
+    def supervise(self, on: bool) -> None:
+        """The launcher's supervise() in a thread (as `make serve` runs it), or stopped for our own restart."""
+        if on:
+            stop = threading.Event()
+            self.sup = (threading.Thread(target=self.server.supervise, kwargs=dict(stop=stop), daemon=True), stop)
+            self.sup[0].start()
+        elif self.sup is not None:
+            self.sup[1].set()
+            self.sup[0].join(700)
+            self.sup = None
+
+    def run(self) -> None:
+        order: list[str] = []
+        while not self.done.wait(self.rnd.uniform(0.5, 1.5) * self.every) and time.monotonic() < self.end:
+            order = order or self.rnd.sample(self.kinds, len(self.kinds))
+            kind, t = order.pop(0), time.monotonic()
+            ev = {"kind": kind, "t0": round(t - self.t0, 2)}
+            self.log.append(ev)
+            try:
+                ev["detail"] = getattr(self, kind.replace("-", "_"))()
+                ev["recovered"] = all(self.probe(m) for m in self.models)
+            except Exception as e:  # noqa: BLE001 - reported; the run fails
+                ev["error"] = f"{type(e).__name__}: {e}"[:500]
+            ev["t1"], ev["outage_s"] = round(time.monotonic() - self.t0, 2), round(time.monotonic() - t, 2)
+            print(f"  fault {kind} at {ev['t0']:.0f} s: {ev.get('detail', ev.get('error'))}; every model answered "
+                  f"again after {ev['outage_s']:.1f} s", flush=True)
+
+    def probe(self, model: str, timeout: float = 300.0) -> bool:
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with grpcclient.InferenceServerClient(self.server.grpc_url, channel_args=CHANNEL_ARGS) as c:
+                    if model.endswith(STREAM_SUFFIX):
+                        cancel_one(self.server.grpc_url, model[:-len(STREAM_SUFFIX)], [2, 5, 6], 2, "in-band")
+                    else:
+                        common.infer(c, model, [2, 5, 6], 2, timeout=20)
+                return True
+            except Exception:  # noqa: BLE001 - not back yet
+                time.sleep(0.2)
+        return False
+
+    def wait(self, cond, timeout: float = 300.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    def publish(self) -> str:
+        """A new good version of the same file (and of the streaming twin); live once Triton calls it ready."""
+        from lsgpt.repository import publish
+
+        got = publish(self.src, self.server.repo, self.models[0], tokenizer=self.src.with_name("vocab.txt"),
+                      lightseq=False).versions
+        live = self.wait(lambda: all(self.server.is_model_ready(m, got[m].name) for m in self.models if m in got))
+        return f"version {got[self.models[0]].name} published, {'live' if live else 'NOT live after 300 s'}"
+
+    def broken(self) -> str:
+        """A version folder whose model.hdf5 is cut in half (renamed into place as publish does), then a good one."""
+        from lsgpt.repository import versions
+
+        d = self.server.repo / self.models[0]
+        new, staging = d / str(max(versions(d)) + 1), d / ".staging-broken"
+        shutil.copytree(d / str(max(versions(d))), staging)
+        os.truncate(staging / "model.hdf5", (staging / "model.hdf5").stat().st_size // 2)
+        os.rename(staging, new)
+        seen = self.wait(lambda: str(new) in self.server.broken, 30 + 3 * self.server.poll_secs)
+        return f"broken version {new.name} {'reported' if seen else 'NOT reported'}; then {self.publish()}"
+
+    def kill_model(self) -> str:
+        """kill -9 of one model instance's stub; the supervisor reloads that model."""
+        name, pid = self.rnd.choice(sorted(self.server.stub_processes().items()))
+        os.kill(pid, 9)
+        back = self.wait(lambda: self.server.stub_processes().get(name) not in (None, pid))
+        return f"killed {name} (pid {pid}); {'a new stub' if back else 'NO new stub after 300 s'}"
+
+    def sigterm(self) -> str:
+        """What the launcher does on SIGTERM (drain, stop), then a start on the same ports, as a supervisor
+        (systemd, k8s) would."""
+        self.supervise(False)
+        drained = self.server.drain()
+        self.server.stop(timeout=5 if drained else 30)
+        self.server.start()
+        self.server.wait_ready(600)
+        self.supervise(True)
+        return f"{'drained' if drained else 'NOT drained'}, stopped, started again"
+
+
+def classify(failures: list, log: list[dict], kinds: list[str]) -> dict:
+    """Each failure: refused cleanly (counted against the fault whose window it overlaps), timed out while in
+    flight at a kill or stop (Triton 2.51 never answers a request whose model process died: only the client's
+    deadline ends it; counted apart, per kind), or lost."""
+    refused, timed_out, lost = {k: 0 for k in kinds}, {k: 0 for k in kinds}, []
+    for start, end, status, error in failures:
+        code = (status or "").rsplit(".", 1)[-1]
+        near = [f["kind"] for f in log if start <= f.get("t1", 1e9) + MARGIN_S and end >= f["t0"]]
+        if code == "DEADLINE_EXCEEDED" and (hit := [k for k in near if k in ("kill-model", "sigterm")]):
+            timed_out[hit[0]] += 1
+        elif code and code != "DEADLINE_EXCEEDED" and (hit := [k for k in near if code in CLEAN_ONLY.get(k, (code,))]):
+            refused[hit[0]] += 1
+        else:
+            lost.append({"start": start, "end": end, "status": status, "error": error})
+    return {"refused": refused, "timed_out": timed_out, "lost": len(lost), "lost_requests": lost[:20]}
+
 def plot(report: dict, png: Path) -> None:
     samples, iv = report["samples"], report["intervals"]
     with common.figure(png, 2, 1, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]}) as (fig, (a1, a2)):
@@ -231,6 +382,10 @@ def plot(report: dict, png: Path) -> None:
         a1.set(ylabel="MiB", title=f"{report['details']['model']} on {report['device']}, concurrency "
                f"{report['concurrency']}: memory growth after "
                f"warm-up {'n/a' if g is None else f'{g * 100:+.2f}%'} (limit {report['growth_limit'] * 100:.0f}%)")
+        colors = dict(zip(FAULT_KINDS, ("tab:green", "tab:orange", "tab:red", "tab:purple")))
+        for ev in report["details"].get("faults", {}).get("events", []):
+            a2.axvspan(ev["t0"], ev.get("t1", ev["t0"]), color=colors[ev["kind"]], alpha=0.3, lw=0)
+            a2.text(ev["t0"], 0, ev["kind"], fontsize=6, rotation=90, va="bottom")
         a1.legend(fontsize=8, loc="lower right")
         w = iv[1]["t"] - iv[0]["t"] if len(iv) > 1 else 10
         a2.bar([x["t"] + w / 2 for x in iv], [x["requests"] / w for x in iv], width=w * 0.9)
@@ -254,22 +409,67 @@ def run_served(a: argparse.Namespace, texts: list[str], lengths: list[int], samp
     print(f"soak: {what}; model {model}, concurrency {a.concurrency}, {a.minutes:g} min, warm-up {warmup:.0f} s, "
           f"{len(rows)} prompts, max_new_tokens {lengths}", flush=True)
     served_models = models + ([model + STREAM_SUFFIX] if a.cancel_fraction > 0 else [])
-    with common.served(repo, served_models, a.url, threads=a.server_threads or None) as (url, server):
-        stop_sup = threading.Event()
-        if server is not None and not a.no_supervise:  # as `make serve` runs it: restarted if it fails
+    with common.served(repo, served_models, a.url, threads=a.server_threads or None,
+                       poll_secs=2 if a.faults else 3600) as (url, server):
+        stop_sup, faults = threading.Event(), None
+        if a.faults:  # the file to publish again: the served version's (a prune may remove that folder)
+            src = Path(tmp) / "faults" / "model.hdf5"
+            shutil.copytree(latest_version(server.repo / model), src.parent)
+            faults = Faults(a, server, served_models, src, 0.0)
+            faults.supervise(True)
+        elif server is not None and not a.no_supervise:  # as `make serve` runs it: restarted if it fails
             threading.Thread(target=server.supervise, kwargs=dict(stop=stop_sup), daemon=True).start()
         ok0, fail0 = common.failure_counts(url, model)
         tally, elapsed = soak(a, rows, lengths, samples, url=url, model=model,
-                              pid=a.pid if a.url else lambda: server.proc and server.proc.pid)
+                              pid=a.pid if a.url else lambda: server.proc and server.proc.pid, faults=faults)
         stop_sup.set()
         restarts = [] if server is None else [why for _, why in server.restarts]
-        ok1, fail1 = (0, 0) if restarts else common.failure_counts(url, model)  # a restart zeroes them
+        if faults:
+            faults.supervise(False)
+            at_end = all(faults.probe(m, 120) for m in served_models)
+        ok1, fail1 = (0, 0) if restarts or faults else common.failure_counts(url, model)  # a restart zeroes them
         log = server.log_path.read_text(errors="replace") if server and server.log_path else None
-    details = {"model": model, "url": url, "server_ok": None if restarts else ok1 - ok0,
-               "server_failed": 0 if restarts else fail1 - fail0, "server_restarts": restarts,
+    details = {"model": model, "url": url, "server_ok": None if restarts or faults else ok1 - ok0,
+               "server_failed": 0 if restarts or faults else fail1 - fail0, "server_restarts": restarts,
                "cancel_mode": a.cancel_mode,
                "model_loads_in_log": None if log is None else log.count(f"loading: {model}:")}
+    if faults:
+        details["faults"] = fault_report(a, faults, tally, at_end, [why for _, why in server.reloads])
     return tally, elapsed, details, what
+
+
+def fault_report(a: argparse.Namespace, faults: Faults, tally: Tally, at_end: bool, reloads: list[str]) -> dict:
+    """Per fault kind: faults, requests refused cleanly, the longest recovery; lost requests; per model the longest
+    time without an answer (between two successful answers, as the clients saw it)."""
+    got = classify(tally.failures, faults.log, a.faults)
+    gaps = {m: round(max((y - x for x, y in zip(ts, ts[1:])), default=0.0), 2)
+            for m, ts in ((m, sorted(ts)) for m, ts in tally.answered.items())}
+    per = {k: {"faults": sum(f["kind"] == k for f in faults.log), "refused": got["refused"][k],
+               "timed_out_in_flight": got["timed_out"][k],
+               "longest_recovery_s": max((f["outage_s"] for f in faults.log if f["kind"] == k), default=None)}
+           for k in a.faults}
+    ok = all(f.get("recovered") and "error" not in f for f in faults.log)
+    return {"kinds": a.faults, "every_s": a.fault_every, "seed": a.seed, "margin_s": MARGIN_S, "per_kind": per,
+            "refused": sum(got["refused"].values()), "timed_out": sum(got["timed_out"].values()), "lost": got["lost"], "lost_requests": got["lost_requests"],
+            "longest_outage_s": gaps, "all_recovered": ok, "serves_at_end": at_end, "supervisor_reloads": reloads,
+            "events": faults.log}
+
+
+def fault_md(r: dict) -> str:
+    f = r["details"]["faults"]
+    rows = [f"| {k} | {v['faults']} | {v['refused']} | {v['timed_out_in_flight']} | {v['longest_recovery_s']} |"
+            for k, v in f["per_kind"].items()]
+    return "\n".join([
+        f"# Fault-injection soak: {r['details']['model']} on {r['device']}, {r['minutes']:g} min, concurrency "
+        f"{r['concurrency']}", "", f"`{r['command']}`", "",
+        f"**{r['requests_ok']} ok, {f['refused']} refused cleanly, {f['timed_out']} in flight at a kill and ended by "
+        f"the client's 120 s deadline, {f['lost']} lost, {r['requests_hung']} hung**; "
+        f"serves at the end: {f['serves_at_end']}; {'PASS' if r['passed'] else 'FAIL'}", "",
+        "| fault | injected | refused cleanly | in flight, timed out | longest recovery (s) |", "| --- " * 5 + "|",
+        *rows, "",
+        "Longest time without an answer, per model (s): "
+        + ", ".join(f"{m} {g}" for m, g in f["longest_outage_s"].items()),
+        *(["", "Lost requests (first 20):", *(f"- {x}" for x in f["lost_requests"])] if f["lost"] else [])])
 
 
 def say_result(report: dict, tally: Tally, mem: dict, gpu: dict | None, samples: list) -> None:
@@ -283,6 +483,12 @@ def say_result(report: dict, tally: Tally, mem: dict, gpu: dict | None, samples:
         print(f"  GPU memory ({samples[0]['gpu_scope']}, nvidia-smi): {gpu['baseline_mib']} -> {gpu['final_mib']} MiB ({gg})")
     if tally.errors:
         print("  first errors: " + " | ".join(tally.errors[:3]))
+    if "faults" in details:
+        f = details["faults"]
+        print(f"  faults {f['per_kind']}: {f['refused']} refused cleanly, {f['timed_out']} timed out in flight at a kill, {f['lost']} lost, longest time without an "
+              f"answer {f['longest_outage_s']} s, serves at the end: {f['serves_at_end']}")
+        for x in f["lost_requests"][:5]:
+            print(f"  lost: {x}")
     if details.get("server_restarts"):
         print(f"  the launcher restarted the server {len(details['server_restarts'])}x: {details['server_restarts'][:3]}")
 
@@ -311,6 +517,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "stream, then half-close) or abrupt (cancel the gRPC call, as a client that dies does)")
     p.add_argument("--no-supervise", action="store_true",
                    help="no launcher supervision of the server it starts (by default restarted as `make serve` does)")
+    p.add_argument("--faults", type=common.sections_type(FAULT_KINDS), default=[],
+                   help=f"inject these faults (comma-separated: {','.join(FAULT_KINDS)}) into our supervised server; "
+                        "pass = no lost request (see Faults, classify)")
+    p.add_argument("--fault-every", type=float, default=60.0, help="mean seconds between two faults")
+    p.add_argument("--seed", type=int, default=0, help="of the fault times and choices")
     p.add_argument("--tiny-shape", default="2,128,4,128", help="layers,hidden,heads,max_step of a random model")
     common.add_output_args(p, "soak")
     p.add_argument("--replot", type=Path, help="only re-make the PNG from a soak.json")
@@ -328,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(__import__("signal").SIGUSR1, all_threads=True)  # kill -USR1: the clients' stacks
     if a.url and a.pid is None:
         raise SystemExit("soak: with --url, pass --pid of the tritonserver to watch its memory")
-    out = common.results_dir("soak", a.out, None, a.record)
+    if a.faults and (a.url or a.no_supervise):
+        raise SystemExit("soak: --faults needs our own server under supervision (no --url, no --no-supervise)")
+    out = common.results_dir("soak-faults" if a.faults else "soak", a.out, None, a.record)
     lengths = [int(x) for x in a.max_new_tokens.split(",")]
     warmup = a.warmup if a.warmup is not None else max(10.0, a.minutes * 60 * 0.2)
     texts = common.load_prompts(a.prompts or common.default_prompt_source(), a.num_prompts)
@@ -341,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     passed = (failed == 0 and tally.hung == 0 and tally.ok > 0 and not details.get("server_restarts")
               and mem["growth"] is not None and mem["growth"] < GROWTH_LIMIT
               and (gpu is None or (gpu["growth"] is not None and gpu["growth"] < GROWTH_LIMIT)))
+    if a.faults:  # restarts reset the memory: no growth limit; failures inside fault windows are refusals
+        f = details["faults"]
+        passed = f["lost"] == 0 and tally.hung == 0 and tally.ok > 0 and f["serves_at_end"] and f["all_recovered"]
     lat = sorted(x for _, x in tally.latencies)
     width = max(5.0, a.minutes * 60 / 30)
     report = {
@@ -361,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if gpu is not None:
         report["gpu_memory"] = gpu | {"scope": samples[0]["gpu_scope"]}
-    common.write_report(out, "soak", report, plot)
+    common.write_report(out, "soak", report, plot, md=fault_md(report) if a.faults else None)
     say_result(report, tally, mem, gpu, samples)
     print(f"wrote {out / 'soak.json'}")
     return 0 if passed else 1
