@@ -55,11 +55,14 @@ def results_dir(benchmark: str, out: Path | None = None, device: str | None = No
     return d
 
 
-def add_output_args(p, benchmark: str) -> None:
-    """--out and --record: where a run writes (default: results/tmp/<device>/<benchmark>/, git-ignored)."""
+def add_output_args(p, benchmark: str, replot: str | None = None) -> None:
+    """--out and --record: where a run writes (default: results/tmp/<device>/<benchmark>/, git-ignored); with
+    `replot` (what it re-makes), --replot JSON too."""
     p.add_argument("--out", type=Path, help=f"output folder (default results/tmp/<device>/{benchmark})")
     p.add_argument("--record", action="store_true",
                    help=f"write into results/<device>/{benchmark}/ (the committed results) instead")
+    if replot:
+        p.add_argument("--replot", type=Path, help=f"only re-make {replot} from a {benchmark}.json")
 
 
 def sections_type(choices: tuple[str, ...]):

@@ -169,8 +169,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="CUDA: kernels and GPU time per decode step")
     p.add_argument("--profile-batches", type=ints, default=[1, 64])
     p.add_argument("--profile-prompt", type=int, default=4, help="prompt length before the profiled steps")
-    common.add_output_args(p, "generation")
-    p.add_argument("--replot", type=Path, help="re-make the Markdown and PNG from a generation.json, nothing else")
+    common.add_output_args(p, "generation", replot="the Markdown and PNG")
     return p.parse_args(argv)
 
 

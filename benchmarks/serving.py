@@ -213,8 +213,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=64, help="inflight: requests per concurrency level")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default 1 on the CPU)")
-    common.add_output_args(p, "serving")
-    p.add_argument("--replot", type=Path, help="re-make the Markdown and PNG from a serving.json, nothing else")
+    common.add_output_args(p, "serving", replot="the Markdown and PNG")
     return p.parse_args(argv)
 
 

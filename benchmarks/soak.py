@@ -523,8 +523,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fault-every", type=float, default=60.0, help="mean seconds between two faults")
     p.add_argument("--seed", type=int, default=0, help="of the fault times and choices")
     p.add_argument("--tiny-shape", default="2,128,4,128", help="layers,hidden,heads,max_step of a random model")
-    common.add_output_args(p, "soak")
-    p.add_argument("--replot", type=Path, help="only re-make the PNG from a soak.json")
+    common.add_output_args(p, "soak", replot="the PNG")
     return p.parse_args(argv)
 
 
