@@ -263,7 +263,10 @@ def check_make(argv: list[str], env: dict, clis: dict, work: Path) -> list[str]:
     problems += [f"make: no target {t}" for t in targets if not re.search(rf"^{re.escape(t)}:", makefile, re.M)]
     if problems:
         return problems
-    dry = subprocess.run(["make", "-n", *argv[1:]], cwd=work, capture_output=True, text=True, timeout=60)
+    # as a user's shell runs it: not as a sub-make of `make test` (MAKELEVEL would add "make[1]: Entering ..." lines)
+    clean = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
+    dry = subprocess.run(["make", "-n", "--no-print-directory", *argv[1:]], cwd=work, capture_output=True,
+                         text=True, timeout=60, env=clean)
     if dry.returncode:
         return [f"make -n: {dry.stderr.strip()[-300:]}"]
     for line in dry.stdout.splitlines():
