@@ -97,9 +97,9 @@ int load(const std::string &kind, const std::string &path) {
     res = w->initializing(path);
     if (res.empty()) {
       print_common(*w);
-      std::printf("LSLOAD clip emb_clip_max %a\n", double(w->get_src_emb_clip_max()));
-      std::printf("LSLOAD clip output_ln_clip_max %a\n", double(w->get_output_ln_clip_max()));
-      std::printf("LSLOAD clip logits_clip_max %a\n", double(w->get_logits_clip_max()));
+      std::printf("LSLOAD clip src_embedding/emb_clip_max %a\n", double(w->get_src_emb_clip_max()));
+      std::printf("LSLOAD clip src_embedding/output_ln_clip_max %a\n", double(w->get_output_ln_clip_max()));
+      std::printf("LSLOAD clip src_embedding/logits_clip_max %a\n", double(w->get_logits_clip_max()));
       std::printf("LSLOAD conf quant_range %a\n", double(w->_quant_range));
       auto clips = w->get_enc_clip_max();
       for (size_t i = 0; i < clips.size(); ++i) {
