@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_format_corrupt as C
 
 from oracles import lightseq_loader as LL
 from oracles import lightseq_src as LS
@@ -412,3 +413,89 @@ def test_lightseq_loader_refuses_the_other_precision(loader, files, kind):
         assert not got.ok and got.error == "src_embedding/emb_clip_max Not Found in HDF5 File", got.error
     else:  # GptWeight reads uint8 kernels as float without complaint: H5T converts; only the values are wrong
         assert got.ok
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The corrupt files of tests/test_format_corrupt.py, given to LightSeq's loader. lsgpt.format.read_hdf5 refuses
+# every one of them (that test); LightSeq's loader refuses those below with its own message, and loads the rest.
+
+
+def _not_found(name):
+    return f"{name} Not Found in HDF5 File"
+
+
+LOADER_REFUSES = {  # case -> LightSeq's exception text (util.cc.cu / the loaders), exactly
+    "del_layer_bias": _not_found("encoder_stack/1/ffn_first_bias"),
+    "del_extra_decode": _not_found("model_conf/extra_decode_length"),
+    "del_act_clip": _not_found("encoder_stack/1/self_qkv_bias_out_clip_max"),
+    "del_kernel_clip": _not_found("encoder_stack/0/ffn_second_kernel_clip_max"),
+    "del_logits_clip": _not_found("src_embedding/logits_clip_max"),
+    "del_ln_f": _not_found("src_embedding/norm_bias"),
+    "short_ln": "Invalid shape 63. Wrong multihead_norm_bias_size !",
+    "short_qkv": "Invalid shape 12286. Wrong multihead_project_kernel_qkv_size !",
+    "short_kernel_i8": "Invalid shape 16320. Wrong ffn_second_kernel_size !",
+    "pos_not_multiple": "Invalid shape 645. Wrong position_embedding_size !",  # max_step = 645 // 64 = 10
+    "string_scale": "Failed to read HDF5 dataset: encoder_stack/0/ffn_norm_scale",  # no string -> float conversion
+    "group_not_dataset": "Failed to open HDF5 dataset: src_embedding/norm_scale",
+    # the byte-level damage: H5Fopen fails; initializing() returns "Unable to read HDF5 file from PATH"
+    **{name: "Unable to read HDF5 file from " for name in C.BYTE_CASES},
+}
+# case -> what LightSeq does with the file it loaded (only our reader refuses these at load time)
+LOADER_ACCEPTS = {
+    "float_kernel_in_int8": "H5T converts float 0.0 to unsigned char 0: the kernel dequantizes to -clip everywhere",
+    "u8_kernel_in_fp16": "H5T converts uint8 to float: the kernel loads as its integer values",
+    "nan_kernel": "NaN loaded as is", "inf_pos": "Inf loaded as is", "nan_bias_i8": "NaN loaded as is",
+    "nan_clip": "a NaN clip is stored", "zero_clip": "a 0 emb clip: the token embedding dequantizes to zeros",
+    "bad_method": "GptEncoder::check() refuses it later: 'unsupported sampling_method: beam_search'",
+    "bad_topk": "refused only at the first generation: 'topk argument should be in [1,2,4,8,16,32]'",
+    "eos_zero": "eos_id 0 leaves GptWeight::_eos_id unassigned (the driver value-initialises it to 0)",
+    "heads_5": "no head_num check on the HDF5 path (the .pb path has one): dim_per_head 64 // 5 = 12, even, "
+               "so GptEncoder::check() passes too and attention runs on a wrong split",
+}
+
+
+@pytest.fixture(scope="module")
+def corrupt(loader, tmp_path_factory) -> dict[str, LL.Loaded]:
+    d = tmp_path_factory.mktemp("corrupt")
+    kinds = {cid: kind for cid, kind, _, _ in C.CASES}
+    out = {}
+    for p in C.write_damaged(C.write_good(d), d):
+        out[p.stem] = LL.load(loader, p, kinds.get(p.stem, "fp16"))
+        print(f"{p.stem:22s} -> {'loaded' if out[p.stem].ok else out[p.stem].error}")
+    return out
+
+
+def test_corrupt_cases_are_all_classified():
+    cases = [c[0] for c in C.CASES] + list(C.BYTE_CASES)
+    assert not set(LOADER_REFUSES) & set(LOADER_ACCEPTS)
+    assert sorted([*LOADER_REFUSES, *LOADER_ACCEPTS]) == sorted(cases)
+
+
+@pytest.mark.parametrize("case", sorted(LOADER_REFUSES))
+def test_lightseq_loader_refuses_corrupt_file(corrupt, case):
+    got = corrupt[case]
+    assert not got.ok and got.rc == 2, f"{case}: LightSeq's loader accepted it (rc={got.rc})\n{got.stdout[-1500:]}"
+    assert got.error.startswith(LOADER_REFUSES[case]), (case, got.error)
+    assert not got.weights, "an error is reported before anything is printed"
+
+
+@pytest.mark.parametrize("case", sorted(LOADER_ACCEPTS))
+def test_lightseq_loader_loads_what_only_our_reader_refuses(corrupt, case):
+    """Recorded, not endorsed: what LightSeq's loader does with a file lsgpt.format.read_hdf5 refuses."""
+    got = corrupt[case]
+    assert got.ok, f"{case}: now refused by LightSeq's loader: {got.error} (move it to LOADER_REFUSES)"
+    w, nonfinite = got.weights, {n: v[1] for n, v in got.weights.items() if v[1]}
+    expect = {
+        "float_kernel_in_int8": lambda: w["encoder_stack/0/multihead_project_kernel_output"][2:4] == (-64 * 64, 64 * 64),
+        "u8_kernel_in_fp16": lambda: w["encoder_stack/1/ffn_first_kernel"][2:4] == (0.0, 0.0),
+        "nan_kernel": lambda: nonfinite == {"encoder_stack/1/ffn_second_kernel": 1},
+        "inf_pos": lambda: nonfinite == {"src_embedding/position_embedding": 1},
+        "nan_bias_i8": lambda: nonfinite == {"encoder_stack/0/multihead_project_bias_qkv": 1},
+        "nan_clip": lambda: np.isnan(got.clips["encoder_stack/0/ffn_ln_clip_max"]),
+        "zero_clip": lambda: got.clips["src_embedding/emb_clip_max"] == 0 and w["src_embedding/token_embedding"][3] == 0,
+        "bad_method": lambda: got.sampling_method() == b"beam_search",
+        "bad_topk": lambda: got.conf_int("topk") == 3,
+        "eos_zero": lambda: got.conf_int("eos_id") == 0,
+        "heads_5": lambda: (got.conf_int("head_num"), got.conf_int("dim_per_head")) == (5, 12),
+    }[case]
+    assert expect(), (case, LOADER_ACCEPTS[case])
