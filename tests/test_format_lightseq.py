@@ -382,12 +382,28 @@ def written(files, model, clips, tmp_path_factory) -> dict[str, tuple[Path, str]
                                clips["output_ln_clip_max"])
     out["int8 extra_decode_length"] = (export_model(qmodel, d / "edl8.hdf5", quantize=True, **conf), "int8")
     out.update(_demo_files(d))
+    out["fp16 lightseq_defaults"] = (_with_defaults(files["fp16"]["lightseq_style"], d / "defaults16.hdf5"), "fp16")
     return out
+
+
+def _with_defaults(src: Path, dst: Path) -> Path:
+    """A LightSeq-style file leaving the sampling settings to LightSeq's defaults: topk 0 (-> 4), topp 0
+    (-> 0.75), an empty sampling_method (-> "topk")."""
+    import shutil
+
+    import h5py
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "a") as f:
+        for name, data in (("topk", np.int32(0)), ("topp", np.float32(0)), ("sampling_method", np.zeros(0, np.int8))):
+            del f[f"model_conf/{name}"]
+            f.create_dataset(f"model_conf/{name}", data=data)
+    return dst
 
 
 WRITTEN = ["fp16 exported", "int8 exported", "fp16 lightseq_style", "int8 lightseq_style", "int8 calibrated",
            "fp16 extra_decode_length", "int8 extra_decode_length", "demo default fp16", "demo default int8",
-           "demo quick fp16", "demo quick int8"]
+           "demo quick fp16", "demo quick int8", "fp16 lightseq_defaults"]
 
 
 def test_every_written_kind_is_covered(written):
@@ -402,6 +418,8 @@ def test_lightseq_loader_reads_what_we_read(loader, written, label):
     if "extra_decode_length" in label:
         assert got.conf_int("extra_decode_length") == 17 and got.sampling_method() == b"topp"
         assert got.conf_int("topk") == 8 and got.conf_float("topp") == float(np.float32(0.9))
+    if "defaults" in label:
+        assert (got.conf_int("topk"), got.conf_float("topp"), got.sampling_method()) == (4, 0.75, b"topk")
 
 
 @pytest.mark.parametrize("kind", ["fp16", "int8"])
