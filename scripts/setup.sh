@@ -23,6 +23,17 @@ elif [ ! -f /usr/lib/nginx/modules/ngx_http_js_module.so ]; then
     echo "[setup] not root: skipping nginx + libnginx-mod-http-js (exposed mode needs them; install with your package manager)"
 fi
 
+# tests/test_format_lightseq.py compiles LightSeq's own HDF5 loaders (C++, from the lightseq wheel) on the CPU:
+# a C++ compiler, protoc, and Debian's HDF5, protobuf and thrust headers (tests/lightseq_loader/).
+LS_BUILD_PKGS="g++ make protobuf-compiler libprotobuf-dev libhdf5-dev libthrust-dev"
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s $LS_BUILD_PKGS >/dev/null 2>&1; then
+    echo "[setup] apt-get install $LS_BUILD_PKGS (to build LightSeq's loaders for the tests)"
+    (apt-get install -y -q $LS_BUILD_PKGS >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q $LS_BUILD_PKGS >/dev/null)) \
+        || echo "[setup] could not install $LS_BUILD_PKGS: tests/test_format_lightseq.py skips LightSeq's compiled loaders"
+elif ! command -v dpkg >/dev/null || ! dpkg -s $LS_BUILD_PKGS >/dev/null 2>&1; then
+    echo "[setup] not root (or no apt): LightSeq's loader tests need $LS_BUILD_PKGS; without them they skip"
+fi
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
     exit 0
 fi

@@ -52,9 +52,8 @@ def read_in_child(paths: list[Path]) -> dict[str, dict]:
     return results
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    d = tmp_path_factory.mktemp("good")
+def write_good(d: Path) -> dict[str, Path]:
+    """The valid starting files: fp16 and int8, written the way LightSeq's own exporters write them."""
     m = tiny.make_model(seed=5)
     ls = R.hf_to_ls(tiny.state_dict_np(m), NL, MAX_STEP)
     conf = dict(n_layer=NL, n_head=NH, pad_id=tiny.PAD_ID, eos_id=tiny.EOS_ID)
@@ -62,6 +61,11 @@ def good(tmp_path_factory):
              "layers": [{n: 2.0 for n in R.LAYER_CLIPS} for _ in range(NL)]}
     return {"fp16": R.write_ls_fp16(d / "good16.hdf5", ls, **conf),
             "int8": R.write_ls_int8(d / "good8.hdf5", ls, clips, **conf)}
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return write_good(tmp_path_factory.mktemp("good"))
 
 
 def _edit(src: Path, dst: Path, fn) -> Path:
@@ -147,10 +151,9 @@ def _lower_any(msg: str, words) -> bool:
 BYTE_CASES = ["trunc_0.0003", "trunc_0.3", "trunc_0.7", "trunc_0.999", "empty", "text", "zeros", "missing"]
 
 
-@pytest.fixture(scope="module")
-def results(good, tmp_path_factory):
-    """Build every damaged file, then read them all in one child process."""
-    tmp_path = tmp_path_factory.mktemp("bad")
+def write_damaged(good: dict[str, Path], tmp_path: Path) -> list[Path]:
+    """Every damaged file: `{case id}.hdf5` for CASES (from `good[kind]`), `{BYTE_CASES name}.hdf5` (no file for
+    "missing")."""
     paths = [_edit(good[kind], tmp_path / f"{cid}.hdf5", fn) for cid, kind, fn, _ in CASES]
     raw = good["fp16"].read_bytes()
     for frac in (0.0003, 0.3, 0.7, 0.999):
@@ -160,7 +163,13 @@ def results(good, tmp_path_factory):
     (tmp_path / "empty.hdf5").write_bytes(b"")
     (tmp_path / "text.hdf5").write_text("this is a text file renamed to .hdf5\n" * 50)
     (tmp_path / "zeros.hdf5").write_bytes(bytes(4096))
-    paths += [tmp_path / "empty.hdf5", tmp_path / "text.hdf5", tmp_path / "zeros.hdf5", tmp_path / "missing.hdf5"]
+    return paths + [tmp_path / "empty.hdf5", tmp_path / "text.hdf5", tmp_path / "zeros.hdf5", tmp_path / "missing.hdf5"]
+
+
+@pytest.fixture(scope="module")
+def results(good, tmp_path_factory):
+    """Build every damaged file, then read them all in one child process."""
+    paths = write_damaged(good, tmp_path_factory.mktemp("bad"))
     paths += [good["fp16"], good["int8"]]  # must still read: the harness is not rejecting everything
     res = read_in_child(paths)
     for r in res.values():

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_format_corrupt as C
 
+from oracles import lightseq_loader as LL
 from oracles import lightseq_src as LS
 from oracles import reference_int8 as R
 from oracles import tiny
@@ -252,3 +254,266 @@ def test_int8_formulas_match_the_reference():
     assert requant_alpha(cw, ci, co) == cw * ci / (co * R.QMAX)
     assert int32_out_scale(cw, ci) == cw * ci / (R.QMAX * R.QMAX)
     assert requant_alpha(cw, ci, co) == pytest.approx(dequant_scale(cw) * dequant_scale(ci) / dequant_scale(co))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# LightSeq's own loaders, compiled from the wheel's C++ and run on every kind of file we write (issue 31;
+# tests/lightseq_loader/, tests/oracles/lightseq_loader.py). What the loader holds is compared with what
+# lsgpt.format.read_hdf5 reads, after LightSeq's conversions applied here independently.
+
+DEMO_VOCAB = 21128  # the demo trains over a vocabulary subset, then expands to the full Chinese BERT vocabulary
+CLS, SEP = 101, 102
+
+
+@pytest.fixture(scope="module")
+def loader():
+    miss = LL.missing()
+    if miss:
+        pytest.skip(f"LightSeq's C++ loaders cannot be built here: missing {', '.join(miss)} "
+                    "(scripts/setup.sh installs them when run as root)")
+    b = LL.build()
+    print(f"\nLightSeq loader driver {'found cached' if b.cached else 'built'} in {b.seconds:.1f}s: {b.binary}")
+    return b.binary
+
+
+def lightseq_holds(arrays: dict, name: str) -> np.ndarray:
+    """The __half values GptWeight<FP16> / QuantGptWeight<FP16> keep for dataset `name`: HDF5 converts the
+    stored numbers to float (H5T_NATIVE_FLOAT; uint8 kernels to unsigned char), int8 kernels and the token
+    embedding go through util.cc.cu's dequantize(u, 127, clip) = (float(u) - 127) * clip / 127 in float
+    arithmetic, clips read as float, and every value becomes fp16 by __float2half_rn (round to nearest even)."""
+    a = arrays[name]
+    if a.dtype == np.uint8:
+        clip = "src_embedding/emb_clip_max" if name == "src_embedding/token_embedding" else name + "_clip_max"
+        f = (a.astype(np.float32) - np.float32(127)) * np.float32(arrays[clip]) / np.float32(127)
+    else:
+        f = np.asarray(a, dtype=np.float32)
+    assert f.dtype == np.float32
+    return f.astype(np.float16)
+
+
+def checksum(h: np.ndarray) -> tuple[int, int, float, float, int]:
+    """The driver's per-weight line: count, non-finite count, sum and sum of squares of the finite values in
+    double, and sum((i+1) * fp16 bits[i]) mod 2**64 (exact and position-sensitive)."""
+    bits = h.reshape(-1).view(np.uint16).astype(np.uint64)
+    bitsum = int((np.arange(1, bits.size + 1, dtype=np.uint64) * bits).sum(dtype=np.uint64))
+    v = h.reshape(-1).astype(np.float64)
+    fin = np.isfinite(v)
+    return v.size, int((~fin).sum()), float(v[fin].sum()), float((v[fin] ** 2).sum()), bitsum
+
+
+def expected_conf(cfg) -> dict[str, int]:
+    """GptWeight's int fields, from our reader's config (hdf5_get_model_config's rules)."""
+    return {"hidden_size": cfg.hidden, "inner_size": cfg.inner, "max_step": cfg.max_step,
+            "src_vocab_size": cfg.vocab, "n_enc_layer": cfg.n_layer, "head_num": cfg.n_head,
+            "dim_per_head": cfg.hidden // cfg.n_head, "weight_per_enc_layer": 12, "padding_id": cfg.pad_id,
+            "eos_id": cfg.eos_id, "topk": cfg.topk,  # read_hdf5 applies LightSeq's "0 keeps 4" already
+            "extra_decode_length": cfg.extra_decode_length if cfg.extra_decode_length > 0 else cfg.max_step}
+
+
+def assert_loader_reads_what_we_read(got: LL.Loaded, path: Path) -> None:
+    from lsgpt.format import read_hdf5
+
+    assert got.ok, f"LightSeq's loader refused {path.name}: {got.error}\n{got.stdout[-2000:]}\n{got.stderr[-2000:]}"
+    cfg, arrays = read_hdf5(path)
+    want = expected_conf(cfg)
+    assert {k: got.conf_int(k) for k in want} == want
+    assert got.conf_float("topp") == float(np.float32(cfg.topp))
+    assert got.sampling_method() == cfg.sampling_method.encode("ascii")
+    weights = {n for n, a in arrays.items() if np.ndim(a) == 1}
+    assert set(got.weights) == weights
+    for name in sorted(weights):
+        n, nonfinite, s, sq, bits = checksum(lightseq_holds(arrays, name))
+        gn, gnonfinite, gs, gsq, gbits = got.weights[name]
+        assert (gn, gnonfinite, gbits) == (n, nonfinite, bits), f"{path.name}: {name} differs"
+        # same values, summed in another order (numpy's pairwise sum vs the driver's loop): rounding only
+        tol = 1e-12 * n * (1.0 + sq)
+        assert abs(gs - s) <= tol and abs(gsq - sq) <= tol, (name, gs, s, gsq, sq)
+    clips = {n: float(np.float32(a)) for n, a in arrays.items() if n.endswith("_clip_max")}
+    assert got.clips == clips  # float32 values, exact; {} for fp16
+    if cfg.quantized:
+        assert got.conf_float("quant_range") == 127.0
+
+
+def _demo_files(d: Path) -> dict[str, tuple[Path, str]]:
+    """The demo's models, exported by the demo's command (export/export.py -m CKPT -l BLOCK [-q]): its two sizes
+    (scripts/demo.py SIZES), the full vocabulary, QAT clips for int8; random weights stand in for training."""
+    from lsgpt.export.cli import main as export_cli
+    from scripts.demo import SIZES
+
+    out = {}
+    for size, s in SIZES.items():
+        over = dict(n_layer=s["layers"], n_embd=s["hidden"], n_head=s["heads"], n_positions=s["block"],
+                    vocab_size=DEMO_VOCAB, eos_token_id=SEP, bos_token_id=CLS, pad_token_id=0)
+        for kind in ("fp16", "int8"):
+            m = tiny.make_model(seed=7, wide=True, **over)
+            if kind == "int8":
+                layer = {n: 2.5 + 0.1 * j for j, n in enumerate(tiny.LAYER_CLIP_NAMES)}
+                tiny.attach_clips(m, [layer] * s["layers"], 0.9, 5.0)
+            ckpt = tiny.save_bin_checkpoint(m, d / f"demo_{size}_{kind}")
+            assert export_cli(["-m", str(ckpt), "-l", str(s["block"])] + (["-q"] if kind == "int8" else [])) == 0
+            out[f"demo {size} {kind}"] = (ckpt.with_suffix(".hdf5"), kind)
+    return out
+
+
+def _calibrated_file(d: Path) -> Path:
+    """int8 by post-training calibration (export/export.py -q --calibrate TEXT -p VOCAB)."""
+    from lsgpt.export.convert import export_model
+
+    toks = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (d / "vocab.txt").write_text("\n".join(toks + [f"w{i}" for i in range(104, V)]) + "\n")
+    rng = np.random.default_rng(31)
+    (d / "calib.txt").write_text("\n".join(" ".join(f"w{i}" for i in rng.integers(104, V, 40)) for _ in range(8)))
+    ckpt = tiny.save_bin_checkpoint(tiny.make_model(seed=31, wide=True), d / "calib_ckpt")
+    return export_model(ckpt, d / "calib8.hdf5", max_step=MAX_STEP, quantize=True, calibrate_text=d / "calib.txt",
+                        tokenizer=d / "vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def written(files, model, clips, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """label -> (path, kind): every kind of file we write, and LightSeq-style files as a control."""
+    from lsgpt.export.convert import export_model
+
+    d = tmp_path_factory.mktemp("loader")
+    out = {f"{kind} {origin}": (p, kind) for kind, by in files.items() for origin, p in by.items()}
+    out["int8 calibrated"] = (_calibrated_file(d), "int8")
+    conf = dict(max_step=MAX_STEP, extra_decode_length=17, sampling_method="topp", topp=0.9, topk=8)
+    out["fp16 extra_decode_length"] = (export_model(model, d / "edl16.hdf5", **conf), "fp16")
+    qmodel = tiny.attach_clips(tiny.make_model(seed=3, wide=True), clips["layers"], clips["emb_clip_max"],
+                               clips["output_ln_clip_max"])
+    out["int8 extra_decode_length"] = (export_model(qmodel, d / "edl8.hdf5", quantize=True, **conf), "int8")
+    out.update(_demo_files(d))
+    out["fp16 lightseq_defaults"] = (_with_defaults(files["fp16"]["lightseq_style"], d / "defaults16.hdf5"), "fp16")
+    return out
+
+
+def _with_defaults(src: Path, dst: Path) -> Path:
+    """A LightSeq-style file leaving the sampling settings to LightSeq's defaults: topk 0 (-> 4), topp 0
+    (-> 0.75), an empty sampling_method (-> "topk")."""
+    import shutil
+
+    import h5py
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "a") as f:
+        for name, data in (("topk", np.int32(0)), ("topp", np.float32(0)), ("sampling_method", np.zeros(0, np.int8))):
+            del f[f"model_conf/{name}"]
+            f.create_dataset(f"model_conf/{name}", data=data)
+    return dst
+
+
+WRITTEN = ["fp16 exported", "int8 exported", "fp16 lightseq_style", "int8 lightseq_style", "int8 calibrated",
+           "fp16 extra_decode_length", "int8 extra_decode_length", "demo default fp16", "demo default int8",
+           "demo quick fp16", "demo quick int8", "fp16 lightseq_defaults"]
+
+
+def test_every_written_kind_is_covered(written):
+    assert sorted(written) == sorted(WRITTEN)
+
+
+@pytest.mark.parametrize("label", WRITTEN)
+def test_lightseq_loader_reads_what_we_read(loader, written, label):
+    path, kind = written[label]
+    got = LL.load(loader, path, kind)
+    assert_loader_reads_what_we_read(got, path)
+    if "extra_decode_length" in label:
+        assert got.conf_int("extra_decode_length") == 17 and got.sampling_method() == b"topp"
+        assert got.conf_int("topk") == 8 and got.conf_float("topp") == float(np.float32(0.9))
+    if "defaults" in label:
+        assert (got.conf_int("topk"), got.conf_float("topp"), got.sampling_method()) == (4, 0.75, b"topk")
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+def test_lightseq_loader_refuses_the_other_precision(loader, files, kind):
+    """An fp16 file given to QuantGptWeight (and int8 to GptWeight): the control that the driver can fail."""
+    other = "int8" if kind == "fp16" else "fp16"
+    got = LL.load(loader, files[kind]["exported"], other)
+    if other == "int8":
+        assert not got.ok and got.error == "src_embedding/emb_clip_max Not Found in HDF5 File", got.error
+    else:  # GptWeight reads uint8 kernels as float without complaint: H5T converts; only the values are wrong
+        assert got.ok
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The corrupt files of tests/test_format_corrupt.py, given to LightSeq's loader. lsgpt.format.read_hdf5 refuses
+# every one of them (that test); LightSeq's loader refuses those below with its own message, and loads the rest.
+
+
+def _not_found(name):
+    return f"{name} Not Found in HDF5 File"
+
+
+LOADER_REFUSES = {  # case -> LightSeq's exception text (util.cc.cu / the loaders), exactly
+    "del_layer_bias": _not_found("encoder_stack/1/ffn_first_bias"),
+    "del_extra_decode": _not_found("model_conf/extra_decode_length"),
+    "del_act_clip": _not_found("encoder_stack/1/self_qkv_bias_out_clip_max"),
+    "del_kernel_clip": _not_found("encoder_stack/0/ffn_second_kernel_clip_max"),
+    "del_logits_clip": _not_found("src_embedding/logits_clip_max"),
+    "del_ln_f": _not_found("src_embedding/norm_bias"),
+    "short_ln": "Invalid shape 63. Wrong multihead_norm_bias_size !",
+    "short_qkv": "Invalid shape 12286. Wrong multihead_project_kernel_qkv_size !",
+    "short_kernel_i8": "Invalid shape 16320. Wrong ffn_second_kernel_size !",
+    "pos_not_multiple": "Invalid shape 645. Wrong position_embedding_size !",  # max_step = 645 // 64 = 10
+    "string_scale": "Failed to read HDF5 dataset: encoder_stack/0/ffn_norm_scale",  # no string -> float conversion
+    "group_not_dataset": "Failed to open HDF5 dataset: src_embedding/norm_scale",
+    # the byte-level damage: H5Fopen fails; initializing() returns "Unable to read HDF5 file from PATH"
+    **{name: "Unable to read HDF5 file from " for name in C.BYTE_CASES},
+}
+# case -> what LightSeq does with the file it loaded (only our reader refuses these at load time)
+LOADER_ACCEPTS = {
+    "float_kernel_in_int8": "H5T converts float 0.0 to unsigned char 0: the kernel dequantizes to -clip everywhere",
+    "u8_kernel_in_fp16": "H5T converts uint8 to float: the kernel loads as its integer values",
+    "nan_kernel": "NaN loaded as is", "inf_pos": "Inf loaded as is", "nan_bias_i8": "NaN loaded as is",
+    "nan_clip": "a NaN clip is stored", "zero_clip": "a 0 emb clip: the token embedding dequantizes to zeros",
+    "bad_method": "GptEncoder::check() refuses it later: 'unsupported sampling_method: beam_search'",
+    "bad_topk": "refused only at the first generation: 'topk argument should be in [1,2,4,8,16,32]'",
+    "eos_zero": "eos_id 0 leaves GptWeight::_eos_id unassigned (the driver value-initialises it to 0)",
+    "heads_5": "no head_num check on the HDF5 path (the .pb path has one): dim_per_head 64 // 5 = 12, even, "
+               "so GptEncoder::check() passes too and attention runs on a wrong split",
+}
+
+
+@pytest.fixture(scope="module")
+def corrupt(loader, tmp_path_factory) -> dict[str, LL.Loaded]:
+    d = tmp_path_factory.mktemp("corrupt")
+    kinds = {cid: kind for cid, kind, _, _ in C.CASES}
+    out = {}
+    for p in C.write_damaged(C.write_good(d), d):
+        out[p.stem] = LL.load(loader, p, kinds.get(p.stem, "fp16"))
+        print(f"{p.stem:22s} -> {'loaded' if out[p.stem].ok else out[p.stem].error}")
+    return out
+
+
+def test_corrupt_cases_are_all_classified():
+    cases = [c[0] for c in C.CASES] + list(C.BYTE_CASES)
+    assert not set(LOADER_REFUSES) & set(LOADER_ACCEPTS)
+    assert sorted([*LOADER_REFUSES, *LOADER_ACCEPTS]) == sorted(cases)
+
+
+@pytest.mark.parametrize("case", sorted(LOADER_REFUSES))
+def test_lightseq_loader_refuses_corrupt_file(corrupt, case):
+    got = corrupt[case]
+    assert not got.ok and got.rc == 2, f"{case}: LightSeq's loader accepted it (rc={got.rc})\n{got.stdout[-1500:]}"
+    assert got.error.startswith(LOADER_REFUSES[case]), (case, got.error)
+    assert not got.weights, "an error is reported before anything is printed"
+
+
+@pytest.mark.parametrize("case", sorted(LOADER_ACCEPTS))
+def test_lightseq_loader_loads_what_only_our_reader_refuses(corrupt, case):
+    """Recorded, not endorsed: what LightSeq's loader does with a file lsgpt.format.read_hdf5 refuses."""
+    got = corrupt[case]
+    assert got.ok, f"{case}: now refused by LightSeq's loader: {got.error} (move it to LOADER_REFUSES)"
+    w, nonfinite = got.weights, {n: v[1] for n, v in got.weights.items() if v[1]}
+    expect = {
+        "float_kernel_in_int8": lambda: w["encoder_stack/0/multihead_project_kernel_output"][2:4] == (-64 * 64, 64 * 64),
+        "u8_kernel_in_fp16": lambda: w["encoder_stack/1/ffn_first_kernel"][2:4] == (0.0, 0.0),
+        "nan_kernel": lambda: nonfinite == {"encoder_stack/1/ffn_second_kernel": 1},
+        "inf_pos": lambda: nonfinite == {"src_embedding/position_embedding": 1},
+        "nan_bias_i8": lambda: nonfinite == {"encoder_stack/0/multihead_project_bias_qkv": 1},
+        "nan_clip": lambda: np.isnan(got.clips["encoder_stack/0/ffn_ln_clip_max"]),
+        "zero_clip": lambda: got.clips["src_embedding/emb_clip_max"] == 0 and w["src_embedding/token_embedding"][3] == 0,
+        "bad_method": lambda: got.sampling_method() == b"beam_search",
+        "bad_topk": lambda: got.conf_int("topk") == 3,
+        "eos_zero": lambda: got.conf_int("eos_id") == 0,
+        "heads_5": lambda: (got.conf_int("head_num"), got.conf_int("dim_per_head")) == (5, 12),
+    }[case]
+    assert expect(), (case, LOADER_ACCEPTS[case])

@@ -7,6 +7,13 @@ They are parsed with a small C++-call parser: every ``read_hdf5_dataset_data(...
 ``hdf5_file`` is collected; its name expression (string literals, ``dataset_prefix``) is evaluated; its size
 predicate (``[=](int size) { return size != EXPR; }``) is turned into a Python expression over the
 loader's derived sizes (``_hidden_size`` ...).
+
+The loaders themselves are also compiled and run on our files (``oracles/lightseq_loader.py``). This parser
+stays because it still catches what the running loader does not: a dataset LightSeq never reads (the loader
+ignores extra datasets; ``test_exported_dataset_names_are_exactly_lightseqs``), and a dataset of the wrong
+stored type (the loader lets HDF5 convert: a float kernel in an int8 file loads as unsigned char, an int8 file's
+uint8 kernels load into ``GptWeight`` as floats; ``check_against_loader``'s type rules come from the read types
+parsed here). It needs no compiler, so it runs where the loader build is skipped.
 """
 
 from __future__ import annotations

@@ -1,0 +1,3 @@
+// Stand-in: see cuda.h.
+#pragma once
+#include "cuda.h"
