@@ -512,7 +512,9 @@ def test_sigterm_drains_long_generations(tiny_models, tmp_path):
     them in flight (heap corruption, Signal 6/11), the launcher killed it after 30 s, clients waited 30 s. Now
     (gpt2 with one running row, so its queue takes longer than the grace) new requests are refused at once,
     running ones finish within the grace ($LSGPT_DRAIN_GRACE 4) or end with UNAVAILABLE, and the launcher exits 0
-    through a clean tritonserver exit."""
+    through a clean tritonserver exit. Issue 28: a request arriving during the drain gets UNAVAILABLE ("the server is
+    shutting down", retryable, like a full queue), not Triton's NOT_FOUND of an unloading model, while the queued
+    ones go on being answered; /v2/health/ready is false from the start of the drain."""
     import re
 
     from conftest import make_tiny_gpt2
@@ -547,9 +549,11 @@ def test_sigterm_drains_long_generations(tiny_models, tmp_path):
         deadline = time.monotonic() + 60
         while outcomes.qsize() < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
+        ready_before = _http_status(http, "/v2/health/ready")
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         late = ask_after_sigterm(grpc)
+        ready_during = _http_status(http, "/v2/health/ready")
         code = proc.wait(60)
         took = time.monotonic() - t0
         deadline = time.monotonic() + 60
@@ -560,8 +564,10 @@ def test_sigterm_drains_long_generations(tiny_models, tmp_path):
         client.close()
         out = "".join(lines)
         kinds = sorted({g[0] if g[0] == "answered" else g[0][:60] for g in got})
+        during = sum(1 for g in got if g[0] == "answered" and g[1] > t0 + 1.5)
         print(f"SIGTERM -> launcher exit {code} in {took:.1f}s, the last request ended {last:.1f}s after it; "
-              f"{len(got)} requests: {kinds}; a new one: {late}")
+              f"{len(got)} requests: {kinds}; answered during the drain {during}; a new one: {late}; "
+              f"ready {ready_before} before, {ready_during} during")
         print("".join(ln for ln in lines if "lsgpt.serving.launcher" in ln)[-2000:])
         assert len(got) == n and last < 4 + 10, (len(got), last)
         assert all(g[0] == "answered" or "UNAVAILABLE" in g[0] for g in got), kinds
@@ -569,13 +575,28 @@ def test_sigterm_drains_long_generations(tiny_models, tmp_path):
         assert not re.search(r"Signal \((6|11)\)", out), out[-3000:]  # 15 is our SIGTERM
         assert "Exit timeout expired" not in out and "malloc" not in out, out[-3000:]
         assert code == 0 and took < 4 + 15, (code, took)
-        assert late is not None and "answered" not in late
+        assert late is not None and "UNAVAILABLE" in late and "shutting down" in late, late
+        assert during > 0, "queued requests go on being answered during the grace"
+        assert ready_before == 200 and ready_during != 200, (ready_before, ready_during)
     finally:
         if proc.poll() is None:
             proc.kill()
         found = _tritonserver_of(http)
         if found:
             os.killpg(found[0], signal.SIGKILL)
+
+
+def _http_status(port: int, path: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
 
 
 def ask_after_sigterm(grpc: int) -> str | None:
