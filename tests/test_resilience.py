@@ -655,3 +655,87 @@ def test_drain_without_the_repository_api(tiny_models, tmp_path):
     assert all(g == "answered" or "UNAVAILABLE" in g for g in got) and "answered" in got
     assert after is not None and "UNAVAILABLE" in after
     assert code == 0 and "Exit timeout expired" not in text
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc for the model processes")
+def test_requests_in_a_killed_model_process_end_promptly(tiny_models, tmp_path):
+    """Issue 28: requests in flight in a model process killed with kill -9 were never answered by tritonserver 2.51
+    (the soak's clients waited for their 120 s deadline) although the model was back in ~5 s. Through the client
+    library (lsgpt.client): each unary request in flight in gpt2's killed process is sent again once the model is
+    reloaded and answered, each stream of gpt2_stream's ends with ModelRestarted, all well under 30 s after the
+    kill; gpt2_int8 answers throughout, and gpt2 and gpt2_stream answer as before."""
+    import re
+
+    from conftest import make_tiny_gpt2
+
+    from lsgpt.client import api
+    from lsgpt.export.convert import export_model
+    from lsgpt.repository import publish
+
+    repo = make_repository(tmp_path / "repo", tiny_models)
+    longer = export_model(make_tiny_gpt2(seed=0), tmp_path / "long.hdf5", max_step=128, eos_id=3)
+    publish(longer, repo, "gpt2", tokenizer=tiny_models.tokenizer)  # gpt2 and gpt2_stream: 120 new tokens
+    for m in ("gpt2", "gpt2_stream"):  # one running row: the requests queue up inside the model process
+        cfg = repo / m / "config.pbtxt"
+        cfg.write_text(re.sub(r'(key: "max_running_rows", value: \{ string_value: )"\d+"', r'\1"1"', cfg.read_text()))
+    server = TritonServer(repo, models=["gpt2", "gpt2_stream", "gpt2_int8"], log_file=tmp_path / "log", **ports())
+    stop, done = threading.Event(), threading.Event()
+    failures: list = []
+    answered: list = []
+    ended: queue.Queue = queue.Queue()
+    with server:
+        server.wait_ready(180)
+        client = api.Client(server.grpc_url, "gpt2", tiny_models.tokenizer)
+        sup = threading.Thread(target=server.supervise, kwargs=dict(stop=stop), daemon=True)
+        sup.start()
+        load = threading.Thread(target=_ask_loop, args=(server.grpc_url, "gpt2_int8", done, failures, answered),
+                                daemon=True)
+        load.start()
+
+        def unary(i):
+            try:
+                out = client.generate_ids([[2, 5 + i]], max_new_tokens=120, top_k=1)
+                ended.put(("unary", "answered" if len(out[0]) > 2 else "empty", time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - what the client gets
+                ended.put(("unary", f"{type(e).__name__}: {str(e)[:100]}", time.monotonic()))
+
+        def streamed(i, first):
+            try:
+                for n, _ in enumerate(client.stream_ids([2, 9 + i], max_new_tokens=120, top_k=1)):
+                    if n == 0:
+                        first.set()
+                ended.put(("stream", "answered", time.monotonic()))
+            except Exception as e:  # noqa: BLE001
+                ended.put(("stream", f"{type(e).__name__}: {str(e)[:100]}", time.monotonic()))
+            first.set()
+
+        firsts = [threading.Event() for _ in range(2)]
+        threads = [threading.Thread(target=unary, args=(i,), daemon=True) for i in range(4)]
+        threads += [threading.Thread(target=streamed, args=(i, firsts[i]), daemon=True) for i in range(2)]
+        for t in threads:
+            t.start()
+        for f in firsts:
+            assert f.wait(60), "the streams never started"
+        stubs = server.stub_processes()
+        t0 = time.monotonic()
+        for name in ("gpt2_0_0", "gpt2_stream_0_0"):
+            os.kill(stubs[name], signal.SIGKILL)
+        for t in threads:
+            t.join(60)
+        got = [ended.get_nowait() for _ in range(ended.qsize())]
+        took = sorted(round(g[2] - t0, 1) for g in got)
+        after = [ask(server.grpc_url, [2, 5, 6], model=m, timeout=20).shape[1] for m in ("gpt2", "gpt2_int8")]
+        back = [s for s in client.stream_ids([2, 5], max_new_tokens=4)]
+        done.set()
+        load.join(30)
+        stop.set()
+        sup.join(30)
+        client.close()
+        print(f"after the kill: {[(g[0], g[1][:60]) for g in got]}; ended at {took} s; reloads {server.reloads}; "
+              f"gpt2_int8 answered {len(answered)}, failed {failures[:3]}")
+        assert len(got) == 6, f"{6 - len(got)} requests still waiting 60 s after the kill"
+        assert max(took) < 30, took
+        assert all(g[1] == "answered" for g in got if g[0] == "unary"), got
+        assert all(g[1] == "answered" or g[1].startswith("ModelRestarted") for g in got if g[0] == "stream"), got
+        assert not failures and answered, failures[:5]
+        assert server.restarts == [] and all(a >= 4 for a in after) and len(back) >= 1
