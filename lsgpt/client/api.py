@@ -12,7 +12,15 @@ Prompts are [CLS] text (lsgpt.text.encode_prompt); the output is decoded with ls
 between CJK characters removed, Latin word spacing kept). Errors are ClientError subclasses with a
 message that says what to do: ServerUnavailable, ModelNotReady, ServerBusy (the model's queue is full: retry
 later), InvalidRequest (a ValueError: empty or too long prompt, bad parameter, an integer out of its tensor's
-range), RequestTimeout. UNAVAILABLE is retried with backoff first. Integers are range-checked before they are cast
+range), RequestTimeout, ModelRestarted. UNAVAILABLE is retried with backoff first.
+
+Every request has a deadline: `timeout` when given, else one derived from its size, DEADLINE_BASE_S +
+DEADLINE_PER_TOKEN_S x max_new_tokens (the model's longest continuation when max_new_tokens is not given).
+A request in flight in a model process that dies (kill -9, an OOM kill) is never answered by tritonserver 2.51,
+not even after the launcher has reloaded the model; so while a request waits, the client asks every
+PROBE_S s (one model-config call a second per model at most, shared by its requests) whether the model was
+reloaded since it was sent (the launcher's `lsgpt_reload` config parameter changed): if so the request is lost,
+and a unary one is sent again (up to `retries` times), a stream raises ModelRestarted. Integers are range-checked before they are cast
 to their tensor types (numpy would wrap 2**32 + 5 to 5); text is checked (UTF-8, contract.MAX_TEXT_BYTES) before
 it is tokenized.
 """
@@ -74,6 +82,16 @@ class InvalidRequest(ClientError, ValueError):
 
 class RequestTimeout(ClientError):
     """No answer within the client's timeout."""
+
+
+class ModelRestarted(ClientError):
+    """The model process that held the request died and the model was reloaded: the request was lost; retry."""
+
+
+DEADLINE_BASE_S = 30.0  # a request's default deadline: base + per new token (Client(timeout=None))
+DEADLINE_PER_TOKEN_S = 0.5
+PROBE_S = 2.0  # how often a waiting request checks whether its model was reloaded (its process died)
+RELOAD_MARK = "lsgpt_reload"  # the config parameter the launcher changes when it reloads a model whose process died
 
 
 def check_sampling(sampling: dict[str, Any], tok: Any = None) -> dict[str, Any]:
@@ -195,14 +213,15 @@ class Client:
         tokenizer: Any = DEFAULT_TOKENIZER,
         *,
         stream_model: str | None = None,
-        timeout: float = 120.0,
+        timeout: float | None = None,
         retries: int = 3,
         eos_id: int | None = None,
         max_concurrency: int = 16,
     ):
         """tokenizer: a hub id, a folder with vocab.txt, or a loaded tokenizer. eos_id: default [SEP].
         stream_model: where stream() goes; default the model's decoupled twin (gpt2 -> gpt2_stream,
-        gpt2_int8 -> gpt2_int8_stream), or the model itself when it is one."""
+        gpt2_int8 -> gpt2_int8_stream), or the model itself when it is one. timeout: seconds a request may take;
+        None: derived from its size (deadline())."""
         if stream_model is None:
             stream_model = model if model.endswith(STREAM_SUFFIX) else model + STREAM_SUFFIX
         self.url, self.model, self.stream_model = url, model, stream_model
@@ -212,6 +231,8 @@ class Client:
         self.timeout, self.retries, self.max_concurrency = timeout, retries, max_concurrency
         self._grpc = grpcclient.InferenceServerClient(url)
         self._aio = None
+        self._marks: dict[str, tuple[str | None, float]] = {}  # model -> (its reload mark, when read)
+        self._marks_lock = threading.Lock()
 
     # -----------------------------------------------------------------------------------------
     # Helpers.
@@ -232,6 +253,34 @@ class Client:
                 return row[: i + 1]
         return row
 
+    def deadline(self, prompt_len: int, params: dict[str, Any]) -> float:
+        """Seconds a request may take: `timeout`, else DEADLINE_BASE_S + DEADLINE_PER_TOKEN_S per new token."""
+        if self.timeout is not None:
+            return self.timeout
+        n = params.get("max_new_tokens") or max(1, MAX_STEP_LIMIT - prompt_len)
+        return DEADLINE_BASE_S + DEADLINE_PER_TOKEN_S * n
+
+    def _mark(self, model: str, max_age: float = 0.5) -> str | None:
+        """The model's reload mark ("" before any reload; None: unknown), read at most every `max_age` s."""
+        with self._marks_lock:
+            value, at = self._marks.get(model, (None, -1e9))
+        if time.monotonic() - at <= max_age:
+            return value
+        try:
+            cfg = self._grpc.get_model_config(model, as_json=True, client_timeout=2)["config"]
+            value = cfg.get("parameters", {}).get(RELOAD_MARK, {}).get("string_value", "")
+        except (InferenceServerException, KeyError, TypeError):
+            value = None
+        with self._marks_lock:
+            self._marks[model] = (value, time.monotonic())
+        return value
+
+    def _restarted(self, model: str, before: str | None) -> bool:
+        """Was `model` reloaded after its process died since `before` (its mark when a request was sent)? A config
+        change by its owner drops the mark (""): not a death, the old instance finishes its requests."""
+        now = self._mark(model, PROBE_S / 2)
+        return before is not None and bool(now) and now != before
+
     def _error(self, e: InferenceServerException, model: str) -> ClientError:
         status, msg = str(e.status() or ""), e.message() or str(e)
         ours = msg.startswith(f"{model}: ")  # our model's own answer (stream errors carry no status)
@@ -249,7 +298,7 @@ class Client:
         if status.endswith("INVALID_ARGUMENT"):
             return InvalidRequest(msg)
         if status.endswith("DEADLINE_EXCEEDED"):
-            return RequestTimeout(f"no answer from {self.url} within {self.timeout}s ({model})")
+            return RequestTimeout(f"no answer from {self.url} within the request's deadline ({model}: {msg})")
         if status.endswith(("NOT_FOUND", "UNAVAILABLE")) and self._live():
             return ModelNotReady(f"model {model!r} is not ready on {self.url}: {msg}")
         if status.endswith("UNAVAILABLE"):
@@ -299,14 +348,37 @@ class Client:
     def _infer_one(self, prompt: Sequence[int], params: dict[str, Any]) -> list[int]:
         for attempt in range(self.retries + 1):
             try:
-                r = self._grpc.infer(self.model, _inputs(grpcclient, prompt, params), client_timeout=self.timeout,
-                                     parameters=_parameters(params))
-                return self.trim(r.as_numpy(RESULT)[0], len(prompt))
+                return self.trim(self._infer_watched(prompt, params), len(prompt))
+            except ModelRestarted:
+                if attempt == self.retries:
+                    raise
             except InferenceServerException as e:
                 if not self._retryable(e) or attempt == self.retries:
                     raise self._error(e, self.model) from None
                 time.sleep(0.2 * 2**attempt)
         raise AssertionError("unreachable")
+
+    def _infer_watched(self, prompt: Sequence[int], params: dict[str, Any]):
+        """One unary request within its deadline; ModelRestarted when its model process died meanwhile."""
+        before = self._mark(self.model)
+        box: dict = {}
+        done = threading.Event()
+
+        def callback(result, error) -> None:
+            box["result"], box["error"] = result, error
+            done.set()
+
+        call = self._grpc.async_infer(self.model, _inputs(grpcclient, prompt, params), callback,
+                                      client_timeout=self.deadline(len(prompt), params),
+                                      parameters=_parameters(params))
+        while not done.wait(PROBE_S):
+            if self._restarted(self.model, before):
+                call.cancel()  # tritonserver never answers it: its process is gone
+                raise ModelRestarted(f"{self.model} at {self.url}: the model process that held the request died "
+                                     "and the model was reloaded; the request was lost (retry)")
+        if box["error"] is not None:
+            raise box["error"]
+        return box["result"].as_numpy(RESULT)[0]
 
     def generate(self, texts: str | Sequence[str], **sampling) -> str | list[str]:
         """Text(s) -> generated text(s), prompt included (like LightSeq's output)."""
@@ -329,8 +401,9 @@ class Client:
         rid, finished = uuid.uuid4().hex, False  # what the in-band cancel names
         key = secrets.token_urlsafe(24)  # and the secret that proves it is ours (contract.CANCEL_KEY)
         inputs = _inputs(grpcclient, prompt, params)
+        limit, before, lost = self.deadline(len(prompt), params), self._mark(self.stream_model), False
         try:
-            c.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=self.timeout)
+            c.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=limit)
             try:
                 c.async_stream_infer(self.stream_model, inputs, request_id=rid, enable_empty_final_response=True,
                                      parameters={**(_parameters(params) or {}), CANCEL_KEY: key})
@@ -342,16 +415,14 @@ class Client:
                     pass
                 raise self._error(e, self.stream_model) from None
             while True:
-                deadline = time.monotonic() + self.timeout
-                while True:
-                    if cancel is not None and cancel.is_set():
-                        return  # the finally below cancels the request
-                    try:
-                        result, error = q.get(timeout=self.timeout if cancel is None else 0.1)
-                        break
-                    except queue.Empty:
-                        if time.monotonic() >= deadline:
-                            raise RequestTimeout(f"stream from {self.url} stalled for {self.timeout}s") from None
+                try:
+                    got = self._next_response(q, cancel, before, limit)
+                except ModelRestarted:
+                    lost = True  # nothing on the server holds it any more: no cancel, no wait for its end
+                    raise
+                if got is None:
+                    return  # cancelled: the finally below cancels the request
+                result, error = got
                 if error is not None:
                     finished = True
                     raise self._error(error, self.stream_model)
@@ -367,8 +438,31 @@ class Client:
                     finished = True
                     return
         finally:  # stopped early (cancel, a closed iterator, a timeout): the model is asked to stop the request
-            close_stream(c, cancel=None if finished else (self.stream_model, rid, key))
+            close_stream(c, cancel=None if finished or lost else (self.stream_model, rid, key), wait=0.5 if lost else 5.0)
             c.close()
+
+    def _next_response(self, q, cancel: threading.Event | None, before: str | None, stall: float):
+        """The stream's next (result, error), or None once `cancel` is set; RequestTimeout after `stall` s without
+        one, ModelRestarted when the stream's model process died meanwhile (its requests are never answered)."""
+        import queue
+
+        start = time.monotonic()
+        probe = start + PROBE_S
+        while True:
+            if cancel is not None and cancel.is_set():
+                return None
+            try:
+                return q.get(timeout=0.1 if cancel is not None else min(PROBE_S, stall))
+            except queue.Empty:
+                now = time.monotonic()
+                if now - start >= stall:
+                    raise RequestTimeout(f"stream from {self.url} stalled for {stall:.0f}s") from None
+                if now >= probe:
+                    probe = now + PROBE_S
+                    if self._restarted(self.stream_model, before):
+                        raise ModelRestarted(f"{self.stream_model} at {self.url}: the model process that held the "
+                                             "stream died and the model was reloaded; the request was lost "
+                                             "(retry)") from None
 
     def stream(self, text: str, **sampling) -> Iterator[str]:
         """Text increments as tokens arrive; decode(prompt) + ''.join(increments) == generate(text)."""
@@ -413,7 +507,8 @@ class Client:
             async with sem:
                 for attempt in range(self.retries + 1):
                     try:
-                        r = await c.infer(self.model, _inputs(aioclient, p, params), client_timeout=self.timeout,
+                        r = await c.infer(self.model, _inputs(aioclient, p, params),
+                                            client_timeout=self.deadline(len(p), params),
                                             parameters=_parameters(params))
                         return self.trim(r.as_numpy(RESULT)[0], len(p))
                     except InferenceServerException as e:
@@ -436,14 +531,15 @@ class Client:
         import tritonclient.grpc.aio as aioclient
 
         params = check_sampling(sampling, self.tok)
-        inputs = _inputs(aioclient, self.encode(text), params)
+        prompt = self.encode(text)
+        inputs = _inputs(aioclient, prompt, params)
 
         async def requests():
             yield {"model_name": self.stream_model, "inputs": inputs, "parameters": _parameters(params)}
 
         # The aio stream cannot ask for Triton's empty final response; our model's last response is the
         # one without a token (result [1, 0]), see model_repository/gpt2_stream/config.pbtxt.
-        responses = self._aio_client().stream_infer(requests(), stream_timeout=self.timeout)
+        responses = self._aio_client().stream_infer(requests(), stream_timeout=self.deadline(len(prompt), params))
         async for result, error in responses:
             if error is not None:
                 raise self._error(error, self.stream_model)

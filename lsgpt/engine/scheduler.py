@@ -15,7 +15,8 @@ CUDA every bucket's step is captured as a CUDA graph at start-up, while the cach
 step's tokens — and a prefill's first tokens — are read back while the next step runs (the host never leaves
 the GPU idle between steps, and a prefill never waits for the GPU).
 Bounded: ``submit`` raises ``QueueFull`` beyond ``max_queue`` waiting requests; a cancelled request
-(``cancelled()`` true) leaves its slot within one step; ``close`` fails what is left with ``ShuttingDown``.
+(``cancelled()`` true) leaves its slot within one step; ``stop_admitting`` (a drain) refuses new requests with
+``Draining`` while the others finish; ``close`` fails what is left with ``ShuttingDown``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ class QueueFull(RuntimeError):
 
 class ShuttingDown(RuntimeError):
     """The scheduler stopped before the request finished (retry on another replica or later)."""
+
+
+class Draining(ShuttingDown):
+    """The server is draining (SIGTERM): running and queued requests finish, new ones are refused (retry
+    elsewhere or later)."""
 
 
 class Cancelled(RuntimeError):
@@ -128,6 +134,7 @@ class Scheduler:
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._stop = False
+        self._draining = False  # stop_admitting(): submit refuses, what is queued or running goes on
         self._thread = threading.Thread(target=self._loop, name="lsgpt-scheduler", daemon=True)
         self._thread.start()
 
@@ -150,6 +157,9 @@ class Scheduler:
         with self._cv:
             if self._stop:
                 raise ShuttingDown("the model is shutting down")
+            if self._draining:
+                raise Draining("the server is shutting down (draining): no new requests; retry on another "
+                               "replica or later")
             if len(self._queue) >= self.max_queue:
                 self.stats.rejected += 1
                 raise QueueFull(f"{len(self._queue)} requests are already waiting (max_queued_requests="
@@ -175,6 +185,11 @@ class Scheduler:
         if box["err"] is not None:
             raise box["err"]
         return box["ids"]
+
+    def stop_admitting(self) -> None:
+        """A drain's start: `submit` raises Draining from now on; queued and running requests go on."""
+        with self._cv:
+            self._draining = True
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the loop; requests still queued or running get ShuttingDown."""

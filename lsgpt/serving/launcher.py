@@ -49,6 +49,9 @@ from lsgpt.serving import proxy as http_proxy
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (its model_repository/); LSGPT_ROOT for the stub
 CONTAINER_HOME = Path("/opt/tritonserver")
 BACKEND_MODEL_PY = Path(__file__).resolve().parent / "backend" / "model.py"  # what Triton runs for our models
+DRAIN_BACKEND = "lsgpt_drain"  # the drain's readiness marker (backend/draining.py): never serves
+DRAIN_MODEL = "lsgpt_draining"  # its model, put into the view when a drain starts
+DRAIN_MODEL_PY = BACKEND_MODEL_PY.parent / "draining.py"
 _FATAL_SIGNAL = re.compile(rb"^Signal \(\d+\) received\.", re.M)  # tritonserver's line on a fatal signal
 
 
@@ -119,6 +122,8 @@ def build_backend_dir(inst: Install, workdir: Path) -> Path:
                 shutil.copy2(src, dst / "python" / src.name)
     (dst / BACKEND).mkdir()
     shutil.copy2(BACKEND_MODEL_PY, dst / BACKEND / "model.py")
+    (dst / DRAIN_BACKEND).mkdir()
+    shutil.copy2(DRAIN_MODEL_PY, dst / DRAIN_BACKEND / "model.py")
     return dst
 
 
@@ -421,7 +426,7 @@ class TritonServer:
             f"--metrics-address={self.host}",
             "--exit-timeout-secs=10",
             # the Python backend reads its settings under the Python-based backend's name for our models
-            *(f"--backend-config={b},shm-region-prefix-name={self.shm_prefix}" for b in ("python", BACKEND)),
+            *(f"--backend-config={b},shm-region-prefix-name={self.shm_prefix}" for b in ("python", BACKEND, DRAIN_BACKEND)),
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
         ]
@@ -456,7 +461,8 @@ class TritonServer:
             # Own session: a terminal's Ctrl-C reaches us only; we stop the server gracefully. The console case
             # goes through a relay thread, which watches for a fatal signal as fatal_signal_in_log() does a file.
             self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{os.urandom(3).hex()}_"
-            env = dict(server_env(inst, self.device, self.threads), LSGPT_DRAIN_FILE=str(self.workdir / "drain-end"))
+            env = dict(server_env(inst, self.device, self.threads), LSGPT_DRAIN_FILE=str(self.workdir / "drain-end"),
+                       LSGPT_DRAIN_START_FILE=str(self.workdir / "drain-start"))
             self.proc = subprocess.Popen(
                 self.command(backend_dir, inst.binary),
                 env=env,
@@ -705,19 +711,20 @@ class TritonServer:
         return loaded
 
     def _busy_models(self) -> list[str]:
-        """Our models Triton still holds (any state but unloaded), from the repository index; without the load
-        API (poll_secs 0: models stay loaded) those with a request running or queued, from our metrics."""
-        import json
+        """Our models with a request running or queued, from our metrics (lsgpt_running_rows,
+        lsgpt_queued_requests; published every 0.5 s); every model when the metrics cannot be read."""
+        try:
+            url = f"http://{_client_host(self.host)}:{self.metrics_port}/metrics"
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+        except (urllib.error.URLError, OSError):
+            return list(self.models)
+        busy = re.findall(r'^lsgpt_(?:running_rows|queued_requests)\{[^}]*model="([^"]+)"[^}]*\} ([0-9.e+]+)$',
+                          text, re.M)
+        return sorted({m for m, v in busy if float(v) > 0})
 
-        if self.poll_secs <= 0:
-            try:
-                url = f"http://{_client_host(self.host)}:{self.metrics_port}/metrics"
-                text = urllib.request.urlopen(url, timeout=5).read().decode()
-            except (urllib.error.URLError, OSError):
-                return list(self.models)
-            busy = re.findall(r'^lsgpt_(?:running_rows|queued_requests)\{[^}]*model="([^"]+)"[^}]*\} ([0-9.e+]+)$',
-                              text, re.M)
-            return sorted({m for m, v in busy if float(v) > 0})
+    def _loaded_models(self) -> list[str]:
+        """Our models Triton still holds (any state but unloaded), from the repository index."""
+        import json
 
         code, body = self._admin("/v2/repository/index", timeout=5)
         if code != 200:
@@ -727,35 +734,72 @@ class TritonServer:
         except (ValueError, KeyError, TypeError):
             return list(self.models)
 
+    def _hold_unready(self, timeout: float) -> threading.Thread | None:
+        """Make /v2/health/ready false without unloading anything: load the drain's marker model (backend
+        lsgpt_drain), whose initialize waits for the drain-end file and then fails. A loading model is not ready,
+        and with strict readiness neither is the server (Kubernetes stops routing to it)."""
+        if self.workdir is None:
+            return None
+        marker = self.workdir / "repository" / DRAIN_MODEL
+        (marker / "1").mkdir(parents=True, exist_ok=True)
+        (marker / "config.pbtxt").write_text(
+            f'name: "{DRAIN_MODEL}"\nbackend: "{DRAIN_BACKEND}"\nmax_batch_size: 0\n'
+            'input [ { name: "x", data_type: TYPE_INT32, dims: [ 1 ] } ]\n'
+            'output [ { name: "y", data_type: TYPE_INT32, dims: [ 1 ] } ]\n'
+            'instance_group [ { kind: KIND_CPU, count: 1 } ]\n')
+        t = threading.Thread(target=self._admin, args=(f"/v2/repository/models/{DRAIN_MODEL}/load",),
+                             kwargs=dict(timeout=timeout), name="lsgpt-drain-marker", daemon=True)
+        t.start()
+        return t
+
+    def _wait_idle(self, t0: float, grace: float) -> bool:
+        """Until no model runs or queues a request (two reads of the metrics 0.6 s apart, the first 1 s after the
+        drain began: they are published every 0.5 s) or the grace is over; True when idle."""
+        quiet = 0
+        while self.proc is not None and self.proc.poll() is None and time.monotonic() - t0 < grace:
+            if time.monotonic() - t0 >= 1.0:
+                quiet = quiet + 1 if not self._busy_models() else 0
+                if quiet >= 2:
+                    return True
+            time.sleep(0.6)
+        return False
+
     def drain(self, grace: float | None = None) -> bool:
         """Stop admitting, let running requests finish within `grace` s (drain_grace), end the rest with
         UNAVAILABLE, so that stop() finds no request inside a model (tritonserver 2.51 exiting with requests in
-        flight corrupted its heap). New requests are refused from the first moment (the models are being
-        unloaded; /v2/health/ready is false). True when every model unloaded in time. poll_secs 0 (no load API):
-        requests are admitted until the grace is over or nothing runs, then refused with UNAVAILABLE."""
+        flight corrupted its heap). From the first moment new requests get UNAVAILABLE ("the server is shutting
+        down", from the models, which stay loaded: the drain-start file) and /v2/health/ready is false (the
+        marker model loading, _hold_unready); the models are unloaded once idle or at the end of the grace.
+        True when every model unloaded in time. poll_secs 0 (no repository API): the same, but readiness stays
+        true until tritonserver's own stop, and nothing is unloaded."""
         grace = self.drain_grace if grace is None else grace
         if self.proc is None or self.proc.poll() is not None or self.workdir is None:
             return False
         t0 = time.monotonic()
-        if self._polling is not None:  # no new version is loaded while we unload
+        if self._polling is not None:  # no new version is loaded while we drain
             self._polling.set()
             self._polling = None
-        for m in self.models if self.poll_secs > 0 else ():  # unload (may wait for the model): a thread each
+        (self.workdir / "drain-start").touch()  # the models refuse new requests (backend/model.py)
+        marker = self._hold_unready(grace + 60) if self.poll_secs > 0 else None
+        if self._wait_idle(t0, grace):
+            self._say(f"idle {time.monotonic() - t0:.1f}s after the drain began")
+        else:
+            self._say(f"drain grace {grace:g}s over: ending the requests still running in "
+                      f"{', '.join(self._busy_models()) or 'no model'}")
+        (self.workdir / "drain-end").touch()  # what still runs ends now, with UNAVAILABLE; the marker's load fails
+        if self.poll_secs <= 0:  # the models stay loaded: a moment for the error responses to go out, then
+            time.sleep(1.0)  # Triton's own exit
+            return True
+        if marker is not None:
+            marker.join(15)  # Triton serializes loads and unloads: the marker's failed load first
+        for m in self.models:  # unload (may wait for the model): a thread each
             threading.Thread(target=self._admin, args=(f"/v2/repository/models/{m}/unload",),
-                             kwargs=dict(timeout=grace + 30), daemon=True).start()
-        ended = False
+                             kwargs=dict(timeout=30), daemon=True).start()
         while self.proc is not None and self.proc.poll() is None:
-            busy = self._busy_models()
+            busy = self._loaded_models()
             if not busy:
                 self._say(f"drained in {time.monotonic() - t0:.1f}s")
                 return True
-            if not ended and time.monotonic() - t0 >= grace:  # what still runs ends now, with UNAVAILABLE
-                self._say(f"drain grace {grace:g}s over: ending the requests still running in {', '.join(busy)}")
-                (self.workdir / "drain-end").touch()
-                ended = True
-                if self.poll_secs <= 0:  # the models stay loaded and their gauges stop with their schedulers:
-                    time.sleep(1.0)  # a moment for the error responses to go out, then Triton's own exit
-                    return True
             if time.monotonic() - t0 >= grace + 15:
                 self._say(f"models {', '.join(busy)} did not unload")
                 return False

@@ -24,20 +24,26 @@ from lsgpt.serving.triton_model import TritonPythonModel as _Model  # noqa: E402
 
 
 class TritonPythonModel(_Model):
-    """The served model, plus the launcher's drain: when $LSGPT_DRAIN_FILE appears (the drain's grace is over),
-    the requests still running or queued end at once with UNAVAILABLE (the scheduler's ShuttingDown), so the
-    model unloads and tritonserver exits with no request inside a model."""
+    """The served model, plus the launcher's drain, in two steps:
+    - $LSGPT_DRAIN_START_FILE appears (SIGTERM): the scheduler stops admitting, so new requests get UNAVAILABLE
+      ("the server is shutting down"), while the running and queued ones go on;
+    - $LSGPT_DRAIN_FILE appears (the grace is over): what still runs or waits ends at once with UNAVAILABLE (the
+      scheduler's ShuttingDown), so the model unloads and tritonserver exits with no request inside a model."""
 
     def initialize(self, args):
         super().initialize(args)
         self._lsgpt_unloaded = threading.Event()
-        path = os.environ.get("LSGPT_DRAIN_FILE")
-        if path:
-            threading.Thread(target=self._end_at_drain, args=(path,), name="lsgpt-drain", daemon=True).start()
+        start, end = os.environ.get("LSGPT_DRAIN_START_FILE"), os.environ.get("LSGPT_DRAIN_FILE")
+        if start or end:
+            threading.Thread(target=self._watch_drain, args=(start, end), name="lsgpt-drain", daemon=True).start()
 
-    def _end_at_drain(self, path):
-        while not self._lsgpt_unloaded.wait(0.25):
-            if os.path.exists(path):
+    def _watch_drain(self, start, end):
+        admitting = True
+        while not self._lsgpt_unloaded.wait(0.1):
+            if admitting and start and os.path.exists(start):
+                self.scheduler.stop_admitting()
+                admitting = False
+            if end and os.path.exists(end):
                 self.scheduler.close()
                 return
 
