@@ -31,6 +31,8 @@ STRICT_LENGTH = "lsgpt_strict_length"  # request parameter (bool): refuse a max_
 CANCEL = "lsgpt_cancel"  # request parameter (string): stop this model's running request of that id (the
 #   in-band cancel a stream sends before it half-closes, instead of cancelling the gRPC call); honoured only
 #   with the CANCEL_KEY that request carried
+RELOAD = "lsgpt_reload"  # config parameter the launcher changes when it reloads a model whose process died (a new
+#   config is a new model to Triton); the client library reads it to notice its request's instance is gone
 CANCEL_KEY = "lsgpt_cancel_key"  # request parameter (string): a secret the request's owner chose (the client
 #   library: random per stream); a cancel must name the request's id and this key, or it stops nothing
 

@@ -212,6 +212,20 @@ def test_full_queue_is_unavailable_not_a_hang(tiny_models, tmp_path):
 
 
 
+def _leave_nothing(proc, http: int, group: bool = False) -> None:
+    """A test's last word: its launcher (or, with `group`, the launcher's process group) and the tritonserver on
+    `http` killed if still there, so no server is left behind for the next test."""
+    if proc.poll() is None:
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        else:
+            proc.kill()
+    found = _tritonserver_of(http)
+    if found:
+        os.killpg(found[0], signal.SIGKILL)
+
+
 def _tritonserver_of(http_port: int) -> tuple[int, Path] | None:
     """(pid, the launcher's temporary folder) of the tritonserver listening on `http_port`, from /proc."""
     for d in filter(str.isdigit, os.listdir("/proc")):
@@ -306,12 +320,7 @@ def test_second_signal_during_shutdown(tiny_models, tmp_path, how):
         if how == "ctrl_c_twice":
             assert proc.returncode == 0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        found = _tritonserver_of(http)
-        if found:  # never leave a server behind for the next test
-            os.killpg(found[0], signal.SIGKILL)
+        _leave_nothing(proc, http, group=True)
 
 
 def _launcher_of(http_port: int) -> int:
@@ -499,11 +508,7 @@ def test_killed_launcher_takes_tritonserver_with_it(tiny_models, tmp_path):
                 taken.start()
             assert taken.proc is None and taken.workdir is None
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        found = _tritonserver_of(http)
-        if found:
-            os.killpg(found[0], signal.SIGKILL)
+        _leave_nothing(proc, http)
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="POSIX signals")
@@ -579,11 +584,7 @@ def test_sigterm_drains_long_generations(tiny_models, tmp_path):
         assert during > 0, "queued requests go on being answered during the grace"
         assert ready_before == 200 and ready_during != 200, (ready_before, ready_during)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        found = _tritonserver_of(http)
-        if found:
-            os.killpg(found[0], signal.SIGKILL)
+        _leave_nothing(proc, http)
 
 
 def _http_status(port: int, path: str) -> int:

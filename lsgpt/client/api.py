@@ -45,6 +45,7 @@ from lsgpt.contract import (
     CANCEL_KEY,
     MAX_STEP_LIMIT,
     PARAMS,
+    RELOAD,
     RESULT,
     STOP_WORDS,
     STREAM_SUFFIX,
@@ -91,7 +92,6 @@ class ModelRestarted(ClientError):
 DEADLINE_BASE_S = 30.0  # a request's default deadline: base + per new token (Client(timeout=None))
 DEADLINE_PER_TOKEN_S = 0.5
 PROBE_S = 2.0  # how often a waiting request checks whether its model was reloaded (its process died)
-RELOAD_MARK = "lsgpt_reload"  # the config parameter the launcher changes when it reloads a model whose process died
 
 
 def check_sampling(sampling: dict[str, Any], tok: Any = None) -> dict[str, Any]:
@@ -268,7 +268,7 @@ class Client:
             return value
         try:
             cfg = self._grpc.get_model_config(model, as_json=True, client_timeout=2)["config"]
-            value = cfg.get("parameters", {}).get(RELOAD_MARK, {}).get("string_value", "")
+            value = cfg.get("parameters", {}).get(RELOAD, {}).get("string_value", "")
         except (InferenceServerException, KeyError, TypeError):
             value = None
         with self._marks_lock:

@@ -43,7 +43,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lsgpt.contract import BACKEND, MODEL_FILE
+from lsgpt.contract import BACKEND, MODEL_FILE, RELOAD
 from lsgpt.serving import proxy as http_proxy
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (its model_repository/); LSGPT_ROOT for the stub
@@ -150,7 +150,7 @@ def server_env(inst: Install, device: str | None = None, threads: int | None = N
 # ---------------------------------------------------------------------------------------------
 # Which models a server can run.
 
-_RELOAD_RE = re.compile(rb'\nparameters \{ key: "lsgpt_reload" [^\n]*')  # reload()'s mark in a view config
+_RELOAD_RE = re.compile(rb'\nparameters \{ key: "' + RELOAD.encode() + rb'" [^\n]*')  # reload()'s mark in a view config
 _BACKEND_RE = re.compile(r'^\s*backend\s*:\s*"([^"]+)"', re.M)
 _PLATFORM_RE = re.compile(r'^\s*platform\s*:\s*"([^"]+)"', re.M)
 
@@ -671,7 +671,7 @@ class TritonServer:
         # instance stays). A parameter the model does not read makes it a new model, loaded beside the dead one.
         text = _RELOAD_RE.sub(b"", cfg.read_bytes()).decode()
         self._generation += 1
-        cfg.write_text(text.rstrip("\n") + f'\nparameters {{ key: "lsgpt_reload" value {{ string_value: '
+        cfg.write_text(text.rstrip("\n") + f'\nparameters {{ key: "{RELOAD}" value {{ string_value: '
                        f'"{self._generation}" }} }}\n')
         t0 = time.monotonic()
         ok = self.load(model)
