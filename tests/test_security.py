@@ -1,13 +1,15 @@
 """Exposed mode through the real server (docs/security.md): the admin APIs need the key header on HTTP and gRPC,
 inference, health, metadata and model config do not; an oversized prompt is refused by the client before it is
-sent and by the server with a clear error, and the server keeps serving. The HTTP port is nginx
+sent and by the server with a clear error, and the server keeps serving. The HTTP and gRPC ports are nginx
 (lsgpt/serving/proxy.py): the requests that crash tritonserver 2.51 (a POST of 600,000 chunks, a huge declared
-shape) are refused there, and the raw tritonserver port (loopback mode) is shown to crash on them."""
+shape) are refused there, and the raw tritonserver port (loopback mode) is shown to crash on them; a gRPC message
+over the front's cap never reaches tritonserver's memory."""
 
 from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
-from conftest import make_repository
+from conftest import make_repository, scrape_metrics
 from tritonclient.utils import InferenceServerException
 
 from lsgpt.serving.launcher import (
@@ -43,7 +45,7 @@ GOOD = [2, 5, 6]
 @pytest.fixture(scope="module")
 def exposed(tiny_models, tmp_path_factory):
     repo = make_repository(tmp_path_factory.mktemp("repo"), tiny_models)
-    server = TritonServer(repo, models=["gpt2"], grpc_port=free_port(), http_port=free_port(),
+    server = TritonServer(repo, models=["gpt2", "gpt2_stream"], grpc_port=free_port(), http_port=free_port(),
                           metrics_port=free_port(), exposed=True, admin_key=KEY, front=not NO_NGINX)
     with server:
         server.wait_ready(180)
@@ -137,6 +139,26 @@ def test_oversized_prompt_is_refused(exposed, tiny_models):
     with Client(exposed.grpc_url, "gpt2", tiny_models.tokenizer) as cl:
         with pytest.raises(InvalidRequest, match="no model takes more than 1023"):
             cl.generate_ids([[5] * 5000])
+    n = 200_000  # 800 KB of int32 token ids: under the front's 1 MiB, so the model itself refuses it
+    c = tritonclient_grpc.InferenceServerClient(exposed.grpc_url)
+    inp = tritonclient_grpc.InferInput("token_ids", [1, n], "INT32")
+    inp.set_data_from_numpy(np.full((1, n), 5, np.int32))
+    t0 = time.perf_counter()
+    with pytest.raises(InferenceServerException) as ei:
+        c.infer("gpt2", [inp], client_timeout=60)
+    print(f"\nlong prompt ({n} ids): {ei.value.status()} in {time.perf_counter() - t0:.2f} s")
+    assert str(ei.value.status()).endswith("INVALID_ARGUMENT") and "too long" in ei.value.message()
+    c.close()
+    _still_serving(exposed)
+
+
+@needs_nginx
+def test_grpc_message_over_the_cap_never_reaches_tritonserver(exposed):
+    """tritonserver's gRPC server reads a message of up to 2 GiB into memory before anything checks it (4,000,000
+    ids raised its memory by ~100 MiB unfronted). Through the front a unary call over 1 MiB is refused with
+    RESOURCE_EXHAUSTED, and the server's memory does not grow by the message's size."""
+    assert exposed.proxy is not None and exposed.proxy.grpc is not None
+    assert "--grpc-address=127.0.0.1" in exposed.proc.args and f"--grpc-port={exposed.proxy.grpc[1]}" in exposed.proc.args
     n = 4_000_000  # 16 MB of int32 token ids
     c = tritonclient_grpc.InferenceServerClient(exposed.grpc_url)
     inp = tritonclient_grpc.InferInput("token_ids", [1, n], "INT32")
@@ -147,13 +169,37 @@ def test_oversized_prompt_is_refused(exposed, tiny_models):
         c.infer("gpt2", [inp], client_timeout=60)
     took = time.perf_counter() - t0
     after = _server_rss_mib(exposed)
-    print(f"\noversized request ({n} ids, {4 * n / 2**20:.0f} MiB): {ei.value.status()} in {took:.2f} s; "
+    print(f"\noversized gRPC message ({4 * n / 2**20:.0f} MiB): {ei.value.status()} in {took:.2f} s; "
           f"server RSS {before:.0f} -> {after:.0f} MiB")
-    assert str(ei.value.status()).endswith("INVALID_ARGUMENT") and "too long" in ei.value.message()
-    small = tritonclient_grpc.InferInput("token_ids", [1, 3], "INT32")
-    small.set_data_from_numpy(np.asarray([GOOD], np.int32))
-    assert c.infer("gpt2", [small]).as_numpy("result").shape[1] > 3  # still serving
+    assert str(ei.value.status()).endswith("RESOURCE_EXHAUSTED") and "refused by the proxy" in ei.value.message()
+    assert after - before < 8, "tritonserver read the oversized message into memory"
     c.close()
+    _still_serving(exposed)
+
+
+@needs_nginx
+def test_grpc_stream_and_in_band_cancel_through_the_front(exposed, tiny_models):
+    """A stream (the decoupled twin) through nginx's HTTP/2 front: tokens arrive as generated, and the owner's
+    in-band cancel on the same stream ends the request; the key still guards the admin calls (above)."""
+    from lsgpt.client.api import Client
+
+    with Client(exposed.grpc_url, "gpt2", tiny_models.tokenizer) as cl:
+        got = [t for t, _ in cl.stream_ids(GOOD, max_new_tokens=8, strict_length=True) if t is not None]
+        assert len(got) == 8
+        counter = 'lsgpt_cancelled_requests_total{model="gpt2_stream",version="1"}'
+        before = scrape_metrics(exposed).get(counter, 0.0)
+        cancel = threading.Event()
+        seen = []
+        for t, _ in cl.stream_ids(GOOD, cancel=cancel, max_new_tokens=120):
+            seen.append(t)
+            if len(seen) == 2:
+                cancel.set()
+        assert len(seen) == 2
+    deadline = time.monotonic() + 15
+    while scrape_metrics(exposed).get(counter, 0.0) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert scrape_metrics(exposed).get(counter, 0.0) == before + 1, "the in-band cancel did not reach the model"
+    _still_serving(exposed)
 
 
 def test_no_key_means_closed_and_keys_are_checked():
@@ -357,7 +403,8 @@ def test_raw_tritonserver_port_is_not_hardened(tiny_models, tmp_path, name):
 
 
 def test_huge_declared_shape_over_grpc_is_refused(exposed):
-    """gRPC (no front): tritonserver checks a declared shape against the bytes sent and refuses it cleanly."""
+    """gRPC: tritonserver checks a declared shape against the bytes sent and refuses it cleanly (the front passes
+    it on: the message is small)."""
     c = tritonclient_grpc.InferenceServerClient(exposed.grpc_url)
     inp = tritonclient_grpc.InferInput("token_ids", [1, 3], "INT32")
     inp.set_data_from_numpy(np.asarray([GOOD], np.int32))

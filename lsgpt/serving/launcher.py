@@ -367,7 +367,7 @@ class TritonServer:
         self.exposed = (not is_loopback(host)) if exposed is None else exposed
         self.admin_key = admin_key
         self.security_note = ""
-        # exposed: nginx on the public HTTP port, tritonserver's on loopback (lsgpt/serving/proxy.py)
+        # exposed: nginx on the public HTTP and gRPC ports, tritonserver's on loopback (lsgpt/serving/proxy.py)
         self.front = self.exposed if front is None else front
         self.proxy: http_proxy.Nginx | None = None
         self._log_choice = log_file
@@ -418,10 +418,10 @@ class TritonServer:
             f"--backend-directory={backend_dir}",
             *control,
             *restricted,
-            f"--grpc-port={self.grpc_port}",
+            f"--grpc-port={self.proxy.grpc[1] if self.proxy and self.proxy.grpc else self.grpc_port}",
             f"--http-port={self.proxy.upstream_port if self.proxy else self.http_port}",
             f"--metrics-port={self.metrics_port}",
-            f"--grpc-address={self.host}",
+            f"--grpc-address={'127.0.0.1' if self.proxy and self.proxy.grpc else self.host}",
             f"--http-address={'127.0.0.1' if self.proxy else self.host}",
             f"--metrics-address={self.host}",
             "--exit-timeout-secs=10",
@@ -444,7 +444,8 @@ class TritonServer:
             self.models = repository_view(self.repo, self.workdir, backend_dir, self.requested, self.broken)
             self.backend_dir = backend_dir
             if self.front:
-                self.proxy = http_proxy.Nginx(self.host, self.http_port, free_port(), self.workdir).start()
+                self.proxy = http_proxy.Nginx(self.host, self.http_port, free_port(), self.workdir,
+                                              grpc=(self.grpc_port, free_port())).start()
         except http_proxy.ProxyError as e:
             self.stop()
             raise LaunchError(f"exposed mode: {e} (or --front none if you front tritonserver yourself)") from None
@@ -1078,7 +1079,7 @@ def _serve(server: TritonServer, a, shutdown: Shutdown) -> int:
         if server.security_note:
             print(f"[lsgpt.serving.launcher] exposed mode: {server.security_note}", flush=True)
         if server.exposed:
-            print(f"[lsgpt.serving.launcher] exposed mode: HTTP {'through nginx (body and shape limits)' if server.proxy else 'NOT fronted (--front none): tritonserver 2.51 crashes on some requests, front it yourself (docs/security.md)'}", flush=True)
+            print(f"[lsgpt.serving.launcher] exposed mode: HTTP and gRPC {'through nginx (body and shape limits)' if server.proxy else 'NOT fronted (--front none): tritonserver 2.51 crashes on some requests, front it yourself (docs/security.md)'}", flush=True)
         server.wait_ready(a.timeout, stop=shutdown)
     if not shutdown.is_set():
         print(

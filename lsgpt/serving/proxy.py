@@ -10,9 +10,12 @@ So in exposed mode the launcher binds tritonserver's HTTP port to loopback on an
 - checks every POST whose body is an inference request (JSON, or the JSON header of the binary extension) in
   njs (check.js below): each input's shape must be non-negative integers whose product is at most
   `max_elements`, and its JSON `data` must hold exactly that many elements; otherwise 400, from nginx;
-- bounds the time a client may take to send its headers and body, and the header size.
+- bounds the time a client may take to send its headers and body, and the header size;
+- fronts the gRPC port the same way (HTTP/2, `grpc_pass`): each call's request bytes are capped (`max_body` a
+  unary call, `max_stream_body` a stream over its life), so tritonserver's gRPC server, which reads a message of
+  up to 2 GiB into memory first, never holds more than that of one call.
 
-    proxy = Nginx("0.0.0.0", 8000, upstream_port=8100, log_dir=Path("logs")).start()
+    proxy = Nginx("0.0.0.0", 8000, upstream_port=8100, log_dir=Path("logs"), grpc=(8001, 8101)).start()
     ...
     proxy.stop()
 
@@ -37,6 +40,7 @@ from lsgpt.contract import MAX_STEP_LIMIT
 MAX_BATCH = 8
 MAX_ELEMENTS = MAX_BATCH * MAX_STEP_LIMIT
 MAX_BODY = 1 << 20
+MAX_STREAM_BODY = 64 << 20  # a gRPC stream's requests over its whole life (about 200,000 prompts of 64 tokens)
 JS_MODULE_DIRS = (Path("/usr/lib/nginx/modules"), Path("/usr/lib64/nginx/modules"), Path("/etc/nginx/modules"))
 INSTALL_HINT = "apt-get install nginx libnginx-mod-http-js"
 
@@ -180,7 +184,51 @@ http {
             return 413 '{"error":"refused by the proxy: request body larger than %(max_body)d bytes"}\\n';
         }
     }
-}
+%(grpc)s}
+"""
+
+# gRPC (HTTP/2) in front of tritonserver's gRPC port: its gRPC server reads a message of up to 2 GiB into memory
+# before anything checks it. nginx counts each call's request bytes and resets the call past the cap, so
+# tritonserver holds at most that much of any call. A unary call gets max_body (the largest valid request is
+# about 32 KiB); a stream (ModelStreamInfer) carries many requests over its life (perf_analyzer --streaming keeps
+# one per client), so it gets max_stream_body in all. Errors come back as gRPC statuses, not HTTP pages.
+GRPC_CONF = """
+    server {
+        listen %(listen)s http2;
+        client_max_body_size %(max_body)d;
+        client_body_timeout %(read_timeout)ds;  # a stream sends its request, then waits for tokens
+        error_page 413 = @grpc_too_large;
+        error_page 502 504 = @grpc_unavailable;
+        location / {
+            grpc_pass grpc://grpc_triton;
+            grpc_read_timeout %(read_timeout)ds;
+            grpc_send_timeout %(read_timeout)ds;
+            grpc_connect_timeout 5s;
+        }
+        location = /inference.GRPCInferenceService/ModelStreamInfer {
+            client_max_body_size %(max_stream_body)d;
+            grpc_pass grpc://grpc_triton;
+            grpc_read_timeout %(read_timeout)ds;
+            grpc_send_timeout %(read_timeout)ds;
+            grpc_connect_timeout 5s;
+        }
+        location @grpc_too_large {
+            default_type application/grpc;
+            add_header grpc-status 8 always;
+            add_header grpc-message "refused by the proxy: request larger than the front's limit" always;
+            return 204;
+        }
+        location @grpc_unavailable {
+            default_type application/grpc;
+            add_header grpc-status 14 always;
+            add_header grpc-message "the server behind the proxy is not answering; retry" always;
+            return 204;
+        }
+    }
+    upstream grpc_triton {
+        server 127.0.0.1:%(grpc_upstream_port)d;
+        keepalive 32;
+    }
 """
 
 
@@ -195,8 +243,11 @@ class Nginx:
     (default `workdir`): nginx-error.log, nginx-access.log."""
 
     def __init__(self, host: str, port: int, upstream_port: int, log_dir: Path,
-                 max_body: int = MAX_BODY, max_elements: int = MAX_ELEMENTS, read_timeout: int = 600):
+                 max_body: int = MAX_BODY, max_elements: int = MAX_ELEMENTS, read_timeout: int = 600,
+                 grpc: tuple[int, int] | None = None, max_stream_body: int = MAX_STREAM_BODY):
         self.host, self.port, self.upstream_port = host, port, upstream_port
+        self.grpc = grpc  # (public port, tritonserver's loopback gRPC port): front gRPC too
+        self.max_stream_body = max_stream_body
         self.log_dir = Path(log_dir)
         self.workdir: Path | None = None  # the prefix: config, check.js, pid, temp folders (removed by stop)
         self.max_body, self.max_elements, self.read_timeout = max_body, max_elements, read_timeout
@@ -205,9 +256,12 @@ class Nginx:
     def render(self, js_module: Path) -> str:
         # as root: the worker runs as nobody (the master reads the config and check.js and opens the logs)
         user = "user nobody nogroup;" if os.geteuid() == 0 else ""
+        grpc = "" if self.grpc is None else GRPC_CONF % dict(
+            listen=_listen(self.host, self.grpc[0]), grpc_upstream_port=self.grpc[1], max_body=self.max_body,
+            max_stream_body=self.max_stream_body, read_timeout=self.read_timeout)
         return CONF % dict(user=user, prefix=self.workdir, logs=self.log_dir, js_module=js_module,
                            max_body=self.max_body, upstream_port=self.upstream_port,
-                           listen=_listen(self.host, self.port), read_timeout=self.read_timeout)
+                           listen=_listen(self.host, self.port), read_timeout=self.read_timeout, grpc=grpc)
 
     def start(self, timeout: float = 10.0) -> Nginx:
         binary, module = find_nginx()
@@ -223,17 +277,22 @@ class Nginx:
              "-e", str(self.log_dir / "nginx-error.log")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not self._listening():
+        while not all(self._listening(p) for p in self.ports):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise ProxyError(f"nginx did not start on {self.host}:{self.port}:\n{self.log_tail()}")
+                raise ProxyError(f"nginx did not start on {self.host}:{'/'.join(map(str, self.ports))}:\n"
+                                 f"{self.log_tail()}")
             time.sleep(0.05)
         return self
 
-    def _listening(self) -> bool:
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port,) if self.grpc is None else (self.port, self.grpc[0])
+
+    def _listening(self, port: int) -> bool:
         host = "127.0.0.1" if self.host in ("", "0.0.0.0") else "::1" if self.host == "::" else self.host
         try:
-            with socket.create_connection((host, self.port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return True
         except OSError:
             return False
