@@ -14,6 +14,7 @@
 // stdout: LightSeq's own progress lines, then
 //   LSGEN conf NAME VALUE      eos_id, padding_id, max_step, vocab (as the loader read them)
 //   LSGEN row I ID ID ...      row I's whole sequence, prompt included
+//   LSGEN ppl I VALUE          LightSeq's ppl (run_one_infer: mean NLL, natural log) of row I's whole sequence
 //   LSGEN ms MILLISECONDS      the run_one_sample call, synchronised
 //   LSGEN ok
 // On failure: "LSGEN error MESSAGE", exit status 2.
@@ -104,6 +105,14 @@ int generate(const std::string &path, int new_tokens, const std::vector<std::vec
     for (int t = 0; t < out_len; ++t) std::printf(" %d", out[size_t(b) * out_len + t]);
     std::printf("\n");
   }
+  // LightSeq's ppl (run_one_infer: the full-sequence forward, no cache) of the rows it generated: a continuous
+  // check of every logit, beside the argmax one
+  CHECK_GPU_ERROR(cudaMemcpy(d_input, out.data(), out.size() * sizeof(int), cudaMemcpyHostToDevice));
+  encoder->run_one_infer(batch, out_len);
+  CHECK_GPU_ERROR(cudaStreamSynchronize(stream));
+  std::vector<float> ppl(batch);
+  CHECK_GPU_ERROR(cudaMemcpy(ppl.data(), encoder->_p_d_ppl, batch * sizeof(float), cudaMemcpyDeviceToHost));
+  for (int b = 0; b < batch; ++b) std::printf("LSGEN ppl %d %.9g\n", b, ppl[b]);
   std::printf("LSGEN ms %.3f\nLSGEN ok\n", ms);
   std::fflush(stdout);
   // no teardown: the process ends here (the encoders' destructors free what they own, not all of it)
