@@ -97,16 +97,19 @@ def build(args) -> int:
     return 0
 
 
-def cublas_env() -> dict[str, str]:
+def cublas_env(home: Path) -> dict[str, str]:
     """The environment the binary runs in: libcublas.so.13 / libcublasLt.so.13 from this Python's NVIDIA wheels
     (PyTorch's), and a HOME whose ~/.lightseq/igemm_configs/ exists, so that LightSeq's cublasAlgoMap takes its
     default GEMM algorithms without trying to wget a config (there is none for the H100 anyway)."""
     import site
 
-    dirs = {str(p.parent) for sp in [*site.getsitepackages(), site.getusersitepackages()]
-            for p in Path(sp).glob("nvidia/**/libcublas*.so.13")}
-    home = Path(tempfile.mkdtemp(prefix="lsgpu-home-"))
-    (home / ".lightseq" / "igemm_configs").mkdir(parents=True)
+    roots = {*site.getsitepackages(), site.getusersitepackages(), *sys.path}
+    dirs = {str(p.parent) for sp in roots if sp and Path(sp).is_dir()
+            for p in [*Path(sp).glob("nvidia/**/libcublas.so.13"), *Path(sp).glob("torch/lib/libcublas.so.13")]}
+    if not dirs:  # a CUDA toolkit's own, if it has cuBLAS 13
+        dirs = {str(p.parent) for p in Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")).glob("**/libcublas.so.13")}
+    print("libcublas.so.13 from:", ", ".join(sorted(dirs)) or "nowhere found (the driver will not start)")
+    (home / ".lightseq" / "igemm_configs").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HOME=str(home))
     env["LD_LIBRARY_PATH"] = ":".join([*sorted(dirs), *filter(None, [os.environ.get("LD_LIBRARY_PATH")])])
     return env
@@ -221,28 +224,35 @@ def compare_one(path: Path, kind: str, args, env: dict | None) -> dict:
 def compare(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = None if args.stand_in else cublas_env()
     if not args.stand_in and not BINARY.is_file():
         sys.exit(f"{BINARY} is missing: run `tests/lightseq_gpu/agreement.py build` and carry .lsbuild")
-    results, steps, agree = [], 0, 0.0
-    for name in args.models:
-        files = make_files(Path(tempfile.mkdtemp(prefix="lsgpu-")), name)
-        for kind, path in files.items():
-            r = compare_one(path, kind, args, env)
-            r["model"] = name
-            results.append(r)
-            steps, agree = steps + r["ours"]["steps"], agree + r["ours"]["agree"] * r["ours"]["steps"]
-            for which in ("ours", "ours_eps_1e-12"):
-                t = r[which]
-                print(f"{name:12s} {kind:4s} {which:14s} steps {t['steps']:4d}  agree {t['agree']:.4f}  "
-                      f"agree-or-tied {t['agree_or_tied']:.4f}  max gap {t['disagree_gap_max']:.3g}  "
-                      f"ppl rel diff {t['ppl_max_rel_diff']:.1e}  lightseq {r['lightseq_ms']} ms", flush=True)
     report = {"stand_in": args.stand_in, "prompts": args.prompts, "prompt_len": args.prompt_len, "new": args.new,
-              "seed": args.seed, "overall_agree": agree / max(steps, 1), "steps": steps, "results": results}
+              "seed": args.seed, "results": [], "errors": []}
+    steps = agree = 0.0
+    with tempfile.TemporaryDirectory(prefix="lsgpu-") as tmp:
+        env = None if args.stand_in else cublas_env(Path(tmp))
+        for name in args.models:
+            files = make_files(Path(tmp), name)
+            for kind, path in files.items():
+                try:
+                    r = {"model": name, **compare_one(path, kind, args, env)}
+                except Exception as e:  # noqa: BLE001 - one file's failure is a result; the others still run
+                    report["errors"].append({"model": name, "kind": kind, "error": f"{type(e).__name__}: {e}"})
+                    print(f"{name} {kind}: FAILED {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                    continue
+                report["results"].append(r)
+                steps, agree = steps + r["ours"]["steps"], agree + r["ours"]["agree"] * r["ours"]["steps"]
+                for which in ("ours", "ours_eps_1e-12"):
+                    t = r[which]
+                    print(f"{name:12s} {kind:4s} {which:14s} steps {t['steps']:4d}  agree {t['agree']:.4f}  "
+                          f"agree-or-tied {t['agree_or_tied']:.4f}  max gap {t['disagree_gap_max']:.3g}  "
+                          f"ppl rel diff {t['ppl_max_rel_diff']:.1e}  lightseq {r['lightseq_ms']} ms", flush=True)
+                report.update(overall_agree=agree / max(steps, 1), steps=steps)
+                (out / "lightseq_agreement.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"overall: {agree / max(steps, 1):.4f} of {int(steps)} teacher-forced steps agree (target >= 0.99), "
+          f"{len(report['errors'])} failed -> {out / 'lightseq_agreement.json'}")
     (out / "lightseq_agreement.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"overall: {report['overall_agree']:.4f} of {steps} teacher-forced steps agree "
-          f"(target >= 0.99) -> {out / 'lightseq_agreement.json'}")
-    return 0
+    return 1 if report["errors"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
