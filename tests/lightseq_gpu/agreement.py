@@ -168,11 +168,14 @@ def teacher_forced(engine, rows: list[list[int]], prompt_len: int, eos: int) -> 
 
 def make_files(work: Path, name: str) -> dict[str, Path]:
     from benchmarks.common import export_pair
+    from lsgpt.contract import SEP_ID
     from oracles.tiny import make_model
 
     layers, hidden, heads, vocab, max_step, wide = MODELS[name]
+    # the article's ids: eos [SEP] = 102 (fp16 and int8 alike); no pad_token_id, so the exporter writes padding =
+    # vocab, out of the vocabulary (a padding id LightSeq generated would drop out of its real_seq_len)
     model = make_model(0, wide=wide, n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=vocab,
-                       n_positions=max_step)
+                       n_positions=max_step, eos_token_id=SEP_ID, bos_token_id=SEP_ID - 1, pad_token_id=None)
     fp, int8 = export_pair(model, work / name, max_step)
     return {"fp16": fp, "int8": int8}
 
