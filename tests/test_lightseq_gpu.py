@@ -1,4 +1,4 @@
-"""The CPU side of issue 31's stretch (tests/lightseq_gpu/): cuda13.patch still applies to the installed
+"""The CPU side of issue 31's stretch (tests/lightseq_gpu/): cuda13.patch and hopper_int8.patch still apply to the installed
 lightseq wheel's sources, and agreement.py's comparison runs end to end with our own greedy tokens in LightSeq's
 place (--stand-in). LightSeq itself runs on the GPU machine only (tests/lightseq_gpu/README.md)."""
 
@@ -19,17 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "tests" / "lightseq_gpu"
 
 
-def test_cuda13_patch_applies(tmp_path):
+def test_patches_apply(tmp_path):
     proto = LS.lightseq_proto_dir()
     if proto is None or shutil.which("patch") is None:
         pytest.skip("needs lightseq==3.0.1 (scripts/setup.sh) and patch")
     for part in ("kernels", "model", "proto", "tools"):
         shutil.copytree(proto.parent / part, tmp_path / part)
-    with open(HERE / "cuda13.patch") as p:
-        proc = subprocess.run(["patch", "-p1", "-d", str(tmp_path), "--no-backup-if-mismatch"], stdin=p,
-                              capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("cuda13.patch", "hopper_int8.patch"):  # in the Makefile's order
+        with open(HERE / name) as p:
+            proc = subprocess.run(["patch", "-p1", "-d", str(tmp_path), "--no-backup-if-mismatch"], stdin=p,
+                                  capture_output=True, text=True)
+        assert proc.returncode == 0, name + ": " + proc.stdout + proc.stderr
     assert "#include <functional>" in (tmp_path / "tools" / "util.h").read_text()
+    assert (tmp_path / "model" / "quant_gpt_encoder.cc.cu").read_text().count("lsgpt_sm90()") == 11
 
 
 def test_agreement_stand_in(tmp_path):

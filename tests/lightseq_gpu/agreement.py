@@ -2,8 +2,8 @@
 
 `build` (any Linux machine with nvcc 13, no GPU needed) cross-compiles tests/lightseq_gpu/driver.cc.cu with
 LightSeq's GptEncoder / QuantGptEncoder, their kernels and loaders -- the lightseq wheel's sources, copied and
-patched with cuda13.patch -- for the H100 (sm_90), and leaves the binary in .lsbuild/ (git-ignored; carried to the
-GPU machine). cuBLAS/cuRAND headers come from NVIDIA's pip wheels (`pip download --no-deps`, cached).
+patched with cuda13.patch and hopper_int8.patch -- for the H100 (sm_90), and leaves the binary in .lsbuild/
+(git-ignored; carried to the GPU machine). cuBLAS/cuRAND headers come from NVIDIA's pip wheels (`pip download --no-deps`, cached).
 `compare` (the GPU machine) exports fp16 and int8 files of a few random-weight models, has LightSeq generate
 greedily from random prompts, then runs our engine teacher-forced on prompt + LightSeq's tokens and counts the
 steps where our argmax is LightSeq's next token (up to and including LightSeq's first eos); also LightSeq's ppl
