@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the CPU images with podman on the Debian base of scripts/podman-base.sh (no registry needed):
 #   scripts/podman-build.sh server   -> localhost/lsgpt-triton-server:cpu   (docker/Dockerfile)
-#   scripts/podman-build.sh train    -> localhost/lsgpt-triton-train:cpu    (docker/Dockerfile.train)
+#   scripts/podman-build.sh train    -> localhost/lsgpt-triton-train:cpu    (docker/Dockerfile.train, FROM the server image)
 # torch: the CPU build. Where $PIP_FIND_LINKS names a folder holding a torch wheel (our machines: /opt/wheels),
 # that folder is mounted into the build and pip takes the wheel from it; elsewhere from PyTorch's CPU index.
 # Layers are cached by podman: a rebuild with nothing changed takes seconds. Extra arguments go to podman build.
@@ -16,6 +16,11 @@ case "$what" in
     *) echo "scripts/podman-build.sh: server or train, not '$what'" >&2; exit 2 ;;
 esac
 base="$(scripts/podman-base.sh | tail -n 1)"
+if [ "$what" = train ]; then
+    # the training image starts from the CPU server image: its torch layer (1.5 GB, minutes to build) is shared
+    "$0" server >/dev/null
+    base=localhost/lsgpt-triton-server:cpu
+fi
 args=(--build-arg "BASE=$base")
 wheels="${PIP_FIND_LINKS:-}"
 if [ -n "$wheels" ] && [ -d "$wheels" ] && compgen -G "$wheels/torch-*.whl" >/dev/null; then
