@@ -71,7 +71,8 @@ def test_compose_config_is_valid(tmp_path):
     assert "0.0.0.0" in server["command"]  # exposed mode: the launcher restricts the admin APIs there
     assert set(server["environment"]) == {"LSGPT_ADMIN_KEY"}  # the key comes from the caller's environment
     assert perf["depends_on"]["server"]["condition"] == "service_healthy"
-    assert "perf_analyzer" in perf["command"] and "server:8001" in perf["command"]
+    assert "perf_analyzer" in perf["command"] and "server:8000" in perf["command"]  # HTTP, with the key
+    assert any(a.startswith("lsgpt-admin-key:") for a in perf["command"])
     bad = tmp_path / "bad.yaml"
     bad.write_text((DOCKER / "compose.yaml").read_text().replace("shm_size:", "shm_sizee:", 1))
     out = subprocess.run([tool("docker-compose"), "-f", str(bad), "config", "-q"], capture_output=True, text=True)
