@@ -79,13 +79,30 @@ def test_image_pins_user_and_healthcheck(server_image):
     assert {"torch", "transformers", "nvidia-pytriton", "numpy", "h5py"} <= set(have)
 
 
-def test_missing_repository_mount_is_a_clear_exit(server_image):
-    """No repository mounted on /models: one line saying so and a non-zero exit, in seconds, never a hang."""
-    p = sh("podman", "run", "--rm", "--init", "--network", "host", "--read-only", "-e", f"HTTP_PORT={free_port()}",
-           "-e", f"GRPC_PORT={free_port()}", "-e", f"METRICS_PORT={free_port()}", server_image,
-           timeout=120, check=False)
-    assert p.returncode != 0
-    assert "model repository /models not found" in p.stdout + p.stderr
+def readable(repo: Path) -> Path:
+    """The container's uid 1000 reads it (pytest's folders are root's, 0700)."""
+    for p in [repo, *repo.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return repo
+
+
+@pytest.mark.parametrize("bad", ["no repository mounted", "a key with a space", "a model without versions"])
+def test_bad_input_is_one_clear_line_and_an_exit(server_image, demo_models, tmp_path, bad):
+    """Each a clear line in the container's log and a non-zero exit within seconds, never a hang."""
+    env = dict(os.environ, LSGPT_ADMIN_KEY="k" * 32)
+    if bad == "no repository mounted":
+        args, line = [], "model repository /models not found"
+    elif bad == "a key with a space":
+        args = ["-v", f"{readable(make_repository(tmp_path / 'repo', demo_models))}:/models:ro"]
+        env["LSGPT_ADMIN_KEY"], line = "not a key", "the admin key may contain letters, digits and -_.~ only"
+    else:
+        (tmp_path / "gpt2").mkdir()
+        (tmp_path / "gpt2" / "config.pbtxt").write_text((ROOT / "model_repository/gpt2/config.pbtxt").read_text())
+        args, line = ["-v", f"{readable(tmp_path)}:/models:ro"], "skipping gpt2: no version folder with a loadable"
+    p = sh("podman", "run", "--rm", "--init", "--network", "host", "--read-only", "-e", "LSGPT_ADMIN_KEY",
+           "-e", f"HTTP_PORT={free_port()}", "-e", f"GRPC_PORT={free_port()}", "-e", f"METRICS_PORT={free_port()}",
+           *args, server_image, timeout=120, check=False, env=env)
+    assert p.returncode != 0 and line in p.stdout + p.stderr, p.stdout[-2000:] + p.stderr[-2000:]
 
 
 class Container:
@@ -149,10 +166,7 @@ def demo_models(tmp_path_factory) -> TinyModels:
 
 @pytest.fixture
 def container(server_image, demo_models, tmp_path):
-    repo = make_repository(tmp_path / "repo", demo_models)
-    for p in [repo, *repo.rglob("*")]:  # the container's uid 1000 reads it (pytest's folders are root's 0700)
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    c = Container(server_image, repo, key=secrets.token_hex(16))
+    c = Container(server_image, readable(make_repository(tmp_path / "repo", demo_models)), secrets.token_hex(16))
     c.run()
     try:
         yield c
