@@ -273,6 +273,7 @@ def check_stop(container: Container) -> None:
     took = time.monotonic() - t0
     code = sh("podman", "inspect", "--format", "{{.State.ExitCode}}", container.name).stdout.strip()
     logs = container.logs()
+    # under 10 s: podman's SIGKILL (exit 137) did not come; the bound, not a speed measurement
     assert code == "0" and took < 10, f"exit {code} after {took:.1f} s:\n{logs[-3000:]}"
     unloaded = set(re.findall(r"successfully unloaded '(\w+)' version (\d+)", logs))
     assert {("gpt2", "2"), ("gpt2_int8", "1")} <= unloaded, logs[-3000:]  # what was live at the stop
