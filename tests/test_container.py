@@ -312,7 +312,9 @@ def test_docker_readme_shows_what_these_tests_run():
     text = (ROOT / "docker" / "README.md").read_text()
     for shown in ("scripts/podman-base.sh", "scripts/podman-build.sh server", "scripts/podman-build.sh train",
                   "podman run -d --name lsgpt --init --network host --read-only --shm-size 1g -e LSGPT_ADMIN_KEY",
-                  ':/models:ro" localhost/lsgpt-triton-server:cpu', "--host 0.0.0.0 --poll-secs 2",
+                  "--host 0.0.0.0 --poll-secs 2",
                   "podman healthcheck run lsgpt", "podman stop lsgpt", '-i http -H "lsgpt-admin-key:$LSGPT_ADMIN_KEY"',
+                  '-v "$PWD/model_repository:/models:ro" localhost/lsgpt-triton-server:cpu',
+                  "python client/generate.py --url 127.0.0.1:8001 -m gpt2", "make openai",
                   "--input-data docker/perf/token_ids.json", "localhost/lsgpt-triton-train:cpu --nproc_per_node 2"):
         assert shown in text, shown
