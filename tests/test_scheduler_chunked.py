@@ -265,3 +265,16 @@ def test_auto_rows_on_the_cpu_and_integers(engine):
         assert s.max_rows == 32 and s.buckets[-1] == 32 and s.cache.k[0].shape[0] == 32
     finally:
         s.close()
+
+
+def test_served_model_reads_auto_or_an_integer():
+    """config.pbtxt's scheduler parameters as triton_model reads them ("auto" in any case, an integer, absent)."""
+    from lsgpt.serving.triton_model import _param
+
+    cfg = {"parameters": {"max_running_rows": {"string_value": "Auto"}, "admit_every": {"string_value": " 4 "},
+                          "max_prefill_tokens": {"string_value": ""}}}
+    assert _param(cfg, "max_running_rows", 32) == "auto"
+    assert _param(cfg, "admit_every", "auto") == 4
+    assert _param(cfg, "max_prefill_tokens", "auto") == "auto" and _param(cfg, "absent", 256) == 256
+    with pytest.raises(ValueError):
+        _param({"parameters": {"k": {"string_value": "many"}}}, "k", 1)
