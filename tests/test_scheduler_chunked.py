@@ -75,7 +75,7 @@ def _run(sched, jobs: list[tuple[list[int], int]], timeout: float = 120) -> list
     for i, (p, n) in enumerate(jobs):
         sched.submit(p, _greedy(n), cb(i))
     assert ev.wait(timeout), f"{len(out)}/{len(jobs)} answered"
-    for ids, err in out.values():
+    for _ids, err in out.values():
         if err is not None:
             raise err
     return [out[i][0] for i in range(len(jobs))]
