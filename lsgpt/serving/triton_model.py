@@ -108,6 +108,7 @@ class TritonPythonModel:
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
         self.form = Form(self.name, self.decoupled, int(self.config.get("max_batch_size", 0)), self.tokenizer)
         queued = _param(self.config, "max_queued_requests", MAX_QUEUED_REQUESTS)
+        queued = MAX_QUEUED_REQUESTS if queued == "auto" else queued
         budget, every = (_param(self.config, k, "auto") for k in ("max_prefill_tokens", "admit_every"))
         self.scheduler = Scheduler(self.engine, max_rows=_param(self.config, "max_running_rows", MAX_RUNNING_ROWS),
                                    max_queue=queued, prefill_tokens=None if budget == "auto" else budget,
