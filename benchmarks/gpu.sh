@@ -9,7 +9,8 @@
 #       (ROUNDS=n interleaved rounds, CONC, REQUESTS; OVERHEAD=0 skips the overhead section)
 #   OUT=/out benchmarks/gpu.sh serving29  # < 9 min, issue 29: batch 1 500 tokens served vs in process; per model
 #       (int8, fp16): served | in-process Scheduler | fixed batch at CONC (32,256), streamed TTFT/ITL, long joiner
-#       (JOINER streams, 768-token prompts, budget 2048 vs 256); SHAPE="2 64 2" runs it on a small model (CPU check)
+#       (JOINER streams, 768-token prompts, budget 2048 vs 256); SHAPE="2 64 2" runs it on a small model (CPU check);
+#       split over two calls on the warm machine with M29=int8 then OVERHEAD=0 M29=fp (the models are kept)
 #   OUT=/out benchmarks/gpu.sh soak-start   # the 10-minute served soak outlives a call (600 s): started in its own
 #   OUT=/out benchmarks/gpu.sh soak-wait    # process session, then awaited by the next call on the warm machine
 #       (sooner than its 30 s idle release); each call brings back what /tmp/soak holds so far
@@ -80,9 +81,9 @@ serving)  # ROUNDS interleaved rounds of after/before (round 1 also fills each s
 serving29)  # issue 29; the overhead run also fills the Triton kernel cache the later runs share
     S29="$OUT/$DEV/serving29"; L="${SHAPE:+--layers ${SHAPE%% *} --hidden $(echo $SHAPE | cut -d' ' -f2) --heads ${SHAPE##* }}"
     # shellcheck disable=SC2086
-    run 150 -m benchmarks.serving --sections overhead --new-tokens 500 --runs 3 $L --out "$S29/overhead"
-    export_random_model || exit 1
-    for m in int8 fp; do
+    [ "${OVERHEAD:-1}" = 0 ] || run 150 -m benchmarks.serving --sections overhead --new-tokens 500 --runs 3 $L --out "$S29/overhead"
+    [ -f "$MODELS/fp.hdf5" ] && [ -f "$MODELS/int8.hdf5" ] || export_random_model || exit 1
+    for m in ${M29:-int8 fp}; do
         run 170 -m benchmarks.serving --sections inflight,joiner --in-process --hdf5 "$MODELS/$m.hdf5" --concurrency "${CONC:-32,256}" \
             --requests "${REQUESTS:-512}" --joiner-streams "${JOINER:-128}" --out "$S29/$m"
     done ;;

@@ -10,13 +10,15 @@ keeps its own sampling parameters, seed and penalties: its output is what ``Engi
 
 One thread owns the engine. Per loop: admit queued requests into free slots (prefill, first token), under a
 budget of prefill_tokens padded tokens (a longer prompt is prefilled in chunks over several loops, straight into
-its slot's cache row, and joins after its last), then one decode step over slots [0, n) — n the smallest graph bucket (1, 2, 4, ... max_rows) that covers the busiest
-slot; free slots in it compute harmlessly, since a new occupant writes its keys before it reads them. On
+its slot's cache row, and joins after its last), then one decode step over slots [0, n) — n the smallest graph
+bucket (1, 2, 4, ... max_rows) that covers the busiest slot; free slots in it compute harmlessly, since a new
+occupant writes its keys before it reads them. On
 CUDA every bucket's step is captured as a CUDA graph at start-up, while the cache is still empty, and a
 step's tokens — and a prefill's first tokens — are read back while the next step runs (the host never leaves
 the GPU idle between steps, and a prefill never waits for the GPU).
-The running set: max_rows, or "auto" (sized from the free GPU memory: running_rows). Bounded: ``submit`` raises ``QueueFull`` beyond ``max_queue`` waiting requests; a cancelled request
-(``cancelled()`` true) leaves its slot within one step; ``stop_admitting`` (a drain) refuses new requests with
+The running set: max_rows, or "auto" (sized from the free GPU memory: running_rows). Bounded: ``submit`` raises
+``QueueFull`` beyond ``max_queue`` waiting requests; a cancelled request (``cancelled()`` true) leaves its slot
+within one step; ``stop_admitting`` (a drain) refuses new requests with
 ``Draining`` while the others finish; ``close`` fails what is left with ``ShuttingDown``.
 """
 
@@ -386,8 +388,10 @@ class Scheduler:
                     break
                 n = len(self._queue[0].prompt)
                 long = n > self.prefill_tokens
-                if (long and (group or self._chunking is not None)) or (not long and (len(group) + 1) * max(P, n) > budget):
-                    break  # the rest waits for the next admission (a long prompt for its turn)
+                if long and (group or self._chunking is not None):
+                    break  # its turn comes at an admission with no group and no other prompt in chunks
+                if not long and (len(group) + 1) * max(P, n) > budget:
+                    break  # the rest of the queue waits for the next admission
                 req = self._queue.popleft()
             if req.cancelled is not None and req.cancelled():
                 self.stats.cancelled += 1
