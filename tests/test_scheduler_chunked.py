@@ -143,9 +143,10 @@ def test_running_rows_keep_stepping_between_chunks(engine, model):
 
     s._chunk_forward = spy
     try:
-        a, b, c = (_prompt(4, seed=10), 60), (_prompt(4, seed=11), 2), (_prompt(6, seed=12), 70)
+        a, b, c = (_prompt(2, seed=10), 60), (_prompt(2, seed=11), 2), (_prompt(2, seed=12), 70)
         s.generate(*b[:1], _greedy(1))  # warm, and slot 0 gets a stale pos from an earlier occupant
-        ra, rb, rc = _run_async(s, [a, b, c])
+        with s._cv:  # the loop held off: a, b, c join in one prefill (3 x 2 tokens), slots 0, 1, 2
+            ra, rb, rc = _run_async(s, [a, b, c])
         while len(rb) == 0:  # b (slot 1) finishes after 2 tokens; a (slot 0) and c (slot 2) run on
             time.sleep(0.001)
         long = (_prompt(100, seed=13), 5)
@@ -157,7 +158,7 @@ def test_running_rows_keep_stepping_between_chunks(engine, model):
         assert all(y > x for x, y in zip(steps, steps[1:])), f"decode steps at each chunk: {steps}"
         for (p, n), r in zip([a, b, c, long], [ra, rb, rc, rl]):
             assert _hf(model, r[0], p, n)
-        assert s.stats.prompt_tokens == 4 + 4 + 4 + 6 + 100 and s.running == 0
+        assert s.stats.prompt_tokens == 2 + 3 * 2 + 100 and s.running == 0
     finally:
         s.close()
 
@@ -174,6 +175,42 @@ def _wait(boxes, timeout: float = 120) -> None:
     while not all(boxes):
         assert time.time() - t0 < timeout
         time.sleep(0.005)
+
+
+def test_few_waiting_requests_wait_for_admit_every_however_many_rows_are_free(engine, model):
+    """32 rows, 4 running: one request left over by the budget (4 x 2 tokens fill 8) is admitted admit_every
+    steps after the first group, not at the next step (with the running set sized from memory most rows are free
+    at low concurrency: admitting whenever rows are free would prefill at every step); a burst (as many waiting
+    as rows decode) is admitted at once. Counted in decode steps at each prefill."""
+    from lsgpt.engine.scheduler import Scheduler
+
+    s = Scheduler(engine, max_rows=32, prefill_tokens=8, admit_every=8)
+    at: list[tuple[int, int]] = []
+    prefill = s._prefill
+
+    def spy(group):
+        at.append((s.stats.steps, len(group)))
+        return prefill(group)
+
+    s._prefill = spy
+    try:
+        jobs = [(_prompt(2, seed=50 + i), 30) for i in range(5)]
+        with s._cv:
+            boxes = _run_async(s, jobs)
+        _wait(boxes)
+        assert at == [(0, 4), (9, 1)]  # admitted with the group at step 0; then 8 steps waited, at the 9th
+        for (p, n), box in zip(jobs, boxes):
+            assert _hf(model, box[0], p, n)
+        at.clear()
+        with s._cv:  # 2 running, then 4 arrive at once: 4 >= 2 rows decoding, no waiting
+            boxes = _run_async(s, [(_prompt(2, seed=60 + i), 30) for i in range(2)])
+        while not at or s.stats.steps < at[0][0] + 2:
+            time.sleep(0.001)
+        boxes += _run_async(s, [(_prompt(2, seed=70 + i), 10) for i in range(4)])
+        _wait(boxes)
+        assert len(at) == 2 and at[1][1] == 4 and at[1][0] - at[0][0] < 8, at
+    finally:
+        s.close()
 
 
 def test_penalties_and_stop_sequences_of_a_chunked_prompt(engine):

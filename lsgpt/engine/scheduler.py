@@ -353,13 +353,17 @@ class Scheduler:
         """Prefill under a token budget (prefill_tokens of padded tokens per loop iteration): first the next chunk
         of a prompt longer than the budget, then queued prompts in order, as many as the rest of the budget, the
         free rows and MAX_GROUP allow, in one padded forward. While rows are decoding, admission waits up to
-        admit_every steps (unless half the rows are free): a prefill forward of several prompts costs about what
-        one costs (on CUDA it is launch-bound), so batching them saves the running rows' time."""
+        admit_every steps, unless as many requests wait as rows decode (or a full group, MAX_GROUP): a prefill
+        forward of several prompts costs about what one costs (on CUDA it is launch-bound), so batching them
+        saves the running rows' time, while a start-up or a burst is admitted at once. (The waiting does not
+        depend on how many rows are free: with the running set sized from memory, most rows are free at low
+        concurrency, and admitting at every step would prefill at every step.)"""
         c = self._chunking
         if c is not None and c.cancelled is not None and c.cancelled():  # its slot back within a step, as a row's
             self.stats.cancelled += 1
             self._finish(self._drop_chunking(), None, Cancelled("cancelled"))
-        if self._decoding and self._since_admit < self.admit_every and 2 * len(self.free) < self.max_rows:
+        busy = self._decoding
+        if busy and self._since_admit < self.admit_every and len(self._queue) < min(busy, MAX_GROUP):
             self._since_admit += 1
             return
         self._since_admit = 0
