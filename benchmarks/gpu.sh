@@ -81,10 +81,10 @@ serving)  # ROUNDS interleaved rounds of after/before (round 1 also fills each s
 serving29)  # issue 29; the overhead run also fills the Triton kernel cache the later runs share
     S29="$OUT/$DEV/serving29"; L="${SHAPE:+--layers ${SHAPE%% *} --hidden $(echo $SHAPE | cut -d' ' -f2) --heads ${SHAPE##* }}"
     # shellcheck disable=SC2086
-    [ "${OVERHEAD:-1}" = 0 ] || run 150 -m benchmarks.serving --sections overhead --new-tokens 500 --runs 3 $L --out "$S29/overhead"
+    [ "${OVERHEAD:-1}" = 0 ] || run 120 -m benchmarks.serving --sections overhead --new-tokens 500 --runs 3 $L --out "$S29/overhead"
     [ -f "$MODELS/fp.hdf5" ] && [ -f "$MODELS/int8.hdf5" ] || export_random_model || exit 1
     for m in ${M29:-int8 fp}; do
-        run 170 -m benchmarks.serving --sections inflight,joiner --in-process --hdf5 "$MODELS/$m.hdf5" --concurrency "${CONC:-32,256}" \
+        run 190 -m benchmarks.serving --sections inflight,joiner --in-process --hdf5 "$MODELS/$m.hdf5" --concurrency "${CONC:-32,256}" \
             --requests "${REQUESTS:-512}" --joiner-streams "${JOINER:-128}" --out "$S29/$m"
     done ;;
 soak-start)  # 12-layer random int8 served, concurrency 32, max_new_tokens 16..256, 10% cancelled mid-stream
