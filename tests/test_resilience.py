@@ -186,7 +186,7 @@ def test_full_queue_is_unavailable_not_a_hang(tiny_models, tmp_path):
 
     repo = make_repository(tmp_path / "repo", tiny_models)
     cfg = repo / "gpt2" / "config.pbtxt"
-    text = re.sub(r'(key: "max_running_rows", value: \{ string_value: )"\d+"', r'\1"1"', cfg.read_text())
+    text = re.sub(r'(key: "max_running_rows", value: \{ string_value: )"[^"]+"', r'\1"1"', cfg.read_text())
     cfg.write_text(re.sub(r'(key: "max_queued_requests", value: \{ string_value: )"\d+"', r'\1"1"', text))
     with TritonServer(repo, models=["gpt2"], **ports()) as server:
         server.wait_ready(180)
@@ -531,7 +531,7 @@ def test_sigterm_drains_long_generations(tiny_models, tmp_path):
     longer = export_model(make_tiny_gpt2(seed=0), tmp_path / "long.hdf5", max_step=128, eos_id=3)
     publish(longer, repo, "gpt2", tokenizer=tiny_models.tokenizer)  # 120 new tokens a request
     cfg = repo / "gpt2" / "config.pbtxt"
-    cfg.write_text(re.sub(r'(key: "max_running_rows", value: \{ string_value: )"\d+"', r'\1"1"', cfg.read_text()))
+    cfg.write_text(re.sub(r'(key: "max_running_rows", value: \{ string_value: )"[^"]+"', r'\1"1"', cfg.read_text()))
     http, grpc = free_port(), free_port()
     proc, lines, ready = _launcher(repo, http, grpc, "--models", "gpt2,gpt2_int8", env={"LSGPT_DRAIN_GRACE": "4"})
     outcomes: queue.Queue = queue.Queue()
@@ -619,7 +619,7 @@ def test_drain_without_the_repository_api(tiny_models, tmp_path):
 
     repo = make_repository(tmp_path / "repo", tiny_models)
     cfg = repo / "gpt2" / "config.pbtxt"
-    cfg.write_text(re.sub(r'(key: "max_running_rows", value: \{ string_value: )"\d+"', r'\1"1"', cfg.read_text()))
+    cfg.write_text(re.sub(r'(key: "max_running_rows", value: \{ string_value: )"[^"]+"', r'\1"1"', cfg.read_text()))
     log = tmp_path / "log"
     server = TritonServer(repo, models=["gpt2"], poll_secs=0, log_file=log, **ports())
     outcomes: queue.Queue = queue.Queue()
@@ -678,7 +678,7 @@ def test_requests_in_a_killed_model_process_end_promptly(tiny_models, tmp_path):
     publish(longer, repo, "gpt2", tokenizer=tiny_models.tokenizer)  # gpt2 and gpt2_stream: 120 new tokens
     for m in ("gpt2", "gpt2_stream"):  # one running row: the requests queue up inside the model process
         cfg = repo / m / "config.pbtxt"
-        cfg.write_text(re.sub(r'(key: "max_running_rows", value: \{ string_value: )"\d+"', r'\1"1"', cfg.read_text()))
+        cfg.write_text(re.sub(r'(key: "max_running_rows", value: \{ string_value: )"[^"]+"', r'\1"1"', cfg.read_text()))
     server = TritonServer(repo, models=["gpt2", "gpt2_stream", "gpt2_int8"], log_file=tmp_path / "log", **ports())
     stop, done = threading.Event(), threading.Event()
     failures: list = []
