@@ -20,6 +20,10 @@
 # fastpath and serving need wheels carried in .whl/ (results/h100/fastpath/NOTES.md): nvidia-pytriton==0.7.0,
 # tritonclient==2.51.0, protobuf<5, grpcio, python-rapidjson, numpy<2 (tritonserver 2.51's Python backend
 # returns empty outputs under numpy 2: it goes to the model stubs only, via LSGPT_SITE_PACKAGES).
+# When .whl/ and the tree pass run's 64 MiB carry limit, pre-install them here instead and carry one tarball
+# (40 MB): pip install --no-deps --target /tmp/carry/site (the rest) and /tmp/carry/stub-site (numpy), each with
+# --python-version 3.12 --only-binary=:all: and the manylinux platforms; touch /tmp/carry/site/.lsgpt-installed;
+# tar -C /tmp/carry -cJf .devsite.tar.xz site stub-site; the call then starts with `tar -xJf .devsite.tar.xz -C /tmp`.
 # Files: $OUT/<device>/<benchmark>/... as on the CPU machine, $OUT/tests.log, $OUT/gpu.log.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
