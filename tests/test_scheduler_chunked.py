@@ -35,11 +35,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine(model, tmp_path_factory):
-    from lsgpt.engine.engine import Engine
-    from lsgpt.export.convert import export_model
-
-    p = export_model(model, tmp_path_factory.mktemp("chunk") / "m.hdf5", max_step=MAX_STEP, eos_id=tiny.EOS_ID)
-    return Engine.load(p, device="cpu")
+    return tiny.cpu_engine(model, tmp_path_factory.mktemp("chunk"), max_step=MAX_STEP)
 
 
 def _prompt(n: int, seed: int) -> list[int]:

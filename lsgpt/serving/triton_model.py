@@ -110,8 +110,9 @@ class TritonPythonModel:
         queued = _param(self.config, "max_queued_requests", MAX_QUEUED_REQUESTS)
         queued = MAX_QUEUED_REQUESTS if queued == "auto" else queued
         budget, every = (_param(self.config, k, "auto") for k in ("max_prefill_tokens", "admit_every"))
-        self.scheduler = Scheduler(self.engine, max_rows=_param(self.config, "max_running_rows", MAX_RUNNING_ROWS),
-                                   max_queue=queued, prefill_tokens=None if budget == "auto" else budget,
+        rows_setting = _param(self.config, "max_running_rows", MAX_RUNNING_ROWS)
+        self.scheduler = Scheduler(self.engine, max_rows=rows_setting, max_queue=queued,
+                                   prefill_tokens=None if budget == "auto" else budget,
                                    admit_every=None if every == "auto" else every)
         rows = self.scheduler.max_rows  # "auto": sized from the free GPU memory (32 on the CPU)
         self.outbox = Outbox(self.name, limit=8 * rows)  # a few steps' worth of streamed tokens
@@ -121,7 +122,7 @@ class TritonPythonModel:
             f"{self.name} v{args['model_version']}: {'int8' if self.cfg.quantized else 'fp16'} engine on "
             f"{self.device} ({self.engine.backend}), vocab {self.cfg.vocab}, max_step {self.cfg.max_step}, "
             f"eos {self.cfg.eos_id}, in-flight batching up to {rows} rows (max_running_rows "
-            f"{_param(self.config, 'max_running_rows', MAX_RUNNING_ROWS)}) + {queued} queued, prefill budget "
+            f"{rows_setting}) + {queued} queued, prefill budget "
             f"{self.scheduler.prefill_tokens} tokens, admission every {self.scheduler.admit_every} steps"
             + (f", tokenizer {tok}" if tok and self.tokenizer else "")
         )
