@@ -34,6 +34,7 @@ import itertools
 import json
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -53,6 +54,11 @@ try:  # present inside the Python backend stub only
 except ImportError:  # pragma: no cover - imported outside Triton (docs, linters)
     pb_utils = None
     FINAL = 1
+
+# How long a thread that wants the GIL waits before the holder is asked to drop it. Python's default, 5 ms, is ten
+# GPU decode steps: the scheduler's thread, back from its step's synchronisation, would wait that long behind a
+# request being parsed or a response being built on another thread. LSGPT_SWITCH_INTERVAL_MS overrides it.
+SWITCH_INTERVAL_MS = float(os.environ.get("LSGPT_SWITCH_INTERVAL_MS", "0.5"))
 
 # Response send lanes (Outbox): each send is a round trip to the server, which takes them on a thread pool, so a few
 # lanes keep a few in flight; a request's responses keep to one lane, in order.
@@ -98,6 +104,8 @@ class TritonPythonModel:
                                "needs numpy<2 (its output tensors come back empty otherwise); install 'numpy<2'")
         self.config = json.loads(args["model_config"])
         self.name = args["model_name"]
+        if SWITCH_INTERVAL_MS > 0:
+            sys.setswitchinterval(SWITCH_INTERVAL_MS / 1000)
         # `kill -USR1 <stub pid>` writes every thread's Python stack to the server log: a hang can be read
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         model_dir = Path(args["model_repository"])
