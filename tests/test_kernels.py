@@ -311,17 +311,22 @@ def test_gemm_table_from_a_sweep_sets_the_tiles_and_large_tiles_compute_the_same
     big = [128, 64, 64, 8, 3]
     table = {"table": {"int8": {"64": {f"{NDIM}x{KDIM}": [64, 32, 128, 4, 3]}, "256": {f"{NDIM}x{KDIM}": big}}}}
     (tmp_path / "sweep.json").write_text(json.dumps(table))
+
+    def clear() -> None:  # the table and the tiles are cached per process
+        K._gemm_table.cache_clear()
+        K._config.cache_clear()
+
     monkeypatch.setenv("LSGPT_GEMM_TABLE", str(tmp_path / "sweep.json"))
-    K._gemm_table.cache_clear()
+    clear()
     try:
         plan = lambda M, N, Kd, int8=True: K.gemm_plan(M, N, Kd, int8)[0]  # noqa: E731
         assert plan(33, KDIM, NDIM) == (64, 32, 128, 4, 3)
         assert plan(65, KDIM, NDIM) == tuple(big) and plan(256, KDIM, NDIM) == tuple(big)
         monkeypatch.delenv("LSGPT_GEMM_TABLE")
-        K._gemm_table.cache_clear()
+        clear()
         rule = {M: plan(M, KDIM, NDIM) for M in (33, 257)}
         monkeypatch.setenv("LSGPT_GEMM_TABLE", str(tmp_path / "sweep.json"))
-        K._gemm_table.cache_clear()
+        clear()
         assert plan(257, KDIM, NDIM) == rule[257]  # past the table
         assert plan(33, NDIM, KDIM) == K._config(33, NDIM, KDIM, True) != (64, 32, 128, 4, 3)  # another shape
         assert plan(33, KDIM, NDIM, False) == K._config(33, KDIM, NDIM, False)  # fp16 has no entry
@@ -334,9 +339,9 @@ def test_gemm_table_from_a_sweep_sets_the_tiles_and_large_tiles_compute_the_same
         want = (a.double() @ w.double()) * deq
         assert float((out.double().cpu() - want).abs().max()) <= 1e-5 * float(want.abs().max())
         (tmp_path / "sweep.json").write_text('{"table": {"int8": {"8": [1, 2]}}}')
-        K._gemm_table.cache_clear()
+        clear()
         with pytest.raises(RuntimeError, match="not a gemm_sweep.json with a 'table'"):
             plan(3, KDIM, NDIM)
     finally:
         monkeypatch.delenv("LSGPT_GEMM_TABLE", raising=False)
-        K._gemm_table.cache_clear()
+        clear()
