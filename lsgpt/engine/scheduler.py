@@ -13,7 +13,8 @@ budget of prefill_tokens padded tokens (a longer prompt is prefilled in chunks o
 its slot's cache row, and joins after its last), then one decode step over slots [0, n) — n the smallest graph
 bucket (1, 2, 4, ... max_rows) that covers the busiest slot; free slots in it compute harmlessly, since a new
 occupant writes its keys before it reads them. On
-CUDA every bucket's step is captured as a CUDA graph at start-up, while the cache is still empty, and a
+CUDA every bucket's step is captured as a CUDA graph at start-up, while the cache is still empty, and so is the
+prefill of each (prompts, tokens) bucket a group of whole prompts pads up to (LSGPT_PREFILL_GRAPHS=0: eager); a
 step's tokens — and a prefill's first tokens — are read back while the next step runs (the host never leaves
 the GPU idle between steps, and a prefill never waits for the GPU).
 The running set: max_rows, or "auto" (sized from the free GPU memory: running_rows). Bounded: ``submit`` raises
