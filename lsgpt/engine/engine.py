@@ -66,6 +66,12 @@ class GraphedDecode:
         return self.logits
 
 
+def prefill_views(b: torch.Tensor, k: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A prefill's inputs in one buffer, tokens [k·T] | slots [k] | last rows [k] | lengths [k], as
+    (tokens [k, T], slots [k], last [k], lengths [k])."""
+    return b[: k * T].view(k, T), b[k * T: k * T + k], b[k * T + k: k * T + 2 * k], b[k * T + 2 * k:]
+
+
 class GraphedPrefill:
     """k prompts padded to T tokens prefilled into a scratch cache, whose rows then go to the rows `slots` of a
     running cache, captured as one CUDA graph (one launch instead of ~65 kernels and 2·n_layer copies: a prefill
@@ -93,14 +99,8 @@ class GraphedPrefill:
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits = self._run()
 
-    def views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tokens [k, T], slots [k], last [k], lengths [k]) over the input buffer."""
-        k, T = self.k, self.T
-        b = self.inputs
-        return b[: k * T].view(k, T), b[k * T: k * T + k], b[k * T + k: k * T + 2 * k], b[k * T + 2 * k:]
-
     def _run(self) -> torch.Tensor:
-        tokens, slots, last, _ = self.views()
+        tokens, slots, last, _ = prefill_views(self.inputs, self.k, self.T)
         logits, scratch = self._prefill(tokens, last)
         for mine, new in zip(self.cache.k + self.cache.v, scratch.k + scratch.v):
             mine[slots, : self.T] = new

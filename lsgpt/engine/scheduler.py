@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lsgpt.engine.engine import Engine, GraphedDecode, GraphedPrefill
+from lsgpt.engine.engine import Engine, GraphedDecode, GraphedPrefill, prefill_views
 from lsgpt.engine.model import KVCache
 from lsgpt.engine.sampling import Penalties, SamplingParams, row_finished, sample, validate_request
 
@@ -475,45 +475,18 @@ class Scheduler:
         return C
 
     def _prefill(self, group: list[Request]) -> None:
-        """One forward over the group's prompts (padded to the longest) into a scratch cache, whose rows then
-        go to each request's slot; first tokens sampled. A row's padding lands beyond its prompt, where its
-        decode writes before it reads.
+        """One forward over the group's prompts (padded to the longest, or with prefill graphs to the group's
+        bucket, replayed) into a scratch cache, whose rows then go to each request's slot; first tokens sampled.
+        A row's padding lands beyond its prompt, where its decode writes before it reads.
 
         No host synchronisation: what the device needs (tokens, slots, lengths, the rows whose logits count)
         goes up in one copy from pinned memory, the penalty state is touched only when a joining row has a
         penalty (a free slot's is neutral: _release resets it), and on CUDA the first tokens come back with the
         next decode step's (_step), not by waiting for the prefill here."""
-        dev = self.engine.device
         k = len(group)
         lens = [len(r.prompt) for r in group]
-        P = max(lens)
-        if self.graphed_prefill:
-            self._prefill_graphed(group, lens)
-            return
-        flat: list[int] = []
-        for r, n in zip(group, lens):
-            flat += r.prompt
-            flat += [0] * (P - n)
-        flat += [r.slot for r in group] + lens + [i * P + n - 1 for i, n in enumerate(lens)]
-        up = torch.tensor(flat, dtype=torch.long)
-        if self._cuda:
-            up = up.pin_memory().to(dev, non_blocking=True)  # the caching host allocator keeps it until copied
-        tokens, idx = up[: k * P].view(k, P), up[k * P: k * P + k]
-        plen, last = up[k * P + k: k * P + 2 * k], up[k * P + 2 * k:]
-        logits, scratch = self._prefill_forward(tokens, last)
-        for mine, new in zip(self.cache.k + self.cache.v, scratch.k + scratch.v):
-            mine[idx, :P] = new
-        self.stats.prompt_tokens += sum(lens)
-        self.stats.prefills += 1
-        self._first_tokens(group, idx, logits, tokens, plen)
-
-    def _prefill_graphed(self, group: list[Request], lens: list[int]) -> None:
-        """_prefill through the captured graph of the group's bucket: the group padded to it (spare rows: empty
-        prompts into the sink row), its inputs up in one copy, one replay."""
-        k = len(group)
-        g = self.prefill_graphs[self.group_shape(k, max(lens))]
-        K, T = g.k, g.T
-        flat: list[int] = []
+        K, T = self.group_shape(k, max(lens))  # eagerly (k, the longest prompt); with graphs its bucket
+        flat: list[int] = []  # laid out as GraphedPrefill.inputs; spare rows (K > k): empty prompts into the sink
         for r, n in zip(group, lens):
             flat += r.prompt
             flat += [0] * (T - n)
@@ -521,8 +494,18 @@ class Scheduler:
         flat += [r.slot for r in group] + [self.sink] * (K - k)
         flat += [i * T + n - 1 for i, n in enumerate(lens)] + [i * T for i in range(k, K)]
         flat += lens + [1] * (K - k)
-        logits = g(torch.tensor(flat, dtype=torch.long).pin_memory())
-        tokens, idx, _, plen = g.views()
+        up = torch.tensor(flat, dtype=torch.long)
+        if self._cuda:
+            up = up.pin_memory()  # the caching host allocator keeps it until copied
+        if self.graphed_prefill:
+            g = self.prefill_graphs[K, T]
+            logits = g(up)  # the scatter into the slots is in the graph
+            tokens, idx, _, plen = prefill_views(g.inputs, K, T)
+        else:
+            tokens, idx, last, plen = prefill_views(up.to(self.engine.device, non_blocking=True), K, T)
+            logits, scratch = self._prefill_forward(tokens, last)
+            for mine, new in zip(self.cache.k + self.cache.v, scratch.k + scratch.v):
+                mine[idx, :T] = new
         self.stats.prompt_tokens += sum(lens)
         self.stats.prefills += 1
         self._first_tokens(group, idx[:k], logits[:k], tokens[:k], plen[:k])
