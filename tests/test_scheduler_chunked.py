@@ -311,3 +311,18 @@ def test_served_model_reads_auto_or_an_integer():
     assert _param(cfg, "max_prefill_tokens", "auto") == "auto" and _param(cfg, "absent", 256) == 256
     with pytest.raises(ValueError):
         _param({"parameters": {"k": {"string_value": "many"}}}, "k", 1)
+
+
+def test_served_model_reads_the_gil_switch_interval(monkeypatch):
+    """LSGPT_SWITCH_INTERVAL_MS: milliseconds (default 0.5, 0 keeps Python's); anything else names the variable."""
+    from lsgpt.serving.triton_model import _switch_interval_s
+
+    monkeypatch.delenv("LSGPT_SWITCH_INTERVAL_MS", raising=False)
+    assert _switch_interval_s() == 0.0005
+    for raw, want in ((" 2 ", 0.002), ("0", 0.0)):
+        monkeypatch.setenv("LSGPT_SWITCH_INTERVAL_MS", raw)
+        assert _switch_interval_s() == want
+    for raw in ("fast", "-1", "nan"):
+        monkeypatch.setenv("LSGPT_SWITCH_INTERVAL_MS", raw)
+        with pytest.raises(RuntimeError, match="LSGPT_SWITCH_INTERVAL_MS=.*milliseconds"):
+            _switch_interval_s()

@@ -58,7 +58,7 @@ except ImportError:  # pragma: no cover - imported outside Triton (docs, linters
 # How long a thread that wants the GIL waits before the holder is asked to drop it. Python's default, 5 ms, is ten
 # GPU decode steps: the scheduler's thread, back from its step's synchronisation, would wait that long behind a
 # request being parsed or a response being built on another thread. LSGPT_SWITCH_INTERVAL_MS overrides it.
-SWITCH_INTERVAL_MS = float(os.environ.get("LSGPT_SWITCH_INTERVAL_MS", "0.5"))
+SWITCH_INTERVAL_MS = 0.5
 
 # Response send lanes (Outbox): each send is a round trip to the server, which takes them on a thread pool, so a few
 # lanes keep a few in flight; a request's responses keep to one lane, in order.
@@ -72,6 +72,20 @@ def _param(config: dict, key: str, default: int | str) -> int | str:
     if not value:
         return default
     return "auto" if value.lower() == "auto" else int(value)
+
+
+def _switch_interval_s() -> float:
+    """The model process's GIL switch interval in seconds: LSGPT_SWITCH_INTERVAL_MS, else SWITCH_INTERVAL_MS; 0
+    keeps Python's. Anything else than a number >= 0 fails the model's load, naming the variable."""
+    raw = os.environ.get("LSGPT_SWITCH_INTERVAL_MS", "").strip()
+    try:
+        ms = float(raw) if raw else SWITCH_INTERVAL_MS
+    except ValueError:
+        ms = float("nan")
+    if not ms >= 0:  # (also NaN)
+        raise RuntimeError(f"LSGPT_SWITCH_INTERVAL_MS={raw!r}: give the GIL switch interval in milliseconds, a "
+                           "number >= 0 (0 keeps Python's 5 ms)")
+    return ms / 1000
 
 
 def _pick_device(args: dict[str, str]) -> str:
@@ -104,8 +118,8 @@ class TritonPythonModel:
                                "needs numpy<2 (its output tensors come back empty otherwise); install 'numpy<2'")
         self.config = json.loads(args["model_config"])
         self.name = args["model_name"]
-        if SWITCH_INTERVAL_MS > 0:
-            sys.setswitchinterval(SWITCH_INTERVAL_MS / 1000)
+        if (interval := _switch_interval_s()) > 0:
+            sys.setswitchinterval(interval)
         # `kill -USR1 <stub pid>` writes every thread's Python stack to the server log: a hang can be read
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         model_dir = Path(args["model_repository"])
