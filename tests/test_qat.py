@@ -439,3 +439,21 @@ def test_cuda_graph_training_matches_eager(quant):
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3, atol=1e-3)
     for (n, p0), p1 in zip(eager.named_parameters(), fast.parameters()):
         assert (p1 - p0).norm() <= 1e-3 * p0.norm() + 1e-6, n
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_learned_clip_keeps_one_byte_per_element_for_backward(compiled):
+    """A learned clip's backward state is one int8 code per element (eager Function and the graph that inductor's
+    partitioner cuts), not two boolean masks: the QAT step's extra memory traffic is these bytes."""
+    torch._dynamo.reset()
+    f = torch.compile(fake_quant, backend="aot_eager_decomp_partition", fullgraph=True) if compiled else fake_quant
+    x = (_inputs(1.0, shape=(64, 96), seed=3) * 2).half().requires_grad_()
+    amax = torch.tensor(1.0, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = f(x, amax)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert sum(t.numel() * t.element_size() for t in big) == x.numel(), [(t.dtype, t.shape) for t in big]
+    y.backward(torch.ones_like(y))
+    code = ((x.detach().float() >= 1.0).float() - (x.detach().float() <= -1.0).float())
+    assert amax.grad.item() == code.sum().item() and (code != 0).any()

@@ -92,38 +92,47 @@ class _FakeQuantFixed(torch.autograd.Function):
 
 class _FakeQuantLearned(torch.autograd.Function):
     """LightSeq's Clip (PACT): strictly inside passes the gradient; above amax it goes to amax (+g), below -amax
-    to amax (-g)."""
+    to amax (-g). Backward keeps one int8 code per element (+1 above, -1 below, 0 inside; _clip_code), not two
+    boolean masks, and amax's gradient is one reduction, sum(g * code)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
         y, xf, a = _quantize(x, amax)
-        ctx.save_for_backward(xf >= a, xf <= -a)
+        ctx.save_for_backward(_clip_code(xf, a))
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        above, below = ctx.saved_tensors
-        grad_x = g.masked_fill(above | below, 0)
-        # where() + sum instead of masked_select: same sum, no data-dependent shape (compiles without a break)
-        zero = g.new_zeros(())
-        grad_a = torch.where(above, g, zero).float().sum() - torch.where(below, g, zero).float().sum()
-        return grad_x, grad_a.reshape(())
+        (code,) = ctx.saved_tensors
+        grad_a = (g.float() * code).sum()
+        return g.masked_fill(code != 0, 0), grad_a.reshape(())
+
+
+def _clip_code(xf: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """int8 per element: +1 where xf >= a, -1 where xf <= -a, else 0 (a learned clip's backward state)."""
+    return (xf >= a).to(torch.int8) - (xf <= -a).to(torch.int8)
 
 
 def _fake_quant_traced(x: torch.Tensor, amax: torch.Tensor, learn: bool) -> torch.Tensor:
     """The two autograd.Functions above as plain differentiable ops, for torch.compile: the same values (the
     quantized tensor plus terms that are exactly zero) and the same gradients (the zero terms carry them: x's
-    masked straight-through gradient and, for a learned clip, PACT's sums to amax). Traced graphs need no
-    custom autograd.Function, whose compiled backward some torch versions drop (2.11 gave zero gradients)."""
+    masked straight-through gradient and, for a learned clip, PACT's sum to amax). Traced graphs need no
+    custom autograd.Function, whose compiled backward some torch versions drop (2.11 gave zero gradients).
+    A learned clip's backward reads one int8 code per element (the partitioner saves it, 1 byte, instead of
+    two boolean masks) and reduces g * code once for amax."""
     with torch.no_grad():
         y, xf, a = _quantize(x, amax)
+        if learn:
+            code = _clip_code(xf, a)
+            inside = code == 0
+        else:
+            inside = (xf <= a) & (xf >= -a)
+    z = torch.where(inside, x, 0.0)
+    y = y + (z - z.detach())
     if learn:
-        above, below = xf >= a, xf <= -a
-        z = torch.where(above | below, 0.0, x)
-        za = torch.where(above, amax, torch.where(below, -amax, 0.0))
-        return y + (z - z.detach()) + (za - za.detach()).to(x.dtype)
-    z = torch.where((xf <= a) & (xf >= -a), x, 0.0)
-    return y + (z - z.detach())
+        za = amax * code
+        y = y + (za - za.detach()).to(x.dtype)
+    return y
 
 
 _CONSTANTS: dict[tuple[float, torch.device], torch.Tensor] = {}
