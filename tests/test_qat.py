@@ -424,6 +424,7 @@ def test_cuda_graph_training_matches_eager(quant):
     cfg = tiny_config(n_layer=3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new")
     eager = QuantGPT2LMHeadModel(cfg).set_quant(quant).cuda().train()
     fast = copy.deepcopy(eager).compile_regions(scope="model", mode="reduce-overhead")
+    fast.training_logits = False  # as the fast path runs it: the step's outputs are the loss alone
     losses = []
     for m in (eager, fast):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
@@ -457,3 +458,29 @@ def test_learned_clip_keeps_one_byte_per_element_for_backward(compiled):
     y.backward(torch.ones_like(y))
     code = ((x.detach().float() >= 1.0).float() - (x.detach().float() <= -1.0).float())
     assert amax.grad.item() == code.sum().item() and (code != 0).any()
+
+
+def test_fast_path_training_step_returns_the_loss_without_logits(monkeypatch):
+    """fasttrain.configure: a compiled training step with labels returns the loss (the eager one) and no logits;
+    evaluation still returns logits. Defaults: one CUDA process gets scope "model" with CUDA graphs, DDP and the
+    CPU a graph per block without them."""
+    from types import SimpleNamespace
+
+    from lsgpt.training import fasttrain
+
+    torch._dynamo.reset()
+    cfg = tiny_config(n_layer=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    eager = QuantGPT2LMHeadModel(cfg).train()
+    fast = QuantGPT2LMHeadModel(cfg).train()
+    fast.load_state_dict(eager.state_dict())
+    fasttrain.configure(fast, SimpleNamespace(optim="adamw_torch", dataloader_pin_memory=False), backend="aot_eager")
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    out, ref = fast(ids, labels=ids), eager(ids, labels=ids)
+    assert out.logits is None and ref.logits is not None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    assert fast(ids).logits is not None  # no labels: the logits are the output
+    assert fast.eval()(ids, labels=ids).logits is not None
+    assert fasttrain.defaults(SimpleNamespace(world_size=1)) == ("blocks", "default")  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fasttrain.defaults(SimpleNamespace(world_size=1)) == ("model", "reduce-overhead")
+    assert fasttrain.defaults(SimpleNamespace(world_size=2)) == ("blocks", "default")

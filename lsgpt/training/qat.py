@@ -246,7 +246,9 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
         quantizer into the elementwise work around it (LayerNorm, bias, GELU, the loss), which is where eager
         QAT loses its time. Used in training mode without a padding mask; evaluation and padded batches run
         eagerly. Values are the eager ones (the same ops; divisions rounded as eager where this torch's
-        inductor can be told to) and so are the gradients (see _fake_quant_traced)."""
+        inductor can be told to) and so are the gradients (see _fake_quant_traced). With `training_logits`
+        False (the fast path sets it) a compiled training step with labels returns the loss and no logits: the
+        Trainer reads the loss only, and accelerate's fp16 wrapper would copy the logits to fp32 every step."""
         self._regions = None
         if enabled:
             if scope not in ("model", "blocks"):
@@ -306,8 +308,10 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
         y = y @ q(mlp.c_proj.weight, WEIGHT_CLIP) + mlp.c_proj.bias
         return x + mlp.dropout(y)
 
-    def _head(self, x: torch.Tensor, wte: torch.Tensor | None, labels: torch.Tensor | None, loss_fn, **loss_kwargs):
-        """ln_f, the tied LM head (quantized: LightSeq's QuantLinear with the embedding quantizer), the loss."""
+    def _head(self, x: torch.Tensor, wte: torch.Tensor | None, labels: torch.Tensor | None, loss_fn,
+              keep_logits: bool = True, **loss_kwargs):
+        """ln_f, the tied LM head (quantized: LightSeq's QuantLinear with the embedding quantizer), the loss;
+        keep_logits=False returns no logits (a compiled training step then neither outputs nor keeps them)."""
         x = self.transformer.ln_f(x)
         if self.quant:
             logits = fake_quant(F.linear(fake_quant(x, self.transformer.ls_clips["output_ln_clip_max"]), wte),
@@ -317,13 +321,14 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
         loss = None
         if labels is not None:
             loss = loss_fn(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        return logits, loss
+        return (logits if keep_logits else None), loss
 
-    def _train_forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None, loss_fn, **loss_kwargs):
+    def _train_forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None, loss_fn, keep_logits: bool = True,
+                       **loss_kwargs):
         x, wte = self._embed(input_ids)
         for block in self.transformer.h:
             x = self._block(block, x)
-        return self._head(x, wte, labels, loss_fn, **loss_kwargs)
+        return self._head(x, wte, labels, loss_fn, keep_logits, **loss_kwargs)
 
     def forward(
         self,
@@ -350,19 +355,20 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
             mask = mask | torch.eye(t, dtype=torch.bool, device=input_ids.device)  # no all-masked rows (NaN)
         # the HF loss (resolved here: its property may log, which a compiled region would break on)
         loss_fn = self.loss_function if labels is not None else None
-        regions = getattr(self, "_regions", None)
+        regions, keep = getattr(self, "_regions", None), True
         if regions and self.training and mask is None and torch.is_grad_enabled():
             for v in (WEIGHT_CLIP, LOGITS_CLIP):  # made here, eagerly: the compiled graphs read them as inputs
                 _constant(float(v), input_ids.device)
+            keep = labels is None or getattr(self, "training_logits", True)
             if "model" in regions:
-                logits, loss = regions["model"](input_ids, labels, loss_fn, **kwargs)
+                logits, loss = regions["model"](input_ids, labels, loss_fn, keep, **kwargs)
                 return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits)
         else:
             regions = {"embed": self._embed, "block": self._block, "head": self._head}
         x, wte = regions["embed"](input_ids)
         for block in self.transformer.h:
             x = regions["block"](block, x, mask)
-        logits, loss = regions["head"](x, wte, labels, loss_fn, **kwargs)
+        logits, loss = regions["head"](x, wte, labels, loss_fn, keep, **kwargs)
         return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits)
 
 
