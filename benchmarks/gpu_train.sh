@@ -7,7 +7,8 @@
 #   PART=learn: benchmarks.train_loss_match (200 steps, fast vs plain, fp16 and int8 QAT, the fast QAT file through
 #     the engine). Its corpus: data/full (training/prepare_corpus.py; carry `data` to the GPU machine).
 #
-#   OUT=results/tmp/gpu_train benchmarks/gpu_train.sh        (on the GPU machine: PY=python3 there)
+#   OUT=results/tmp/gpu_train benchmarks/gpu_train.sh        (on the GPU machine: PY=python3 there; ~540 s)
+# A part stopped by its limit leaves each finished mode in its .log ([train_throughput] lines).
 set -uo pipefail
 OUT=${OUT:-results/tmp/gpu_train}
 mkdir -p "$OUT"
@@ -26,8 +27,8 @@ tt() {  # name, time limit, arguments of benchmarks.train_throughput
 if [ "${PART:-speed}" = speed ]; then
   tt throughput "${T_TT:-300}" --repeats 3 --steps 30 --modes hf-fp16,ours-fp16,ours-int8 --profile "$OUT/prof"
   echo "== CUDA tests of the fast path (pytest)"
-  timeout "${T_TEST:-100}" $PY -m pytest -q -p no:cacheprovider tests/test_qat.py -k "cuda" -x 2>&1 | tail -15 | tee "$OUT/tests.txt"
-  tt before "${T_BEFORE:-120}" --steps 20 --modes ours-fp16-blocks,ours-int8-blocks,ours-fp16-plain,ours-int8-plain --profile "$OUT/prof"
+  timeout "${T_TEST:-120}" $PY -m pytest -q -p no:cacheprovider tests/test_qat.py -k "cuda" -x 2>&1 | tail -15 | tee "$OUT/tests.txt"
+  tt before "${T_BEFORE:-110}" --steps 20 --modes ours-fp16-blocks,ours-int8-blocks,ours-fp16-plain,ours-int8-plain --profile "$OUT/prof"
   grep -h "GPU busy" "$OUT"/prof/*.txt /dev/null
 else
   echo "== loss match: $PY -m benchmarks.train_loss_match --out $OUT/loss_match --max_steps ${STEPS:-200}"
