@@ -7,6 +7,10 @@
 #   OUT=/out benchmarks/gpu.sh fastpath  # GPU tests, generation to batch 256 with TTFT + kernels per step, overhead
 #   BEFORE=.gpu_before OUT=/out benchmarks/gpu.sh serving   # overhead, 500 tokens; in-flight here vs $BEFORE
 #       (ROUNDS=n interleaved rounds, CONC, REQUESTS; OVERHEAD=0 skips the overhead section)
+#   OUT=/out benchmarks/gpu.sh serving29  # < 9 min, issue 29: batch 1 500 tokens served vs in process; per model
+#       (int8, fp16): served | in-process Scheduler | fixed batch at CONC (32,256), streamed TTFT/ITL, long joiner
+#       (JOINER streams, 768-token prompts, budget 2048 vs 256); SHAPE="2 64 2" runs it on a small model (CPU check);
+#       split over two calls on the warm machine with M29=int8 then OVERHEAD=0 M29=fp (the models are kept)
 #   OUT=/out benchmarks/gpu.sh soak-start   # the 10-minute served soak outlives a call (600 s): started in its own
 #   OUT=/out benchmarks/gpu.sh soak-wait    # process session, then awaited by the next call on the warm machine
 #       (sooner than its 30 s idle release); each call brings back what /tmp/soak holds so far
@@ -16,6 +20,10 @@
 # fastpath and serving need wheels carried in .whl/ (results/h100/fastpath/NOTES.md): nvidia-pytriton==0.7.0,
 # tritonclient==2.51.0, protobuf<5, grpcio, python-rapidjson, numpy<2 (tritonserver 2.51's Python backend
 # returns empty outputs under numpy 2: it goes to the model stubs only, via LSGPT_SITE_PACKAGES).
+# When .whl/ and the tree pass run's 64 MiB carry limit, pre-install them here instead and carry one tarball
+# (40 MB): pip install --no-deps --target /tmp/carry/site (the rest) and /tmp/carry/stub-site (numpy), each with
+# --python-version 3.12 --only-binary=:all: and the manylinux platforms; touch /tmp/carry/site/.lsgpt-installed;
+# tar -C /tmp/carry -cJf .devsite.tar.xz site stub-site; the call then starts with `tar -xJf .devsite.tar.xz -C /tmp`.
 # Files: $OUT/<device>/<benchmark>/... as on the CPU machine, $OUT/tests.log, $OUT/gpu.log.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,9 +47,10 @@ fi
 DEV="$("$PY" -c 'from benchmarks.common import device_slug; print(device_slug())' 2>/dev/null || echo gpu)"
 echo "[gpu.sh $MODE] $(date -u +%FT%TZ) $DEV $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
 status=0
-# the random 12-layer model the serving modes serve: /tmp/fp.hdf5 and /tmp/int8.hdf5
-export_random_model() { "$PY" -c 'from pathlib import Path; from benchmarks.common import export_pair as e, random_model as r
-e(r(12, 768, 12), Path("/tmp"), 1024)'; }
+MODELS="${MODELS:-/tmp}"  # where export_random_model writes fp.hdf5 and int8.hdf5
+# the random 12-layer model (SHAPE="layers hidden heads") the serving modes serve: $MODELS/{fp,int8}.hdf5
+export_random_model() { "$PY" -c 'import sys; from pathlib import Path; from benchmarks.common import export_pair as e, random_model as r
+e(r(*map(int, sys.argv[1:4])), Path(sys.argv[4]), 1024)' ${SHAPE:-12 768 12} "$MODELS"; }
 # every test that needs CUDA (the rest run on the CPU in CI), into $OUT/tests.log; TESTS="..." runs others
 gpu_tests() {
     # shellcheck disable=SC2086
@@ -69,14 +78,23 @@ serving)  # ROUNDS interleaved rounds of after/before (round 1 also fills each s
             # python -m puts the working folder first: the before side runs from $BEFORE, so its lsgpt is imported
             dir="$ROOT"; [ "$side" = before ] && dir="$(cd "${BEFORE:-.gpu_before}" && pwd)"
             (cd "$dir" && PYTHONPATH="$dir:$PYTHONPATH" TRITON_CACHE_DIR=/tmp/triton-cache-$side run 170 -m benchmarks.serving \
-                --sections inflight --hdf5 /tmp/int8.hdf5 --concurrency "${CONC:-1,8,32}" --requests "${REQUESTS:-64}" \
+                --sections inflight --hdf5 "$MODELS/int8.hdf5" --concurrency "${CONC:-1,8,32}" --requests "${REQUESTS:-64}" \
                 --out "$OUT/$DEV/serving/$side-r$round"; exit $status) || status=1
         done
+    done ;;
+serving29)  # issue 29; the overhead run also fills the Triton kernel cache the later runs share
+    S29="$OUT/$DEV/serving29"; L="${SHAPE:+--layers ${SHAPE%% *} --hidden $(echo $SHAPE | cut -d' ' -f2) --heads ${SHAPE##* }}"
+    # shellcheck disable=SC2086
+    [ "${OVERHEAD:-1}" = 0 ] || run 120 -m benchmarks.serving --sections overhead --new-tokens 500 --runs 3 $L --out "$S29/overhead"
+    [ -f "$MODELS/fp.hdf5" ] && [ -f "$MODELS/int8.hdf5" ] || export_random_model || exit 1
+    for m in ${M29:-int8 fp}; do
+        run 190 -m benchmarks.serving --sections inflight,joiner --in-process --hdf5 "$MODELS/$m.hdf5" --concurrency "${CONC:-32,256}" \
+            --requests "${REQUESTS:-512}" --joiner-streams "${JOINER:-128}" --out "$S29/$m"
     done ;;
 soak-start)  # 12-layer random int8 served, concurrency 32, max_new_tokens 16..256, 10% cancelled mid-stream
     export_random_model || exit 1
     mkdir -p /tmp/soak
-    setsid nohup "$PY" -m benchmarks.soak --model gpt2_int8 --hdf5 /tmp/int8.hdf5 --minutes "${MINUTES:-10}" \
+    setsid nohup "$PY" -m benchmarks.soak --model gpt2_int8 --hdf5 "$MODELS/int8.hdf5" --minutes "${MINUTES:-10}" \
         --concurrency "${CONC:-32}" --cancel-fraction 0.1 --max-new-tokens 16,32,64,128,256 --prompts builtin \
         --warmup 120 --sample-every 2 --tokenizer "${TOKENIZER:-data/tokenizer}" --out "/tmp/soak/$DEV/soak" > /tmp/soak/soak.log 2>&1 < /dev/null &
     echo $! > /tmp/soak/pid; sleep 5; cat /tmp/soak/soak.log ;;
@@ -85,7 +103,7 @@ soak-wait)  # until the soak ends or WAIT seconds pass; its log and files so far
     for _ in $(seq "${WAIT:-560}"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     cp -r /tmp/soak/. "$OUT/"; tail -5 /tmp/soak/soak.log
     if kill -0 "$pid" 2>/dev/null; then echo "soak still running (pid $pid)"; status=3; fi ;;
-*) echo "usage: OUT=/out $0 [all|tests|fastpath|serving|soak-start|soak-wait]"; exit 2 ;;
+*) echo "usage: OUT=/out $0 [all|tests|fastpath|serving|serving29|soak-start|soak-wait]"; exit 2 ;;
 esac
 echo "[gpu.sh $MODE] $(date -u +%FT%TZ) done (status $status)"; find "$OUT" -type f | sort
 exit $status

@@ -8,11 +8,17 @@ short request while a long one runs? One real tritonserver (gRPC, our Python-bas
   inflight  a 5-token request sent while a long one runs (probe: in-flight batching answers it at once), then
             closed-loop mixed load per concurrency (prompts 4..64 random ids, 16..256 new tokens): requests/s,
             generated tokens/s, latency p50/p95, failures.
-            Also, per level, the mean running batch (tokens per decode step).
+            Also, per level, the mean running batch (tokens per decode step). --in-process adds, per level, the
+            same load on a Scheduler in this process and the engine's fixed-batch decode at that mean running
+            batch (served | in process | fixed batch and their ratios: where the loss is), and TTFT/ITL p50/p95
+            streamed through the model's decoupled twin (a quarter of the requests) and the Scheduler's own.
+  joiner    in process: N streams running, ITL p50/p95/p99 of their tokens without and with long prompts
+            (768 tokens) joining, at the default prefill budget and a chunking one (--joiner-budget).
 
     python -m benchmarks.serving                                       # both sections, a random model
     python -m benchmarks.serving --sections overhead --layers 12 --hidden 768 --heads 12 --new-tokens 500
     python -m benchmarks.serving --sections inflight --hdf5 model/fp16/pytorch_model.hdf5 --concurrency 1,8,32
+    python -m benchmarks.serving --sections inflight,joiner --in-process --hdf5 /tmp/int8.hdf5 --concurrency 32,256
     git worktree add /tmp/before <commit>; cd /tmp/before && PYTHONPATH=/tmp/before:$OLDPWD python -m \\
         benchmarks.serving --sections inflight --hdf5 ... --out /tmp/sv-before   # the same load, the older lsgpt
 
@@ -119,6 +125,85 @@ def closed_loop(send, conc: int, reqs: list) -> dict:
     return row
 
 
+def stream_send(url: str, model: str, ttft: list, itl: list, clients: list):
+    """send() through the decoupled twin, one gRPC stream per thread: new tokens; each request's time to its
+    first token and the gaps between the next ones (as the client sees them) into ttft and itl."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from lsgpt.client.api import _inputs
+
+    def send(state, prompt, new):
+        if "c" not in state:
+            state["q"], state["c"] = q, c = queue.Queue(), grpcclient.InferenceServerClient(url)
+            c.start_stream(callback=lambda result, error: q.put((result, error)))
+            clients.append(c)
+        t = [time.perf_counter()]
+        state["c"].async_stream_infer(model, _inputs(grpcclient, prompt, {"max_new_tokens": new, "top_k": 1}),
+                                      enable_empty_final_response=True)
+        while True:
+            result, error = state["q"].get(timeout=600)
+            if error is not None:
+                raise error
+            ids = result.as_numpy("result")
+            t += [time.perf_counter()] * (0 if ids is None else ids.size)
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        gaps = np.diff(t).tolist()
+        ttft.extend(gaps[:1])
+        itl.extend(gaps[1:])
+        return len(gaps)
+
+    return send
+
+
+def scheduler_send(sched):
+    """send() onto a Scheduler in this process (the served model's request, greedy, EOS on)."""
+    from lsgpt.engine.sampling import SamplingParams
+
+    def send(state, prompt, new):
+        done, out = threading.Event(), []
+        sched.submit(prompt, SamplingParams(max_new_tokens=new, top_k=1),
+                     lambda ids, err: (out.append((ids, err)), done.set()))
+        done.wait(600)
+        if out[0][1] is not None:
+            raise out[0][1]
+        return len(out[0][0]) - len(prompt)  # new tokens, as the served side counts them
+
+    return send
+
+
+def lat(xs: list, prefix: str) -> dict:
+    return {f"{prefix}_p{q}_ms": common.percentile(xs, q, 1e3, 2) for q in (50, 95)}
+
+
+def in_process_level(a, sched, conc: int, reqs: list, cap: int) -> dict:
+    """The load of a served level on `sched`, then the engine's fixed batch at its mean running batch."""
+    from lsgpt.engine.sampling import SamplingParams
+
+    keys = ("steps", "prefills", "chunks", "prefill_s", "step_s", "generated_tokens")
+    st = sched.stats
+    before = {k: getattr(st, k) for k in keys}
+    st.ttft.clear()
+    st.itl.clear()
+    row = closed_loop(scheduler_send(sched), conc, reqs)
+    d = {k: getattr(st, k) - before[k] for k in keys}
+    batch = d["generated_tokens"] / max(1, d["steps"])
+    out = {"in_process_tokens_per_s": row["output_tokens_per_s"], "in_process_failed": row["failed"],
+           "in_process_tokens_per_step": round(batch, 2), "ms_per_step": round(1e3 * d["step_s"] / max(1, d["steps"]), 3),
+           "ms_per_prefill": round(1e3 * d["prefill_s"] / max(1, d["prefills"]), 3), "prefills": d["prefills"],
+           "chunks": d["chunks"], "host_prefill_share": round(d["prefill_s"] / max(1e-9, d["prefill_s"] + d["step_s"]), 3)}
+    out |= lat(list(st.ttft), "in_process_ttft") | lat(list(st.itl), "in_process_itl")
+    B, new, eng = max(1, round(batch)), min(128, cap - 16), sched.engine
+    ps = [[100 + (7 * i + j) % 900 for j in range(16)] for i in range(B)]
+    med, _ = common.timed({"fixed": lambda: eng.generate(ps, SamplingParams(max_new_tokens=new, top_k=1, ignore_eos=True))},
+                          2, a.device)
+    eng._graphs.clear()  # its B-row decode graph holds a max_step cache of B rows: not kept across levels
+    out |= {"fixed_batch": B, "fixed_batch_tokens_per_s": round(B * new / med["fixed"], 1)}
+    return out
+
+
 def inflight(a, url: str, model: str, hdf5: Path, server=None) -> dict:
     from lsgpt.format import read_hdf5
 
@@ -148,18 +233,90 @@ def inflight(a, url: str, model: str, hdf5: Path, server=None) -> dict:
     res["probe"] = {"long_new_tokens": long_new, "long_s": round(times["long"], 4), "short_s": round(times["short"], 4),
                     "short_over_long": round(times["short"] / times["long"], 3)}
     print(json.dumps(res["probe"]), flush=True)
+    sched = None
+    if a.in_process:
+        from lsgpt.engine.engine import Engine
+        from lsgpt.engine.scheduler import Scheduler
+
+        sched = Scheduler(Engine.load(hdf5, a.device), max_rows="auto")
     for conc in a.concurrency:
+        reqs = make_load(rng, cfg.vocab, cap, max(a.requests, 8 * conc) if a.in_process else a.requests)
         m0 = scrape(server.metrics_port, model) if server is not None else {}
-        row = closed_loop(send, conc, make_load(rng, cfg.vocab, cap, a.requests))
+        row = closed_loop(send, conc, reqs)
         if "lsgpt_decode_steps_total" in m0:  # the metrics thread publishes every 0.5 s
             time.sleep(1.2)
             m1 = scrape(server.metrics_port, model)
             steps = m1["lsgpt_decode_steps_total"] - m0["lsgpt_decode_steps_total"]
             row |= {"steps": int(steps), "tokens_per_step": round(
                 (m1["lsgpt_generated_tokens_total"] - m0["lsgpt_generated_tokens_total"]) / max(1, steps), 2)}
+        if sched is not None:
+            ttft, itl, clients = [], [], []
+            srow = closed_loop(stream_send(url, model + "_stream", ttft, itl, clients), conc, reqs[: max(conc, len(reqs) // 4)])
+            for c in clients:
+                c.stop_stream()
+                c.close()
+            row |= {"stream_tokens_per_s": srow["output_tokens_per_s"], "stream_failed": srow["failed"]}
+            row |= lat(ttft, "stream_ttft") | lat(itl, "stream_itl") | in_process_level(a, sched, conc, reqs, cap)
+            row |= {"served_over_in_process": round(row["output_tokens_per_s"] / row["in_process_tokens_per_s"], 3),
+                    "in_process_over_fixed": round(row["in_process_tokens_per_s"] / row["fixed_batch_tokens_per_s"], 3)}
         res["levels"].append(row)
         print(json.dumps(res["levels"][-1]), flush=True)
+    if sched is not None:
+        res |= {"in_process_rows": sched.max_rows, "prefill_tokens": sched.prefill_tokens,
+                "admit_every": sched.admit_every}
+        sched.close()
     return res
+
+
+def joiner_case(sched, streams: int, window: int, joiners: list[list[int]], vocab: int) -> dict:
+    """`streams` greedy rows of 16-token prompts running; once each has 8 tokens, `joiners` are submitted; the
+    gaps between tokens 8..8+window of every stream (as the scheduler emits them), and the joiners' latency."""
+    from lsgpt.engine.sampling import SamplingParams
+
+    rng, times, done = random.Random(1), [[] for _ in range(streams)], threading.Semaphore(0)
+    sp = SamplingParams(max_new_tokens=window + 16, top_k=1, ignore_eos=True)
+    for t in times:
+        sched.submit([rng.randint(100, vocab - 1) for _ in range(16)], sp, lambda ids, err: done.release(),
+                     on_token=lambda tok, t=t: t.append(time.perf_counter()))
+    while min(len(t) for t in times) < 8:
+        time.sleep(0.0005)
+    t0, lat_s = time.perf_counter(), []
+    for p in joiners:
+        sched.submit(p, SamplingParams(max_new_tokens=4, top_k=1, ignore_eos=True),
+                     lambda ids, err: (lat_s.append(time.perf_counter() - t0), done.release()))
+    for _ in range(streams + len(joiners)):
+        done.acquire(timeout=600)
+    gaps = [b - a for t in times for a, b in zip(t[8: 8 + window], t[9: 9 + window])]
+    return {f"itl_p{q}_ms": common.percentile(gaps, q, 1e3, 3) for q in (50, 95, 99)} | {
+        "itl_max_ms": round(1e3 * max(gaps), 3), "joiner_latency_max_ms": round(1e3 * max(lat_s), 2) if lat_s else None}
+
+
+def joiner(a, hdf5: Path) -> dict:
+    """joiner_case without and with the long prompts, at the default prefill budget and at --joiner-budget."""
+    from lsgpt.engine.engine import Engine
+    from lsgpt.engine.scheduler import Scheduler
+
+    eng = Engine.load(hdf5, a.device)
+    cfg, rows = eng.config, []
+    rng = random.Random(a.seed)
+    n = min(768, cfg.max_step - 8)
+    long = [[rng.randint(100, cfg.vocab - 1) for _ in range(n)] for _ in range(a.joiners)]
+    for budget in (None, a.joiner_budget):
+        sched = Scheduler(eng, max_rows="auto", prefill_tokens=budget)
+        try:
+            joiner_case(sched, min(8, a.joiner_streams), 16, [], cfg.vocab)  # warm (CUDA: first-use costs)
+            for with_j in (False, True):
+                row = {"prefill_tokens": sched.prefill_tokens, "admit_every": sched.admit_every, "rows": sched.max_rows,
+                       "streams": a.joiner_streams, "joiners": len(long) if with_j else 0, "joiner_len": n}
+                c0 = sched.stats.chunks
+                row |= joiner_case(sched, a.joiner_streams, a.joiner_window, long if with_j else [], cfg.vocab)
+                rows.append(row | {"chunks": sched.stats.chunks - c0})
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            sched.close()
+    for r0, r1 in zip(rows[::2], rows[1::2]):
+        r1["itl_p95_over_without"] = round(r1["itl_p95_ms"] / r0["itl_p95_ms"], 2)
+    return {"model": hdf5.name, "window_tokens": a.joiner_window, "rows": rows}
 
 
 def markdown(r: dict) -> str:
@@ -179,6 +336,26 @@ def markdown(r: dict) -> str:
                 "| concurrency | req/s | tokens/s | p50 s | p95 s | failed |", "|---|---|---|---|---|---|"]
         out += [f"| {x['concurrency']} | {x['requests_per_s']} | {x['output_tokens_per_s']} | {x['latency_p50_s']} | "
                 f"{x['latency_p95_s']} | {x['failed']} |" for x in i["levels"]]
+        if "in_process_rows" in i:
+            out += ["", f"Served vs in process ({i['in_process_rows']} rows, prefill budget {i['prefill_tokens']}, admit "
+                    f"every {i['admit_every']}) vs the engine's fixed batch; TTFT/ITL ms streamed (served twin) | in process",
+                    "", "| conc | served tok/s | in process | fixed batch (B) | served/in proc | in proc/fixed | tok/step |"
+                    " ms/step | ms/prefill | TTFT p50/p95 | ITL p50/p95 |", "|" + "---|" * 11]
+            out += [f"| {x['concurrency']} | {x['output_tokens_per_s']} | {x['in_process_tokens_per_s']} | "
+                    f"{x['fixed_batch_tokens_per_s']} ({x['fixed_batch']}) | {x['served_over_in_process']} | "
+                    f"{x['in_process_over_fixed']} | {x['in_process_tokens_per_step']} | {x['ms_per_step']} | "
+                    f"{x['ms_per_prefill']} | {x['stream_ttft_p50_ms']}/{x['stream_ttft_p95_ms']} \\| "
+                    f"{x['in_process_ttft_p50_ms']}/{x['in_process_ttft_p95_ms']} | {x['stream_itl_p50_ms']}/"
+                    f"{x['stream_itl_p95_ms']} \\| {x['in_process_itl_p50_ms']}/{x['in_process_itl_p95_ms']} |"
+                    for x in i["levels"]]
+    if j := r.get("joiner"):
+        out += ["", f"**Long joiner** (in process, {j['model']}): ITL of the running streams over {j['window_tokens']} "
+                "tokens each, without and with long prompts joining", "",
+                "| budget | rows | streams | joiners × len | chunks | ITL p50 / p95 / p99 / max ms | p95 vs without |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {x['prefill_tokens']} | {x['rows']} | {x['streams']} | {x['joiners']} × {x['joiner_len']} | "
+                f"{x['chunks']} | {x['itl_p50_ms']} / {x['itl_p95_ms']} / {x['itl_p99_ms']} / {x['itl_max_ms']} | "
+                f"{x.get('itl_p95_over_without', '')} |" for x in j["rows"]]
     return "\n".join(out)
 
 
@@ -199,8 +376,8 @@ def plot(r: dict, png: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", type=common.sections_type(("overhead", "inflight")), default="overhead,inflight",
-                   help="comma-separated subset of overhead,inflight")
+    p.add_argument("--sections", type=common.sections_type(("overhead", "inflight", "joiner")),
+                   default="overhead,inflight", help="comma-separated subset of overhead,inflight,joiner")
     p.add_argument("--device", help="cpu / cuda (default: cuda when present)")
     for k in ("layers", "hidden", "heads"):
         p.add_argument(f"--{k}", type=int, help="random model (default 12/768/12 on CUDA, 4/256/4 on the CPU)")
@@ -212,6 +389,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=64, help="inflight: requests per concurrency level")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--in-process", action="store_true", help="inflight: also the Scheduler in process, the fixed "
+                   "batch and streamed TTFT/ITL (requests: at least 8 per client)")
+    p.add_argument("--joiners", type=int, default=4, help="joiner: long prompts that join")
+    p.add_argument("--joiner-streams", type=int, help="joiner: running streams (default 128 on CUDA, 16 on the CPU)")
+    p.add_argument("--joiner-window", type=int, default=200, help="joiner: tokens of each stream measured")
+    p.add_argument("--joiner-budget", type=int, default=256, help="joiner: the chunking prefill budget compared")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default 1 on the CPU)")
     common.add_output_args(p, "serving", replot="the Markdown and PNG")
     return p.parse_args(argv)
@@ -226,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
 
         a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
         gpu, sections = a.device.startswith("cuda"), a.sections
-        for k, g, c in (("layers", 12, 4), ("hidden", 768, 256), ("heads", 12, 4), ("threads", 0, 1)):
+        for k, g, c in (("layers", 12, 4), ("hidden", 768, 256), ("heads", 12, 4), ("threads", 0, 1),
+                        ("joiner_streams", 128, 16)):
             setattr(a, k, getattr(a, k) if getattr(a, k) is not None else (g if gpu else c))
         if a.threads:
             torch.set_num_threads(a.threads)
@@ -241,15 +425,19 @@ def main(argv: list[str] | None = None) -> int:
                 files = {"gpt2": fp, "gpt2_int8": q}
             probe = ("gpt2_int8", files["gpt2_int8"]) if "gpt2_int8" in files else next(iter(files.items()))
             repo = common.repository(Path(tmp) / "repo", files)
-            with common.served(repo, list(files), device=a.device if gpu else None,
+            models = list(files) + ([probe[0] + "_stream"] if a.in_process and "inflight" in sections else [])
+            with common.served(repo, models, device=a.device if gpu else None,
                                threads=a.threads or None) as (url, server):
                 if "overhead" in sections:
                     report["overhead"] = overhead(a, url, files)
                 if "inflight" in sections:
                     report["inflight"] = inflight(a, url, *probe, server=server)
+            if "joiner" in sections:
+                report["joiner"] = joiner(a, probe[1])
         out = common.results_dir("serving", a.out, a.device, a.record)
     common.write_report(out, "serving", report, plot, markdown(report), save=not a.replot)
-    return 0 if all(x["failed"] == 0 for x in report.get("inflight", {}).get("levels", [])) else 1
+    levels = report.get("inflight", {}).get("levels", [])
+    return 0 if all(x["failed"] == x.get("stream_failed", 0) == x.get("in_process_failed", 0) == 0 for x in levels) else 1
 
 
 def _served_name(hdf5: Path) -> str:

@@ -51,7 +51,7 @@ INT_RANGE = {"INT32": (-(2**31), 2**31 - 1), "INT64": (-(2**63), 2**63 - 1)}  # 
 FP32_MAX = 3.4028234663852886e38  # larger magnitudes become inf in FP32
 
 # ---- server defaults (config.pbtxt parameters override them) -----------------------------------------------
-MAX_RUNNING_ROWS = 32  # rows decoded together by one model's scheduler
+MAX_RUNNING_ROWS = "auto"  # rows decoded together by one model's scheduler: sized from GPU memory (CPU: 32)
 MAX_QUEUED_REQUESTS = 256  # requests waiting for a row; beyond it UNAVAILABLE at once
 
 

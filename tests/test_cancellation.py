@@ -54,7 +54,7 @@ def long_served(tiny_models, tmp_path_factory):
     (d / "repo").mkdir()
     repo = make_repository(d / "repo", dataclasses.replace(tiny_models, fp16=path, max_step=MAX_STEP))
     config = repo / MODEL / "config.pbtxt"
-    text, n = re.subn(r'(key: "max_running_rows", value: \{ string_value: ")\d+', r"\g<1>1", config.read_text())
+    text, n = re.subn(r'(key: "max_running_rows", value: \{ string_value: ")[^"]+', r"\g<1>1", config.read_text())
     assert n == 1
     config.write_text(text)
     server = TritonServer(repo, models=[MODEL], grpc_port=free_port(), http_port=free_port(),

@@ -55,6 +55,7 @@ ALLOWED = {  # first words -> why it does not run here (its files and flags are 
     "gpu.sh": "needs a GPU machine (minutes)",
     "scripts/setup.sh": "installs packages (network); every test runs in the environment it made",
     "placeholder": "a form with '…', not a command (e.g. `.venv/bin/python …`)",
+    "podman": "root and a build: tests/test_container.py runs these images with the same flags",
 }
 RUN_BY_NAME = {"perf_analyzer", ".venv/bin/perf_analyzer", "curl"}  # run against the live server
 
@@ -303,6 +304,9 @@ def check_static(text: str, clis: dict, work: Path) -> list[str]:
     if argv[0] == "docker":
         compose = argv[argv.index("-f") + 1] if "-f" in argv else None
         return [f"{compose}: missing"] if compose and not (ROOT / compose).is_file() else []
+    if argv[0] == "podman":  # the images tests/test_container.py builds; no other image is pulled here
+        return [f"{w}: not one of our images" for w in argv if w.startswith("localhost/")
+                and w not in ("localhost/lsgpt-triton-server:cpu", "localhost/lsgpt-triton-train:cpu")]
     if argv[0] == "kubectl":
         return [f"{w}: missing" for w in argv if w.startswith("docker/") and not (ROOT / w).exists()]
     return [f"no checker for `{argv[0]}`: run it in this test, or give ALLOWED a reason"]

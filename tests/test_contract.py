@@ -30,7 +30,8 @@ def test_config_declares_the_contract(name):
     outputs = {o.name: (mc.DataType.Name(o.data_type).removeprefix("TYPE_"), list(o.dims)) for o in cfg.output}
     assert outputs == (C.STREAM_OUTPUTS if name.endswith(C.STREAM_SUFFIX) else C.OUTPUTS)
     assert cfg.model_transaction_policy.decoupled == name.endswith(C.STREAM_SUFFIX)
-    assert int(cfg.parameters["max_running_rows"].string_value) == C.MAX_RUNNING_ROWS
+    assert cfg.parameters["max_running_rows"].string_value == C.MAX_RUNNING_ROWS == "auto"
+    assert {cfg.parameters[k].string_value for k in ("max_prefill_tokens", "admit_every")} == {"auto"}
     assert int(cfg.parameters["max_queued_requests"].string_value) == C.MAX_QUEUED_REQUESTS
 
 

@@ -141,3 +141,28 @@ def test_fused_forward_takes_expanded_positions(fp16, int8, which):
         assert (got - ref).abs().mean() <= 0.5 * STEP
     else:
         assert (got - ref).abs().max() <= 1e-2 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("which", ["fp16", "int8"])
+def test_fused_chunks_into_a_cache_row_give_the_whole_prompts_logits(fp16, int8, which):
+    """What the scheduler runs for a prompt over its prefill budget (Scheduler._chunk_forward: the fused kernels
+    writing and attending a slot's row of the running max_step cache, positions offset) ends with the logits of
+    the whole prompt's prefill, within float tolerance (int8: a few clip steps, requantization flips)."""
+    from lsgpt.engine.scheduler import Scheduler
+
+    e = fp16[1] if which == "fp16" else int8[0]
+    toks = torch.as_tensor(np.random.default_rng(2).integers(1, 990, size=(1, 29)), device=DEV)
+    whole, _ = e.prefill(toks, torch.tensor([28], device=DEV))
+    s = Scheduler(e, max_rows=3, prefill_tokens=8)
+    try:
+        with torch.inference_mode():
+            for start in range(0, 29, 8):  # 8 + 8 + 8 + 5 into slot 2; slot 1 stays as it was
+                got = s._chunk_forward(toks[:, start: start + 8], start, 2)
+            # (on CUDA the warm-up wrote slot 0, and graph capture every slot at position 0)
+            assert all(float(k[1, 1:].abs().max()) == 0 for k in s.cache.k)
+    finally:
+        s.close()
+    got, whole = got.float().cpu(), whole.float().cpu()
+    tol = 1e-3 * max(1.0, float(whole.abs().max())) if which == "fp16" else 8 * e.model.head_scales.deq
+    print(f"{DEV} fused {which}: chunked vs whole prefill, max |dlogit| {float((got - whole).abs().max()):.3g}")
+    assert float((got - whole).abs().max()) <= tol

@@ -4,6 +4,8 @@ shape), CUDA-graph decode against eager decode."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -167,17 +169,20 @@ def test_article_shape_int8_greedy_tracks_cpu(article_int8):
     assert same / total >= 0.99
 
 
+@pytest.mark.parametrize("budget", [None, 64], ids=["default-budget", "chunking-budget"])
 @pytest.mark.parametrize("which", [0, 1])
-def test_scheduler_warm_up_leaves_no_prefill_shape_to_compile(files, which):
-    """After the served model's warm-up, a prefill of any group size and prompt length compiles no kernel: a
-    Triton compile mid-serving stalls every running row (seen on the H100: p95 latency 0.31 -> 0.83 s on a cold
-    kernel cache). Counts the compiled variants of every fused kernel before and after all the shapes."""
+def test_scheduler_warm_up_leaves_no_prefill_shape_to_compile(files, which, budget):
+    """After the served model's warm-up, a prefill of any group size and prompt length under the prefill budget,
+    and (budget 64 < max_step) a chunk of any length at any position into a slot's row of the running cache,
+    compiles no kernel: a Triton compile mid-serving stalls every running row (seen on the H100: p95 latency
+    0.31 -> 0.83 s on a cold kernel cache). Counts the compiled variants of every fused kernel before and after
+    all the shapes."""
     from lsgpt.engine import kernels
     from lsgpt.engine.engine import Engine
     from lsgpt.engine.scheduler import Scheduler
 
     e = Engine.load(files[which], "cuda")
-    sched = Scheduler(e, max_rows=4)
+    sched = Scheduler(e, max_rows=4, prefill_tokens=budget)
     try:
         jits = [kernels._linear_kernel, kernels._attention_kernel, kernels._layer_norm_kernel, kernels._embed_kernel]
         dev = torch.cuda.current_device()
@@ -186,14 +191,52 @@ def test_scheduler_warm_up_leaves_no_prefill_shape_to_compile(files, which):
             return sum(len(j.device_caches[dev][0]) for j in jits)
 
         before = compiled()
-        S = e.config.max_step
+        S, B = e.config.max_step, sched.prefill_tokens
         with torch.inference_mode():
             for k in range(1, 5):
-                for t in range(1, S):
+                for t in range(1, min(S - 1, B // k) + 1):
                     tokens = torch.randint(0, e.config.vocab, (k, t), device="cuda")
                     e.forward_logits(tokens, torch.arange(t, device="cuda").expand(k, t), e.model.new_cache(k, t),
                                       last=torch.arange(k, device="cuda") * t + t - 1)
+            for t in range(1, B + 1) if B < S - 1 else ():
+                for start in (0, S - 1 - t):
+                    sched._chunk_forward(torch.randint(0, e.config.vocab, (1, t), device="cuda"), start, 3)
         torch.cuda.synchronize()
         assert compiled() == before, f"{compiled() - before} kernel variants compiled after the warm-up"
     finally:
         sched.close()
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_scheduler_chunked_prefill_on_cuda_generates_what_whole_does(files, which):
+    """The fused kernels' chunk path (a slot's row of the running cache at offset positions, the captured decode
+    steps computing that slot as a free one between chunks): a 200-token prompt prefilled in chunks of 16 while
+    two rows run generates what the same scheduler code generates with the prompt whole, and so do the running
+    rows (greedy on the peaky model, whose argmax margins fp16 rounding rarely crosses)."""
+    from lsgpt.engine.engine import Engine, SamplingParams
+    from lsgpt.engine.scheduler import Scheduler
+
+    e = Engine.load(files[which], "cuda")
+    g = torch.Generator().manual_seed(5)
+    long = torch.randint(1, e.config.vocab, (200,), generator=g).tolist()
+    short = [torch.randint(1, e.config.vocab, (6,), generator=g).tolist() for _ in range(2)]
+    sp = SamplingParams(max_new_tokens=40, top_k=1, ignore_eos=True)
+    whole = Scheduler(e, max_rows=4)
+    try:
+        want = [whole.generate(p, sp, timeout=120) for p in [long, *short]]
+    finally:
+        whole.close()
+    s = Scheduler(e, max_rows=4, prefill_tokens=16)
+    try:
+        got: dict = {}
+        for i, p in enumerate(short):
+            s.submit(p, sp, lambda ids, err, i=i: got.__setitem__(i, (ids, err)))
+        assert s.generate(long, sp, timeout=120) == want[0]
+        for _ in range(600):
+            if len(got) == 2:
+                break
+            time.sleep(0.1)
+        assert [got[i] for i in range(2)] == [(want[1], None), (want[2], None)]
+        assert s.stats.chunks == 13
+    finally:
+        s.close()

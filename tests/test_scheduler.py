@@ -30,11 +30,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine(model, tmp_path_factory):
-    from lsgpt.engine.engine import Engine
-    from lsgpt.export.convert import export_model
-
-    p = export_model(model, tmp_path_factory.mktemp("sched") / "m.hdf5", max_step=128, eos_id=tiny.EOS_ID)
-    return Engine.load(p, device="cpu")
+    return tiny.cpu_engine(model, tmp_path_factory.mktemp("sched"), max_step=128)
 
 
 class Collector:

@@ -96,7 +96,7 @@ def test_repository_layout_matches_lightseq_and_templates():
         cfg = (repo / name / "config.pbtxt").read_text()
         assert 'backend: "lsgpt"' in cfg and "latest: { num_versions: 1 }" in cfg and "KIND_AUTO" in cfg
         # inputs, outputs and their types: tests/test_contract.py (parsed with Triton's schema)
-        assert re.search(r'key: "max_running_rows", value: \{ string_value: "\d+" \}', cfg)
+        assert re.search(r'key: "max_running_rows", value: \{ string_value: "(\d+|auto)" \}', cfg)
         assert ("decoupled: true" in cfg) == name.endswith("_stream")
 
 

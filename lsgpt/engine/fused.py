@@ -96,11 +96,12 @@ class FusedForward:
 
     CHECK_INT8_STEPS = 8.0
 
-    def variant(self, B: int, T: int, R: int) -> tuple:
-        """What decides which compiled kernel variants a forward over B×T tokens with R logit rows launches: each
-        GEMM's tiles and launch options, the attention split, and Triton's specialisation of integer arguments
-        (equal to 1, divisible by 16). Forwards with equal keys compile nothing new (the served model's warm-up
-        runs one forward per key, so no request waits for a compile)."""
+    def variant(self, B: int, T: int, R: int, cache_len: int | None = None) -> tuple:
+        """What decides which compiled kernel variants a forward over B×T tokens with R logit rows, into a cache
+        of cache_len positions (None: T, a prefill's scratch cache), launches: each GEMM's tiles and launch
+        options, the attention split, and Triton's specialisation of integer arguments (equal to 1, divisible by
+        16). Forwards with equal keys compile nothing new (the served model's warm-up runs one forward per key,
+        so no request waits for a compile)."""
         k, c = self.k, self.cfg
         M, H = B * T, c.hidden
 
@@ -112,7 +113,7 @@ class FusedForward:
             return tiles, ints(m), pdl, prefetch
 
         return (gemm(M, 3 * H, H), gemm(M, H, H), gemm(M, c.inner, H), gemm(M, H, c.inner), gemm(R, c.vocab, H),
-                k.attention_plan(M, c.n_head, T, self.int8), ints(M, T))
+                k.attention_plan(M, c.n_head, cache_len or T, self.int8), ints(M, T))
 
     @torch.inference_mode()
     def check_against(self, reference) -> None:

@@ -8,14 +8,17 @@ keeps its own sampling parameters, seed and penalties: its output is what ``Engi
     sched.submit(prompt_ids, SamplingParams(...), on_done=lambda ids, err: ..., on_token=..., cancelled=...)
     sched.close()
 
-One thread owns the engine. Per loop: admit queued requests into free slots (prefill, first token), then one
-decode step over slots [0, n) — n the smallest graph bucket (1, 2, 4, ... max_rows) that covers the busiest
-slot; free slots in it compute harmlessly, since a new occupant writes its keys before it reads them. On
+One thread owns the engine. Per loop: admit queued requests into free slots (prefill, first token), under a
+budget of prefill_tokens padded tokens (a longer prompt is prefilled in chunks over several loops, straight into
+its slot's cache row, and joins after its last), then one decode step over slots [0, n) — n the smallest graph
+bucket (1, 2, 4, ... max_rows) that covers the busiest slot; free slots in it compute harmlessly, since a new
+occupant writes its keys before it reads them. On
 CUDA every bucket's step is captured as a CUDA graph at start-up, while the cache is still empty, and a
 step's tokens — and a prefill's first tokens — are read back while the next step runs (the host never leaves
 the GPU idle between steps, and a prefill never waits for the GPU).
-Bounded: ``submit`` raises ``QueueFull`` beyond ``max_queue`` waiting requests; a cancelled request
-(``cancelled()`` true) leaves its slot within one step; ``stop_admitting`` (a drain) refuses new requests with
+The running set: max_rows, or "auto" (sized from the free GPU memory: running_rows). Bounded: ``submit`` raises
+``QueueFull`` beyond ``max_queue`` waiting requests; a cancelled request (``cancelled()`` true) leaves its slot
+within one step; ``stop_admitting`` (a drain) refuses new requests with
 ``Draining`` while the others finish; ``close`` fails what is left with ``ShuttingDown``.
 """
 
@@ -66,6 +69,38 @@ class Cancelled(RuntimeError):
 
 Done = Callable[[list[int] | None, Exception | None], None]
 IDLE = SamplingParams(top_k=1, top_p=1.0, seed=0)  # what a free slot "samples" with: greedy, no penalty
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # running-set sizes "auto" picks from (decode graph buckets)
+AUTO_MAX_ROWS = 256  # beyond it a step's rows no longer pay (the H100 knee, issue 29)
+AUTO_KV_FRACTION = 0.4  # of the free GPU memory at start-up, for one model's KV cache (4 models share a GPU)
+CPU_ROWS = 32  # "auto" on the CPU: an fp32 cache of 256 rows x 1024 steps would be GBs, and a CPU step is linear in rows
+PREFILL_TOKENS = {"cuda": 2048, "cpu": 512}  # default token budget of one loop's prefill (docs/decisions.md)
+ADMIT_EVERY = {"cuda": 16, "cpu": 8}  # default decode steps between admissions while rows run
+MAX_GROUP = 32  # prompts prefilled in one forward at most (bounds the warm-up's shapes)
+
+
+def kv_rows(free_bytes: int, n_layer: int, max_step: int, hidden: int, elem_bytes: int,
+            fraction: float = AUTO_KV_FRACTION, cap: int = AUTO_MAX_ROWS) -> int:
+    """The largest bucket of ROW_BUCKETS (<= cap) whose KV cache, n_layer x 2 (k, v) x rows x max_step x hidden
+    x elem_bytes, fits `fraction` of `free_bytes`; 1 when none does."""
+    per_row = n_layer * 2 * max_step * hidden * elem_bytes
+    fits = [b for b in ROW_BUCKETS if b <= cap and b * per_row <= fraction * free_bytes]
+    return max(fits, default=1)
+
+
+def running_rows(engine: Engine, setting: int | str = "auto", fraction: float = AUTO_KV_FRACTION) -> int:
+    """max_running_rows: an integer as given, or "auto": on CUDA sized from the free GPU memory (kv_rows), on
+    the CPU CPU_ROWS."""
+    if str(setting).strip().lower() != "auto":
+        rows = int(setting)
+        if rows < 1:
+            raise ValueError(f"max_running_rows must be >= 1 or auto, not {setting!r}")
+        return rows
+    if engine.device.type != "cuda":
+        return CPU_ROWS
+    free, _ = torch.cuda.mem_get_info(engine.device)
+    c = engine.config
+    elem = engine.model.new_cache(1, 1).k[0].element_size()
+    return kv_rows(free, c.n_layer, c.max_step, c.hidden, elem, fraction)
 
 
 @dataclass
@@ -81,6 +116,7 @@ class Request:
     submitted: float = 0.0
     first_token: float | None = None
     last: float = 0.0  # when its latest token came
+    prefilled: int = 0  # prompt tokens already in its slot's cache (a prompt over the budget goes in chunks)
 
 
 @dataclass
@@ -88,7 +124,8 @@ class Stats:
     """Counters and gauges for metrics (read without the lock: approximate by design)."""
 
     requests: int = 0
-    prefills: int = 0  # prefill forwards (the requests admitted together share one)
+    prefills: int = 0  # prefill forwards (the requests admitted together share one; a chunk is one)
+    chunks: int = 0  # of which chunks of prompts longer than the prefill budget
     steps: int = 0  # decode steps
     prefill_s: float = 0.0  # host time in prefills (incl. their first-token sync) and in decode steps
     step_s: float = 0.0
@@ -102,9 +139,20 @@ class Stats:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_rows: int = 32, max_queue: int = 256):
+    def __init__(self, engine: Engine, max_rows: int | str = 32, max_queue: int = 256,
+                 prefill_tokens: int | None = None, admit_every: int | None = None):
+        """max_rows: the running set (an integer, or "auto": `running_rows`); prefill_tokens: the padded tokens
+        one loop iteration may prefill (None: PREFILL_TOKENS of the device; a longer prompt goes in chunks);
+        admit_every: decode steps between admissions while rows run (None: ADMIT_EVERY of the device)."""
+        max_rows = running_rows(engine, max_rows)
         self.engine, self.max_rows, self.max_queue = engine, max_rows, max_queue
         c, m, dev = engine.config, engine.model, engine.device
+        kind = "cuda" if dev.type == "cuda" else "cpu"
+        self.prefill_tokens = int(prefill_tokens or PREFILL_TOKENS[kind])
+        self.admit_every = int(admit_every or ADMIT_EVERY[kind])
+        if self.prefill_tokens < 1 or self.admit_every < 1:
+            raise ValueError("prefill_tokens and admit_every must be >= 1")
+        self._chunking: Request | None = None  # the prompt being prefilled in chunks (its slot taken, not decoded)
         self.cache: KVCache = m.new_cache(max_rows, c.max_step)
         self.tok = torch.zeros(max_rows, dtype=torch.long, device=dev)  # each slot's last token
         self.pos = torch.zeros(max_rows, dtype=torch.long, device=dev)  # and its position
@@ -114,7 +162,7 @@ class Scheduler:
         self.params = [self.idle] * max_rows
         self.gens = [torch.Generator(device=dev) for _ in range(max_rows)]
         self.pen = Penalties.neutral(max_rows, c.vocab, dev)  # a free slot's penalties are neutral
-        self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_rows] + [max_rows]
+        self.buckets = [b for b in (*ROW_BUCKETS, 512) if b < max_rows] + [max_rows]
         self.graphs: dict[int, GraphedDecode] = {}
         self._penalized = 0  # running rows with a penalty
         if engine.fused is not None and dev.type == "cuda":
@@ -199,9 +247,10 @@ class Scheduler:
         self._thread.join(timeout)
         err = ShuttingDown("the model was unloaded before the request finished; retry")
         with self._cv:
-            left = [r for r in self.rows if r is not None] + list(self._queue)
+            left = [r for r in [*self.rows, self._chunking] if r is not None] + list(self._queue)
             self._queue.clear()
             self.rows = [None] * self.max_rows
+            self._chunking = None
         for r in left:
             self._finish(r, None, err)
 
@@ -213,22 +262,41 @@ class Scheduler:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def _decoding(self) -> int:
+        """Rows the decode step advances: the running ones but a prompt still being prefilled in chunks."""
+        return self.running - (self._chunking is not None)
+
     # ---------------------------------------------------------------------------------------------
     # The loop (scheduler thread only)
+
+    def prefill_shapes(self) -> tuple[list[tuple[int, int]], list[int]]:
+        """The forwards admission can launch, one per compiled-variant key (FusedForward.variant), the smallest
+        shape of each: whole-prompt groups (k prompts padded to t tokens: k <= MAX_GROUP and the free rows,
+        k*t <= the budget) and chunks (t tokens of one prompt into its slot's row of the cache, only when a
+        prompt can be longer than the budget). Bounded by the budget, not by max_rows x max_step."""
+        f, S, B = self.engine.fused, self.engine.config.max_step, self.prefill_tokens
+        groups: dict = {}
+        pairs = ((k, t) for k in range(1, min(MAX_GROUP, self.max_rows) + 1) for t in range(1, min(S - 1, B // k) + 1))
+        for k, t in sorted(pairs, key=lambda s: s[0] * s[1]):
+            groups.setdefault(f.variant(k, t, k), (k, t))
+        chunks: dict = {}
+        for t in range(1, B + 1) if B < S - 1 else ():
+            chunks.setdefault(f.variant(1, t, 1, S), t)
+        return list(groups.values()), list(chunks.values())
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
         """Compile every kernel variant a prefill can need now, not when the first request of that shape arrives
-        (a Triton compile mid-serving stalls every running row for a second): one forward per variant key
-        (FusedForward.variant) over every group size and prompt length a prefill can have, the smallest shape
-        of each key."""
-        e, dev, S = self.engine, self.engine.device, self.engine.config.max_step
-        keys: dict = {}
-        for k, t in sorted(((k, t) for k in range(1, self.max_rows + 1) for t in range(1, S)), key=lambda s: s[0] * s[1]):
-            keys.setdefault(e.fused.variant(k, t, k), (k, t))
-        for k, t in keys.values():
+        (a Triton compile mid-serving stalls every running row for a second): one forward per shape of
+        prefill_shapes. Runs before the decode graphs are captured: a chunk's shape writes slot 0 (still empty)."""
+        dev = self.engine.device
+        groups, chunks = self.prefill_shapes()
+        for k, t in groups:
             self._prefill_forward(torch.zeros(k, t, dtype=torch.long, device=dev),
                                   torch.arange(k, device=dev) * t + t - 1)
+        for t in chunks:
+            self._chunk_forward(torch.zeros(1, t, dtype=torch.long, device=dev), 0, 0)
         torch.cuda.synchronize(dev)
 
     def _prefill_forward(self, tokens: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
@@ -236,6 +304,14 @@ class Scheduler:
         split depends on that length); the logits of the flat rows `last`, and the scratch cache. The warm-up
         runs exactly this, so that it compiles what prefills launch."""
         return self.engine.prefill(tokens, last)
+
+    def _chunk_forward(self, tokens: torch.Tensor, start: int, slot: int) -> torch.Tensor:
+        """The forward of a chunk: one prompt's tokens [1, C] at positions start..start+C-1, written into (and
+        attending) its slot's row of the running cache; the logits of its last token."""
+        C = tokens.shape[1]
+        row = KVCache([k[slot: slot + 1] for k in self.cache.k], [v[slot: slot + 1] for v in self.cache.v])
+        positions = torch.arange(start, start + C, device=tokens.device)[None]
+        return self.engine.forward_logits(tokens, positions, row, last=torch.full((1,), C - 1, device=tokens.device))
 
     def _prefix(self, n: int) -> KVCache:
         return KVCache([k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v])
@@ -256,7 +332,7 @@ class Scheduler:
                     t0 = time.perf_counter()
                     self._admit()
                     t1 = time.perf_counter()
-                    if self.running:
+                    if self._decoding:
                         self._step()
                         self.stats.steps += 1
                     self.stats.prefill_s += t1 - t0
@@ -265,39 +341,107 @@ class Scheduler:
                 err = RuntimeError(f"generation failed: {type(e).__name__}: {e}")
                 traceback.print_exc()
                 self._pending, self._firsts = None, []
+                if self._chunking is not None:
+                    self.stats.failed += 1
+                    self._finish(self._drop_chunking(), None, err)
                 for r in [r for r in self.rows if r is not None]:
                     self._release(r)
                     self.stats.failed += 1
                     self._finish(r, None, err)
 
-    ADMIT_EVERY = 8  # decode steps between admissions while rows run: joining requests share one prefill
-
     def _admit(self) -> None:
-        """Move queued requests into free slots, all of them in one prefill forward. While rows are running,
-        admission waits up to ADMIT_EVERY steps (unless half the rows are free): one prefill of
-        several prompts costs about what one prompt costs, so batching them saves the running rows' time."""
-        if self.running and self._since_admit < self.ADMIT_EVERY and 2 * len(self.free) < self.max_rows:
+        """Prefill under a token budget (prefill_tokens of padded tokens per loop iteration): first the next chunk
+        of a prompt longer than the budget, then queued prompts in order, as many as the rest of the budget, the
+        free rows and MAX_GROUP allow, in one padded forward. While rows are decoding, admission waits up to
+        admit_every steps, unless as many requests wait as rows decode (or a full group, MAX_GROUP): a prefill
+        forward of several prompts costs about what one costs (on CUDA it is launch-bound), so batching them
+        saves the running rows' time, while a start-up or a burst is admitted at once. (The waiting does not
+        depend on how many rows are free: with the running set sized from memory, most rows are free at low
+        concurrency, and admitting at every step would prefill at every step.)"""
+        c = self._chunking
+        if c is not None and c.cancelled is not None and c.cancelled():  # its slot back within a step, as a row's
+            self.stats.cancelled += 1
+            self._finish(self._drop_chunking(), None, Cancelled("cancelled"))
+        busy = self._decoding
+        if busy and self._since_admit < self.admit_every and len(self._queue) < min(busy, MAX_GROUP):
             self._since_admit += 1
             return
         self._since_admit = 0
-        joining: list[Request] = []
-        while len(joining) < len(self.free):
+        budget = self.prefill_tokens
+        if self._chunking is not None:
+            budget -= self._chunk(budget)
+        joining = self._take(budget)
+        if self._chunking is not None and not joining and budget == self.prefill_tokens:
+            budget -= self._chunk(budget)  # a long prompt that just started: its first chunk now
+        if not joining:
+            return
+        for req in joining:
+            self.rows[req.slot] = req
+            self._penalized += req.params.penalized
+        self._prefill(joining)
+
+    def _take(self, budget: int) -> list[Request]:
+        """Queued requests that join now, each with its slot, in order: whole prompts while k prompts padded to
+        the longest fit the budget; a prompt longer than prefill_tokens, at the head, becomes the chunked one
+        (one at a time), ending the group. Requests cancelled while queued are answered here."""
+        group: list[Request] = []
+        P = 0
+        while self.free and len(group) < MAX_GROUP:  # (each member takes its slot from self.free)
             with self._cv:
                 if not self._queue:
                     break
+                n = len(self._queue[0].prompt)
+                long = n > self.prefill_tokens
+                if long and (group or self._chunking is not None):
+                    break  # its turn comes at an admission with no group and no other prompt in chunks
+                if not long and (len(group) + 1) * max(P, n) > budget:
+                    break  # the rest of the queue waits for the next admission
                 req = self._queue.popleft()
             if req.cancelled is not None and req.cancelled():
                 self.stats.cancelled += 1
                 self._finish(req, None, Cancelled("cancelled before it started"))
                 continue
-            joining.append(req)
-        if not joining:
-            return
-        for req in joining:
-            b = heapq.heappop(self.free)
-            req.slot, self.rows[b] = b, req
-            self._penalized += req.params.penalized
-        self._prefill(joining)
+            req.slot = heapq.heappop(self.free)
+            if long:
+                self._chunking = req
+                break
+            group.append(req)
+            P = max(P, n)
+        return group
+
+    def _drop_chunking(self) -> Request:
+        r, self._chunking = self._chunking, None
+        heapq.heappush(self.free, r.slot)  # its params, generator and penalties were never set: a free slot's
+        return r
+
+    def _chunk(self, budget: int) -> int:
+        """The next chunk (at most `budget` tokens) of the prompt being prefilled in chunks, into its slot's cache
+        row at its positions; after the last, its first token, and it joins the decode batch. Returns the tokens
+        prefilled. Between chunks its slot is not a running row: a decode step computes it as a free slot (idle
+        params, nothing emitted), writing at its pos, which is kept just past what the chunks wrote; a later chunk
+        writes those positions before it reads them, as a decode writes its own."""
+        r = self._chunking  # (a cancelled one left in _admit)
+        start, n, dev = r.prefilled, len(r.prompt), self.engine.device
+        C = min(budget, n - start)
+        if C <= 0:
+            return 0
+        last = start + C == n
+        whole = torch.tensor(r.prompt, dtype=torch.long)
+        if self._cuda:
+            whole = whole.pin_memory().to(dev, non_blocking=True)
+        logits = self._chunk_forward(whole[start: start + C][None], start, r.slot)
+        r.prefilled = start + C
+        self.pos[r.slot] = start + C
+        self.stats.prompt_tokens += C
+        self.stats.prefills += 1
+        self.stats.chunks += 1
+        if last:
+            self._chunking = None
+            self.rows[r.slot] = r
+            self._penalized += r.params.penalized
+            idx = torch.full((1,), r.slot, dtype=torch.long, device=dev)
+            self._first_tokens([r], idx, logits, whole[None], torch.full((1,), n, dtype=torch.long, device=dev))
+        return C
 
     def _prefill(self, group: list[Request]) -> None:
         """One forward over the group's prompts (padded to the longest) into a scratch cache, whose rows then
@@ -308,41 +452,49 @@ class Scheduler:
         goes up in one copy from pinned memory, the penalty state is touched only when a joining row has a
         penalty (a free slot's is neutral: _release resets it), and on CUDA the first tokens come back with the
         next decode step's (_step), not by waiting for the prefill here."""
-        dev, pen = self.engine.device, self.pen
+        dev = self.engine.device
         k = len(group)
         lens = [len(r.prompt) for r in group]
         P = max(lens)
-        slots = [r.slot for r in group]
         flat: list[int] = []
         for r, n in zip(group, lens):
             flat += r.prompt
             flat += [0] * (P - n)
-            self.params[r.slot] = r.params
-            self.gens[r.slot].manual_seed(r.params.seed)
-        flat += slots + lens + [i * P + n - 1 for i, n in enumerate(lens)]
+        flat += [r.slot for r in group] + lens + [i * P + n - 1 for i, n in enumerate(lens)]
         up = torch.tensor(flat, dtype=torch.long)
         if self._cuda:
             up = up.pin_memory().to(dev, non_blocking=True)  # the caching host allocator keeps it until copied
         tokens, idx = up[: k * P].view(k, P), up[k * P: k * P + k]
         plen, last = up[k * P + k: k * P + 2 * k], up[k * P + 2 * k:]
-        params = [r.params for r in group]
-        penalized = any(sp.penalized for sp in params)
-        if penalized:
-            pen.assign(idx, Penalties.start(params, tokens, plen, pen.seen.shape[1]))
         logits, scratch = self._prefill_forward(tokens, last)
         for mine, new in zip(self.cache.k + self.cache.v, scratch.k + scratch.v):
             mine[idx, :P] = new
-        nxt = sample(pen.select(idx).apply(logits) if penalized else logits, params, [self.gens[b] for b in slots])
+        self.stats.prompt_tokens += sum(lens)
+        self.stats.prefills += 1
+        self._first_tokens(group, idx, logits, tokens, plen)
+
+    def _first_tokens(self, group: list[Request], idx: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
+                      plen: torch.Tensor) -> None:
+        """Requests whose whole prompts are in their slots (`idx`) join the decode batch: their sampling state
+        (params, seeded generator, penalties from the prompts `tokens`), first tokens sampled from `logits`
+        (read back with the next step's tokens on CUDA, at once otherwise), tok and pos set."""
+        pen = self.pen
+        params = [r.params for r in group]
+        for r in group:
+            self.params[r.slot] = r.params
+            self.gens[r.slot].manual_seed(r.params.seed)
+        penalized = any(sp.penalized for sp in params)
+        if penalized:
+            pen.assign(idx, Penalties.start(params, tokens, plen, pen.seen.shape[1]))
+        nxt = sample(pen.select(idx).apply(logits) if penalized else logits, params, [self.gens[r.slot] for r in group])
         if penalized:
             pen.update(nxt, rows=idx)
         self.tok[idx] = nxt
         self.pos[idx] = plen
-        self.stats.prompt_tokens += sum(lens)
-        self.stats.prefills += 1
         if self.defer_first:  # read back with the next step's tokens
             host, event = nxt, None
             if self._cuda:
-                host = torch.empty(k, dtype=torch.long, pin_memory=True)
+                host = torch.empty(len(group), dtype=torch.long, pin_memory=True)
                 host.copy_(nxt, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()

@@ -813,6 +813,9 @@ class TritonServer:
         if self._polling is not None:
             self._polling.set()
             self._polling = None
+        if self.proxy is not None:  # first: tritonserver waits (up to its exit timeout) for nginx's open connections
+            self.proxy.stop()
+            self.proxy = None
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)
@@ -827,9 +830,6 @@ class TritonServer:
                 pass
             code = self.proc.returncode
             self.proc = None
-        if self.proxy is not None:
-            self.proxy.stop()
-            self.proxy = None
         if self._watchdog is not None:  # its work is done
             self._watchdog.kill()
             self._watchdog.wait()

@@ -199,18 +199,15 @@ GRPC_CONF = """
         client_body_timeout %(read_timeout)ds;  # a stream sends its request, then waits for tokens
         error_page 413 = @grpc_too_large;
         error_page 502 504 = @grpc_unavailable;
+        grpc_read_timeout %(read_timeout)ds;
+        grpc_send_timeout %(read_timeout)ds;
+        grpc_connect_timeout 5s;
         location / {
             grpc_pass grpc://grpc_triton;
-            grpc_read_timeout %(read_timeout)ds;
-            grpc_send_timeout %(read_timeout)ds;
-            grpc_connect_timeout 5s;
         }
         location = /inference.GRPCInferenceService/ModelStreamInfer {
             client_max_body_size %(max_stream_body)d;
             grpc_pass grpc://grpc_triton;
-            grpc_read_timeout %(read_timeout)ds;
-            grpc_send_timeout %(read_timeout)ds;
-            grpc_connect_timeout 5s;
         }
         location @grpc_too_large {
             default_type application/grpc;

@@ -52,9 +52,13 @@ except ImportError:  # pragma: no cover - imported outside Triton (docs, linters
     FINAL = 1
 
 
-def _param(config: dict, key: str, default: int) -> int:
-    value = config.get("parameters", {}).get(key, {}).get("string_value", "")
-    return int(value) if value.strip() else default
+def _param(config: dict, key: str, default: int | str) -> int | str:
+    """A config.pbtxt parameter: an integer, or "auto" (the scheduler picks: lsgpt.engine.scheduler); absent or
+    empty: `default`."""
+    value = config.get("parameters", {}).get(key, {}).get("string_value", "").strip()
+    if not value:
+        return default
+    return "auto" if value.lower() == "auto" else int(value)
 
 
 def _pick_device(args: dict[str, str]) -> str:
@@ -103,16 +107,23 @@ class TritonPythonModel:
         self.cfg = self.engine.config
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
         self.form = Form(self.name, self.decoupled, int(self.config.get("max_batch_size", 0)), self.tokenizer)
-        rows = _param(self.config, "max_running_rows", MAX_RUNNING_ROWS)
         queued = _param(self.config, "max_queued_requests", MAX_QUEUED_REQUESTS)
+        queued = MAX_QUEUED_REQUESTS if queued == "auto" else queued
+        budget, every = (_param(self.config, k, "auto") for k in ("max_prefill_tokens", "admit_every"))
+        rows_setting = _param(self.config, "max_running_rows", MAX_RUNNING_ROWS)
+        self.scheduler = Scheduler(self.engine, max_rows=rows_setting, max_queue=queued,
+                                   prefill_tokens=None if budget == "auto" else budget,
+                                   admit_every=None if every == "auto" else every)
+        rows = self.scheduler.max_rows  # "auto": sized from the free GPU memory (32 on the CPU)
         self.outbox = Outbox(self.name, limit=8 * rows)  # a few steps' worth of streamed tokens
         self.cancels = CancelWatch(self.name)
-        self.scheduler = Scheduler(self.engine, max_rows=rows, max_queue=queued)
         self.metrics = Metrics(self.name, args["model_version"], self.scheduler)
         pb_utils.Logger.log_info(
             f"{self.name} v{args['model_version']}: {'int8' if self.cfg.quantized else 'fp16'} engine on "
             f"{self.device} ({self.engine.backend}), vocab {self.cfg.vocab}, max_step {self.cfg.max_step}, "
-            f"eos {self.cfg.eos_id}, in-flight batching up to {rows} rows + {queued} queued"
+            f"eos {self.cfg.eos_id}, in-flight batching up to {rows} rows (max_running_rows "
+            f"{rows_setting}) + {queued} queued, prefill budget "
+            f"{self.scheduler.prefill_tokens} tokens, admission every {self.scheduler.admit_every} steps"
             + (f", tokenizer {tok}" if tok and self.tokenizer else "")
         )
 

@@ -135,6 +135,14 @@ def one_torch_thread():
         torch.set_num_threads(n)
 
 
+def cpu_engine(model, folder: Path, max_step: int = 128):
+    """`model` exported to folder/m.hdf5 (eos EOS_ID) and loaded by our Engine on the CPU."""
+    from lsgpt.engine.engine import Engine
+    from lsgpt.export.convert import export_model
+
+    return Engine.load(export_model(model, folder / "m.hdf5", max_step=max_step, eos_id=EOS_ID), device="cpu")
+
+
 def hf_greedy(m, prompt, n: int) -> list[int]:
     """HF transformers' greedy continuation of n tokens (EOS disabled): prompt + n tokens."""
     import copy
