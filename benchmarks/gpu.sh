@@ -11,6 +11,7 @@
 #       (int8, fp16): served | in-process Scheduler | fixed batch at CONC (32,256), streamed TTFT/ITL, long joiner
 #       (JOINER streams, 768-token prompts, budget 2048 vs 256); SHAPE="2 64 2" runs it on a small model (CPU check);
 #       split over two calls on the warm machine with M29=int8 then OVERHEAD=0 M29=fp (the models are kept)
+#       PYSPY=2: py-spy samples the model process 2 s of each level (unary and streamed; needs site/bin/py-spy)
 #   OUT=/out benchmarks/gpu.sh soak-start   # the 10-minute served soak outlives a call (600 s): started in its own
 #   OUT=/out benchmarks/gpu.sh soak-wait    # process session, then awaited by the next call on the warm machine
 #       (sooner than its 30 s idle release); each call brings back what /tmp/soak holds so far
@@ -21,8 +22,10 @@
 # tritonclient==2.51.0, protobuf<5, grpcio, python-rapidjson, numpy<2 (tritonserver 2.51's Python backend
 # returns empty outputs under numpy 2: it goes to the model stubs only, via LSGPT_SITE_PACKAGES).
 # When .whl/ and the tree pass run's 64 MiB carry limit, pre-install them here instead and carry one tarball
-# (40 MB): pip install --no-deps --target /tmp/carry/site (the rest) and /tmp/carry/stub-site (numpy), each with
+# (43 MB): pip install --no-deps --target /tmp/carry/site (the rest, python-rapidjson included: tritonclient.grpc
+# imports it) and /tmp/carry/stub-site (numpy), each with
 # --python-version 3.12 --only-binary=:all: and the manylinux platforms; touch /tmp/carry/site/.lsgpt-installed;
+# py-spy's binary (from its wheel's .data/scripts/) as site/bin/py-spy;
 # tar -C /tmp/carry -cJf .devsite.tar.xz site stub-site; the call then starts with `tar -xJf .devsite.tar.xz -C /tmp`.
 # Files: $OUT/<device>/<benchmark>/... as on the CPU machine, $OUT/tests.log, $OUT/gpu.log.
 set -uo pipefail
@@ -89,7 +92,7 @@ serving29)  # issue 29; the overhead run also fills the Triton kernel cache the 
     [ -f "$MODELS/fp.hdf5" ] && [ -f "$MODELS/int8.hdf5" ] || export_random_model || exit 1
     for m in ${M29:-int8 fp}; do
         run 190 -m benchmarks.serving --sections inflight,joiner --in-process --hdf5 "$MODELS/$m.hdf5" --concurrency "${CONC:-32,256}" \
-            --requests "${REQUESTS:-512}" --joiner-streams "${JOINER:-128}" --out "$S29/$m"
+            --requests "${REQUESTS:-512}" --joiner-streams "${JOINER:-128}" ${PYSPY:+--py-spy $PYSPY} --out "$S29/$m"
     done ;;
 soak-start)  # 12-layer random int8 served, concurrency 32, max_new_tokens 16..256, 10% cancelled mid-stream
     export_random_model || exit 1

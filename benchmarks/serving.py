@@ -204,6 +204,16 @@ def in_process_level(a, sched, conc: int, reqs: list, cap: int) -> dict:
     return out
 
 
+def spy_on(a, server, model: str):
+    """--py-spy: a py-spy recording of the model's (first) stub process over the level about to run, or None."""
+    if not a.py_spy or server is None:
+        return None
+    from benchmarks import pyspy
+
+    pid = server.stub_processes().get(f"{model}_0_0")
+    return None if pid is None else pyspy.Recording(pid, a.py_spy)
+
+
 def inflight(a, url: str, model: str, hdf5: Path, server=None) -> dict:
     from lsgpt.format import read_hdf5
 
@@ -242,7 +252,10 @@ def inflight(a, url: str, model: str, hdf5: Path, server=None) -> dict:
     for conc in a.concurrency:
         reqs = make_load(rng, cfg.vocab, cap, max(a.requests, 8 * conc) if a.in_process else a.requests)
         m0 = scrape(server.metrics_port, model) if server is not None else {}
+        spy = spy_on(a, server, model)
         row = closed_loop(send, conc, reqs)
+        if spy is not None:
+            row["py_spy"] = spy.summary()
         if "lsgpt_decode_steps_total" in m0:  # the metrics thread publishes every 0.5 s
             time.sleep(1.2)
             m1 = scrape(server.metrics_port, model)
@@ -251,7 +264,10 @@ def inflight(a, url: str, model: str, hdf5: Path, server=None) -> dict:
                 (m1["lsgpt_generated_tokens_total"] - m0["lsgpt_generated_tokens_total"]) / max(1, steps), 2)}
         if sched is not None:
             ttft, itl, clients = [], [], []
+            sspy = spy_on(a, server, model + "_stream")
             srow = closed_loop(stream_send(url, model + "_stream", ttft, itl, clients), conc, reqs[: max(conc, len(reqs) // 4)])
+            if sspy is not None:
+                row["py_spy_stream"] = sspy.summary()
             for c in clients:
                 c.stop_stream()
                 c.close()
@@ -389,6 +405,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=64, help="inflight: requests per concurrency level")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
+                   help="inflight: sample the served model's process with py-spy for SECONDS of each level")
     p.add_argument("--in-process", action="store_true", help="inflight: also the Scheduler in process, the fixed "
                    "batch and streamed TTFT/ITL (requests: at least 8 per client)")
     p.add_argument("--joiners", type=int, default=4, help="joiner: long prompts that join")

@@ -102,6 +102,28 @@ def test_cuda_int8_logits_match_reference(int8):
     assert g1 >= r1 - 0.05
 
 
+@gpu_only
+def test_cuda_int8_fast_path_with_a_vocabulary_no_multiple_of_8(tmp_path):
+    """GPT-2's own vocabulary (50257) is no multiple of 8: cuBLAS's int8 GEMM cannot take the LM head, and the fused
+    kernels lost the weight they read (the engine fell back to the reference path with a warning). Here 1001."""
+    from lsgpt.engine.engine import Engine
+
+    v = V + 1
+    m = tiny.make_model(seed=5, wide=True, vocab_size=v)
+    ls = R.hf_to_ls(tiny.state_dict_np(m), NL, MAX_STEP)
+    rng = np.random.default_rng(5)
+    clips = R.calibrate_clips(ls, [rng.integers(0, v, 64) for _ in range(4)], NH, NL, frac=0.9)
+    p = R.write_ls_int8(tmp_path / "m.hdf5", ls, clips, n_layer=NL, n_head=NH, pad_id=tiny.PAD_ID,
+                        eos_id=tiny.EOS_ID)
+    e = Engine.load(p, device=DEV)  # the default: fused when it can run, else a warning and the reference path
+    assert e.fused is not None
+    toks = np.random.default_rng(6).integers(1, v - 1, size=(1, 24))
+    got = e.logits(torch.as_tensor(toks, dtype=torch.long)).float().cpu().double().numpy()[0]
+    want = R.Int8Model(*R.read_ls(p), eps=float(e.config.layer_norm_eps)).forward(toks[0])
+    assert got.shape == want.shape == (24, v)
+    assert (np.abs(got - want) / STEP <= 2 + 1e-6).mean() > 0.95
+
+
 @pytest.mark.parametrize("batch", [pytest.param(1, marks=gpu_only), 3, pytest.param(17, marks=gpu_only)])
 def test_cuda_int8_decode_small_batches(int8, batch):
     from lsgpt.engine.engine import SamplingParams

@@ -68,7 +68,9 @@ class IntGemm:
             self.marker[0, 0] = QMAX
         if self.backend == "float":
             self.wf = w_i8.to(device=device, dtype=torch.float32)
-        if self.w is None and os.environ.get("TRITON_INTERPRET") == "1":  # kernels tested on the CPU
+        # the fused kernels read self.w whatever this GEMM's own backend: on CUDA (a vocabulary like GPT-2's 50257
+        # is no multiple of 8, and without it the LM head lost the whole fast path), and in the interpreter
+        if self.w is None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
             self.w = w_i8.t().contiguous().to(device).t()
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
