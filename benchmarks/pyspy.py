@@ -74,8 +74,9 @@ class Recording:
 
     def summary(self, timeout: float = 40.0) -> dict:
         self._thread.join(timeout)
-        if self.error or not self.path.is_file():
-            return {"error": self.error or "py-spy wrote nothing"}
-        out = summarize(self.path.read_text())
-        shutil.rmtree(self.path.parent, ignore_errors=True)
-        return out
+        try:
+            if self.error or not self.path.is_file():
+                return {"error": self.error or "py-spy wrote nothing"}
+            return summarize(self.path.read_text())
+        finally:  # the temporary folder goes on the error path too
+            shutil.rmtree(self.path.parent, ignore_errors=True)

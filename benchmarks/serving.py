@@ -415,7 +415,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--joiner-budget", type=int, default=256, help="joiner: the chunking prefill budget compared")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default 1 on the CPU)")
     common.add_output_args(p, "serving", replot="the Markdown and PNG")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.py_spy < 0:
+        p.error(f"--py-spy: seconds must be >= 0, got {a.py_spy}")
+    if a.py_spy:
+        from benchmarks import pyspy
+
+        if pyspy.binary() is None:  # before any server starts, not as an error in every level's report
+            p.error("--py-spy: py-spy not found (pip install py-spy, or PY_SPY=/path/to/py-spy)")
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,3 +52,16 @@ def test_a_real_recording_finds_the_busy_function(tmp_path):
         pytest.skip(f"py-spy may not attach here: {s['error']}")
     assert s["samples"] > 50 and list(s["threads"].values()) == [1.0]  # one thread (unnamed: no threading import)
     assert dict(s["lsgpt"]).get("spin (busy.py)") == 1.0, s
+
+
+def test_serving_refuses_a_negative_or_unavailable_py_spy_before_starting_anything(monkeypatch, capsys):
+    from benchmarks import serving
+
+    with pytest.raises(SystemExit) as e:
+        serving.parse_args(["--py-spy", "-1"])
+    assert e.value.code == 2 and "--py-spy: seconds must be >= 0" in capsys.readouterr().err
+    monkeypatch.setattr(pyspy, "binary", lambda: None)
+    with pytest.raises(SystemExit) as e:
+        serving.parse_args(["--py-spy", "2"])
+    assert e.value.code == 2 and "py-spy not found" in capsys.readouterr().err
+    assert serving.parse_args(["--py-spy", "0"]).py_spy == 0  # off needs no py-spy
