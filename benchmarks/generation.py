@@ -8,6 +8,7 @@ shape (12 layers, 768 hidden, vocab 21128), 500 new tokens, batch 1,8,32; on the
 
     python -m benchmarks.generation                                  # CPU: a minute or two
     python -m benchmarks.generation --batches 1,8,32,64,128,256 --ttft-prompt 400 --profile   # the GPU table
+    python -m benchmarks.generation --sampling 50,0.9,0.8   # sampled: top-k 50, top-p 0.9, temperature 0.8, both sides
     python -m benchmarks.generation --replot results/h100/generation/generate-gpu.json --out results/tmp/replot
 """
 
@@ -26,6 +27,17 @@ from lsgpt.contract import VOCAB_SIZE
 
 def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
+
+
+def sampling_type(s: str) -> tuple[int, float, float]:
+    try:
+        k, p, t = s.split(",")
+        k, p, t = int(k), float(p), float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: give K,P,T, e.g. 50,0.9,0.8") from None
+    if k < 0 or not 0 < p <= 1 or not t > 0:
+        raise argparse.ArgumentTypeError(f"{s!r}: top-k >= 0, 0 < top-p <= 1, temperature > 0")
+    return k, p, t
 
 
 def profile_decode(eng, batch: int, steps: int = 20, prompt_len: int = 4) -> dict:
@@ -71,13 +83,17 @@ def run(a: argparse.Namespace) -> dict:
         engines = {f"ours_{prec}": Engine.load(fp, dev), "ours_int8": Engine.load(q, dev)}
     hf = model.to(dev, torch.float16 if cuda else torch.float32)
 
+    top_k, top_p, temp = a.sampling or (1, 1.0, 1.0)  # greedy unless --sampling
+
     def hf_generate(prompts: torch.Tensor, n: int):
         with torch.inference_mode():
             return hf.generate(prompts.to(dev), attention_mask=torch.ones_like(prompts).to(dev), do_sample=True,
-                               top_k=1, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+                               top_k=top_k, top_p=top_p, temperature=temp, max_new_tokens=n, min_new_tokens=n,
+                               pad_token_id=0)
 
     def paths(batch: int, prompts: torch.Tensor, n: int) -> dict:
-        sp = SamplingParams(max_new_tokens=n, top_k=1, ignore_eos=True)
+        sp = [SamplingParams(max_new_tokens=n, top_k=top_k, top_p=top_p, temperature=temp, seed=i, ignore_eos=True)
+              for i in range(batch)]
         fns = {f"hf_{prec}": lambda: hf_generate(prompts, n)} if batch <= (a.hf_max_batch or batch) else {}
         for name, eng in engines.items():
             fns[name] = lambda eng=eng: eng.generate(prompts.tolist(), sp)
@@ -99,7 +115,7 @@ def run(a: argparse.Namespace) -> dict:
         row["int8_speedup_vs_ours_fp"] = round(row[f"ours_{prec}_s"] / row["ours_int8_s"], 2)
         results.append(row)
         print(json.dumps(row), flush=True)
-    report = {"task": "generate",
+    report = {"task": "generate", "sampling": {"top_k": top_k, "top_p": top_p, "temperature": temp} if a.sampling else "greedy",
               "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "shape": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "vocab": a.vocab},
@@ -125,8 +141,10 @@ def timed_keys(rows: list[dict]) -> list[str]:
 def markdown(r: dict) -> str:
     rows, s = r["results"], r["shape"]
     keys = timed_keys(rows)
+    how = r.get("sampling", "greedy")
+    how = how if isinstance(how, str) else "sampled ({top_k} top-k, {top_p} top-p, temperature {temperature})".format(**how)
     out = [f"**Generation** — {s['layers']} layers, {s['hidden']} hidden, vocab {s['vocab']}, prompt "
-           f"{rows[0]['prompt_len']} tokens, {rows[0]['new_tokens']} new tokens, greedy; seconds (× = speed-up vs "
+           f"{rows[0]['prompt_len']} tokens, {rows[0]['new_tokens']} new tokens, {how}; seconds (× = speed-up vs "
            f"{keys[0][:-2]}; int8 GEMM backend: {r.get('int8_backend')}); {r['device']}", "",
            "| batch | " + " | ".join(k[:-2] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for row in rows:
@@ -162,6 +180,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--batches", type=ints, help="default 1,8,32 on CUDA, 1,8 on the CPU")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sampling", type=sampling_type, metavar="K,P,T",
+                   help="sample with top-k K, top-p P, temperature T on both sides (default: greedy)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1 on the CPU; 0 = torch's default)")
     p.add_argument("--hf-max-batch", type=int, default=64, help="time HF only up to this batch size (0: all)")
     p.add_argument("--ttft-prompt", type=int, default=0, help="also time the first token after a prompt this long")

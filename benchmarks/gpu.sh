@@ -12,6 +12,8 @@
 #       (JOINER streams, 768-token prompts, budget 2048 vs 256); SHAPE="2 64 2" runs it on a small model (CPU check);
 #       split over two calls on the warm machine with M29=int8 then OVERHEAD=0 M29=fp (the models are kept)
 #       PYSPY=2: py-spy samples the model process 2 s of each level (unary and streamed; needs site/bin/py-spy)
+#       BEFORE=dir: then the same in-flight load served by dir's lsgpt (an older commit's copy, below)
+#       SECTIONS29=inflight: without the joiner section
 #   OUT=/out benchmarks/gpu.sh soak-start   # the 10-minute served soak outlives a call (600 s): started in its own
 #   OUT=/out benchmarks/gpu.sh soak-wait    # process session, then awaited by the next call on the warm machine
 #       (sooner than its 30 s idle release); each call brings back what /tmp/soak holds so far
@@ -91,8 +93,14 @@ serving29)  # issue 29; the overhead run also fills the Triton kernel cache the 
     [ "${OVERHEAD:-1}" = 0 ] || run 120 -m benchmarks.serving --sections overhead --new-tokens 500 --runs 3 $L --out "$S29/overhead"
     [ -f "$MODELS/fp.hdf5" ] && [ -f "$MODELS/int8.hdf5" ] || export_random_model || exit 1
     for m in ${M29:-int8 fp}; do
-        run 190 -m benchmarks.serving --sections inflight,joiner --in-process --hdf5 "$MODELS/$m.hdf5" --concurrency "${CONC:-32,256}" \
+        run 190 -m benchmarks.serving --sections "${SECTIONS29:-inflight,joiner}" --in-process --hdf5 "$MODELS/$m.hdf5" --concurrency "${CONC:-32,256}" \
             --requests "${REQUESTS:-512}" --joiner-streams "${JOINER:-128}" ${PYSPY:+--py-spy $PYSPY} --out "$S29/$m"
+        if [ -n "${BEFORE:-}" ]; then  # the same load served by $BEFORE's lsgpt (served only), on the same card
+            dir="$(cd "$BEFORE" && pwd)"
+            (cd "$dir" && PYTHONPATH="$dir:$PYTHONPATH" TRITON_CACHE_DIR=/tmp/triton-cache-before run 150 -m benchmarks.serving \
+                --sections inflight --hdf5 "$MODELS/$m.hdf5" --concurrency "${CONC:-32,256}" --requests "${REQUESTS:-512}" \
+                ${PYSPY:+--py-spy $PYSPY} --out "$S29/before-$m"; exit $status) || status=1
+        fi
     done ;;
 soak-start)  # 12-layer random int8 served, concurrency 32, max_new_tokens 16..256, 10% cancelled mid-stream
     export_random_model || exit 1

@@ -188,3 +188,34 @@ def test_fused_chunks_into_a_cache_row_give_the_whole_prompts_logits(fp16, int8,
     tol = 1e-3 * max(1.0, float(whole.abs().max())) if which == "fp16" else 8 * e.model.head_scales.deq
     print(f"{DEV} fused {which}: chunked vs whole prefill, max |dlogit| {float((got - whole).abs().max()):.3g}")
     assert float((got - whole).abs().max()) <= tol
+
+
+@gpu_only
+def test_cuda_sampling_draws_as_on_the_cpu_and_as_alone(int8):
+    """The batched sampler on CUDA: its counter-based draws are the CPU's bit for bit (integer hashing), its picks
+    from the same float32 logits are the CPU's (but where float rounding moves a cumulative boundary), and a
+    sampled row of a CUDA batch gives what it gives alone (also through the scheduler)."""
+    from lsgpt.engine.engine import SamplingParams
+    from lsgpt.engine.sampling import sample, uniform
+    from lsgpt.engine.scheduler import Scheduler
+
+    seeds = torch.arange(0, 2**63 - 2**53, 2**53 + 12345, dtype=torch.long)
+    ctr = torch.arange(len(seeds), dtype=torch.long) * 37
+    assert torch.equal(uniform(seeds.cuda(), ctr.cuda()).cpu(), uniform(seeds, ctr))
+    lg = torch.randn(96, V, generator=torch.Generator().manual_seed(5)) * 3
+    rows = [SamplingParams(top_k=(0, 5, 50, 1)[i % 4], top_p=(1.0, 0.9)[i % 2], temperature=0.7 + 0.1 * (i % 5),
+                           seed=i, suppress=()) for i in range(96)]
+    at = torch.full((96,), 9, dtype=torch.long)
+    agree = (sample(lg, rows, at) == sample(lg.cuda(), rows, at.cuda()).cpu()).float().mean().item()
+    assert agree >= 0.97, agree
+    e = int8[0]
+    params = [SamplingParams(max_new_tokens=12, top_k=(0, 40)[i % 2], top_p=0.9, temperature=1.1, seed=100 + i,
+                             ignore_eos=True) for i in range(6)]
+    prompts = [[7 + i, 30, 200 + i] for i in range(6)]
+    batch = e.generate(prompts, params)
+    assert batch == [e.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    s = Scheduler(e, max_rows=8)
+    try:
+        assert [s.generate(p, sp) for p, sp in zip(prompts, params)] == batch
+    finally:
+        s.close()

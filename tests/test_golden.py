@@ -1,7 +1,8 @@
 """Behaviour kept across the issue-27 redesign: the engine and the scheduler generate what the code before it did.
 
 tests/data/golden_generation.json holds the tokens that commit bdcfea8 (before the redesign) generated from the two
-tiny files built below (fp32 on CPU, and int8 with fixed clips), greedy, greedy with penalties and seeded sampling,
+tiny files built below (fp32 on CPU, and int8 with fixed clips), greedy, greedy with penalties and seeded sampling
+(the sampled cases re-recorded when draws became counter-based, issue 29: a seed now draws other tokens),
 through `Engine.generate` (3 rows of unequal length in one batch) and through the in-flight `Scheduler` (one
 request at a time). On the machine that recorded them they are reproduced bit for bit. On a CPU whose float rounding
 differs, a greedy step may break a near-tie the other way; then the recorded continuation must still be the argmax

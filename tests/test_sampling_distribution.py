@@ -413,3 +413,60 @@ def test_sampled_rows_end_at_their_first_stop_sequence(setup):
     assert [g[len(PROMPT):] for g in got] == [cut for cut, _ in want]
     k = seeds.index(next(s for s, (_, why) in zip(seeds, want) if why == pair))
     assert list(engine.stream(PROMPT, SamplingParams(seed=seeds[k], stop=tuple(stops), **base))) == want[k][0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The batched sampler's parts: its counter-based draws, and its pick against the inverse-CDF formula
+
+
+def test_counter_draws_are_uniform_and_unrelated_across_seeds_and_positions():
+    """A row's draw comes from (seed, position) alone. Oracle: the uniform distribution — chi-square over 64
+    equal bins for consecutive seeds at one position and for one seed over consecutive positions (the two ways
+    the engine walks the generator), and no correlation between a position's draw and the next one's."""
+    from lsgpt.engine.sampling import uniform
+
+    n = 64_000
+    seeds = torch.arange(n, dtype=torch.long)
+    by_seed = uniform(seeds, torch.full((n,), 7, dtype=torch.long)).double().numpy()
+    by_pos = uniform(torch.full((n,), 12345, dtype=torch.long), torch.arange(n, dtype=torch.long)).double().numpy()
+    big = uniform(seeds * 0x9E3779B97F4A7 % 2**63, torch.zeros(n, dtype=torch.long)).double().numpy()  # high bits
+    for name, u in (("seeds", by_seed), ("positions", by_pos), ("large seeds", big)):
+        assert 0.0 < u.min() and u.max() < 1.0, name
+        counts = np.histogram(u, bins=64, range=(0.0, 1.0))[0]
+        stat = float(((counts - n / 64) ** 2 / (n / 64)).sum())
+        assert stat < chi2_critical(63), f"{name}: not uniform (chi2 {stat:.1f} on 63 df)"
+        r = np.corrcoef(u[:-1], u[1:])[0, 1]
+        assert abs(r) < 0.02, f"{name}: neighbouring draws correlate ({r:.4f})"
+    # a row's draws do not depend on its batch: the same (seed, position) alone gives the same number
+    alone = uniform(torch.tensor([41]), torch.tensor([9]))
+    assert alone.item() == uniform(torch.tensor([3, 41, 5]), torch.tensor([9, 9, 9]))[1].item()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_batched_pick_is_the_inverse_cdf_of_the_target(setup, case):
+    """Given the same uniform number u, the batched sampler must pick the token the target distribution's
+    inverse CDF gives (tokens ranked by probability, the first whose cumulative mass exceeds u). Oracle: the
+    float64 target of HF's logits above; rows of one call carry different (temperature, top-k, top-p) and
+    greedy rows, so the per-row parameters must not leak between rows."""
+    from lsgpt.engine.sampling import SamplingParams, sample, uniform
+
+    _, logits, _ = setup
+    t, k, p = CASES[case]
+    rows, want, counters = [], [], []
+    for i in range(200):
+        if i % 7 == 3:  # greedy rows mixed in
+            rows.append(SamplingParams(top_k=1, top_p=1.0, temperature=1.0, seed=i, suppress=()))
+            want.append(int(np.argmax(logits)))
+        else:
+            tt, kk, pp = (t, k, p) if i % 2 else (1.0, 0, 1.0)  # half the rows plain temperature-1 sampling
+            rows.append(SamplingParams(top_k=kk, top_p=pp, temperature=tt, seed=i, suppress=()))
+            tgt = target(logits, tt, kk, pp)
+            order = np.argsort(-tgt, kind="stable")
+            u = uniform(torch.tensor([i]), torch.tensor([len(PROMPT)])).double().item()
+            want.append(int(order[np.searchsorted(np.cumsum(tgt[order]), u * tgt.sum(), side="right")]))
+        counters.append(len(PROMPT))
+    lg = torch.tensor(np.tile(logits, (len(rows), 1)), dtype=torch.float32)
+    got = sample(lg, rows, torch.tensor(counters)).tolist()
+    agree = sum(g == w for g, w in zip(got, want))
+    # float32 against float64 may move a u that falls within rounding of a cumulative boundary: at most one row
+    assert agree >= len(rows) - 1, f"{case}: {agree}/{len(rows)} picks agree"

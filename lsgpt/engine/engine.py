@@ -243,7 +243,6 @@ class Engine:
         cache, graph = self._decode_cache(B, S, P)
         cur = torch.as_tensor(lens, device=dev)
         logits, _ = self.prefill(tokens, torch.arange(B, device=dev) * P + cur - 1, cache)
-        gens = [torch.Generator(device=dev).manual_seed(sp.seed) for sp in rows]
         length = list(lens)
         generated: list[list[int]] = [[] for _ in range(B)]  # kept only for rows with stop sequences
         done = [n >= lim for n, lim in zip(lens, limits)]
@@ -252,7 +251,7 @@ class Engine:
         pending: list[torch.Tensor] = []
         chunk = 1
         while True:
-            nxt = sample(logits if penalties is None else penalties.apply(logits), rows, gens)
+            nxt = sample(logits if penalties is None else penalties.apply(logits), rows, cur)  # cur: each row's new position
             if penalties is not None:
                 penalties.update(nxt)
             pending.append(nxt)

@@ -4,7 +4,8 @@ penalties, sampling, and the rule that ends a row.
 Semantics follow LightSeq (docs/format.md §8): the output is prompt + continuation, a row's total length is at
 most min(max_step, prompt + extra_decode_length) (extra_decode_length <= 0: max_step), capped by
 max_new_tokens, and a row ends at eos_id (unless ignore_eos) or right after one of its stop sequences.
-Each row draws from its own generator seeded by its seed, so its output does not depend on its batch-mates.
+A row's draw depends only on its seed and the position of the token it draws (a counter-based generator), so its
+output does not depend on its batch-mates, and every sampled row of a step is drawn in one batched pass.
 """
 
 from __future__ import annotations
@@ -273,27 +274,71 @@ def suppressed(logits: torch.Tensor, rows: Sequence[SamplingParams]) -> torch.Te
     return logits
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingParams], gens: Sequence[torch.Generator]) -> torch.Tensor:
-    """Next token per row: the suppressed ids removed, then temperature, top-k, top-p, each row with its own
-    generator."""
+_M31 = 0x7FFFFFFF  # the generator works on 31-bit words: every product below stays under 2**62, exact in int64
+
+
+def _mix31(x: torch.Tensor) -> torch.Tensor:
+    """An integer hash of 31-bit words (xor-shift / multiply rounds): each output bit depends on every input bit."""
+    for _ in range(2):
+        x = ((x >> 16) ^ x) & _M31
+        x = (x * 0x45D9F3B) & _M31
+    return ((x >> 16) ^ x) & _M31
+
+
+def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One draw in (0, 1) per row from its seed (int64, [0, 2**63)) and counter (the position of the token it
+    draws): a counter-based generator, so a row's draws are the same alone or in any batch, on any device.
+    Float32 on a grid of 2**-23: never 0 or 1."""
+    h = _mix31(seeds & _M31)
+    h = _mix31(h ^ ((seeds >> 31) & _M31))
+    h = _mix31(h ^ (seeds >> 62) ^ 0x2545F491)
+    h = _mix31(h ^ (counters & _M31))
+    return ((h >> 8).float() + 0.5) * 2.0**-23
+
+
+def _draw(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+          u: torch.Tensor, k_max: int, nucleus: bool) -> torch.Tensor:
+    """Rows [S, V] (float32) -> one token each: temperature, then top-k (ties with the k-th kept), then top-p
+    over what is left, then the token whose cumulative probability first passes u. k_max > 0: every row has a
+    top-k of at most k_max, so its k_max best logits are all that is sorted."""
+    V = logits.shape[-1]
+    lg = logits / temperature[:, None]
+    if 0 < k_max < V:
+        vals, ids = torch.topk(lg, k_max, dim=-1)  # sorted, best first
+    else:
+        vals, ids = torch.sort(lg, dim=-1, descending=True)
+    n = vals.shape[-1]
+    k = torch.where((top_k > 0) & (top_k < n), top_k, n)
+    vals = vals.masked_fill(vals < vals.gather(1, (k - 1)[:, None]), float("-inf"))
+    probs = torch.softmax(vals, dim=-1)
+    if nucleus:  # keep the smallest prefix whose mass reaches top_p (always the top token)
+        drop = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]
+        probs = probs.masked_fill(drop, 0.0)
+    cdf = probs.cumsum(-1)
+    j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+    last = (probs > 0).sum(-1, keepdim=True) - 1  # the kept tokens are a prefix: never past them (rounding)
+    return ids.gather(1, torch.minimum(j, last))[:, 0]
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingParams], counters: torch.Tensor) -> torch.Tensor:
+    """Next token per row: the suppressed ids removed, then greedy rows take the argmax and the others draw
+    (temperature, top-k, top-p) all at once; `counters` [B] (on the logits' device): the position of the token
+    each row draws. No host synchronisation: the sampled rows' parameters go up in two copies from pinned memory."""
     logits = suppressed(logits, rows)
     greedy = argmax_rows(logits)
-    if all(sp.greedy for sp in rows):
+    drawn = [b for b, sp in enumerate(rows) if not sp.greedy]
+    if not drawn:
         return greedy
+    sps = [rows[b] for b in drawn]
+    ints = torch.tensor([drawn, [sp.seed or 0 for sp in sps], [sp.top_k or 0 for sp in sps]], dtype=torch.long)
+    floats = torch.tensor([[sp.temperature for sp in sps], [1.0 if sp.top_p is None else sp.top_p for sp in sps]],
+                          dtype=torch.float32)
+    if logits.is_cuda:
+        ints, floats = (t.pin_memory().to(logits.device, non_blocking=True) for t in (ints, floats))
+    idx, seeds, top_k = ints
+    k_max = 0 if any(not sp.top_k for sp in sps) else max(sp.top_k for sp in sps)
+    nucleus = any(sp.top_p is not None and sp.top_p < 1.0 for sp in sps)
+    tok = _draw(logits[idx].float(), floats[0], top_k, floats[1], uniform(seeds, counters[idx]), k_max, nucleus)
     out = greedy.clone()
-    for b, sp in enumerate(rows):
-        if sp.greedy:
-            continue
-        lg = logits[b].float() / sp.temperature
-        if 0 < sp.top_k < lg.numel():
-            kth = torch.topk(lg, sp.top_k).values[-1]
-            lg = lg.masked_fill(lg < kth, float("-inf"))
-        if sp.top_p < 1.0:
-            sorted_lg, idx = torch.sort(lg, descending=True)
-            probs = torch.softmax(sorted_lg, -1)
-            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-            drop = probs.cumsum(-1) - probs >= sp.top_p
-            lg = lg.scatter(0, idx[drop], float("-inf"))
-        probs = torch.softmax(lg, -1)
-        out[b] = torch.multinomial(probs, 1, generator=gens[b])[0]
+    out[idx] = tok
     return out

@@ -160,7 +160,6 @@ class Scheduler:
         self.free = list(range(max_rows))  # heap: the lowest free slot first keeps the batch compact
         self.idle = replace(IDLE, suppress=engine.suppress)  # as the running rows: one suppress set, one fill
         self.params = [self.idle] * max_rows
-        self.gens = [torch.Generator(device=dev) for _ in range(max_rows)]
         self.pen = Penalties.neutral(max_rows, c.vocab, dev)  # a free slot's penalties are neutral
         self.buckets = [b for b in (*ROW_BUCKETS, 512) if b < max_rows] + [max_rows]
         self.graphs: dict[int, GraphedDecode] = {}
@@ -482,11 +481,10 @@ class Scheduler:
         params = [r.params for r in group]
         for r in group:
             self.params[r.slot] = r.params
-            self.gens[r.slot].manual_seed(r.params.seed)
         penalized = any(sp.penalized for sp in params)
         if penalized:
             pen.assign(idx, Penalties.start(params, tokens, plen, pen.seen.shape[1]))
-        nxt = sample(pen.select(idx).apply(logits) if penalized else logits, params, [self.gens[r.slot] for r in group])
+        nxt = sample(pen.select(idx).apply(logits) if penalized else logits, params, plen)  # the first new token's position
         if penalized:
             pen.update(nxt, rows=idx)
         self.tok[idx] = nxt
@@ -512,10 +510,10 @@ class Scheduler:
             logits = self.engine.decode(tok, pos, self._prefix(n))
         if self._penalized:  # some running row has a penalty (every running row is within [0, n))
             pen = self.pen.select(slice(0, n))
-            nxt = sample(pen.apply(logits), self.params[:n], self.gens[:n])
+            nxt = sample(pen.apply(logits), self.params[:n], self.pos[:n] + 1)
             pen.update(nxt)
         else:
-            nxt = sample(logits, self.params[:n], self.gens[:n])
+            nxt = sample(logits, self.params[:n], self.pos[:n] + 1)  # counters: the positions of the new tokens
         self.tok[:n] = nxt
         self.pos[:n] += 1
         # Read this step's tokens back while the next step runs: a row that finished is noticed one step

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import faulthandler
 import functools
+import itertools
 import json
 import os
 import signal
@@ -50,6 +51,10 @@ try:  # present inside the Python backend stub only
 except ImportError:  # pragma: no cover - imported outside Triton (docs, linters)
     pb_utils = None
     FINAL = 1
+
+# Response send lanes (Outbox): each send is a round trip to the server, which takes them on a thread pool, so a few
+# lanes keep a few in flight; a request's responses keep to one lane, in order.
+OUTBOX_LANES = 4
 
 
 def _param(config: dict, key: str, default: int | str) -> int | str:
@@ -115,7 +120,8 @@ class TritonPythonModel:
                                    prefill_tokens=None if budget == "auto" else budget,
                                    admit_every=None if every == "auto" else every)
         rows = self.scheduler.max_rows  # "auto": sized from the free GPU memory (32 on the CPU)
-        self.outbox = Outbox(self.name, limit=8 * rows)  # a few steps' worth of streamed tokens
+        self.outbox = Outbox(self.name, limit=8 * rows, lanes=OUTBOX_LANES)  # a few steps' worth of streamed tokens
+        self.lanes = itertools.count()  # each request's outbox lane, in turn
         self.cancels = CancelWatch(self.name)
         self.metrics = Metrics(self.name, args["model_version"], self.scheduler)
         pb_utils.Logger.log_info(
@@ -169,7 +175,7 @@ class TritonPythonModel:
         results: list[list[int] | None] = [None] * n
         state = {"left": n, "failed": False}
         lock = threading.Lock()
-        send = self.outbox.put
+        send = functools.partial(self.outbox.put, lane=next(self.lanes))
 
         def final(response) -> None:  # on the outbox thread
             cancelled.close()
@@ -211,7 +217,7 @@ class TritonPythonModel:
 
             dec = IncrementalDecoder(self.tokenizer, q.prompts[0])
         text = responses.text_name(q.text)
-        send = self.outbox.put
+        send = functools.partial(self.outbox.put, lane=next(self.lanes))  # in order: the tokens, then the end
 
         def token_response(tok: int) -> None:  # on the outbox thread, in order
             sender.send(responses.token(tok, None if dec is None else dec.push(tok), text))
