@@ -6,6 +6,8 @@
 #     (a graph per block, no CUDA graphs) and the plain path once, profiled; the fast path's CUDA tests.
 #   PART=learn: benchmarks.train_loss_match (200 steps, fast vs plain, fp16 and int8 QAT, the fast QAT file through
 #     the engine). Its corpus: data/full (training/prepare_corpus.py; carry `data` to the GPU machine).
+#   PART=quality: benchmarks.qat_quality --handover continue (fp16 600+200 vs QAT from the fp16 step-600 checkpoint
+#     vs PTQ, the article's model, the same corpus; ~4 min on the H100).
 #
 #   OUT=results/tmp/gpu_train benchmarks/gpu_train.sh        (on the GPU machine: PY=python3 there; ~540 s)
 # A part stopped by its limit leaves each finished mode in its .log ([train_throughput] lines).
@@ -30,6 +32,11 @@ if [ "${PART:-speed}" = speed ]; then
   timeout "${T_TEST:-120}" $PY -m pytest -q -p no:cacheprovider tests/test_qat.py -k "cuda" -x 2>&1 | tail -15 | tee "$OUT/tests.txt"
   tt before "${T_BEFORE:-110}" --steps 20 --modes ours-fp16-blocks,ours-int8-blocks,ours-fp16-plain,ours-int8-plain --profile "$OUT/prof"
   grep -h "GPU busy" "$OUT"/prof/*.txt /dev/null
+elif [ "$PART" = quality ]; then
+  echo "== QAT quality: $PY -m benchmarks.qat_quality --handover continue --train-file data/full/train.txt --tokenizer data/full/tokenizer"
+  timeout "${T_Q:-540}" $PY -m benchmarks.qat_quality --handover continue --train-file data/full/train.txt \
+    --tokenizer data/full/tokenizer --out "$OUT/qat_quality" --work /tmp/qat_quality_work >"$OUT/qat_quality.log" 2>&1
+  echo "exit $?"; tail -30 "$OUT/qat_quality.log"; cat "$OUT/qat_quality/qat_quality.md" 2>/dev/null
 else
   echo "== loss match: $PY -m benchmarks.train_loss_match --out $OUT/loss_match --max_steps ${STEPS:-200}"
   timeout "${T_LM:-540}" $PY -m benchmarks.train_loss_match --out "$OUT/loss_match" --max_steps "${STEPS:-200}" \
