@@ -127,12 +127,14 @@ def closed_loop(send, conc: int, reqs: list) -> dict:
 
 def stream_send(url: str, model: str, ttft: list, itl: list, clients: list):
     """send() through the decoupled twin, one gRPC stream per thread: new tokens; each request's time to its
-    first token and the gaps between the next ones (as the client sees them) into ttft and itl."""
+    first token and the gaps between the next ones (as the client sees them: tokens that come in one response
+    share its time) into ttft and itl. Asks for gathered tokens (contract.COALESCE), as the client library does."""
     import queue
 
     import tritonclient.grpc as grpcclient
 
     from lsgpt.client.api import _inputs
+    from lsgpt.contract import COALESCE
 
     def send(state, prompt, new):
         if "c" not in state:
@@ -141,7 +143,7 @@ def stream_send(url: str, model: str, ttft: list, itl: list, clients: list):
             clients.append(c)
         t = [time.perf_counter()]
         state["c"].async_stream_infer(model, _inputs(grpcclient, prompt, {"max_new_tokens": new, "top_k": 1}),
-                                      enable_empty_final_response=True)
+                                      enable_empty_final_response=True, parameters={COALESCE: True})
         while True:
             result, error = state["q"].get(timeout=600)
             if error is not None:

@@ -33,6 +33,10 @@ CANCEL = "lsgpt_cancel"  # request parameter (string): stop this model's running
 #   with the CANCEL_KEY that request carried
 RELOAD = "lsgpt_reload"  # config parameter the launcher changes when it reloads a model whose process died (a new
 #   config is a new model to Triton); the client library reads it to notice its request's instance is gone
+COALESCE = "lsgpt_coalesce"  # request parameter (bool), streams: tokens that come while the stream's previous send
+#   is still in flight go together in its next response (result [1, k]), so that sends behind the decode steps
+#   never hold the decode loop back; the client library sends it. Without it, one response a token (what
+#   perf_analyzer and other tools that count responses as tokens expect)
 CANCEL_KEY = "lsgpt_cancel_key"  # request parameter (string): a secret the request's owner chose (the client
 #   library: random per stream); a cancel must name the request's id and this key, or it stops nothing
 

@@ -4,6 +4,7 @@ shape), CUDA-graph decode against eager decode."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -169,42 +170,90 @@ def test_article_shape_int8_greedy_tracks_cpu(article_int8):
     assert same / total >= 0.99
 
 
+@pytest.mark.parametrize("graphs", ["1", "0"], ids=["prefill-graphs", "eager-prefill"])
 @pytest.mark.parametrize("budget", [None, 64], ids=["default-budget", "chunking-budget"])
 @pytest.mark.parametrize("which", [0, 1])
-def test_scheduler_warm_up_leaves_no_prefill_shape_to_compile(files, which, budget):
+def test_scheduler_warm_up_leaves_no_prefill_shape_to_compile(files, which, budget, graphs, monkeypatch):
     """After the served model's warm-up, a prefill of any group size and prompt length under the prefill budget,
     and (budget 64 < max_step) a chunk of any length at any position into a slot's row of the running cache,
     compiles no kernel: a Triton compile mid-serving stalls every running row (seen on the H100: p95 latency
     0.31 -> 0.83 s on a cold kernel cache). Counts the compiled variants of every fused kernel before and after
-    all the shapes."""
+    all the shapes; groups go through the scheduler's own prefill (a captured graph of the group's bucket, or
+    the eager forward)."""
     from lsgpt.engine import kernels
     from lsgpt.engine.engine import Engine
+    from lsgpt.engine.scheduler import Request, SamplingParams, Scheduler
+
+    monkeypatch.setenv("LSGPT_PREFILL_GRAPHS", graphs)
+    e = Engine.load(files[which], "cuda")
+    sched = Scheduler(e, max_rows=4, prefill_tokens=budget)
+    assert sched.graphed_prefill == (graphs == "1")
+    sched.close()  # its loop stopped: the test drives the prefill itself
+    jits = [kernels._linear_kernel, kernels._attention_kernel, kernels._layer_norm_kernel, kernels._embed_kernel]
+    dev = torch.cuda.current_device()
+
+    def compiled() -> int:
+        return sum(len(j.device_caches[dev][0]) for j in jits)
+
+    before = compiled()
+    S, B = e.config.max_step, sched.prefill_tokens
+    sp = SamplingParams(max_new_tokens=1, top_k=1, seed=0)
+    with torch.inference_mode():
+        for k in range(1, 5):
+            for t in range(1, min(S - 1, B) + 1):
+                if math.prod(sched.group_shape(k, t)) > B:
+                    continue  # admission never forms this group (_take)
+                group = [Request(torch.randint(1, e.config.vocab, (t,)).tolist(), sp, lambda *a: None)
+                         for _ in range(k)]
+                for slot, r in enumerate(group):
+                    r.slot = slot
+                sched._prefill(group)
+        for t in range(1, B + 1) if B < S - 1 else ():
+            for start in (0, S - 1 - t):
+                sched._chunk_forward(torch.randint(0, e.config.vocab, (1, t), device="cuda"), start, 3)
+    torch.cuda.synchronize()
+    assert compiled() == before, f"{compiled() - before} kernel variants compiled after the warm-up"
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_scheduler_prefill_graphs_generate_what_eager_prefill_and_alone_do(files, which, monkeypatch):
+    """Groups of whole prompts through the captured prefill graphs (a group padded up to its bucket, spare rows
+    into the sink row) generate what the eager prefill generates and what each prompt generates alone
+    (Engine.generate), greedy on the peaky model, while other rows run: prompts of 3..70 tokens arriving
+    together (groups of 1..8 prompts, so buckets with spare rows) and a second wave joining running rows."""
+    from lsgpt.engine.engine import Engine, SamplingParams
     from lsgpt.engine.scheduler import Scheduler
 
     e = Engine.load(files[which], "cuda")
-    sched = Scheduler(e, max_rows=4, prefill_tokens=budget)
-    try:
-        jits = [kernels._linear_kernel, kernels._attention_kernel, kernels._layer_norm_kernel, kernels._embed_kernel]
-        dev = torch.cuda.current_device()
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, e.config.vocab, (n,), generator=g).tolist() for n in (3, 17, 70, 5, 33, 9, 64, 12, 40)]
+    sp = SamplingParams(max_new_tokens=24, top_k=1, ignore_eos=True)
+    alone = [e.generate([p], sp)[0] for p in prompts]
 
-        def compiled() -> int:
-            return sum(len(j.device_caches[dev][0]) for j in jits)
+    def served(graphs: str) -> tuple[list, Scheduler]:
+        monkeypatch.setenv("LSGPT_PREFILL_GRAPHS", graphs)
+        s = Scheduler(e, max_rows=8)
+        assert s.graphed_prefill == (graphs == "1")
+        got: dict = {}
+        try:
+            for i, p in enumerate(prompts[:5]):
+                s.submit(p, sp, lambda ids, err, i=i: got.__setitem__(i, (ids, err)))
+            time.sleep(0.05)  # the second wave joins rows already decoding
+            for i, p in enumerate(prompts[5:], 5):
+                s.submit(p, sp, lambda ids, err, i=i: got.__setitem__(i, (ids, err)))
+            for _ in range(600):
+                if len(got) == len(prompts):
+                    break
+                time.sleep(0.1)
+            return [got.get(i) for i in range(len(prompts))], s
+        finally:
+            s.close()
 
-        before = compiled()
-        S, B = e.config.max_step, sched.prefill_tokens
-        with torch.inference_mode():
-            for k in range(1, 5):
-                for t in range(1, min(S - 1, B // k) + 1):
-                    tokens = torch.randint(0, e.config.vocab, (k, t), device="cuda")
-                    e.forward_logits(tokens, torch.arange(t, device="cuda").expand(k, t), e.model.new_cache(k, t),
-                                      last=torch.arange(k, device="cuda") * t + t - 1)
-            for t in range(1, B + 1) if B < S - 1 else ():
-                for start in (0, S - 1 - t):
-                    sched._chunk_forward(torch.randint(0, e.config.vocab, (1, t), device="cuda"), start, 3)
-        torch.cuda.synchronize()
-        assert compiled() == before, f"{compiled() - before} kernel variants compiled after the warm-up"
-    finally:
-        sched.close()
+    graphed, s = served("1")
+    assert s.prefill_graphs and s.stats.prefills < len(prompts)  # some prompts were prefilled together
+    assert graphed == [(a, None) for a in alone]
+    eager, _ = served("0")
+    assert eager == graphed
 
 
 @pytest.mark.parametrize("which", [0, 1])

@@ -299,3 +299,49 @@ def test_attention_table_from_a_sweep_sets_decode_attention(tmp_path, monkeypatc
         monkeypatch.delenv("LSGPT_ATTENTION_TABLE")
         K._attention_table.cache_clear()
         K._attention_config.cache_clear()
+
+
+def test_gemm_table_from_a_sweep_sets_the_tiles_and_large_tiles_compute_the_same(tmp_path, monkeypatch):
+    """LSGPT_GEMM_TABLE=<gemm_sweep.json> (its "table": per dtype, the largest row count an entry serves ->
+    {"KxN": tiles}): a product takes the entry of the smallest row count that covers it, for its own shape; other
+    shapes, other dtypes and rows past the table keep the rule. The large tiles such a table holds (BLOCK_M 128,
+    8 warps) give the float64 reference's FFN2 product, masked past M and N."""
+    import json
+
+    big = [128, 64, 64, 8, 3]
+    table = {"table": {"int8": {"64": {f"{NDIM}x{KDIM}": [64, 32, 128, 4, 3]}, "256": {f"{NDIM}x{KDIM}": big}}}}
+    (tmp_path / "sweep.json").write_text(json.dumps(table))
+
+    def clear() -> None:  # the table and the tiles are cached per process
+        K._gemm_table.cache_clear()
+        K._config.cache_clear()
+
+    monkeypatch.setenv("LSGPT_GEMM_TABLE", str(tmp_path / "sweep.json"))
+    clear()
+    try:
+        plan = lambda M, N, Kd, int8=True: K.gemm_plan(M, N, Kd, int8)[0]  # noqa: E731
+        assert plan(33, KDIM, NDIM) == (64, 32, 128, 4, 3)
+        assert plan(65, KDIM, NDIM) == tuple(big) and plan(256, KDIM, NDIM) == tuple(big)
+        monkeypatch.delenv("LSGPT_GEMM_TABLE")
+        clear()
+        rule = {M: plan(M, KDIM, NDIM) for M in (33, 257)}
+        monkeypatch.setenv("LSGPT_GEMM_TABLE", str(tmp_path / "sweep.json"))
+        clear()
+        assert plan(257, KDIM, NDIM) == rule[257]  # past the table
+        assert plan(33, NDIM, KDIM) == K._config(33, NDIM, KDIM, True) != (64, 32, 128, 4, 3)  # another shape
+        assert plan(33, KDIM, NDIM, False) == K._config(33, KDIM, NDIM, False)  # fp16 has no entry
+        M = 130 if CUDA else 70  # the 256-row entry: tiles of 128 x 64, 8 warps
+        g = torch.Generator().manual_seed(7)
+        a, w = rand_i8(M, NDIM, gen=g), rand_i8(NDIM, KDIM, gen=g)
+        deq = 6.0 / 127**2
+        out = torch.zeros(M, KDIM, dtype=torch.float32, device=DEV)
+        K.linear(a.to(DEV), k_contiguous(w).to(DEV), out, deq_scale=deq, residual=out)
+        want = (a.double() @ w.double()) * deq
+        assert float((out.double().cpu() - want).abs().max()) <= 1e-5 * float(want.abs().max())
+        (tmp_path / "sweep.json").write_text('{"table": {"int8": {"8": [1, 2]}}}')
+        clear()
+        with pytest.raises(RuntimeError, match="not a gemm_sweep.json with a 'table'"):
+            plan(3, KDIM, NDIM)
+    finally:
+        monkeypatch.delenv("LSGPT_GEMM_TABLE", raising=False)
+        clear()

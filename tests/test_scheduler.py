@@ -264,3 +264,33 @@ def test_non_text_special_tokens_are_never_generated(tiny_models, tmp_path):
     shutil.copy(tiny_models.fp16, tmp_path / "m.hdf5")
     assert Engine.load(tmp_path / "m.hdf5", device="cpu").suppress == ()
     assert Engine.load(tmp_path / "m.hdf5", device="cpu", vocab=tok).suppress == eng.suppress
+
+
+@pytest.mark.parametrize("budget,max_step,max_rows", [(2048, 500, 256), (2048, 1024, 3), (64, 256, 8), (1000, 1024, 32)])
+def test_every_group_admission_forms_has_a_prefill_graph(budget, max_step, max_rows):
+    """With prefill graphs (CUDA), a group of k whole prompts padded to t tokens runs the graph of its bucket
+    (group_shape): every group _take can form (k <= MAX_GROUP and the rows, bucket within the budget) has a bucket
+    among those captured at start-up (prefill_shapes), every single prompt up to the budget and max_step - 1 can
+    be admitted alone, and a bucket holds its group (k' >= k, t' >= t) within the budget. The logic of the CUDA
+    path, checked here on the CPU without a GPU (the GPU tests replay the graphs)."""
+    import math
+    from types import SimpleNamespace
+
+    from lsgpt.engine.scheduler import MAX_GROUP, Scheduler
+
+    s = SimpleNamespace(graphed_prefill=True, prefill_tokens=budget, max_rows=max_rows,
+                        engine=SimpleNamespace(fused=SimpleNamespace(variant=lambda B, T, R, S=None: T), config=SimpleNamespace(max_step=max_step)))
+    s.group_shape = lambda k, t: Scheduler.group_shape(s, k, t)
+    groups, chunks = Scheduler.prefill_shapes(s)
+    assert len(chunks) == (budget if budget < max_step - 1 else 0)  # (chunks: each length a variant here)
+    assert len(groups) == len(set(groups)) <= 64
+    captured = set(groups)
+    longest = min(budget, max_step - 1)
+    for t in range(1, longest + 1):
+        assert math.prod(s.group_shape(1, t)) <= budget, t  # a prompt within the budget is admitted whole
+        for k in range(1, min(MAX_GROUP, max_rows) + 1):
+            K, T = s.group_shape(k, t)
+            assert K >= k and T >= t
+            if K * T <= budget:
+                assert (K, T) in captured, (k, t)
+    assert all(k * t <= budget and t <= longest for k, t in groups)

@@ -43,6 +43,7 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 from lsgpt.contract import (
     CANCEL,
     CANCEL_KEY,
+    COALESCE,
     MAX_STEP_LIMIT,
     PARAMS,
     RELOAD,
@@ -406,7 +407,7 @@ class Client:
             c.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=limit)
             try:
                 c.async_stream_infer(self.stream_model, inputs, request_id=rid, enable_empty_final_response=True,
-                                     parameters={**(_parameters(params) or {}), CANCEL_KEY: key})
+                                     parameters={**(_parameters(params) or {}), CANCEL_KEY: key, COALESCE: True})
             except InferenceServerException as e:  # the stream broke at once (no server): its callback says why
                 finished = True
                 try:
@@ -535,7 +536,8 @@ class Client:
         inputs = _inputs(aioclient, prompt, params)
 
         async def requests():
-            yield {"model_name": self.stream_model, "inputs": inputs, "parameters": _parameters(params)}
+            yield {"model_name": self.stream_model, "inputs": inputs,
+                   "parameters": {**(_parameters(params) or {}), COALESCE: True}}  # tokens may come several a response
 
         # The aio stream cannot ask for Triton's empty final response; our model's last response is the
         # one without a token (result [1, 0]), see model_repository/gpt2_stream/config.pbtxt.

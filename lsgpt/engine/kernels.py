@@ -277,7 +277,10 @@ def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, H, pad_id, emb_sc
 def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Decode (few rows) is bound by the latency of
     streaming the weights: wide K tiles (few dependent iterations) and N tiles narrow enough that the grid
-    has all of the matrix in flight at once. The rule comes from a tile sweep (docs/decisions.md)."""
+    has all of the matrix in flight at once. The rule comes from a tile sweep (docs/decisions.md); a
+    LSGPT_GEMM_TABLE entry for this shape and row count takes its place."""
+    if (tuned := _gemm_table_entry(M, N, K, int8)) is not None:
+        return tuned
     bn = 16 if N <= 1024 else 32 if N <= 4096 else 64
     if M <= 16:
         bm, bk = 16, (512 if K >= 2048 else 256) if int8 else 256
@@ -288,6 +291,30 @@ def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int
     while bn > 16 and triton.cdiv(M, bm) * triton.cdiv(N, bn) < _sm_count():
         bn //= 2
     return bm, bn, min(bk, max(32, triton.next_power_of_2(K))), 4, 3
+
+
+@functools.cache
+def _gemm_table() -> dict[str, dict[int, dict[str, tuple[int, int, int, int, int]]]]:
+    """LSGPT_GEMM_TABLE=<gemm_sweep.json>: its "table", per dtype, the largest row count an entry serves ->
+    {"KxN": (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)} (benchmarks/gemm_sweep.py writes it)."""
+    path = os.environ.get("LSGPT_GEMM_TABLE")
+    if not path:
+        return {}
+    import json
+
+    try:
+        table = json.loads(open(path).read())["table"]
+        return {dtype: {int(rows): {shape: tuple(int(v) for v in cfg) for shape, cfg in by_shape.items()}
+                        for rows, by_shape in by_rows.items()} for dtype, by_rows in table.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise RuntimeError(f"LSGPT_GEMM_TABLE={path}: not a gemm_sweep.json with a 'table' ({e})") from e
+
+
+def _gemm_table_entry(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int] | None:
+    """The tuned tiles for [M, K] x [K, N]: the entry of the smallest row count >= M, if it lists this shape."""
+    by_rows = _gemm_table().get("int8" if int8 else "fp16", {})
+    fits = [r for r in by_rows if r >= M]
+    return by_rows[min(fits)].get(f"{K}x{N}") if fits else None
 
 
 PDL_MAX_ROWS = 128  # PDL pays up to this many rows, not beyond (docs/decisions.md)

@@ -13,7 +13,8 @@ budget of prefill_tokens padded tokens (a longer prompt is prefilled in chunks o
 its slot's cache row, and joins after its last), then one decode step over slots [0, n) — n the smallest graph
 bucket (1, 2, 4, ... max_rows) that covers the busiest slot; free slots in it compute harmlessly, since a new
 occupant writes its keys before it reads them. On
-CUDA every bucket's step is captured as a CUDA graph at start-up, while the cache is still empty, and a
+CUDA every bucket's step is captured as a CUDA graph at start-up, while the cache is still empty, and so is the
+prefill of each (prompts, tokens) bucket a group of whole prompts pads up to (LSGPT_PREFILL_GRAPHS=0: eager); a
 step's tokens — and a prefill's first tokens — are read back while the next step runs (the host never leaves
 the GPU idle between steps, and a prefill never waits for the GPU).
 The running set: max_rows, or "auto" (sized from the free GPU memory: running_rows). Bounded: ``submit`` raises
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import collections
 import heapq
+import math
+import os
 import threading
 import time
 import traceback
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lsgpt.engine.engine import Engine, GraphedDecode
+from lsgpt.engine.engine import Engine, GraphedDecode, GraphedPrefill, prefill_views
 from lsgpt.engine.model import KVCache
 from lsgpt.engine.sampling import Penalties, SamplingParams, row_finished, sample, validate_request
 
@@ -76,6 +79,11 @@ CPU_ROWS = 32  # "auto" on the CPU: an fp32 cache of 256 rows x 1024 steps would
 PREFILL_TOKENS = {"cuda": 2048, "cpu": 512}  # default token budget of one loop's prefill (docs/decisions.md)
 ADMIT_EVERY = {"cuda": 16, "cpu": 8}  # default decode steps between admissions while rows run
 MAX_GROUP = 32  # prompts prefilled in one forward at most (bounds the warm-up's shapes)
+GRAPH_MIN_T = 16  # the shortest prompt length a prefill graph is captured for (the next: 32, 64, ... the budget)
+
+
+def pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def kv_rows(free_bytes: int, n_layer: int, max_step: int, hidden: int, elem_bytes: int,
@@ -153,7 +161,13 @@ class Scheduler:
         if self.prefill_tokens < 1 or self.admit_every < 1:
             raise ValueError("prefill_tokens and admit_every must be >= 1")
         self._chunking: Request | None = None  # the prompt being prefilled in chunks (its slot taken, not decoded)
-        self.cache: KVCache = m.new_cache(max_rows, c.max_step)
+        # CUDA: groups of whole prompts prefill through CUDA graphs captured per (prompts, tokens) bucket, padded
+        # up to it; their padding rows write cache row max_rows (the sink), which no decode step reads
+        self.graphed_prefill = (engine.cuda_graphs and engine.fused is not None
+                                and os.environ.get("LSGPT_PREFILL_GRAPHS", "1") != "0")
+        self.sink = max_rows
+        self.cache: KVCache = m.new_cache(max_rows + self.graphed_prefill, c.max_step)
+        self.prefill_graphs: dict[tuple[int, int], GraphedPrefill] = {}
         self.tok = torch.zeros(max_rows, dtype=torch.long, device=dev)  # each slot's last token
         self.pos = torch.zeros(max_rows, dtype=torch.long, device=dev)  # and its position
         self.rows: list[Request | None] = [None] * max_rows
@@ -165,7 +179,7 @@ class Scheduler:
         self.graphs: dict[int, GraphedDecode] = {}
         self._penalized = 0  # running rows with a penalty
         if engine.fused is not None and dev.type == "cuda":
-            self._warm_up()
+            self._warm_up()  # (and the prefill graphs' capture)
         if engine.cuda_graphs:  # capture now: capture writes slot 0..n-1 at position 0, harmless only while empty
             for n in self.buckets:
                 self.graphs[n] = engine.capture_decode(self._prefix(n), n)
@@ -269,19 +283,33 @@ class Scheduler:
     # ---------------------------------------------------------------------------------------------
     # The loop (scheduler thread only)
 
+    def group_shape(self, k: int, t: int) -> tuple[int, int]:
+        """The shape a group of k prompts padded to t tokens is prefilled at: (k, t) eagerly; with prefill graphs,
+        the bucket covering it (k and t rounded up to powers of two, t to at least GRAPH_MIN_T, at most
+        min(budget, max_step - 1) — the longest whole prompt)."""
+        if not self.graphed_prefill:
+            return k, t
+        cap = min(self.prefill_tokens, self.engine.config.max_step - 1)
+        return pow2_at_least(k), min(max(pow2_at_least(t), GRAPH_MIN_T), cap)
+
     def prefill_shapes(self) -> tuple[list[tuple[int, int]], list[int]]:
-        """The forwards admission can launch, one per compiled-variant key (FusedForward.variant), the smallest
-        shape of each: whole-prompt groups (k prompts padded to t tokens: k <= MAX_GROUP and the free rows,
-        k*t <= the budget) and chunks (t tokens of one prompt into its slot's row of the cache, only when a
-        prompt can be longer than the budget). Bounded by the budget, not by max_rows x max_step."""
+        """The forwards admission can launch: whole-prompt groups and chunks (t tokens of one prompt into its
+        slot's row of the cache, only when a prompt can be longer than the budget). With prefill graphs, the
+        groups are every bucket (group_shape) within the budget, each captured once; eagerly, one shape per
+        compiled-variant key (FusedForward.variant), the smallest: k prompts padded to t tokens, k <= MAX_GROUP
+        and the free rows, k*t <= the budget. Bounded by the budget, not by max_rows x max_step."""
         f, S, B = self.engine.fused, self.engine.config.max_step, self.prefill_tokens
+        chunks: dict = {}
+        for t in range(1, B + 1) if B < S - 1 else ():
+            chunks.setdefault(f.variant(1, t, 1, S), t)
+        if self.graphed_prefill:
+            ks = {self.group_shape(k, 1)[0] for k in range(1, min(MAX_GROUP, self.max_rows) + 1)}
+            ts = {self.group_shape(1, t)[1] for t in range(1, min(S - 1, B) + 1)}
+            return sorted((k, t) for k in ks for t in ts if k * t <= B), list(chunks.values())
         groups: dict = {}
         pairs = ((k, t) for k in range(1, min(MAX_GROUP, self.max_rows) + 1) for t in range(1, min(S - 1, B // k) + 1))
         for k, t in sorted(pairs, key=lambda s: s[0] * s[1]):
             groups.setdefault(f.variant(k, t, k), (k, t))
-        chunks: dict = {}
-        for t in range(1, B + 1) if B < S - 1 else ():
-            chunks.setdefault(f.variant(1, t, 1, S), t)
         return list(groups.values()), list(chunks.values())
 
     @torch.inference_mode()
@@ -291,9 +319,13 @@ class Scheduler:
         prefill_shapes. Runs before the decode graphs are captured: a chunk's shape writes slot 0 (still empty)."""
         dev = self.engine.device
         groups, chunks = self.prefill_shapes()
+        pool = torch.cuda.graph_pool_handle() if self.graphed_prefill else None
         for k, t in groups:
-            self._prefill_forward(torch.zeros(k, t, dtype=torch.long, device=dev),
-                                  torch.arange(k, device=dev) * t + t - 1)
+            if self.graphed_prefill:
+                self.prefill_graphs[k, t] = self.engine.capture_prefill(self.cache, k, t, self.sink, pool)
+            else:
+                self._prefill_forward(torch.zeros(k, t, dtype=torch.long, device=dev),
+                                      torch.arange(k, device=dev) * t + t - 1)
         for t in chunks:
             self._chunk_forward(torch.zeros(1, t, dtype=torch.long, device=dev), 0, 0)
         torch.cuda.synchronize(dev)
@@ -393,7 +425,7 @@ class Scheduler:
                 long = n > self.prefill_tokens
                 if long and (group or self._chunking is not None):
                     break  # its turn comes at an admission with no group and no other prompt in chunks
-                if not long and (len(group) + 1) * max(P, n) > budget:
+                if not long and math.prod(self.group_shape(len(group) + 1, max(P, n))) > budget:
                     break  # the rest of the queue waits for the next admission
                 req = self._queue.popleft()
             if req.cancelled is not None and req.cancelled():
@@ -443,34 +475,40 @@ class Scheduler:
         return C
 
     def _prefill(self, group: list[Request]) -> None:
-        """One forward over the group's prompts (padded to the longest) into a scratch cache, whose rows then
-        go to each request's slot; first tokens sampled. A row's padding lands beyond its prompt, where its
-        decode writes before it reads.
+        """One forward over the group's prompts (padded to the longest, or with prefill graphs to the group's
+        bucket, replayed) into a scratch cache, whose rows then go to each request's slot; first tokens sampled.
+        A row's padding lands beyond its prompt, where its decode writes before it reads.
 
         No host synchronisation: what the device needs (tokens, slots, lengths, the rows whose logits count)
         goes up in one copy from pinned memory, the penalty state is touched only when a joining row has a
         penalty (a free slot's is neutral: _release resets it), and on CUDA the first tokens come back with the
         next decode step's (_step), not by waiting for the prefill here."""
-        dev = self.engine.device
         k = len(group)
         lens = [len(r.prompt) for r in group]
-        P = max(lens)
-        flat: list[int] = []
+        K, T = self.group_shape(k, max(lens))  # eagerly (k, the longest prompt); with graphs its bucket
+        flat: list[int] = []  # laid out as GraphedPrefill.inputs; spare rows (K > k): empty prompts into the sink
         for r, n in zip(group, lens):
             flat += r.prompt
-            flat += [0] * (P - n)
-        flat += [r.slot for r in group] + lens + [i * P + n - 1 for i, n in enumerate(lens)]
+            flat += [0] * (T - n)
+        flat += [0] * (T * (K - k))
+        flat += [r.slot for r in group] + [self.sink] * (K - k)
+        flat += [i * T + n - 1 for i, n in enumerate(lens)] + [i * T for i in range(k, K)]
+        flat += lens + [1] * (K - k)
         up = torch.tensor(flat, dtype=torch.long)
         if self._cuda:
-            up = up.pin_memory().to(dev, non_blocking=True)  # the caching host allocator keeps it until copied
-        tokens, idx = up[: k * P].view(k, P), up[k * P: k * P + k]
-        plen, last = up[k * P + k: k * P + 2 * k], up[k * P + 2 * k:]
-        logits, scratch = self._prefill_forward(tokens, last)
-        for mine, new in zip(self.cache.k + self.cache.v, scratch.k + scratch.v):
-            mine[idx, :P] = new
+            up = up.pin_memory()  # the caching host allocator keeps it until copied
+        if self.graphed_prefill:
+            g = self.prefill_graphs[K, T]
+            logits = g(up)  # the scatter into the slots is in the graph
+            tokens, idx, _, plen = prefill_views(g.inputs, K, T)
+        else:
+            tokens, idx, last, plen = prefill_views(up.to(self.engine.device, non_blocking=True), K, T)
+            logits, scratch = self._prefill_forward(tokens, last)
+            for mine, new in zip(self.cache.k + self.cache.v, scratch.k + scratch.v):
+                mine[idx, :T] = new
         self.stats.prompt_tokens += sum(lens)
         self.stats.prefills += 1
-        self._first_tokens(group, idx, logits, tokens, plen)
+        self._first_tokens(group, idx[:k], logits[:k], tokens[:k], plen[:k])
 
     def _first_tokens(self, group: list[Request], idx: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
                       plen: torch.Tensor) -> None:

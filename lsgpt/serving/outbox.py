@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 
@@ -88,3 +89,33 @@ class Outbox:
                 return
         for t in self._threads:
             t.join(max(0.01, end - time.monotonic()))
+
+
+class TokenStream:
+    """One stream's tokens on their way out. The decode loop adds a token a step; the stream's lane sends what has
+    gathered since its last send in one response. While the lane keeps up, that is one token a response; when a
+    send takes longer than a step (many streams, one round trip each), the tokens that arrived meanwhile leave
+    together, so a slow send delays the stream once instead of throttling the decode loop once per token.
+    A stream has at most one send queued: its lane's queue holds a step's worth of streams, not of tokens."""
+
+    def __init__(self, outbox: Outbox, lane: int, send: Callable[[list[int]], None]):
+        self._outbox, self._lane, self._send = outbox, lane, send
+        self._lock = threading.Lock()
+        self._tokens: list[int] = []
+        self._queued = False  # a flush is in the lane's queue and has not yet taken the tokens
+
+    def add(self, tok: int) -> None:
+        """On the decode loop."""
+        with self._lock:
+            self._tokens.append(tok)
+            if self._queued:
+                return  # the queued flush will take this one too
+            self._queued = True
+        self._outbox.put(self._flush, lane=self._lane)
+
+    def _flush(self) -> None:
+        """On the lane: what has gathered, in one send (a later put on the lane, the final response, comes after)."""
+        with self._lock:
+            tokens, self._tokens, self._queued = self._tokens, [], False
+        if tokens:
+            self._send(tokens)

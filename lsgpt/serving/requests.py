@@ -19,6 +19,7 @@ import numpy as np
 from lsgpt.contract import (
     CANCEL,
     CANCEL_KEY,
+    COALESCE,
     PARAMS,
     STOP_WORDS,
     STREAM,
@@ -168,6 +169,11 @@ def cancel_target(request) -> tuple[str, str] | None:
         raise BadRequest(f"an in-band cancel ({CANCEL}) must also give the key the request carried ({CANCEL_KEY}): "
                          "only the request's owner may stop it")
     return str(target), key
+
+
+def coalesce(request) -> bool:
+    """Whether a stream may send several tokens in one response (request parameter contract.COALESCE)."""
+    return _parameters(request).get(COALESCE) is True
 
 
 def owner_key(request) -> str:

@@ -1,5 +1,5 @@
-"""A served model's answers as Triton responses: the result tensors (ids, and text when a tokenizer is there), one
-streamed token, the end of a stream, an error with its Triton code. Names: lsgpt/contract.py."""
+"""A served model's answers as Triton responses: the result tensors (ids, and text when a tokenizer is there), streamed
+tokens, the end of a stream, an error with its Triton code. Names: lsgpt/contract.py."""
 
 from __future__ import annotations
 
@@ -50,9 +50,10 @@ def result(rows: list[list[int]], prompts: list[list[int]], eos_id: int, tokeniz
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
-def token(tok: int, piece: str | None, text: str):
-    """One streamed token, with its text increment when there is a decoder."""
-    outs = [pb_utils.Tensor(RESULT, np.array([[tok]], dtype=np.int32))]
+def tokens(toks: list[int], piece: str | None, text: str):
+    """Streamed tokens (one, or those that gathered while the stream's previous send was in flight: result
+    [1, k]), with their text increment when there is a decoder."""
+    outs = [pb_utils.Tensor(RESULT, np.array([toks], dtype=np.int32))]
     if piece is not None:
         outs.append(pb_utils.Tensor(text, np.array([[piece.encode()]], dtype=np.object_)))
     return pb_utils.InferenceResponse(output_tensors=outs)

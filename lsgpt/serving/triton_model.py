@@ -21,7 +21,9 @@ with EOS), plus the optional per-row sampling inputs of contract.PARAMS ([b, 1] 
 A bad request gets INVALID_ARGUMENT naming the problem; a full queue UNAVAILABLE (retry); the other requests are
 served. The decoupled models (one prompt a request) send one response per generated token, with the token id and
 a text increment (lsgpt.text.IncrementalDecoder) when a tokenizer is available, then an empty final response; with
-stream=false they send the whole result in one response.
+stream=false they send the whole result in one response. A stream whose request asks for it (contract.COALESCE, as
+the client library does) gets the tokens that come while its previous send is still in flight together in its next
+response (result [1, k]): sends behind the decode steps never hold the decode loop back (outbox.TokenStream).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import itertools
 import json
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -41,8 +44,8 @@ from lsgpt.contract import MAX_QUEUED_REQUESTS, MAX_RUNNING_ROWS, MODEL_FILE, TO
 from lsgpt.serving import responses
 from lsgpt.serving.cancel import CancelWatch, Watched
 from lsgpt.serving.metrics import Metrics
-from lsgpt.serving.outbox import Outbox
-from lsgpt.serving.requests import BadRequest, Form, Parsed, cancel_target, owner_key, parse
+from lsgpt.serving.outbox import Outbox, TokenStream
+from lsgpt.serving.requests import BadRequest, Form, Parsed, cancel_target, coalesce, owner_key, parse
 
 try:  # present inside the Python backend stub only
     import triton_python_backend_utils as pb_utils
@@ -51,6 +54,11 @@ try:  # present inside the Python backend stub only
 except ImportError:  # pragma: no cover - imported outside Triton (docs, linters)
     pb_utils = None
     FINAL = 1
+
+# How long a thread that wants the GIL waits before the holder is asked to drop it. Python's default, 5 ms, is ten
+# GPU decode steps: the scheduler's thread, back from its step's synchronisation, would wait that long behind a
+# request being parsed or a response being built on another thread. LSGPT_SWITCH_INTERVAL_MS overrides it.
+SWITCH_INTERVAL_MS = float(os.environ.get("LSGPT_SWITCH_INTERVAL_MS", "0.5"))
 
 # Response send lanes (Outbox): each send is a round trip to the server, which takes them on a thread pool, so a few
 # lanes keep a few in flight; a request's responses keep to one lane, in order.
@@ -96,6 +104,8 @@ class TritonPythonModel:
                                "needs numpy<2 (its output tensors come back empty otherwise); install 'numpy<2'")
         self.config = json.loads(args["model_config"])
         self.name = args["model_name"]
+        if SWITCH_INTERVAL_MS > 0:
+            sys.setswitchinterval(SWITCH_INTERVAL_MS / 1000)
         # `kill -USR1 <stub pid>` writes every thread's Python stack to the server log: a hang can be read
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         model_dir = Path(args["model_repository"])
@@ -165,7 +175,7 @@ class TritonPythonModel:
         # the key the request carries (its owner's secret) sets it
         cancelled = self.cancels.watch(check, request.request_id() or "", owner_key(request))
         if self.decoupled:
-            self._submit_decoupled(sender, q, cancelled)
+            self._submit_decoupled(sender, q, cancelled, coalesce(request))
         else:
             self._submit_rows(sender, q, cancelled)
 
@@ -209,18 +219,21 @@ class TritonPythonModel:
             cancelled.close()  # execute() answers with the error
             raise
 
-    def _submit_decoupled(self, sender, q: Parsed, cancelled: Watched) -> None:
-        """One prompt; streamed: a response per token, then the end of the stream; else one response."""
+    def _submit_decoupled(self, sender, q: Parsed, cancelled: Watched, gather: bool) -> None:
+        """One prompt; streamed: a response per token (with `gather`, contract.COALESCE: per tokens that gathered
+        while the previous send was in flight), then the end of the stream; else one response."""
         dec = None
         if self.tokenizer is not None and q.stream:
             from lsgpt.text import IncrementalDecoder
 
             dec = IncrementalDecoder(self.tokenizer, q.prompts[0])
         text = responses.text_name(q.text)
-        send = functools.partial(self.outbox.put, lane=next(self.lanes))  # in order: the tokens, then the end
+        lane = next(self.lanes)
+        send = functools.partial(self.outbox.put, lane=lane)  # in order: the tokens, then the end
 
-        def token_response(tok: int) -> None:  # on the outbox thread, in order
-            sender.send(responses.token(tok, None if dec is None else dec.push(tok), text))
+        def tokens_response(toks: list[int]) -> None:  # on the outbox thread, in order
+            piece = None if dec is None else "".join(dec.push(t) for t in toks)
+            sender.send(responses.tokens(toks, piece, text))
 
         def final_response(ids, err) -> None:
             cancelled.close()
@@ -234,7 +247,11 @@ class TritonPythonModel:
         def done(ids, err) -> None:
             send(functools.partial(final_response, ids, err))
 
-        on_token = (lambda tok: send(functools.partial(token_response, tok))) if q.stream else None
+        on_token = None
+        if q.stream and gather:  # tokens that gather while a send is in flight go together
+            on_token = TokenStream(self.outbox, lane, tokens_response).add
+        elif q.stream:  # one response a token
+            on_token = lambda tok: send(functools.partial(tokens_response, [tok]))  # noqa: E731
         try:
             self.scheduler.submit(q.prompts[0], q.params[0], done, on_token=on_token, cancelled=cancelled)
         except Exception:
