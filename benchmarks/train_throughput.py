@@ -4,12 +4,13 @@ Modes:
   hf-fp32          transformers' GPT2LMHeadModel, fp32, the plain Trainer
   hf-fp16          the same with --fp16 (mixed precision; CUDA only): the baseline of issue 16
   ours-fp16        what training/train.py runs for fp16 by default on CUDA: lsgpt.training.qat.QuantGPT2LMHeadModel with
-                   quantizers off, through the training fast path (lsgpt.training.fasttrain: compiled regions, fused
-                   AdamW, no per-step host syncs)
+                   quantizers off, through the training fast path (lsgpt.training.fasttrain: on one GPU the whole
+                   forward compiled as one graph and replayed with its backward as CUDA graphs, fused AdamW, no
+                   per-step host syncs)
   ours-int8        the same with LightSeq's fake quantizers on (int8 QAT, fp16 mixed precision on CUDA)
-  ours-*-model     the same, the whole training forward compiled as one graph (compile_regions(scope="model"))
-  ours-*-graphs    scope "model" with torch.compile mode "reduce-overhead": forward and backward replayed as CUDA
-                   graphs (LSGPT_COMPILE_MODE=reduce-overhead LSGPT_COMPILE_SCOPE=model for train.py)
+  ours-*-model     compiled as one graph, no CUDA graphs (LSGPT_COMPILE_MODE=default for train.py)
+  ours-*-blocks    a graph per block, no CUDA graphs (the default before issue 32; LSGPT_COMPILE_SCOPE=blocks
+                   LSGPT_COMPILE_MODE=default)
   ours-fp16-plain  our model without the fast path (eager; what train.py runs with --fast_path false is HF's)
   ours-int8-plain  int8 QAT without the fast path (eager; train.py --enable_quant true --fast_path false)
 
@@ -41,8 +42,9 @@ from benchmarks import common
 from lsgpt.training import fasttrain
 from lsgpt.training.qat import QuantGPT2LMHeadModel
 
-MODES = ("hf-fp32", "hf-fp16", "ours-fp16", "ours-int8", "ours-fp16-model", "ours-int8-model", "ours-fp16-graphs",
-         "ours-int8-graphs", "ours-fp16-plain", "ours-int8-plain")
+MODES = ("hf-fp32", "hf-fp16", "ours-fp16", "ours-int8", "ours-fp16-model", "ours-int8-model", "ours-fp16-blocks",
+         "ours-int8-blocks", "ours-fp16-plain", "ours-int8-plain")
+VARIANTS = {"model": ("model", "default"), "blocks": ("blocks", "default")}  # mode suffix -> (scope, compile mode)
 DEFAULT_MODES = {"gpu": ("hf-fp16", "ours-fp16", "ours-int8", "ours-fp16-plain", "ours-int8-plain"),
                  "cpu": ("hf-fp32", "ours-fp16-plain", "ours-int8-plain")}
 SHAPES = {
@@ -86,11 +88,37 @@ class StepTimer(TrainerCallback):
             self.t1, self.timed = time.perf_counter(), state.global_step - self.warmup
 
 
+FAMILIES = (("GEMM", ("nvjet", "gemm", "cutlass")), ("attention", ("sdpa", "flash", "attention")),
+            ("optimizer (AdamW, unscale, clip)", ("multi_tensor", "foreach", "adam", "amp_")),
+            ("fake-quant fwd (fused)", ("floor",)), ("masked backward / amax sums", ("where", "bitwise")),
+            ("loss", ("softmax", "nll")), ("LayerNorm", ("layer_norm",)), ("GELU", ("tanh",)),
+            ("copies / casts", ("copy", "cast")), ("reductions", ("reduce", "sum")))
+
+
+def kernel_summary(prof, wall_s: float, n: int) -> str:
+    """GPU-busy fraction (union of kernel intervals over the wall time of the profiled steps) and kernel time by
+    family (a kernel counts in the first family whose key its name holds), per step."""
+    cuda = torch.autograd.DeviceType.CUDA
+    iv = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == cuda)
+    busy, end, fam = 0.0, float("-inf"), {}
+    for s, e, name in iv:
+        busy += max(0.0, e - max(s, end))
+        end = max(end, e)
+        f = next((f for f, keys in FAMILIES if any(k in name.lower() for k in keys)), "other elementwise")
+        fam[f] = fam.get(f, 0.0) + (e - s) / 1000 / n
+    span = (iv[-1][1] - iv[0][0]) / 1e6 if iv else float("nan")
+    lines = [f"GPU busy: {busy / 1e6 / wall_s:.3f} of the wall time ({wall_s * 1000 / n:.2f} ms/step, profiler on), "
+             f"{busy / 1e6 / span:.3f} of first-kernel..last-kernel; kernels {busy / 1000 / n:.2f} ms/step"]
+    lines += [f"  {f:<36}{ms:8.2f} ms/step" for f, ms in sorted(fam.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)
+
+
 class Profile(TrainerCallback):
-    """torch.profiler over optimizer steps (first, first + n]; the table of kernels by device time goes to `path`."""
+    """torch.profiler over optimizer steps (first, first + n]; the GPU-busy fraction, kernel time by family and the
+    table of kernels by device time go to `path`."""
 
     def __init__(self, first: int, n: int, path: Path):
-        self.first, self.n, self.path, self.prof = first, n, path, None
+        self.first, self.n, self.path, self.prof, self.t0, self.busy = first, n, path, None, 0.0, None
 
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == self.first:
@@ -100,16 +128,19 @@ class Profile(TrainerCallback):
                 acts.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(activities=acts)
             self.prof.__enter__()
+            self.t0 = time.perf_counter()
         elif self.prof is not None and state.global_step == self.first + self.n:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
             self.prof.__exit__(None, None, None)
             key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             avg = self.prof.key_averages()
-            table = avg.table(sort_by=key, row_limit=40, max_name_column_width=90)
+            table = avg.table(sort_by=key, row_limit=60, max_name_column_width=160)
             cpu = avg.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=90)
+            summary = self.busy = kernel_summary(self.prof, wall, self.n)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(f"{self.n} optimizer steps, by device time\n{table}\n\nby host time\n{cpu}\n")
+            self.path.write_text(f"{self.n} optimizer steps\n{summary}\n\nby device time\n{table}\n\nby host time\n{cpu}\n")
             self.prof = None
 
 
@@ -133,7 +164,7 @@ def run_mode(mode: str, shape: dict, vocab: int, steps: int, warmup: int, profil
     callbacks = [timer]
     n_prof = 2 if profile else 0
     if profile:
-        callbacks.append(Profile(warmup + steps, n_prof, profile / f"profile-{mode}.txt"))
+        callbacks.append(prof := Profile(warmup + steps, n_prof, profile / f"profile-{mode}.txt"))
     if cuda:
         torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as out:
@@ -152,9 +183,8 @@ def run_mode(mode: str, shape: dict, vocab: int, steps: int, warmup: int, profil
                     p.requires_grad_(False)
                 for block in model.transformer.h:
                     block.ls_clips.requires_grad_(False)
-            graphs = mode.endswith("-graphs")
-            fasttrain.configure(model, args, scope="model" if mode.endswith(("-model", "-graphs")) else None,
-                                mode="reduce-overhead" if graphs else None)
+            scope, cmode = VARIANTS.get(mode.rsplit("-", 1)[-1], (None, None))
+            fasttrain.configure(model, args, scope=scope, mode=cmode)
         ds = RandomBlocks(shape["batch"] * (warmup + steps + n_prof), shape["block"], vocab)
         w = model.transformer.h[0].mlp.c_fc.weight
         w0 = w.detach().clone()
@@ -181,6 +211,8 @@ def run_mode(mode: str, shape: dict, vocab: int, steps: int, warmup: int, profil
     }
     if cuda:
         res["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    if profile and prof.busy:
+        res["gpu_busy"] = prof.busy.splitlines()[0]
     if fast:
         from torch._dynamo.utils import counters
 

@@ -424,6 +424,7 @@ def test_cuda_graph_training_matches_eager(quant):
     cfg = tiny_config(n_layer=3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new")
     eager = QuantGPT2LMHeadModel(cfg).set_quant(quant).cuda().train()
     fast = copy.deepcopy(eager).compile_regions(scope="model", mode="reduce-overhead")
+    fast.training_logits = False  # as the fast path runs it: the step's outputs are the loss alone
     losses = []
     for m in (eager, fast):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
@@ -439,3 +440,47 @@ def test_cuda_graph_training_matches_eager(quant):
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3, atol=1e-3)
     for (n, p0), p1 in zip(eager.named_parameters(), fast.parameters()):
         assert (p1 - p0).norm() <= 1e-3 * p0.norm() + 1e-6, n
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_learned_clip_keeps_one_byte_per_element_for_backward(compiled):
+    """A learned clip's backward state is one int8 code per element (eager Function and the graph that inductor's
+    partitioner cuts), not two boolean masks: the QAT step's extra memory traffic is these bytes."""
+    torch._dynamo.reset()
+    f = torch.compile(fake_quant, backend="aot_eager_decomp_partition", fullgraph=True) if compiled else fake_quant
+    x = (_inputs(1.0, shape=(64, 96), seed=3) * 2).half().requires_grad_()
+    amax = torch.tensor(1.0, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = f(x, amax)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert sum(t.numel() * t.element_size() for t in big) == x.numel(), [(t.dtype, t.shape) for t in big]
+    y.backward(torch.ones_like(y))
+    code = ((x.detach().float() >= 1.0).float() - (x.detach().float() <= -1.0).float())
+    assert amax.grad.item() == code.sum().item() and (code != 0).any()
+
+
+def test_fast_path_training_step_returns_the_loss_without_logits(monkeypatch):
+    """fasttrain.configure: a compiled training step with labels returns the loss (the eager one) and no logits;
+    evaluation still returns logits. Defaults: one CUDA process gets scope "model" with CUDA graphs, DDP and the
+    CPU a graph per block without them."""
+    from types import SimpleNamespace
+
+    from lsgpt.training import fasttrain
+
+    torch._dynamo.reset()
+    cfg = tiny_config(n_layer=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    eager = QuantGPT2LMHeadModel(cfg).train()
+    fast = QuantGPT2LMHeadModel(cfg).train()
+    fast.load_state_dict(eager.state_dict())
+    fasttrain.configure(fast, SimpleNamespace(optim="adamw_torch", dataloader_pin_memory=False), backend="aot_eager")
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    out, ref = fast(ids, labels=ids), eager(ids, labels=ids)
+    assert out.logits is None and ref.logits is not None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    assert fast(ids).logits is not None  # no labels: the logits are the output
+    assert fast.eval()(ids, labels=ids).logits is not None
+    assert fasttrain.defaults(SimpleNamespace(world_size=1)) == ("blocks", "default")  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fasttrain.defaults(SimpleNamespace(world_size=1)) == ("model", "reduce-overhead")
+    assert fasttrain.defaults(SimpleNamespace(world_size=2)) == ("blocks", "default")

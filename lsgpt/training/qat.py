@@ -92,38 +92,47 @@ class _FakeQuantFixed(torch.autograd.Function):
 
 class _FakeQuantLearned(torch.autograd.Function):
     """LightSeq's Clip (PACT): strictly inside passes the gradient; above amax it goes to amax (+g), below -amax
-    to amax (-g)."""
+    to amax (-g). Backward keeps one int8 code per element (+1 above, -1 below, 0 inside; _clip_code), not two
+    boolean masks, and amax's gradient is one reduction, sum(g * code)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
         y, xf, a = _quantize(x, amax)
-        ctx.save_for_backward(xf >= a, xf <= -a)
+        ctx.save_for_backward(_clip_code(xf, a))
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        above, below = ctx.saved_tensors
-        grad_x = g.masked_fill(above | below, 0)
-        # where() + sum instead of masked_select: same sum, no data-dependent shape (compiles without a break)
-        zero = g.new_zeros(())
-        grad_a = torch.where(above, g, zero).float().sum() - torch.where(below, g, zero).float().sum()
-        return grad_x, grad_a.reshape(())
+        (code,) = ctx.saved_tensors
+        grad_a = (g.float() * code).sum()
+        return g.masked_fill(code != 0, 0), grad_a.reshape(())
+
+
+def _clip_code(xf: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """int8 per element: +1 where xf >= a, -1 where xf <= -a, else 0 (a learned clip's backward state)."""
+    return (xf >= a).to(torch.int8) - (xf <= -a).to(torch.int8)
 
 
 def _fake_quant_traced(x: torch.Tensor, amax: torch.Tensor, learn: bool) -> torch.Tensor:
     """The two autograd.Functions above as plain differentiable ops, for torch.compile: the same values (the
     quantized tensor plus terms that are exactly zero) and the same gradients (the zero terms carry them: x's
-    masked straight-through gradient and, for a learned clip, PACT's sums to amax). Traced graphs need no
-    custom autograd.Function, whose compiled backward some torch versions drop (2.11 gave zero gradients)."""
+    masked straight-through gradient and, for a learned clip, PACT's sum to amax). Traced graphs need no
+    custom autograd.Function, whose compiled backward some torch versions drop (2.11 gave zero gradients).
+    A learned clip's backward reads one int8 code per element (the partitioner saves it, 1 byte, instead of
+    two boolean masks) and reduces g * code once for amax."""
     with torch.no_grad():
         y, xf, a = _quantize(x, amax)
+        if learn:
+            code = _clip_code(xf, a)
+            inside = code == 0
+        else:
+            inside = (xf <= a) & (xf >= -a)
+    z = torch.where(inside, x, 0.0)
+    y = y + (z - z.detach())
     if learn:
-        above, below = xf >= a, xf <= -a
-        z = torch.where(above | below, 0.0, x)
-        za = torch.where(above, amax, torch.where(below, -amax, 0.0))
-        return y + (z - z.detach()) + (za - za.detach()).to(x.dtype)
-    z = torch.where((xf <= a) & (xf >= -a), x, 0.0)
-    return y + (z - z.detach())
+        za = amax * code
+        y = y + (za - za.detach()).to(x.dtype)
+    return y
 
 
 _CONSTANTS: dict[tuple[float, torch.device], torch.Tensor] = {}
@@ -237,7 +246,9 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
         quantizer into the elementwise work around it (LayerNorm, bias, GELU, the loss), which is where eager
         QAT loses its time. Used in training mode without a padding mask; evaluation and padded batches run
         eagerly. Values are the eager ones (the same ops; divisions rounded as eager where this torch's
-        inductor can be told to) and so are the gradients (see _fake_quant_traced)."""
+        inductor can be told to) and so are the gradients (see _fake_quant_traced). With `training_logits`
+        False (the fast path sets it) a compiled training step with labels returns the loss and no logits: the
+        Trainer reads the loss only, and accelerate's fp16 wrapper would copy the logits to fp32 every step."""
         self._regions = None
         if enabled:
             if scope not in ("model", "blocks"):
@@ -297,8 +308,10 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
         y = y @ q(mlp.c_proj.weight, WEIGHT_CLIP) + mlp.c_proj.bias
         return x + mlp.dropout(y)
 
-    def _head(self, x: torch.Tensor, wte: torch.Tensor | None, labels: torch.Tensor | None, loss_fn, **loss_kwargs):
-        """ln_f, the tied LM head (quantized: LightSeq's QuantLinear with the embedding quantizer), the loss."""
+    def _head(self, x: torch.Tensor, wte: torch.Tensor | None, labels: torch.Tensor | None, loss_fn,
+              keep_logits: bool = True, **loss_kwargs):
+        """ln_f, the tied LM head (quantized: LightSeq's QuantLinear with the embedding quantizer), the loss;
+        keep_logits=False returns no logits (a compiled training step then neither outputs nor keeps them)."""
         x = self.transformer.ln_f(x)
         if self.quant:
             logits = fake_quant(F.linear(fake_quant(x, self.transformer.ls_clips["output_ln_clip_max"]), wte),
@@ -308,13 +321,14 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
         loss = None
         if labels is not None:
             loss = loss_fn(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        return logits, loss
+        return (logits if keep_logits else None), loss
 
-    def _train_forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None, loss_fn, **loss_kwargs):
+    def _train_forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None, loss_fn, keep_logits: bool = True,
+                       **loss_kwargs):
         x, wte = self._embed(input_ids)
         for block in self.transformer.h:
             x = self._block(block, x)
-        return self._head(x, wte, labels, loss_fn, **loss_kwargs)
+        return self._head(x, wte, labels, loss_fn, keep_logits, **loss_kwargs)
 
     def forward(
         self,
@@ -341,19 +355,20 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
             mask = mask | torch.eye(t, dtype=torch.bool, device=input_ids.device)  # no all-masked rows (NaN)
         # the HF loss (resolved here: its property may log, which a compiled region would break on)
         loss_fn = self.loss_function if labels is not None else None
-        regions = getattr(self, "_regions", None)
+        regions, keep = getattr(self, "_regions", None), True
         if regions and self.training and mask is None and torch.is_grad_enabled():
             for v in (WEIGHT_CLIP, LOGITS_CLIP):  # made here, eagerly: the compiled graphs read them as inputs
                 _constant(float(v), input_ids.device)
+            keep = labels is None or getattr(self, "training_logits", True)
             if "model" in regions:
-                logits, loss = regions["model"](input_ids, labels, loss_fn, **kwargs)
+                logits, loss = regions["model"](input_ids, labels, loss_fn, keep, **kwargs)
                 return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits)
         else:
             regions = {"embed": self._embed, "block": self._block, "head": self._head}
         x, wte = regions["embed"](input_ids)
         for block in self.transformer.h:
             x = regions["block"](block, x, mask)
-        logits, loss = regions["head"](x, wte, labels, loss_fn, **kwargs)
+        logits, loss = regions["head"](x, wte, labels, loss_fn, keep, **kwargs)
         return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits)
 
 
