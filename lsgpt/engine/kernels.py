@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
@@ -293,28 +295,39 @@ def _config(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int
     return bm, bn, min(bk, max(32, triton.next_power_of_2(K))), 4, 3
 
 
-@functools.cache
-def _gemm_table() -> dict[str, dict[int, dict[str, tuple[int, int, int, int, int]]]]:
-    """LSGPT_GEMM_TABLE=<gemm_sweep.json>: its "table", per dtype, the largest row count an entry serves ->
-    {"KxN": (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)} (benchmarks/gemm_sweep.py writes it)."""
-    path = os.environ.get("LSGPT_GEMM_TABLE")
+def _sweep_table(var: str, what: str, entry: Callable[[Any], Any]) -> dict[str, dict[int, Any]] | None:
+    """The "table" of the sweep JSON that $var names (per dtype: the largest row count an entry serves -> entry(its
+    value)); None when $var is unset. A file that is not such a JSON: RuntimeError naming it."""
+    path = os.environ.get(var)
     if not path:
-        return {}
+        return None
     import json
 
     try:
         table = json.loads(open(path).read())["table"]
-        return {dtype: {int(rows): {shape: tuple(int(v) for v in cfg) for shape, cfg in by_shape.items()}
-                        for rows, by_shape in by_rows.items()} for dtype, by_rows in table.items()}
+        return {dtype: {int(rows): entry(v) for rows, v in by_rows.items()} for dtype, by_rows in table.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise RuntimeError(f"LSGPT_GEMM_TABLE={path}: not a gemm_sweep.json with a 'table' ({e})") from e
+        raise RuntimeError(f"{var}={path}: not {what} with a 'table' ({e})") from e
+
+
+def _covering(by_rows: dict[int, Any], rows: int) -> Any:
+    """A tuned table's entry for `rows`: the one of the smallest row count >= rows; None past the table."""
+    fits = [r for r in by_rows if r >= rows]
+    return by_rows[min(fits)] if fits else None
+
+
+@functools.cache
+def _gemm_table() -> dict[str, dict[int, dict[str, tuple[int, int, int, int, int]]]]:
+    """LSGPT_GEMM_TABLE=<gemm_sweep.json>: its "table", per dtype, the largest row count an entry serves ->
+    {"KxN": (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)} (benchmarks/gemm_sweep.py writes it)."""
+    return _sweep_table("LSGPT_GEMM_TABLE", "a gemm_sweep.json",
+                        lambda by_shape: {shape: tuple(int(v) for v in cfg) for shape, cfg in by_shape.items()}) or {}
 
 
 def _gemm_table_entry(M: int, N: int, K: int, int8: bool) -> tuple[int, int, int, int, int] | None:
     """The tuned tiles for [M, K] x [K, N]: the entry of the smallest row count >= M, if it lists this shape."""
-    by_rows = _gemm_table().get("int8" if int8 else "fp16", {})
-    fits = [r for r in by_rows if r >= M]
-    return by_rows[min(fits)].get(f"{K}x{N}") if fits else None
+    by_shape = _covering(_gemm_table().get("int8" if int8 else "fp16", {}), M)
+    return None if by_shape is None else by_shape.get(f"{K}x{N}")
 
 
 PDL_MAX_ROWS = 128  # PDL pays up to this many rows, not beyond (docs/decisions.md)
@@ -454,26 +467,16 @@ def keys_per_split(cache_len: int, splits: int, block_s: int) -> int:
 
 @functools.cache
 def _attention_table() -> dict[str, dict[int, tuple[int, int, int] | None]]:
-    path = os.environ.get("LSGPT_ATTENTION_TABLE")
-    if not path:
-        return ATTENTION_TABLE
-    import json
-
-    try:
-        table = json.loads(open(path).read())["table"]
-        return {dtype: {int(rows): None if cfg is None else tuple(int(v) for v in cfg) for rows, cfg in by_rows.items()}
-                for dtype, by_rows in table.items()}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RuntimeError(f"LSGPT_ATTENTION_TABLE={path}: not an attention_sweep.json with a 'table' ({e})") from e
+    table = _sweep_table("LSGPT_ATTENTION_TABLE", "an attention_sweep.json",
+                         lambda cfg: None if cfg is None else tuple(int(v) for v in cfg))
+    return ATTENTION_TABLE if table is None else table
 
 
 @functools.cache
 def _attention_config(rows: int, n_head: int, cache_len: int, int8: bool = True) -> tuple[int, int, int]:
     """(SPLITS, BLOCK_S, num_warps). From the tuned table when it has an entry for this many rows (decode);
     otherwise (prefill, or no table) split the keys when rows × heads alone would leave SMs idle."""
-    tuned = _attention_table().get("int8" if int8 else "fp16", {})
-    fits = [r for r in tuned if r >= rows]
-    entry = tuned[min(fits)] if fits else None
+    entry = _covering(_attention_table().get("int8" if int8 else "fp16", {}), rows)
     if entry is not None:
         split_len, block_s, warps = entry
         splits = 1

@@ -52,10 +52,13 @@ class Parsed:
     params: list[Any]  # SamplingParams per row
     stream: bool
     text: bool = False  # came as text_input: answer with text_output (the continuation's text)
+    owner_key: str = ""  # the key it carries for cancelling it in band (contract.CANCEL_KEY); '': not in band
+    gather: bool = False  # a stream may send several tokens in one response (contract.COALESCE)
 
 
-def parse(request, form: Form) -> Parsed:
-    """The request's prompts and per-row SamplingParams; BadRequest if it cannot be read as one."""
+def parse(request, form: Form, parameters: dict[str, Any]) -> Parsed:
+    """The request's prompts and per-row SamplingParams, with what its `parameters` (request_parameters) ask;
+    BadRequest if it cannot be read as one."""
     from lsgpt.engine.engine import SamplingParams
 
     inputs = {t.name(): t for t in request.inputs()}  # once (pb_utils.get_input_tensor_by_name lists them per call)
@@ -66,7 +69,7 @@ def parse(request, form: Form) -> Parsed:
     if form.max_batch and b > form.max_batch:  # Triton checks this too; keep the message ours
         raise BadRequest(f"batch size {b} exceeds max_batch_size {form.max_batch}")
     fields = _fields(inputs, b)
-    if _parameters(request).get(STRICT_LENGTH):
+    if parameters.get(STRICT_LENGTH):
         for f in fields:
             f["strict_length"] = True
     stream = _stream(inputs, b, form)
@@ -74,7 +77,9 @@ def parse(request, form: Form) -> Parsed:
         params = [SamplingParams(**f) for f in fields]
     except (TypeError, ValueError) as e:
         raise BadRequest(str(e)) from None
-    return Parsed(rows, params, stream, text=text)
+    key = parameters.get(CANCEL_KEY)
+    return Parsed(rows, params, stream, text=text, owner_key=key if isinstance(key, str) else "",
+                  gather=parameters.get(COALESCE) is True)
 
 
 def _prompts(inputs: dict[str, Any], tokenizer: Any) -> tuple[list[list[int]], bool]:
@@ -144,7 +149,7 @@ def _stream(inputs: dict[str, Any], b: int, form: Form) -> bool:
     return stream
 
 
-def _parameters(request) -> dict[str, Any]:
+def request_parameters(request) -> dict[str, Any]:
     """The request's parameters (JSON), {} when none or unreadable."""
     try:
         params = json.loads(request.parameters() or "{}")
@@ -153,10 +158,9 @@ def _parameters(request) -> dict[str, Any]:
     return params if isinstance(params, dict) else {}
 
 
-def cancel_target(request) -> tuple[str, str] | None:
+def cancel_target(params: dict[str, Any]) -> tuple[str, str] | None:
     """(request id, key) an in-band cancel names (request parameters contract.CANCEL and contract.CANCEL_KEY), or
     None for a normal request; BadRequest for a cancel without a key (it could stop nothing)."""
-    params = _parameters(request)
     target = params.get(CANCEL)
     if target is None:
         return None
@@ -166,13 +170,3 @@ def cancel_target(request) -> tuple[str, str] | None:
                          "only the request's owner may stop it")
     return str(target), key
 
-
-def coalesce(request) -> bool:
-    """Whether a stream may send several tokens in one response (request parameter contract.COALESCE)."""
-    return _parameters(request).get(COALESCE) is True
-
-
-def owner_key(request) -> str:
-    """The key a request carries for cancelling it in band (contract.CANCEL_KEY), or '' (not cancellable in band)."""
-    key = _parameters(request).get(CANCEL_KEY)
-    return key if isinstance(key, str) else ""

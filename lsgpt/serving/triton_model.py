@@ -45,7 +45,7 @@ from lsgpt.serving import responses
 from lsgpt.serving.cancel import CancelWatch, Watched
 from lsgpt.serving.metrics import Metrics
 from lsgpt.serving.outbox import Outbox, TokenStream
-from lsgpt.serving.requests import BadRequest, Form, Parsed, cancel_target, coalesce, owner_key, parse
+from lsgpt.serving.requests import BadRequest, Form, Parsed, cancel_target, parse, request_parameters
 
 try:  # present inside the Python backend stub only
     import triton_python_backend_utils as pb_utils
@@ -150,12 +150,13 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                target = cancel_target(request)
+                parameters = request_parameters(request)  # read once: the cancel, the key, the options
+                target = cancel_target(parameters)
                 if target is not None:  # an in-band cancel: flag the named request, answer this one at once
                     self.cancels.ask(*target)  # its row leaves at the next step; its FINAL says CANCELLED
                     sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
                     continue  # the same answer whether the id and key matched a request or not
-                q = parse(request, self.form)
+                q = parse(request, self.form, parameters)
                 self.scheduler.validate(q.prompts, q.params)  # the rules: the scheduler's; parse converts
                 self._submit(request, sender, q)
             except (BadRequest, RequestError) as e:
@@ -173,9 +174,9 @@ class TritonPythonModel:
         check = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", None)
         # a flag the decode loop reads; CancelWatch asks Triton, and an in-band cancel naming the request id and
         # the key the request carries (its owner's secret) sets it
-        cancelled = self.cancels.watch(check, request.request_id() or "", owner_key(request))
+        cancelled = self.cancels.watch(check, request.request_id() or "", q.owner_key)
         if self.decoupled:
-            self._submit_decoupled(sender, q, cancelled, coalesce(request))
+            self._submit_decoupled(sender, q, cancelled)
         else:
             self._submit_rows(sender, q, cancelled)
 
@@ -219,8 +220,8 @@ class TritonPythonModel:
             cancelled.close()  # execute() answers with the error
             raise
 
-    def _submit_decoupled(self, sender, q: Parsed, cancelled: Watched, gather: bool) -> None:
-        """One prompt; streamed: a response per token (with `gather`, contract.COALESCE: per tokens that gathered
+    def _submit_decoupled(self, sender, q: Parsed, cancelled: Watched) -> None:
+        """One prompt; streamed: a response per token (with q.gather, contract.COALESCE: per tokens that gathered
         while the previous send was in flight), then the end of the stream; else one response."""
         dec = None
         if self.tokenizer is not None and q.stream:
@@ -248,7 +249,7 @@ class TritonPythonModel:
             send(functools.partial(final_response, ids, err))
 
         on_token = None
-        if q.stream and gather:  # tokens that gather while a send is in flight go together
+        if q.stream and q.gather:  # tokens that gather while a send is in flight go together
             on_token = TokenStream(self.outbox, lane, tokens_response).add
         elif q.stream:  # one response a token
             on_token = lambda tok: send(functools.partial(tokens_response, [tok]))  # noqa: E731
