@@ -31,11 +31,6 @@ from lsgpt.contract import (
     text_error,
 )
 
-try:  # present inside the Python backend stub only
-    import triton_python_backend_utils as pb_utils
-except ImportError:  # pragma: no cover - imported outside Triton (docs, linters)
-    pb_utils = None
-
 
 class BadRequest(ValueError):
     """A request that cannot be converted: answered with INVALID_ARGUMENT."""
@@ -66,17 +61,18 @@ def parse(request, form: Form, parameters: dict[str, Any]) -> Parsed:
     BadRequest if it cannot be read as one."""
     from lsgpt.engine.engine import SamplingParams
 
-    rows, text = _prompts(request, form.tokenizer)
+    inputs = {t.name(): t for t in request.inputs()}  # once (pb_utils.get_input_tensor_by_name lists them per call)
+    rows, text = _prompts(inputs, form.tokenizer)
     b = len(rows)
     if b == 0:
         raise BadRequest("the request has no prompt (batch size 0)")
     if form.max_batch and b > form.max_batch:  # Triton checks this too; keep the message ours
         raise BadRequest(f"batch size {b} exceeds max_batch_size {form.max_batch}")
-    fields = _fields(request, b)
+    fields = _fields(inputs, b)
     if parameters.get(STRICT_LENGTH):
         for f in fields:
             f["strict_length"] = True
-    stream = _stream(request, b, form)
+    stream = _stream(inputs, b, form)
     try:
         params = [SamplingParams(**f) for f in fields]
     except (TypeError, ValueError) as e:
@@ -86,10 +82,10 @@ def parse(request, form: Form, parameters: dict[str, Any]) -> Parsed:
                   gather=parameters.get(COALESCE) is True)
 
 
-def _prompts(request, tokenizer: Any) -> tuple[list[list[int]], bool]:
+def _prompts(inputs: dict[str, Any], tokenizer: Any) -> tuple[list[list[int]], bool]:
     """The rows of token_ids, or text_input's texts encoded; and whether they came as text."""
-    t = pb_utils.get_input_tensor_by_name(request, TOKEN_IDS)
-    text_in = pb_utils.get_input_tensor_by_name(request, TEXT_INPUT)
+    t = inputs.get(TOKEN_IDS)
+    text_in = inputs.get(TEXT_INPUT)
     if t is None and text_in is None:
         raise BadRequest("give input 'token_ids' (INT32 ids) or 'text_input' (a string)")
     if t is not None and text_in is not None:
@@ -112,11 +108,11 @@ def _prompts(request, tokenizer: Any) -> tuple[list[list[int]], bool]:
     return [encode_prompt(tokenizer, x.decode() if isinstance(x, bytes) else str(x)) for x in texts], True
 
 
-def _fields(request, b: int) -> list[dict[str, Any]]:
+def _fields(inputs: dict[str, Any], b: int) -> list[dict[str, Any]]:
     """SamplingParams keyword arguments per row: the sampling inputs given (contract.PARAMS) and stop_words."""
     fields: list[dict[str, Any]] = [{} for _ in range(b)]
     for name, param in PARAMS.items():
-        p = pb_utils.get_input_tensor_by_name(request, name)
+        p = inputs.get(name)
         if p is None:
             continue
         v = p.as_numpy().reshape(-1)
@@ -125,7 +121,7 @@ def _fields(request, b: int) -> list[dict[str, Any]]:
             raise BadRequest(f"input '{name}' must have one value per row ([{b}, 1]), got shape {shape}")
         for row, x in enumerate(v.tolist()):
             fields[row][name] = param.type(x)
-    sw = pb_utils.get_input_tensor_by_name(request, STOP_WORDS)
+    sw = inputs.get(STOP_WORDS)
     if sw is not None:
         v = sw.as_numpy()
         v = v.reshape(1, -1) if v.ndim == 1 else v
@@ -136,9 +132,9 @@ def _fields(request, b: int) -> list[dict[str, Any]]:
     return fields
 
 
-def _stream(request, b: int, form: Form) -> bool:
+def _stream(inputs: dict[str, Any], b: int, form: Form) -> bool:
     """Whether to stream: the decoupled twin does unless the `stream` input says false; the others cannot."""
-    st = pb_utils.get_input_tensor_by_name(request, STREAM)
+    st = inputs.get(STREAM)
     stream = form.decoupled
     if st is not None:
         v = st.as_numpy().reshape(-1)
