@@ -94,7 +94,7 @@ serving29)  # issue 29; the overhead run also fills the Triton kernel cache the 
     [ -f "$MODELS/fp.hdf5" ] && [ -f "$MODELS/int8.hdf5" ] || export_random_model || exit 1
     for m in ${M29:-int8 fp}; do
         run 190 -m benchmarks.serving --sections "${SECTIONS29:-inflight,joiner}" --in-process --hdf5 "$MODELS/$m.hdf5" --concurrency "${CONC:-32,256}" \
-            --requests "${REQUESTS:-512}" --joiner-streams "${JOINER:-128}" ${PYSPY:+--py-spy $PYSPY} --out "$S29/$m"
+            --requests "${REQUESTS:-512}" --joiner-streams "${JOINER:-128}" ${PYSPY:+--py-spy $PYSPY} ${PYSPY_GIL:+--py-spy-gil} --out "$S29/$m"
         if [ -n "${BEFORE:-}" ]; then  # the same load served by $BEFORE's lsgpt (served only), on the same card
             dir="$(cd "$BEFORE" && pwd)"
             (cd "$dir" && PYTHONPATH="$dir:$PYTHONPATH" TRITON_CACHE_DIR=/tmp/triton-cache-before run 150 -m benchmarks.serving \

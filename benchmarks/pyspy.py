@@ -53,9 +53,11 @@ def summarize(raw: str, top: int = 12) -> dict:
 
 
 class Recording:
-    """py-spy over `pid` for `seconds`, starting `delay` s from now (a load level's steady part), in a thread."""
+    """py-spy over `pid` for `seconds`, starting `delay` s from now (a load level's steady part), in a thread;
+    `gil`: only the samples of the thread holding the GIL."""
 
-    def __init__(self, pid: int, seconds: float, delay: float = 0.3):
+    def __init__(self, pid: int, seconds: float, delay: float = 0.3, gil: bool = False):
+        self.gil = gil
         self.path = Path(tempfile.mkdtemp(prefix="lsgpt-pyspy-")) / "raw.txt"
         self.error: str | None = None
         self._thread = threading.Thread(target=self._run, args=(pid, seconds, delay), daemon=True)
@@ -64,7 +66,7 @@ class Recording:
     def _run(self, pid: int, seconds: float, delay: float) -> None:
         time.sleep(delay)
         cmd = [binary() or "py-spy", "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
-               "--rate", "250", "--format", "raw", "--nonblocking", "--threads", "-o", str(self.path)]
+               "--rate", "250", "--format", "raw", "--nonblocking", "--threads", "-o", str(self.path)] + ["--gil"] * self.gil
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
             if p.returncode:

@@ -213,7 +213,7 @@ def spy_on(a, server, model: str):
     from benchmarks import pyspy
 
     pid = server.stub_processes().get(f"{model}_0_0")
-    return None if pid is None else pyspy.Recording(pid, a.py_spy)
+    return None if pid is None else pyspy.Recording(pid, a.py_spy, gil=a.py_spy_gil)
 
 
 def inflight(a, url: str, model: str, hdf5: Path, server=None) -> dict:
@@ -409,6 +409,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
                    help="inflight: sample the served model's process with py-spy for SECONDS of each level")
+    p.add_argument("--py-spy-gil", action="store_true", help="--py-spy: only samples of the thread holding the GIL "
+                   "(who keeps the scheduler's thread waiting for it)")
     p.add_argument("--in-process", action="store_true", help="inflight: also the Scheduler in process, the fixed "
                    "batch and streamed TTFT/ITL (requests: at least 8 per client)")
     p.add_argument("--joiners", type=int, default=4, help="joiner: long prompts that join")

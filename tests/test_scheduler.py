@@ -55,18 +55,22 @@ class Collector:
             time.sleep(0.01)
 
 
-@pytest.mark.parametrize("defer_first", [False, True], ids=["first-token-at-once", "first-token-deferred"])
-def test_crowd_joining_and_leaving_gets_hf_greedy(engine, model, defer_first):
+@pytest.mark.parametrize("defer_first, ahead", [(False, 1), (True, 1), (True, 2), (True, 3)],
+                         ids=["first-token-at-once", "first-token-deferred", "2-steps-ahead", "3-steps-ahead"])
+def test_crowd_joining_and_leaving_gets_hf_greedy(engine, model, defer_first, ahead):
     """Requests of different prompt lengths and lengths join while others run; every one equals HF greedy.
     Deferred: the CUDA way (a prefill's first tokens read back after the next decode step is queued), on the
-    CPU; with a 1-token request, which ends on its first token while the step after its prefill includes it."""
+    CPU; with a 1-token request, which ends on its first token while the step after its prefill includes it.
+    Ahead: tokens read back 2 or 3 steps after their step (LSGPT_DECODE_AHEAD): rows that finished keep
+    computing until noticed, their slots reused at once, without a token of theirs reaching the next request."""
     from lsgpt.engine.engine import SamplingParams
     from lsgpt.engine.scheduler import Scheduler
 
     prompts = [[5, 17, 300], [42, 7, 7, 900, 13, 2, 64], [101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 1], [9],
                [700, 701], [33, 34]]
     lengths = [30, 5, 12, 20, 3, 1]
-    s = Scheduler(engine, max_rows=3, max_queue=16)  # fewer rows than requests: some wait for a free row
+    # fewer rows than requests: some wait for a row, and (admit_every 1) take it the step after it is noticed free
+    s = Scheduler(engine, max_rows=3, max_queue=16, ahead=ahead, admit_every=1)
     s.defer_first = defer_first
     try:
         c = Collector()
@@ -82,6 +86,31 @@ def test_crowd_joining_and_leaving_gets_hf_greedy(engine, model, defer_first):
             ids, err = c.done[i]
             assert err is None
             assert ids == tiny.hf_greedy(model, p, n), f"request {i} differs from HF greedy"
+        assert s.running == 0 and s.stats.generated_tokens == sum(lengths)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("ahead", [1, 2, 3])
+def test_slots_reused_while_steps_are_in_flight_get_no_stale_token(engine, model, ahead):
+    """Tokens read back `ahead` steps late (LSGPT_DECODE_AHEAD): a queue longer than the running set, admitted
+    the step a row is noticed finished, puts each new request in a slot whose earlier occupant still has steps in
+    flight. Every request must equal HF greedy of its own prompt (a token of the slot's earlier occupant handed
+    to the newcomer would show)."""
+    from lsgpt.engine.engine import SamplingParams
+    from lsgpt.engine.scheduler import Scheduler
+
+    prompts = [[5 + i, 17, 300 + i] for i in range(7)]
+    lengths = [3, 9, 2, 6, 4, 1, 5]
+    s = Scheduler(engine, max_rows=2, max_queue=16, ahead=ahead, admit_every=1)
+    try:
+        c = Collector()
+        with s._cv:  # all queued at once: two run, five wait for a slot
+            for i, (p, n) in enumerate(zip(prompts, lengths)):
+                s.submit(p, SamplingParams(max_new_tokens=n, top_k=1, ignore_eos=True), c.cb(i))
+        c.wait(len(prompts))
+        for i, (p, n) in enumerate(zip(prompts, lengths)):
+            assert c.done[i] == (tiny.hf_greedy(model, p, n), None), f"request {i} (ahead {ahead})"
         assert s.running == 0 and s.stats.generated_tokens == sum(lengths)
     finally:
         s.close()

@@ -78,6 +78,12 @@ AUTO_KV_FRACTION = 0.4  # of the free GPU memory at start-up, for one model's KV
 CPU_ROWS = 32  # "auto" on the CPU: an fp32 cache of 256 rows x 1024 steps would be GBs, and a CPU step is linear in rows
 PREFILL_TOKENS = {"cuda": 2048, "cpu": 512}  # default token budget of one loop's prefill (docs/decisions.md)
 ADMIT_EVERY = {"cuda": 16, "cpu": 8}  # default decode steps between admissions while rows run
+# Decode steps queued on the GPU ahead of the host reading their tokens back (CUDA; the CPU computes in place: 1).
+# With 1, the host must read step n and launch step n+2 within step n+1's GPU time, or the GPU idles; a served
+# model's scheduler thread shares the GIL with request intake and response sends, and a wait for it longer than a
+# step idled the GPU. Each step ahead lets the host fall one step further behind, for one more step a finished
+# row keeps its slot. LSGPT_DECODE_AHEAD overrides it.
+DECODE_AHEAD = {"cuda": 1, "cpu": 1}
 MAX_GROUP = 32  # prompts prefilled in one forward at most (bounds the warm-up's shapes)
 GRAPH_MIN_T = 16  # the shortest prompt length a prefill graph is captured for (the next: 32, 64, ... the budget)
 
@@ -148,18 +154,23 @@ class Stats:
 
 class Scheduler:
     def __init__(self, engine: Engine, max_rows: int | str = 32, max_queue: int = 256,
-                 prefill_tokens: int | None = None, admit_every: int | None = None):
+                 prefill_tokens: int | None = None, admit_every: int | None = None, ahead: int | None = None):
         """max_rows: the running set (an integer, or "auto": `running_rows`); prefill_tokens: the padded tokens
         one loop iteration may prefill (None: PREFILL_TOKENS of the device; a longer prompt goes in chunks);
-        admit_every: decode steps between admissions while rows run (None: ADMIT_EVERY of the device)."""
+        admit_every: decode steps between admissions while rows run (None: ADMIT_EVERY of the device); ahead:
+        decode steps launched before the oldest one's tokens are read back (None: $LSGPT_DECODE_AHEAD, else
+        DECODE_AHEAD of the device)."""
         max_rows = running_rows(engine, max_rows)
         self.engine, self.max_rows, self.max_queue = engine, max_rows, max_queue
         c, m, dev = engine.config, engine.model, engine.device
         kind = "cuda" if dev.type == "cuda" else "cpu"
         self.prefill_tokens = int(prefill_tokens or PREFILL_TOKENS[kind])
         self.admit_every = int(admit_every or ADMIT_EVERY[kind])
-        if self.prefill_tokens < 1 or self.admit_every < 1:
-            raise ValueError("prefill_tokens and admit_every must be >= 1")
+        env_ahead = os.environ.get("LSGPT_DECODE_AHEAD", "").strip()
+        self.ahead = ahead or (int(env_ahead) if env_ahead.isdigit() else -1 if env_ahead else DECODE_AHEAD[kind])
+        if self.prefill_tokens < 1 or self.admit_every < 1 or self.ahead < 1:
+            raise ValueError(f"prefill_tokens, admit_every and ahead must be >= 1 (LSGPT_DECODE_AHEAD="
+                             f"{env_ahead!r}: a whole number of decode steps >= 1)")
         self._chunking: Request | None = None  # the prompt being prefilled in chunks (its slot taken, not decoded)
         # CUDA: groups of whole prompts prefill through CUDA graphs captured per (prompts, tokens) bucket, padded
         # up to it; their padding rows write cache row max_rows (the sink), which no decode step reads
@@ -183,11 +194,11 @@ class Scheduler:
         if engine.cuda_graphs:  # capture now: capture writes slot 0..n-1 at position 0, harmless only while empty
             for n in self.buckets:
                 self.graphs[n] = engine.capture_decode(self._prefix(n), n)
-        # tokens of the latest step, read back while the next step runs (CUDA: pinned buffers + an event)
+        # tokens of the latest steps, read back while the next `ahead` steps run (CUDA: pinned buffers + an event)
         self._cuda = cuda = dev.type == "cuda"
-        self._host = [torch.zeros(max_rows, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._host = [torch.zeros(max_rows, dtype=torch.long, pin_memory=cuda) for _ in range(self.ahead + 1)]
         self._flip = 0
-        self._pending: tuple | None = None  # (host tokens, n, event, rows at launch)
+        self._pending: collections.deque[tuple] = collections.deque()  # (host tokens, n, event, rows at launch)
         self._firsts: list[tuple] = []  # (host tokens, event, requests) of prefills not yet read back
         self.defer_first = cuda  # a prefill's first tokens read back after the next step is queued (CUDA: no wait)
         self._since_admit = 0
@@ -351,7 +362,7 @@ class Scheduler:
         name_thread("lsgpt-sched")
         while True:
             if self.running == 0:
-                self._pending = None  # the last step's tokens belong to rows that have all finished
+                self._pending.clear()  # the last steps' tokens belong to rows that have all finished
                 self._firsts = []
             with self._cv:
                 while not self._stop and not self._queue and self.running == 0:
@@ -371,7 +382,8 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - a failed step fails its rows; the loop keeps serving
                 err = RuntimeError(f"generation failed: {type(e).__name__}: {e}")
                 traceback.print_exc()
-                self._pending, self._firsts = None, []
+                self._pending.clear()
+                self._firsts = []
                 if self._chunking is not None:
                     self.stats.failed += 1
                     self._finish(self._drop_chunking(), None, err)
@@ -554,23 +566,23 @@ class Scheduler:
             nxt = sample(logits, self.params[:n], self.pos[:n] + 1)  # counters: the positions of the new tokens
         self.tok[:n] = nxt
         self.pos[:n] += 1
-        # Read this step's tokens back while the next step runs: a row that finished is noticed one step
-        # late (its extra token is dropped: the row's slot no longer holds that request).
+        # Read this step's tokens back while the next `ahead` steps run: a row that finished is noticed that many
+        # steps late (its extra tokens are dropped: the row's slot no longer holds that request).
         host = self._host[self._flip]
-        self._flip ^= 1
+        self._flip = (self._flip + 1) % len(self._host)  # (its last reader was collected: ahead + 1 buffers)
         host[:n].copy_(nxt, non_blocking=True)
         event = None
         if nxt.is_cuda:
             event = torch.cuda.Event()
             event.record()
-        prev, self._pending = self._pending, (host, n, event, list(self.rows[:n]))
+        self._pending.append((host, n, event, list(self.rows[:n])))
         firsts, self._firsts = self._firsts, []
         for host, event, group in firsts:  # the first tokens of the requests admitted before this step
             if event is not None:
                 event.synchronize()
             self._emit_all([r if self.rows[r.slot] is r else None for r in group], host.tolist())
-        if prev is not None:
-            self._collect(prev)
+        while len(self._pending) > self.ahead:
+            self._collect(self._pending.popleft())
 
     def _collect(self, pending: tuple) -> None:
         host, n, event, rows = pending
