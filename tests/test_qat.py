@@ -259,6 +259,79 @@ def test_quantized_forward_close_to_float(hf_model):
     assert one >= 0.975 and two >= 0.9995
 
 
+def _hf_clip_points(model: GPT2LMHeadModel, batches: list[torch.Tensor]) -> dict[str, float]:
+    """Oracle for calibrate_clips: max |x| at each learned clip point of a plain HF GPT-2, from forward hooks
+    (LN outputs, the inputs of the Conv1D layers, and input @ weight for the GEMM outputs before their bias)."""
+    seen: dict[str, float] = {}
+
+    def keep(name: str, t: torch.Tensor) -> None:
+        seen[name] = max(seen.get(name, 0.0), t.detach().abs().max().item())
+
+    hooks = []
+    for i, block in enumerate(model.transformer.h):
+        p = fmt.CLIP_PREFIX_LAYER.format(i=i)
+        for mod, out_name, in_name, gemm_name in (
+            (block.ln_1, "multihead_ln_clip_max", None, None),
+            (block.ln_2, "ffn_ln_clip_max", None, None),
+            (block.attn.c_attn, None, None, "multihead_qkv_dense_clip_max"),
+            (block.attn.c_proj, None, "multihead_project_output_clip_max", "multihead_output_dense_clip_max"),
+            (block.mlp.c_fc, None, None, "ffn_first_output_clip_max"),
+            (block.mlp.c_proj, None, "ffn_first_act_clip_max", None),
+        ):
+            def hook(m, inp, out, p=p, out_name=out_name, in_name=in_name, gemm_name=gemm_name):
+                if out_name:
+                    keep(p + out_name, out)
+                if in_name:
+                    keep(p + in_name, inp[0])
+                if gemm_name:
+                    keep(p + gemm_name, inp[0] @ m.weight)
+            hooks.append(mod.register_forward_hook(hook))
+    hooks.append(model.transformer.ln_f.register_forward_hook(
+        lambda m, i, o: keep(fmt.CLIP_PREFIX_EMB + "output_ln_clip_max", o)))
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    seen[fmt.CLIP_PREFIX_EMB + "emb_clip_max"] = model.transformer.wte.weight.abs().max().item()
+    return seen
+
+
+def test_calibrated_clips_are_max_abs_at_each_clip_point():
+    """calibrate_clips sets every learned clip to the max |x| HF's own forward shows at that point over all the
+    batches; the frozen clip keeps LightSeq's constant, the weights are untouched, and the model is left as it was
+    (training mode, quantizers on)."""
+    from lsgpt.training.qat import calibrate_clips
+
+    torch.manual_seed(5)
+    hf = GPT2LMHeadModel(tiny_config(initializer_range=0.2)).eval()  # clips of 0.8..8, far from the fixed ones
+    batches = [torch.randint(0, 300, (2, 24)), torch.randint(0, 300, (3, 40))]
+    want = _hf_clip_points(hf, batches)
+    qat = to_qat(hf).train()
+    weights = {k: v.clone() for k, v in qat.state_dict().items() if ".ls_clips." not in k}
+    got = calibrate_clips(qat, [{"input_ids": b} for b in batches])
+    state = qat.clip_state()
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-5) and state[k] == pytest.approx(v, rel=1e-5), k
+    for i in range(2):
+        assert state[fmt.CLIP_PREFIX_LAYER.format(i=i) + "self_qkv_bias_out_clip_max"] == fmt.ACT_CLIP_INIT
+    assert all(torch.equal(v, qat.state_dict()[k]) for k, v in weights.items())
+    assert qat.training and qat.quant and qat._observed is None
+    assert all(p.grad is None for p in qat.parameters())  # calibration runs without autograd
+
+
+def test_from_pretrained_says_whether_the_clips_were_loaded(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path / "fp")
+    assert QuantGPT2LMHeadModel.from_pretrained(tmp_path / "fp").clips_loaded is False
+    to_qat(hf_model).save_pretrained(tmp_path / "qat")
+    back, info = QuantGPT2LMHeadModel.from_pretrained(tmp_path / "qat", output_loading_info=True)
+    assert back.clips_loaded is True and not info["missing_keys"]
+    assert to_qat(hf_model).clips_loaded is False
+
+
 def test_save_load_roundtrip(tmp_path, hf_model):
     qat = to_qat(hf_model)
     with torch.no_grad():

@@ -26,7 +26,9 @@ unexpected keys it ignores). With quantization disabled the forward pass equals 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +171,7 @@ class ClipSet(nn.ParameterDict):
         super().__init__({n: nn.Parameter(torch.tensor(float(v)), requires_grad=n not in frozen)
                           for n, v in inits.items()})
         self.inits = dict(inits)
+        self.frozen = tuple(frozen)
 
     def reset(self) -> None:
         with torch.no_grad():
@@ -198,6 +201,8 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
             block.ls_clips = ClipSet(layer_clip_inits(), frozen=FROZEN_ACT_CLIPS)
         self.transformer.ls_clips = ClipSet(EMB_CLIPS)
         self.quant = bool(getattr(config, CONFIG_FLAG, True))
+        self.clips_loaded = False  # from_pretrained: True when the checkpoint held clips (a QAT checkpoint)
+        self._observed: dict[int, torch.Tensor] | None = None  # calibration: id(clip) -> max |x| seen at it
         setattr(config, CONFIG_FLAG, self.quant)
 
     def _initialize_missing_keys(self, *args, **kwargs) -> None:
@@ -217,12 +222,14 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        model = model[0] if isinstance(model, tuple) else model
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         bad = {k: v for k, v in model.clip_state().items() if not (math.isfinite(v) and v > 0)}
         if bad:
             raise ValueError(f"invalid clip values after loading (not finite or <= 0): {dict(list(bad.items())[:4])}")
-        return model
+        # an fp16 (plain GPT-2) checkpoint misses every clip; a QAT checkpoint holds them
+        model.clips_loaded = not any(".ls_clips." in k for k in info.get("missing_keys", ()))
+        return (model, info) if want_info else model
 
     def set_quant(self, enabled: bool) -> QuantGPT2LMHeadModel:
         self.quant = bool(enabled)
@@ -270,7 +277,41 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
     # -- forward ---------------------------------------------------------------------------
 
     def _q(self, x: torch.Tensor, amax: torch.Tensor | float) -> torch.Tensor:
+        """Every quantizer of the forward goes through here: fake quantization, or (observing_clips) a record
+        of max |x| at a learned clip and x itself."""
+        if self._observed is not None:
+            if isinstance(amax, torch.Tensor) and id(amax) in self._observed:
+                seen = self._observed[id(amax)]
+                torch.maximum(seen, x.detach().abs().amax().float(), out=seen)
+            return x
         return fake_quant(x, amax) if self.quant else x
+
+    def learned_clips(self) -> dict[str, nn.Parameter]:
+        """The clips QAT learns, by state-dict name: not the frozen ones (nor the weight and logits
+        constants, which are no parameters)."""
+        out = {CLIP_PREFIX_EMB + n: p for n, p in self.transformer.ls_clips.items()
+               if n not in self.transformer.ls_clips.frozen}
+        for i, block in enumerate(self.transformer.h):
+            out.update({CLIP_PREFIX_LAYER.format(i=i) + n: p for n, p in block.ls_clips.items()
+                        if n not in block.ls_clips.frozen})
+        return out
+
+    @contextlib.contextmanager
+    def observing_clips(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Calibration mode: forwards run the quantized model's dataflow with every quantizer off (evaluation
+        mode, no gradients) and the yielded dict, {learned clip's name: max |x| at its clip point}, fills in."""
+        clips = self.learned_clips()
+        stats = {n: torch.zeros((), device=p.device) for n, p in clips.items()}
+        was_training, quant = self.training, self.quant
+        self._observed = {id(p): stats[n] for n, p in clips.items()}
+        self.quant = True  # the quantized dataflow (tied quantized embedding, LM head), through _q
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield stats
+        finally:
+            self._observed, self.quant = None, quant
+            self.train(was_training)
 
     def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token + position embedding, and (quantizers on) the quantized tied embedding: one copy serves the
@@ -279,7 +320,7 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
         if not self.quant:
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)
             return tr.drop(tr.wte(input_ids) + tr.wpe(pos)), None
-        wte = fake_quant(tr.wte.weight, tr.ls_clips["emb_clip_max"])
+        wte = self._q(tr.wte.weight, tr.ls_clips["emb_clip_max"])
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         return tr.drop(F.embedding(input_ids, wte) + tr.wpe(pos)), wte
 
@@ -314,8 +355,7 @@ class QuantGPT2LMHeadModel(GPT2LMHeadModel):
         keep_logits=False returns no logits (a compiled training step then neither outputs nor keeps them)."""
         x = self.transformer.ln_f(x)
         if self.quant:
-            logits = fake_quant(F.linear(fake_quant(x, self.transformer.ls_clips["output_ln_clip_max"]), wte),
-                                LOGITS_CLIP)
+            logits = self._q(F.linear(self._q(x, self.transformer.ls_clips["output_ln_clip_max"]), wte), LOGITS_CLIP)
         else:
             logits = self.lm_head(x)
         loss = None
@@ -384,6 +424,33 @@ def to_qat(model: GPT2LMHeadModel, quant: bool = True) -> QuantGPT2LMHeadModel:
     return qat.to(next(model.parameters()).device)
 
 
+def calibrate_clips(model: QuantGPT2LMHeadModel, batches: Iterable[dict[str, torch.Tensor]],
+                    reduce_max=None) -> dict[str, float]:
+    """Set every learned clip to max |x| at its clip point over `batches` (quantizers off), as the exporter's
+    post-training calibration does; frozen and fixed clips keep their values. `reduce_max(t)` combines a
+    vector of maxima across processes in place (DDP: all-reduce MAX), so every rank sets the same clips.
+    -> the values set, by state-dict name."""
+    n = 0
+    with model.observing_clips() as stats:
+        for batch in batches:
+            model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+            n += 1
+    if n == 0 and reduce_max is None:
+        raise ValueError("clip calibration needs at least one batch")
+    names = list(stats)
+    seen = torch.stack([stats[k] for k in names])
+    if reduce_max is not None:
+        reduce_max(seen)
+    seen = seen.clamp_min(1e-3)  # the exporter's floor: a clip of 0 would divide by zero
+    if not bool(torch.isfinite(seen).all()):
+        raise ValueError("clip calibration saw non-finite activations")
+    clips = model.learned_clips()
+    with torch.no_grad():
+        for k, v in zip(names, seen):
+            clips[k].copy_(v)
+    return dict(zip(names, seen.tolist()))
+
+
 def clip_parameter_names(model: nn.Module) -> list[str]:
     """Names of the trainable clip parameters."""
     return [n for n, p in model.named_parameters() if ".ls_clips." in n and p.requires_grad]
@@ -392,6 +459,7 @@ def clip_parameter_names(model: nn.Module) -> list[str]:
 __all__ = [
     "ClipSet",
     "QuantGPT2LMHeadModel",
+    "calibrate_clips",
     "fake_quant",
     "to_qat",
     "EMB_CLIPS",

@@ -66,7 +66,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from lsgpt.text import encode_paragraph, load_tokenizer
 from lsgpt.training import fasttrain
-from lsgpt.training.qat import CONFIG_FLAG, QuantGPT2LMHeadModel
+from lsgpt.training.qat import CONFIG_FLAG, QuantGPT2LMHeadModel, calibrate_clips
 
 logger = logging.getLogger("train")
 CACHE_VERSION = 1  # bump when the tokenization or the cache layout changes
@@ -104,6 +104,16 @@ class ModelArguments:
         default=True,
         metadata={"help": "QAT from an fp16 Trainer checkpoint (checkpoint-N, with optimizer.pt): start from its Adam "
                   "moments for the shared weights (false: a fresh Adam)"},
+    )
+    clip_init: str = field(
+        default="calibrate",
+        metadata={"help": "QAT from weights without clips (an fp16 checkpoint, or from scratch): 'calibrate' sets "
+                  "each learned clip to max |x| at its clip point over --clip_calibration_batches training batches; "
+                  "'fixed' keeps LightSeq's initial constants. Clips loaded from a QAT checkpoint are kept either way",
+                  "choices": ["calibrate", "fixed"]},
+    )
+    clip_calibration_batches: int = field(
+        default=8, metadata={"help": "--clip_init calibrate: training batches per process (quantizers off)"}
     )
 
 
@@ -477,6 +487,8 @@ def parse_args(argv: list[str] | None):
         parser.error("--train_file is required")
     if not (model_args.tokenizer_name or model_args.model_name_or_path or training_args.resume_from_checkpoint):
         parser.error("give --tokenizer_name (or --model_name_or_path) for the tokenizer")
+    if model_args.clip_calibration_batches < 1:
+        parser.error("--clip_calibration_batches must be at least 1")
     return model_args, data_args, training_args, overwrite
 
 
@@ -501,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("train %d blocks (%d tokens), validation %d blocks", len(train_ds), train_ds.n_tokens,
                 len(eval_ds) if eval_ds else 0)
 
+    clip_init = init_clips(model, model_args, args, train_ds) if model_args.enable_quant else None
     carry_from = resume if (resume and trainer_resume is None and model_args.enable_quant
                             and model_args.carry_optimizer_state and is_trainer_checkpoint(resume)
                             and not checkpoint_is_qat(resume)) else None
@@ -518,9 +531,52 @@ def main(argv: list[str] | None = None) -> int:
     add_final_metrics(metrics, trainer, result, eval_ds)
     if args.process_index == 0:
         metrics.update(global_step=trainer.state.global_step, steps_run=counter.steps, resumed_from=trainer_resume,
-                       init_from=init_from, enable_quant=model_args.enable_quant, fast_path=fast)
+                       init_from=init_from, enable_quant=model_args.enable_quant, fast_path=fast, clip_init=clip_init)
         write_outputs(trainer, tok, args, metrics, model_args.enable_quant, eval_ds is not None)
     return 0
+
+
+def init_clips(model: QuantGPT2LMHeadModel, model_args: ModelArguments, args: TrainingArguments,
+               train_ds: BlockDataset) -> str:
+    """QAT's starting clips -> how they were set: "checkpoint" (a QAT checkpoint's, kept: resuming must not
+    recalibrate), "fixed" (LightSeq's constants) or "calibrate" (max |x| over a few training batches, the
+    default: LightSeq's constants cost the H100 run 10.6% perplexity at QAT's start; docs/decisions.md)."""
+    if model.clips_loaded:
+        logger.info("QAT clips from the checkpoint")
+        return "checkpoint"
+    if model_args.clip_init == "fixed":
+        logger.info("QAT clips start at LightSeq's fixed constants (--clip_init fixed)")
+        return "fixed"
+    model.to(args.device)  # the Trainer would move it there anyway
+    batches = calibration_batches(train_ds, model_args.clip_calibration_batches, args.per_device_train_batch_size,
+                                  args.seed, args.process_index, args.world_size, args.device)
+    clips = calibrate_clips(model, batches, reduce_max=_all_reduce_max if args.world_size > 1 else None)
+    logger.info("QAT clips calibrated (max |x| over %d blocks x %d processes, quantizers off): %s",
+                sum(len(b["input_ids"]) for b in batches), args.world_size, summarize_clips(clips))
+    return "calibrate"
+
+
+def calibration_batches(ds: BlockDataset, n: int, batch_size: int, seed: int, rank: int, world: int,
+                        device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """This process's share of n * world batches of training blocks, drawn with their own generator (the
+    global RNG, hence the training order and dropout, stays as it would be without calibration)."""
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    mine = order[: n * batch_size * world][rank::world].tolist()
+    batches = [default_data_collator([ds[i] for i in mine[j:j + batch_size]]) for j in range(0, len(mine), batch_size)]
+    return [{k: v.to(device) for k, v in b.items() if k != "labels"} for b in batches]
+
+
+def _all_reduce_max(t: torch.Tensor) -> None:
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+
+
+def summarize_clips(clips: dict[str, float]) -> str:
+    """One line: the embedding clips, then each layer clip's range over the layers."""
+    by_name: dict[str, list[float]] = {}
+    for k, v in clips.items():
+        by_name.setdefault(k.rsplit(".", 1)[1].removesuffix("_clip_max"), []).append(v)
+    return ", ".join(f"{n} {min(v):.3g}" if len(v) == 1 else f"{n} {min(v):.3g}..{max(v):.3g}"
+                     for n, v in by_name.items())
 
 
 def remove_stale_exports(paths: list[Path]) -> None:
