@@ -320,13 +320,20 @@ def _draw(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, 
     return ids.gather(1, torch.minimum(j, last))[:, 0]
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingParams], counters: torch.Tensor) -> torch.Tensor:
+def sample(logits: torch.Tensor, rows: Sequence[SamplingParams], counters: torch.Tensor,
+           drawn: Sequence[int] | None = None, suppress: tuple[int, ...] | None = None) -> torch.Tensor:
     """Next token per row: the suppressed ids removed, then greedy rows take the argmax and the others draw
     (temperature, top-k, top-p) all at once; `counters` [B] (on the logits' device): the position of the token
-    each row draws. No host synchronisation: the sampled rows' parameters go up in two copies from pinned memory."""
-    logits = suppressed(logits, rows)
+    each row draws. No host synchronisation: the sampled rows' parameters go up in two copies from pinned memory.
+    A caller that keeps them (the scheduler, every step) may pass `drawn`, the rows that do not sample greedily,
+    and `suppress`, the one suppress set of every row, instead of a pass over the rows to find them."""
+    if suppress is None:
+        logits = suppressed(logits, rows)
+    elif suppress:
+        logits = logits.index_fill_(1, _id_tensor(tuple(suppress), logits.device), float("-inf"))
     greedy = argmax_rows(logits)
-    drawn = [b for b, sp in enumerate(rows) if not sp.greedy]
+    if drawn is None:
+        drawn = [b for b, sp in enumerate(rows) if not sp.greedy]
     if not drawn:
         return greedy
     sps = [rows[b] for b in drawn]

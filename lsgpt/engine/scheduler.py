@@ -185,6 +185,11 @@ class Scheduler:
         self.free = list(range(max_rows))  # heap: the lowest free slot first keeps the batch compact
         self.idle = replace(IDLE, suppress=engine.suppress)  # as the running rows: one suppress set, one fill
         self.params = [self.idle] * max_rows
+        # kept as rows join and leave, so that a step needs no pass over every row to find them: the busiest
+        # occupied slot, the slots that sample (not greedy), and the rows whose suppress set is not the engine's
+        self._top = -1
+        self._drawn: set[int] = set()
+        self._own_suppress = 0
         self.pen = Penalties.neutral(max_rows, c.vocab, dev)  # a free slot's penalties are neutral
         self.buckets = [b for b in (*ROW_BUCKETS, 512) if b < max_rows] + [max_rows]
         self.graphs: dict[int, GraphedDecode] = {}
@@ -274,6 +279,7 @@ class Scheduler:
             left = [r for r in [*self.rows, self._chunking] if r is not None] + list(self._queue)
             self._queue.clear()
             self.rows = [None] * self.max_rows
+            self._top = -1
             self._chunking = None
         for r in left:
             self._finish(r, None, err)
@@ -419,8 +425,7 @@ class Scheduler:
         if not joining:
             return
         for req in joining:
-            self.rows[req.slot] = req
-            self._penalized += req.params.penalized
+            self._occupy(req)
         self._prefill(joining)
 
     def _take(self, budget: int) -> list[Request]:
@@ -480,8 +485,7 @@ class Scheduler:
         self.stats.chunks += 1
         if last:
             self._chunking = None
-            self.rows[r.slot] = r
-            self._penalized += r.params.penalized
+            self._occupy(r)
             idx = torch.full((1,), r.slot, dtype=torch.long, device=dev)
             self._first_tokens([r], idx, logits, whole[None], torch.full((1,), n, dtype=torch.long, device=dev))
         return C
@@ -530,7 +534,7 @@ class Scheduler:
         pen = self.pen
         params = [r.params for r in group]
         for r in group:
-            self.params[r.slot] = r.params
+            self._set_params(r.slot, r.params)
         penalized = any(sp.penalized for sp in params)
         if penalized:
             pen.assign(idx, Penalties.start(params, tokens, plen, pen.seen.shape[1]))
@@ -550,20 +554,27 @@ class Scheduler:
         else:
             self._emit_all(group, nxt.tolist())
 
+    def _occupy(self, r: Request) -> None:
+        """A request takes its slot's row (its params are set when its first token is sampled: _first_tokens)."""
+        self.rows[r.slot] = r
+        self._top = max(self._top, r.slot)
+        self._penalized += r.params.penalized
+
     def _step(self) -> None:
-        busiest = max(r.slot for r in self.rows if r is not None)
-        n = next(k for k in self.buckets if k > busiest)
+        n = next(k for k in self.buckets if k > self._top)  # (_top: the busiest running row's slot)
         tok, pos = self.tok[:n, None], self.pos[:n, None].clamp(max=self.engine.config.max_step - 1)
         if n in self.graphs:
             logits = self.graphs[n](tok, pos)
         else:
             logits = self.engine.decode(tok, pos, self._prefix(n))
+        # counters: the positions of the new tokens; the drawing rows and the one suppress set, as kept
+        hints = dict(drawn=sorted(self._drawn), suppress=None if self._own_suppress else self.idle.suppress)
         if self._penalized:  # some running row has a penalty (every running row is within [0, n))
             pen = self.pen.select(slice(0, n))
-            nxt = sample(pen.apply(logits), self.params[:n], self.pos[:n] + 1)
+            nxt = sample(pen.apply(logits), self.params[:n], self.pos[:n] + 1, **hints)
             pen.update(nxt)
         else:
-            nxt = sample(logits, self.params[:n], self.pos[:n] + 1)  # counters: the positions of the new tokens
+            nxt = sample(logits, self.params[:n], self.pos[:n] + 1, **hints)
         self.tok[:n] = nxt
         self.pos[:n] += 1
         # Read this step's tokens back while the next `ahead` steps run: a row that finished is noticed that many
@@ -580,7 +591,7 @@ class Scheduler:
         for host, event, group in firsts:  # the first tokens of the requests admitted before this step
             if event is not None:
                 event.synchronize()
-            self._emit_all([r if self.rows[r.slot] is r else None for r in group], host.tolist())
+            self._emit_all(group, host.tolist())
         while len(self._pending) > self.ahead:
             self._collect(self._pending.popleft())
 
@@ -588,18 +599,20 @@ class Scheduler:
         host, n, event, rows = pending
         if event is not None:
             event.synchronize()  # the step's one host synchronisation, with the next step already queued
-        cur = self.rows
-        self._emit_all([r if r is not None and cur[b] is r else None for b, r in enumerate(rows)],
-                       host[:n].tolist())
+        self._emit_all(rows, host[:n].tolist())
 
     def _emit_all(self, rows: list[Request | None], toks: list[int]) -> None:
-        """Each row's new token (None: a row that left meanwhile, its token dropped): cancellation, metrics,
-        callbacks, and the end of the rows that finish (EOS, a stop sequence, the length limit)."""
+        """Each row's new token: cancellation, metrics, callbacks, and the end of the rows that finish (EOS, a
+        stop sequence, the length limit). A row no longer in its slot (None, or it left since) has its token
+        dropped. Runs every step for every row, on the GIL a served model's other threads share: the per-row
+        path is kept short (row_finished, the one definition, is asked only when EOS, the limit or a stop
+        sequence can apply)."""
         now = time.monotonic()
-        st, eos_id = self.stats, self.engine.config.eos_id
+        st, eos_id, cur = self.stats, self.engine.config.eos_id, self.rows
         ttft, itl = st.ttft, st.itl
+        emitted = 0
         for r, tok in zip(rows, toks):
-            if r is None:
+            if r is None or cur[r.slot] is not r:
                 continue
             if r.cancelled is not None and r.cancelled():
                 self._release(r)
@@ -612,22 +625,37 @@ class Scheduler:
             else:
                 itl.append(now - r.last)
             r.last = now
-            r.tokens.append(tok)
-            st.generated_tokens += 1
+            tokens = r.tokens
+            tokens.append(tok)
+            emitted += 1
             if r.on_token is not None:
                 r.on_token(tok)
-            if row_finished(r.params, eos_id, tok, len(r.tokens), r.limit, r.tokens, len(r.prompt)):
+            sp = r.params
+            if (tok == eos_id or len(tokens) >= r.limit or sp.stop) and row_finished(
+                    sp, eos_id, tok, len(tokens), r.limit, tokens, len(r.prompt)):
                 self._release(r)
-                self._finish(r, r.tokens, None)
+                self._finish(r, tokens, None)
+        st.generated_tokens += emitted
 
     def _release(self, r: Request) -> None:
         if r.slot >= 0 and self.rows[r.slot] is r:
             self.rows[r.slot] = None
-            self.params[r.slot] = self.idle
+            while self._top >= 0 and self.rows[self._top] is None:
+                self._top -= 1
+            self._set_params(r.slot, self.idle)
             if r.params.penalized:  # a free slot's penalties are neutral (a prefill without penalties relies on it)
                 self.pen.clear(r.slot)
                 self._penalized -= 1
             heapq.heappush(self.free, r.slot)
+
+    def _set_params(self, slot: int, sp: SamplingParams) -> None:
+        """A slot's sampling parameters, and the kept sets of drawing slots and rows with their own suppress set."""
+        old, self.params[slot] = self.params[slot], sp
+        self._own_suppress += (sp.suppress is not self.idle.suppress) - (old.suppress is not self.idle.suppress)
+        if sp.greedy:
+            self._drawn.discard(slot)
+        else:
+            self._drawn.add(slot)
 
     @staticmethod
     def _finish(r: Request, ids: list[int] | None, err: Exception | None) -> None:

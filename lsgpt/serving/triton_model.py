@@ -171,7 +171,8 @@ class TritonPythonModel:
                     sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
                     continue  # the same answer whether the id and key matched a request or not
                 q = parse(request, self.form, parameters)
-                self.scheduler.validate(q.prompts, q.params)  # the rules: the scheduler's; parse converts
+                if len(q.prompts) > 1:  # the rules: the scheduler's (parse converts); a bad row queues none of
+                    self.scheduler.validate(q.prompts, q.params)  # its batch; one row: submit's own check does
                 self._submit(request, sender, q)
             except (BadRequest, RequestError) as e:
                 sender.send(responses.error(f"{self.name}: {e}"), flags=FINAL)
