@@ -11,6 +11,10 @@
 #
 #   OUT=results/tmp/gpu_train benchmarks/gpu_train.sh        (on the GPU machine: PY=python3 there; ~540 s)
 # A part stopped by its limit leaves each finished mode in its .log ([train_throughput] lines).
+# learn and quality run study scripts that left the tree once recorded (benchmarks at most a quarter of the code;
+# docs/decisions.md): bring them back untracked first, and they travel with the call:
+#   git show 8208c67:benchmarks/train_loss_match.py > benchmarks/train_loss_match.py
+#   git show 8208c67:benchmarks/qat_quality.py > benchmarks/qat_quality.py
 set -uo pipefail
 OUT=${OUT:-results/tmp/gpu_train}
 mkdir -p "$OUT"
@@ -26,6 +30,10 @@ tt() {  # name, time limit, arguments of benchmarks.train_throughput
   timeout "$limit" $PY -m benchmarks.train_throughput --out "$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1
   echo "exit $?"; grep -v '^\[train_throughput\]' "$OUT/$name.log" | tail -12
 }
+case "${PART:-speed}" in quality) script=qat_quality ;; learn) script=train_loss_match ;; *) script= ;; esac
+if [ -n "$script" ] && [ ! -f "benchmarks/$script.py" ]; then
+  echo "benchmarks/$script.py is not in the tree: git show 8208c67:benchmarks/$script.py > benchmarks/$script.py"; exit 2
+fi
 if [ "${PART:-speed}" = speed ]; then
   tt throughput "${T_TT:-300}" --repeats 3 --steps 30 --modes hf-fp16,ours-fp16,ours-int8 --profile "$OUT/prof"
   echo "== CUDA tests of the fast path (pytest)"
