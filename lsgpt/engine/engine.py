@@ -27,6 +27,7 @@ from lsgpt.engine.sampling import (  # noqa: F401 - Penalties, argmax_rows: impo
     check_generates,
     row_finished,
     sample,
+    validate_batch,
     validate_request,
 )
 from lsgpt.format import GptConfig, read_hdf5
@@ -235,16 +236,7 @@ class Engine:
 
     def validate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> list:
         """Raise RequestError naming the first problem; return the per-row resolved params."""
-        c = self.config
-        if len(prompts) == 0:
-            check_generates(c)  # a ppl model's refusal comes first
-            raise RequestError("empty batch: give at least one prompt")
-        if self.max_batch_size and len(prompts) > self.max_batch_size:
-            raise RequestError(f"batch of {len(prompts)} prompts exceeds max_batch_size={self.max_batch_size}")
-        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(plist) != len(prompts):
-            raise RequestError(f"{len(plist)} sampling settings for {len(prompts)} prompts")
-        return [validate_request(c, p, sp, i, self.suppress) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        return validate_batch(self.config, prompts, params, self.suppress, self.max_batch_size)
 
     # ---------------------------------------------------------------------------------------------
     # Generation

@@ -143,6 +143,22 @@ def validate_request(cfg: GptConfig, prompt: Sequence[int], params: SamplingPara
     return params.resolved(cfg, suppress)
 
 
+def validate_batch(cfg: GptConfig, prompts: Sequence[Sequence[int]],
+                   params: SamplingParams | Sequence[SamplingParams], suppress: tuple[int, ...] = (),
+                   max_batch_size: int | None = None) -> list[SamplingParams]:
+    """A request of several rows: RequestError naming the first problem (the batch's, then each row's by
+    validate_request); the per-row resolved params."""
+    if len(prompts) == 0:
+        check_generates(cfg)  # a ppl model's refusal comes first
+        raise RequestError("empty batch: give at least one prompt")
+    if max_batch_size and len(prompts) > max_batch_size:
+        raise RequestError(f"batch of {len(prompts)} prompts exceeds max_batch_size={max_batch_size}")
+    plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(plist) != len(prompts):
+        raise RequestError(f"{len(plist)} sampling settings for {len(prompts)} prompts")
+    return [validate_request(cfg, p, sp, i, suppress) for i, (p, sp) in enumerate(zip(prompts, plist))]
+
+
 def _check_length(cfg: GptConfig, prompt_len: int, params: SamplingParams) -> None:
     """With strict_length: RequestError unless max_new_tokens fits what the model allows after the prompt."""
     allowed = max_output_len(cfg, prompt_len) - prompt_len

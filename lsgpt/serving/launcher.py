@@ -142,6 +142,7 @@ def server_env(inst: Install, device: str | None = None, threads: int | None = N
     paths += [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
     env["LSGPT_SITE_PACKAGES"] = os.pathsep.join(p for p in dict.fromkeys(paths) if p and os.path.isdir(p))
     env["LSGPT_ROOT"] = str(ROOT)
+    env.setdefault("LSGPT_PYTHON", sys.executable)  # runs a model's engine process (serving/engine_process.py)
     if device:
         env["LSGPT_DEVICE"] = device  # overrides the instance kind Triton chose (cpu / cuda / cuda:N)
     return env

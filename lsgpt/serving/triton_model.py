@@ -88,6 +88,13 @@ def _switch_interval_s() -> float:
     return ms / 1000
 
 
+def _engine_process(config: dict) -> bool:
+    """Run the engine in a process of its own (lsgpt/serving/engine_process.py)? $LSGPT_ENGINE_PROCESS, else the
+    config parameter `engine_process`; off unless one says 1/true/yes."""
+    raw = os.environ.get("LSGPT_ENGINE_PROCESS", "").strip() or str(_param(config, "engine_process", "0"))
+    return raw.lower() in ("1", "true", "yes", "on")
+
+
 def _pick_device(args: dict[str, str]) -> str:
     forced = os.environ.get("LSGPT_DEVICE")
     if forced:
@@ -131,18 +138,26 @@ class TritonPythonModel:
             from lsgpt.text import load_tokenizer
 
             self.tokenizer = load_tokenizer(tok)
-        # the vocabulary's non-text special tokens are never generated (Engine.load)
-        self.engine = Engine.load(version_dir / MODEL_FILE, device=self.device, vocab=self.tokenizer)
-        self.cfg = self.engine.config
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
         self.form = Form(self.name, self.decoupled, int(self.config.get("max_batch_size", 0)), self.tokenizer)
         queued = _param(self.config, "max_queued_requests", MAX_QUEUED_REQUESTS)
         queued = MAX_QUEUED_REQUESTS if queued == "auto" else queued
         budget, every = (_param(self.config, k, "auto") for k in ("max_prefill_tokens", "admit_every"))
         rows_setting = _param(self.config, "max_running_rows", MAX_RUNNING_ROWS)
-        self.scheduler = Scheduler(self.engine, max_rows=rows_setting, max_queue=queued,
-                                   prefill_tokens=None if budget == "auto" else budget,
-                                   admit_every=None if every == "auto" else every)
+        sched_args = dict(max_queue=queued, prefill_tokens=None if budget == "auto" else budget,
+                          admit_every=None if every == "auto" else every)
+        if _engine_process(self.config):  # its own process and GIL (engine_process.py); the same Scheduler there
+            from lsgpt.serving.engine_process import EngineProcess
+
+            vocab = tok if tok and Path(tok).exists() else None
+            self.engine = None
+            self.scheduler = EngineProcess(version_dir / MODEL_FILE, self.device, vocab, rows_setting,
+                                           on_lost=self._engine_lost, **sched_args)
+            self.cfg, backend = self.scheduler.config, f"{self.scheduler.backend}, engine process"
+        else:  # the vocabulary's non-text special tokens are never generated (Engine.load)
+            self.engine = Engine.load(version_dir / MODEL_FILE, device=self.device, vocab=self.tokenizer)
+            self.scheduler = Scheduler(self.engine, max_rows=rows_setting, **sched_args)
+            self.cfg, backend = self.engine.config, self.engine.backend
         rows = self.scheduler.max_rows  # "auto": sized from the free GPU memory (32 on the CPU)
         self.outbox = Outbox(self.name, limit=8 * rows, lanes=OUTBOX_LANES)  # a few steps' worth of streamed tokens
         self.lanes = itertools.count()  # each request's outbox lane, in turn
@@ -150,7 +165,7 @@ class TritonPythonModel:
         self.metrics = Metrics(self.name, args["model_version"], self.scheduler)
         pb_utils.Logger.log_info(
             f"{self.name} v{args['model_version']}: {'int8' if self.cfg.quantized else 'fp16'} engine on "
-            f"{self.device} ({self.engine.backend}), vocab {self.cfg.vocab}, max_step {self.cfg.max_step}, "
+            f"{self.device} ({backend}), vocab {self.cfg.vocab}, max_step {self.cfg.max_step}, "
             f"eos {self.cfg.eos_id}, in-flight batching up to {rows} rows (max_running_rows "
             f"{rows_setting}) + {queued} queued, prefill budget "
             f"{self.scheduler.prefill_tokens} tokens, admission every {self.scheduler.admit_every} steps"
@@ -273,6 +288,12 @@ class TritonPythonModel:
         except Exception:
             cancelled.close()  # execute() answers with the error
             raise
+
+    def _engine_lost(self, why: str) -> None:
+        """The engine process ended under a running model: every request was failed; end this process too, so
+        that Triton and the launcher see a dead model (it restarts) rather than one that answers nothing."""
+        pb_utils.Logger.log_error(f"{self.name}: {why}; ending the model process")
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def finalize(self) -> None:
         """Unload (SIGTERM, a new version): requests still running get UNAVAILABLE at once, not a hang."""
