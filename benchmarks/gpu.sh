@@ -13,7 +13,8 @@
 #       split over two calls on the warm machine with M29=int8 then OVERHEAD=0 M29=fp (the models are kept)
 #       PYSPY=2: py-spy samples the model process 2 s of each level (unary and streamed; needs site/bin/py-spy)
 #       BEFORE=dir: then the same in-flight load served by dir's lsgpt (an older commit's copy, below)
-#       SECTIONS29=inflight: without the joiner section
+#       SECTIONS29=inflight: without the joiner section; PYSPY_GIL=1: only samples of the GIL's holder
+#       LSGPT_ENGINE_PROCESS=1: the served models' engines in processes of their own (py-spy records those too)
 #   OUT=/out benchmarks/gpu.sh soak-start   # the 10-minute served soak outlives a call (600 s): started in its own
 #   OUT=/out benchmarks/gpu.sh soak-wait    # process session, then awaited by the next call on the warm machine
 #       (sooner than its 30 s idle release); each call brings back what /tmp/soak holds so far

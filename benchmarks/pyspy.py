@@ -30,6 +30,21 @@ def binary() -> str | None:
     return None
 
 
+def engine_child(pid: int) -> int | None:
+    """The engine process a model's stub started (LSGPT_ENGINE_PROCESS=1: lsgpt/serving/engine_process.py), or None."""
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                ours = b"lsgpt.serving.engine_process" in f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and ours:
+            return int(d)
+    return None
+
+
 def summarize(raw: str, top: int = 12) -> dict:
     """py-spy's raw (collapsed, --threads) output -> {"samples", "threads": {name: share}, "lsgpt": [[fn, share]]}."""
     threads: collections.Counter = collections.Counter()

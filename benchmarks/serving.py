@@ -213,7 +213,12 @@ def spy_on(a, server, model: str):
     from benchmarks import pyspy
 
     pid = server.stub_processes().get(f"{model}_0_0")
-    return None if pid is None else pyspy.Recording(pid, a.py_spy, gil=a.py_spy_gil)
+    if pid is None:
+        return None
+    child = pyspy.engine_child(pid)  # the engine in its own process: its scheduler's GIL is apart, recorded too
+    rec = pyspy.Recording(pid, a.py_spy, gil=a.py_spy_gil)
+    rec.engine = None if child is None else pyspy.Recording(child, a.py_spy, gil=a.py_spy_gil)
+    return rec
 
 
 def inflight(a, url: str, model: str, hdf5: Path, server=None) -> dict:
@@ -258,6 +263,8 @@ def inflight(a, url: str, model: str, hdf5: Path, server=None) -> dict:
         row = closed_loop(send, conc, reqs)
         if spy is not None:
             row["py_spy"] = spy.summary()
+            if spy.engine is not None:
+                row["py_spy_engine"] = spy.engine.summary()
         if "lsgpt_decode_steps_total" in m0:  # the metrics thread publishes every 0.5 s
             time.sleep(1.2)
             m1 = scrape(server.metrics_port, model)
@@ -270,6 +277,8 @@ def inflight(a, url: str, model: str, hdf5: Path, server=None) -> dict:
             srow = closed_loop(stream_send(url, model + "_stream", ttft, itl, clients), conc, reqs[: max(conc, len(reqs) // 4)])
             if sspy is not None:
                 row["py_spy_stream"] = sspy.summary()
+                if sspy.engine is not None:
+                    row["py_spy_stream_engine"] = sspy.engine.summary()
             for c in clients:
                 c.stop_stream()
                 c.close()

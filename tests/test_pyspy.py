@@ -65,3 +65,24 @@ def test_serving_refuses_a_negative_or_unavailable_py_spy_before_starting_anythi
         serving.parse_args(["--py-spy", "2"])
     assert e.value.code == 2 and "py-spy not found" in capsys.readouterr().err
     assert serving.parse_args(["--py-spy", "0"]).py_spy == 0  # off needs no py-spy
+
+
+def test_the_engine_child_of_a_stub_is_found_by_parent_and_command():
+    """py-spy also records a model's engine process (LSGPT_ENGINE_PROCESS=1): the child of that pid whose command
+    runs lsgpt.serving.engine_process, and no other."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.pyspy import engine_child
+
+    assert engine_child(os.getpid()) is None
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "x"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "lsgpt.serving.engine_process"])
+    try:
+        assert engine_child(os.getpid()) == child.pid
+        assert engine_child(other.pid) is None
+    finally:
+        for p in (other, child):
+            p.kill()
+            p.wait()
