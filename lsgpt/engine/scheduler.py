@@ -610,14 +610,14 @@ class Scheduler:
         now = time.monotonic()
         st, eos_id, cur = self.stats, self.engine.config.eos_id, self.rows
         ttft, itl = st.ttft, st.itl
-        emitted = 0
+        emitted, ended = 0, []  # the ends are answered after the counters are up to date
         for r, tok in zip(rows, toks):
             if r is None or cur[r.slot] is not r:
                 continue
             if r.cancelled is not None and r.cancelled():
                 self._release(r)
                 st.cancelled += 1
-                self._finish(r, None, Cancelled("cancelled"))
+                ended.append((r, None, Cancelled("cancelled")))
                 continue
             if r.first_token is None:
                 r.first_token = now
@@ -634,8 +634,10 @@ class Scheduler:
             if (tok == eos_id or len(tokens) >= r.limit or sp.stop) and row_finished(
                     sp, eos_id, tok, len(tokens), r.limit, tokens, len(r.prompt)):
                 self._release(r)
-                self._finish(r, tokens, None)
+                ended.append((r, tokens, None))
         st.generated_tokens += emitted
+        for r, ids, err in ended:
+            self._finish(r, ids, err)
 
     def _release(self, r: Request) -> None:
         if r.slot >= 0 and self.rows[r.slot] is r:
