@@ -326,3 +326,18 @@ def test_served_model_reads_the_gil_switch_interval(monkeypatch):
         monkeypatch.setenv("LSGPT_SWITCH_INTERVAL_MS", raw)
         with pytest.raises(RuntimeError, match="LSGPT_SWITCH_INTERVAL_MS=.*milliseconds"):
             _switch_interval_s()
+
+
+def test_served_model_reads_the_engine_process_switch(monkeypatch):
+    """engine_process: the config parameter as written in config.pbtxt ("true", any case), or LSGPT_ENGINE_PROCESS,
+    which wins; off when absent or anything else."""
+    from lsgpt.serving.triton_model import _engine_process
+
+    monkeypatch.delenv("LSGPT_ENGINE_PROCESS", raising=False)
+    on = {"parameters": {"engine_process": {"string_value": " True "}}}
+    assert _engine_process(on) and not _engine_process({})
+    assert not _engine_process({"parameters": {"engine_process": {"string_value": "false"}}})
+    monkeypatch.setenv("LSGPT_ENGINE_PROCESS", "0")
+    assert not _engine_process(on)
+    monkeypatch.setenv("LSGPT_ENGINE_PROCESS", "yes")
+    assert _engine_process({})

@@ -65,10 +65,15 @@ SWITCH_INTERVAL_MS = 0.5
 OUTBOX_LANES = 4
 
 
+def _string_param(config: dict, key: str) -> str:
+    """A config.pbtxt parameter's string value, stripped; '' when absent."""
+    return config.get("parameters", {}).get(key, {}).get("string_value", "").strip()
+
+
 def _param(config: dict, key: str, default: int | str) -> int | str:
     """A config.pbtxt parameter: an integer, or "auto" (the scheduler picks: lsgpt.engine.scheduler); absent or
     empty: `default`."""
-    value = config.get("parameters", {}).get(key, {}).get("string_value", "").strip()
+    value = _string_param(config, key)
     if not value:
         return default
     return "auto" if value.lower() == "auto" else int(value)
@@ -91,7 +96,7 @@ def _switch_interval_s() -> float:
 def _engine_process(config: dict) -> bool:
     """Run the engine in a process of its own (lsgpt/serving/engine_process.py)? $LSGPT_ENGINE_PROCESS, else the
     config parameter `engine_process`; off unless one says 1/true/yes."""
-    raw = os.environ.get("LSGPT_ENGINE_PROCESS", "").strip() or str(_param(config, "engine_process", "0"))
+    raw = os.environ.get("LSGPT_ENGINE_PROCESS", "").strip() or _string_param(config, "engine_process")
     return raw.lower() in ("1", "true", "yes", "on")
 
 
@@ -109,7 +114,7 @@ def _find_tokenizer(version_dir: Path, model_dir: Path, config: dict) -> str | N
     (relative to the model folder, absolute, or a hub id), else $LSGPT_TOKENIZER."""
     if (version_dir / TOKENIZER_FILE).is_file():
         return str(version_dir)  # the folder: lsgpt.text.load_tokenizer handles folders on transformers 4 and 5
-    param = config.get("parameters", {}).get("tokenizer", {}).get("string_value", "")
+    param = _string_param(config, "tokenizer")
     if param:
         return str(model_dir / param) if (model_dir / param).exists() else param
     return os.environ.get("LSGPT_TOKENIZER") or None
