@@ -62,9 +62,11 @@ class _Live:
 
 
 class EngineProcess:
-    """The stub's side: starts the engine process, forwards requests and cancellations, delivers its events."""
+    """The stub's side: starts the engine process, forwards requests and cancellations, delivers its events.
+    `tokenizer`: what the model's tokenizer was loaded from (lsgpt.text.load_tokenizer), or None; the engine
+    process loads it the same way, so its suppress set is the one an in-process engine would have."""
 
-    def __init__(self, hdf5: str | os.PathLike, device: str, vocab: str | None, max_rows: int | str, max_queue: int,
+    def __init__(self, hdf5: str | os.PathLike, device: str, tokenizer: str | None, max_rows: int | str, max_queue: int,
                  prefill_tokens: int | None, admit_every: int | None, on_lost: Callable[[str], None] | None = None,
                  start_timeout: float = START_TIMEOUT_S):
         from lsgpt.engine.scheduler import Stats
@@ -78,7 +80,7 @@ class EngineProcess:
         theirs.close()
         self.conn = Connection(mine.detach())
         self._send_lock = threading.Lock()
-        self._send(dict(hdf5=str(hdf5), device=device, vocab=vocab, max_rows=max_rows, max_queue=max_queue,
+        self._send(dict(hdf5=str(hdf5), device=device, tokenizer=tokenizer, max_rows=max_rows, max_queue=max_queue,
                         prefill_tokens=prefill_tokens, admit_every=admit_every))
         msg = self._ready(start_timeout)
         info = msg[1]
@@ -325,7 +327,12 @@ def serve(conn: Connection) -> int:
     name_thread("lsgpt-engine")
     spec = conn.recv()
     try:
-        eng = Engine.load(spec["hdf5"], device=spec["device"], vocab=spec["vocab"])
+        vocab = None
+        if spec["tokenizer"]:
+            from lsgpt.text import load_tokenizer
+
+            vocab = load_tokenizer(spec["tokenizer"])
+        eng = Engine.load(spec["hdf5"], device=spec["device"], vocab=vocab)
         sched = Scheduler(eng, max_rows=spec["max_rows"], max_queue=spec["max_queue"],
                           prefill_tokens=spec["prefill_tokens"], admit_every=spec["admit_every"])
     except Exception as e:  # noqa: BLE001 - reported to the stub, which fails the model's load with it

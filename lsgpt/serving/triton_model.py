@@ -154,9 +154,8 @@ class TritonPythonModel:
         if _engine_process(self.config):  # its own process and GIL (engine_process.py); the same Scheduler there
             from lsgpt.serving.engine_process import EngineProcess
 
-            vocab = tok if tok and Path(tok).exists() else None
             self.engine = None
-            self.scheduler = EngineProcess(version_dir / MODEL_FILE, self.device, vocab, rows_setting,
+            self.scheduler = EngineProcess(version_dir / MODEL_FILE, self.device, tok, rows_setting,
                                            on_lost=self._engine_lost, **sched_args)
             self.cfg, backend = self.scheduler.config, f"{self.scheduler.backend}, engine process"
         else:  # the vocabulary's non-text special tokens are never generated (Engine.load)
