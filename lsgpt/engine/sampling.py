@@ -276,13 +276,15 @@ def _id_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def suppressed(logits: torch.Tensor, rows: Sequence[SamplingParams]) -> torch.Tensor:
+def suppressed(logits: torch.Tensor, rows: Sequence[SamplingParams], common: tuple[int, ...] | None = None
+               ) -> torch.Tensor:
     """`logits` [B, V] with each row's suppress ids at -inf, in place: a step's logits are its own scratch (a copy
-    of [B, V] every step cost more than the fill on the CPU)."""
-    first = rows[0].suppress or ()
+    of [B, V] every step cost more than the fill on the CPU). `common`: the one set every row has, when the
+    caller keeps track of it (the scheduler), instead of a check of every row."""
+    first = (rows[0].suppress or ()) if common is None else common
     # the usual case: one set for the whole batch, the engine's own tuple in every row (an identity check per row:
     # this runs every decode step, on the host)
-    if all(sp.suppress is first for sp in rows) or all((sp.suppress or ()) == first for sp in rows):
+    if common is not None or all(sp.suppress is first for sp in rows) or all((sp.suppress or ()) == first for sp in rows):
         return logits.index_fill_(1, _id_tensor(first, logits.device), float("-inf")) if first else logits
     for b, sp in enumerate(rows):
         if sp.suppress:
@@ -343,10 +345,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingParams], counters: torch
     each row draws. No host synchronisation: the sampled rows' parameters go up in two copies from pinned memory.
     A caller that keeps them (the scheduler, every step) may pass `drawn`, the rows that do not sample greedily,
     and `suppress`, the one suppress set of every row, instead of a pass over the rows to find them."""
-    if suppress is None:
-        logits = suppressed(logits, rows)
-    elif suppress:
-        logits = logits.index_fill_(1, _id_tensor(tuple(suppress), logits.device), float("-inf"))
+    logits = suppressed(logits, rows, suppress)
     greedy = argmax_rows(logits)
     if drawn is None:
         drawn = [b for b, sp in enumerate(rows) if not sp.greedy]
