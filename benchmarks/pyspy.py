@@ -32,17 +32,9 @@ def binary() -> str | None:
 
 def engine_child(pid: int) -> int | None:
     """The engine process a model's stub started (LSGPT_ENGINE_PROCESS=1: lsgpt/serving/engine_process.py), or None."""
-    for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                ours = b"lsgpt.serving.engine_process" in f.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and ours:
-            return int(d)
-    return None
+    from lsgpt.serving.launcher import child_processes
+
+    return next((c for c, argv in child_processes(pid).items() if "lsgpt.serving.engine_process" in argv), None)
 
 
 def summarize(raw: str, top: int = 12) -> dict:

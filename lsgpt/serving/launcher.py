@@ -127,6 +127,24 @@ def build_backend_dir(inst: Install, workdir: Path) -> Path:
     return dst
 
 
+def child_processes(parent: int) -> dict[int, list[str]]:
+    """pid -> argv of each live (not zombie) child process of `parent` (Linux /proc; {} elsewhere)."""
+    found: dict[int, list[str]] = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if int(ppid) == parent and state != "Z" and args and args[0]:
+            found[int(d)] = args
+    return found
+
+
 def server_env(inst: Install, device: str | None = None, threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     if threads:
@@ -559,18 +577,9 @@ class TritonServer:
         # alone) are not instances, and gpt2_ is no prefix of gpt2_stream's (a prefix match restarted the server
         # after every publish)
         instance = re.compile("^(?:" + "|".join(map(re.escape, self.models)) + r")_\d+_\d+$")
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    args = f.read().decode(errors="replace").split("\0")
-            except OSError:
-                continue
-            if int(ppid) == self.proc.pid and state != "Z" and args and args[0].endswith("triton_python_backend_stub"):
-                live.update((a, int(d)) for a in args if instance.match(a))
+        for pid, args in child_processes(self.proc.pid).items():
+            if args[0].endswith("triton_python_backend_stub"):
+                live.update((a, pid) for a in args if instance.match(a))
         return live
 
     def fatal_signal_in_log(self) -> str | None:
