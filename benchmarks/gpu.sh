@@ -14,7 +14,8 @@
 #       PYSPY=2: py-spy samples the model process 2 s of each level (unary and streamed; needs site/bin/py-spy)
 #       BEFORE=dir: then the same in-flight load served by dir's lsgpt (an older commit's copy, below)
 #       SECTIONS29=inflight: without the joiner section; PYSPY_GIL=1: only samples of the GIL's holder
-#       LSGPT_ENGINE_PROCESS=1: the served models' engines in processes of their own (py-spy records those too)
+#       LSGPT_ENGINE_PROCESS=0: the served models' engines in the model process (default on a GPU: their own processes,
+#       which py-spy records too); CLIENT_PROCS=n: client processes of the unary load at 64+ streams (default 4)
 #   OUT=/out benchmarks/gpu.sh soak-start   # the 10-minute served soak outlives a call (600 s): started in its own
 #   OUT=/out benchmarks/gpu.sh soak-wait    # process session, then awaited by the next call on the warm machine
 #       (sooner than its 30 s idle release); each call brings back what /tmp/soak holds so far
@@ -95,7 +96,8 @@ serving29)  # issue 29; the overhead run also fills the Triton kernel cache the 
     [ -f "$MODELS/fp.hdf5" ] && [ -f "$MODELS/int8.hdf5" ] || export_random_model || exit 1
     for m in ${M29:-int8 fp}; do
         run 190 -m benchmarks.serving --sections "${SECTIONS29:-inflight,joiner}" --in-process --hdf5 "$MODELS/$m.hdf5" --concurrency "${CONC:-32,256}" \
-            --requests "${REQUESTS:-512}" --joiner-streams "${JOINER:-128}" ${PYSPY:+--py-spy $PYSPY} ${PYSPY_GIL:+--py-spy-gil} --out "$S29/$m"
+            --requests "${REQUESTS:-512}" --joiner-streams "${JOINER:-128}" ${PYSPY:+--py-spy $PYSPY} ${PYSPY_GIL:+--py-spy-gil} \
+            ${CLIENT_PROCS:+--client-procs $CLIENT_PROCS} --out "$S29/$m"
         if [ -n "${BEFORE:-}" ]; then  # the same load served by $BEFORE's lsgpt (served only), on the same card
             dir="$(cd "$BEFORE" && pwd)"
             (cd "$dir" && PYTHONPATH="$dir:$PYTHONPATH" TRITON_CACHE_DIR=/tmp/triton-cache-before run 150 -m benchmarks.serving \

@@ -93,8 +93,9 @@ def scrape(port: int, model: str) -> dict[str, float]:
     return out
 
 
-def closed_loop(send, conc: int, reqs: list) -> dict:
-    """`conc` threads send `reqs` back to back through send(thread_state, prompt, new) -> new tokens."""
+def _loop(send, conc: int, reqs: list) -> tuple[list[float], int, int, float, float]:
+    """`conc` threads send `reqs` back to back through send(thread_state, prompt, new) -> new tokens:
+    (latencies, new tokens, failures, start, end) on the machine-wide monotonic clock."""
     lat, gen, fails, lock, it = [], [0], [0], threading.Lock(), iter(reqs)
 
     def worker():
@@ -111,18 +112,77 @@ def closed_loop(send, conc: int, reqs: list) -> dict:
                 lat.append(time.perf_counter() - t0)
                 gen[0] += k
 
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     threads = [threading.Thread(target=worker) for _ in range(conc)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return lat, gen[0], fails[0], t0, time.monotonic()
+
+
+def _summary(conc: int, n: int, lat: list[float], gen: int, fails: int, wall: float) -> dict:
     p50, p95 = (common.percentile(lat, q, digits=4) for q in (50, 95))
-    row = {"concurrency": conc, "requests": len(reqs), "failed": fails[0], "wall_s": round(wall, 3),
-           "requests_per_s": round(len(lat) / wall, 2), "output_tokens_per_s": round(gen[0] / wall, 1),
-           "latency_p50_s": p50, "latency_p95_s": p95, "mean_new_tokens": round(gen[0] / max(1, len(lat)), 1)}
-    return row
+    return {"concurrency": conc, "requests": n, "failed": fails, "wall_s": round(wall, 3),
+            "requests_per_s": round(len(lat) / wall, 2), "output_tokens_per_s": round(gen / wall, 1),
+            "latency_p50_s": p50, "latency_p95_s": p95, "mean_new_tokens": round(gen / max(1, len(lat)), 1)}
+
+
+def closed_loop(send, conc: int, reqs: list) -> dict:
+    """`conc` threads of this process send `reqs` back to back through send(thread_state, prompt, new)."""
+    lat, gen, fails, t0, t1 = _loop(send, conc, reqs)
+    return _summary(conc, len(reqs), lat, gen, fails, t1 - t0)
+
+
+def _unary_send(url: str, model: str):
+    import tritonclient.grpc as grpcclient
+
+    def send(state, prompt, new):
+        c = state.setdefault("c", grpcclient.InferenceServerClient(url))
+        return len(common.infer(c, model, prompt, new)) - len(prompt)  # one row: no EOS padding
+    return send
+
+
+def _client_process(url: str, model: str, conc: int, reqs: list, ready, go, results) -> None:
+    send = _unary_send(url, model)
+    send({}, reqs[0][0][:4], 1)  # its channel is up before the clock starts
+    ready.release()
+    go.wait()
+    results.put(_loop(send, conc, reqs))
+
+
+def closed_loop_procs(url: str, model: str, conc: int, reqs: list, procs: int) -> dict:
+    """closed_loop's unary gRPC load from `procs` client processes (conc threads and reqs dealt among them): one
+    Python process's GIL caps what its gRPC clients send (~1 ms of client CPU a request), which at a few hundred
+    streams and ~800 requests/s would be measured instead of the server. Wall: the common start to the last end."""
+    import multiprocessing as mp
+
+    procs = max(1, min(procs, conc))
+    if procs == 1:
+        return closed_loop(_unary_send(url, model), conc, reqs)
+    ctx = mp.get_context("spawn")  # gRPC channels do not survive fork
+    ready, go, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    kids = [ctx.Process(target=_client_process, args=(url, model, len(range(i, conc, procs)), reqs[i::procs], ready,
+                                                      go, results), daemon=True) for i in range(procs)]
+    for k in kids:
+        k.start()
+    deadline, started = time.monotonic() + 120, 0
+    while started < procs:
+        if ready.acquire(timeout=0.5):
+            started += 1
+        elif time.monotonic() > deadline or any(k.exitcode is not None for k in kids):
+            for k in kids:
+                k.kill()
+            raise RuntimeError(f"client processes: {started} of {procs} started (exit codes "
+                               f"{[k.exitcode for k in kids]})")
+    t0 = time.monotonic()
+    go.set()
+    parts = [results.get(timeout=3600) for _ in kids]
+    for k in kids:
+        k.join(10)
+    lat = [x for p in parts for x in p[0]]
+    return _summary(conc, len(reqs), lat, sum(p[1] for p in parts), sum(p[2] for p in parts),
+                    max(p[4] for p in parts) - t0) | {"client_processes": procs}
 
 
 def stream_send(url: str, model: str, ttft: list, itl: list, clients: list):
@@ -227,12 +287,8 @@ def inflight(a, url: str, model: str, hdf5: Path, server=None) -> dict:
     cfg, _ = read_hdf5(hdf5)
     rng, cap = random.Random(a.seed), cfg.max_step - 1
     res: dict = {"model": model, "max_step": cfg.max_step, "levels": []}
-    import tritonclient.grpc as grpcclient
 
-    def send(state, prompt, new):
-        c = state.setdefault("c", grpcclient.InferenceServerClient(url))
-        return len(common.infer(c, model, prompt, new)) - len(prompt)  # one row: no EOS padding
-
+    send = _unary_send(url, model)
     for n in (3, 4, 8, 16, 17, 32, 33, 48, 64):  # warm-up: every prefill tile shape compiles here, not mid-run
         send({}, [101 + i for i in range(min(n, cap // 2))], 4)
     long_new, times = min(256, cap - 8), {}
@@ -260,7 +316,7 @@ def inflight(a, url: str, model: str, hdf5: Path, server=None) -> dict:
         reqs = make_load(rng, cfg.vocab, cap, max(a.requests, 8 * conc) if a.in_process else a.requests)
         m0 = scrape(server.metrics_port, model) if server is not None else {}
         spy = spy_on(a, server, model)
-        row = closed_loop(send, conc, reqs)
+        row = closed_loop_procs(url, model, conc, reqs, a.client_procs if conc >= 64 else 1)
         if spy is not None:
             row["py_spy"] = spy.summary()
             if spy.engine is not None:
@@ -416,6 +472,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=64, help="inflight: requests per concurrency level")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--client-procs", type=int, default=4, help="inflight: client processes the served unary load "
+                   "comes from at 64 streams or more (a Python process's GIL caps its gRPC clients)")
     p.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
                    help="inflight: sample the served model's process with py-spy for SECONDS of each level")
     p.add_argument("--py-spy-gil", action="store_true", help="--py-spy: only samples of the thread holding the GIL "
@@ -429,6 +487,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default 1 on the CPU)")
     common.add_output_args(p, "serving", replot="the Markdown and PNG")
     a = p.parse_args(argv)
+    if a.client_procs < 1:
+        p.error(f"--client-procs: at least 1, got {a.client_procs}")
     if a.py_spy < 0:
         p.error(f"--py-spy: seconds must be >= 0, got {a.py_spy}")
     if a.py_spy:

@@ -330,14 +330,18 @@ def test_served_model_reads_the_gil_switch_interval(monkeypatch):
 
 def test_served_model_reads_the_engine_process_switch(monkeypatch):
     """engine_process: the config parameter as written in config.pbtxt ("true", any case), or LSGPT_ENGINE_PROCESS,
-    which wins; off when absent or anything else."""
+    which wins; absent or "auto": on for an engine on a GPU only; anything else: an error naming it."""
     from lsgpt.serving.triton_model import _engine_process
 
     monkeypatch.delenv("LSGPT_ENGINE_PROCESS", raising=False)
     on = {"parameters": {"engine_process": {"string_value": " True "}}}
-    assert _engine_process(on) and not _engine_process({})
-    assert not _engine_process({"parameters": {"engine_process": {"string_value": "false"}}})
+    assert _engine_process(on, "cpu") and not _engine_process({}, "cpu")
+    assert _engine_process({}, "cuda:0") and _engine_process({"parameters": {"engine_process": {"string_value": "auto"}}}, "cuda")
+    assert not _engine_process({"parameters": {"engine_process": {"string_value": "false"}}}, "cuda:0")
     monkeypatch.setenv("LSGPT_ENGINE_PROCESS", "0")
-    assert not _engine_process(on)
+    assert not _engine_process(on, "cuda:0")
     monkeypatch.setenv("LSGPT_ENGINE_PROCESS", "yes")
-    assert _engine_process({})
+    assert _engine_process({}, "cpu")
+    monkeypatch.setenv("LSGPT_ENGINE_PROCESS", "maybe")
+    with pytest.raises(RuntimeError, match="maybe"):
+        _engine_process({}, "cpu")
