@@ -1,5 +1,5 @@
-"""The engine and its scheduler in a process of their own (opt-in: LSGPT_ENGINE_PROCESS=1 or the config parameter
-`engine_process`), so that the decode loop stops sharing the GIL with Triton's request thread and the send lanes.
+"""The engine and its scheduler in a process of their own (the default on a GPU; LSGPT_ENGINE_PROCESS=0/1 or the
+config parameter `engine_process` auto/true/false decide it), so that the decode loop stops sharing the GIL with Triton's request thread and the send lanes.
 
 Why: at 256 streams on the H100 the model process's GIL was held ~93% of the time (py-spy --gil) and a served
 decode step took 2.2 ms against 1.3 ms for the same scheduler in process (results/h100/serving/2026-12-07-s14/).
