@@ -15,7 +15,7 @@
 #       BEFORE=dir: then the same in-flight load served by dir's lsgpt (an older commit's copy, below)
 #       SECTIONS29=inflight: without the joiner section; PYSPY_GIL=1: only samples of the GIL's holder
 #       LSGPT_ENGINE_PROCESS=0: the served models' engines in the model process (default on a GPU: their own processes,
-#       which py-spy records too); CLIENT_PROCS=n: client processes of the unary load at 64+ streams (default 4)
+#       which py-spy records too); CLIENT_PROCS=n: client processes of the load (default 8: unary at 64+ streams, streamed one per 4)
 #   OUT=/out benchmarks/gpu.sh soak-start   # the 10-minute served soak outlives a call (600 s): started in its own
 #   OUT=/out benchmarks/gpu.sh soak-wait    # process session, then awaited by the next call on the warm machine
 #       (sooner than its 30 s idle release); each call brings back what /tmp/soak holds so far

@@ -143,27 +143,50 @@ def _unary_send(url: str, model: str):
     return send
 
 
-def _client_process(url: str, model: str, conc: int, reqs: list, ready, go, results) -> None:
-    send = _unary_send(url, model)
-    send({}, reqs[0][0][:4], 1)  # its channel is up before the clock starts
+class _Sender:
+    """A closed loop's send(thread_state, prompt, new) of one kind (unary: the model's one answer; stream: its
+    decoupled twin, gathering TTFT/ITL as stream_send does), made where it runs (a client process builds its own)."""
+
+    def __init__(self, kind: str, url: str, model: str):
+        self.ttft: list[float] = []
+        self.itl: list[float] = []
+        self.clients: list = []
+        self.send = (_unary_send(url, model) if kind == "unary"
+                     else stream_send(url, model, self.ttft, self.itl, self.clients))
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.stop_stream()
+            c.close()
+
+
+def _client_process(kind: str, url: str, model: str, conc: int, reqs: list, ready, go, results) -> None:
+    s = _Sender(kind, url, model)
     ready.release()
     go.wait()
-    results.put(_loop(send, conc, reqs))
+    out = _loop(s.send, conc, reqs)
+    s.close()
+    results.put((*out, s.ttft, s.itl))
 
 
-def closed_loop_procs(url: str, model: str, conc: int, reqs: list, procs: int) -> dict:
-    """closed_loop's unary gRPC load from `procs` client processes (conc threads and reqs dealt among them): one
-    Python process's GIL caps what its gRPC clients send (~1 ms of client CPU a request), which at a few hundred
-    streams and ~800 requests/s would be measured instead of the server. Wall: the common start to the last end."""
+def closed_loop_procs(kind: str, url: str, model: str, conc: int, reqs: list, procs: int) -> tuple[dict, list, list]:
+    """closed_loop over gRPC (kind: unary or stream, as _Sender) from `procs` client processes, conc threads and
+    reqs dealt among them: one Python process's GIL caps what its gRPC clients take in (on the CPU box ~1.3 ms of
+    client CPU a unary request, ~170 us a streamed token), which at a few hundred streams would be measured instead
+    of the server. -> (closed_loop's row, TTFT s, ITL s); wall: the common start to the last end."""
     import multiprocessing as mp
 
     procs = max(1, min(procs, conc))
     if procs == 1:
-        return closed_loop(_unary_send(url, model), conc, reqs)
+        s = _Sender(kind, url, model)
+        try:
+            return closed_loop(s.send, conc, reqs), s.ttft, s.itl
+        finally:
+            s.close()
     ctx = mp.get_context("spawn")  # gRPC channels do not survive fork
     ready, go, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-    kids = [ctx.Process(target=_client_process, args=(url, model, len(range(i, conc, procs)), reqs[i::procs], ready,
-                                                      go, results), daemon=True) for i in range(procs)]
+    kids = [ctx.Process(target=_client_process, args=(kind, url, model, len(range(i, conc, procs)), reqs[i::procs],
+                                                      ready, go, results), daemon=True) for i in range(procs)]
     for k in kids:
         k.start()
     deadline, started = time.monotonic() + 120, 0
@@ -181,8 +204,9 @@ def closed_loop_procs(url: str, model: str, conc: int, reqs: list, procs: int) -
     for k in kids:
         k.join(10)
     lat = [x for p in parts for x in p[0]]
-    return _summary(conc, len(reqs), lat, sum(p[1] for p in parts), sum(p[2] for p in parts),
-                    max(p[4] for p in parts) - t0) | {"client_processes": procs}
+    row = _summary(conc, len(reqs), lat, sum(p[1] for p in parts), sum(p[2] for p in parts),
+                   max(p[4] for p in parts) - t0) | {"client_processes": procs}
+    return row, [x for p in parts for x in p[5]], [x for p in parts for x in p[6]]
 
 
 def stream_send(url: str, model: str, ttft: list, itl: list, clients: list):
@@ -316,7 +340,7 @@ def inflight(a, url: str, model: str, hdf5: Path, server=None) -> dict:
         reqs = make_load(rng, cfg.vocab, cap, max(a.requests, 8 * conc) if a.in_process else a.requests)
         m0 = scrape(server.metrics_port, model) if server is not None else {}
         spy = spy_on(a, server, model)
-        row = closed_loop_procs(url, model, conc, reqs, a.client_procs if conc >= 64 else 1)
+        row = closed_loop_procs("unary", url, model, conc, reqs, a.client_procs if conc >= 64 else 1)[0]
         if spy is not None:
             row["py_spy"] = spy.summary()
             if spy.engine is not None:
@@ -328,16 +352,13 @@ def inflight(a, url: str, model: str, hdf5: Path, server=None) -> dict:
             row |= {"steps": int(steps), "tokens_per_step": round(
                 (m1["lsgpt_generated_tokens_total"] - m0["lsgpt_generated_tokens_total"]) / max(1, steps), 2)}
         if sched is not None:
-            ttft, itl, clients = [], [], []
             sspy = spy_on(a, server, model + "_stream")
-            srow = closed_loop(stream_send(url, model + "_stream", ttft, itl, clients), conc, reqs[: max(conc, len(reqs) // 4)])
+            srow, ttft, itl = closed_loop_procs("stream", url, model + "_stream", conc, reqs[: max(conc, len(reqs) // 4)],
+                                                min(a.client_procs, max(1, conc // 4)))
             if sspy is not None:
                 row["py_spy_stream"] = sspy.summary()
                 if sspy.engine is not None:
                     row["py_spy_stream_engine"] = sspy.engine.summary()
-            for c in clients:
-                c.stop_stream()
-                c.close()
             row |= {"stream_tokens_per_s": srow["output_tokens_per_s"], "stream_failed": srow["failed"]}
             row |= lat(ttft, "stream_ttft") | lat(itl, "stream_itl") | in_process_level(a, sched, conc, reqs, cap)
             row |= {"served_over_in_process": round(row["output_tokens_per_s"] / row["in_process_tokens_per_s"], 3),
@@ -472,8 +493,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=64, help="inflight: requests per concurrency level")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--client-procs", type=int, default=4, help="inflight: client processes the served unary load "
-                   "comes from at 64 streams or more (a Python process's GIL caps its gRPC clients)")
+    p.add_argument("--client-procs", type=int, default=8, help="inflight: client processes the served load comes "
+                   "from (unary at 64+ streams; streamed: up to one per 4 streams): one Python process's GIL caps its "
+                   "gRPC clients")
     p.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
                    help="inflight: sample the served model's process with py-spy for SECONDS of each level")
     p.add_argument("--py-spy-gil", action="store_true", help="--py-spy: only samples of the thread holding the GIL "
