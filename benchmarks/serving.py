@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import random
 import sys
 import tempfile
@@ -200,7 +201,15 @@ def closed_loop_procs(kind: str, url: str, model: str, conc: int, reqs: list, pr
                                f"{[k.exitcode for k in kids]})")
     t0 = time.monotonic()
     go.set()
-    parts = [results.get(timeout=3600) for _ in kids]
+    parts: list = []
+    while len(parts) < procs:
+        try:
+            parts.append(results.get(timeout=1.0))
+        except queue.Empty:  # a client process that died leaves no result: say so rather than wait
+            if any(k.exitcode not in (None, 0) for k in kids):
+                for k in kids:
+                    k.kill()
+                raise RuntimeError(f"a client process failed (exit codes {[k.exitcode for k in kids]})") from None
     for k in kids:
         k.join(10)
     lat = [x for p in parts for x in p[0]]
@@ -213,8 +222,6 @@ def stream_send(url: str, model: str, ttft: list, itl: list, clients: list):
     """send() through the decoupled twin, one gRPC stream per thread: new tokens; each request's time to its
     first token and the gaps between the next ones (as the client sees them: tokens that come in one response
     share its time) into ttft and itl. Asks for gathered tokens (contract.COALESCE), as the client library does."""
-    import queue
-
     import tritonclient.grpc as grpcclient
 
     from lsgpt.client.api import _inputs

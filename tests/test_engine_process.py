@@ -78,6 +78,32 @@ def test_a_crowd_gets_hf_greedy_and_streams_its_tokens_in_order(proc, model):
     assert proc.stats.generated_tokens == sum(lengths) and proc.stats.requests == len(prompts)
 
 
+def test_an_engine_process_that_cannot_start_runs_the_engine_here_by_default_and_fails_the_load_when_asked(
+        hdf5, model, monkeypatch):
+    """start_engine (the served model's choice): "auto" (the GPU default) falls back to the engine in the model
+    process with a warning naming why, and that engine answers as HF does; "asked" (engine_process "true") fails."""
+    from lsgpt.engine.engine import Engine
+    from lsgpt.engine.sampling import SamplingParams
+    from lsgpt.serving.engine_process import EngineProcess
+    from lsgpt.serving.triton_model import start_engine
+
+    monkeypatch.setenv("LSGPT_PYTHON", "/bin/false")  # exits at once, as a python3 without our packages would
+    warned: list[str] = []
+    args = dict(hdf5=hdf5, device="cpu", tokenizer=None, vocab=None, max_rows=4, on_lost=None, warn=warned.append,
+                sched_args=dict(max_queue=8, prefill_tokens=None, admit_every=None))
+    engine, sched = start_engine("auto", **args)
+    try:
+        assert isinstance(engine, Engine) and not isinstance(sched, EngineProcess)
+        assert len(warned) == 1 and "engine process did not start" in warned[0] and "/bin/false" in warned[0]
+        ids = sched.generate([5, 17, 300], SamplingParams(max_new_tokens=6, top_k=1, ignore_eos=True), timeout=60)
+        assert ids == tiny.hf_greedy(model, [5, 17, 300], 6)
+    finally:
+        sched.close()
+    with pytest.raises(RuntimeError, match="engine process"):
+        start_engine("asked", **args)
+    assert start_engine(None, **args)[1].close() is None and len(warned) == 1  # None: here, nothing tried
+
+
 def test_refusals_cancellation_and_close(proc):
     from lsgpt.engine.sampling import RequestError, SamplingParams
     from lsgpt.engine.scheduler import Cancelled, ShuttingDown

@@ -1,5 +1,6 @@
 """The engine and its scheduler in a process of their own (the default on a GPU; LSGPT_ENGINE_PROCESS=0/1 or the
-config parameter `engine_process` auto/true/false decide it), so that the decode loop stops sharing the GIL with Triton's request thread and the send lanes.
+config parameter `engine_process` auto/true/false decide it), so that the decode loop stops sharing the GIL with
+Triton's request thread and the send lanes.
 
 Why: at 256 streams on the H100 the model process's GIL was held ~93% of the time (py-spy --gil) and a served
 decode step took 2.2 ms against 1.3 ms for the same scheduler in process (results/h100/serving/2026-12-07-s14/).
@@ -80,9 +81,18 @@ class EngineProcess:
         theirs.close()
         self.conn = Connection(mine.detach())
         self._send_lock = threading.Lock()
-        self._send(dict(hdf5=str(hdf5), device=device, tokenizer=tokenizer, max_rows=max_rows, max_queue=max_queue,
-                        prefill_tokens=prefill_tokens, admit_every=admit_every))
-        msg = self._ready(start_timeout)
+        try:
+            self._send(dict(hdf5=str(hdf5), device=device, tokenizer=tokenizer, max_rows=max_rows,
+                            max_queue=max_queue, prefill_tokens=prefill_tokens, admit_every=admit_every))
+            msg = self._ready(start_timeout)
+        except BaseException as e:  # a child that is not there or not right: none left behind
+            self.proc.kill()
+            self.proc.wait(10)
+            self.conn.close()
+            if isinstance(e, (OSError, EOFError)):
+                raise RuntimeError(f"the engine process ended before it started (exit {self.proc.poll()}, "
+                                   f"{python_executable()}); its error is in the server log") from e
+            raise
         info = msg[1]
         self.config, self.suppress, self.backend = info["config"], info["suppress"], info["backend"]
         self.max_batch_size = info["max_batch_size"]
@@ -104,7 +114,7 @@ class EngineProcess:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.proc.kill()
                 raise RuntimeError(f"the engine process ended or did not start within {timeout:.0f} s "
-                                   f"(exit {self.proc.poll()}); its error is in the server log")
+                                   f"(exit {self.proc.poll()}, {python_executable()}); its error is in the server log")
         msg = self.conn.recv()
         if msg[0] != "ready":
             self.proc.wait(10)

@@ -37,6 +37,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -93,19 +94,42 @@ def _switch_interval_s() -> float:
     return ms / 1000
 
 
-def _engine_process(config: dict, device: str) -> bool:
+def _engine_process(config: dict, device: str) -> str | None:
     """Run the engine in a process of its own (lsgpt/serving/engine_process.py)? $LSGPT_ENGINE_PROCESS, else the
-    config parameter `engine_process`: 1/true/yes/on, 0/false/no/off, or auto (the default): on a GPU, where one
-    process's GIL held the decode loop back (1.2-1.3x served tokens/s at 256 streams on the H100,
-    results/h100/serving/2026-12-08-s15/), and not on the CPU, where the forward itself is the bound."""
+    config parameter `engine_process`: 1/true/yes/on -> "asked", 0/false/no/off -> None, auto (the default) ->
+    "auto" on a GPU, where one process's GIL held the decode loop back (1.2-1.3x served tokens/s at 256 streams on
+    the H100, results/h100/serving/2026-12-08-s15/), None on the CPU, where the forward itself is the bound."""
     raw = (os.environ.get("LSGPT_ENGINE_PROCESS", "").strip() or _string_param(config, "engine_process")).lower()
     if raw in ("", "auto"):
-        return device.startswith("cuda")
+        return "auto" if device.startswith("cuda") else None
     if raw in ("1", "true", "yes", "on"):
-        return True
+        return "asked"
     if raw in ("0", "false", "no", "off"):
-        return False
+        return None
     raise RuntimeError(f"engine_process / LSGPT_ENGINE_PROCESS={raw!r}: say auto, true or false")
+
+
+def start_engine(how: str | None, hdf5: Path, device: str, tokenizer: str | None, vocab: Any, max_rows: int | str,
+                 sched_args: dict, on_lost: Any, warn: Any) -> tuple[Any, Any]:
+    """(engine, scheduler) of a served model: (None, EngineProcess) in a process of its own when `how` says so
+    (_engine_process), else (Engine, Scheduler) here. An engine process that cannot start fails the load when it
+    was asked for; by default ("auto") the engine runs here instead, and `warn` says why (a python3 without torch,
+    say, where the server was not started by the launcher: it sets LSGPT_PYTHON)."""
+    from lsgpt.engine.engine import Engine
+    from lsgpt.engine.scheduler import Scheduler
+
+    if how:
+        from lsgpt.serving.engine_process import EngineProcess
+
+        try:
+            return None, EngineProcess(hdf5, device, tokenizer, max_rows, on_lost=on_lost, **sched_args)
+        except Exception as e:
+            if how != "auto":
+                raise
+            warn(f"the engine process did not start ({e}); the engine runs in the model process instead "
+                 "(engine_process \"false\" says so without trying)")
+    engine = Engine.load(hdf5, device=device, vocab=vocab)  # the vocabulary's non-text specials: never generated
+    return engine, Scheduler(engine, max_rows=max_rows, **sched_args)
 
 
 def _pick_device(args: dict[str, str]) -> str:
@@ -130,9 +154,6 @@ def _find_tokenizer(version_dir: Path, model_dir: Path, config: dict) -> str | N
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        from lsgpt.engine.engine import Engine
-        from lsgpt.engine.scheduler import Scheduler
-
         if int(np.__version__.split(".")[0]) >= 2:
             raise RuntimeError(f"numpy {np.__version__} in the model environment: tritonserver 2.51's Python backend "
                                "needs numpy<2 (its output tensors come back empty otherwise); install 'numpy<2'")
@@ -159,16 +180,13 @@ class TritonPythonModel:
         rows_setting = _param(self.config, "max_running_rows", MAX_RUNNING_ROWS)
         sched_args = dict(max_queue=queued, prefill_tokens=None if budget == "auto" else budget,
                           admit_every=None if every == "auto" else every)
-        if _engine_process(self.config, self.device):  # its own process and GIL (engine_process.py); the same Scheduler there
-            from lsgpt.serving.engine_process import EngineProcess
-
-            self.engine = None
-            self.scheduler = EngineProcess(version_dir / MODEL_FILE, self.device, tok, rows_setting,
-                                           on_lost=self._engine_lost, **sched_args)
+        # the engine in its own process and GIL (engine_process.py; the same Scheduler there), or here
+        self.engine, self.scheduler = start_engine(
+            _engine_process(self.config, self.device), version_dir / MODEL_FILE, self.device, tok, self.tokenizer,
+            rows_setting, sched_args, self._engine_lost, lambda msg: pb_utils.Logger.log_warn(f"{self.name}: {msg}"))
+        if self.engine is None:
             self.cfg, backend = self.scheduler.config, f"{self.scheduler.backend}, engine process"
-        else:  # the vocabulary's non-text special tokens are never generated (Engine.load)
-            self.engine = Engine.load(version_dir / MODEL_FILE, device=self.device, vocab=self.tokenizer)
-            self.scheduler = Scheduler(self.engine, max_rows=rows_setting, **sched_args)
+        else:
             self.cfg, backend = self.engine.config, self.engine.backend
         rows = self.scheduler.max_rows  # "auto": sized from the free GPU memory (32 on the CPU)
         self.outbox = Outbox(self.name, limit=8 * rows, lanes=OUTBOX_LANES)  # a few steps' worth of streamed tokens
