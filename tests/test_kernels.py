@@ -345,3 +345,111 @@ def test_gemm_table_from_a_sweep_sets_the_tiles_and_large_tiles_compute_the_same
     finally:
         monkeypatch.delenv("LSGPT_GEMM_TABLE", raising=False)
         clear()
+
+
+HDIM = 208 if CUDA else 80  # a residual width that is a multiple of STAT_CHUNK (16) and of no tile
+
+
+def chunk_stats(x: torch.Tensor) -> torch.Tensor:
+    """[2, M, H // 16] per 16 columns: the sum and the squares about the chunk's mean, float64."""
+    c = x.double().cpu().reshape(x.shape[0], -1, K.STAT_CHUNK)
+    return torch.stack([c.sum(-1), ((c - c.mean(-1, keepdim=True)) ** 2).sum(-1)])
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_layer_norm_partials_from_the_producer_and_the_layer_norm_in_the_consumer(M):
+    """ln_stats / stats_out: the residual GEMM and the embedding leave each row's LayerNorm partials; the next
+    GEMM normalizes from them in its loads. Against float64 formulas, and a row's outputs do not depend on the
+    rows beside it (the partials are fixed column chunks, whatever the tiles of M rows)."""
+    g = torch.Generator().manual_seed(500 + M)
+    # producer: FFN2's shape (int32 sums dequantized, + bias, + the residual, in place)
+    h = rand_i8(M, KDIM, gen=g)
+    w2 = rand_i8(KDIM, HDIM, gen=g)
+    x0 = torch.randn(M, HDIM, generator=g) * 2 + 0.3
+    bias2 = (torch.randn(HDIM, generator=g) * 0.3).half()
+    deq = 2e-3
+    x = x0.clone().to(DEV)
+    st = K.stats_buffer(M, HDIM, DEV)
+    K.linear(h.to(DEV), k_contiguous(w2).to(DEV), x, deq_scale=deq, bias=bias2.to(DEV), residual=x, stats_out=st)
+    want_x = x0.double() + h.double() @ w2.double() * deq + bias2.double()
+    assert float((x.double().cpu() - want_x).abs().max()) <= 1e-4 * float(want_x.abs().max())
+    torch.testing.assert_close(st.double().cpu(), chunk_stats(x), rtol=1e-4, atol=1e-3)
+    # the embedding's partials
+    wte, wpe = torch.randn(50, HDIM, generator=g).half(), torch.randn(40, HDIM, generator=g).half()
+    tok, pos = torch.randint(0, 50, (M,), generator=g), torch.randint(0, 40, (M,), generator=g)
+    e, se = torch.empty(M, HDIM, device=DEV), K.stats_buffer(M, HDIM, DEV)
+    K.embed(tok.to(DEV), pos.to(DEV), wte.to(DEV), wpe.to(DEV), e, pad_id=10**6, stats_out=se)
+    torch.testing.assert_close(se.double().cpu(), chunk_stats(e), rtol=1e-4, atol=1e-3)
+    # consumer: FFN1's shape, LN from the partials, int8
+    ln_w, ln_b = torch.rand(HDIM, generator=g).half() + 0.5, (torch.randn(HDIM, generator=g) * 0.1).half()
+    w1 = rand_i8(HDIM, NDIM, gen=g)
+    bias1 = (torch.randn(NDIM, generator=g) * 0.3).half()
+    c_ln, c_out, c_act = 4.0, 30.0, 6.0
+    alpha, deq1, in_s, out_s = c_ln / (c_out * 127), c_out / 127, 127 / c_ln, 127 / c_act
+    opts = dict(ln=(ln_w.to(DEV), ln_b.to(DEV), 1e-5), in_scale=in_s, alpha=alpha, deq_scale=deq1,
+                bias=bias1.to(DEV), gelu=True, out_scale=out_s)
+    got = K.linear(x, k_contiguous(w1).to(DEV), torch.empty(M, NDIM, dtype=torch.int8, device=DEV), ln_stats=st, **opts)
+    a = q8(layer_norm(x.cpu(), ln_w, ln_b, 1e-5) * in_s)
+    want = q8(gelu_tanh(q8(a @ w1.double() * alpha) * deq1 + bias1.double()) * out_s)
+    exact, worst = agree(got, want)
+    assert exact >= 0.995 and worst <= math.ceil(deq1 * out_s * 1.13) + 1, (exact, worst)
+    apart = K.linear(x, k_contiguous(w1).to(DEV), torch.empty(M, NDIM, dtype=torch.int8, device=DEV), **opts)
+    assert agree(got, apart)[0] >= 0.995  # the separate LayerNorm launch: the same up to fp32 rounding
+    alone_st = K.stats_buffer(1, HDIM, DEV)
+    alone_x = x0[-1:].clone().to(DEV)
+    K.linear(h[-1:].to(DEV), k_contiguous(w2).to(DEV), alone_x, deq_scale=deq, bias=bias2.to(DEV), residual=alone_x,
+             stats_out=alone_st)
+    alone = K.linear(alone_x, k_contiguous(w1).to(DEV), torch.empty(1, NDIM, dtype=torch.int8, device=DEV),
+                     ln_stats=alone_st, **opts)
+    assert torch.equal(alone_x.cpu(), x[-1:].cpu()) and torch.equal(alone_st.cpu(), st[:, -1:].cpu())
+    assert torch.equal(alone.cpu(), got[-1:].cpu())
+    # fp16 consumer (the fp16 model's LN1 / LN2 / ln_f)
+    wf = (torch.randn(HDIM, NDIM, generator=g) * 0.05).half()
+    gotf = K.linear(x, wf.to(DEV), torch.empty(M, NDIM, dtype=torch.float16, device=DEV),
+                    ln=(ln_w.to(DEV), ln_b.to(DEV), 1e-5), ln_stats=st)
+    wantf = layer_norm(x.cpu(), ln_w, ln_b, 1e-5) @ wf.double()
+    assert float((gotf.double().cpu() - wantf).abs().max()) <= 1e-2 * float(wantf.abs().max())
+
+
+def test_layer_norm_partials_refuse_a_wrong_buffer():
+    x = torch.zeros(3, 40, device=DEV)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        K.linear(x, torch.zeros(40, 8, dtype=torch.float16, device=DEV), torch.empty(3, 8, device=DEV),
+                 ln=(torch.ones(40, device=DEV), torch.zeros(40, device=DEV), 1e-5), ln_stats=torch.zeros(2, 3, 2, device=DEV))
+    with pytest.raises(ValueError, match=r"\[2, 3, 48 // 16\]"):
+        K.linear(torch.zeros(3, 8, dtype=torch.float16, device=DEV), torch.zeros(8, 48, dtype=torch.float16, device=DEV),
+                 torch.empty(3, 48, device=DEV), stats_out=K.stats_buffer(4, 48, DEV))
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_engine_without_layer_norm_launches_matches_the_reference_path(tmp_path, monkeypatch, quantize):
+    """LSGPT_FUSED_LN=1: whole forwards with the LayerNorms run from the partials (no LayerNorm launch) against
+    the engine's reference path (int8: the CPU integer path; fp16: torch), logit by logit; and greedy rows of a
+    batch as each row alone (the partials do not depend on the batch)."""
+    from lsgpt.engine.engine import Engine, SamplingParams
+    from lsgpt.export.convert import calibrate, float_arrays, gpt_config, load_checkpoint, quantize_arrays
+    from lsgpt.format import write_hdf5
+    from oracles import tiny
+
+    monkeypatch.setenv("LSGPT_FUSED_LN", "1")
+    config, sd, _ = load_checkpoint(tiny.make_model(seed=4, wide=True))
+    cfg = gpt_config(config, 48, quantize)
+    fa = float_arrays(cfg, sd)
+    arrays = quantize_arrays(cfg, fa, calibrate(cfg, fa, [[5, 6, 7, 8, 9, 300, 42]])) if quantize else fa
+    path = write_hdf5(tmp_path / "m.hdf5", cfg, arrays)
+    e = Engine.load(path, DEV, fused=True)
+    assert e.fused.fuse_ln and e.fused._ln_fused(8) and not e.fused._ln_fused(65)
+    m = e.model
+    tokens = torch.tensor([[5, 17, 300, 42], [9, 700, 33, 101]], device=DEV)
+    positions = torch.arange(4, device=DEV).expand(2, 4)
+    got = e.fused(tokens, positions, m.new_cache(2, 8)).double().cpu()
+    want = e._reference_logits(tokens, positions, m.new_cache(2, 8)).double().cpu()
+    if quantize:  # in steps of the logits clip: rounding flips only
+        steps = (got - want).abs() / m.head_scales.deq
+        assert float((steps <= 1.01).double().mean()) >= 0.99 and float(steps.mean()) < 0.1, float(steps.max())
+    else:
+        assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max())
+    prompts = [[5, 17, 300], [42, 7, 7, 900], [9]]
+    sp = SamplingParams(max_new_tokens=3, top_k=1, ignore_eos=True)
+    batched = e.generate(prompts, sp)
+    assert batched == [e.generate([p], sp)[0] for p in prompts]

@@ -15,6 +15,10 @@ Numerics as in docs/format.md §6: the same quantization points, alphas and roun
 path in ``lsgpt.engine.int8``; float work is fp32 inside every kernel and the residual stream is kept in fp32
 (LightSeq keeps it in fp16), so the CUDA path tracks the CPU integer path, the reference, step for step.
 Off with ``LSGPT_FUSED=0`` (then the reference path runs on CUDA too).
+
+``LSGPT_FUSED_LN=1`` (opt-in until measured on a GPU; issue 33): up to FUSED_LN_MAX_ROWS rows, no LayerNorm
+launches — the kernel that writes the residual stream (the embedding, W_out, W_ffn2) also leaves each row's
+LayerNorm partials (per 16 columns), and the next GEMM normalizes its loads from them: five launches a layer.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import os
 import torch
 
 from lsgpt.format import LayerScales
+
+FUSED_LN_MAX_ROWS = 64  # decode batches: beyond, the GEMMs' fp32 loads of x cost more than a LayerNorm launch
 
 
 def available(device: torch.device) -> bool:
@@ -48,6 +54,7 @@ class FusedForward:
         self.k = kernels
         self.model, self.cfg = model, model.cfg
         self.int8 = model.cfg.quantized  # QuantGPT (int8 file), else GPT
+        self.fuse_ln = os.environ.get("LSGPT_FUSED_LN", "0") == "1" and model.cfg.hidden % kernels.STAT_CHUNK == 0
         if self.int8:
             self.layers = [self._int8_layer(w, sc) for w, sc in zip(model.layers, model.scales)]
         else:
@@ -113,7 +120,10 @@ class FusedForward:
             return tiles, ints(m), pdl, prefetch
 
         return (gemm(M, 3 * H, H), gemm(M, H, H), gemm(M, c.inner, H), gemm(M, H, c.inner), gemm(R, c.vocab, H),
-                k.attention_plan(M, c.n_head, cache_len or T, self.int8), ints(M, T))
+                k.attention_plan(M, c.n_head, cache_len or T, self.int8), ints(M, T), self._ln_fused(M))
+
+    def _ln_fused(self, rows: int) -> bool:
+        return self.fuse_ln and rows <= FUSED_LN_MAX_ROWS
 
     @torch.inference_mode()
     def check_against(self, reference) -> None:
@@ -151,17 +161,21 @@ class FusedForward:
         tok, pos = tokens.reshape(M).contiguous(), positions.reshape(M).contiguous()
         # the residual stream stays fp32 (LightSeq: fp16): int8 logits then agree with the CPU integer path (fp32
         # throughout) instead of drifting across rounding steps (docs/decisions.md)
+        # LayerNorm partials (LSGPT_FUSED_LN): s1 of x before each LN1 and ln_f, s2 of x before each LN2; None:
+        # each LayerNorm is a launch of its own
+        s1, s2 = (k.stats_buffer(M, H, dev), k.stats_buffer(M, H, dev)) if self._ln_fused(M) else (None, None)
         x = k.embed(tok, pos, m.wte, m.wpe, torch.empty(M, H, dtype=torch.float32, device=dev), c.pad_id,
-                    self.embed_scale)
+                    self.embed_scale, stats_out=s1)
         q = torch.empty(M, H, dtype=act, device=dev)
         ctx = torch.empty(M, H, dtype=act, device=dev)
         h = torch.empty(M, c.inner, dtype=act, device=dev)
         for i, L in enumerate(self.layers):
-            k.linear(x, out=q, kv=(cache.k[i], cache.v[i], pos, T), **L["qkv"])
+            k.linear(x, out=q, kv=(cache.k[i], cache.v[i], pos, T), ln_stats=s1, **L["qkv"])
             k.attention(q, cache.k[i], cache.v[i], pos, T, c.n_head, ctx, sem=self.sem, **L["attn"])
-            k.linear(ctx, out=x, residual=x, **L["out"])
-            k.linear(x, out=h, **L["ffn1"])
-            k.linear(h, out=x, residual=x, **L["ffn2"])
+            k.linear(ctx, out=x, residual=x, stats_out=s2, **L["out"])
+            k.linear(x, out=h, ln_stats=s2, **L["ffn1"])
+            k.linear(h, out=x, residual=x, stats_out=s1, **L["ffn2"])
         if last is not None:
-            x = x[last]
-        return k.linear(x, out=torch.empty(x.shape[0], c.vocab, dtype=torch.float32, device=dev), **self.head)
+            x, s1 = x[last], None if s1 is None else s1[:, last]
+        return k.linear(x, out=torch.empty(x.shape[0], c.vocab, dtype=torch.float32, device=dev), ln_stats=s1,
+                        **self.head)

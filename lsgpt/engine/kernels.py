@@ -74,18 +74,58 @@ def _gelu_tanh(x):
     return x / (1.0 + tl.exp(-2.0 * u))
 
 
+STAT_CHUNK: tl.constexpr = 16  # columns per partial LayerNorm statistic (ln_stats)
+
+
+@triton.jit
+def _chunk_stats(y, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per row, per STAT_CHUNK columns of the tile y [BLOCK_M, BLOCK_N] (fp32): (sum, sum of squares about the
+    chunk's mean), each [BLOCK_M, BLOCK_N // STAT_CHUNK]. Chunks are fixed column ranges, whatever the tile, so a
+    row's statistics do not depend on the batch it is in."""
+    c = tl.reshape(y, (BLOCK_M, BLOCK_N // STAT_CHUNK, STAT_CHUNK))
+    s = tl.sum(c, 2)
+    d = c - (s / STAT_CHUNK)[:, :, None]
+    return s, tl.sum(d * d, 2)
+
+
+@triton.jit
+def _store_stats(stats_ptr, s, m2, rows, chunks, M, n_chunks):
+    """Partials at [0, row, chunk] (sums) and [1, row, chunk] (squares) of a [2, M, n_chunks] fp32 buffer."""
+    ok = (rows[:, None] < M) & (chunks[None, :] < n_chunks)
+    at = stats_ptr + rows[:, None].to(tl.int64) * n_chunks + chunks[None, :]
+    tl.store(at, s, mask=ok)
+    tl.store(at + M * n_chunks, m2, mask=ok)
+
+
+@triton.jit
+def _merged_stats(stats_ptr, rows, M, K, eps, BLOCK_P: tl.constexpr):
+    """A row's LayerNorm (mean, sqrt(variance + eps)) from its K // STAT_CHUNK partials (Chan et al.'s merge:
+    the chunks' squares about their means plus each chunk's mean offset), in a fixed order."""
+    n_chunks = K // STAT_CHUNK
+    p = tl.arange(0, BLOCK_P)
+    ok = (rows[:, None] < M) & (p[None, :] < n_chunks)
+    at = stats_ptr + rows[:, None].to(tl.int64) * n_chunks + p[None, :]
+    s = tl.load(at, mask=ok, other=0.0)
+    m2 = tl.load(at + M * n_chunks, mask=ok, other=0.0)
+    mean = tl.sum(s, 1) / K
+    dm = tl.where(ok, s / STAT_CHUNK - mean[:, None], 0.0)
+    var = (tl.sum(m2, 1) + STAT_CHUNK * tl.sum(dm * dm, 1)) / K
+    return mean, tl.sqrt(var + eps)
+
+
 @triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr,
-    pos_ptr, k_cache_ptr, v_cache_ptr,
+    pos_ptr, k_cache_ptr, v_cache_ptr, stats_in_ptr, ln_w_ptr, ln_b_ptr, stats_out_ptr,
     M, N, K,
     stride_xm, stride_wk, stride_wn, stride_om, stride_rm,
     rows_per_seq, cache_stride_b, cache_stride_s,
-    alpha, deq_scale, out_scale,
+    alpha, deq_scale, out_scale, eps, in_scale,
     INT8: tl.constexpr, REQUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr, QUANT_OUT: tl.constexpr, RESIDUAL: tl.constexpr, KV_SCATTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
     PREFETCH_LINES: tl.constexpr = 0, PER_LINE: tl.constexpr = 128,
+    LN_IN: tl.constexpr = False, STATS_OUT: tl.constexpr = False, BLOCK_P: tl.constexpr = 1,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -105,11 +145,21 @@ def _linear_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if LN_IN:  # x is the fp32 residual stream: LayerNorm it here, from the partials its producer stored
+        mean, denom = _merged_stats(stats_in_ptr, rm, M, K, eps, BLOCK_P)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
         a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-        if not INT8:
+        if LN_IN:  # as _layer_norm_kernel: (x - mean) / sqrt(var + eps) * w + b, then int8 or the weights' type
+            g = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            b = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            v = (a.to(tl.float32) - mean[:, None]) / denom[:, None] * g[None, :] + b[None, :]
+            if INT8:
+                a = _q8(v * in_scale).to(tl.int8)
+            else:
+                a = v.to(w_ptr.dtype.element_ty)
+        elif not INT8:
             a = a.to(w_ptr.dtype.element_ty)
         w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=k_ok[:, None] & n_ok[None, :],
                     other=0)
@@ -134,6 +184,10 @@ def _linear_kernel(
         r_ptrs = res_ptr + rm[:, None] * stride_rm + rn[None, :]
         y += tl.load(r_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     y = y.to(out_ptr.dtype.element_ty)
+    if STATS_OUT:  # the next LayerNorm's partial statistics of the values stored (N % STAT_CHUNK == 0)
+        s, m2 = _chunk_stats(tl.where(m_ok[:, None] & n_ok[None, :], y.to(tl.float32), 0.0), BLOCK_M, BLOCK_N)
+        _store_stats(stats_out_ptr, s, m2, rm, pid_n * (BLOCK_N // STAT_CHUNK) + tl.arange(0, BLOCK_N // STAT_CHUNK),
+                     M, N // STAT_CHUNK)
     if KV_SCATTER:  # columns [0,H): q -> out; [H,2H): k and [2H,3H): v -> cache row at the token's position
         H = N // 3
         pos = tl.load(pos_ptr + rm, mask=m_ok, other=0)
@@ -256,8 +310,8 @@ def _attention_kernel(
 
 
 @triton.jit
-def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, H, pad_id, emb_scale, BLOCK_H: tl.constexpr,
-                  PDL: tl.constexpr = False):
+def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, stats_ptr, M, H, pad_id, emb_scale,
+                  BLOCK_H: tl.constexpr, PDL: tl.constexpr = False, STATS_OUT: tl.constexpr = False):
     _pdl_wait(PDL)
     m = tl.program_id(0)
     t = tl.load(tok_ptr + m)
@@ -268,7 +322,11 @@ def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, H, pad_id, emb_sc
     e += tl.load(wpe_ptr + p.to(tl.int64) * H + h, mask=ok, other=0.0).to(tl.float32)
     e = tl.where(t == pad_id, 0.0, e)
     _pdl_release(PDL)
-    tl.store(out_ptr + m * H + h, e.to(out_ptr.dtype.element_ty), mask=ok)
+    e = e.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + m * H + h, e, mask=ok)
+    if STATS_OUT:  # the first LayerNorm's partials, as _linear_kernel's STATS_OUT (H % STAT_CHUNK == 0)
+        s, m2 = _chunk_stats(tl.where(ok, e.to(tl.float32), 0.0)[None, :], 1, BLOCK_H)
+        _store_stats(stats_ptr, s, m2, m + tl.arange(0, 1), tl.arange(0, BLOCK_H // STAT_CHUNK), M, H // STAT_CHUNK)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -411,6 +469,8 @@ def linear(
     residual: torch.Tensor | None = None,
     kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
     config: tuple[int, int, int, int, int] | None = None,
+    ln_stats: torch.Tensor | None = None,
+    stats_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[M, N] = epilogue(x[M, K] @ w[K, N]); see the module docstring.
 
@@ -420,15 +480,23 @@ def linear(
     result by it; ``kv=(k_cache, v_cache, positions[M], rows_per_seq)``: N = 3H, q -> out[M, H], k, v ->
     cache [B, S, H]. ``residual`` may be ``out`` itself (in-place update of the residual stream).
     ``config``: tile override (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for tuning.
+    ``ln_stats`` (with ``ln``): x's LayerNorm partials (``stats_buffer``, written by the kernel that produced x),
+    so the LayerNorm runs in this kernel's loads instead of a launch of its own; ``stats_out``: write the partials
+    of out (the next LayerNorm's input) there. Both need the row length a multiple of STAT_CHUNK.
     """
     int8 = w.dtype == torch.int8
-    if ln is not None:
+    if ln is not None and ln_stats is None:
         a = torch.empty(x.shape, dtype=w.dtype, device=x.device)
         x = layer_norm(x, ln[0], ln[1], ln[2], a, in_scale if int8 else None)
     M, K = x.shape
     N = w.shape[1]
     bm, bn, bk, warps, stages = config or _config(M, N, K, int8)
     dummy = w
+    ln_in = ln is not None and ln_stats is not None
+    for what, t, length in (("ln_stats", ln_stats if ln_in else None, K), ("stats_out", stats_out, N)):
+        if t is not None and (length % STAT_CHUNK or tuple(t.shape) != (2, M, length // STAT_CHUNK)):
+            raise ValueError(f"{what}: a [2, {M}, {length} // {STAT_CHUNK}] buffer for rows of {length} (a "
+                             f"multiple of {STAT_CHUNK}), got {tuple(t.shape)}")
     if kv is not None:
         k_cache, v_cache, pos, rows_per_seq = kv
         cache_b, cache_s = k_cache.stride(0), k_cache.stride(1)
@@ -438,13 +506,18 @@ def linear(
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _linear_kernel[grid](
         x, w, out, dummy if bias is None else bias, dummy if residual is None else residual, pos, k_cache, v_cache,
+        ln_stats if ln_in else dummy, ln[0] if ln_in else dummy, ln[1] if ln_in else dummy,
+        dummy if stats_out is None else stats_out,
         M, N, K,
         x.stride(0), w.stride(0), w.stride(1), out.stride(0), 0 if residual is None else residual.stride(0),
         rows_per_seq, cache_b, cache_s,
-        float(alpha or 0.0), float(deq_scale), float(out_scale or 0.0),
+        float(alpha or 0.0), float(deq_scale), float(out_scale or 0.0), float(ln[2]) if ln_in else 0.0,
+        float(in_scale),
         INT8=int8, REQUANT=alpha is not None, HAS_BIAS=bias is not None, GELU=gelu,
         QUANT_OUT=out_scale is not None, RESIDUAL=residual is not None, KV_SCATTER=kv is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **_pdl(M), **_prefetch(w, M),
+        LN_IN=ln_in, STATS_OUT=stats_out is not None,
+        BLOCK_P=triton.next_power_of_2(max(1, K // STAT_CHUNK)) if ln_in else 1,
     )
     return out
 
@@ -534,10 +607,19 @@ def attention(
 
 def embed(
     tokens: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, out: torch.Tensor,
-    pad_id: int, scale: float = 1.0,
+    pad_id: int, scale: float = 1.0, stats_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out[M, H] = wte[tokens]·scale + wpe[positions]; rows of pad tokens are 0 (pad_id >= vocab: none)."""
+    """out[M, H] = wte[tokens]·scale + wpe[positions]; rows of pad tokens are 0 (pad_id >= vocab: none);
+    ``stats_out``: the first LayerNorm's partials of out, as ``linear``'s."""
     M, H = out.shape
-    _embed_kernel[(M,)](tokens, positions, wte, wpe, out, H, pad_id, float(scale), BLOCK_H=triton.next_power_of_2(H),
-                        **_pdl(M))
+    if stats_out is not None and (H % STAT_CHUNK or tuple(stats_out.shape) != (2, M, H // STAT_CHUNK)):
+        raise ValueError(f"stats_out: a [2, {M}, {H} // {STAT_CHUNK}] buffer, got {tuple(stats_out.shape)}")
+    _embed_kernel[(M,)](tokens, positions, wte, wpe, out, out if stats_out is None else stats_out, M, H, pad_id,
+                        float(scale), BLOCK_H=triton.next_power_of_2(H), STATS_OUT=stats_out is not None, **_pdl(M))
     return out
+
+
+def stats_buffer(rows: int, width: int, device: torch.device | str) -> torch.Tensor:
+    """Where a kernel leaves the LayerNorm partials of `rows` rows of `width` values for the next GEMM (``linear``'s
+    ``stats_out`` / ``ln_stats``): [2, rows, width // STAT_CHUNK] fp32, every entry written before it is read."""
+    return torch.empty(2, rows, width // STAT_CHUNK, dtype=torch.float32, device=device)
