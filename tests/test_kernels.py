@@ -421,17 +421,19 @@ def test_layer_norm_partials_refuse_a_wrong_buffer():
                  torch.empty(3, 48, device=DEV), stats_out=K.stats_buffer(4, 48, DEV))
 
 
-@pytest.mark.parametrize("quantize", [False, True])
-def test_engine_without_layer_norm_launches_matches_the_reference_path(tmp_path, monkeypatch, quantize):
-    """LSGPT_FUSED_LN=1: whole forwards with the LayerNorms run from the partials (no LayerNorm launch) against
-    the engine's reference path (int8: the CPU integer path; fp16: torch), logit by logit; and greedy rows of a
-    batch as each row alone (the partials do not depend on the batch)."""
+@pytest.mark.parametrize("quantize, ffn", [(False, False), (True, True)])
+def test_engine_without_layer_norm_launches_matches_the_reference_path(tmp_path, monkeypatch, quantize, ffn):
+    """LSGPT_FUSED_LN=1 (and LSGPT_FUSED_FFN=1: the int8 FFN in one launch): whole forwards with the LayerNorms
+    run from the partials (no LayerNorm launch) against the engine's reference path (int8: the CPU integer path;
+    fp16: torch), logit by logit; and greedy rows of a batch as each row alone (the partials do not depend on the
+    batch, and integer sums on their order)."""
     from lsgpt.engine.engine import Engine, SamplingParams
     from lsgpt.export.convert import calibrate, float_arrays, gpt_config, load_checkpoint, quantize_arrays
     from lsgpt.format import write_hdf5
     from oracles import tiny
 
     monkeypatch.setenv("LSGPT_FUSED_LN", "1")
+    monkeypatch.setenv("LSGPT_FUSED_FFN", "1" if ffn else "0")
     config, sd, _ = load_checkpoint(tiny.make_model(seed=4, wide=True))
     cfg = gpt_config(config, 48, quantize)
     fa = float_arrays(cfg, sd)
@@ -439,6 +441,7 @@ def test_engine_without_layer_norm_launches_matches_the_reference_path(tmp_path,
     path = write_hdf5(tmp_path / "m.hdf5", cfg, arrays)
     e = Engine.load(path, DEV, fused=True)
     assert e.fused.fuse_ln and e.fused._ln_fused(8) and not e.fused._ln_fused(65)
+    assert e.fused._ffn_fused(8) == ffn and not e.fused._ffn_fused(17)
     m = e.model
     tokens = torch.tensor([[5, 17, 300, 42], [9, 700, 33, 101]], device=DEV)
     positions = torch.arange(4, device=DEV).expand(2, 4)
@@ -453,3 +456,47 @@ def test_engine_without_layer_norm_launches_matches_the_reference_path(tmp_path,
     sp = SamplingParams(max_new_tokens=3, top_k=1, ignore_eos=True)
     batched = e.generate(prompts, sp)
     assert batched == [e.generate([p], sp)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("M", [m for m in ROWS if m <= K.FFN_MAX_ROWS])
+def test_int8_ffn_in_one_launch(M):
+    """ffn: LN2 + FFN1 + FFN2 + residual of a few rows in one launch (int32 sums added atomically, finished by the
+    last program): against float64 formulas, exactly the three-launch path (LayerNorm kernel, linear, linear),
+    and from LayerNorm partials, writing the next ones; twice in a row (the scratch is left zero)."""
+    g = torch.Generator().manual_seed(700 + M)
+    inner = 2 * HDIM + 16  # not a multiple of the 32-column slices
+    x0 = torch.randn(M, HDIM, generator=g) * 2 + 0.3
+    ln_w, ln_b = torch.rand(HDIM, generator=g).half() + 0.5, (torch.randn(HDIM, generator=g) * 0.1).half()
+    w1, w2 = rand_i8(HDIM, inner, gen=g), rand_i8(inner, HDIM, gen=g)
+    b1, b2 = (torch.randn(inner, generator=g) * 0.3).half(), (torch.randn(HDIM, generator=g) * 0.3).half()
+    c_ln, c_out, c_act = 4.0, 30.0, 6.0
+    s = dict(in_scale=127 / c_ln, alpha=c_ln / (c_out * 127), deq_scale=c_out / 127, out_scale=127 / c_act)
+    deq2 = 2e-4
+    ln = (ln_w.to(DEV), ln_b.to(DEV), 1e-5)
+    W1, W2 = k_contiguous(w1).to(DEV), k_contiguous(w2).to(DEV)
+    scratch = K.ffn_scratch(HDIM, DEV)
+    fused = x0.clone().to(DEV)
+    K.ffn(fused, W1, W2, scratch, ln=ln, b1=b1.to(DEV), deq_scale2=deq2, b2=b2.to(DEV), **s)
+    a = q8(layer_norm(x0, ln_w, ln_b, 1e-5) * s["in_scale"])
+    h = q8(gelu_tanh(q8(a @ w1.double() * s["alpha"]) * s["deq_scale"] + b1.double()) * s["out_scale"])
+    want = x0.double() + h @ w2.double() * deq2 + b2.double()
+    d = (fused.double().cpu() - want).abs()
+    # a flipped rounding of h moves a value by deq2 * 127 at most (one h step times a weight)
+    assert float((d <= 1e-4).double().mean()) >= 0.99 and float(d.max()) <= 127 * deq2 * 3, float(d.max())
+    apart = x0.clone().to(DEV)
+    hh = K.linear(apart, W1, torch.empty(M, inner, dtype=torch.int8, device=DEV), ln=ln, bias=b1.to(DEV), gelu=True,
+                  **s)
+    K.linear(hh, W2, apart, deq_scale=deq2, bias=b2.to(DEV), residual=apart)
+    assert torch.equal(fused.cpu(), apart.cpu())
+    assert not scratch[0].any() and int(scratch[1]) == 0
+    st_in, st_out = K.stats_buffer(M, HDIM, DEV), K.stats_buffer(M, HDIM, DEV)
+    x1 = x0.clone().to(DEV)
+    K.embed(torch.arange(M, device=DEV), torch.zeros(M, dtype=torch.long, device=DEV), x0.to(DEV),
+            torch.zeros(1, HDIM, device=DEV), x1, 10**6, stats_out=st_in)  # x1 = x0 and its partials
+    K.ffn(x1, W1, W2, scratch, ln=ln, b1=b1.to(DEV), deq_scale2=deq2, b2=b2.to(DEV), ln_stats=st_in,
+          stats_out=st_out, **s)
+    assert float(((x1.double().cpu() - want).abs() <= 1e-4).double().mean()) >= 0.99
+    torch.testing.assert_close(st_out.double().cpu(), chunk_stats(x1), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        K.ffn(torch.zeros(17, HDIM, device=DEV), W1, W2, scratch, ln=ln, b1=b1.to(DEV), deq_scale2=deq2,
+              b2=b2.to(DEV), **s)

@@ -19,6 +19,8 @@ Off with ``LSGPT_FUSED=0`` (then the reference path runs on CUDA too).
 ``LSGPT_FUSED_LN=1`` (opt-in until measured on a GPU; issue 33): up to FUSED_LN_MAX_ROWS rows, no LayerNorm
 launches — the kernel that writes the residual stream (the embedding, W_out, W_ffn2) also leaves each row's
 LayerNorm partials (per 16 columns), and the next GEMM normalizes its loads from them: five launches a layer.
+``LSGPT_FUSED_FFN=1`` (int8, opt-in likewise): up to 16 rows the FFN (its LayerNorm, FFN1, FFN2 and the residual)
+is one launch (``kernels.ffn``): four a layer with LSGPT_FUSED_LN, five without it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class FusedForward:
         self.model, self.cfg = model, model.cfg
         self.int8 = model.cfg.quantized  # QuantGPT (int8 file), else GPT
         self.fuse_ln = os.environ.get("LSGPT_FUSED_LN", "0") == "1" and model.cfg.hidden % kernels.STAT_CHUNK == 0
+        self.fuse_ffn = (os.environ.get("LSGPT_FUSED_FFN", "0") == "1" and self.int8
+                         and model.cfg.hidden % kernels.STAT_CHUNK == 0)
+        # kernels.ffn's int32 sums and counter, zero between launches (one set: a graph replays the same buffers)
+        self.ffn_scratch = kernels.ffn_scratch(model.cfg.hidden, model.device) if self.fuse_ffn else None
         if self.int8:
             self.layers = [self._int8_layer(w, sc) for w, sc in zip(model.layers, model.scales)]
         else:
@@ -120,10 +126,14 @@ class FusedForward:
             return tiles, ints(m), pdl, prefetch
 
         return (gemm(M, 3 * H, H), gemm(M, H, H), gemm(M, c.inner, H), gemm(M, H, c.inner), gemm(R, c.vocab, H),
-                k.attention_plan(M, c.n_head, cache_len or T, self.int8), ints(M, T), self._ln_fused(M))
+                k.attention_plan(M, c.n_head, cache_len or T, self.int8), ints(M, T), self._ln_fused(M),
+                self._ffn_fused(M))
 
     def _ln_fused(self, rows: int) -> bool:
         return self.fuse_ln and rows <= FUSED_LN_MAX_ROWS
+
+    def _ffn_fused(self, rows: int) -> bool:
+        return self.fuse_ffn and rows <= self.k.FFN_MAX_ROWS
 
     @torch.inference_mode()
     def check_against(self, reference) -> None:
@@ -173,8 +183,14 @@ class FusedForward:
             k.linear(x, out=q, kv=(cache.k[i], cache.v[i], pos, T), ln_stats=s1, **L["qkv"])
             k.attention(q, cache.k[i], cache.v[i], pos, T, c.n_head, ctx, sem=self.sem, **L["attn"])
             k.linear(ctx, out=x, residual=x, stats_out=s2, **L["out"])
-            k.linear(x, out=h, ln_stats=s2, **L["ffn1"])
-            k.linear(h, out=x, residual=x, stats_out=s1, **L["ffn2"])
+            if self._ffn_fused(M):  # LN2, FFN1, FFN2 and the residual in one launch
+                f1, f2 = L["ffn1"], L["ffn2"]
+                k.ffn(x, f1["w"], f2["w"], self.ffn_scratch, ln=f1["ln"], in_scale=f1["in_scale"], alpha=f1["alpha"],
+                      deq_scale=f1["deq_scale"], b1=f1["bias"], out_scale=f1["out_scale"], deq_scale2=f2["deq_scale"],
+                      b2=f2["bias"], ln_stats=s2, stats_out=s1)
+            else:
+                k.linear(x, out=h, ln_stats=s2, **L["ffn1"])
+                k.linear(h, out=x, residual=x, stats_out=s1, **L["ffn2"])
         if last is not None:
             x, s1 = x[last], None if s1 is None else s1[:, last]
         return k.linear(x, out=torch.empty(x.shape[0], c.vocab, dtype=torch.float32, device=dev), ln_stats=s1,

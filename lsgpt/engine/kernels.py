@@ -310,6 +310,75 @@ def _attention_kernel(
 
 
 @triton.jit
+def _ffn_kernel(
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, acc_ptr, sem_ptr, res_ptr, stats_in_ptr, ln_w_ptr, ln_b_ptr, stats_out_ptr,
+    M, H, INNER, stride_xm, stride_w1k, stride_w1n, stride_w2k, stride_w2n, stride_rm,
+    eps, in_scale, alpha1, deq1, act_scale, deq2,
+    LN_IN: tl.constexpr, STATS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr = 1, PDL: tl.constexpr = False,
+    FENCE: tl.constexpr = False,
+):
+    """The int8 FFN of a few rows in one launch: program p computes h[:, slice p] (FFN1: requantize, bias, GELU,
+    q8) and adds h[:, slice p] · W_ffn2[slice p, :] to int32 sums (atomic integer adds: exact in any order); the
+    last program to finish (counted on sem_ptr, which it puts back to 0, as it zeroes the sums) dequantizes them,
+    adds bias and the residual into res_ptr (x, in place) and, with STATS_OUT, the next LayerNorm's partials."""
+    _pdl_wait(PDL)
+    p = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    ri = p * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = ri < INNER
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_I], dtype=tl.int32)
+    if LN_IN:
+        mean, denom = _merged_stats(stats_in_ptr, rm, M, H, eps, BLOCK_P)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < H
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        if LN_IN:
+            g = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            b = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            a = _q8(((a.to(tl.float32) - mean[:, None]) / denom[:, None] * g[None, :] + b[None, :]) * in_scale)
+            a = a.to(tl.int8)
+        w = tl.load(w1_ptr + kk[:, None] * stride_w1k + ri[None, :] * stride_w1n, mask=k_ok[:, None] & i_ok[None, :],
+                    other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    y = _q8(acc.to(tl.float32) * alpha1) * deq1 + tl.load(b1_ptr + ri, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+    h = tl.where(i_ok[None, :], _q8(_gelu_tanh(y) * act_scale), 0.0).to(tl.int8)
+    for n0 in range(0, H, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < H
+        w = tl.load(w2_ptr + ri[:, None] * stride_w2k + rn[None, :] * stride_w2n, mask=i_ok[:, None] & n_ok[None, :],
+                    other=0)
+        part = tl.dot(h, w, out_dtype=tl.int32)
+        tl.atomic_add(acc_ptr + rm[:, None] * H + rn[None, :], part, mask=m_ok[:, None] & n_ok[None, :],
+                      sem="relaxed", scope="gpu")
+    _pdl_release(PDL)
+    _fence_gpu(FENCE)  # this program's sums, GPU-wide, before it is counted
+    tl.debug_barrier()
+    done = tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu")
+    if done == tl.num_programs(0) - 1:  # every program has added its part (and read x): finish the rows
+        _fence_gpu(FENCE)
+        for n0 in range(0, H, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            n_ok = rn < H
+            ok = m_ok[:, None] & n_ok[None, :]
+            at = acc_ptr + rm[:, None] * H + rn[None, :]
+            s = tl.load(at, mask=ok, other=0, cache_modifier=".cg")
+            tl.store(at, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), mask=ok)  # zero for the next launch
+            r_ptrs = res_ptr + rm[:, None] * stride_rm + rn[None, :]
+            out = s.to(tl.float32) * deq2 + tl.load(b2_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            out = (out + tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)).to(res_ptr.dtype.element_ty)
+            tl.store(r_ptrs, out, mask=ok)
+            if STATS_OUT:
+                cs, m2 = _chunk_stats(tl.where(ok, out.to(tl.float32), 0.0), BLOCK_M, BLOCK_N)
+                _store_stats(stats_out_ptr, cs, m2, rm, n0 // STAT_CHUNK + tl.arange(0, BLOCK_N // STAT_CHUNK), M,
+                             H // STAT_CHUNK)
+        tl.atomic_xchg(sem_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, stats_ptr, M, H, pad_id, emb_scale,
                   BLOCK_H: tl.constexpr, PDL: tl.constexpr = False, STATS_OUT: tl.constexpr = False):
     _pdl_wait(PDL)
@@ -617,6 +686,47 @@ def embed(
     _embed_kernel[(M,)](tokens, positions, wte, wpe, out, out if stats_out is None else stats_out, M, H, pad_id,
                         float(scale), BLOCK_H=triton.next_power_of_2(H), STATS_OUT=stats_out is not None, **_pdl(M))
     return out
+
+
+FFN_MAX_ROWS = 16  # ffn: one block of rows (the int8 dot's smallest M tile)
+
+
+def ffn_scratch(hidden: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ffn``'s int32 sums and its counter, zeros that every launch leaves zero again (allocate once: a CUDA
+    graph replays the same buffers)."""
+    return (torch.zeros(FFN_MAX_ROWS, hidden, dtype=torch.int32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device))
+
+
+def ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor], *,
+        ln: tuple[torch.Tensor, torch.Tensor, float], in_scale: float, alpha: float, deq_scale: float,
+        b1: torch.Tensor, out_scale: float, deq_scale2: float, b2: torch.Tensor, ln_stats: torch.Tensor | None = None,
+        stats_out: torch.Tensor | None = None, block_i: int = 32) -> torch.Tensor:
+    """The int8 FFN in one launch, x [M, H] fp32 updated in place (M <= FFN_MAX_ROWS): x += dequant(q8(GELU(
+    requant(q8(LN(x)) · W1) + b1)) · W2) + b2 — what ``linear`` does in a LayerNorm, FFN1 and FFN2 launch
+    (``ln_stats``: the LayerNorm from partials, else a LayerNorm launch first; ``stats_out``: the next one's)."""
+    M, H = x.shape
+    inner = w1.shape[1]
+    if w1.dtype != torch.int8 or M > FFN_MAX_ROWS or H % STAT_CHUNK:
+        raise ValueError(f"ffn: int8 weights, at most {FFN_MAX_ROWS} rows and a width that is a multiple of "
+                         f"{STAT_CHUNK}; got {w1.dtype}, {M} rows, width {H}")
+    for what, t in (("ln_stats", ln_stats), ("stats_out", stats_out)):
+        if t is not None and tuple(t.shape) != (2, M, H // STAT_CHUNK):
+            raise ValueError(f"{what}: a [2, {M}, {H} // {STAT_CHUNK}] buffer, got {tuple(t.shape)}")
+    a = x
+    if ln_stats is None:
+        a = layer_norm(x, ln[0], ln[1], ln[2], torch.empty(x.shape, dtype=torch.int8, device=x.device), in_scale)
+    acc, sem = scratch
+    _ffn_kernel[(triton.cdiv(inner, block_i),)](
+        a, w1, b1, w2, b2, acc, sem, x, w1 if ln_stats is None else ln_stats, ln[0], ln[1],
+        w1 if stats_out is None else stats_out,
+        M, H, inner, a.stride(0), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), x.stride(0),
+        float(ln[2]), float(in_scale), float(alpha), float(deq_scale), float(out_scale), float(deq_scale2),
+        LN_IN=ln_stats is not None, STATS_OUT=stats_out is not None, BLOCK_M=FFN_MAX_ROWS,
+        BLOCK_K=min(256, triton.next_power_of_2(H)), BLOCK_I=block_i, BLOCK_N=min(128, triton.next_power_of_2(H)),
+        BLOCK_P=triton.next_power_of_2(H // STAT_CHUNK), FENCE=_on_gpu(), num_warps=4, **_pdl(M),
+    )
+    return x
 
 
 def stats_buffer(rows: int, width: int, device: torch.device | str) -> torch.Tensor:
