@@ -423,7 +423,8 @@ def test_layer_norm_partials_refuse_a_wrong_buffer():
 
 @pytest.mark.parametrize("quantize, ffn", [(False, False), (True, True)])
 def test_engine_without_layer_norm_launches_matches_the_reference_path(tmp_path, monkeypatch, quantize, ffn):
-    """LSGPT_FUSED_LN=1 (and LSGPT_FUSED_FFN=1: the int8 FFN in one launch): whole forwards with the LayerNorms
+    """LSGPT_FUSED_LN=1 (and, int8, LSGPT_FUSED_FFN=1 / LSGPT_FUSED_ATTN=1: the FFN and the decode step's
+    attention block each in one launch): whole forwards with the LayerNorms
     run from the partials (no LayerNorm launch) against the engine's reference path (int8: the CPU integer path;
     fp16: torch), logit by logit; and greedy rows of a batch as each row alone (the partials do not depend on the
     batch, and integer sums on their order)."""
@@ -434,6 +435,7 @@ def test_engine_without_layer_norm_launches_matches_the_reference_path(tmp_path,
 
     monkeypatch.setenv("LSGPT_FUSED_LN", "1")
     monkeypatch.setenv("LSGPT_FUSED_FFN", "1" if ffn else "0")
+    monkeypatch.setenv("LSGPT_FUSED_ATTN", "1" if ffn else "0")
     config, sd, _ = load_checkpoint(tiny.make_model(seed=4, wide=True))
     cfg = gpt_config(config, 48, quantize)
     fa = float_arrays(cfg, sd)
@@ -442,16 +444,20 @@ def test_engine_without_layer_norm_launches_matches_the_reference_path(tmp_path,
     e = Engine.load(path, DEV, fused=True)
     assert e.fused.fuse_ln and e.fused._ln_fused(8) and not e.fused._ln_fused(65)
     assert e.fused._ffn_fused(8) == ffn and not e.fused._ffn_fused(17)
+    assert e.fused._attn_fused(3, 1) == ffn and not e.fused._attn_fused(3, 2) and not e.fused._attn_fused(9, 1)
     m = e.model
     tokens = torch.tensor([[5, 17, 300, 42], [9, 700, 33, 101]], device=DEV)
     positions = torch.arange(4, device=DEV).expand(2, 4)
-    got = e.fused(tokens, positions, m.new_cache(2, 8)).double().cpu()
-    want = e._reference_logits(tokens, positions, m.new_cache(2, 8)).double().cpu()
-    if quantize:  # in steps of the logits clip: rounding flips only
-        steps = (got - want).abs() / m.head_scales.deq
-        assert float((steps <= 1.01).double().mean()) >= 0.99 and float(steps.mean()) < 0.1, float(steps.max())
-    else:
-        assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max())
+    c_fused, c_ref = m.new_cache(2, 8), m.new_cache(2, 8)
+    step = (torch.tensor([[7], [8]], device=DEV), torch.full((2, 1), 4, device=DEV))  # then a decode step (T = 1)
+    for t, p in ((tokens, positions), step):
+        got = e.fused(t, p, c_fused).double().cpu()
+        want = e._reference_logits(t, p, c_ref).double().cpu()
+        if quantize:  # in steps of the logits clip: rounding flips only
+            steps = (got - want).abs() / m.head_scales.deq
+            assert float((steps <= 1.01).double().mean()) >= 0.99 and float(steps.mean()) < 0.1, float(steps.max())
+        else:
+            assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max())
     prompts = [[5, 17, 300], [42, 7, 7, 900], [9]]
     sp = SamplingParams(max_new_tokens=3, top_k=1, ignore_eos=True)
     batched = e.generate(prompts, sp)
@@ -500,3 +506,49 @@ def test_int8_ffn_in_one_launch(M):
     with pytest.raises(ValueError, match="at most 16 rows"):
         K.ffn(torch.zeros(17, HDIM, device=DEV), W1, W2, scratch, ln=ln, b1=b1.to(DEV), deq_scale2=deq2,
               b2=b2.to(DEV), **s)
+
+
+@pytest.mark.parametrize("M", [m for m in ROWS if m <= K.ATTN_BLOCK_MAX_ROWS])
+def test_int8_attention_block_in_one_launch(M):
+    """attention_block: LN1 + QKV (k, v into the cache) + attention + W_out + residual of a decode step in one
+    launch (the heads add their W_out parts to int32 sums, the last finishes): exactly the three-launch path
+    (linear with the KV scatter, attention in one split, linear), from a LayerNorm launch or from partials, the
+    cache written alike; and the attention against float64 formulas."""
+    g = torch.Generator().manual_seed(800 + M)
+    n_head, S = HDIM // 16, 40
+    x0 = torch.randn(M, HDIM, generator=g) * 2 + 0.3
+    ln_w, ln_b = torch.rand(HDIM, generator=g).half() + 0.5, (torch.randn(HDIM, generator=g) * 0.1).half()
+    wqkv, wout = rand_i8(HDIM, 3 * HDIM, gen=g), rand_i8(HDIM, HDIM, gen=g)
+    bqkv, bout = (torch.randn(3 * HDIM, generator=g) * 0.3).half(), (torch.randn(HDIM, generator=g) * 0.3).half()
+    kc0, vc0 = rand_i8(M + 1, S, HDIM, gen=g), rand_i8(M + 1, S, HDIM, gen=g)
+    pos = torch.randint(0, S, (M,), generator=g)
+    s = 0.05  # kv clip / 127
+    ln = (ln_w.to(DEV), ln_b.to(DEV), 1e-5)
+    qkv = dict(w=k_contiguous(wqkv).to(DEV), bias=bqkv.to(DEV), ln=ln, in_scale=127 / 4.0, alpha=4.0 / (30 * 127),
+               deq_scale=30 / 127, out_scale=1 / s)
+    attn = dict(score_scale=s * s / math.sqrt(16), v_scale=s, out_scale=127 / 3.0)
+    out = dict(w=k_contiguous(wout).to(DEV), bias=bout.to(DEV), alpha=3.0 / (20 * 127), deq_scale=20 / 127)
+    # the three launches
+    x3, kc3, vc3 = x0.clone().to(DEV), kc0.clone().to(DEV), vc0.clone().to(DEV)
+    q = K.linear(x3, out=torch.empty(M, HDIM, dtype=torch.int8, device=DEV), kv=(kc3, vc3, pos.to(DEV), 1), **qkv)
+    ctx = K.attention(q, kc3, vc3, pos.to(DEV), 1, n_head, torch.empty(M, HDIM, dtype=torch.int8, device=DEV),
+                      config=(1, 64, 4), **attn)
+    K.linear(ctx, out=x3, residual=x3, **out)
+    # one launch, from a LayerNorm launch and from partials (x1's, as the embedding leaves them)
+    scratch = K.ffn_scratch(HDIM, DEV)
+    x1, kc1, vc1 = x0.clone().to(DEV), kc0.clone().to(DEV), vc0.clone().to(DEV)
+    K.attention_block(x1, kc1, vc1, pos.to(DEV), n_head, scratch, qkv=qkv, attn=attn, out=out)
+    assert torch.equal(kc1.cpu(), kc3.cpu()) and torch.equal(vc1.cpu(), vc3.cpu())
+    assert torch.equal(x1.cpu(), x3.cpu())
+    assert not scratch[0].any() and int(scratch[1]) == 0
+    st, st2 = K.stats_buffer(M, HDIM, DEV), K.stats_buffer(M, HDIM, DEV)
+    x2, kc2, vc2 = torch.empty(M, HDIM, device=DEV), kc0.clone().to(DEV), vc0.clone().to(DEV)
+    K.embed(torch.arange(M, device=DEV), torch.zeros(M, dtype=torch.long, device=DEV), x0.to(DEV),
+            torch.zeros(1, HDIM, device=DEV), x2, 10**6, stats_out=st)
+    K.attention_block(x2, kc2, vc2, pos.to(DEV), n_head, scratch, qkv=qkv, attn=attn, out=out, ln_stats=st,
+                      stats_out=st2)
+    assert float((x2 == x1).double().mean()) >= 0.99  # LayerNorm from partials: fp32 rounding apart
+    torch.testing.assert_close(st2.double().cpu(), chunk_stats(x2), rtol=1e-4, atol=1e-3)
+    # the attention itself, in float64 from the cache as written
+    want = attention_reference(q.cpu(), kc3.cpu(), vc3.cpu(), pos, 1, n_head, attn["score_scale"], attn["v_scale"])
+    assert float((q8(want * attn["out_scale"]) - ctx.double().cpu()).abs().max()) <= 1

@@ -20,7 +20,9 @@ Off with ``LSGPT_FUSED=0`` (then the reference path runs on CUDA too).
 launches — the kernel that writes the residual stream (the embedding, W_out, W_ffn2) also leaves each row's
 LayerNorm partials (per 16 columns), and the next GEMM normalizes its loads from them: five launches a layer.
 ``LSGPT_FUSED_FFN=1`` (int8, opt-in likewise): up to 16 rows the FFN (its LayerNorm, FFN1, FFN2 and the residual)
-is one launch (``kernels.ffn``): four a layer with LSGPT_FUSED_LN, five without it.
+is one launch (``kernels.ffn``): four a layer with LSGPT_FUSED_LN, five without it. ``LSGPT_FUSED_ATTN=1`` (int8,
+opt-in likewise): a decode step of up to 8 rows runs LN1, QKV, attention, W_out and the residual as one launch
+(``kernels.attention_block``): with all three, two launches a layer.
 """
 
 from __future__ import annotations
@@ -59,8 +61,13 @@ class FusedForward:
         self.fuse_ln = os.environ.get("LSGPT_FUSED_LN", "0") == "1" and model.cfg.hidden % kernels.STAT_CHUNK == 0
         self.fuse_ffn = (os.environ.get("LSGPT_FUSED_FFN", "0") == "1" and self.int8
                          and model.cfg.hidden % kernels.STAT_CHUNK == 0)
-        # kernels.ffn's int32 sums and counter, zero between launches (one set: a graph replays the same buffers)
-        self.ffn_scratch = kernels.ffn_scratch(model.cfg.hidden, model.device) if self.fuse_ffn else None
+        hd = model.cfg.head_dim
+        self.fuse_attn = (os.environ.get("LSGPT_FUSED_ATTN", "0") == "1" and self.int8 and hd >= 16
+                          and hd & (hd - 1) == 0 and model.cfg.hidden % kernels.STAT_CHUNK == 0)
+        # kernels.ffn's / attention_block's int32 sums and counter, zero between launches (one set, shared: each
+        # launch leaves it zero, and a graph replays the same buffers)
+        self.scratch = (kernels.ffn_scratch(model.cfg.hidden, model.device) if self.fuse_ffn or self.fuse_attn
+                        else None)
         if self.int8:
             self.layers = [self._int8_layer(w, sc) for w, sc in zip(model.layers, model.scales)]
         else:
@@ -127,13 +134,16 @@ class FusedForward:
 
         return (gemm(M, 3 * H, H), gemm(M, H, H), gemm(M, c.inner, H), gemm(M, H, c.inner), gemm(R, c.vocab, H),
                 k.attention_plan(M, c.n_head, cache_len or T, self.int8), ints(M, T), self._ln_fused(M),
-                self._ffn_fused(M))
+                self._ffn_fused(M), self._attn_fused(B, T))
 
     def _ln_fused(self, rows: int) -> bool:
         return self.fuse_ln and rows <= FUSED_LN_MAX_ROWS
 
     def _ffn_fused(self, rows: int) -> bool:
         return self.fuse_ffn and rows <= self.k.FFN_MAX_ROWS
+
+    def _attn_fused(self, B: int, T: int) -> bool:
+        return self.fuse_attn and T == 1 and B <= self.k.ATTN_BLOCK_MAX_ROWS
 
     @torch.inference_mode()
     def check_against(self, reference) -> None:
@@ -180,12 +190,16 @@ class FusedForward:
         ctx = torch.empty(M, H, dtype=act, device=dev)
         h = torch.empty(M, c.inner, dtype=act, device=dev)
         for i, L in enumerate(self.layers):
-            k.linear(x, out=q, kv=(cache.k[i], cache.v[i], pos, T), ln_stats=s1, **L["qkv"])
-            k.attention(q, cache.k[i], cache.v[i], pos, T, c.n_head, ctx, sem=self.sem, **L["attn"])
-            k.linear(ctx, out=x, residual=x, stats_out=s2, **L["out"])
+            if self._attn_fused(B, T):  # LN1, QKV, attention, W_out and the residual in one launch
+                k.attention_block(x, cache.k[i], cache.v[i], pos, c.n_head, self.scratch, qkv=L["qkv"],
+                                  attn=L["attn"], out=L["out"], ln_stats=s1, stats_out=s2)
+            else:
+                k.linear(x, out=q, kv=(cache.k[i], cache.v[i], pos, T), ln_stats=s1, **L["qkv"])
+                k.attention(q, cache.k[i], cache.v[i], pos, T, c.n_head, ctx, sem=self.sem, **L["attn"])
+                k.linear(ctx, out=x, residual=x, stats_out=s2, **L["out"])
             if self._ffn_fused(M):  # LN2, FFN1, FFN2 and the residual in one launch
                 f1, f2 = L["ffn1"], L["ffn2"]
-                k.ffn(x, f1["w"], f2["w"], self.ffn_scratch, ln=f1["ln"], in_scale=f1["in_scale"], alpha=f1["alpha"],
+                k.ffn(x, f1["w"], f2["w"], self.scratch, ln=f1["ln"], in_scale=f1["in_scale"], alpha=f1["alpha"],
                       deq_scale=f1["deq_scale"], b1=f1["bias"], out_scale=f1["out_scale"], deq_scale2=f2["deq_scale"],
                       b2=f2["bias"], ln_stats=s2, stats_out=s1)
             else:

@@ -379,6 +379,114 @@ def _ffn_kernel(
 
 
 @triton.jit
+def _attn_block_kernel(
+    x_ptr, wqkv_ptr, bqkv_ptr, wout_ptr, bout_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, acc_ptr, sem_ptr, res_ptr,
+    stats_in_ptr, ln_w_ptr, ln_b_ptr, stats_out_ptr,
+    M, H, stride_xm, stride_wq_k, stride_wq_n, stride_wo_k, stride_wo_n, stride_rm, cache_stride_b, cache_stride_s,
+    eps, in_scale, qkv_alpha, qkv_deq, kv_in, score_scale, v_scale, ctx_in, out_alpha, out_deq,
+    LN_IN: tl.constexpr, STATS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr = 1,
+    PDL: tl.constexpr = False, FENCE: tl.constexpr = False,
+):
+    """The int8 attention block of a decode step (one new token a row, row m = sequence m) in one launch; program
+    h is head h: its q, k, v columns of LN1(x)·W_qkv (requantize, bias, q8; k and v into the cache at the row's
+    position), attention over the row's keys 0..pos (exact integer scores, the context q8'd), then ctx_h ·
+    W_out[head h rows, :] added to int32 sums (atomic integer adds: exact in any order); the last head to finish
+    (sem_ptr, put back to 0, as the sums are zeroed) requantizes, adds bias and the residual into res_ptr (x, in
+    place) and, with STATS_OUT, the next LayerNorm's partials. What ``linear`` (QKV), ``attention`` and
+    ``linear`` (W_out) do in three launches, with the same arithmetic."""
+    _pdl_wait(PDL)
+    h = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    d = tl.arange(0, BLOCK_D)
+    rk = tl.arange(0, BLOCK_K)
+    cq, ck, cv = h * BLOCK_D + d, H + h * BLOCK_D + d, 2 * H + h * BLOCK_D + d
+    aq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+    ak = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+    av = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+    if LN_IN:
+        mean, denom = _merged_stats(stats_in_ptr, rm, M, H, eps, BLOCK_P)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < H
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        if LN_IN:
+            g = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            b = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            a = _q8(((a.to(tl.float32) - mean[:, None]) / denom[:, None] * g[None, :] + b[None, :]) * in_scale)
+            a = a.to(tl.int8)
+        wrow = wqkv_ptr + kk[:, None] * stride_wq_k
+        aq = tl.dot(a, tl.load(wrow + cq[None, :] * stride_wq_n, mask=k_ok[:, None], other=0), aq, out_dtype=tl.int32)
+        ak = tl.dot(a, tl.load(wrow + ck[None, :] * stride_wq_n, mask=k_ok[:, None], other=0), ak, out_dtype=tl.int32)
+        av = tl.dot(a, tl.load(wrow + cv[None, :] * stride_wq_n, mask=k_ok[:, None], other=0), av, out_dtype=tl.int32)
+    # as linear's QKV epilogue: requantize, dequantize, bias, quantize by the k/v clip (values stay float here)
+    q = _q8((_q8(aq.to(tl.float32) * qkv_alpha) * qkv_deq + tl.load(bqkv_ptr + cq).to(tl.float32)[None, :]) * kv_in)
+    k = _q8((_q8(ak.to(tl.float32) * qkv_alpha) * qkv_deq + tl.load(bqkv_ptr + ck).to(tl.float32)[None, :]) * kv_in)
+    v = _q8((_q8(av.to(tl.float32) * qkv_alpha) * qkv_deq + tl.load(bqkv_ptr + cv).to(tl.float32)[None, :]) * kv_in)
+    pos = tl.load(pos_ptr + rm, mask=m_ok, other=0)
+    row = rm.to(tl.int64) * cache_stride_b + pos.to(tl.int64) * cache_stride_s + h * BLOCK_D
+    tl.store(k_cache_ptr + row[:, None] + d[None, :], k.to(tl.int8), mask=m_ok[:, None])
+    tl.store(v_cache_ptr + row[:, None] + d[None, :], v.to(tl.int8), mask=m_ok[:, None])
+    tl.debug_barrier()  # this program's k, v rows written before its threads read the cache back
+    ctx = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for m in range(0, M):  # each row's own sequence: attention as _attention_kernel's (one split)
+        sel = rm == m
+        qm = tl.sum(tl.where(sel[:, None], q, 0.0), 0)
+        last = tl.sum(tl.where(sel, pos, 0), 0)
+        base = tl.sum(tl.where(sel, rm.to(tl.int64) * cache_stride_b, 0), 0) + h * BLOCK_D
+        m_i = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
+        l_i = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, last + 1, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            s_ok = s <= last
+            offs = base + s[:, None].to(tl.int64) * cache_stride_s + d[None, :]
+            kc = tl.load(k_cache_ptr + offs, mask=s_ok[:, None], other=0).to(tl.float32)
+            vc = tl.load(v_cache_ptr + offs, mask=s_ok[:, None], other=0).to(tl.float32)
+            scores = tl.where(s_ok, tl.sum(kc * qm[None, :], 1) * score_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 0))
+            p = tl.exp(scores - m_new)
+            corr = tl.exp(m_i - m_new)
+            acc = acc * corr + tl.sum(p[:, None] * vc, 0)
+            l_i = l_i * corr + tl.sum(p, 0)
+            m_i = m_new
+        o = _q8(acc * (v_scale / l_i) * ctx_in)
+        ctx = tl.where(sel[:, None], o[None, :], ctx)
+    c8 = ctx.to(tl.int8)
+    for n0 in range(0, H, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < H
+        w = tl.load(wout_ptr + (h * BLOCK_D + d)[:, None] * stride_wo_k + rn[None, :] * stride_wo_n,
+                    mask=n_ok[None, :], other=0)
+        tl.atomic_add(acc_ptr + rm[:, None] * H + rn[None, :], tl.dot(c8, w, out_dtype=tl.int32),
+                      mask=m_ok[:, None] & n_ok[None, :], sem="relaxed", scope="gpu")
+    _pdl_release(PDL)
+    _fence_gpu(FENCE)
+    tl.debug_barrier()
+    done = tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu")
+    if done == tl.num_programs(0) - 1:  # every head has added its part (and read x): finish the rows
+        _fence_gpu(FENCE)
+        for n0 in range(0, H, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            n_ok = rn < H
+            ok = m_ok[:, None] & n_ok[None, :]
+            at = acc_ptr + rm[:, None] * H + rn[None, :]
+            sums = tl.load(at, mask=ok, other=0, cache_modifier=".cg")
+            tl.store(at, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), mask=ok)  # zero for the next launch
+            r_ptrs = res_ptr + rm[:, None] * stride_rm + rn[None, :]
+            y = _q8(sums.to(tl.float32) * out_alpha) * out_deq
+            y += tl.load(bout_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            y = (y + tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)).to(res_ptr.dtype.element_ty)
+            tl.store(r_ptrs, y, mask=ok)
+            if STATS_OUT:
+                cs, m2 = _chunk_stats(tl.where(ok, y.to(tl.float32), 0.0), BLOCK_M, BLOCK_N)
+                _store_stats(stats_out_ptr, cs, m2, rm, n0 // STAT_CHUNK + tl.arange(0, BLOCK_N // STAT_CHUNK), M,
+                             H // STAT_CHUNK)
+        tl.atomic_xchg(sem_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, stats_ptr, M, H, pad_id, emb_scale,
                   BLOCK_H: tl.constexpr, PDL: tl.constexpr = False, STATS_OUT: tl.constexpr = False):
     _pdl_wait(PDL)
@@ -724,6 +832,49 @@ def ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scratch: tuple[torc
         float(ln[2]), float(in_scale), float(alpha), float(deq_scale), float(out_scale), float(deq_scale2),
         LN_IN=ln_stats is not None, STATS_OUT=stats_out is not None, BLOCK_M=FFN_MAX_ROWS,
         BLOCK_K=min(256, triton.next_power_of_2(H)), BLOCK_I=block_i, BLOCK_N=min(128, triton.next_power_of_2(H)),
+        BLOCK_P=triton.next_power_of_2(H // STAT_CHUNK), FENCE=_on_gpu(), num_warps=4, **_pdl(M),
+    )
+    return x
+
+
+ATTN_BLOCK_MAX_ROWS = 8  # attention_block: its heads loop over the rows
+
+
+def attention_block(x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                    n_head: int, scratch: tuple[torch.Tensor, torch.Tensor], *, qkv: dict, attn: dict, out: dict,
+                    ln_stats: torch.Tensor | None = None, stats_out: torch.Tensor | None = None) -> torch.Tensor:
+    """The int8 attention block of a decode step in one launch, x [M, H] fp32 updated in place (M <=
+    ATTN_BLOCK_MAX_ROWS rows, one new token each, row m = sequence m of the caches): x += W_out-projection of
+    attention over the cache of LN1(x)'s q, k, v, k and v written into the cache at positions[m] — what ``linear``
+    (qkv: the layer's w, bias, ln, in_scale, alpha, deq_scale, out_scale), ``attention`` (attn: score_scale,
+    v_scale, out_scale) and ``linear`` (out: w, bias, alpha, deq_scale) do in three launches. ``ln_stats`` /
+    ``stats_out`` as ``ffn``'s; `scratch`: ``ffn_scratch`` (the two share one: each leaves it zero)."""
+    M, H = x.shape
+    hd = H // n_head
+    w = qkv["w"]
+    if w.dtype != torch.int8 or M > ATTN_BLOCK_MAX_ROWS or H % STAT_CHUNK or hd < 16 or hd & (hd - 1):
+        raise ValueError(f"attention_block: int8 weights, at most {ATTN_BLOCK_MAX_ROWS} rows, a width that is a "
+                         f"multiple of {STAT_CHUNK} and a power-of-two head size >= 16; got {w.dtype}, {M} rows, "
+                         f"width {H}, head size {hd}")
+    for what, t in (("ln_stats", ln_stats), ("stats_out", stats_out)):
+        if t is not None and tuple(t.shape) != (2, M, H // STAT_CHUNK):
+            raise ValueError(f"{what}: a [2, {M}, {H} // {STAT_CHUNK}] buffer, got {tuple(t.shape)}")
+    ln = qkv["ln"]
+    a = x
+    if ln_stats is None:
+        a = layer_norm(x, ln[0], ln[1], ln[2], torch.empty(x.shape, dtype=torch.int8, device=x.device),
+                       qkv["in_scale"])
+    acc, sem = scratch
+    wo = out["w"]
+    _attn_block_kernel[(n_head,)](
+        a, w, qkv["bias"], wo, out["bias"], k_cache, v_cache, positions, acc, sem, x,
+        w if ln_stats is None else ln_stats, ln[0], ln[1], w if stats_out is None else stats_out,
+        M, H, a.stride(0), w.stride(0), w.stride(1), wo.stride(0), wo.stride(1), x.stride(0), k_cache.stride(0),
+        k_cache.stride(1), float(ln[2]), float(qkv["in_scale"]), float(qkv["alpha"]), float(qkv["deq_scale"]),
+        float(qkv["out_scale"]), float(attn["score_scale"]), float(attn["v_scale"]), float(attn["out_scale"]),
+        float(out["alpha"]), float(out["deq_scale"]),
+        LN_IN=ln_stats is not None, STATS_OUT=stats_out is not None, BLOCK_M=FFN_MAX_ROWS,
+        BLOCK_K=min(256, triton.next_power_of_2(H)), BLOCK_D=hd, BLOCK_S=64, BLOCK_N=min(128, triton.next_power_of_2(H)),
         BLOCK_P=triton.next_power_of_2(H // STAT_CHUNK), FENCE=_on_gpu(), num_warps=4, **_pdl(M),
     )
     return x
