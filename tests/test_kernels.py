@@ -436,7 +436,7 @@ def test_engine_without_layer_norm_launches_matches_the_reference_path(tmp_path,
     monkeypatch.setenv("LSGPT_FUSED_LN", "1")
     monkeypatch.setenv("LSGPT_FUSED_FFN", "1" if ffn else "0")
     monkeypatch.setenv("LSGPT_FUSED_ATTN", "1" if ffn else "0")
-    config, sd, _ = load_checkpoint(tiny.make_model(seed=4, wide=True))
+    config, sd, _ = load_checkpoint(tiny.make_model(seed=4, wide=True, n_head=2))  # head size 32
     cfg = gpt_config(config, 48, quantize)
     fa = float_arrays(cfg, sd)
     arrays = quantize_arrays(cfg, fa, calibrate(cfg, fa, [[5, 6, 7, 8, 9, 300, 42]])) if quantize else fa
@@ -515,7 +515,8 @@ def test_int8_attention_block_in_one_launch(M):
     (linear with the KV scatter, attention in one split, linear), from a LayerNorm launch or from partials, the
     cache written alike; and the attention against float64 formulas."""
     g = torch.Generator().manual_seed(800 + M)
-    n_head, S = HDIM // 16, 40
+    HDIM, hd, S = (192, 32, 40) if CUDA else (80, 16, 40)  # int8 dots on a GPU: head size (their K) >= 32
+    n_head = HDIM // hd
     x0 = torch.randn(M, HDIM, generator=g) * 2 + 0.3
     ln_w, ln_b = torch.rand(HDIM, generator=g).half() + 0.5, (torch.randn(HDIM, generator=g) * 0.1).half()
     wqkv, wout = rand_i8(HDIM, 3 * HDIM, gen=g), rand_i8(HDIM, HDIM, gen=g)
@@ -526,7 +527,7 @@ def test_int8_attention_block_in_one_launch(M):
     ln = (ln_w.to(DEV), ln_b.to(DEV), 1e-5)
     qkv = dict(w=k_contiguous(wqkv).to(DEV), bias=bqkv.to(DEV), ln=ln, in_scale=127 / 4.0, alpha=4.0 / (30 * 127),
                deq_scale=30 / 127, out_scale=1 / s)
-    attn = dict(score_scale=s * s / math.sqrt(16), v_scale=s, out_scale=127 / 3.0)
+    attn = dict(score_scale=s * s / math.sqrt(hd), v_scale=s, out_scale=127 / 3.0)
     out = dict(w=k_contiguous(wout).to(DEV), bias=bout.to(DEV), alpha=3.0 / (20 * 127), deq_scale=20 / 127)
     # the three launches
     x3, kc3, vc3 = x0.clone().to(DEV), kc0.clone().to(DEV), vc0.clone().to(DEV)

@@ -62,7 +62,7 @@ class FusedForward:
         self.fuse_ffn = (os.environ.get("LSGPT_FUSED_FFN", "0") == "1" and self.int8
                          and model.cfg.hidden % kernels.STAT_CHUNK == 0)
         hd = model.cfg.head_dim
-        self.fuse_attn = (os.environ.get("LSGPT_FUSED_ATTN", "0") == "1" and self.int8 and hd >= 16
+        self.fuse_attn = (os.environ.get("LSGPT_FUSED_ATTN", "0") == "1" and self.int8 and hd >= 32  # int8 dots: K >= 32
                           and hd & (hd - 1) == 0 and model.cfg.hidden % kernels.STAT_CHUNK == 0)
         # kernels.ffn's / attention_block's int32 sums and counter, zero between launches (one set, shared: each
         # launch leaves it zero, and a graph replays the same buffers)
