@@ -117,10 +117,8 @@ def _merged_stats(stats_ptr, rows, M, K, eps, BLOCK_P: tl.constexpr):
 def _linear_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr,
     pos_ptr, k_cache_ptr, v_cache_ptr, stats_in_ptr, ln_w_ptr, ln_b_ptr, stats_out_ptr,
-    M, N, K,
-    stride_xm, stride_wk, stride_wn, stride_om, stride_rm,
-    rows_per_seq, cache_stride_b, cache_stride_s,
-    alpha, deq_scale, out_scale, eps, in_scale,
+    M, N, K, stride_xm, stride_wk, stride_wn, stride_om, stride_rm,
+    rows_per_seq, cache_stride_b, cache_stride_s, alpha, deq_scale, out_scale, eps, in_scale,
     INT8: tl.constexpr, REQUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr, QUANT_OUT: tl.constexpr, RESIDUAL: tl.constexpr, KV_SCATTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
@@ -151,10 +149,8 @@ def _linear_kernel(
         kk = k0 + rk
         k_ok = kk < K
         a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-        if LN_IN:  # as _layer_norm_kernel: (x - mean) / sqrt(var + eps) * w + b, then int8 or the weights' type
-            g = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            b = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            v = (a.to(tl.float32) - mean[:, None]) / denom[:, None] * g[None, :] + b[None, :]
+        if LN_IN:  # then int8, or the weights' type
+            v = _layer_normed(a, ln_w_ptr, ln_b_ptr, kk, k_ok, mean, denom)
             if INT8:
                 a = _q8(v * in_scale).to(tl.int8)
             else:
@@ -310,6 +306,58 @@ def _attention_kernel(
 
 
 @triton.jit
+def _layer_normed(a, ln_w_ptr, ln_b_ptr, kk, k_ok, mean, denom):
+    """A tile of the fp32 residual stream, LayerNormed as _layer_norm_kernel: (x - mean) / sqrt(var + eps) * w + b."""
+    g = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+    b = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+    return (a.to(tl.float32) - mean[:, None]) / denom[:, None] * g[None, :] + b[None, :]
+
+
+@triton.jit
+def _finish_if_last(acc_ptr, sem_ptr, res_ptr, bias_ptr, stats_out_ptr, rm, m_ok, M, H, stride_rm, alpha, deq,
+                    REQUANT: tl.constexpr, STATS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    FENCE: tl.constexpr):
+    """After a program has added its part to the int32 sums acc [M, H]: count it on sem_ptr; the last program of the
+    grid (every part added, and x read) finishes the rows — x += (requantize by alpha, or not) · deq + bias, in
+    place, with the next LayerNorm's partials — and leaves sums and counter at zero for the next launch."""
+    _fence_gpu(FENCE)  # this program's sums, GPU-wide, before it is counted
+    tl.debug_barrier()
+    done = tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu")
+    if done == tl.num_programs(0) - 1:
+        _fence_gpu(FENCE)
+        for n0 in range(0, H, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            n_ok = rn < H
+            ok = m_ok[:, None] & n_ok[None, :]
+            at = acc_ptr + rm[:, None] * H + rn[None, :]
+            y = tl.load(at, mask=ok, other=0, cache_modifier=".cg").to(tl.float32)
+            tl.store(at, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), mask=ok)
+            if REQUANT:
+                y = _q8(y * alpha)
+            y = y * deq + tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            r_ptrs = res_ptr + rm[:, None] * stride_rm + rn[None, :]
+            y = (y + tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)).to(res_ptr.dtype.element_ty)
+            tl.store(r_ptrs, y, mask=ok)
+            if STATS_OUT:
+                cs, m2 = _chunk_stats(tl.where(ok, y.to(tl.float32), 0.0), BLOCK_M, BLOCK_N)
+                _store_stats(stats_out_ptr, cs, m2, rm, n0 // STAT_CHUNK + tl.arange(0, BLOCK_N // STAT_CHUNK), M,
+                             H // STAT_CHUNK)
+        tl.atomic_xchg(sem_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _add_part(acc_ptr, part_a, w_ptr, w_rows, w_rows_ok, stride_wk, stride_wn, rm, m_ok, H, BLOCK_N: tl.constexpr):
+    """acc[rm, :] += part_a · W[w_rows, :] (int8 x int8 -> int32), by atomic integer adds: exact in any order."""
+    for n0 in range(0, H, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < H
+        w = tl.load(w_ptr + w_rows[:, None] * stride_wk + rn[None, :] * stride_wn,
+                    mask=w_rows_ok[:, None] & n_ok[None, :], other=0)
+        tl.atomic_add(acc_ptr + rm[:, None] * H + rn[None, :], tl.dot(part_a, w, out_dtype=tl.int32),
+                      mask=m_ok[:, None] & n_ok[None, :], sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _ffn_kernel(
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, acc_ptr, sem_ptr, res_ptr, stats_in_ptr, ln_w_ptr, ln_b_ptr, stats_out_ptr,
     M, H, INNER, stride_xm, stride_w1k, stride_w1n, stride_w2k, stride_w2n, stride_rm,
@@ -319,14 +367,12 @@ def _ffn_kernel(
     FENCE: tl.constexpr = False,
 ):
     """The int8 FFN of a few rows in one launch: program p computes h[:, slice p] (FFN1: requantize, bias, GELU,
-    q8) and adds h[:, slice p] · W_ffn2[slice p, :] to int32 sums (atomic integer adds: exact in any order); the
-    last program to finish (counted on sem_ptr, which it puts back to 0, as it zeroes the sums) dequantizes them,
-    adds bias and the residual into res_ptr (x, in place) and, with STATS_OUT, the next LayerNorm's partials."""
+    q8) and adds h[:, slice p] · W_ffn2[slice p, :] to the int32 sums; the last program finishes the rows (FFN2's
+    dequantize, bias, the residual into res_ptr = x, with STATS_OUT the next LayerNorm's partials)."""
     _pdl_wait(PDL)
-    p = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     m_ok = rm < M
-    ri = p * BLOCK_I + tl.arange(0, BLOCK_I)
+    ri = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     i_ok = ri < INNER
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_I], dtype=tl.int32)
@@ -337,68 +383,24 @@ def _ffn_kernel(
         k_ok = kk < H
         a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
         if LN_IN:
-            g = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            b = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            a = _q8(((a.to(tl.float32) - mean[:, None]) / denom[:, None] * g[None, :] + b[None, :]) * in_scale)
-            a = a.to(tl.int8)
+            a = _q8(_layer_normed(a, ln_w_ptr, ln_b_ptr, kk, k_ok, mean, denom) * in_scale).to(tl.int8)
         w = tl.load(w1_ptr + kk[:, None] * stride_w1k + ri[None, :] * stride_w1n, mask=k_ok[:, None] & i_ok[None, :],
                     other=0)
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
     y = _q8(acc.to(tl.float32) * alpha1) * deq1 + tl.load(b1_ptr + ri, mask=i_ok, other=0.0).to(tl.float32)[None, :]
     h = tl.where(i_ok[None, :], _q8(_gelu_tanh(y) * act_scale), 0.0).to(tl.int8)
-    for n0 in range(0, H, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        n_ok = rn < H
-        w = tl.load(w2_ptr + ri[:, None] * stride_w2k + rn[None, :] * stride_w2n, mask=i_ok[:, None] & n_ok[None, :],
-                    other=0)
-        part = tl.dot(h, w, out_dtype=tl.int32)
-        tl.atomic_add(acc_ptr + rm[:, None] * H + rn[None, :], part, mask=m_ok[:, None] & n_ok[None, :],
-                      sem="relaxed", scope="gpu")
+    _add_part(acc_ptr, h, w2_ptr, ri, i_ok, stride_w2k, stride_w2n, rm, m_ok, H, BLOCK_N)
     _pdl_release(PDL)
-    _fence_gpu(FENCE)  # this program's sums, GPU-wide, before it is counted
-    tl.debug_barrier()
-    done = tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu")
-    if done == tl.num_programs(0) - 1:  # every program has added its part (and read x): finish the rows
-        _fence_gpu(FENCE)
-        for n0 in range(0, H, BLOCK_N):
-            rn = n0 + tl.arange(0, BLOCK_N)
-            n_ok = rn < H
-            ok = m_ok[:, None] & n_ok[None, :]
-            at = acc_ptr + rm[:, None] * H + rn[None, :]
-            s = tl.load(at, mask=ok, other=0, cache_modifier=".cg")
-            tl.store(at, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), mask=ok)  # zero for the next launch
-            r_ptrs = res_ptr + rm[:, None] * stride_rm + rn[None, :]
-            out = s.to(tl.float32) * deq2 + tl.load(b2_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            out = (out + tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)).to(res_ptr.dtype.element_ty)
-            tl.store(r_ptrs, out, mask=ok)
-            if STATS_OUT:
-                cs, m2 = _chunk_stats(tl.where(ok, out.to(tl.float32), 0.0), BLOCK_M, BLOCK_N)
-                _store_stats(stats_out_ptr, cs, m2, rm, n0 // STAT_CHUNK + tl.arange(0, BLOCK_N // STAT_CHUNK), M,
-                             H // STAT_CHUNK)
-        tl.atomic_xchg(sem_ptr, 0, sem="relaxed", scope="gpu")
+    _finish_if_last(acc_ptr, sem_ptr, res_ptr, b2_ptr, stats_out_ptr, rm, m_ok, M, H, stride_rm, 0.0, deq2,
+                    False, STATS_OUT, BLOCK_M, BLOCK_N, FENCE)
 
 
 @triton.jit
-def _attn_block_kernel(
-    x_ptr, wqkv_ptr, bqkv_ptr, wout_ptr, bout_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, acc_ptr, sem_ptr, res_ptr,
-    stats_in_ptr, ln_w_ptr, ln_b_ptr, stats_out_ptr,
-    M, H, stride_xm, stride_wq_k, stride_wq_n, stride_wo_k, stride_wo_n, stride_rm, cache_stride_b, cache_stride_s,
-    eps, in_scale, qkv_alpha, qkv_deq, kv_in, score_scale, v_scale, ctx_in, out_alpha, out_deq,
-    LN_IN: tl.constexpr, STATS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr = 1,
-    PDL: tl.constexpr = False, FENCE: tl.constexpr = False,
-):
-    """The int8 attention block of a decode step (one new token a row, row m = sequence m) in one launch; program
-    h is head h: its q, k, v columns of LN1(x)·W_qkv (requantize, bias, q8; k and v into the cache at the row's
-    position), attention over the row's keys 0..pos (exact integer scores, the context q8'd), then ctx_h ·
-    W_out[head h rows, :] added to int32 sums (atomic integer adds: exact in any order); the last head to finish
-    (sem_ptr, put back to 0, as the sums are zeroed) requantizes, adds bias and the residual into res_ptr (x, in
-    place) and, with STATS_OUT, the next LayerNorm's partials. What ``linear`` (QKV), ``attention`` and
-    ``linear`` (W_out) do in three launches, with the same arithmetic."""
-    _pdl_wait(PDL)
-    h = tl.program_id(0)
-    rm = tl.arange(0, BLOCK_M)
-    m_ok = rm < M
+def _qkv_head(x_ptr, w_ptr, b_ptr, stats_in_ptr, ln_w_ptr, ln_b_ptr, rm, m_ok, M, H, h, stride_xm, stride_wk,
+              stride_wn, eps, in_scale, alpha, deq, kv_in, LN_IN: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Head h's q, k, v columns of LN1(x) · W_qkv with linear's QKV epilogue (requantize, dequantize, bias, q8 by
+    the k/v clip): three [BLOCK_M, BLOCK_D] tiles of int8 values (kept float)."""
     d = tl.arange(0, BLOCK_D)
     rk = tl.arange(0, BLOCK_K)
     cq, ck, cv = h * BLOCK_D + d, H + h * BLOCK_D + d, 2 * H + h * BLOCK_D + d
@@ -412,25 +414,25 @@ def _attn_block_kernel(
         k_ok = kk < H
         a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
         if LN_IN:
-            g = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            b = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            a = _q8(((a.to(tl.float32) - mean[:, None]) / denom[:, None] * g[None, :] + b[None, :]) * in_scale)
-            a = a.to(tl.int8)
-        wrow = wqkv_ptr + kk[:, None] * stride_wq_k
-        aq = tl.dot(a, tl.load(wrow + cq[None, :] * stride_wq_n, mask=k_ok[:, None], other=0), aq, out_dtype=tl.int32)
-        ak = tl.dot(a, tl.load(wrow + ck[None, :] * stride_wq_n, mask=k_ok[:, None], other=0), ak, out_dtype=tl.int32)
-        av = tl.dot(a, tl.load(wrow + cv[None, :] * stride_wq_n, mask=k_ok[:, None], other=0), av, out_dtype=tl.int32)
-    # as linear's QKV epilogue: requantize, dequantize, bias, quantize by the k/v clip (values stay float here)
-    q = _q8((_q8(aq.to(tl.float32) * qkv_alpha) * qkv_deq + tl.load(bqkv_ptr + cq).to(tl.float32)[None, :]) * kv_in)
-    k = _q8((_q8(ak.to(tl.float32) * qkv_alpha) * qkv_deq + tl.load(bqkv_ptr + ck).to(tl.float32)[None, :]) * kv_in)
-    v = _q8((_q8(av.to(tl.float32) * qkv_alpha) * qkv_deq + tl.load(bqkv_ptr + cv).to(tl.float32)[None, :]) * kv_in)
-    pos = tl.load(pos_ptr + rm, mask=m_ok, other=0)
-    row = rm.to(tl.int64) * cache_stride_b + pos.to(tl.int64) * cache_stride_s + h * BLOCK_D
-    tl.store(k_cache_ptr + row[:, None] + d[None, :], k.to(tl.int8), mask=m_ok[:, None])
-    tl.store(v_cache_ptr + row[:, None] + d[None, :], v.to(tl.int8), mask=m_ok[:, None])
-    tl.debug_barrier()  # this program's k, v rows written before its threads read the cache back
+            a = _q8(_layer_normed(a, ln_w_ptr, ln_b_ptr, kk, k_ok, mean, denom) * in_scale).to(tl.int8)
+        wrow = w_ptr + kk[:, None] * stride_wk
+        aq = tl.dot(a, tl.load(wrow + cq[None, :] * stride_wn, mask=k_ok[:, None], other=0), aq, out_dtype=tl.int32)
+        ak = tl.dot(a, tl.load(wrow + ck[None, :] * stride_wn, mask=k_ok[:, None], other=0), ak, out_dtype=tl.int32)
+        av = tl.dot(a, tl.load(wrow + cv[None, :] * stride_wn, mask=k_ok[:, None], other=0), av, out_dtype=tl.int32)
+    q = _q8((_q8(aq.to(tl.float32) * alpha) * deq + tl.load(b_ptr + cq).to(tl.float32)[None, :]) * kv_in)
+    k = _q8((_q8(ak.to(tl.float32) * alpha) * deq + tl.load(b_ptr + ck).to(tl.float32)[None, :]) * kv_in)
+    v = _q8((_q8(av.to(tl.float32) * alpha) * deq + tl.load(b_ptr + cv).to(tl.float32)[None, :]) * kv_in)
+    return q, k, v
+
+
+@triton.jit
+def _attend_rows(q, pos, rm, M, k_cache_ptr, v_cache_ptr, cache_stride_b, cache_stride_s, h, score_scale, v_scale,
+                 ctx_in, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Head h's int8 context of each row m (sequence m, keys 0..pos[m] of the cache), one row after another, as
+    _attention_kernel computes it in one split: exact integer scores, online softmax, the context q8'd by ctx_in."""
+    d = tl.arange(0, BLOCK_D)
     ctx = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for m in range(0, M):  # each row's own sequence: attention as _attention_kernel's (one split)
+    for m in range(0, M):
         sel = rm == m
         qm = tl.sum(tl.where(sel[:, None], q, 0.0), 0)
         last = tl.sum(tl.where(sel, pos, 0), 0)
@@ -451,39 +453,45 @@ def _attn_block_kernel(
             acc = acc * corr + tl.sum(p[:, None] * vc, 0)
             l_i = l_i * corr + tl.sum(p, 0)
             m_i = m_new
-        o = _q8(acc * (v_scale / l_i) * ctx_in)
-        ctx = tl.where(sel[:, None], o[None, :], ctx)
-    c8 = ctx.to(tl.int8)
-    for n0 in range(0, H, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        n_ok = rn < H
-        w = tl.load(wout_ptr + (h * BLOCK_D + d)[:, None] * stride_wo_k + rn[None, :] * stride_wo_n,
-                    mask=n_ok[None, :], other=0)
-        tl.atomic_add(acc_ptr + rm[:, None] * H + rn[None, :], tl.dot(c8, w, out_dtype=tl.int32),
-                      mask=m_ok[:, None] & n_ok[None, :], sem="relaxed", scope="gpu")
+        ctx = tl.where(sel[:, None], _q8(acc * (v_scale / l_i) * ctx_in)[None, :], ctx)
+    return ctx
+
+
+@triton.jit
+def _attn_block_kernel(
+    x_ptr, wqkv_ptr, bqkv_ptr, wout_ptr, bout_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, acc_ptr, sem_ptr, res_ptr,
+    stats_in_ptr, ln_w_ptr, ln_b_ptr, stats_out_ptr,
+    M, H, stride_xm, stride_wq_k, stride_wq_n, stride_wo_k, stride_wo_n, stride_rm, cache_stride_b, cache_stride_s,
+    eps, in_scale, qkv_alpha, qkv_deq, kv_in, score_scale, v_scale, ctx_in, out_alpha, out_deq,
+    LN_IN: tl.constexpr, STATS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr = 1,
+    PDL: tl.constexpr = False, FENCE: tl.constexpr = False,
+):
+    """The int8 attention block of a decode step (one new token a row, row m = sequence m) in one launch; program
+    h is head h: its q, k, v (k and v into the cache at the row's position), attention over the row's keys, then
+    ctx_h · W_out[head h rows, :] added to the int32 sums; the last head finishes the rows (requantize, bias, the
+    residual into res_ptr = x, with STATS_OUT the next LayerNorm's partials). What ``linear`` (QKV), ``attention``
+    and ``linear`` (W_out) do in three launches, with the same arithmetic."""
+    _pdl_wait(PDL)
+    h = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    d = tl.arange(0, BLOCK_D)
+    q, k, v = _qkv_head(x_ptr, wqkv_ptr, bqkv_ptr, stats_in_ptr, ln_w_ptr, ln_b_ptr, rm, m_ok, M, H, h, stride_xm,
+                        stride_wq_k, stride_wq_n, eps, in_scale, qkv_alpha, qkv_deq, kv_in, LN_IN, BLOCK_M, BLOCK_K,
+                        BLOCK_D, BLOCK_P)
+    pos = tl.load(pos_ptr + rm, mask=m_ok, other=0)
+    row = rm.to(tl.int64) * cache_stride_b + pos.to(tl.int64) * cache_stride_s + h * BLOCK_D
+    tl.store(k_cache_ptr + row[:, None] + d[None, :], k.to(tl.int8), mask=m_ok[:, None])
+    tl.store(v_cache_ptr + row[:, None] + d[None, :], v.to(tl.int8), mask=m_ok[:, None])
+    tl.debug_barrier()  # this program's k, v rows written before its threads read the cache back
+    ctx = _attend_rows(q, pos, rm, M, k_cache_ptr, v_cache_ptr, cache_stride_b, cache_stride_s, h, score_scale,
+                       v_scale, ctx_in, BLOCK_M, BLOCK_D, BLOCK_S)
+    _add_part(acc_ptr, ctx.to(tl.int8), wout_ptr, h * BLOCK_D + d, d < BLOCK_D, stride_wo_k, stride_wo_n, rm, m_ok, H,
+              BLOCK_N)
     _pdl_release(PDL)
-    _fence_gpu(FENCE)
-    tl.debug_barrier()
-    done = tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu")
-    if done == tl.num_programs(0) - 1:  # every head has added its part (and read x): finish the rows
-        _fence_gpu(FENCE)
-        for n0 in range(0, H, BLOCK_N):
-            rn = n0 + tl.arange(0, BLOCK_N)
-            n_ok = rn < H
-            ok = m_ok[:, None] & n_ok[None, :]
-            at = acc_ptr + rm[:, None] * H + rn[None, :]
-            sums = tl.load(at, mask=ok, other=0, cache_modifier=".cg")
-            tl.store(at, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), mask=ok)  # zero for the next launch
-            r_ptrs = res_ptr + rm[:, None] * stride_rm + rn[None, :]
-            y = _q8(sums.to(tl.float32) * out_alpha) * out_deq
-            y += tl.load(bout_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            y = (y + tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)).to(res_ptr.dtype.element_ty)
-            tl.store(r_ptrs, y, mask=ok)
-            if STATS_OUT:
-                cs, m2 = _chunk_stats(tl.where(ok, y.to(tl.float32), 0.0), BLOCK_M, BLOCK_N)
-                _store_stats(stats_out_ptr, cs, m2, rm, n0 // STAT_CHUNK + tl.arange(0, BLOCK_N // STAT_CHUNK), M,
-                             H // STAT_CHUNK)
-        tl.atomic_xchg(sem_ptr, 0, sem="relaxed", scope="gpu")
+    _finish_if_last(acc_ptr, sem_ptr, res_ptr, bout_ptr, stats_out_ptr, rm, m_ok, M, H, stride_rm, out_alpha, out_deq,
+                    True, STATS_OUT, BLOCK_M, BLOCK_N, FENCE)
 
 
 @triton.jit
