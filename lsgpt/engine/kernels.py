@@ -243,6 +243,32 @@ def _combine_partials(part_ptr, out_ptr, m, h, n_head, stride_om, head_dim, v_sc
 
 
 @triton.jit
+def _attend_keys(q, k_cache_ptr, v_cache_ptr, base, start, end, cache_stride_s, d, d_ok, score_scale,
+                 BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One query row (fp32 [BLOCK_D]) over the cached keys [start, end) of one head (at `base`): online softmax ->
+    (max score, sum of exp, unnormalised context [BLOCK_D])."""
+    m_i = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
+    l_i = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(start, end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < end
+        offs = base + s[:, None].to(tl.int64) * cache_stride_s + d[None, :]
+        kv_ok = s_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=kv_ok, other=0).to(tl.float32)
+        v = tl.load(v_cache_ptr + offs, mask=kv_ok, other=0).to(tl.float32)
+        # int8: q·k are exact integer sums (|sum| <= 127² · head_dim < 2^24), scaled once
+        scores = tl.where(s_ok, tl.sum(k * q[None, :], 1) * score_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 0))
+        p = tl.exp(scores - m_new)
+        corr = tl.exp(m_i - m_new)
+        acc = acc * corr + tl.sum(p[:, None] * v, 0)
+        l_i = l_i * corr + tl.sum(p, 0)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, part_ptr, sem_ptr,
     rows_per_seq, stride_qm, cache_stride_b, cache_stride_s, stride_om, split_len,
@@ -263,26 +289,9 @@ def _attention_kernel(
     d_ok = d < head_dim
     q = tl.load(q_ptr + m * stride_qm + h * head_dim + d, mask=d_ok, other=0).to(tl.float32)
     base = (m // rows_per_seq).to(tl.int64) * cache_stride_b + h * head_dim
-    m_i = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
-    l_i = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     start = j * split_len
-    end = tl.minimum(start + split_len, last + 1)
-    for s0 in range(start, end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = s < end
-        offs = base + s[:, None].to(tl.int64) * cache_stride_s + d[None, :]
-        kv_ok = s_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=kv_ok, other=0).to(tl.float32)
-        v = tl.load(v_cache_ptr + offs, mask=kv_ok, other=0).to(tl.float32)
-        # int8: q·k are exact integer sums (|sum| <= 127² · head_dim < 2^24), scaled once
-        scores = tl.where(s_ok, tl.sum(k * q[None, :], 1) * score_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 0))
-        p = tl.exp(scores - m_new)
-        corr = tl.exp(m_i - m_new)
-        acc = acc * corr + tl.sum(p[:, None] * v, 0)
-        l_i = l_i * corr + tl.sum(p, 0)
-        m_i = m_new
+    m_i, l_i, acc = _attend_keys(q, k_cache_ptr, v_cache_ptr, base, start, tl.minimum(start + split_len, last + 1),
+                                 cache_stride_s, d, d_ok, score_scale, BLOCK_S, BLOCK_D)
     _pdl_release(PDL)
     if SPLITS == 1:
         o = acc * (v_scale / l_i)
@@ -311,6 +320,26 @@ def _layer_normed(a, ln_w_ptr, ln_b_ptr, kk, k_ok, mean, denom):
     g = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
     b = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
     return (a.to(tl.float32) - mean[:, None]) / denom[:, None] * g[None, :] + b[None, :]
+
+
+@triton.jit
+def _row_stats(stats_in_ptr, rm, M, K, eps, LN_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(mean, sqrt(var + eps)) of the rows from their partials when LN_IN, else placeholders _int8_rows ignores."""
+    if LN_IN:
+        mean, denom = _merged_stats(stats_in_ptr, rm, M, K, eps, BLOCK_P)
+    else:
+        mean, denom = tl.zeros([BLOCK_M], tl.float32), tl.full([BLOCK_M], 1.0, tl.float32)
+    return mean, denom
+
+
+@triton.jit
+def _int8_rows(x_ptr, rm, m_ok, kk, k_ok, stride_xm, ln_w_ptr, ln_b_ptr, mean, denom, in_scale, LN_IN: tl.constexpr):
+    """A [rows, BLOCK_K] int8 tile of a GEMM's input: x's int8 values, or (LN_IN) the fp32 residual LayerNormed and
+    quantized by in_scale."""
+    a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+    if LN_IN:
+        a = _q8(_layer_normed(a, ln_w_ptr, ln_b_ptr, kk, k_ok, mean, denom) * in_scale).to(tl.int8)
+    return a
 
 
 @triton.jit
@@ -376,14 +405,11 @@ def _ffn_kernel(
     i_ok = ri < INNER
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_I], dtype=tl.int32)
-    if LN_IN:
-        mean, denom = _merged_stats(stats_in_ptr, rm, M, H, eps, BLOCK_P)
+    mean, denom = _row_stats(stats_in_ptr, rm, M, H, eps, LN_IN, BLOCK_M, BLOCK_P)
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < H
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-        if LN_IN:
-            a = _q8(_layer_normed(a, ln_w_ptr, ln_b_ptr, kk, k_ok, mean, denom) * in_scale).to(tl.int8)
+        a = _int8_rows(x_ptr, rm, m_ok, kk, k_ok, stride_xm, ln_w_ptr, ln_b_ptr, mean, denom, in_scale, LN_IN)
         w = tl.load(w1_ptr + kk[:, None] * stride_w1k + ri[None, :] * stride_w1n, mask=k_ok[:, None] & i_ok[None, :],
                     other=0)
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
@@ -407,14 +433,11 @@ def _qkv_head(x_ptr, w_ptr, b_ptr, stats_in_ptr, ln_w_ptr, ln_b_ptr, rm, m_ok, M
     aq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
     ak = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
     av = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
-    if LN_IN:
-        mean, denom = _merged_stats(stats_in_ptr, rm, M, H, eps, BLOCK_P)
+    mean, denom = _row_stats(stats_in_ptr, rm, M, H, eps, LN_IN, BLOCK_M, BLOCK_P)
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < H
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-        if LN_IN:
-            a = _q8(_layer_normed(a, ln_w_ptr, ln_b_ptr, kk, k_ok, mean, denom) * in_scale).to(tl.int8)
+        a = _int8_rows(x_ptr, rm, m_ok, kk, k_ok, stride_xm, ln_w_ptr, ln_b_ptr, mean, denom, in_scale, LN_IN)
         wrow = w_ptr + kk[:, None] * stride_wk
         aq = tl.dot(a, tl.load(wrow + cq[None, :] * stride_wn, mask=k_ok[:, None], other=0), aq, out_dtype=tl.int32)
         ak = tl.dot(a, tl.load(wrow + ck[None, :] * stride_wn, mask=k_ok[:, None], other=0), ak, out_dtype=tl.int32)
@@ -437,22 +460,8 @@ def _attend_rows(q, pos, rm, M, k_cache_ptr, v_cache_ptr, cache_stride_b, cache_
         qm = tl.sum(tl.where(sel[:, None], q, 0.0), 0)
         last = tl.sum(tl.where(sel, pos, 0), 0)
         base = tl.sum(tl.where(sel, rm.to(tl.int64) * cache_stride_b, 0), 0) + h * BLOCK_D
-        m_i = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
-        l_i = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for s0 in range(0, last + 1, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            s_ok = s <= last
-            offs = base + s[:, None].to(tl.int64) * cache_stride_s + d[None, :]
-            kc = tl.load(k_cache_ptr + offs, mask=s_ok[:, None], other=0).to(tl.float32)
-            vc = tl.load(v_cache_ptr + offs, mask=s_ok[:, None], other=0).to(tl.float32)
-            scores = tl.where(s_ok, tl.sum(kc * qm[None, :], 1) * score_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 0))
-            p = tl.exp(scores - m_new)
-            corr = tl.exp(m_i - m_new)
-            acc = acc * corr + tl.sum(p[:, None] * vc, 0)
-            l_i = l_i * corr + tl.sum(p, 0)
-            m_i = m_new
+        _, l_i, acc = _attend_keys(qm, k_cache_ptr, v_cache_ptr, base, 0, last + 1, cache_stride_s, d, d < BLOCK_D,
+                                   score_scale, BLOCK_S, BLOCK_D)
         ctx = tl.where(sel[:, None], _q8(acc * (v_scale / l_i) * ctx_in)[None, :], ctx)
     return ctx
 
