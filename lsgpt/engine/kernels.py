@@ -648,6 +648,22 @@ def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, ou
     return out
 
 
+def _check_stats(what: str, t: torch.Tensor | None, rows: int, width: int) -> None:
+    """ValueError unless `t` (if given) is the LayerNorm partials buffer of `rows` rows of `width` values."""
+    if t is not None and (width % STAT_CHUNK or tuple(t.shape) != (2, rows, width // STAT_CHUNK)):
+        raise ValueError(f"{what}: a [2, {rows}, {width} // {STAT_CHUNK}] buffer for rows of {width} (a multiple of "
+                         f"{STAT_CHUNK}), got {tuple(t.shape)}")
+
+
+def _normed_input(x: torch.Tensor, ln: tuple[torch.Tensor, torch.Tensor, float], scale: float | None,
+                  ln_stats: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A GEMM's input for LayerNorm(x): x itself when ``ln_stats`` are there (the GEMM normalizes its loads), else a
+    LayerNorm launch's output in `dtype` (int8: quantized by `scale`)."""
+    if ln_stats is not None:
+        return x
+    return layer_norm(x, ln[0], ln[1], ln[2], torch.empty(x.shape, dtype=dtype, device=x.device), scale)
+
+
 def linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -679,18 +695,15 @@ def linear(
     of out (the next LayerNorm's input) there. Both need the row length a multiple of STAT_CHUNK.
     """
     int8 = w.dtype == torch.int8
-    if ln is not None and ln_stats is None:
-        a = torch.empty(x.shape, dtype=w.dtype, device=x.device)
-        x = layer_norm(x, ln[0], ln[1], ln[2], a, in_scale if int8 else None)
+    ln_in = ln is not None and ln_stats is not None
+    if ln is not None:
+        x = _normed_input(x, ln, in_scale if int8 else None, ln_stats, w.dtype)
     M, K = x.shape
     N = w.shape[1]
     bm, bn, bk, warps, stages = config or _config(M, N, K, int8)
     dummy = w
-    ln_in = ln is not None and ln_stats is not None
-    for what, t, length in (("ln_stats", ln_stats if ln_in else None, K), ("stats_out", stats_out, N)):
-        if t is not None and (length % STAT_CHUNK or tuple(t.shape) != (2, M, length // STAT_CHUNK)):
-            raise ValueError(f"{what}: a [2, {M}, {length} // {STAT_CHUNK}] buffer for rows of {length} (a "
-                             f"multiple of {STAT_CHUNK}), got {tuple(t.shape)}")
+    _check_stats("ln_stats", ln_stats if ln_in else None, M, K)
+    _check_stats("stats_out", stats_out, M, N)
     if kv is not None:
         k_cache, v_cache, pos, rows_per_seq = kv
         cache_b, cache_s = k_cache.stride(0), k_cache.stride(1)
@@ -806,8 +819,7 @@ def embed(
     """out[M, H] = wte[tokens]·scale + wpe[positions]; rows of pad tokens are 0 (pad_id >= vocab: none);
     ``stats_out``: the first LayerNorm's partials of out, as ``linear``'s."""
     M, H = out.shape
-    if stats_out is not None and (H % STAT_CHUNK or tuple(stats_out.shape) != (2, M, H // STAT_CHUNK)):
-        raise ValueError(f"stats_out: a [2, {M}, {H} // {STAT_CHUNK}] buffer, got {tuple(stats_out.shape)}")
+    _check_stats("stats_out", stats_out, M, H)
     _embed_kernel[(M,)](tokens, positions, wte, wpe, out, out if stats_out is None else stats_out, M, H, pad_id,
                         float(scale), BLOCK_H=triton.next_power_of_2(H), STATS_OUT=stats_out is not None, **_pdl(M))
     return out
@@ -835,12 +847,9 @@ def ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scratch: tuple[torc
     if w1.dtype != torch.int8 or M > FFN_MAX_ROWS or H % STAT_CHUNK:
         raise ValueError(f"ffn: int8 weights, at most {FFN_MAX_ROWS} rows and a width that is a multiple of "
                          f"{STAT_CHUNK}; got {w1.dtype}, {M} rows, width {H}")
-    for what, t in (("ln_stats", ln_stats), ("stats_out", stats_out)):
-        if t is not None and tuple(t.shape) != (2, M, H // STAT_CHUNK):
-            raise ValueError(f"{what}: a [2, {M}, {H} // {STAT_CHUNK}] buffer, got {tuple(t.shape)}")
-    a = x
-    if ln_stats is None:
-        a = layer_norm(x, ln[0], ln[1], ln[2], torch.empty(x.shape, dtype=torch.int8, device=x.device), in_scale)
+    _check_stats("ln_stats", ln_stats, M, H)
+    _check_stats("stats_out", stats_out, M, H)
+    a = _normed_input(x, ln, in_scale, ln_stats, torch.int8)
     acc, sem = scratch
     _ffn_kernel[(triton.cdiv(inner, block_i),)](
         a, w1, b1, w2, b2, acc, sem, x, w1 if ln_stats is None else ln_stats, ln[0], ln[1],
@@ -873,14 +882,10 @@ def attention_block(x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"attention_block: int8 weights, at most {ATTN_BLOCK_MAX_ROWS} rows, a width that is a "
                          f"multiple of {STAT_CHUNK} and a power-of-two head size >= 16; got {w.dtype}, {M} rows, "
                          f"width {H}, head size {hd}")
-    for what, t in (("ln_stats", ln_stats), ("stats_out", stats_out)):
-        if t is not None and tuple(t.shape) != (2, M, H // STAT_CHUNK):
-            raise ValueError(f"{what}: a [2, {M}, {H} // {STAT_CHUNK}] buffer, got {tuple(t.shape)}")
+    _check_stats("ln_stats", ln_stats, M, H)
+    _check_stats("stats_out", stats_out, M, H)
     ln = qkv["ln"]
-    a = x
-    if ln_stats is None:
-        a = layer_norm(x, ln[0], ln[1], ln[2], torch.empty(x.shape, dtype=torch.int8, device=x.device),
-                       qkv["in_scale"])
+    a = _normed_input(x, ln, qkv["in_scale"], ln_stats, torch.int8)
     acc, sem = scratch
     wo = out["w"]
     _attn_block_kernel[(n_head,)](
