@@ -58,12 +58,11 @@ class FusedForward:
         self.k = kernels
         self.model, self.cfg = model, model.cfg
         self.int8 = model.cfg.quantized  # QuantGPT (int8 file), else GPT
-        self.fuse_ln = os.environ.get("LSGPT_FUSED_LN", "0") == "1" and model.cfg.hidden % kernels.STAT_CHUNK == 0
-        self.fuse_ffn = (os.environ.get("LSGPT_FUSED_FFN", "0") == "1" and self.int8
-                         and model.cfg.hidden % kernels.STAT_CHUNK == 0)
-        hd = model.cfg.head_dim
-        self.fuse_attn = (os.environ.get("LSGPT_FUSED_ATTN", "0") == "1" and self.int8 and hd >= 32  # int8 dots: K >= 32
-                          and hd & (hd - 1) == 0 and model.cfg.hidden % kernels.STAT_CHUNK == 0)
+        chunked, hd = model.cfg.hidden % kernels.STAT_CHUNK == 0, model.cfg.head_dim  # rows in whole partials
+        self.fuse_ln = os.environ.get("LSGPT_FUSED_LN", "0") == "1" and chunked
+        self.fuse_ffn = os.environ.get("LSGPT_FUSED_FFN", "0") == "1" and self.int8 and chunked
+        self.fuse_attn = (os.environ.get("LSGPT_FUSED_ATTN", "0") == "1" and self.int8 and chunked
+                          and hd >= 32 and hd & (hd - 1) == 0)  # int8 dots on a GPU: K (the head size) >= 32
         # kernels.ffn's / attention_block's int32 sums and counter, zero between launches (one set, shared: each
         # launch leaves it zero, and a graph replays the same buffers)
         self.scratch = (kernels.ffn_scratch(model.cfg.hidden, model.device) if self.fuse_ffn or self.fuse_attn
@@ -189,15 +188,16 @@ class FusedForward:
         q = torch.empty(M, H, dtype=act, device=dev)
         ctx = torch.empty(M, H, dtype=act, device=dev)
         h = torch.empty(M, c.inner, dtype=act, device=dev)
+        attn_fused, ffn_fused = self._attn_fused(B, T), self._ffn_fused(M)
         for i, L in enumerate(self.layers):
-            if self._attn_fused(B, T):  # LN1, QKV, attention, W_out and the residual in one launch
+            if attn_fused:  # LN1, QKV, attention, W_out and the residual in one launch
                 k.attention_block(x, cache.k[i], cache.v[i], pos, c.n_head, self.scratch, qkv=L["qkv"],
                                   attn=L["attn"], out=L["out"], ln_stats=s1, stats_out=s2)
             else:
                 k.linear(x, out=q, kv=(cache.k[i], cache.v[i], pos, T), ln_stats=s1, **L["qkv"])
                 k.attention(q, cache.k[i], cache.v[i], pos, T, c.n_head, ctx, sem=self.sem, **L["attn"])
                 k.linear(ctx, out=x, residual=x, stats_out=s2, **L["out"])
-            if self._ffn_fused(M):  # LN2, FFN1, FFN2 and the residual in one launch
+            if ffn_fused:  # LN2, FFN1, FFN2 and the residual in one launch
                 f1, f2 = L["ffn1"], L["ffn2"]
                 k.ffn(x, f1["w"], f2["w"], self.scratch, ln=f1["ln"], in_scale=f1["in_scale"], alpha=f1["alpha"],
                       deq_scale=f1["deq_scale"], b1=f1["bias"], out_scale=f1["out_scale"], deq_scale2=f2["deq_scale"],
