@@ -59,7 +59,7 @@ class FusedForward:
         self.model, self.cfg = model, model.cfg
         self.int8 = model.cfg.quantized  # QuantGPT (int8 file), else GPT
         chunked, hd = model.cfg.hidden % kernels.STAT_CHUNK == 0, model.cfg.head_dim  # rows in whole partials
-        self.fuse_ln = os.environ.get("LSGPT_FUSED_LN", "0") == "1" and chunked
+        self.fuse_ln = os.environ.get("LSGPT_FUSED_LN", "0") == "1" and chunked and kernels.ln_in_fits()
         self.fuse_ffn = os.environ.get("LSGPT_FUSED_FFN", "0") == "1" and self.int8 and chunked
         self.fuse_attn = (os.environ.get("LSGPT_FUSED_ATTN", "0") == "1" and self.int8 and chunked
                           and hd >= 32 and hd & (hd - 1) == 0)  # int8 dots on a GPU: K (the head size) >= 32

@@ -74,7 +74,10 @@ def _gelu_tanh(x):
     return x / (1.0 + tl.exp(-2.0 * u))
 
 
-STAT_CHUNK: tl.constexpr = 16  # columns per partial LayerNorm statistic (ln_stats)
+STAT_CHUNK = 16  # columns per partial LayerNorm statistic (ln_stats)
+# the same inside kernels: a global a @triton.jit function reads must be a tl.constexpr instance (the interpreter
+# accepts a plain int; the compiler does not)
+_CHUNK = tl.constexpr(STAT_CHUNK)
 
 
 @triton.jit
@@ -82,9 +85,9 @@ def _chunk_stats(y, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Per row, per STAT_CHUNK columns of the tile y [BLOCK_M, BLOCK_N] (fp32): (sum, sum of squares about the
     chunk's mean), each [BLOCK_M, BLOCK_N // STAT_CHUNK]. Chunks are fixed column ranges, whatever the tile, so a
     row's statistics do not depend on the batch it is in."""
-    c = tl.reshape(y, (BLOCK_M, BLOCK_N // STAT_CHUNK, STAT_CHUNK))
+    c = tl.reshape(y, (BLOCK_M, BLOCK_N // _CHUNK, _CHUNK))
     s = tl.sum(c, 2)
-    d = c - (s / STAT_CHUNK)[:, :, None]
+    d = c - (s / _CHUNK)[:, :, None]
     return s, tl.sum(d * d, 2)
 
 
@@ -101,15 +104,15 @@ def _store_stats(stats_ptr, s, m2, rows, chunks, M, n_chunks):
 def _merged_stats(stats_ptr, rows, M, K, eps, BLOCK_P: tl.constexpr):
     """A row's LayerNorm (mean, sqrt(variance + eps)) from its K // STAT_CHUNK partials (Chan et al.'s merge:
     the chunks' squares about their means plus each chunk's mean offset), in a fixed order."""
-    n_chunks = K // STAT_CHUNK
+    n_chunks = K // _CHUNK
     p = tl.arange(0, BLOCK_P)
     ok = (rows[:, None] < M) & (p[None, :] < n_chunks)
     at = stats_ptr + rows[:, None].to(tl.int64) * n_chunks + p[None, :]
     s = tl.load(at, mask=ok, other=0.0)
     m2 = tl.load(at + M * n_chunks, mask=ok, other=0.0)
     mean = tl.sum(s, 1) / K
-    dm = tl.where(ok, s / STAT_CHUNK - mean[:, None], 0.0)
-    var = (tl.sum(m2, 1) + STAT_CHUNK * tl.sum(dm * dm, 1)) / K
+    dm = tl.where(ok, s / _CHUNK - mean[:, None], 0.0)
+    var = (tl.sum(m2, 1) + tl.sum(dm * dm, 1) * _CHUNK) / K  # tensor first: constexpr * tensor is a constexpr
     return mean, tl.sqrt(var + eps)
 
 
@@ -182,8 +185,8 @@ def _linear_kernel(
     y = y.to(out_ptr.dtype.element_ty)
     if STATS_OUT:  # the next LayerNorm's partial statistics of the values stored (N % STAT_CHUNK == 0)
         s, m2 = _chunk_stats(tl.where(m_ok[:, None] & n_ok[None, :], y.to(tl.float32), 0.0), BLOCK_M, BLOCK_N)
-        _store_stats(stats_out_ptr, s, m2, rm, pid_n * (BLOCK_N // STAT_CHUNK) + tl.arange(0, BLOCK_N // STAT_CHUNK),
-                     M, N // STAT_CHUNK)
+        _store_stats(stats_out_ptr, s, m2, rm, pid_n * (BLOCK_N // _CHUNK) + tl.arange(0, BLOCK_N // _CHUNK),
+                     M, N // _CHUNK)
     if KV_SCATTER:  # columns [0,H): q -> out; [H,2H): k and [2H,3H): v -> cache row at the token's position
         H = N // 3
         pos = tl.load(pos_ptr + rm, mask=m_ok, other=0)
@@ -369,8 +372,8 @@ def _finish_if_last(acc_ptr, sem_ptr, res_ptr, bias_ptr, stats_out_ptr, rm, m_ok
             tl.store(r_ptrs, y, mask=ok)
             if STATS_OUT:
                 cs, m2 = _chunk_stats(tl.where(ok, y.to(tl.float32), 0.0), BLOCK_M, BLOCK_N)
-                _store_stats(stats_out_ptr, cs, m2, rm, n0 // STAT_CHUNK + tl.arange(0, BLOCK_N // STAT_CHUNK), M,
-                             H // STAT_CHUNK)
+                _store_stats(stats_out_ptr, cs, m2, rm, tl.arange(0, BLOCK_N // _CHUNK) + n0 // _CHUNK, M,
+                             H // _CHUNK)
         tl.atomic_xchg(sem_ptr, 0, sem="relaxed", scope="gpu")
 
 
@@ -520,7 +523,7 @@ def _embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, stats_ptr, M, H, 
     tl.store(out_ptr + m * H + h, e, mask=ok)
     if STATS_OUT:  # the first LayerNorm's partials, as _linear_kernel's STATS_OUT (H % STAT_CHUNK == 0)
         s, m2 = _chunk_stats(tl.where(ok, e.to(tl.float32), 0.0)[None, :], 1, BLOCK_H)
-        _store_stats(stats_ptr, s, m2, m + tl.arange(0, 1), tl.arange(0, BLOCK_H // STAT_CHUNK), M, H // STAT_CHUNK)
+        _store_stats(stats_ptr, s, m2, m + tl.arange(0, 1), tl.arange(0, BLOCK_H // _CHUNK), M, H // _CHUNK)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -620,6 +623,24 @@ def _sm_count() -> int:
     if _on_gpu():
         return torch.cuda.get_device_properties(0).multi_processor_count
     return 132
+
+
+@functools.cache
+def _shared_memory() -> int:
+    """Bytes of shared memory a block may use on the GPU (an H100's 227 KiB under the interpreter)."""
+    if _on_gpu():
+        return torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    return 232448
+
+
+# the LayerNorm-from-partials GEMMs load fp32 rows into their pipelined tiles: the fp16 LM head's then needs
+# 184,320 bytes (tests/gpu_compile.py), over an A100's 166,912
+LN_IN_SHARED_MEMORY = 200 * 1024
+
+
+def ln_in_fits() -> bool:
+    """Whether this GPU has the shared memory the LayerNorm-from-partials GEMM tiles need (Hopper: yes)."""
+    return _shared_memory() >= LN_IN_SHARED_MEMORY
 
 
 def sm_count() -> int:
