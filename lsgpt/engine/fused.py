@@ -16,7 +16,11 @@ path in ``lsgpt.engine.int8``; float work is fp32 inside every kernel and the re
 (LightSeq keeps it in fp16), so the CUDA path tracks the CPU integer path, the reference, step for step.
 Off with ``LSGPT_FUSED=0`` (then the reference path runs on CUDA too).
 
-``LSGPT_FUSED_LN=1`` (opt-in until measured on a GPU; issue 33): up to FUSED_LN_MAX_ROWS rows, no LayerNorm
+The three opt-in variants below cut a decode step from 90 launches to 29 but, measured on the H100 (session 16,
+results/h100/decode33/variants-2026-12-07/), make it slower (int8, batch 1: 0.32 -> 0.60 ms a token with all
+three): their grids are too small to stream the weights at full bandwidth. They stay off by default.
+
+``LSGPT_FUSED_LN=1`` (opt-in; issue 33): up to FUSED_LN_MAX_ROWS rows, no LayerNorm
 launches — the kernel that writes the residual stream (the embedding, W_out, W_ffn2) also leaves each row's
 LayerNorm partials (per 16 columns), and the next GEMM normalizes its loads from them: five launches a layer.
 ``LSGPT_FUSED_FFN=1`` (int8, opt-in likewise): up to 16 rows the FFN (its LayerNorm, FFN1, FFN2 and the residual)
@@ -34,7 +38,10 @@ import torch
 
 from lsgpt.format import LayerScales
 
-FUSED_LN_MAX_ROWS = 64  # decode batches: beyond, the GEMMs' fp32 loads of x cost more than a LayerNorm launch
+# up to 16 rows every GEMM of a step has the same row tile (gemm_plan), so a row's partials (and what the GEMMs
+# make of them) do not depend on the rows beside it; on the H100, 17+ rows in tiles of 32/64 summed them in
+# another order (session 16: tests/test_kernels.py's batch-independence check failed there)
+FUSED_LN_MAX_ROWS = 16
 
 
 def available(device: torch.device) -> bool:
