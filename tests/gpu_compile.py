@@ -22,7 +22,6 @@ from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # the compiler, not the interpreter: before the first @triton.jit
 os.environ.update(LSGPT_FUSED_LN="1", LSGPT_FUSED_FFN="1", LSGPT_FUSED_ATTN="1")
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
 import triton  # noqa: E402
