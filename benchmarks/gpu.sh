@@ -29,8 +29,11 @@
 # (43 MB): pip install --no-deps --target /tmp/carry/site (the rest, python-rapidjson included: tritonclient.grpc
 # imports it) and /tmp/carry/stub-site (numpy), each with
 # --python-version 3.12 --only-binary=:all: and the manylinux platforms; touch /tmp/carry/site/.lsgpt-installed;
-# py-spy's binary (from its wheel's .data/scripts/) as site/bin/py-spy;
-# tar -C /tmp/carry -cJf .devsite.tar.xz site stub-site; the call then starts with `tar -xJf .devsite.tar.xz -C /tmp`.
+# py-spy's binary (from its wheel's .data/scripts/) as site/bin/py-spy; drop site/bin/perf_* (40 MB, unused here);
+# tar -C /tmp/carry -cJf .devsite.tar.xz site stub-site (54 MB); the call then starts with `tar -xJf .devsite.tar.xz -C /tmp`.
+# The wheels: pip download --no-deps --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64
+# (and manylinux_2_17/_2_24/_2_28/_2_35_x86_64) nvidia-pytriton==0.7.0 tritonclient==2.51.0 "protobuf<5" grpcio
+# python-rapidjson "numpy<2" py-spy; pip install --target needs the same --python-version/--platform flags.
 # Files: $OUT/<device>/<benchmark>/... as on the CPU machine, $OUT/tests.log, $OUT/gpu.log.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

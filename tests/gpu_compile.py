@@ -8,7 +8,7 @@ before it compiles), at the batch and prompt shapes that pick different tiles an
 fusion on; then each distinct specialisation goes through Triton's whole pipeline (TTIR → PTX → ptxas → cubin)
 for the target, and its shared memory is checked against the GPU's per-block limit.
 
-    python tests/gpu_compile.py --arch 90 80     # H100, A100
+    python tests/gpu_compile.py --arch 90 80     # H100, A100 (from the repository's root)
 """
 
 from __future__ import annotations
@@ -52,26 +52,11 @@ class _NoGpu:
         return self.target
 
 
-def _models(folder: Path) -> dict[str, Path]:
-    """The article's layer shape (768 hidden, 12 heads, vocab 21128), one layer, fp16 and int8."""
-    from lsgpt.export.convert import (
-        calibrate,
-        export_model,
-        float_arrays,
-        gpt_config,
-        load_checkpoint,
-        quantize_arrays,
-    )
-    from lsgpt.format import write_hdf5
-    from oracles import tiny
+def _models(folder: Path) -> tuple[Path, Path]:
+    """The article's layer shape (768 hidden, 12 heads, vocab 21128), one layer: fp16 and int8 files."""
+    from benchmarks.common import export_pair, random_model
 
-    model = tiny.make_model(seed=0, n_layer=1, n_embd=768, n_head=12, vocab_size=21128, n_positions=1024)
-    fp = export_model(model, folder / "fp.hdf5", max_step=1024, eos_id=tiny.EOS_ID)
-    config, sd, _ = load_checkpoint(model)
-    cfg = gpt_config(config, 1024, True)
-    fa = float_arrays(cfg, sd)
-    int8 = write_hdf5(folder / "int8.hdf5", cfg, quantize_arrays(cfg, fa, calibrate(cfg, fa, [[5, 6, 7, 8]])))
-    return {"fp16": fp, "int8": int8}
+    return export_pair(random_model(1, 768, 12), folder, 1024)
 
 
 def fn_param(fn: JITFunction, path: tuple) -> bool:
@@ -103,7 +88,7 @@ def record(arch: int, folder: Path) -> dict:
     kernels._pdl_available = lambda: arch >= 90
     kernels._sm_count = lambda: 132
     kernels._shared_memory = lambda: SHARED_LIMIT[arch]
-    for path in _models(folder).values():
+    for path in _models(folder):
         os.environ["TRITON_INTERPRET"] = "1"  # the int8 GEMMs then keep the weight layout the kernels read
         try:
             fwd = FusedForward(Engine.load(path, "cpu", fused=False).model)

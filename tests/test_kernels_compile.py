@@ -17,14 +17,16 @@ pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia")
 
 SCRIPT = Path(__file__).with_name("gpu_compile.py")
+ROOT = SCRIPT.parents[1]
 
 
 def test_every_kernel_variant_compiles_for_h100_and_a100(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     procs = {}
     for arch in (90, 80):  # one process each: the CPU box's two cores compile both at once
         env_arch = dict(env, TRITON_CACHE_DIR=str(tmp_path / f"cache{arch}"))  # compiled here, not found cached
-        procs[arch] = subprocess.Popen([sys.executable, str(SCRIPT), "--arch", str(arch)], env=env_arch,
+        procs[arch] = subprocess.Popen([sys.executable, str(SCRIPT), "--arch", str(arch)], env=env_arch, cwd=ROOT,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for arch, p in procs.items():
         out, _ = p.communicate(timeout=600)
