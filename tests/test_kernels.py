@@ -210,7 +210,7 @@ def test_embed_int8_and_pad(M):
 
 
 def test_engine_checks_the_kernels_at_load_and_falls_back(tmp_path, monkeypatch):
-    """Engine.load runs a 4-token self-check of the fused path against the reference path; if the kernels
+    """Engine.load runs a 4+1-token self-check (a prefill, a decode step) of the fused path against the reference path; if the kernels
     cannot run (no writable Triton cache, an unsupported GPU) the engine warns and serves with the reference
     path, unless fused=True was asked for explicitly."""
     import warnings
@@ -237,6 +237,38 @@ def test_engine_checks_the_kernels_at_load_and_falls_back(tmp_path, monkeypatch)
     assert len(e.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3, top_k=1))[0]) == 6
     with pytest.raises(RuntimeError, match="Triton cache"):
         Engine.load(path, DEV, fused=True)
+
+
+def test_a_failing_variant_costs_only_itself(tmp_path, monkeypatch):
+    """The opt-in variants are checked at load with the rest (a prefill, then a decode step: the attention block
+    runs in decode only); one that fails leaves the fused path without the variants, with a warning naming them,
+    not the reference path (session 16: they did not compile on the H100, and the engine fell back all the way)."""
+    import warnings
+
+    from lsgpt.engine.engine import Engine
+    from lsgpt.export.convert import calibrate, float_arrays, gpt_config, load_checkpoint, quantize_arrays
+    from lsgpt.format import write_hdf5
+    from oracles import tiny
+
+    config, sd, _ = load_checkpoint(tiny.make_model(seed=4, wide=True, n_head=2))  # head size 32
+    cfg = gpt_config(config, 48, True)
+    fa = float_arrays(cfg, sd)
+    path = write_hdf5(tmp_path / "m.hdf5", cfg, quantize_arrays(cfg, fa, calibrate(cfg, fa, [[5, 6, 7, 8, 300]])))
+    for name in ("LSGPT_FUSED_LN", "LSGPT_FUSED_FFN", "LSGPT_FUSED_ATTN"):
+        monkeypatch.setenv(name, "1")
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("does not compile")
+
+    monkeypatch.setattr(K, "attention_block", broken)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        e = Engine.load(path, DEV, fused=True)
+    assert calls, "the load check never ran a decode step"
+    assert e.backend == "triton-fused" and e.fused.variants == []
+    assert any("LSGPT_FUSED_ATTN" in str(x.message) and "does not compile" in str(x.message) for x in w)
 
 
 @pytest.mark.parametrize("steps, ok", [(1.0, True), (2.84, True), (6.0, True), (20.0, False)])

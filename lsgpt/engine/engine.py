@@ -146,8 +146,7 @@ class Engine:
         self.fused = None
         if use_fused:
             try:
-                self.fused = FusedForward(model)
-                self.fused.check_against(self._reference_logits)
+                self.fused = self._checked_fused(model)
             except Exception as e:  # noqa: BLE001 - e.g. no writable Triton cache, a GPU Triton cannot target
                 if fused:  # asked for explicitly: fail loudly
                     raise
@@ -156,6 +155,22 @@ class Engine:
                 self.fused = None
         self.compile = compile and self.cuda_graphs and self.fused is None
         self._graphs: dict[int, GraphedDecode] = {}  # batch size -> captured decode step (and its cache)
+
+    def _checked_fused(self, model) -> FusedForward:
+        """The fused forward, checked against the reference path; if opt-in variants are on and fail (cannot
+        compile, disagree), a warning and the fused path without them: a variant costs only itself."""
+        f = FusedForward(model)
+        try:
+            f.check_against(self._reference_logits)
+            return f
+        except Exception as e:  # noqa: BLE001 - retried below without the variants, or raised
+            if not f.variants:
+                raise
+            warnings.warn(f"lsgpt: the opt-in fused variants {', '.join(f.variants)} failed their load check "
+                          f"({type(e).__name__}: {e}); serving with the fused path without them", stacklevel=3)
+        f = FusedForward(model, variants=False)
+        f.check_against(self._reference_logits)
+        return f
 
     @classmethod
     def load(

@@ -59,16 +59,18 @@ def available(device: torch.device) -> bool:
 class FusedForward:
     """Callable ``(tokens [B,T], positions [B,T], cache, last) -> fp32 logits`` for a GPT or QuantGPT."""
 
-    def __init__(self, model):
+    def __init__(self, model, variants: bool = True):
+        """`variants`=False: without the opt-in LSGPT_FUSED_LN/_FFN/_ATTN whatever the environment says (the
+        engine's fallback when they fail their load check)."""
         from lsgpt.engine import kernels
 
         self.k = kernels
         self.model, self.cfg = model, model.cfg
         self.int8 = model.cfg.quantized  # QuantGPT (int8 file), else GPT
         chunked, hd = model.cfg.hidden % kernels.STAT_CHUNK == 0, model.cfg.head_dim  # rows in whole partials
-        self.fuse_ln = os.environ.get("LSGPT_FUSED_LN", "0") == "1" and chunked and kernels.ln_in_fits()
-        self.fuse_ffn = os.environ.get("LSGPT_FUSED_FFN", "0") == "1" and self.int8 and chunked
-        self.fuse_attn = (os.environ.get("LSGPT_FUSED_ATTN", "0") == "1" and self.int8 and chunked
+        self.fuse_ln = variants and os.environ.get("LSGPT_FUSED_LN", "0") == "1" and chunked and kernels.ln_in_fits()
+        self.fuse_ffn = variants and os.environ.get("LSGPT_FUSED_FFN", "0") == "1" and self.int8 and chunked
+        self.fuse_attn = (variants and os.environ.get("LSGPT_FUSED_ATTN", "0") == "1" and self.int8 and chunked
                           and hd >= 32 and hd & (hd - 1) == 0)  # int8 dots on a GPU: K (the head size) >= 32
         # kernels.ffn's / attention_block's int32 sums and counter, zero between launches (one set, shared: each
         # launch leaves it zero, and a graph replays the same buffers)
@@ -151,19 +153,28 @@ class FusedForward:
     def _attn_fused(self, B: int, T: int) -> bool:
         return self.fuse_attn and T == 1 and B <= self.k.ATTN_BLOCK_MAX_ROWS
 
+    @property
+    def variants(self) -> list[str]:
+        """The opt-in variants on (their environment variables)."""
+        on = (("LSGPT_FUSED_LN", self.fuse_ln), ("LSGPT_FUSED_FFN", self.fuse_ffn), ("LSGPT_FUSED_ATTN", self.fuse_attn))
+        return [name for name, v in on if v]
+
     @torch.inference_mode()
     def check_against(self, reference) -> None:
-        """Load-time self-check (compiles the small-batch kernels too): a short prompt through these kernels and
-        through `reference(tokens, positions, cache)`; RuntimeError if they cannot run or disagree grossly
+        """Load-time self-check (compiles the small-batch kernels too): a short prompt and one decode step after it
+        through these kernels and through `reference(tokens, positions, cache)`; RuntimeError if they cannot run
+        or disagree grossly
         (int8: mean difference above CHECK_INT8_STEPS steps of the logits clip; fp: above 5% of the logit range).
         Rounding differences (requantization flips carried through the layers) pass; the limit's reasons are in
         docs/decisions.md. It catches kernels that cannot run or return garbage, not subtle errors:
         those are for the GPU tests, which compare every logit with the CPU integer path."""
         c, m = self.cfg, self.model
-        tokens = (torch.arange(1, 5, device=m.device) * 7919 % c.vocab)[None]  # 4 tokens, batch 1
-        positions = torch.arange(4, device=m.device)[None]
-        got = self(tokens, positions, m.new_cache(1, 4)).float()
-        want = reference(tokens, positions, m.new_cache(1, 4)).float()
+        tokens = (torch.arange(1, 6, device=m.device) * 7919 % c.vocab)[None]  # 4 tokens, then 1, batch 1
+        positions = torch.arange(5, device=m.device)[None]
+        mine, theirs = m.new_cache(1, 5), m.new_cache(1, 5)
+        # the prefill, then a decode step: the two take other kernels (the attention block runs in decode only)
+        got = torch.cat([self(tokens[:, s], positions[:, s], mine).float() for s in (slice(0, 4), slice(4, 5))])
+        want = torch.cat([reference(tokens[:, s], positions[:, s], theirs).float() for s in (slice(0, 4), slice(4, 5))])
         if not torch.isfinite(got).all():
             raise RuntimeError("fused kernels produced non-finite logits")
         if self.int8:
@@ -173,7 +184,7 @@ class FusedForward:
             diff, limit = (got - want).abs().max().item(), 0.05 * max(1.0, want.abs().max().item())
             what = f"max difference {diff:.3g} (limit {limit:.3g})"
         if not diff <= limit:
-            raise RuntimeError(f"fused kernels disagree with the reference path on a 4-token check: {what}")
+            raise RuntimeError(f"fused kernels disagree with the reference path on a 4+1-token check: {what}")
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, last: torch.Tensor | None = None):
         """Logits [R, V] (fp32) of the flat rows `last` of the B·T rows (None: all rows)."""
