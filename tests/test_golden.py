@@ -5,9 +5,10 @@ tiny files built below (fp32 on CPU, and int8 with fixed clips), greedy, greedy 
 (the sampled cases re-recorded when draws became counter-based, issue 29: a seed now draws other tokens),
 through `Engine.generate` (3 rows of unequal length in one batch) and through the in-flight `Scheduler` (one
 request at a time). On the machine that recorded them they are reproduced bit for bit. On a CPU whose float rounding
-differs, a greedy step may break a near-tie the other way; then the recorded continuation must still be the argmax
-under teacher forcing within a rounding-sized bound (fp) or one int8 logit step (int8), which a changed sampler,
-penalty or finish rule does not meet.
+differs (session 16's AMD EPYC, AVX2 only: the int8 model's third row parts at step 4), a step may break a near-tie
+the other way; then the recorded continuation must still be, under teacher forcing with the penalties applied, the
+argmax (greedy) or inside the top-k / top-p (sampled), within a rounding-sized bound (fp) or one int8 logit step
+(int8), which a changed sampler, penalty or finish rule does not meet.
 """
 
 from __future__ import annotations
@@ -56,22 +57,50 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return {"fp": fp, "int8": i8}
 
 
-def _near_argmax(eng, row: list[int], tie: float) -> None:
-    """Every recorded greedy token is within `tie` of the best logit, the recorded row teacher-forced."""
-    lg = eng.logits(torch.tensor([row]))[0].float()
+def _forced(eng, row: list[int], kw: dict):
+    """Teacher-forced over the recorded row: (step, recorded token, its logits with the request's penalties), the
+    penalties written out here from their definitions (HF's repetition penalty over the prompt and the output so
+    far; OpenAI's presence and frequency penalties over the output so far)."""
+    lg = eng.logits(torch.tensor([row]))[0].double()
     start = len(row) - NEW
+    rep, pres, freq = (kw.get("repetition_penalty", 1.0), kw.get("presence_penalty", 0.0),
+                       kw.get("frequency_penalty", 0.0))
     for t in range(start, len(row)):
-        best, got = lg[t - 1].max().item(), lg[t - 1, row[t]].item()
-        assert got >= best - tie, f"step {t - start}: recorded token {row[t]} is {best - got:.3g} below the best"
+        x = lg[t - 1].clone()
+        seen = torch.tensor(sorted(set(row[:t])))
+        x[seen] = torch.where(x[seen] > 0, x[seen] / rep, x[seen] * rep)
+        counts = torch.bincount(torch.tensor(row[start:t], dtype=torch.long), minlength=x.numel()).double()
+        yield t - start, row[t], x - pres * (counts > 0) - freq * counts
+
+
+def _near_argmax(eng, row: list[int], tie: float, kw: dict) -> None:
+    """Every recorded greedy token is within `tie` of the best (penalized) logit, the recorded row teacher-forced."""
+    for step, tok, x in _forced(eng, row, kw):
+        best, got = x.max().item(), x[tok].item()
+        assert got >= best - tie, f"step {step}: recorded token {tok} is {best - got:.3g} below the best"
+
+
+def _in_support(eng, row: list[int], tie: float, kw: dict) -> None:
+    """Every recorded sampled token is one the request's top-k / top-p could draw, the recorded row teacher-forced
+    (up to `tie` of logit rounding at the edges): a sampler that drew outside them fails this."""
+    for step, tok, x in _forced(eng, row, kw):
+        above = x > x[tok] + tie  # tokens surely more likely than the recorded one
+        k = kw.get("top_k", 0)
+        assert not k or int(above.sum()) < k, f"step {step}: recorded token {tok} is outside the top {k}"
+        p = torch.softmax(x / kw.get("temperature", 1.0), -1)
+        mass = float(p[above].sum())
+        assert mass < kw.get("top_p", 1.0) + 1e-3, f"step {step}: recorded token {tok} lies beyond top_p ({mass:.4f})"
 
 
 def _check(eng, kind: str, case: str, key: str, rows: list[list[int]]) -> None:
+    """Bit for bit on the recording machine. Elsewhere rounding may break a near-tie the other way, and the rows
+    part there: then each recorded row must still be what the request allows, token by token (greedy: the
+    argmax; sampled: inside the top-k / top-p)."""
     want = GOLDEN[key]
     if rows == want:
         return
-    assert "greedy" in case, f"{key}: {rows} != recorded {want}"
     for r in want:
-        _near_argmax(eng, r, TIE[kind])
+        (_near_argmax if "greedy" in case else _in_support)(eng, r, TIE[kind], CASES[case])
 
 
 @pytest.mark.parametrize("kind", ["fp", "int8"])
