@@ -32,7 +32,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory a block may opt in to
 
-DECODE_ROWS = (1, 2, 8, 9, 16, 17, 64, 65, 256)  # the fusions' row limits (8, 16, 64) and either side of them
+DECODE_ROWS = (1, 2, 8, 9, 16, 17, 64, 65, 256)  # either side of the fusions' row limits (8, 16) and the GEMM row tiles' (32, 64)
 PREFILLS = ((1, 8), (1, 500), (3, 37))  # (prompts, tokens each)
 
 
