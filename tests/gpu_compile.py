@@ -64,7 +64,7 @@ def fn_param(fn: JITFunction, path: tuple) -> bool:
     return fn.params[path[0]].is_constexpr
 
 
-def record(arch: int, folder: Path) -> dict:
+def record(arch: int, models: tuple[Path, Path]) -> dict:
     """Run the fused forward on the CPU at every shape; return {key: (kernel, signature, constexprs, options,
     attrs)} of the launches, which are compiled by nothing and run by nothing."""
     from lsgpt.engine import kernels
@@ -88,7 +88,7 @@ def record(arch: int, folder: Path) -> dict:
     kernels._pdl_available = lambda: arch >= 90
     kernels._sm_count = lambda: 132
     kernels._shared_memory = lambda: SHARED_LIMIT[arch]
-    for path in _models(folder):
+    for path in models:
         os.environ["TRITON_INTERPRET"] = "1"  # the int8 GEMMs then keep the weight layout the kernels read
         try:
             fwd = FusedForward(Engine.load(path, "cpu", fused=False).model)
@@ -102,13 +102,9 @@ def record(arch: int, folder: Path) -> dict:
     return seen
 
 
-_JOBS: list = []  # (arch, kernel, signature, constexprs, options, attrs)
-
-
-def compile_one(i: int) -> tuple[str, str | None]:
-    """Compile job i for its target: (a line about it, the problem or None)."""
-    arch, fn, signature, constexprs, options, attrs = _JOBS[i]
-    consts = {fn.arg_names[p[0]]: v for p, v in constexprs.items() if fn.params[p[0]].is_constexpr}
+def compile_one(arch: int, fn: JITFunction, signature, constexprs, options, attrs) -> tuple[str, str | None]:
+    """Compile one recorded launch for its target: (a line about it, the problem or None)."""
+    consts = {fn.arg_names[p[0]]: v for p, v in constexprs.items() if fn_param(fn, p)}
     what = f"sm_{arch} {fn.fn.__name__} {consts}, {options.num_warps} warps, {options.num_stages} stages"
     t0 = time.perf_counter()
     try:
@@ -127,18 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(SHARED_LIMIT),
                     help="compute capabilities x10 (90: H100, 80: A100)")
     args = ap.parse_args(argv)
-    for arch in args.arch:
-        with tempfile.TemporaryDirectory() as tmp:
-            seen = record(arch, Path(tmp))
-        kinds = sorted({key[0] for key in seen})
-        print(f"sm_{arch}: {len(seen)} kernel variants of {len(kinds)} kernels: {', '.join(kinds)}", flush=True)
-        _JOBS.extend((arch, *job) for _, job in sorted(seen.items(), key=lambda kv: str(kv[0])))
+    jobs = []  # (arch, kernel, signature, constexprs, options, attrs)
+    with tempfile.TemporaryDirectory() as tmp:
+        models = _models(Path(tmp))  # one export for every target
+        for arch in args.arch:
+            seen = record(arch, models)
+            kinds = sorted({key[0] for key in seen})
+            print(f"sm_{arch}: {len(seen)} kernel variants of {len(kinds)} kernels: {', '.join(kinds)}", flush=True)
+            jobs.extend((arch, *job) for _, job in sorted(seen.items(), key=lambda kv: str(kv[0])))
     problems = 0
-    for i in range(len(_JOBS)):  # (a forked pool hangs on torch's threads; tests run one process per target)
-        line, problem = compile_one(i)
+    for job in jobs:  # one at a time (a forked pool hangs on torch's threads; tests run one process per target)
+        line, problem = compile_one(*job)
         print(f"FAILED {line}: {problem}" if problem else f"  {line}", flush=True)
         problems += problem is not None
-    print(f"{len(_JOBS) - problems} of {len(_JOBS)} kernel variants compiled for sm_{', sm_'.join(map(str, args.arch))}")
+    print(f"{len(jobs) - problems} of {len(jobs)} kernel variants compiled for sm_{', sm_'.join(map(str, args.arch))}")
     return 1 if problems else 0
 
 
