@@ -180,36 +180,46 @@ def test_sigterm_under_load_unloads_every_model(tiny_models, tmp_path):
 
 
 def test_full_queue_is_unavailable_not_a_hang(tiny_models, tmp_path):
-    """max_running_rows 1 and max_queued_requests 1 in config.pbtxt: of four long requests sent at once, the
-    ones beyond a running row and a waiting one get UNAVAILABLE at once (retryable); the others are answered."""
+    """max_running_rows 1 and max_queued_requests 1 in config.pbtxt: of six long requests sent back to back, the
+    ones beyond a running row and a waiting one get UNAVAILABLE at once (retryable); the others are answered.
+
+    The six go out from one thread without waiting (async gRPC, ~1 ms apart) and each generates 120 tokens: the
+    first still runs when the last arrives, however busy the machine (four threads of 60 tokens did not always
+    overlap under a parallel test run)."""
     import re
 
+    from conftest import make_tiny_gpt2
+
+    from lsgpt.export.convert import export_model
+    from lsgpt.repository import publish
+
     repo = make_repository(tmp_path / "repo", tiny_models)
+    longer = export_model(make_tiny_gpt2(seed=0), tmp_path / "long.hdf5", max_step=128, eos_id=3)
+    publish(longer, repo, "gpt2", tokenizer=tiny_models.tokenizer)
     cfg = repo / "gpt2" / "config.pbtxt"
     text = re.sub(r'(key: "max_running_rows", value: \{ string_value: )"[^"]+"', r'\1"1"', cfg.read_text())
     cfg.write_text(re.sub(r'(key: "max_queued_requests", value: \{ string_value: )"\d+"', r'\1"1"', text))
     with TritonServer(repo, models=["gpt2"], **ports()) as server:
         server.wait_ready(180)
         results: queue.Queue = queue.Queue()
-
-        def one(i):
-            try:
-                ask(server.grpc_url, [2, 5 + i], n=60)
-                results.put("answered")
-            except Exception as e:  # noqa: BLE001
-                results.put(str(e))
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        got = [results.get_nowait() for _ in range(results.qsize())]
+        c = tritonclient_grpc.InferenceServerClient(server.grpc_url)
+        try:
+            for i in range(6):
+                ins = []
+                for name, arr in (("token_ids", np.asarray([[2, 5 + i]], np.int32)),
+                                  ("max_new_tokens", np.asarray([[120]], np.int32))):
+                    t = tritonclient_grpc.InferInput(name, list(arr.shape), "INT32")
+                    t.set_data_from_numpy(arr)
+                    ins.append(t)
+                c.async_infer("gpt2", ins, lambda result, error: results.put(
+                    "answered" if error is None else str(error)), client_timeout=120)
+            got = [results.get(timeout=120) for _ in range(6)]
+        finally:
+            c.close()
         print(got)
-        assert len(got) == 4 and "answered" in got
+        assert "answered" in got
         full = [g for g in got if g != "answered"]
         assert full and all("UNAVAILABLE" in g and "max_queued_requests=1" in g for g in full), got
-
 
 
 def _leave_nothing(proc, http: int, group: bool = False) -> None:
@@ -414,7 +424,11 @@ def test_publish_good_or_broken_never_restarts_the_server(tiny_models, tmp_path)
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc for the model processes")
 def test_dead_model_process_reloads_that_model_alone(tiny_models, tmp_path):
     """Finding 5: kill -9 of gpt2's process reloads gpt2 alone (the same tritonserver, a new stub) while gpt2_int8
-    answers every request throughout; and no /dev/shm region of the launch is left after the stop."""
+    answers every request throughout; and no /dev/shm region of the launch is left after the stop. A request sent
+    through the client library just after the kill (tritonserver refuses it: "Stub process ... is not healthy")
+    waits for the reload and is answered, not failed."""
+    from lsgpt.client import api
+
     repo = make_repository(tmp_path / "repo", tiny_models)
     server = TritonServer(repo, models=["gpt2", "gpt2_int8"], log_file=tmp_path / "log", **ports())
     stop, done = threading.Event(), threading.Event()
@@ -433,6 +447,18 @@ def test_dead_model_process_reloads_that_model_alone(tiny_models, tmp_path):
         stub = server.stub_processes()["gpt2_0_0"]
         t0 = time.monotonic()
         os.kill(stub, signal.SIGKILL)
+        via_client: list = []
+
+        def client_request():
+            try:
+                out = api.Client(server.grpc_url, "gpt2", tiny_models.tokenizer).generate_ids([[2, 5, 6]], max_new_tokens=4)
+                via_client.append(("answered", len(out[0]), time.monotonic() - t0))
+            except Exception as e:  # noqa: BLE001 - what the client library raised
+                via_client.append((f"{type(e).__name__}: {e}", 0, time.monotonic() - t0))
+
+        lib = threading.Thread(target=client_request, daemon=True)
+        time.sleep(0.5)  # tritonserver has seen its stub die: the request is refused, not queued in a dead process
+        lib.start()
         back = None
         while time.monotonic() - t0 < 60 and back is None:
             try:
@@ -440,12 +466,14 @@ def test_dead_model_process_reloads_that_model_alone(tiny_models, tmp_path):
                 back = time.monotonic() - t0
             except Exception:  # noqa: BLE001 - down until reloaded
                 time.sleep(0.3)
+        lib.join(60)
         done.set()
         load.join(30)
         stop.set()
         sup.join(30)
         print(f"gpt2 back {back} s after the kill; reloads {server.reloads}; gpt2_int8 answered {len(answered)}, "
-              f"failed {failures[:3]}")
+              f"failed {failures[:3]}; through the client library: {via_client}")
+        assert via_client and via_client[0][0] == "answered" and via_client[0][1] > 3, via_client
         assert back is not None, server.log_tail()
         assert server.restarts == [] and server.proc.pid == pid and len(server.reloads) == 1
         assert server.stub_processes().get("gpt2_0_0") not in (None, stub)

@@ -20,7 +20,10 @@ A request in flight in a model process that dies (kill -9, an OOM kill) is never
 not even after the launcher has reloaded the model; so while a request waits, the client asks every
 PROBE_S s (one model-config call a second per model at most, shared by its requests) whether the model was
 reloaded since it was sent (the launcher's `lsgpt_reload` config parameter changed): if so the request is lost,
-and a unary one is sent again (up to `retries` times), a stream raises ModelRestarted. Integers are range-checked before they are cast
+and a unary one is sent again (up to `retries` times), a stream raises ModelRestarted. A request sent while the
+model's process is dead and not yet reloaded (tritonserver answers "Stub process ... is not healthy") waits for the
+reload, within its deadline, and is sent again: a unary one, and a stream that has yielded nothing yet; without a
+reload it ends with ModelNotReady. Integers are range-checked before they are cast
 to their tensor types (numpy would wrap 2**32 + 5 to 5); text is checked (UTF-8, contract.MAX_TEXT_BYTES) before
 it is tokenized.
 """
@@ -93,6 +96,16 @@ class ModelRestarted(ClientError):
 DEADLINE_BASE_S = 30.0  # a request's default deadline: base + per new token (Client(timeout=None))
 DEADLINE_PER_TOKEN_S = 0.5
 PROBE_S = 2.0  # how often a waiting request checks whether its model was reloaded (its process died)
+DEAD_STUB = "is not healthy"  # tritonserver 2.51's answer for a model whose process died ("Stub process 'm_0_0' ...")
+
+
+def _dead_stub(e: InferenceServerException) -> bool:
+    """Refused because the model's process is dead (not executed: safe to send again once it is reloaded)."""
+    return DEAD_STUB in (e.message() or str(e))
+
+
+class _Resend(Exception):
+    """A stream refused by a dead model process before any token, its model reloaded since: start it again."""
 
 
 def check_sampling(sampling: dict[str, Any], tok: Any = None) -> dict[str, Any]:
@@ -282,11 +295,23 @@ class Client:
         now = self._mark(model, PROBE_S / 2)
         return before is not None and bool(now) and now != before
 
+    def _await_reload(self, model: str, before: str | None, seconds: float) -> bool:
+        """Wait up to `seconds` for `model` to be reloaded since `before` (its process died): True once it is."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self._restarted(model, before):
+                return True
+            time.sleep(min(0.5, max(0.0, end - time.monotonic())))
+        return False
+
     def _error(self, e: InferenceServerException, model: str) -> ClientError:
         status, msg = str(e.status() or ""), e.message() or str(e)
         ours = msg.startswith(f"{model}: ")  # our model's own answer (stream errors carry no status)
         if ours and "max_queued_requests=" in msg:  # the scheduler's QueueFull (UNAVAILABLE): the model is up
             return ServerBusy(f"{model} at {self.url} is busy, its queue is full; retry later: {msg}")
+        if DEAD_STUB in msg:  # its process died; the launcher reloads the model alone within seconds
+            return ModelNotReady(f"the process of model {model!r} on {self.url} died and the model was not back "
+                                 f"within the request's deadline (the launcher reloads it; retry): {msg.strip()}")
         if ours and ("shutting down" in msg or "was unloaded" in msg):  # ShuttingDown (UNAVAILABLE)
             return ModelNotReady(f"model {model!r} is being unloaded on {self.url}; retry: {msg}")
         if "unknown model" in msg:  # stream errors carry no status
@@ -369,15 +394,18 @@ class Client:
             box["result"], box["error"] = result, error
             done.set()
 
+        limit = self.deadline(len(prompt), params)
         call = self._grpc.async_infer(self.model, _inputs(grpcclient, prompt, params), callback,
-                                      client_timeout=self.deadline(len(prompt), params),
-                                      parameters=_parameters(params))
+                                      client_timeout=limit, parameters=_parameters(params))
         while not done.wait(PROBE_S):
             if self._restarted(self.model, before):
                 call.cancel()  # tritonserver never answers it: its process is gone
                 raise ModelRestarted(f"{self.model} at {self.url}: the model process that held the request died "
                                      "and the model was reloaded; the request was lost (retry)")
         if box["error"] is not None:
+            if _dead_stub(box["error"]) and self._await_reload(self.model, before, limit):
+                raise ModelRestarted(f"{self.model} at {self.url}: its model process had died; it was reloaded "
+                                     "(retry)")
             raise box["error"]
         return box["result"].as_numpy(RESULT)[0]
 
@@ -394,15 +422,27 @@ class Client:
         """(token id, server text increment or None) as generated; the last item may have no token. Setting
         `cancel` (from any thread) ends the iteration within ~0.1 s and cancels the request on the server, as
         closing the iterator does: its row is freed at the next decode step."""
+        params = check_sampling(sampling, self.tok)
+        for attempt in range(self.retries + 1):
+            try:
+                yield from self._stream_once(prompt, cancel, params, last=attempt == self.retries)
+                return
+            except _Resend:
+                continue
+
+    def _stream_once(self, prompt: Sequence[int], cancel: threading.Event | None, params: dict[str, Any],
+                     last: bool) -> Iterator[tuple[int | None, str | None]]:
+        """One stream; _Resend when a dead model process refused it before any token and the model was reloaded
+        since (not on the `last` attempt)."""
         import queue
 
-        params = check_sampling(sampling, self.tok)
         q: queue.Queue = queue.Queue()
         c = grpcclient.InferenceServerClient(self.url)  # one stream per call: a client holds one stream
         rid, finished = uuid.uuid4().hex, False  # what the in-band cancel names
         key = secrets.token_urlsafe(24)  # and the secret that proves it is ours (contract.CANCEL_KEY)
         inputs = _inputs(grpcclient, prompt, params)
         limit, before, lost = self.deadline(len(prompt), params), self._mark(self.stream_model), False
+        yielded = False
         try:
             c.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=limit)
             try:
@@ -426,14 +466,19 @@ class Client:
                 result, error = got
                 if error is not None:
                     finished = True
+                    if (not yielded and not last and _dead_stub(error)
+                            and self._await_reload(self.stream_model, before, limit)):
+                        raise _Resend
                     raise self._error(error, self.stream_model)
                 ids = result.as_numpy(RESULT)
                 text = result.as_numpy(TEXT)
                 piece = None if text is None else text.reshape(-1)[0].decode("utf-8")
                 for t in [] if ids is None else ids.reshape(-1).tolist():
+                    yielded = True
                     yield int(t), piece
                     piece = None
                 if piece:
+                    yielded = True
                     yield None, piece
                 if result.get_response().parameters["triton_final_response"].bool_param:
                     finished = True

@@ -52,7 +52,8 @@ BACKEND_MODEL_PY = Path(__file__).resolve().parent / "backend" / "model.py"  # w
 DRAIN_BACKEND = "lsgpt_drain"  # the drain's readiness marker (backend/draining.py): never serves
 DRAIN_MODEL = "lsgpt_draining"  # its model, put into the view when a drain starts
 DRAIN_MODEL_PY = BACKEND_MODEL_PY.parent / "draining.py"
-_FATAL_SIGNAL = re.compile(rb"^Signal \(\d+\) received\.", re.M)  # tritonserver's line on a fatal signal
+# tritonserver's line on a fatal signal; SIGINT (2) and SIGTERM (15) are stops, which it logs the same way
+_FATAL_SIGNAL = re.compile(rb"^Signal \((?!(?:2|15)\))\d+\) received\.", re.M)
 
 
 class LaunchError(RuntimeError):
@@ -395,6 +396,7 @@ class TritonServer:
         self.models: list[str] = []
         self.proc: subprocess.Popen | None = None
         self.restarts: list[tuple[float, str]] = []  # (time, why) of each restart by supervise()
+        self._stopping = False  # a stop() under way: supervise() stands down (its drain is no crash)
         self._log_seen = 0  # bytes of the log fatal_signal_in_log() has read
         self._fatal_line: str | None = None  # console output: a fatal-signal line _relay saw
         self.drain_grace = drain_grace  # drain(): seconds running requests get to finish before they are ended
@@ -613,7 +615,7 @@ class TritonServer:
         strikes = silent = 0
         self.fatal_signal_in_log()  # only what is logged from now on
         while not stop.wait(interval):
-            if self.proc is None:
+            if self.proc is None or self._stopping:
                 return
             code = self.proc.poll()
             fatal = self.fatal_signal_in_log()
@@ -819,6 +821,13 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests and stops its model stubs), SIGKILL if it hangs."""
+        self._stopping = True
+        try:
+            return self._stop(timeout)
+        finally:
+            self._stopping = False
+
+    def _stop(self, timeout: float) -> int | None:
         code = None
         if self._polling is not None:
             self._polling.set()
