@@ -449,16 +449,28 @@ def test_dead_model_process_reloads_that_model_alone(tiny_models, tmp_path):
         os.kill(stub, signal.SIGKILL)
         via_client: list = []
 
-        def client_request():
-            try:
-                out = api.Client(server.grpc_url, "gpt2", tiny_models.tokenizer).generate_ids([[2, 5, 6]], max_new_tokens=4)
-                via_client.append(("answered", len(out[0]), time.monotonic() - t0))
-            except Exception as e:  # noqa: BLE001 - what the client library raised
-                via_client.append((f"{type(e).__name__}: {e}", 0, time.monotonic() - t0))
+        def client_request(how: str):
+            import asyncio
 
-        lib = threading.Thread(target=client_request, daemon=True)
+            try:
+                c = api.Client(server.grpc_url, "gpt2", tiny_models.tokenizer)
+                if how == "sync":
+                    out = c.generate_ids([[2, 5, 6]], max_new_tokens=4)
+                else:
+                    async def both():
+                        try:
+                            return await c.agenerate_ids([[2, 5, 6]], max_new_tokens=4)
+                        finally:
+                            await c.aclose()
+                    out = asyncio.run(both())
+                via_client.append(("answered", len(out[0]), how))
+            except Exception as e:  # noqa: BLE001 - what the client library raised
+                via_client.append((f"{type(e).__name__}: {e}", 0, how))
+
+        libs = [threading.Thread(target=client_request, args=(how,), daemon=True) for how in ("sync", "async")]
         time.sleep(0.5)  # tritonserver has seen its stub die: the request is refused, not queued in a dead process
-        lib.start()
+        for lib in libs:
+            lib.start()
         back = None
         while time.monotonic() - t0 < 60 and back is None:
             try:
@@ -466,14 +478,15 @@ def test_dead_model_process_reloads_that_model_alone(tiny_models, tmp_path):
                 back = time.monotonic() - t0
             except Exception:  # noqa: BLE001 - down until reloaded
                 time.sleep(0.3)
-        lib.join(60)
+        for lib in libs:
+            lib.join(60)
         done.set()
         load.join(30)
         stop.set()
         sup.join(30)
         print(f"gpt2 back {back} s after the kill; reloads {server.reloads}; gpt2_int8 answered {len(answered)}, "
               f"failed {failures[:3]}; through the client library: {via_client}")
-        assert via_client and via_client[0][0] == "answered" and via_client[0][1] > 3, via_client
+        assert len(via_client) == 2 and all(v[0] == "answered" and v[1] > 3 for v in via_client), via_client
         assert back is not None, server.log_tail()
         assert server.restarts == [] and server.proc.pid == pid and len(server.reloads) == 1
         assert server.stub_processes().get("gpt2_0_0") not in (None, stub)
@@ -692,7 +705,8 @@ def test_requests_in_a_killed_model_process_end_promptly(tiny_models, tmp_path):
     (the soak's clients waited for their 120 s deadline) although the model was back in ~5 s. Through the client
     library (lsgpt.client): each unary request in flight in gpt2's killed process is sent again once the model is
     reloaded and answered, each stream of gpt2_stream's ends with ModelRestarted, all well under 30 s after the
-    kill; gpt2_int8 answers throughout, and gpt2 and gpt2_stream answer as before."""
+    kill; a stream started 0.5 s after the kill (refused by the dead process) waits for the reload and is answered;
+    gpt2_int8 answers throughout, and gpt2 and gpt2_stream answer as before."""
     import re
 
     from conftest import make_tiny_gpt2
@@ -728,14 +742,14 @@ def test_requests_in_a_killed_model_process_end_promptly(tiny_models, tmp_path):
             except Exception as e:  # noqa: BLE001 - what the client gets
                 ended.put(("unary", f"{type(e).__name__}: {str(e)[:100]}", time.monotonic()))
 
-        def streamed(i, first):
+        def streamed(i, first, kind="stream"):
             try:
                 for n, _ in enumerate(client.stream_ids([2, 9 + i], max_new_tokens=120, top_k=1)):
                     if n == 0:
                         first.set()
-                ended.put(("stream", "answered", time.monotonic()))
+                ended.put((kind, "answered", time.monotonic()))
             except Exception as e:  # noqa: BLE001
-                ended.put(("stream", f"{type(e).__name__}: {str(e)[:100]}", time.monotonic()))
+                ended.put((kind, f"{type(e).__name__}: {str(e)[:100]}", time.monotonic()))
             first.set()
 
         firsts = [threading.Event() for _ in range(2)]
@@ -749,7 +763,10 @@ def test_requests_in_a_killed_model_process_end_promptly(tiny_models, tmp_path):
         t0 = time.monotonic()
         for name in ("gpt2_0_0", "gpt2_stream_0_0"):
             os.kill(stubs[name], signal.SIGKILL)
-        for t in threads:
+        time.sleep(0.5)  # a stream started now is refused by the dead process: it waits for the reload and runs
+        fresh = threading.Thread(target=streamed, args=(2, threading.Event(), "fresh stream"), daemon=True)
+        fresh.start()
+        for t in [*threads, fresh]:
             t.join(60)
         got = [ended.get_nowait() for _ in range(ended.qsize())]
         took = sorted(round(g[2] - t0, 1) for g in got)
@@ -768,7 +785,7 @@ def test_requests_in_a_killed_model_process_end_promptly(tiny_models, tmp_path):
         client.close()
         print(f"after the kill: {[(g[0], g[1][:60]) for g in got]}; ended at {took} s; reloads {server.reloads}; "
               f"gpt2_int8 answered {len(answered)}, failed {failures[:3]}")
-        assert len(got) == 6, f"{6 - len(got)} requests still waiting 60 s after the kill"
+        assert len(got) == 7, f"{7 - len(got)} requests still waiting 60 s after the kill"
         assert all(a >= 4 for a in after) and len(back) >= 1
         if aborted:
             print(f"tritonserver aborted after the kill (its own bug, restarts {server.restarts}): whole-server path")
@@ -778,5 +795,6 @@ def test_requests_in_a_killed_model_process_end_promptly(tiny_models, tmp_path):
         assert max(took) < 30, took
         assert all(g[1] == "answered" for g in got if g[0] == "unary"), got
         assert all(g[1] == "answered" or g[1].startswith("ModelRestarted") for g in got if g[0] == "stream"), got
+        assert [g[1] for g in got if g[0] == "fresh stream"] == ["answered"], got  # sent to the dead process
         assert not failures and answered, failures[:5]
         assert server.restarts == []

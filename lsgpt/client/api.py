@@ -310,8 +310,8 @@ class Client:
         if ours and "max_queued_requests=" in msg:  # the scheduler's QueueFull (UNAVAILABLE): the model is up
             return ServerBusy(f"{model} at {self.url} is busy, its queue is full; retry later: {msg}")
         if DEAD_STUB in msg:  # its process died; the launcher reloads the model alone within seconds
-            return ModelNotReady(f"the process of model {model!r} on {self.url} died and the model was not back "
-                                 f"within the request's deadline (the launcher reloads it; retry): {msg.strip()}")
+            return ModelNotReady(f"the process of model {model!r} on {self.url} died and the model has not been "
+                                 f"reloaded (the launcher does that within seconds; retry): {msg.strip()}")
         if ours and ("shutting down" in msg or "was unloaded" in msg):  # ShuttingDown (UNAVAILABLE)
             return ModelNotReady(f"model {model!r} is being unloaded on {self.url}; retry: {msg}")
         if "unknown model" in msg:  # stream errors carry no status
@@ -551,13 +551,17 @@ class Client:
 
         async def one(p: Sequence[int]) -> list[int]:
             async with sem:
+                limit = self.deadline(len(p), params)
                 for attempt in range(self.retries + 1):
+                    before = await asyncio.to_thread(self._mark, self.model)
                     try:
-                        r = await c.infer(self.model, _inputs(aioclient, p, params),
-                                            client_timeout=self.deadline(len(p), params),
+                        r = await c.infer(self.model, _inputs(aioclient, p, params), client_timeout=limit,
                                             parameters=_parameters(params))
                         return self.trim(r.as_numpy(RESULT)[0], len(p))
                     except InferenceServerException as e:
+                        if (_dead_stub(e) and attempt < self.retries  # refused by a dead process: once reloaded,
+                                and await asyncio.to_thread(self._await_reload, self.model, before, limit)):
+                            continue  # sent again
                         if not self._retryable(e) or attempt == self.retries:
                             raise self._error(e, self.model) from None
                         await asyncio.sleep(0.2 * 2**attempt)
