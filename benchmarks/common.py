@@ -126,6 +126,21 @@ def percentile(xs: list[float], q: float, scale: float = 1.0, digits: int = 1) -
 # ---- one timer ---------------------------------------------------------------------------------------------
 
 
+def gpu_kernels(prof) -> list[tuple[float, float, str]]:
+    """(start µs, end µs, name) of each CUDA kernel a torch.profiler run recorded (CUDA-graph replays' too), in order."""
+    return sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type.name == "CUDA")
+
+
+def busy_us(kernels: list[tuple[float, float, str]]) -> float:
+    """How long some kernel was running (the union of their intervals), µs: against the wall time, the GPU-busy
+    fraction."""
+    busy, end = 0.0, float("-inf")
+    for s, e, _ in kernels:
+        busy += max(0.0, e - max(s, end))
+        end = max(end, e)
+    return busy
+
+
 def timed(fns: dict, runs: int, device: str = "cpu", pause: float = 0.0) -> tuple[dict[str, float], dict]:
     """Warm every path up, then run them in turns (machine noise hits all alike): median seconds and last output
     per path. pause: seconds before each run (lets the other side's OpenMP threads stop spinning on 2 cores)."""

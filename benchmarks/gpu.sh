@@ -16,6 +16,7 @@
 #       SECTIONS29=inflight: without the joiner section; PYSPY_GIL=1: only samples of the GIL's holder
 #       LSGPT_ENGINE_PROCESS=0: the served models' engines in the model process (default on a GPU: their own processes,
 #       which py-spy records too); CLIENT_PROCS=n: client processes of the load (default 8: unary at 64+ streams, streamed one per 4)
+#       GPROF=1: GPU busy and kernel ms a decode step, in process and in the fixed batch (--gpu-profile)
 #   OUT=/out benchmarks/gpu.sh soak-start   # the 10-minute served soak outlives a call (600 s): started in its own
 #   OUT=/out benchmarks/gpu.sh soak-wait    # process session, then awaited by the next call on the warm machine
 #       (sooner than its 30 s idle release); each call brings back what /tmp/soak holds so far
@@ -100,7 +101,7 @@ serving29)  # issue 29; the overhead run also fills the Triton kernel cache the 
     for m in ${M29:-int8 fp}; do
         run 190 -m benchmarks.serving --sections "${SECTIONS29:-inflight,joiner}" --in-process --hdf5 "$MODELS/$m.hdf5" --concurrency "${CONC:-32,256}" \
             --requests "${REQUESTS:-512}" --joiner-streams "${JOINER:-128}" ${PYSPY:+--py-spy $PYSPY} ${PYSPY_GIL:+--py-spy-gil} \
-            ${CLIENT_PROCS:+--client-procs $CLIENT_PROCS} --out "$S29/$m"
+            ${CLIENT_PROCS:+--client-procs $CLIENT_PROCS} ${GPROF:+--gpu-profile} --out "$S29/$m"
         if [ -n "${BEFORE:-}" ]; then  # the same load served by $BEFORE's lsgpt (served only), on the same card
             dir="$(cd "$BEFORE" && pwd)"
             (cd "$dir" && PYTHONPATH="$dir:$PYTHONPATH" TRITON_CACHE_DIR=/tmp/triton-cache-before run 150 -m benchmarks.serving \

@@ -271,6 +271,35 @@ def lat(xs: list, prefix: str) -> dict:
     return {f"{prefix}_p{q}_ms": common.percentile(xs, q, 1e3, 2) for q in (50, 95)}
 
 
+def gpu_window(fn) -> dict:
+    """fn() under torch.profiler (CUDA kernels only): the GPU-busy fraction of its wall time and the kernel time,
+    which tell a host-bound loop (busy well under 1) from one whose GPU work grew (busy ~1, more kernel time)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels = common.gpu_kernels(prof)
+    return {"gpu_busy": round(common.busy_us(kernels) / 1e6 / wall, 3), "kernel_s": sum(e - s for s, e, _ in kernels) / 1e6}
+
+
+def gpu_profile(sched, conc: int, reqs: list, fixed) -> dict:
+    """--gpu-profile: a share of the level's load in process and the fixed batch again, each under gpu_window:
+    GPU busy and kernel ms per decode step, side by side (where in-process / fixed loses: GPU work or the host)."""
+    st = sched.stats
+    steps0, prefills0 = st.steps, st.prefills
+    w = gpu_window(lambda: closed_loop(scheduler_send(sched), conc, reqs[: max(2 * conc, len(reqs) // 4)]))
+    steps = max(1, st.steps - steps0)
+    f = gpu_window(fixed["run"])
+    return {"in_process_gpu_busy": w["gpu_busy"], "in_process_kernel_ms_per_step": round(1e3 * w["kernel_s"] / steps, 3),
+            "in_process_prefills_per_step": round((st.prefills - prefills0) / steps, 3), "fixed_gpu_busy": f["gpu_busy"],
+            "fixed_kernel_ms_per_step": round(1e3 * f["kernel_s"] / fixed["steps"], 3)}
+
+
 def in_process_level(a, sched, conc: int, reqs: list, cap: int) -> dict:
     """The load of a served level on `sched`, then the engine's fixed batch at its mean running batch."""
     from lsgpt.engine.sampling import SamplingParams
@@ -290,10 +319,15 @@ def in_process_level(a, sched, conc: int, reqs: list, cap: int) -> dict:
     out |= lat(list(st.ttft), "in_process_ttft") | lat(list(st.itl), "in_process_itl")
     B, new, eng = max(1, round(batch)), min(128, cap - 16), sched.engine
     ps = [[100 + (7 * i + j) % 900 for j in range(16)] for i in range(B)]
-    med, _ = common.timed({"fixed": lambda: eng.generate(ps, SamplingParams(max_new_tokens=new, top_k=1, ignore_eos=True))},
-                          2, a.device)
-    eng._graphs.clear()  # its B-row decode graph holds a max_step cache of B rows: not kept across levels
+    fixed = lambda: eng.generate(ps, SamplingParams(max_new_tokens=new, top_k=1, ignore_eos=True))  # noqa: E731
+    med, _ = common.timed({"fixed": fixed}, 2, a.device)
     out |= {"fixed_batch": B, "fixed_batch_tokens_per_s": round(B * new / med["fixed"], 1)}
+    if a.gpu_profile and eng.device.type == "cuda":
+        try:  # an extra: its failure must not cost the level's figures
+            out |= gpu_profile(sched, conc, reqs, {"run": fixed, "steps": new})
+        except Exception as e:  # noqa: BLE001
+            out["gpu_profile_error"] = f"{type(e).__name__}: {e}"
+    eng._graphs.clear()  # its B-row decode graph holds a max_step cache of B rows: not kept across levels
     return out
 
 
@@ -459,6 +493,10 @@ def markdown(r: dict) -> str:
                     f"{x['in_process_ttft_p50_ms']}/{x['in_process_ttft_p95_ms']} | {x['stream_itl_p50_ms']}/"
                     f"{x['stream_itl_p95_ms']} \\| {x['in_process_itl_p50_ms']}/{x['in_process_itl_p95_ms']} |"
                     for x in i["levels"]]
+            out += [f"- {x['concurrency']} streams, GPU (--gpu-profile): busy {x['in_process_gpu_busy']} in process, "
+                    f"{x['fixed_gpu_busy']} fixed; kernel ms a decode step {x['in_process_kernel_ms_per_step']} in process "
+                    f"(prefills a step {x['in_process_prefills_per_step']}), {x['fixed_kernel_ms_per_step']} fixed"
+                    for x in i["levels"] if "in_process_gpu_busy" in x]
     if j := r.get("joiner"):
         out += ["", f"**Long joiner** (in process, {j['model']}): ITL of the running streams over {j['window_tokens']} "
                 "tokens each, without and with long prompts joining", "",
@@ -509,6 +547,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(who keeps the scheduler's thread waiting for it)")
     p.add_argument("--in-process", action="store_true", help="inflight: also the Scheduler in process, the fixed "
                    "batch and streamed TTFT/ITL (requests: at least 8 per client)")
+    p.add_argument("--gpu-profile", action="store_true", help="inflight --in-process on CUDA: GPU busy and kernel "
+                   "ms per decode step in process and in the fixed batch (torch.profiler over a share of the load)")
     p.add_argument("--joiners", type=int, default=4, help="joiner: long prompts that join")
     p.add_argument("--joiner-streams", type=int, help="joiner: running streams (default 128 on CUDA, 16 on the CPU)")
     p.add_argument("--joiner-window", type=int, default=200, help="joiner: tokens of each stream measured")

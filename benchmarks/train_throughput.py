@@ -98,12 +98,9 @@ FAMILIES = (("GEMM", ("nvjet", "gemm", "cutlass")), ("attention", ("sdpa", "flas
 def kernel_summary(prof, wall_s: float, n: int) -> str:
     """GPU-busy fraction (union of kernel intervals over the wall time of the profiled steps) and kernel time by
     family (a kernel counts in the first family whose key its name holds), per step."""
-    cuda = torch.autograd.DeviceType.CUDA
-    iv = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == cuda)
-    busy, end, fam = 0.0, float("-inf"), {}
+    iv = common.gpu_kernels(prof)
+    busy, fam = common.busy_us(iv), {}
     for s, e, name in iv:
-        busy += max(0.0, e - max(s, end))
-        end = max(end, e)
         f = next((f for f, keys in FAMILIES if any(k in name.lower() for k in keys)), "other elementwise")
         fam[f] = fam.get(f, 0.0) + (e - s) / 1000 / n
     span = (iv[-1][1] - iv[0][0]) / 1e6 if iv else float("nan")
