@@ -444,20 +444,13 @@ def test_token_metrics_on_the_metrics_port(served, grpc, tok):
     assert after[f"lsgpt_running_rows{lab}"] == 0
 
 
-def test_short_request_overtakes_a_running_long_one(served, engines, tok):
-    """In-flight batching through the real server: a 3-token request sent right behind a 60-token one to the
-    same model is answered long before the long one ends, counted in the long one's tokens that came before
-    the short one's answer on the same gRPC stream (the order the model sent them: neither seconds nor the
-    client's threads matter); batched to completion, it would come after all 60."""
-    e = engines["gpt2"]
-    long_params = dict(top_k=1, max_new_tokens=60)
-    # a prompt whose greedy continuation runs the full 60 tokens (no EOS): the engine in process decides
-    prompt = next(p for p in ([2, a, b] for a in range(5, 40) for b in range(5, 40))
-                  if len(e.generate([p], SamplingParams(**long_params))[0]) == 63)
-    c = tritonclient_grpc.InferenceServerClient(served[0].grpc_url)
+def _long_then_short(url: str, prompt: list[int], long_params: dict) -> tuple[list[int], list[int]]:
+    """A 60-token streamed request, and a 3-token one sent right behind it on the same gRPC stream: (the long
+    one's tokens in stream order, how many of them had come when the short one's final response came)."""
+    c = tritonclient_grpc.InferenceServerClient(url)
     answers: queue.Queue = queue.Queue()
     c.start_stream(callback=lambda result, error: answers.put((result, error)))
-    seen: list[int] = []  # the long one's tokens, in stream order
+    seen: list[int] = []
     short_done_at, finals = [], set()
     try:
         c.async_stream_infer("gpt2_stream", request([prompt], **long_params), request_id="long",
@@ -477,11 +470,31 @@ def test_short_request_overtakes_a_running_long_one(served, engines, tok):
     finally:
         c.stop_stream()
         c.close()
-    print(f"the short request was answered when the long one had {short_done_at} of {len(seen)} tokens")
-    # Answered while the long one still ran: batched to completion it comes after all 60. Not a tighter count:
-    # how many of the long one's steps pass before the short request reaches the model depends on the machine's
-    # load (a full test run on 2 busy cores once saw 53 of 60; alone it is a few).
-    assert len(seen) == 60 and short_done_at and short_done_at[0] < 60
+    return seen, short_done_at
+
+
+def test_short_request_overtakes_a_running_long_one(served, engines, tok):
+    """In-flight batching through the real server: a 3-token request sent right behind a 60-token one to the
+    same model is answered long before the long one ends, counted in the long one's tokens that came before
+    the short one's answer on the same gRPC stream (the order the model sent them: neither seconds nor the
+    client's threads matter); batched to completion, it would come after all 60, in every try.
+
+    Up to three tries: the tiny model's 60 tokens take ~30 ms on the CPU, and on 2 cores busy with a parallel test
+    run the short request once reached the model only after the long one had ended (53 of 60 another time)."""
+    e = engines["gpt2"]
+    long_params = dict(top_k=1, max_new_tokens=60)
+    # a prompt whose greedy continuation runs the full 60 tokens (no EOS): the engine in process decides
+    prompt = next(p for p in ([2, a, b] for a in range(5, 40) for b in range(5, 40))
+                  if len(e.generate([p], SamplingParams(**long_params))[0]) == 63)
+    tries = []
+    for _ in range(3):
+        seen, short_done_at = _long_then_short(served[0].grpc_url, prompt, long_params)
+        assert len(seen) == 60 and len(short_done_at) == 1, (seen, short_done_at)
+        tries.append(short_done_at[0])
+        if short_done_at[0] < 60:
+            break
+    print(f"the short request was answered when the long one had {tries} of 60 tokens (one number a try)")
+    assert tries[-1] < 60, tries
 
 
 # ---------------------------------------------------------------------------------------------

@@ -296,11 +296,14 @@ class Client:
         return before is not None and bool(now) and now != before
 
     def _await_reload(self, model: str, before: str | None, seconds: float) -> bool:
-        """Wait up to `seconds` for `model` to be reloaded since `before` (its process died): True once it is."""
+        """Wait up to `seconds` for `model` to be reloaded since `before` (its process died): True once it is; False
+        at once when the model's config cannot be read (the whole server went down: a restart has no reload mark)."""
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             if self._restarted(model, before):
                 return True
+            if self._mark(model, PROBE_S / 2) is None:
+                return False
             time.sleep(min(0.5, max(0.0, end - time.monotonic())))
         return False
 
