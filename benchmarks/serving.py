@@ -287,17 +287,17 @@ def gpu_window(fn) -> dict:
     return {"gpu_busy": round(common.busy_us(kernels) / 1e6 / wall, 3), "kernel_s": sum(e - s for s, e, _ in kernels) / 1e6}
 
 
-def gpu_profile(sched, conc: int, reqs: list, fixed) -> dict:
+def gpu_profile(sched, conc: int, reqs: list, fixed, fixed_steps: int) -> dict:
     """--gpu-profile: a share of the level's load in process and the fixed batch again, each under gpu_window:
     GPU busy and kernel ms per decode step, side by side (where in-process / fixed loses: GPU work or the host)."""
     st = sched.stats
     steps0, prefills0 = st.steps, st.prefills
     w = gpu_window(lambda: closed_loop(scheduler_send(sched), conc, reqs[: max(2 * conc, len(reqs) // 4)]))
     steps = max(1, st.steps - steps0)
-    f = gpu_window(fixed["run"])
+    f = gpu_window(fixed)
     return {"in_process_gpu_busy": w["gpu_busy"], "in_process_kernel_ms_per_step": round(1e3 * w["kernel_s"] / steps, 3),
             "in_process_prefills_per_step": round((st.prefills - prefills0) / steps, 3), "fixed_gpu_busy": f["gpu_busy"],
-            "fixed_kernel_ms_per_step": round(1e3 * f["kernel_s"] / fixed["steps"], 3)}
+            "fixed_kernel_ms_per_step": round(1e3 * f["kernel_s"] / fixed_steps, 3)}
 
 
 def in_process_level(a, sched, conc: int, reqs: list, cap: int) -> dict:
@@ -324,7 +324,7 @@ def in_process_level(a, sched, conc: int, reqs: list, cap: int) -> dict:
     out |= {"fixed_batch": B, "fixed_batch_tokens_per_s": round(B * new / med["fixed"], 1)}
     if a.gpu_profile and eng.device.type == "cuda":
         try:  # an extra: its failure must not cost the level's figures
-            out |= gpu_profile(sched, conc, reqs, {"run": fixed, "steps": new})
+            out |= gpu_profile(sched, conc, reqs, fixed, new)
         except Exception as e:  # noqa: BLE001
             out["gpu_profile_error"] = f"{type(e).__name__}: {e}"
     eng._graphs.clear()  # its B-row decode graph holds a max_step cache of B rows: not kept across levels

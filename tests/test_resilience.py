@@ -26,15 +26,20 @@ def ports():
     return dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
 
 
-def ask(url: str, prompt: list[int], n: int = 4, model: str = "gpt2", timeout: float = 30):
-    c = tritonclient_grpc.InferenceServerClient(url)
+def infer_inputs(prompt: list[int], n: int) -> list:
+    """token_ids and max_new_tokens of a one-row request."""
     ins = []
     for name, arr in (("token_ids", np.asarray([prompt], np.int32)), ("max_new_tokens", np.asarray([[n]], np.int32))):
         t = tritonclient_grpc.InferInput(name, list(arr.shape), "INT32")
         t.set_data_from_numpy(arr)
         ins.append(t)
+    return ins
+
+
+def ask(url: str, prompt: list[int], n: int = 4, model: str = "gpt2", timeout: float = 30):
+    c = tritonclient_grpc.InferenceServerClient(url)
     try:
-        return c.infer(model, ins, client_timeout=timeout).as_numpy("result")
+        return c.infer(model, infer_inputs(prompt, n), client_timeout=timeout).as_numpy("result")
     finally:
         c.close()
 
@@ -205,13 +210,7 @@ def test_full_queue_is_unavailable_not_a_hang(tiny_models, tmp_path):
         c = tritonclient_grpc.InferenceServerClient(server.grpc_url)
         try:
             for i in range(6):
-                ins = []
-                for name, arr in (("token_ids", np.asarray([[2, 5 + i]], np.int32)),
-                                  ("max_new_tokens", np.asarray([[120]], np.int32))):
-                    t = tritonclient_grpc.InferInput(name, list(arr.shape), "INT32")
-                    t.set_data_from_numpy(arr)
-                    ins.append(t)
-                c.async_infer("gpt2", ins, lambda result, error: results.put(
+                c.async_infer("gpt2", infer_inputs([2, 5 + i], 120), lambda result, error: results.put(
                     "answered" if error is None else str(error)), client_timeout=120)
             got = [results.get(timeout=120) for _ in range(6)]
         finally:
